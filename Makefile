@@ -1,0 +1,39 @@
+# Two commands on a fresh machine: `make demo` and `make test`. Both create .venv and install what is needed.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+BACKEND ?= pytorch
+DATA_DIR := /usr/share/datasets/fashion-mnist
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+PYTEST_ARGS ?=
+
+.PHONY: setup data demo test lint benchmark clean
+
+setup: $(VENV)/.installed
+
+$(VENV)/.installed: requirements/constraints.txt requirements/dev.txt setup.py
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --upgrade -c requirements/constraints.txt -r requirements/dev.txt
+	$(PY) -m pip install --no-deps -e .
+	touch $@
+
+data:
+	@if [ -z "$$MLPUG_FASHION_MNIST_DIR" ] && [ ! -e $(DATA_DIR)/t10k-labels-idx1-ubyte.gz ]; then \
+		echo "Installing the Debian package dataset-fashion-mnist"; \
+		$(SUDO) apt-get update && $(SUDO) apt-get install -y dataset-fashion-mnist; \
+	fi
+
+demo: setup data
+	$(PY) examples/fashion_mnist/$(BACKEND)/train.py
+
+test: setup data
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+lint: setup
+	$(VENV)/bin/ruff check mlpug tests examples benchmarks
+
+benchmark: setup data
+	$(PY) benchmarks/overhead_pytorch.py
+
+clean:
+	rm -rf $(VENV) .pytest_cache

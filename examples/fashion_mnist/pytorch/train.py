@@ -1,0 +1,104 @@
+"""Train an MLP classifier on Fashion-MNIST with mlpug and PyTorch.
+
+Reports the training loss and accuracy (batch and moving average) and the validation loss and accuracy
+over the whole test set at every epoch end.
+
+    python examples/fashion_mnist/pytorch/train.py --num-epochs 1
+"""
+
+import argparse
+import sys
+
+import torch
+
+import mlpug.pytorch as mlp
+from mlpug.datasets.fashion_mnist import load_fashion_mnist
+
+
+def parse_arguments(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--num-epochs", type=int, default=3, help="number of epochs to train")
+    parser.add_argument("--batch-size", type=int, default=64, help="samples per training batch")
+    parser.add_argument("--learning-rate", type=float, default=1e-3, help="Adam learning rate")
+    parser.add_argument("--data-dir", default=None, help="directory with the Fashion-MNIST IDX files "
+                        "(default $MLPUG_FASHION_MNIST_DIR or /usr/share/datasets/fashion-mnist)")
+    parser.add_argument("--log-period", type=int, default=200, help="print progress every this many batches")
+    parser.add_argument("--seed", type=int, default=0, help="random seed")
+    parser.add_argument("--num-threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    return parser.parse_args(argv)
+
+
+def create_datasets(data_dir, batch_size):
+    data = load_fashion_mnist(data_dir)
+
+    def as_dataset(images, labels):
+        return torch.utils.data.TensorDataset(
+            torch.from_numpy(images).float().div_(255.0), torch.from_numpy(labels).long()
+        )
+
+    training_set = as_dataset(data.train_images, data.train_labels)
+    validation_set = as_dataset(data.test_images, data.test_labels)
+    training_dataset = torch.utils.data.DataLoader(training_set, batch_size=batch_size, shuffle=True)
+    validation_dataset = torch.utils.data.DataLoader(validation_set, batch_size=1024, shuffle=False)
+    return training_dataset, validation_dataset
+
+
+class TrainModel(torch.nn.Module):
+    """Turns a batch (images [B, 28, 28], labels [B]) into the loss, with the logits as auxiliary results."""
+
+    def __init__(self, classifier):
+        super().__init__()
+        self.classifier = classifier
+        self.loss_func = torch.nn.CrossEntropyLoss()
+
+    def forward(self, batch_data, evaluate_settings, inference_mode=None):
+        images, labels = batch_data
+        logits = self.classifier(images)
+        return {"loss": self.loss_func(logits, labels), "auxiliary_results": logits}
+
+
+def accuracy(inputs):
+    """Fraction of correctly classified samples in the batch (weighted by the batch size)."""
+    _, labels = inputs.batch
+    return (inputs.auxiliary_results.argmax(dim=1) == labels).float().mean()
+
+
+def main(argv=None):
+    args = parse_arguments(argv)
+    torch.manual_seed(args.seed)
+    if args.num_threads:
+        torch.set_num_threads(args.num_threads)
+
+    try:
+        training_dataset, validation_dataset = create_datasets(args.data_dir, args.batch_size)
+    except FileNotFoundError as error:
+        sys.exit(f"ERROR: {error}")
+
+    classifier = torch.nn.Sequential(
+        torch.nn.Flatten(),
+        torch.nn.Linear(784, 256),
+        torch.nn.ReLU(),
+        torch.nn.Linear(256, 256),
+        torch.nn.ReLU(),
+        torch.nn.Linear(256, 10),
+    )
+    optimizer = torch.optim.Adam(classifier.parameters(), lr=args.learning_rate)
+    trainer = mlp.trainers.DefaultTrainer(optimizers=optimizer, model_components=classifier)
+
+    evaluator = mlp.evaluation.MetricEvaluator(trainer=trainer, batch_metric_funcs={"accuracy": accuracy})
+    callbacks = [
+        mlp.callbacks.TrainingMetricsLogger(metric_evaluator=evaluator),
+        mlp.callbacks.TestMetricsLogger(validation_dataset, "validation", metric_evaluator=evaluator),
+        mlp.callbacks.LogProgress(log_period=args.log_period, set_names=["training", "validation"]),
+    ]
+    manager = mlp.trainers.TrainingManager(trainer, training_dataset, num_epochs=args.num_epochs, callbacks=callbacks)
+    trainer.set_training_model(TrainModel(classifier))
+    manager.start_training()
+
+    validation = manager.logs["current"]["validation"]["dataset"]
+    print(f"Final validation loss {validation['loss']:.4f}, accuracy {validation['accuracy']:.4f}")
+    return manager
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,7 @@
+"""mlpug: a training framework that does not care which deep-learning library you use.
+
+Import a backend to train: ``import mlpug.pytorch as mlp`` or ``import mlpug.tensorflow as mlp``.
+Importing ``mlpug`` itself imports neither torch nor tensorflow; the neutral core lives here.
+"""
+
+__version__ = "0.1.0"

@@ -1,0 +1,150 @@
+"""``MetricEvaluator``: metrics from model outputs, sample-weighted, over a batch, a window or a dataset.
+
+Metrics are computed in three steps (the design of the original mlpug):
+
+* **gather** (every batch): each metric function maps the batch's :class:`MetricInputs` to a per-batch
+  mean value and its weight (by default the batch's ``num_samples``). Values stay backend tensors:
+  nothing is synchronised with the device here.
+* **combine** (over batches of a window or dataset, and later over ranks): ``sum(value * weight)``
+  and ``sum(weight)``; a backend does this with one vectorised operation.
+* **compute**: ``weighted_sum / weight_sum`` as a Python float, deferred until a consumer reads it
+  (see :mod:`mlpug.logs`).
+
+The evaluator never writes files or prints.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Iterable, Mapping, NamedTuple, Optional, Sequence
+
+from mlpug.distributed import DistributedContext, SerialContext
+from mlpug.logs import Deferred, MetricValues, to_number
+
+
+class MetricInputs(NamedTuple):
+    """What a metric function receives for one batch.
+
+    Attributes:
+        batch: The batch as the data iterable produced it.
+        loss: Scalar loss tensor (mean over the batch's samples).
+        num_samples: Number of samples in the batch.
+        auxiliary_results: What the model returned besides the loss (e.g. logits), or None.
+    """
+
+    batch: Any
+    loss: Any
+    num_samples: Any
+    auxiliary_results: Any
+
+
+MetricFunction = Callable[[MetricInputs], Any]
+"""Returns a per-batch mean value (weighted by ``num_samples``) or a tuple ``(mean_value, weight)``."""
+
+
+def loss_metric(inputs: MetricInputs) -> Any:
+    """The default metric: the batch's mean loss, weighted by its number of samples."""
+    return inputs.loss
+
+
+Gathered = dict
+"""Per metric name, a ``(mean_value, weight)`` pair for one batch."""
+
+
+class MetricEvaluator:
+    """Computes named metrics for a batch, a sliding window of batches or a whole dataset.
+
+    Args:
+        trainer: The trainer whose ``evaluate_loss`` evaluates the model on batches that were not trained on
+            (needed by ``evaluate_batch`` / ``evaluate_dataset``).
+        batch_metric_funcs: Metric name -> function of :class:`MetricInputs`. The loss is always included
+            (as ``"loss"``) unless this dict defines ``"loss"`` itself.
+        evaluate_settings: Passed to the model when evaluating.
+        distributed: Distributed context used to reduce sums over ranks; default single process.
+        name: Name used in messages.
+
+    Raises:
+        TypeError: ``batch_metric_funcs`` is not a dict of str -> callable.
+    """
+
+    def __init__(
+        self,
+        trainer: Any = None,
+        batch_metric_funcs: Optional[Mapping[str, MetricFunction]] = None,
+        evaluate_settings: Any = None,
+        distributed: Optional[DistributedContext] = None,
+        name: str = "MetricEvaluator",
+    ):
+        funcs = {"loss": loss_metric}
+        if batch_metric_funcs is not None:
+            if not isinstance(batch_metric_funcs, Mapping):
+                raise TypeError(f"batch_metric_funcs must be a dict of name -> function, got {batch_metric_funcs!r:.200}")
+            for metric_name, func in batch_metric_funcs.items():
+                if not isinstance(metric_name, str) or not callable(func):
+                    raise TypeError(
+                        f"batch_metric_funcs must map str names to callables; got {metric_name!r}: {func!r:.200}"
+                    )
+            funcs.update(batch_metric_funcs)
+        self.trainer = trainer
+        self.batch_metric_funcs = funcs
+        self.evaluate_settings = evaluate_settings
+        self.distributed = distributed or SerialContext()
+        self.name = name
+
+    @property
+    def metric_names(self) -> list:
+        return list(self.batch_metric_funcs)
+
+    # ----- gather -----
+    def gather(self, batch: Any, outputs: Any) -> Gathered:
+        """Per metric, ``(mean_value, weight)`` for one batch from the model outputs (no device sync)."""
+        inputs = MetricInputs(batch, outputs.loss, outputs.num_samples, outputs.auxiliary_results)
+        gathered = {}
+        for metric_name, func in self.batch_metric_funcs.items():
+            result = func(inputs)
+            gathered[metric_name] = result if isinstance(result, tuple) else (result, inputs.num_samples)
+        return gathered
+
+    def evaluate_batch(self, batch: Any, evaluate_settings: Any = None) -> Gathered:
+        """Evaluate the model on ``batch`` (inference mode) and gather its metrics."""
+        if self.trainer is None:
+            raise RuntimeError(f"{self.name}: evaluating batches needs a trainer; pass MetricEvaluator(trainer=...)")
+        settings = self.evaluate_settings if evaluate_settings is None else evaluate_settings
+        return self.gather(batch, self.trainer.evaluate_loss(batch, settings))
+
+    # ----- combine + compute -----
+    def batch_values(self, gathered: Gathered) -> MetricValues:
+        """Deferred metric values of one batch."""
+        return MetricValues({name: Deferred(_number_of(value)) for name, (value, _) in gathered.items()})
+
+    def combined_values(self, gathered_batches: Sequence[Gathered]) -> MetricValues:
+        """Deferred sample-weighted means of each metric over ``gathered_batches`` (reduced over ranks)."""
+        gathered_batches = tuple(gathered_batches)
+        return MetricValues(
+            {name: Deferred(self._mean_over(gathered_batches, name)) for name in self.batch_metric_funcs}
+        )
+
+    def evaluate_dataset(self, dataset: Iterable, evaluate_settings: Any = None) -> MetricValues:
+        """Evaluate the model over every batch of ``dataset``; return deferred sample-weighted means."""
+        gathered = [self.evaluate_batch(batch, evaluate_settings) for batch in dataset]
+        if not gathered:
+            raise ValueError(f"{self.name}: the dataset to evaluate yielded no batches")
+        return self.combined_values(gathered)
+
+    def _mean_over(self, gathered_batches: Sequence[Gathered], metric_name: str) -> Callable[[], float]:
+        def compute() -> Optional[float]:
+            values = [g[metric_name][0] for g in gathered_batches]
+            weights = [g[metric_name][1] for g in gathered_batches]
+            weighted_sum, weight_sum = self._weighted_sums(values, weights)
+            weighted_sum, weight_sum = self.distributed.all_reduce_sum([weighted_sum, weight_sum])
+            return weighted_sum / weight_sum if weight_sum else None
+
+        return compute
+
+    def _weighted_sums(self, values: Sequence[Any], weights: Sequence[Any]) -> tuple:
+        """``(sum(value * weight), sum(weight))`` as Python floats. Backends vectorise this."""
+        numbers = [to_number(w) for w in weights]
+        return sum(to_number(v) * w for v, w in zip(values, numbers)), float(sum(numbers))
+
+
+def _number_of(value: Any) -> Callable[[], Any]:
+    return lambda: to_number(value)

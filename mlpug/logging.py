@@ -1,0 +1,58 @@
+"""Console logging set-up for mlpug, built on Python's ``logging``.
+
+mlpug logs through loggers named ``mlpug.<Component>``. On first import a handler is attached to the
+``mlpug`` logger that prints ``LEVEL   : Component::function : message``; configure the ``mlpug``
+logger yourself to change that.
+"""
+
+from __future__ import annotations
+
+import logging as _logging
+import sys
+
+_FORMAT = "%(levelname)-8s: %(component)s::%(funcName)s : %(message)s"
+_COLORS = {"DEBUG": "\033[36m", "INFO": "\033[32m", "WARNING": "\033[33m", "ERROR": "\033[31m", "CRITICAL": "\033[41m"}
+_RESET = "\033[0m"
+
+
+class _Formatter(_logging.Formatter):
+    def __init__(self, colors: bool = False):
+        super().__init__(_FORMAT)
+        self.colors = colors
+
+    def format(self, record: _logging.LogRecord) -> str:
+        record.component = record.name.rsplit(".", 1)[-1]
+        text = super().format(record)
+        if self.colors and record.levelname in _COLORS:
+            text = f"{_COLORS[record.levelname]}{text}{_RESET}"
+        return text
+
+
+_handler = _logging.StreamHandler(sys.stdout)
+_handler.setFormatter(_Formatter())
+
+
+def _install_default_handler() -> None:
+    logger = _logging.getLogger("mlpug")
+    if not logger.handlers:
+        logger.addHandler(_handler)
+        logger.setLevel(_logging.INFO)
+        logger.propagate = False
+
+
+def get_logger(component: str) -> _logging.Logger:
+    """Logger ``mlpug.<component>`` (e.g. ``get_logger("Training")``)."""
+    return _logging.getLogger(f"mlpug.{component}")
+
+
+def set_level(level: int | str) -> None:
+    """Set the level of all mlpug loggers, e.g. ``set_level("DEBUG")``."""
+    _logging.getLogger("mlpug").setLevel(level)
+
+
+def use_fancy_colors(enabled: bool = True) -> None:
+    """Colour mlpug's console log lines by level (ANSI escape codes)."""
+    _handler.setFormatter(_Formatter(colors=enabled))
+
+
+_install_default_handler()

@@ -1,0 +1,196 @@
+"""The ``logs`` dict: its schema, lazy metric values and dotted-path access.
+
+This module is the one place where the schema is written down. Every backend builds the same ``logs``.
+
+Schema (keys are snake_case; durations are in seconds)::
+
+    logs = {
+        "epoch": int,                 # 0-based epoch being trained
+        "final_epoch": int,           # num_epochs - 1
+        "final_batch_step": int,      # num_batches_per_epoch - 1
+        "cb_calls_success": bool,     # False once any callback reported a non-fatal problem
+        "training_settings": Any,     # passed to the training model as ``evaluate_settings`` during training
+        "evaluate_settings": Any,     # passed to the model when evaluating
+        "best": dict,                 # plain copy of ``current`` at the last improvement (set by the checkpointer)
+        "current": {                  # rebuilt for every batch
+            "epoch": int, "batch_step": int, "global_iter": int,  # all 0-based
+            "training": {
+                "batch": {"loss": float, <metric>: float, ..., "raw": ModelOutputs},  # raw: never logged/saved
+                "window_average": {"loss": float, ...},  # sample-weighted sliding window over recent batches
+                "dataset": {...},                         # whole-dataset metrics, when computed
+            },
+            "<dataset name>": {"batch": {...}, "window_average": {...}, "dataset": {...}},  # e.g. "validation"
+            "training_params": {
+                "batch": {"duration": float, "lr": float, "batch_size": int},
+                "window_average": {"duration": float},
+                "epoch": {"duration": float, "lr": float},
+            },
+            "is_best": bool,
+        },
+    }
+
+Metric leaves are produced as :class:`Deferred` values inside :class:`MetricValues` dicts. A deferred
+value is computed (e.g. a tensor converted with ``.item()``) the first time a consumer reads it, and
+the number replaces it, so that no device synchronisation happens at a step where nobody reads a value.
+Readers always see Python numbers (or ``None``).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Iterator, Mapping
+
+_MISSING = object()
+
+
+class Deferred:
+    """A value computed on first read, e.g. a tensor that becomes a Python float.
+
+    Args:
+        compute: Callable without arguments that returns the value (a Python number or ``None``).
+    """
+
+    __slots__ = ("_compute",)
+
+    def __init__(self, compute: Callable[[], Any]):
+        self._compute = compute
+
+    def __call__(self) -> Any:
+        return self._compute()
+
+    def __repr__(self) -> str:
+        return "Deferred(...)"
+
+
+class MetricValues(dict):
+    """A dict whose :class:`Deferred` values are resolved (once) when they are read.
+
+    Every way of reading a value (``[]``, ``get``, ``items``, ``values``, ``copy``, ``repr``) returns
+    resolved values; the resolved value is stored so it is computed at most once.
+    """
+
+    __slots__ = ()
+
+    def __getitem__(self, key: str) -> Any:
+        value = dict.__getitem__(self, key)
+        if type(value) is Deferred:
+            value = value()
+            dict.__setitem__(self, key, value)
+        return value
+
+    def get(self, key: str, default: Any = None) -> Any:
+        return self[key] if key in self else default
+
+    def values(self):  # type: ignore[override]
+        return [self[key] for key in self]
+
+    def items(self):  # type: ignore[override]
+        return [(key, self[key]) for key in self]
+
+    def copy(self) -> "MetricValues":
+        return MetricValues(self.items())
+
+    def __repr__(self) -> str:
+        return f"MetricValues({dict(self.items())!r})"
+
+
+def to_number(value: Any) -> Any:
+    """Python number of a scalar: Python numbers as they are, numpy/torch scalars via ``item()``,
+    TensorFlow eager tensors via ``numpy()``. This is where a device synchronisation happens."""
+    if value is None or isinstance(value, (int, float)):
+        return value
+    if not hasattr(value, "item") and hasattr(value, "numpy"):  # TF eager tensor
+        value = value.numpy()
+    return value.item() if hasattr(value, "item") else value
+
+
+def resolve(value: Any, skip_keys: tuple = ("raw",)) -> Any:
+    """Deep copy of a logs (sub)tree as plain dicts of Python values, with every deferred value resolved.
+
+    Args:
+        value: A logs dict or any part of it.
+        skip_keys: Keys left out of the copy; by default ``raw`` (model outputs are never saved or logged).
+
+    Returns:
+        Plain ``dict``/``list`` containers holding the resolved leaves.
+    """
+    if type(value) is Deferred:
+        return value()
+    if isinstance(value, Mapping):
+        return {key: resolve(item, skip_keys) for key, item in value.items() if key not in skip_keys}
+    if isinstance(value, (list, tuple)):
+        return type(value)(resolve(item, skip_keys) for item in value)
+    return value
+
+
+def iter_paths(logs: Mapping, prefix: str = "") -> Iterator[str]:
+    """Yield every dotted path to a leaf of ``logs`` (``raw`` model outputs excluded)."""
+    for key in logs:
+        if key == "raw":
+            continue
+        path = f"{prefix}{key}"
+        value = dict.__getitem__(logs, key) if isinstance(logs, dict) else logs[key]
+        if isinstance(value, Mapping) and value:
+            yield from iter_paths(value, path + ".")
+        else:
+            yield path
+
+
+def get_value_at(logs: Mapping, path: str, default: Any = _MISSING) -> Any:
+    """Read the value at a dotted path, e.g. ``"current.validation.dataset.loss"``.
+
+    Args:
+        logs: The logs dict (or any sub-dict).
+        path: Keys joined by dots.
+        default: Returned when the path does not exist; when not given, a missing path raises.
+
+    Returns:
+        The value (deferred values are resolved to Python numbers).
+
+    Raises:
+        KeyError: The path does not exist; the message lists the paths that do.
+    """
+    node: Any = logs
+    for key in path.split("."):
+        if isinstance(node, Mapping) and key in node:
+            node = node[key]
+            continue
+        if default is not _MISSING:
+            return default
+        available = ", ".join(sorted(iter_paths(logs))) or "(none)"
+        raise KeyError(f"logs path {path!r} does not exist (missing key {key!r}). Available paths: {available}")
+    return node
+
+
+def set_value_at(logs: dict, path: str, value: Any) -> None:
+    """Set the value at a dotted path, creating intermediate dicts as needed."""
+    keys = path.split(".")
+    node = logs
+    for key in keys[:-1]:
+        node = node.setdefault(key, {})
+    node[keys[-1]] = value
+
+
+def new_logs(final_epoch: int, final_batch_step: int, training_settings: Any, evaluate_settings: Any) -> dict:
+    """Return the top level of a fresh ``logs`` dict (see the module docstring for the schema)."""
+    return {
+        "epoch": 0,
+        "final_epoch": final_epoch,
+        "final_batch_step": final_batch_step,
+        "cb_calls_success": True,
+        "training_settings": training_settings,
+        "evaluate_settings": evaluate_settings,
+        "best": {},
+        "current": {},
+    }
+
+
+def new_current(epoch: int, batch_step: int, global_iter: int) -> dict:
+    """Return the ``current`` part of ``logs`` for one batch, with the standard empty sections."""
+    return {
+        "epoch": epoch,
+        "batch_step": batch_step,
+        "global_iter": global_iter,
+        "training": {},
+        "training_params": {"batch": MetricValues(), "window_average": MetricValues(), "epoch": MetricValues()},
+        "is_best": False,
+    }

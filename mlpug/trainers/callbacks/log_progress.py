@@ -1,0 +1,147 @@
+"""``LogProgress``: prints training progress to the console (primary rank only)."""
+
+from __future__ import annotations
+
+import datetime
+import sys
+import time
+from typing import Callable, Optional, Sequence
+
+from mlpug.trainers.callbacks.callback import Callback
+
+_SECTIONS = (("batch", "Batch"), ("window_average", "Moving average"), ("dataset", "Computed over dataset"))
+_RULE = "#" * 79
+
+
+def format_duration(seconds: Optional[float]) -> str:
+    """``H:MM:SS`` for a duration in seconds (``"?"`` when unknown)."""
+    if seconds is None:
+        return "?"
+    return str(datetime.timedelta(seconds=round(max(seconds, 0.0))))
+
+
+class LogProgress(Callback):
+    """Prints batch progress every ``log_period`` batches and a summary at the end of every epoch.
+
+    Batch blocks show, per dataset in ``set_names``, the batch values, the sliding-window averages and
+    the dataset values that are present in ``logs.current``; the epoch summary shows the epoch's duration,
+    the estimated time to the end of training (ETA), the moving averages and dataset values. Only these
+    reads convert metric tensors to numbers, so steps between log periods have no device sync.
+
+    Args:
+        log_period: Print a batch block after every ``log_period`` training batches (>= 1).
+        set_names: Dataset names (keys in ``logs.current``) to show, e.g. ``["training", "validation"]``.
+        batch_level: Print batch blocks; ``False`` prints only epoch summaries.
+        write: Function that prints a block of text; default writes to ``sys.stdout``.
+        name: Unique callback name.
+
+    Only the primary rank prints.
+    """
+
+    def __init__(
+        self,
+        log_period: int = 200,
+        set_names: Optional[Sequence[str]] = None,
+        batch_level: bool = True,
+        write: Optional[Callable[[str], None]] = None,
+        name: Optional[str] = None,
+    ):
+        if isinstance(log_period, bool) or not isinstance(log_period, int) or log_period < 1:
+            raise ValueError(f"log_period must be an int >= 1 (batches), got {log_period!r}")
+        if set_names is None:
+            set_names = ["training"]
+        if isinstance(set_names, str) or not all(isinstance(n, str) for n in set_names):
+            raise TypeError(f"set_names must be a list of dataset names, e.g. ['training', 'validation'], got {set_names!r}")
+        super().__init__(name)
+        self.log_period = log_period
+        self.set_names = list(set_names)
+        self.batch_level = batch_level
+        self.write = write or _write_stdout
+        self._training_start_time = 0.0
+        self._epoch_start_time = 0.0
+        self._start_iter = 0
+        self._total_iters = 0
+
+    @property
+    def consumes(self) -> frozenset:
+        return frozenset(self.set_names)
+
+    def _is_primary(self) -> bool:
+        manager = self.training_manager
+        return manager is None or manager.distributed.is_primary
+
+    def on_training_start(self, num_epochs, num_batches_per_epoch, start_epoch, start_batch, start_update_iter):
+        self._training_start_time = time.perf_counter()
+        self._start_iter = start_update_iter
+        self._total_iters = num_epochs * num_batches_per_epoch
+
+    def on_epoch_start(self, logs: dict) -> bool:
+        self._epoch_start_time = time.perf_counter()
+        return True
+
+    def _eta(self, global_iter_done: int) -> Optional[float]:
+        done = global_iter_done - self._start_iter
+        if done <= 0:
+            return None
+        per_batch = (time.perf_counter() - self._training_start_time) / done
+        return per_batch * (self._total_iters - global_iter_done)
+
+    def on_batch_training_completed(self, training_batch, logs: dict) -> bool:
+        current = logs["current"]
+        done = current["global_iter"] + 1
+        if not self.batch_level or done % self.log_period != 0 or not self._is_primary():
+            return True
+        duration = current["training_params"].get("window_average", {}).get("duration")
+        lines = [
+            f"Epoch {current['epoch']}/{logs['final_epoch']} - ETA {format_duration(self._eta(done))} - "
+            f"Batch {current['batch_step']}/{logs['final_batch_step']}"
+            + (f" - {duration * 1000:.1f} ms/batch" if duration is not None else "")
+        ]
+        for section, title in _SECTIONS:
+            rows = self._rows(current, section)
+            if rows:
+                lines.append(f"{title}:")
+                lines.extend(rows)
+        self.write("\n".join(lines) + "\n")
+        return True
+
+    def on_epoch_completed(self, logs: dict) -> bool:
+        if not self._is_primary():
+            return True
+        current = logs["current"]
+        duration = time.perf_counter() - self._epoch_start_time
+        lines = [
+            _RULE,
+            f"Epoch {current['epoch']}/{logs['final_epoch']}\tREADY - Duration {format_duration(duration)}"
+            f" - ETA {format_duration(self._eta(current['global_iter'] + 1))}",
+        ]
+        for section, title in _SECTIONS[1:]:
+            rows = self._rows(current, section)
+            if rows:
+                lines += [f"{title}:", *rows, ""]
+        self.write("\n".join(lines) + "\n")
+        return True
+
+    def _rows(self, current: dict, section: str) -> list:
+        rows = []
+        for set_name in self.set_names:
+            values = current.get(set_name, {}).get(section)
+            if not values:
+                continue
+            metrics = [(metric, value) for metric, value in values.items() if metric != "raw"]
+            if metrics:
+                rows.append(f"{set_name:<15}: " + "  ".join(f"{metric:<13} {_format_value(value)}" for metric, value in metrics) + ".")
+        return rows
+
+
+def _format_value(value) -> str:
+    if value is None:
+        return "N/A"
+    if isinstance(value, float):
+        return f"{value:.3f}"
+    return str(value)
+
+
+def _write_stdout(text: str) -> None:
+    sys.stdout.write(text)
+    sys.stdout.flush()

@@ -1,0 +1,171 @@
+"""Callbacks that put metrics into ``logs``: ``TrainingMetricsLogger`` and ``TestMetricsLogger``.
+
+They are producers: place them before the callbacks that read their values.
+"""
+
+from __future__ import annotations
+
+import collections
+from typing import Any, Iterable, Optional
+
+from mlpug.evaluation import MetricEvaluator
+from mlpug.logs import MetricValues
+from mlpug.trainers.callbacks.callback import Callback
+
+
+def _check_evaluator(metric_evaluator: Any) -> None:
+    if not isinstance(metric_evaluator, MetricEvaluator):
+        raise TypeError(f"metric_evaluator must be an mlp.evaluation.MetricEvaluator, got {metric_evaluator!r:.200}")
+
+
+def _check_window_length(window_length: Optional[int]) -> None:
+    if window_length is not None and (isinstance(window_length, bool) or not isinstance(window_length, int) or window_length < 1):
+        raise ValueError(f"window_length must be None or an int >= 1, got {window_length!r}")
+
+
+class _SlidingWindow:
+    """The last ``length`` gathered batches; ``values()`` are their deferred sample-weighted means."""
+
+    def __init__(self, evaluator: MetricEvaluator, length: Optional[int]):
+        self.evaluator = evaluator
+        self.length = length
+        self.batches: collections.deque = collections.deque(maxlen=length)
+
+    def resize(self, length: int) -> None:
+        self.length = length
+        self.batches = collections.deque(self.batches, maxlen=length)
+
+    def append(self, gathered: dict) -> MetricValues:
+        self.batches.append(gathered)
+        return self.evaluator.combined_values(self.batches)
+
+
+class TrainingMetricsLogger(Callback):
+    """Logs the metrics of every training batch and their sliding-window average.
+
+    Writes ``logs.current.training.batch.<metric>``, ``logs.current.training.window_average.<metric>``
+    and ``logs.current.training_params.window_average.duration`` (seconds per batch). Values are
+    deferred: a tensor becomes a number only when a consumer reads it.
+
+    Args:
+        metric_evaluator: Computes the metrics from the model outputs of the training step.
+        window_length: Number of recent batches averaged (sample weighted); default one epoch's batches.
+        name: Unique callback name.
+    """
+
+    def __init__(self, metric_evaluator: MetricEvaluator, window_length: Optional[int] = None, name: Optional[str] = None):
+        _check_evaluator(metric_evaluator)
+        _check_window_length(window_length)
+        super().__init__(name)
+        self.metric_evaluator = metric_evaluator
+        self._window = _SlidingWindow(metric_evaluator, window_length)
+        self._durations: collections.deque = collections.deque(maxlen=window_length)
+
+    @property
+    def produces(self) -> frozenset:
+        return frozenset({"training"})
+
+    def on_training_start(self, num_epochs, num_batches_per_epoch, start_epoch, start_batch, start_update_iter):
+        if self._window.length is None:
+            self._window.resize(num_batches_per_epoch)
+            self._durations = collections.deque(self._durations, maxlen=num_batches_per_epoch)
+
+    def on_batch_training_completed(self, training_batch: Any, logs: dict) -> bool:
+        current = logs["current"]
+        batch_logs = current["training"]["batch"]
+        gathered = self.metric_evaluator.gather(training_batch, dict.__getitem__(batch_logs, "raw"))
+        batch_logs.update(self.metric_evaluator.batch_values(gathered))
+        current["training"]["window_average"] = self._window.append(gathered)
+        durations = self._durations
+        durations.append(current["training_params"]["batch"]["duration"])
+        current["training_params"]["window_average"]["duration"] = sum(durations) / len(durations)
+        return True
+
+
+class TestMetricsLogger(Callback):
+    """Logs metrics of a dataset that is not trained on (e.g. ``"validation"``).
+
+    * ``batch_level=False``: at every epoch end, evaluates the whole dataset and writes
+      ``logs.current.<name>.dataset.<metric>`` (sample-weighted over all its batches).
+    * ``batch_level=True``: after every training batch, evaluates the next batch of ``dataset``
+      (cycling through it) and writes ``logs.current.<name>.batch.<metric>`` and the sliding-window
+      average ``logs.current.<name>.window_average.<metric>``.
+
+    Args:
+        dataset: Iterable of batches.
+        name: Dataset name, the key in ``logs.current`` (``"training"`` writes the training set's dataset metrics).
+        metric_evaluator: Computes the metrics; it needs its ``trainer`` to evaluate the model.
+        batch_level: See above.
+        window_length: Sliding window for ``batch_level=True``; default one epoch of training batches.
+        evaluate_settings: Passed to the model; default the evaluator's.
+        callback_name: Unique callback name; default ``f"TestMetricsLogger[{name}]"``.
+    """
+
+    __test__ = False  # not a pytest test class
+
+    def __init__(
+        self,
+        dataset: Iterable,
+        name: str,
+        metric_evaluator: MetricEvaluator,
+        batch_level: bool = False,
+        window_length: Optional[int] = None,
+        evaluate_settings: Any = None,
+        callback_name: Optional[str] = None,
+    ):
+        if not hasattr(dataset, "__iter__"):
+            raise TypeError(f"dataset must be an iterable of batches, got {type(dataset).__qualname__}")
+        if not isinstance(name, str) or not name:
+            raise TypeError(f"name must be a non-empty str (e.g. 'validation'), got {name!r}")
+        _check_evaluator(metric_evaluator)
+        _check_window_length(window_length)
+        if metric_evaluator.trainer is None:
+            raise ValueError(f"{name}: metric_evaluator has no trainer to evaluate the model with; pass MetricEvaluator(trainer=...)")
+        super().__init__(callback_name or f"TestMetricsLogger[{name}]")
+        self.dataset = dataset
+        self.dataset_name = name
+        self.metric_evaluator = metric_evaluator
+        self.batch_level = batch_level
+        self.evaluate_settings = evaluate_settings
+        self._window = _SlidingWindow(metric_evaluator, window_length)
+        self._batches = None
+
+    @property
+    def produces(self) -> frozenset:
+        return frozenset({self.dataset_name})
+
+    def on_training_start(self, num_epochs, num_batches_per_epoch, start_epoch, start_batch, start_update_iter):
+        if self._window.length is None:
+            self._window.resize(num_batches_per_epoch)
+
+    def _dataset_logs(self, logs: dict) -> dict:
+        return logs["current"].setdefault(self.dataset_name, {})
+
+    def on_batch_training_completed(self, training_batch: Any, logs: dict) -> bool:
+        if not self.batch_level:
+            return True
+        if self._batches is None:
+            self._batches = _cycle(self.dataset)
+        gathered = self.metric_evaluator.evaluate_batch(next(self._batches), self.evaluate_settings)
+        section = self._dataset_logs(logs)
+        section["batch"] = self.metric_evaluator.batch_values(gathered)
+        section["window_average"] = self._window.append(gathered)
+        return True
+
+    def on_epoch_completed(self, logs: dict) -> bool:
+        if self.batch_level:
+            return True
+        values = self.metric_evaluator.evaluate_dataset(self.dataset, self.evaluate_settings)
+        self._dataset_logs(logs)["dataset"] = values
+        return True
+
+
+def _cycle(dataset: Iterable):
+    """Iterate ``dataset`` again and again (re-iterating, so a shuffling loader reshuffles; nothing is cached)."""
+    while True:
+        empty = True
+        for batch in dataset:
+            empty = False
+            yield batch
+        if empty:
+            raise ValueError("the dataset to evaluate yielded no batches")

@@ -1,0 +1,17 @@
+from setuptools import find_packages, setup
+
+setup(
+    name="mlpug",
+    version="0.1.0",
+    description="A machine learning library agnostic framework for model training",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    packages=find_packages(include=["mlpug", "mlpug.*"]),
+    python_requires=">=3.9",
+    install_requires=["numpy"],
+    extras_require={
+        "pytorch": ["torch==2.13.0"],
+        "tensorflow": ["tensorflow-cpu==2.21.*"],
+        "dev": ["pytest", "pytest-timeout", "ruff", "tqdm", "tensorboard"],
+    },
+)

@@ -15,6 +15,7 @@ The evaluator never writes files or prints.
 
 from __future__ import annotations
 
+from functools import partial
 from typing import Any, Callable, Iterable, Mapping, NamedTuple, Optional, Sequence
 
 from mlpug.distributed import DistributedContext, SerialContext
@@ -77,7 +78,9 @@ class MetricEvaluator:
         funcs = {"loss": loss_metric}
         if batch_metric_funcs is not None:
             if not isinstance(batch_metric_funcs, Mapping):
-                raise TypeError(f"batch_metric_funcs must be a dict of name -> function, got {batch_metric_funcs!r:.200}")
+                raise TypeError(
+                    f"batch_metric_funcs must be a dict of name -> function, got {batch_metric_funcs!r:.200}"
+                )
             for metric_name, func in batch_metric_funcs.items():
                 if not isinstance(metric_name, str) or not callable(func):
                     raise TypeError(
@@ -147,4 +150,4 @@ class MetricEvaluator:
 
 
 def _number_of(value: Any) -> Callable[[], Any]:
-    return lambda: to_number(value)
+    return partial(to_number, value)

@@ -61,7 +61,7 @@ def read_idx(path: Path) -> np.ndarray:
     if len(data) < 4 or data[0] != 0 or data[1] != 0 or data[2] != 0x08:
         raise ValueError(f"{path} is not an unsigned-byte IDX file (magic {data[:4]!r})")
     num_dims = data[3]
-    shape = tuple(int.from_bytes(data[4 + 4 * i: 8 + 4 * i], "big") for i in range(num_dims))
+    shape = tuple(int.from_bytes(data[4 + 4 * i : 8 + 4 * i], "big") for i in range(num_dims))
     array = np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * num_dims)
     if array.size != int(np.prod(shape)):
         raise ValueError(f"{path}: expected {int(np.prod(shape))} values for shape {shape}, found {array.size}")

@@ -23,6 +23,8 @@ class MetricEvaluator(_NeutralMetricEvaluator):
         if all(isinstance(w, (int, float)) for w in weights):
             weight_tensor = torch.tensor(weights, dtype=torch.float64, device=stacked.device)
         else:
-            weight_tensor = torch.stack([torch.as_tensor(w, dtype=torch.float64, device=stacked.device).reshape(()) for w in weights])
+            weight_tensor = torch.stack(
+                [torch.as_tensor(w, dtype=torch.float64, device=stacked.device).reshape(()) for w in weights]
+            )
         weighted_sum, weight_sum = torch.stack([(stacked * weight_tensor).sum(), weight_tensor.sum()]).tolist()
         return weighted_sum, weight_sum

@@ -33,6 +33,7 @@ import signal
 import threading
 import time
 from abc import ABC, abstractmethod
+from functools import partial
 from typing import Any, Iterable, Mapping, NamedTuple, Optional, Sequence
 
 from mlpug import logs as logs_module
@@ -91,6 +92,7 @@ class Trainer(ABC):
     def get_learning_rate(self, optimizer_name: Optional[str] = None) -> Optional[float]:
         """Learning rate of the named optimizer, or of the first one; None when it has none."""
 
+    @abstractmethod
     def ensure_ready(self) -> None:
         """Raise when the trainer cannot train yet (e.g. ``set_training_model`` was never called)."""
 
@@ -152,9 +154,7 @@ class DefaultTrainer(Trainer, ABC):
 
     def __init__(self, optimizers: Any, model_components: Any):
         self.optimizers = name_objects(optimizers, "optimizers", self.optimizer_type, "optimizer")
-        self.model_components = name_objects(
-            model_components, "model_components", self.model_component_type, "model"
-        )
+        self.model_components = name_objects(model_components, "model_components", self.model_component_type, "model")
         self.training_model = None
 
     def ensure_ready(self) -> None:
@@ -254,7 +254,9 @@ class TrainingManager:
         name: str = "TrainingManager",
     ):
         if not isinstance(trainer, Trainer):
-            raise TypeError(f"trainer must be an mlpug Trainer (e.g. mlp.trainers.DefaultTrainer), got {trainer!r:.200}")
+            raise TypeError(
+                f"trainer must be an mlpug Trainer (e.g. mlp.trainers.DefaultTrainer), got {trainer!r:.200}"
+            )
         if not hasattr(training_dataset, "__iter__"):
             raise TypeError(f"training_dataset must be iterable, got {type(training_dataset).__qualname__}")
         if isinstance(num_epochs, bool) or not isinstance(num_epochs, int) or num_epochs < 1:
@@ -264,10 +266,13 @@ class TrainingManager:
                 num_batches_per_epoch = len(training_dataset)  # type: ignore[arg-type]
             except TypeError:
                 raise ValueError(
-                    f"training_dataset ({type(training_dataset).__qualname__}) has no len(); "
-                    "give num_batches_per_epoch"
+                    f"training_dataset ({type(training_dataset).__qualname__}) has no len(); give num_batches_per_epoch"
                 ) from None
-        if isinstance(num_batches_per_epoch, bool) or not isinstance(num_batches_per_epoch, int) or num_batches_per_epoch < 1:
+        if (
+            isinstance(num_batches_per_epoch, bool)
+            or not isinstance(num_batches_per_epoch, int)
+            or num_batches_per_epoch < 1
+        ):
             raise ValueError(f"num_batches_per_epoch must be an int >= 1, got {num_batches_per_epoch!r}")
         callbacks = list(callbacks or [])
         for index, callback in enumerate(callbacks):
@@ -293,7 +298,9 @@ class TrainingManager:
         self.epoch = 0  # next epoch to train
         self.batch_step = 0  # next batch step in that epoch
         self.global_iter = 0  # number of batches trained so far
-        self.logs = logs_module.new_logs(num_epochs - 1, num_batches_per_epoch - 1, training_settings, evaluate_settings)
+        self.logs = logs_module.new_logs(
+            num_epochs - 1, num_batches_per_epoch - 1, training_settings, evaluate_settings
+        )
 
         self._stop_requested = False
         self._received_signal: Optional[int] = None
@@ -367,8 +374,14 @@ class TrainingManager:
     # ----- the loop -----
     def _train(self) -> None:
         logs = self.logs
-        self._dispatch("on_training_start", self.num_epochs, self.num_batches_per_epoch, self.epoch,
-                       self.batch_step, self.global_iter)
+        self._dispatch(
+            "on_training_start",
+            self.num_epochs,
+            self.num_batches_per_epoch,
+            self.epoch,
+            self.batch_step,
+            self.global_iter,
+        )
         for epoch in range(self.epoch, self.num_epochs):
             self.epoch = logs["epoch"] = epoch
             epoch_start_time = time.perf_counter()
@@ -418,7 +431,9 @@ class TrainingManager:
             params["duration"] = time.perf_counter() - start_time
             params["lr"] = Deferred(trainer.get_learning_rate)
             num_samples = outputs.num_samples
-            params["batch_size"] = num_samples if type(num_samples) is int else Deferred(lambda: to_number(num_samples))
+            params["batch_size"] = (
+                num_samples if type(num_samples) is int else Deferred(partial(to_number, num_samples))
+            )
             current["training"]["batch"] = MetricValues(raw=outputs)
             self.global_iter += 1
             self.batch_step = batch_step + 1

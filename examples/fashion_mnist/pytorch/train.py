@@ -20,8 +20,12 @@ def parse_arguments(argv=None):
     parser.add_argument("--num-epochs", type=int, default=3, help="number of epochs to train")
     parser.add_argument("--batch-size", type=int, default=64, help="samples per training batch")
     parser.add_argument("--learning-rate", type=float, default=1e-3, help="Adam learning rate")
-    parser.add_argument("--data-dir", default=None, help="directory with the Fashion-MNIST IDX files "
-                        "(default $MLPUG_FASHION_MNIST_DIR or /usr/share/datasets/fashion-mnist)")
+    parser.add_argument(
+        "--data-dir",
+        default=None,
+        help="directory with the Fashion-MNIST IDX files "
+        "(default $MLPUG_FASHION_MNIST_DIR or /usr/share/datasets/fashion-mnist)",
+    )
     parser.add_argument("--log-period", type=int, default=200, help="print progress every this many batches")
     parser.add_argument("--seed", type=int, default=0, help="random seed")
     parser.add_argument("--num-threads", type=int, default=None, help="torch CPU threads (default: torch's)")

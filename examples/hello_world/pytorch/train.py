@@ -28,10 +28,8 @@ validation_dataset = torch.utils.data.DataLoader(test_data, batch_size=batch_siz
 # #######################################
 
 classifier = torch.nn.Sequential(
-    torch.nn.Flatten(),
-    torch.nn.Linear(784, 128),
-    torch.nn.ReLU(),
-    torch.nn.Linear(128, 10))
+    torch.nn.Flatten(), torch.nn.Linear(784, 128), torch.nn.ReLU(), torch.nn.Linear(128, 10)
+)
 
 
 class TrainModel(torch.nn.Module):
@@ -60,17 +58,13 @@ loss_evaluator = mlp.evaluation.MetricEvaluator(trainer=trainer)
 callbacks = [
     mlp.callbacks.TrainingMetricsLogger(metric_evaluator=loss_evaluator),
     # Calculate validation loss only once per epoch over the whole dataset
-    mlp.callbacks.TestMetricsLogger(validation_dataset,
-                                    'validation',
-                                    metric_evaluator=loss_evaluator,
-                                    batch_level=False),
-    mlp.callbacks.LogProgress(log_period=progress_log_period, set_names=['training', 'validation']),
+    mlp.callbacks.TestMetricsLogger(
+        validation_dataset, "validation", metric_evaluator=loss_evaluator, batch_level=False
+    ),
+    mlp.callbacks.LogProgress(log_period=progress_log_period, set_names=["training", "validation"]),
 ]
 
-manager = mlp.trainers.TrainingManager(trainer,
-                                       training_dataset,
-                                       num_epochs=num_epochs,
-                                       callbacks=callbacks)
+manager = mlp.trainers.TrainingManager(trainer, training_dataset, num_epochs=num_epochs, callbacks=callbacks)
 
 trainer.set_training_model(train_model)
 

@@ -104,7 +104,9 @@ class DefaultTrainer(_NeutralDefaultTrainer):
         outputs.loss.backward()
         for optimizer in self._optimizer_list:
             optimizer.step()
-        return ModelOutputs(outputs.loss.detach(), outputs.num_samples, map_tensors(outputs.auxiliary_results, torch.Tensor.detach))
+        return ModelOutputs(
+            outputs.loss.detach(), outputs.num_samples, map_tensors(outputs.auxiliary_results, torch.Tensor.detach)
+        )
 
     def evaluate_loss(self, batch: Any, evaluate_settings: Any = None, inference_mode: bool = True) -> ModelOutputs:
         """Evaluate the training model on ``batch`` in eval mode under ``torch.no_grad()``; the mode is restored."""

@@ -51,7 +51,9 @@ class LogProgress(Callback):
         if set_names is None:
             set_names = ["training"]
         if isinstance(set_names, str) or not all(isinstance(n, str) for n in set_names):
-            raise TypeError(f"set_names must be a list of dataset names, e.g. ['training', 'validation'], got {set_names!r}")
+            raise TypeError(
+                f"set_names must be a list of dataset names, e.g. ['training', 'validation'], got {set_names!r}"
+            )
         super().__init__(name)
         self.log_period = log_period
         self.set_names = list(set_names)
@@ -130,7 +132,11 @@ class LogProgress(Callback):
                 continue
             metrics = [(metric, value) for metric, value in values.items() if metric != "raw"]
             if metrics:
-                rows.append(f"{set_name:<15}: " + "  ".join(f"{metric:<13} {_format_value(value)}" for metric, value in metrics) + ".")
+                rows.append(
+                    f"{set_name:<15}: "
+                    + "  ".join(f"{metric:<13} {_format_value(value)}" for metric, value in metrics)
+                    + "."
+                )
         return rows
 
 

@@ -19,7 +19,9 @@ def _check_evaluator(metric_evaluator: Any) -> None:
 
 
 def _check_window_length(window_length: Optional[int]) -> None:
-    if window_length is not None and (isinstance(window_length, bool) or not isinstance(window_length, int) or window_length < 1):
+    if window_length is not None and (
+        isinstance(window_length, bool) or not isinstance(window_length, int) or window_length < 1
+    ):
         raise ValueError(f"window_length must be None or an int >= 1, got {window_length!r}")
 
 
@@ -53,7 +55,9 @@ class TrainingMetricsLogger(Callback):
         name: Unique callback name.
     """
 
-    def __init__(self, metric_evaluator: MetricEvaluator, window_length: Optional[int] = None, name: Optional[str] = None):
+    def __init__(
+        self, metric_evaluator: MetricEvaluator, window_length: Optional[int] = None, name: Optional[str] = None
+    ):
         _check_evaluator(metric_evaluator)
         _check_window_length(window_length)
         super().__init__(name)
@@ -120,7 +124,9 @@ class TestMetricsLogger(Callback):
         _check_evaluator(metric_evaluator)
         _check_window_length(window_length)
         if metric_evaluator.trainer is None:
-            raise ValueError(f"{name}: metric_evaluator has no trainer to evaluate the model with; pass MetricEvaluator(trainer=...)")
+            raise ValueError(
+                f"{name}: metric_evaluator has no trainer to evaluate the model with; pass MetricEvaluator(trainer=...)"
+            )
         super().__init__(callback_name or f"TestMetricsLogger[{name}]")
         self.dataset = dataset
         self.dataset_name = name

@@ -1,0 +1,96 @@
+"""One harness per backend, so that contract tests run the same scenario on every backend.
+
+A harness builds a small classification problem (a 2-layer MLP, deterministic data from numpy) with the
+backend's own ``mlp`` module, and reads weights back as numpy arrays. Add a backend by adding a harness
+class to ``HARNESSES``; every contract test then runs on it.
+"""
+
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import numpy as np
+
+NUM_FEATURES, NUM_CLASSES = 6, 3
+
+
+def make_numpy_data(num_samples: int, seed: int) -> tuple:
+    """Features float32 [N, 6] and labels int64 [N] from a fixed random linear rule."""
+    rng = np.random.default_rng(seed)
+    features = rng.normal(size=(num_samples, NUM_FEATURES)).astype(np.float32)
+    labels = (features @ rng.normal(size=(NUM_FEATURES, NUM_CLASSES))).argmax(axis=1).astype(np.int64)
+    return features, labels
+
+
+@dataclass
+class Problem:
+    mlp: Any  # the backend module, e.g. mlpug.pytorch
+    trainer: Any
+    train_model: Any
+    classifier: Any
+    training_batches: list
+    validation_batches: list
+    accuracy: Callable  # metric function of MetricInputs
+
+
+class PyTorchHarness:
+    name = "pytorch"
+
+    def __init__(self):
+        self.torch = importlib.import_module("torch")
+        self.mlp = importlib.import_module("mlpug.pytorch")
+
+    def batches(self, features, labels, batch_size):
+        torch = self.torch
+        return [
+            (torch.from_numpy(features[i : i + batch_size]), torch.from_numpy(labels[i : i + batch_size]))
+            for i in range(0, len(features), batch_size)
+        ]
+
+    def make_problem(self, seed=0, num_batches=4, batch_size=8, fail_at_call=None) -> Problem:
+        torch, mlp = self.torch, self.mlp
+        torch.manual_seed(seed)
+        classifier = torch.nn.Sequential(
+            torch.nn.Linear(NUM_FEATURES, 16), torch.nn.ReLU(), torch.nn.Linear(16, NUM_CLASSES)
+        )
+
+        class TrainModel(torch.nn.Module):
+            def __init__(self):
+                super().__init__()
+                self.classifier = classifier
+                self.calls = 0
+
+            def forward(self, batch_data, evaluate_settings, inference_mode=None):
+                self.calls += 1
+                if fail_at_call is not None and self.calls == fail_at_call:
+                    raise FloatingPointError("injected failure in the training step")
+                features, labels = batch_data
+                logits = self.classifier(features)
+                return {"loss": torch.nn.functional.cross_entropy(logits, labels), "auxiliary_results": logits}
+
+        def accuracy(inputs):
+            return (inputs.auxiliary_results.argmax(dim=1) == inputs.batch[1]).float().mean()
+
+        optimizer = torch.optim.Adam(classifier.parameters(), lr=0.01)
+        trainer = mlp.trainers.DefaultTrainer(optimizers=optimizer, model_components=classifier)
+        train_model = TrainModel()
+        trainer.set_training_model(train_model)
+        features, labels = make_numpy_data(num_batches * batch_size, seed)
+        validation_features, validation_labels = make_numpy_data(3 * batch_size, seed + 1)
+        return Problem(
+            mlp,
+            trainer,
+            train_model,
+            classifier,
+            self.batches(features, labels, batch_size),
+            self.batches(validation_features, validation_labels, batch_size),
+            accuracy,
+        )
+
+    def weights(self, problem: Problem) -> list:
+        return [p.detach().numpy().copy() for p in problem.classifier.parameters()]
+
+
+HARNESSES = {"pytorch": PyTorchHarness}

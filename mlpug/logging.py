@@ -28,7 +28,22 @@ class _Formatter(_logging.Formatter):
         return text
 
 
-_handler = _logging.StreamHandler(sys.stdout)
+class _StdoutHandler(_logging.StreamHandler):
+    """Writes to whatever ``sys.stdout`` is at the time of each record (so redirection and capture work)."""
+
+    def __init__(self):
+        super().__init__(sys.stdout)
+
+    @property
+    def stream(self):
+        return sys.stdout
+
+    @stream.setter
+    def stream(self, value):
+        pass
+
+
+_handler = _StdoutHandler()
 _handler.setFormatter(_Formatter())
 
 

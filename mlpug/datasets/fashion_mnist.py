@@ -57,7 +57,7 @@ def read_idx(path: Path) -> np.ndarray:
     """
     opener = gzip.open if path.suffix == ".gz" else open
     with opener(path, "rb") as file:
-        data = file.read()
+        data = bytearray(file.read())  # writable, so tensors made from it may be written
     if len(data) < 4 or data[0] != 0 or data[1] != 0 or data[2] != 0x08:
         raise ValueError(f"{path} is not an unsigned-byte IDX file (magic {data[:4]!r})")
     num_dims = data[3]

@@ -204,19 +204,39 @@ class DefaultTrainer(Trainer, ABC):
         """True when ``loss`` is a scalar tensor of this backend."""
 
     def _infer_num_samples(self, batch: Any) -> Any:
-        """Leading dimension of the first array-like found in ``batch`` (tensor, tuple/list, dict)."""
-        first = batch
+        """Leading dimension of the first array in ``batch`` (an array, or tuples/lists/dicts holding arrays).
+
+        A list/tuple whose first item holds no array (e.g. a list of ``(x, y)`` samples) counts its items.
+        Models whose batches fit neither rule return ``num_samples`` themselves.
+        """
+        node = batch
         while True:
-            if isinstance(first, Mapping):
-                first = next(iter(first.values()))
-            elif isinstance(first, (list, tuple)):
-                first = first[0]
+            shape = getattr(node, "shape", None)
+            if shape is not None and len(shape) > 0:
+                return shape[0]
+            if isinstance(node, Mapping) and node:
+                node = next(iter(node.values()))
+            elif isinstance(node, (list, tuple)) and node and _holds_array(node[0]):
+                node = node[0]
+            elif isinstance(node, (list, tuple)):
+                return len(node)
             else:
-                break
-        shape = getattr(first, "shape", None)
-        if shape is not None and len(shape) > 0:
-            return shape[0]
-        return len(first)
+                raise TypeError(
+                    f"cannot infer the number of samples of a batch of type {type(batch).__qualname__}; "
+                    "return it from the training model as num_samples"
+                )
+
+
+def _holds_array(value: Any) -> bool:
+    """True when ``value`` is an array with at least one dimension, or a container whose first item holds one."""
+    shape = getattr(value, "shape", None)
+    if shape is not None:
+        return len(shape) > 0
+    if isinstance(value, Mapping):
+        return bool(value) and _holds_array(next(iter(value.values())))
+    if isinstance(value, (list, tuple)):
+        return bool(value) and _holds_array(value[0])
+    return False
 
 
 class TrainingManager:

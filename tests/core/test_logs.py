@@ -1,0 +1,46 @@
+import pytest
+
+from mlpug.logs import Deferred, MetricValues, get_value_at, resolve, set_value_at
+
+
+def test_deferred_values_are_computed_once_on_first_read():
+    calls = []
+
+    def compute():
+        calls.append(1)
+        return 0.5
+
+    values = MetricValues(loss=Deferred(compute))
+    assert calls == []
+    assert values["loss"] == 0.5 and values.get("loss") == 0.5 and dict(values.items()) == {"loss": 0.5}
+    assert values.copy() == {"loss": 0.5} and values.values() == [0.5]
+    assert calls == [1]
+
+
+def test_get_value_at_reads_dotted_paths_and_resolves():
+    logs = {"current": {"validation": {"dataset": MetricValues(loss=Deferred(lambda: 1.25))}}}
+    assert get_value_at(logs, "current.validation.dataset.loss") == 1.25
+    assert get_value_at(logs, "current.training.batch.loss", default=None) is None
+
+
+def test_unknown_dotted_path_lists_available_paths():
+    logs = {"current": {"training": {"batch": MetricValues(loss=1.0, raw=object())}, "epoch": 0}}
+    with pytest.raises(KeyError) as raised:
+        get_value_at(logs, "current.validation.dataset.loss")
+    message = str(raised.value)
+    assert "'current.validation.dataset.loss' does not exist (missing key 'validation')" in message
+    assert "Available paths: current.epoch, current.training.batch.loss" in message
+    assert "raw" not in message
+
+
+def test_resolve_makes_plain_copy_without_raw():
+    logs = {"current": {"training": {"batch": MetricValues(loss=Deferred(lambda: 2.0), raw="outputs")}}}
+    plain = resolve(logs)
+    assert plain == {"current": {"training": {"batch": {"loss": 2.0}}}}
+    assert type(plain["current"]["training"]["batch"]) is dict
+
+
+def test_set_value_at_creates_intermediate_dicts():
+    logs = {}
+    set_value_at(logs, "current.validation.dataset.loss", 0.3)
+    assert logs == {"current": {"validation": {"dataset": {"loss": 0.3}}}}

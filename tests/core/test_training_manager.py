@@ -1,0 +1,294 @@
+"""The neutral TrainingManager driven by the pure-Python fake backend."""
+
+import itertools
+import logging
+import signal
+
+import pytest
+
+from mlpug.evaluation import MetricEvaluator
+from mlpug.trainers.callbacks import HOOKS, Callback, LogProgress, TestMetricsLogger, TrainingMetricsLogger
+from mlpug.trainers.training import TrainingManager
+from tests.core.fake_backend import FakeScalar, make_batches, make_trainer
+from tests.recording import RecordingCallback
+
+
+def make_manager(callbacks, num_epochs=2, num_batches=3, fail_at_call=None, **kwargs):
+    trainer, model = make_trainer(fail_at_call)
+    dataset = kwargs.pop("dataset", make_batches(num_batches))
+    return TrainingManager(trainer, dataset, num_epochs=num_epochs, callbacks=callbacks, **kwargs), model
+
+
+def expected_calls(num_epochs, num_batches):
+    calls = [("set_training_manager", None), ("on_training_start", (num_epochs, num_batches, 0, 0, 0))]
+    global_iter = 0
+    for epoch in range(num_epochs):
+        calls.append(("on_epoch_start", epoch))
+        for step in range(num_batches):
+            calls.append(("on_batch_training_start", (epoch, step, global_iter)))
+            calls.append(("on_batch_training_completed", (epoch, step, global_iter)))
+            global_iter += 1
+        calls.append(("on_epoch_completed", epoch))
+    calls.append(
+        (
+            "on_training_ended",
+            dict(stopped_early=False, stopped_on_error=False, interrupted=False, callback_calls_success=True),
+        )
+    )
+    return calls
+
+
+@pytest.mark.parametrize("num_epochs,num_batches", [(1, 1), (2, 3), (3, 5)])
+def test_exact_hook_order_and_counts(num_epochs, num_batches):
+    recorder = RecordingCallback()
+    manager, _ = make_manager([recorder], num_epochs, num_batches)
+    manager.start_training()
+    assert recorder.calls == expected_calls(num_epochs, num_batches)
+    assert (manager.epoch, manager.batch_step, manager.global_iter) == (num_epochs, 0, num_epochs * num_batches)
+
+
+def test_training_changes_the_model():
+    manager, model = make_manager([], num_epochs=40, num_batches=10)
+    manager.start_training()
+    assert model.w == pytest.approx(2.0, abs=0.3) and model.b == pytest.approx(-1.0, abs=0.1)
+
+
+def test_hook_list_matches_callback_base():
+    public = {name for name in vars(Callback) if name.startswith(("on_", "set_training_manager"))}
+    assert public == set(HOOKS)
+
+
+def test_unknown_hook_dispatch_raises():
+    manager, _ = make_manager([RecordingCallback()])
+    with pytest.raises(ValueError, match="unknown hook 'on_batch_complete'.*on_batch_training_completed"):
+        manager._dispatch("on_batch_complete", {})
+
+
+def test_stop_training_finishes_batch_then_runs_end_hooks():
+    recorder = RecordingCallback(actions={("on_batch_training_completed", 4): lambda m: m.stop_training()})
+    manager, _ = make_manager([recorder], num_epochs=3, num_batches=3)
+    manager.start_training()
+    assert recorder.count("on_batch_training_completed") == 5
+    assert recorder.count("on_epoch_completed") == 1
+    assert recorder.hook_names()[-1] == "on_training_ended"
+    assert recorder.ended_with["stopped_early"] is True
+    assert (manager.epoch, manager.batch_step, manager.global_iter) == (1, 2, 5)
+
+
+def test_stop_on_last_batch_of_epoch_completes_the_epoch():
+    recorder = RecordingCallback(actions={("on_batch_training_completed", 2): lambda m: m.stop_training()})
+    manager, _ = make_manager([recorder], num_epochs=3, num_batches=3)
+    manager.start_training()
+    assert recorder.count("on_epoch_completed") == 1
+    assert (manager.epoch, manager.batch_step) == (1, 0)
+
+
+def test_exception_in_step():
+    recorder = RecordingCallback()
+    manager, _ = make_manager([recorder], fail_at_call=4)
+    with pytest.raises(FloatingPointError) as raised:
+        manager.start_training()
+    assert recorder.hook_names()[-3:] == ["on_batch_training_start", "on_batch_training_failed", "on_training_ended"]
+    assert recorder.calls[-2] == ("on_batch_training_failed", "FloatingPointError")
+    assert recorder.ended_with["stopped_on_error"] is True and recorder.ended_with["stopped_early"] is False
+    assert "mlpug: training failed at epoch 1, batch step 0" in raised.value.__notes__
+
+
+def test_exception_in_data_iterator():
+    def batches():
+        yield from make_batches(2)
+        raise OSError("disk went away")
+
+    recorder = RecordingCallback()
+    manager, _ = make_manager([recorder], num_epochs=1, dataset=batches(), num_batches_per_epoch=3)
+    with pytest.raises(OSError, match="disk went away"):
+        manager.start_training()
+    assert recorder.count("on_batch_training_completed") == 2
+    assert recorder.count("on_batch_training_failed") == 0
+    assert recorder.ended_with["stopped_on_error"] is True
+
+
+def test_exception_in_hook_runs_end_hooks_of_all_callbacks():
+    class Failing(Callback):
+        def on_epoch_completed(self, logs):
+            raise ValueError("bad hook")
+
+    first, last = RecordingCallback("first"), RecordingCallback("last")
+    manager, _ = make_manager([first, Failing(), last])
+    with pytest.raises(ValueError, match="bad hook") as raised:
+        manager.start_training()
+    assert "mlpug: raised by callback 'Failing' in on_epoch_completed" in raised.value.__notes__
+    assert first.ended_with["stopped_on_error"] and last.ended_with["stopped_on_error"]
+    assert last.count("on_epoch_completed") == 0
+
+
+def test_dataset_shorter_than_num_batches_per_epoch_is_an_error():
+    manager, _ = make_manager([], dataset=make_batches(2), num_batches_per_epoch=3)
+    with pytest.raises(RuntimeError, match="ran out after 2 batches in epoch 0, but num_batches_per_epoch is 3"):
+        manager.start_training()
+
+
+def test_infinite_iterable_with_given_batch_count():
+    recorder = RecordingCallback()
+    infinite = itertools.cycle(make_batches(2))
+    manager, _ = make_manager([recorder], num_epochs=2, dataset=_Reiterable(infinite), num_batches_per_epoch=5)
+    manager.start_training()
+    assert recorder.count("on_batch_training_completed") == 10
+
+
+class _Reiterable:
+    def __init__(self, iterator):
+        self.iterator = iterator
+
+    def __iter__(self):
+        return self.iterator
+
+
+def test_infinite_iterable_without_batch_count_is_rejected_at_construction():
+    trainer, _ = make_trainer()
+    with pytest.raises(ValueError, match="has no len\\(\\); give num_batches_per_epoch"):
+        TrainingManager(trainer, _Reiterable(iter([])), num_epochs=1)
+
+
+@pytest.mark.parametrize("signum,exception", [(signal.SIGTERM, SystemExit), (signal.SIGINT, KeyboardInterrupt)])
+def test_signal_mid_epoch_ends_cleanly(signum, exception):
+    recorder = RecordingCallback(actions={("on_batch_training_start", 4): lambda m: signal.raise_signal(signum)})
+    manager, _ = make_manager([recorder], num_epochs=3, num_batches=3)
+    previous = signal.getsignal(signum)
+    with pytest.raises(exception) as raised:
+        manager.start_training()
+    if exception is SystemExit:
+        assert raised.value.code == 128 + signal.SIGTERM
+    assert recorder.count("on_batch_training_completed") == 5
+    assert recorder.hook_names()[-1] == "on_training_ended"
+    assert recorder.ended_with == dict(
+        stopped_early=True, stopped_on_error=False, interrupted=True, callback_calls_success=True
+    )
+    assert (manager.epoch, manager.batch_step, manager.global_iter) == (1, 2, 5)
+    assert signal.getsignal(signum) is previous
+
+
+def test_callback_returning_false_is_reported_not_fatal(caplog):
+    class Grumpy(Callback):
+        def on_epoch_completed(self, logs):
+            return False
+
+    recorder = RecordingCallback()
+    manager, _ = make_manager([Grumpy(), recorder])
+    with caplog.at_level(logging.WARNING, logger="mlpug"):
+        logging.getLogger("mlpug").propagate = True
+        try:
+            manager.start_training()
+        finally:
+            logging.getLogger("mlpug").propagate = False
+    assert manager.logs["cb_calls_success"] is False
+    assert recorder.ended_with["callback_calls_success"] is False
+    assert recorder.count("on_epoch_completed") == 2
+    assert "Callback 'Grumpy' reported a problem in on_epoch_completed" in caplog.text
+
+
+def test_consumer_before_producer_warns(caplog):
+    trainer, _ = make_trainer()
+    evaluator = MetricEvaluator(trainer=trainer)
+    logging.getLogger("mlpug").propagate = True
+    try:
+        with caplog.at_level(logging.WARNING, logger="mlpug"):
+            TrainingManager(
+                trainer,
+                make_batches(2),
+                callbacks=[
+                    LogProgress(set_names=["training", "validation"]),
+                    TrainingMetricsLogger(evaluator),
+                    TestMetricsLogger(make_batches(1), "validation", evaluator),
+                ],
+            )
+    finally:
+        logging.getLogger("mlpug").propagate = False
+    assert (
+        "'LogProgress' (position 0) reads 'training' metrics that 'TrainingMetricsLogger' (position 1)" in caplog.text
+    )
+    assert "reads 'validation' metrics" in caplog.text
+
+
+def test_state_round_trip_continues_training_identically():
+    straight, straight_model = make_manager([], num_epochs=2, num_batches=3)
+    straight.start_training()
+
+    # Stop after the last batch of epoch 0 (mid-epoch data positions are the CheckpointManager's tests).
+    stopper = RecordingCallback(actions={("on_batch_training_completed", 2): lambda m: m.stop_training()})
+    first, first_model = make_manager([stopper], num_epochs=2, num_batches=3)
+    first.start_training()
+    state, trainer_state = first.get_state(), first.trainer.get_state()
+    assert (state["epoch"], state["batch_step"], state["global_iter"]) == (1, 0, 3)
+
+    resumed_recorder = RecordingCallback(name="RecordingCallback")
+    resumed, resumed_model = make_manager([resumed_recorder], num_epochs=2, num_batches=3)
+    resumed.set_state(state)
+    resumed.trainer.set_state(trainer_state)
+    resumed.start_training()
+    assert resumed_recorder.calls[1] == ("on_training_start", (2, 3, 1, 0, 3))
+    assert resumed_recorder.count("on_batch_training_completed") == 3
+    assert (resumed_model.w, resumed_model.b) == (straight_model.w, straight_model.b)
+
+
+def test_set_state_with_other_callbacks_is_rejected():
+    manager, _ = make_manager([RecordingCallback("a")])
+    with pytest.raises(ValueError, match=r"\['a', 'b'\] present on only one side"):
+        manager.set_state({"epoch": 0, "batch_step": 0, "global_iter": 0, "callbacks": {"b": {}}})
+
+
+def test_no_conversion_to_numbers_unless_a_consumer_reads():
+    trainer, _ = make_trainer()
+    evaluator = MetricEvaluator(trainer=trainer)
+    printed = []
+    manager = TrainingManager(
+        trainer,
+        make_batches(10),
+        num_epochs=1,
+        callbacks=[
+            TrainingMetricsLogger(evaluator),
+            LogProgress(log_period=5, set_names=["training"], write=printed.append, batch_level=True),
+        ],
+    )
+    FakeScalar.conversions = 0
+    manager.start_training()
+    # Two batch blocks (after batch 5 and 10) read the batch loss (1 conversion each) and the window average
+    # (5 resp. 10 batches), and the epoch summary re-reads the already resolved window average: 17 in all,
+    # instead of one per metric per batch.
+    assert FakeScalar.conversions == 1 + 5 + 1 + 10
+    assert len(printed) == 3
+
+
+@pytest.mark.parametrize(
+    "kwargs,error,match",
+    [
+        (dict(trainer="trainer"), TypeError, "trainer must be an mlpug Trainer"),
+        (dict(dataset=42), TypeError, "training_dataset must be iterable, got int"),
+        (dict(num_epochs=0), ValueError, "num_epochs must be an int >= 1, got 0"),
+        (dict(num_epochs=2.5), ValueError, "num_epochs must be an int >= 1, got 2.5"),
+        (dict(num_batches_per_epoch=0), ValueError, "num_batches_per_epoch must be an int >= 1, got 0"),
+        (
+            dict(callbacks=[print]),
+            TypeError,
+            r"callbacks\[0\] must be an mlpug Callback instance, got builtin_function",
+        ),
+        (dict(callbacks=[RecordingCallback("x"), RecordingCallback("x")]), ValueError, r"duplicated: \['x'\]"),
+    ],
+)
+def test_bad_manager_arguments_fail_at_construction(kwargs, error, match):
+    trainer, _ = make_trainer()
+    arguments = dict(trainer=trainer, dataset=make_batches(2))
+    arguments.update(kwargs)
+    with pytest.raises(error, match=match):
+        TrainingManager(arguments.pop("trainer"), arguments.pop("dataset"), **arguments)
+
+
+def test_start_without_training_model_fails_before_any_hook():
+    from tests.core.fake_backend import SGD, FakeTrainer, LinearModel
+
+    recorder = RecordingCallback()
+    trainer = FakeTrainer(optimizers=SGD(), model_components=LinearModel())
+    manager = TrainingManager(trainer, make_batches(2), callbacks=[recorder])
+    with pytest.raises(RuntimeError, match=r"Call trainer.set_training_model\(train_model\) before"):
+        manager.start_training()
+    assert recorder.hook_names() == ["set_training_manager"]

@@ -62,7 +62,14 @@ class Trainer(ABC):
     """Contract between the neutral ``TrainingManager`` and a backend: one optimisation step and state.
 
     Implementations must not know about epochs, callbacks or files.
+
+    Attributes:
+        last_step_skipped: True when the last :meth:`train_on` skipped the optimizer step (e.g. a float16 loss
+            scaler found inf/nan gradients); the manager writes it to
+            ``logs.current.training_params.batch.optimizer_step_skipped``.
     """
+
+    last_step_skipped: bool = False
 
     @abstractmethod
     def set_training_model(self, training_model: Any) -> None:
@@ -454,6 +461,7 @@ class TrainingManager:
             params["batch_size"] = (
                 num_samples if type(num_samples) is int else Deferred(partial(to_number, num_samples))
             )
+            params["optimizer_step_skipped"] = trainer.last_step_skipped
             current["training"]["batch"] = MetricValues(raw=outputs)
             self.global_iter += 1
             self.batch_step = batch_step + 1

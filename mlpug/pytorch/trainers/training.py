@@ -1,4 +1,19 @@
-"""PyTorch ``DefaultTrainer``: one optimisation step, evaluation and state of modules and optimizers."""
+"""PyTorch ``DefaultTrainer``: one optimisation step, evaluation and state of modules and optimizers.
+
+The step is composed of policy objects, so that features combine without step variants::
+
+    zero_grad(set_to_none=True) for every optimizer
+    for chunk in chunking.split(batch):                   # WholeBatch (null) or ChunkedBatch
+        with gradient_sync.chunk_context(chunk):          # SerialGradientSync (null); no_sync under DDP
+            with precision.autocast():                    # FullPrecision (null) or MixedPrecision
+                outputs = training_model(chunk.data, ...)
+            precision.backward(chunking.weigh_loss(outputs.loss, chunk))
+    last_step_skipped = precision.step(optimizers)        # GradScaler may skip on inf/nan gradients
+    return chunking.combine_outputs(chunk outputs)        # sample-weighted batch loss, concatenated results
+
+Without chunking and mixed precision this is exactly ``zero_grad(set_to_none=True); loss.backward();
+optimizer.step()``.
+"""
 
 from __future__ import annotations
 
@@ -7,6 +22,9 @@ from typing import Any, Callable, Mapping, Optional
 
 import torch
 
+from mlpug.pytorch.trainers.precision import FullPrecision, precision_policy
+from mlpug.trainers.chunking import SerialGradientSync, batch_chunker
+from mlpug.trainers.precision import AutocastDtype
 from mlpug.trainers.training import DefaultTrainer as _NeutralDefaultTrainer
 from mlpug.trainers.training import ModelOutputs
 
@@ -33,23 +51,74 @@ class DefaultTrainer(_NeutralDefaultTrainer):
         model_components: A ``torch.nn.Module``, a list or a dict of them: the modules whose state is saved
             (``"model"``, ``"model_<i>"`` or the dict keys).
         device: When given, every tensor of a batch is moved to this device before the forward pass.
+        batch_chunk_size: Gradient accumulation: when given (int >= 1), every batch is split into chunks of at
+            most this many samples (the last may be smaller, see :mod:`mlpug.trainers.chunking`); each chunk's
+            loss is weighted by ``chunk_samples / batch_samples`` before its backward pass and the optimizers
+            step once per batch. Peak activation memory is that of one chunk. The weights assume the loss is
+            a mean over the samples (rows) of the chunk.
+        use_mixed_precision: Run the forward pass under ``torch.autocast`` on the device type of ``device``
+            (or, without ``device``, of the model components' first parameter at construction).
+        autocast_dtype: ``"bfloat16"`` (default; works on CPU) or ``"float16"``, which adds loss scaling with a
+            ``torch.amp.GradScaler`` (CUDA, and CPU in torch >= 2.3); its state is under ``"grad_scaler"`` in
+            :meth:`get_state`. Only with ``use_mixed_precision=True``.
+
+    When the scaler skips an optimizer step (inf/nan gradients), :attr:`last_step_skipped` is True after
+    :meth:`train_on`; the ``TrainingManager`` reports it in ``logs``.
+
+    With chunking, :meth:`train_on` returns the sample-weighted batch loss (``sum_i weight_i * loss_i``, a
+    detached tensor), ``num_samples`` summed over the chunks and ``auxiliary_results`` merged over the chunks:
+    tensors with at least one dimension concatenated along dim 0, dicts/tuples/lists merged item by item,
+    anything else (numbers, 0-d tensors, other objects) as a list with one entry per chunk.
+
+    Data-parallel training (later) replaces :attr:`gradient_sync`, whose ``chunk_context(chunk)`` is entered
+    around each chunk's forward and backward pass, by one that defers the gradient all-reduce to the last chunk.
 
     The training model, set with :meth:`set_training_model`, is a ``torch.nn.Module`` whose
     ``forward(batch_data, evaluate_settings, inference_mode=None)`` returns the loss (see
     :class:`mlpug.trainers.training.DefaultTrainer` for the accepted return forms).
 
     Raises:
-        TypeError: An optimizer or model component has the wrong type.
+        TypeError: An optimizer or model component has the wrong type, or ``use_mixed_precision`` is no bool.
+        ValueError: ``batch_chunk_size`` is not an int >= 1, or ``autocast_dtype`` is not an accepted name
+            (or is given without ``use_mixed_precision=True``).
     """
+
+    last_step_skipped: bool = False
 
     optimizer_type = torch.optim.Optimizer
     model_component_type = torch.nn.Module
 
-    def __init__(self, optimizers: Any, model_components: Any, device: Optional[str | torch.device] = None):
+    def __init__(
+        self,
+        optimizers: Any,
+        model_components: Any,
+        device: Optional[str | torch.device] = None,
+        batch_chunk_size: Optional[int] = None,
+        use_mixed_precision: bool = False,
+        autocast_dtype: Optional[AutocastDtype] = None,
+    ):
         super().__init__(optimizers, model_components)
         self.device = torch.device(device) if device is not None else None
         self._optimizer_list = list(self.optimizers.values())
         self._passes_inference_mode = True
+        self.chunking = batch_chunker(batch_chunk_size)
+        self.precision: FullPrecision = precision_policy(use_mixed_precision, autocast_dtype, self._device_type())
+        self.gradient_sync = SerialGradientSync()
+        self.last_step_skipped = False
+
+    @property
+    def batch_chunk_size(self) -> Optional[int]:
+        """Samples per chunk for gradient accumulation, or None (whole batches)."""
+        return self.chunking.batch_chunk_size
+
+    def _device_type(self) -> str:
+        """Device type for autocast: that of ``device``, else of the first model component parameter, else cpu."""
+        if self.device is not None:
+            return self.device.type
+        for module in self.model_components.values():
+            for parameter in module.parameters():
+                return parameter.device.type
+        return "cpu"
 
     def set_training_model(self, training_model: torch.nn.Module) -> None:
         """Set the model that returns the loss for a batch.
@@ -82,34 +151,59 @@ class DefaultTrainer(_NeutralDefaultTrainer):
     def _forward(self, batch: Any, settings: Any, inference_mode: bool) -> ModelOutputs:
         if self.device is not None:
             batch = map_tensors(batch, lambda t: t.to(self.device, non_blocking=True))
-        if self._passes_inference_mode:
-            results = self.training_model(batch, settings, inference_mode)
-        else:
-            results = self.training_model(batch, settings)
+        with self.precision.autocast():
+            if self._passes_inference_mode:
+                results = self.training_model(batch, settings, inference_mode)
+            else:
+                results = self.training_model(batch, settings)
         return self._normalise_outputs(results, batch)
 
     def train_on(self, batch: Any, training_settings: Any = None) -> ModelOutputs:
-        """One optimisation step: zero gradients, forward, backward, step every optimizer.
+        """One optimisation step: zero gradients, forward and backward per chunk, step every optimizer once.
+
+        Sets :attr:`last_step_skipped` (True when the float16 grad scaler skipped a step on inf/nan gradients).
+
+        Args:
+            batch: A tensor, or a tuple/list/dict of tensors (with ``batch_chunk_size``, all with the same
+                first dimension, the samples).
+            training_settings: Passed to the training model as ``evaluate_settings``.
 
         Returns:
-            ModelOutputs with the loss and auxiliary results detached.
+            ModelOutputs with the loss and auxiliary results detached (see the class docstring for chunking).
+
+        Raises:
+            TypeError / ValueError: With ``batch_chunk_size``, the batch cannot be split into chunks.
         """
         self.ensure_ready()
         model = self.training_model
         if not model.training:
             model.train()
+        chunking, precision, gradient_sync = self.chunking, self.precision, self.gradient_sync
+        chunks = chunking.split(batch)
         for optimizer in self._optimizer_list:
             optimizer.zero_grad(set_to_none=True)
-        outputs = self._forward(batch, training_settings, inference_mode=False)
-        outputs.loss.backward()
-        for optimizer in self._optimizer_list:
-            optimizer.step()
-        return ModelOutputs(
-            outputs.loss.detach(), outputs.num_samples, map_tensors(outputs.auxiliary_results, torch.Tensor.detach)
-        )
+        chunk_outputs = []
+        for chunk in chunks:
+            with gradient_sync.chunk_context(chunk):
+                outputs = self._forward(chunk.data, training_settings, inference_mode=False)
+                precision.backward(chunking.weigh_loss(outputs.loss, chunk))
+            chunk_outputs.append(
+                ModelOutputs(
+                    outputs.loss.detach(),
+                    outputs.num_samples,
+                    map_tensors(outputs.auxiliary_results, torch.Tensor.detach),
+                )
+            )
+            del outputs  # free this chunk's graph references before the next chunk's forward pass
+        self.last_step_skipped = precision.step(self._optimizer_list)
+        return chunking.combine_outputs(chunk_outputs, chunks, torch.cat)
 
     def evaluate_loss(self, batch: Any, evaluate_settings: Any = None, inference_mode: bool = True) -> ModelOutputs:
-        """Evaluate the training model on ``batch`` in eval mode under ``torch.no_grad()``; the mode is restored."""
+        """Evaluate the training model on ``batch`` in eval mode under ``torch.no_grad()``; the mode is restored.
+
+        With mixed precision the forward pass runs under the same autocast as in training. Batches are not
+        chunked here; the ``MetricEvaluator`` has its own ``batch_chunk_size``.
+        """
         self.ensure_ready()
         model = self.training_model
         was_training = model.training
@@ -123,14 +217,21 @@ class DefaultTrainer(_NeutralDefaultTrainer):
                 model.train()
 
     def get_state(self) -> dict:
-        """``{"model_components": {name: state_dict}, "optimizers": {name: state_dict}}`` (live references)."""
+        """``{"model_components": {name: state_dict}, "optimizers": {name: state_dict}}`` (live references).
+
+        With float16 mixed precision also ``"grad_scaler": GradScaler.state_dict()`` (scale and growth tracker).
+        """
         return {
             "model_components": {name: module.state_dict() for name, module in self.model_components.items()},
             "optimizers": {name: optimizer.state_dict() for name, optimizer in self.optimizers.items()},
+            **self.precision.get_state(),
         }
 
     def set_state(self, state: dict) -> None:
-        """Load the state of every model component and optimizer.
+        """Load the state of every model component and optimizer, and of the grad scaler when there is one.
+
+        A ``"grad_scaler"`` state is ignored without float16 mixed precision; without one in ``state`` a
+        float16 trainer keeps its current scaler.
 
         Raises:
             ValueError: The names in ``state`` do not match this trainer's components or optimizers.
@@ -141,6 +242,7 @@ class DefaultTrainer(_NeutralDefaultTrainer):
                 raise ValueError(f"{kind} in state {sorted(given)} do not match the trainer's {sorted(objects)}")
             for name, obj in objects.items():
                 obj.load_state_dict(given[name])
+        self.precision.set_state(state)
 
     def set_learning_rate(self, learning_rate: float, optimizer_name: Optional[str] = None) -> None:
         """Set ``lr`` of every parameter group of the named optimizer, or of all optimizers."""

@@ -20,6 +20,7 @@ from typing import Any, Callable, Iterable, Mapping, NamedTuple, Optional, Seque
 
 from mlpug.distributed import DistributedContext, SerialContext
 from mlpug.logs import Deferred, MetricValues, to_number
+from mlpug.trainers.chunking import batch_chunker, sum_values, weighted_sum
 
 
 class MetricInputs(NamedTuple):
@@ -62,9 +63,14 @@ class MetricEvaluator:
         evaluate_settings: Passed to the model when evaluating.
         distributed: Distributed context used to reduce sums over ranks; default single process.
         name: Name used in messages.
+        batch_chunk_size: When given (int >= 1), ``evaluate_batch`` evaluates a batch in chunks of at most this
+            many samples (see :mod:`mlpug.trainers.chunking`), so big batches fit in memory; each metric of the
+            batch is then the mean of its chunk values weighted by their metric weights (by default the chunks'
+            number of samples), and its weight is their sum.
 
     Raises:
         TypeError: ``batch_metric_funcs`` is not a dict of str -> callable.
+        ValueError: ``batch_chunk_size`` is not None or an int >= 1.
     """
 
     def __init__(
@@ -74,7 +80,9 @@ class MetricEvaluator:
         evaluate_settings: Any = None,
         distributed: Optional[DistributedContext] = None,
         name: str = "MetricEvaluator",
+        batch_chunk_size: Optional[int] = None,
     ):
+        self._chunking = batch_chunker(batch_chunk_size)
         funcs = {"loss": loss_metric}
         if batch_metric_funcs is not None:
             if not isinstance(batch_metric_funcs, Mapping):
@@ -94,6 +102,11 @@ class MetricEvaluator:
         self.name = name
 
     @property
+    def batch_chunk_size(self) -> Optional[int]:
+        """Samples per chunk in ``evaluate_batch``, or None (whole batches)."""
+        return self._chunking.batch_chunk_size
+
+    @property
     def metric_names(self) -> list:
         return list(self.batch_metric_funcs)
 
@@ -108,11 +121,39 @@ class MetricEvaluator:
         return gathered
 
     def evaluate_batch(self, batch: Any, evaluate_settings: Any = None) -> Gathered:
-        """Evaluate the model on ``batch`` (inference mode) and gather its metrics."""
+        """Evaluate the model on ``batch`` (inference mode) and gather its metrics, chunk by chunk when
+        ``batch_chunk_size`` is set.
+
+        Raises:
+            TypeError / ValueError: With ``batch_chunk_size``, the batch cannot be split into chunks.
+        """
         if self.trainer is None:
             raise RuntimeError(f"{self.name}: evaluating batches needs a trainer; pass MetricEvaluator(trainer=...)")
         settings = self.evaluate_settings if evaluate_settings is None else evaluate_settings
-        return self.gather(batch, self.trainer.evaluate_loss(batch, settings))
+        gathered_chunks = [
+            self.gather(chunk.data, self.trainer.evaluate_loss(chunk.data, settings))
+            for chunk in self._chunking.split(batch)
+        ]
+        return self._combine_chunks(gathered_chunks)
+
+    def _combine_chunks(self, gathered_chunks: Sequence[Gathered]) -> Gathered:
+        """One batch's ``(mean_value, weight)`` per metric from its chunks': ``(sum(v*w) / sum(w), sum(w))``.
+
+        Uses the values' own arithmetic, so tensors stay on their device (no sync). A total weight of Python
+        zero gives ``(first chunk value, 0)``; backends whose weights are tensors may override this.
+        """
+        if len(gathered_chunks) == 1:
+            return gathered_chunks[0]
+        combined = {}
+        for metric_name in gathered_chunks[0]:
+            values = [gathered[metric_name][0] for gathered in gathered_chunks]
+            weights = [gathered[metric_name][1] for gathered in gathered_chunks]
+            weight_sum = sum_values(weights)
+            if isinstance(weight_sum, (int, float)) and weight_sum == 0:
+                combined[metric_name] = (values[0], weight_sum)
+            else:
+                combined[metric_name] = (weighted_sum(values, weights) / weight_sum, weight_sum)
+        return combined
 
     # ----- combine + compute -----
     def batch_values(self, gathered: Gathered) -> MetricValues:
@@ -120,8 +161,11 @@ class MetricEvaluator:
         return MetricValues({name: Deferred(_number_of(value)) for name, (value, _) in gathered.items()})
 
     def combined_values(self, gathered_batches: Sequence[Gathered]) -> MetricValues:
-        """Deferred sample-weighted means of each metric over ``gathered_batches`` (reduced over ranks)."""
-        gathered_batches = tuple(gathered_batches)
+        """Deferred sample-weighted means of each metric over ``gathered_batches`` (reduced over ranks).
+
+        ``gathered_batches`` is read when a value is first read, so it must not change afterwards
+        (pass a copy or an immutable view).
+        """
         return MetricValues(
             {name: Deferred(self._mean_over(gathered_batches, name)) for name in self.batch_metric_funcs}
         )

@@ -19,7 +19,10 @@ class MetricEvaluator(_NeutralMetricEvaluator):
         """``(sum(value * weight), sum(weight))`` with one device synchronisation for all batches."""
         if not all(isinstance(v, torch.Tensor) for v in values):
             return super()._weighted_sums(values, weights)
-        stacked = torch.stack([v.detach().reshape(()).double() for v in values])
+        try:
+            stacked = torch.stack(values).detach().double()  # one op for the usual case: 0-d tensors
+        except RuntimeError:  # mixed shapes ([] and [1]) or devices: normalise each value
+            stacked = torch.stack([v.detach().reshape(()).double().to(values[0].device) for v in values])
         if all(isinstance(w, (int, float)) for w in weights):
             weight_tensor = torch.tensor(weights, dtype=torch.float64, device=stacked.device)
         else:

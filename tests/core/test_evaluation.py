@@ -114,3 +114,22 @@ def test_logger_arguments_are_checked():
         TrainingMetricsLogger(MetricEvaluator(trainer=trainer), window_length=0)
     with pytest.raises(ValueError, match="metric_evaluator has no trainer"):
         TestMetricsLogger([[(0.0, 1.0)]], "validation", MetricEvaluator())
+
+
+def test_window_values_read_late_are_those_of_their_batch_or_an_error():
+    trainer, _ = make_trainer()
+    kept = []
+
+    class KeepLogs(RecordingCallback):
+        def on_batch_training_completed(self, training_batch, logs):
+            kept.append(logs["current"]["training"])
+
+    dataset = batches_of_sizes(1, 1, 1, 1, 1, 1, 1)
+    manager = TrainingManager(trainer, dataset, num_epochs=1, callbacks=[
+        TrainingMetricsLogger(MetricEvaluator(trainer=trainer), window_length=2), KeepLogs()])
+    manager.start_training()
+    losses = [section["batch"]["loss"] for section in kept]
+    # Batch 5's window (batches 4, 5) is still kept after batch 6; it holds its own values, not the latest.
+    assert kept[5]["window_average"]["loss"] == pytest.approx((losses[4] + losses[5]) / 2)
+    with pytest.raises(RuntimeError, match="window values of batch 1 were read more than 2 batches later"):
+        kept[1]["window_average"]["loss"]

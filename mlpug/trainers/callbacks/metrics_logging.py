@@ -6,6 +6,7 @@ They are producers: place them before the callbacks that read their values.
 from __future__ import annotations
 
 import collections
+from collections.abc import Sequence
 from typing import Any, Iterable, Optional
 
 from mlpug.evaluation import MetricEvaluator
@@ -26,20 +27,60 @@ def _check_window_length(window_length: Optional[int]) -> None:
 
 
 class _SlidingWindow:
-    """The last ``length`` gathered batches; ``values()`` are their deferred sample-weighted means."""
+    """The last ``length`` gathered batches, with O(1) work per batch.
+
+    ``append`` returns deferred sample-weighted means over the window *as it is after that batch*: the
+    values are computed when first read, from an immutable view of the window at that moment. Entries are
+    kept until ``2 * length`` have accumulated and then the oldest ``length`` are dropped, so a view stays
+    readable for at least ``length`` later batches.
+    """
 
     def __init__(self, evaluator: MetricEvaluator, length: Optional[int]):
         self.evaluator = evaluator
         self.length = length
-        self.batches: collections.deque = collections.deque(maxlen=length)
-
-    def resize(self, length: int) -> None:
-        self.length = length
-        self.batches = collections.deque(self.batches, maxlen=length)
+        self.entries: list = []
+        self.first_index = 0  # absolute batch index of entries[0]
 
     def append(self, gathered: dict) -> MetricValues:
-        self.batches.append(gathered)
-        return self.evaluator.combined_values(self.batches)
+        entries = self.entries
+        entries.append(gathered)
+        end = self.first_index + len(entries)
+        if self.length is not None and len(entries) >= 2 * self.length:
+            del entries[: len(entries) - self.length]
+            self.first_index = end - self.length
+        return self.evaluator.combined_values(_WindowView(self, end))
+
+
+class _WindowView(Sequence):
+    """The batches of a ``_SlidingWindow`` that ended at absolute index ``end`` (exclusive)."""
+
+    __slots__ = ("window", "end")
+
+    def __init__(self, window: _SlidingWindow, end: int):
+        self.window, self.end = window, end
+
+    def _range(self) -> tuple:
+        window = self.window
+        start = self.end - window.length if window.length is not None else 0
+        start = max(start, 0)
+        if start < window.first_index:
+            raise RuntimeError(
+                f"window values of batch {self.end - 1} were read more than {window.length} batches later; "
+                "they are no longer kept. Read logs values in the hook that receives them."
+            )
+        return start - window.first_index, self.end - window.first_index
+
+    def __len__(self) -> int:
+        start, end = self._range()
+        return end - start
+
+    def __getitem__(self, index):
+        start, end = self._range()
+        return self.window.entries[start:end][index]
+
+    def __iter__(self):
+        start, end = self._range()
+        return iter(self.window.entries[start:end])
 
 
 class TrainingMetricsLogger(Callback):
@@ -64,6 +105,7 @@ class TrainingMetricsLogger(Callback):
         self.metric_evaluator = metric_evaluator
         self._window = _SlidingWindow(metric_evaluator, window_length)
         self._durations: collections.deque = collections.deque(maxlen=window_length)
+        self._duration_sum = 0.0
 
     @property
     def produces(self) -> frozenset:
@@ -71,8 +113,9 @@ class TrainingMetricsLogger(Callback):
 
     def on_training_start(self, num_epochs, num_batches_per_epoch, start_epoch, start_batch, start_update_iter):
         if self._window.length is None:
-            self._window.resize(num_batches_per_epoch)
+            self._window.length = num_batches_per_epoch
             self._durations = collections.deque(self._durations, maxlen=num_batches_per_epoch)
+            self._duration_sum = sum(self._durations)
 
     def on_batch_training_completed(self, training_batch: Any, logs: dict) -> bool:
         current = logs["current"]
@@ -80,9 +123,12 @@ class TrainingMetricsLogger(Callback):
         gathered = self.metric_evaluator.gather(training_batch, dict.__getitem__(batch_logs, "raw"))
         batch_logs.update(self.metric_evaluator.batch_values(gathered))
         current["training"]["window_average"] = self._window.append(gathered)
-        durations = self._durations
-        durations.append(current["training_params"]["batch"]["duration"])
-        current["training_params"]["window_average"]["duration"] = sum(durations) / len(durations)
+        durations, duration = self._durations, current["training_params"]["batch"]["duration"]
+        if len(durations) == durations.maxlen:
+            self._duration_sum -= durations[0]
+        durations.append(duration)
+        self._duration_sum += duration
+        current["training_params"]["window_average"]["duration"] = self._duration_sum / len(durations)
         return True
 
 
@@ -142,7 +188,7 @@ class TestMetricsLogger(Callback):
 
     def on_training_start(self, num_epochs, num_batches_per_epoch, start_epoch, start_batch, start_update_iter):
         if self._window.length is None:
-            self._window.resize(num_batches_per_epoch)
+            self._window.length = num_batches_per_epoch
 
     def _dataset_logs(self, logs: dict) -> dict:
         return logs["current"].setdefault(self.dataset_name, {})

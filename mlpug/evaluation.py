@@ -18,9 +18,9 @@ from __future__ import annotations
 from functools import partial
 from typing import Any, Callable, Iterable, Mapping, NamedTuple, Optional, Sequence
 
+from mlpug.chunking import batch_chunker, sum_values, weighted_sum
 from mlpug.distributed import DistributedContext, SerialContext
 from mlpug.logs import Deferred, MetricValues, to_number
-from mlpug.trainers.chunking import batch_chunker, sum_values, weighted_sum
 
 
 class MetricInputs(NamedTuple):
@@ -64,7 +64,7 @@ class MetricEvaluator:
         distributed: Distributed context used to reduce sums over ranks; default single process.
         name: Name used in messages.
         batch_chunk_size: When given (int >= 1), ``evaluate_batch`` evaluates a batch in chunks of at most this
-            many samples (see :mod:`mlpug.trainers.chunking`), so big batches fit in memory; each metric of the
+            many samples (see :mod:`mlpug.chunking`), so big batches fit in memory; each metric of the
             batch is then the mean of its chunk values weighted by their metric weights (by default the chunks'
             number of samples), and its weight is their sum.
 

@@ -22,8 +22,8 @@ from typing import Any, Callable, Mapping, Optional
 
 import torch
 
+from mlpug.chunking import SerialGradientSync, batch_chunker
 from mlpug.pytorch.trainers.precision import FullPrecision, precision_policy
-from mlpug.trainers.chunking import SerialGradientSync, batch_chunker
 from mlpug.trainers.precision import AutocastDtype
 from mlpug.trainers.training import DefaultTrainer as _NeutralDefaultTrainer
 from mlpug.trainers.training import ModelOutputs
@@ -52,7 +52,7 @@ class DefaultTrainer(_NeutralDefaultTrainer):
             (``"model"``, ``"model_<i>"`` or the dict keys).
         device: When given, every tensor of a batch is moved to this device before the forward pass.
         batch_chunk_size: Gradient accumulation: when given (int >= 1), every batch is split into chunks of at
-            most this many samples (the last may be smaller, see :mod:`mlpug.trainers.chunking`); each chunk's
+            most this many samples (the last may be smaller, see :mod:`mlpug.chunking`); each chunk's
             loss is weighted by ``chunk_samples / batch_samples`` before its backward pass and the optimizers
             step once per batch. Peak activation memory is that of one chunk. The weights assume the loss is
             a mean over the samples (rows) of the chunk.

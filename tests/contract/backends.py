@@ -8,6 +8,7 @@ class to ``HARNESSES``; every contract test then runs on it.
 from __future__ import annotations
 
 import importlib
+import os
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -93,4 +94,87 @@ class PyTorchHarness:
         return [p.detach().numpy().copy() for p in problem.classifier.parameters()]
 
 
-HARNESSES = {"pytorch": PyTorchHarness}
+class TensorFlowHarness:
+    """The same problem with ``mlpug.tensorflow``: compiled steps (``tf.function``) fed by ``tf.data.Dataset`` s."""
+
+    name = "tensorflow"
+    eager_mode = False
+
+    def __init__(self):
+        os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+        self.tf = importlib.import_module("tensorflow")
+        self.mlp = importlib.import_module("mlpug.tensorflow")
+
+    def batches(self, features, labels, batch_size):
+        return self.tf.data.Dataset.from_tensor_slices((features, labels)).batch(batch_size)
+
+    def make_problem(self, seed=0, num_batches=4, batch_size=8, fail_at_call=None) -> Problem:
+        tf, mlp = self.tf, self.mlp
+        tf.keras.utils.set_random_seed(seed)
+        classifier = tf.keras.Sequential(
+            [
+                tf.keras.Input(shape=(NUM_FEATURES,)),
+                tf.keras.layers.Dense(16, activation="relu"),
+                tf.keras.layers.Dense(NUM_CLASSES),
+            ]
+        )
+        loss_function = tf.keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+
+        class TrainModel(tf.keras.Model):
+            def __init__(self):
+                super().__init__()
+                self.classifier = classifier
+                self.calls = 0
+
+            def call(self, batch_data, evaluate_settings, inference_mode=None):
+                # Python side effects run on every call in eager mode, but only while tracing when compiled.
+                self.calls += 1
+                if fail_at_call is not None and self.calls == fail_at_call:
+                    raise FloatingPointError("injected failure in the training step")
+                features, labels = batch_data
+                logits = self.classifier(features)
+                return {"loss": loss_function(labels, logits), "auxiliary_results": logits}
+
+        def accuracy(inputs):
+            predictions = tf.argmax(inputs.auxiliary_results, axis=1)
+            return tf.reduce_mean(tf.cast(predictions == tf.cast(inputs.batch[1], predictions.dtype), tf.float32))
+
+        # A Python exception in the model can only be raised from Python code, which a compiled step runs only
+        # while tracing: the failure scenario runs eagerly (tests/tensorflow covers failures in compiled steps).
+        eager_mode = self.eager_mode or fail_at_call is not None
+        trainer = mlp.trainers.DefaultTrainer(
+            optimizers=tf.keras.optimizers.Adam(learning_rate=0.01), model_components=classifier, eager_mode=eager_mode
+        )
+        train_model = TrainModel()
+        trainer.set_training_model(train_model)
+        features, labels = make_numpy_data(num_batches * batch_size, seed)
+        validation_features, validation_labels = make_numpy_data(3 * batch_size, seed + 1)
+        return Problem(
+            mlp,
+            trainer,
+            train_model,
+            classifier,
+            self.batches(features, labels, batch_size),
+            self.batches(validation_features, validation_labels, batch_size),
+            accuracy,
+        )
+
+    def weights(self, problem: Problem) -> list:
+        return [variable.numpy().copy() for variable in problem.classifier.weights]
+
+
+class TensorFlowEagerHarness(TensorFlowHarness):
+    """``mlpug.tensorflow`` in eager mode, fed by a plain Python list of numpy batches."""
+
+    name = "tensorflow-eager"
+    eager_mode = True
+
+    def batches(self, features, labels, batch_size):
+        return [(features[i : i + batch_size], labels[i : i + batch_size]) for i in range(0, len(features), batch_size)]
+
+
+HARNESSES = {
+    "pytorch": PyTorchHarness,
+    TensorFlowHarness.name: TensorFlowHarness,
+    TensorFlowEagerHarness.name: TensorFlowEagerHarness,
+}

@@ -1,0 +1,11 @@
+"""The TensorFlow backend: ``import mlpug.tensorflow as mlp``.
+
+``mlp.trainers`` (``TrainingManager``, ``DefaultTrainer``), ``mlp.evaluation`` (``MetricEvaluator``),
+``mlp.callbacks`` and ``mlp.logging``: the same names as every other backend. Works with TensorFlow 2.21 and
+its bundled Keras 3 (``tf.keras``).
+"""
+
+from mlpug import logging
+from mlpug.tensorflow import callbacks, evaluation, trainers
+
+__all__ = ["callbacks", "evaluation", "logging", "trainers"]

@@ -1,0 +1,36 @@
+"""TensorFlow ``MetricEvaluator``: combines metric tensors of many batches with one vectorised operation."""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import tensorflow as tf
+
+from mlpug.evaluation import MetricEvaluator as _NeutralMetricEvaluator
+from mlpug.evaluation import MetricInputs, loss_metric
+
+__all__ = ["MetricEvaluator", "MetricInputs", "loss_metric"]
+
+
+def _as_float64_scalar(value: Any) -> tf.Tensor:
+    return tf.reshape(tf.cast(value, tf.float64), [])
+
+
+class MetricEvaluator(_NeutralMetricEvaluator):
+    __doc__ = _NeutralMetricEvaluator.__doc__
+
+    def _weighted_sums(self, values: Sequence[Any], weights: Sequence[Any]) -> tuple:
+        """``(sum(value * weight), sum(weight))`` with one conversion to numpy for all batches.
+
+        Values are scalar tensors (any float dtype, e.g. bfloat16 under mixed precision) or numbers;
+        weights are ints or int/float scalar tensors. The sums are computed in float64.
+        """
+        if not any(tf.is_tensor(v) for v in values):
+            return super()._weighted_sums(values, weights)
+        stacked = tf.stack([_as_float64_scalar(v) for v in values])
+        if all(isinstance(w, (int, float)) for w in weights):
+            weight_tensor = tf.constant(weights, dtype=tf.float64)
+        else:
+            weight_tensor = tf.stack([_as_float64_scalar(w) for w in weights])
+        sums = tf.stack([tf.reduce_sum(stacked * weight_tensor), tf.reduce_sum(weight_tensor)]).numpy()
+        return float(sums[0]), float(sums[1])

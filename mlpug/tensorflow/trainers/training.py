@@ -1,0 +1,479 @@
+"""TensorFlow ``DefaultTrainer``: one optimisation step (eager or ``tf.function``), evaluation, and state.
+
+The step: forward pass of the training model under a ``tf.GradientTape``, gradients of the loss with respect
+to the trainable variables, and ``apply_gradients`` of every (Keras 3) optimizer on its own variables.
+Model and optimizer state travel as numpy arrays in plain containers, through public Keras APIs only.
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+from typing import Any, Callable, Mapping, Optional, Sequence, Union
+
+import numpy as np
+import tensorflow as tf
+
+from mlpug.tensorflow.trainers.compilation import (
+    CompiledStep,
+    EagerStep,
+    check_batch_signature,
+    validate_signature,
+)
+from mlpug.trainers.training import DefaultTrainer as _NeutralDefaultTrainer
+from mlpug.trainers.training import ModelOutputs
+
+_log = logging.getLogger("mlpug.tensorflow.DefaultTrainer")
+
+TrainableVariables = Union[
+    Sequence[Any], Mapping[str, Union[Sequence[Any], tf.keras.layers.Layer, Callable[[], Sequence[Any]]]], Callable
+]
+
+
+def _type_name(value: Any) -> str:
+    return f"{type(value).__module__}.{type(value).__qualname__}"
+
+
+def _check_optimizers(optimizers: Any) -> None:
+    items = optimizers.values() if isinstance(optimizers, Mapping) else optimizers
+    items = items if isinstance(items, (list, tuple)) or isinstance(optimizers, Mapping) else [optimizers]
+    for optimizer in items:
+        if not isinstance(optimizer, tf.keras.optimizers.Optimizer):
+            raise TypeError(
+                "optimizers must be Keras 3 optimizers (tf.keras.optimizers.Optimizer, e.g. tf.keras.optimizers.Adam()),"
+                f" a list or a dict of them; got a {_type_name(optimizer)}: {optimizer!r:.200}"
+            )
+
+
+def _is_built(layer: Any) -> bool:
+    return bool(getattr(layer, "built", True))
+
+
+class DefaultTrainer(_NeutralDefaultTrainer):
+    """Trains a Keras training model with ``tf.GradientTape``, eagerly or compiled with ``tf.function``.
+
+    Args:
+        optimizers: A Keras 3 optimizer (``tf.keras.optimizers.Optimizer``), a list or a dict of them. Names
+            (``"optimizer"``, ``"optimizer_<i>"`` or the dict keys) are the keys of their state in checkpoints.
+        model_components: A Keras layer/model, a list or a dict of them: the parts whose weights are saved
+            (``"model"``, ``"model_<i>"`` or the dict keys).
+        eager_mode: True runs the step eagerly (easy to debug, slower); False (default) compiles the training
+            and evaluation steps with ``tf.function``.
+        batch_data_signature: Nested ``tf.TensorSpec`` s of a batch, e.g.
+            ``(tf.TensorSpec((None, 28, 28), tf.float64), tf.TensorSpec((None,), tf.uint8))``: the compiled
+            steps are traced once for it, and a batch that does not match raises a clear ``ValueError``. Without
+            it, the steps are traced with ``reduce_retracing`` (one extra trace for a differently sized batch,
+            reported in a debug log line).
+        training_settings_signature: Nested ``tf.TensorSpec`` s of the training settings; without it the
+            training settings are a Python constant of the trace.
+        distribution_strategy: Must be None; ``tf.distribute`` strategies are planned (data parallelism issue).
+        trainable_variables: Which variables each optimizer updates. Default: the trainable variables of all
+            model components (one optimizer), or, with several optimizers named like model components, those
+            of the component with the optimizer's name. Otherwise a dict optimizer name -> list of variables,
+            a Keras layer (its trainable variables) or a callable returning a list; or a callable returning
+            such a dict (or a list, for one optimizer). Callables are called once the model is built.
+
+    The training model, set with :meth:`set_training_model`, is a ``tf.keras.Model`` (or layer) whose
+    ``call(batch_data, evaluate_settings, inference_mode=None)`` returns the loss (see
+    :class:`mlpug.trainers.training.DefaultTrainer` for the accepted return forms). It is called as
+    ``model(batch, evaluate_settings=..., inference_mode=..., training=not inference_mode)`` (Keras 3
+    only accepts tensors as positional arguments), so that Keras layers such as ``Dropout`` see ``training``.
+
+    Unbuilt models are built before the first step by one eager forward pass (inference mode) on the first
+    batch, and unbuilt optimizers with ``optimizer.build(variables)``, so that no variable is created inside a
+    compiled step.
+
+    Raises:
+        TypeError: An optimizer is not a Keras 3 optimizer, a model component is not a Keras layer, a signature
+            is not made of ``tf.TensorSpec`` s, ``eager_mode`` is not a bool or ``trainable_variables`` has the
+            wrong form.
+        ValueError: Several optimizers without a way to tell their variables apart.
+        NotImplementedError: A ``distribution_strategy`` was given.
+    """
+
+    optimizer_type = tf.keras.optimizers.Optimizer
+    model_component_type = tf.keras.layers.Layer
+
+    def __init__(
+        self,
+        optimizers: Any,
+        model_components: Any,
+        eager_mode: bool = False,
+        batch_data_signature: Any = None,
+        training_settings_signature: Any = None,
+        distribution_strategy: Any = None,
+        trainable_variables: Optional[TrainableVariables] = None,
+    ):
+        _check_optimizers(optimizers)
+        super().__init__(optimizers, model_components)
+        if not isinstance(eager_mode, bool):
+            raise TypeError(f"eager_mode must be a bool, got {eager_mode!r:.100}")
+        if distribution_strategy is not None:
+            raise NotImplementedError(
+                f"distribution_strategy={distribution_strategy!r:.100}: tf.distribute data parallelism is planned "
+                "(see ROADMAP.md, data parallelism) but not supported yet; pass distribution_strategy=None"
+            )
+        validate_signature(batch_data_signature, "batch_data_signature")
+        validate_signature(training_settings_signature, "training_settings_signature")
+        if training_settings_signature is not None and batch_data_signature is None:
+            raise ValueError("training_settings_signature needs batch_data_signature as well; give both or neither")
+        self._check_trainable_variables_spec(trainable_variables)
+
+        self.eager_mode = eager_mode
+        self.batch_data_signature = batch_data_signature
+        self.training_settings_signature = training_settings_signature
+        self.trainable_variables_spec = trainable_variables
+        self._optimizer_list = list(self.optimizers.values())
+        self._settings_arg = "evaluate_settings"
+        self._inference_arg: Optional[str] = "inference_mode"
+        self._variables: Optional[dict] = None  # optimizer name -> list of variables
+        self._flat_variables: list = []
+        self._pending_state: Optional[dict] = None
+        self._prepared = False
+        if eager_mode:
+            self._train_step = EagerStep(self._train_step_function, "train step")
+        else:
+            self._train_step = CompiledStep(
+                self._train_step_function, "train step", batch_data_signature, training_settings_signature
+            )
+        self._evaluate_steps: dict = {}
+
+    # ----- set-up -----
+    def _check_trainable_variables_spec(self, spec: Any) -> None:
+        if spec is None:
+            if len(self.optimizers) > 1 and not set(self.optimizers) <= set(self.model_components):
+                raise ValueError(
+                    f"With several optimizers ({sorted(self.optimizers)}), give trainable_variables as a dict "
+                    "optimizer name -> variables (or a callable returning it), or name each optimizer like the "
+                    f"model component it trains (model components: {sorted(self.model_components)})"
+                )
+            return
+        if isinstance(spec, Mapping):
+            if set(spec) != set(self.optimizers):
+                raise ValueError(
+                    f"trainable_variables keys {sorted(map(str, spec))} must be the optimizer names "
+                    f"{sorted(self.optimizers)}"
+                )
+            for name, value in spec.items():
+                if not (callable(value) or isinstance(value, (list, tuple, tf.keras.layers.Layer))):
+                    raise TypeError(
+                        f"trainable_variables[{name!r}] must be a list of variables, a Keras layer or a callable "
+                        f"returning a list; got a {_type_name(value)}"
+                    )
+        elif isinstance(spec, (list, tuple)):
+            if len(self.optimizers) > 1:
+                raise ValueError(
+                    "trainable_variables is a list, but there are several optimizers "
+                    f"({sorted(self.optimizers)}); give a dict optimizer name -> variables"
+                )
+        elif not callable(spec):
+            raise TypeError(
+                "trainable_variables must be None, a list of variables, a dict optimizer name -> variables or a "
+                f"callable returning one of those; got a {_type_name(spec)}"
+            )
+
+    def set_training_model(self, training_model: tf.keras.layers.Layer) -> None:
+        """Set the model that returns the loss for a batch.
+
+        Raises:
+            TypeError: ``training_model`` is not a Keras layer/model, or its ``call`` does not take
+                ``(batch_data, evaluate_settings[, inference_mode])`` as named parameters.
+        """
+        if not isinstance(training_model, tf.keras.layers.Layer):
+            raise TypeError(
+                "training_model must be a tf.keras.Model whose call(batch_data, evaluate_settings, "
+                f"inference_mode=None) returns the loss; got a {_type_name(training_model)}"
+            )
+        name = type(training_model).__qualname__
+        parameters = [
+            p
+            for p in inspect.signature(training_model.call).parameters.values()
+            if p.name != "training" and p.kind not in (p.VAR_KEYWORD,)
+        ]
+        expected = "call(self, batch_data, evaluate_settings, inference_mode=None)"
+        if any(p.kind in (p.VAR_POSITIONAL, p.POSITIONAL_ONLY) for p in parameters):
+            raise TypeError(
+                f"{name}.call must name its parameters, as in {expected} (Keras 3 accepts only tensors as positional "
+                f"arguments, so mlpug passes evaluate_settings and inference_mode by name); it has "
+                f"({', '.join(str(p) for p in parameters)})"
+            )
+        positional = [p for p in parameters if p.kind is p.POSITIONAL_OR_KEYWORD]
+        if len(positional) < 2:
+            raise TypeError(
+                f"{name}.call must accept (batch_data, evaluate_settings, inference_mode=None), as in {expected}; "
+                f"it accepts ({', '.join(p.name for p in positional)})"
+            )
+        self._settings_arg = positional[1].name
+        self._inference_arg = positional[2].name if len(positional) >= 3 else None
+        self.training_model = training_model
+
+    def _resolve_variables(self) -> dict:
+        """Optimizer name -> list of the variables it updates (called once the model components are built)."""
+        spec = self.trainable_variables_spec
+        if spec is None:
+            if len(self.optimizers) == 1:
+                variables = []
+                for component in self.model_components.values():
+                    variables.extend(component.trainable_variables)
+                spec = {next(iter(self.optimizers)): variables}
+            else:
+                spec = {name: self.model_components[name] for name in self.optimizers}
+        elif callable(spec) and not isinstance(spec, (Mapping, tf.keras.layers.Layer)):
+            spec = spec()
+        if not isinstance(spec, Mapping):
+            if len(self.optimizers) > 1:
+                raise ValueError(
+                    f"trainable_variables returned a {_type_name(spec)}; with several optimizers it must return a "
+                    f"dict optimizer name -> variables for {sorted(self.optimizers)}"
+                )
+            spec = {next(iter(self.optimizers)): spec}
+        resolved, owner = {}, {}
+        for name in self.optimizers:
+            if name not in spec:
+                raise ValueError(f"trainable_variables has no variables for optimizer {name!r} (keys: {sorted(spec)})")
+            value = spec[name]
+            if isinstance(value, tf.keras.layers.Layer):
+                value = value.trainable_variables
+            elif callable(value):
+                value = value()
+            variables = _unique(list(value))
+            if not variables:
+                raise ValueError(
+                    f"optimizer {name!r} has no trainable variables to update; check trainable_variables and that "
+                    "the model components have trainable weights"
+                )
+            for variable in variables:
+                if not (hasattr(variable, "assign") and hasattr(variable, "shape")):
+                    raise TypeError(
+                        f"trainable_variables for optimizer {name!r} contains a {_type_name(variable)}, not a variable"
+                    )
+                if id(variable) in owner:
+                    raise ValueError(
+                        f"variable {getattr(variable, 'path', variable.name)!r} is updated by two optimizers, "
+                        f"{owner[id(variable)]!r} and {name!r}; give every variable to one optimizer"
+                    )
+                owner[id(variable)] = name
+            resolved[name] = variables
+        return resolved
+
+    def _build(self, batch: Any = None, settings: Any = None) -> bool:
+        """Build model components, resolve the variables and build the optimizers; apply a pending state.
+
+        Args:
+            batch: A batch for an eager forward pass in inference mode, used when a model component is not
+                built yet; without it, a batch of zeros made from ``batch_data_signature`` is used when given.
+
+        Returns:
+            True when everything is built (and the trainer can take and give state), False when it cannot be
+            built yet (unbuilt components, no batch and no signature).
+        """
+        if self._prepared:
+            return True
+        if not all(_is_built(component) for component in self.model_components.values()):
+            if batch is None and self.batch_data_signature is not None:
+                batch = tf.nest.map_structure(
+                    lambda spec: tf.zeros([d if d is not None else 1 for d in spec.shape], spec.dtype),
+                    self.batch_data_signature,
+                )
+            if batch is None or self.training_model is None:
+                return False
+            _log.debug("Building the model components with an eager forward pass (inference mode)")
+            self._forward(batch, settings, inference_mode=True)
+        self._variables = self._resolve_variables()
+        self._flat_variables = [v for variables in self._variables.values() for v in variables]
+        for name, optimizer in self.optimizers.items():
+            if not optimizer.built:
+                optimizer.build(self._variables[name])
+        self._prepared = True
+        if self._pending_state is not None:
+            state, self._pending_state = self._pending_state, None
+            self._load_state(state)
+        return True
+
+    # ----- the step -----
+    def _forward(self, batch: Any, settings: Any, inference_mode: bool) -> ModelOutputs:
+        kwargs = {self._settings_arg: settings}
+        if self._inference_arg is not None:
+            kwargs[self._inference_arg] = inference_mode
+        results = self.training_model(batch, training=not inference_mode, **kwargs)
+        return self._normalise_outputs(results, batch)
+
+    def _is_scalar_loss(self, loss: Any) -> bool:
+        return tf.is_tensor(loss) and loss.shape.num_elements() == 1
+
+    def _infer_num_samples(self, batch: Any) -> Any:
+        """Leading dimension of the first tensor/array in ``batch``: an int when static, else ``tf.shape(x)[0]``."""
+        first = batch
+        while True:
+            if isinstance(first, Mapping):
+                first = next(iter(first.values()))
+            elif isinstance(first, (list, tuple)):
+                first = first[0]
+            else:
+                break
+        shape = getattr(first, "shape", None)
+        if shape is None:
+            return len(first)
+        if len(shape) == 0:
+            raise ValueError(
+                "Cannot infer the number of samples from a batch whose first item is a scalar; return "
+                "num_samples from the training model"
+            )
+        return shape[0] if shape[0] is not None else tf.shape(first)[0]
+
+    def _train_step_function(self, batch: Any, training_settings: Any) -> tuple:
+        """Forward, backward and optimizer step; traced by ``tf.function`` unless in eager mode."""
+        with tf.GradientTape() as tape:
+            outputs = self._forward(batch, training_settings, inference_mode=False)
+            loss = tf.reshape(outputs.loss, [])
+        gradients = tape.gradient(loss, self._flat_variables)
+        self._apply_gradients(gradients)
+        return loss, outputs.num_samples, outputs.auxiliary_results
+
+    def _apply_gradients(self, gradients: Sequence[Any]) -> None:
+        start = 0
+        for name, optimizer in self.optimizers.items():
+            variables = self._variables[name]
+            optimizer.apply_gradients(zip(gradients[start : start + len(variables)], variables))
+            start += len(variables)
+
+    def _evaluate_step_function(self, batch: Any, evaluate_settings: Any, inference_mode: bool) -> tuple:
+        outputs = self._forward(batch, evaluate_settings, inference_mode=inference_mode)
+        return tf.reshape(outputs.loss, []), outputs.num_samples, outputs.auxiliary_results
+
+    def train_on(self, batch: Any, training_settings: Any = None) -> ModelOutputs:
+        """One optimisation step on ``batch`` (a tensor, numpy array, or tuple/list/dict of them).
+
+        Returns:
+            ModelOutputs: the loss (scalar tensor), ``num_samples`` (int or scalar int tensor) and the
+            auxiliary results (tensors), as the training model returned them.
+
+        Raises:
+            ValueError: The batch does not match ``batch_data_signature`` (checked on the first batch, and
+                whenever the compiled step rejects a batch).
+        """
+        self.ensure_ready()
+        if not self._prepared:
+            check_batch_signature(batch, self.batch_data_signature)
+            self._build(batch, training_settings)
+        loss, num_samples, auxiliary_results = self._train_step(batch, training_settings)
+        return ModelOutputs(loss, num_samples, auxiliary_results)
+
+    def evaluate_loss(self, batch: Any, evaluate_settings: Any = None, inference_mode: bool = True) -> ModelOutputs:
+        """Evaluate the training model on ``batch`` without gradients (``training=False`` when ``inference_mode``).
+
+        Compiled like the training step unless in eager mode (one trace per value of ``inference_mode``).
+        """
+        self.ensure_ready()
+        inference_mode = bool(inference_mode)
+        step = self._evaluate_steps.get(inference_mode)
+        if step is None:
+
+            def evaluate(batch: Any, settings: Any, _mode: bool = inference_mode) -> tuple:
+                return self._evaluate_step_function(batch, settings, _mode)
+
+            name = f"evaluation step (inference_mode={inference_mode})"
+            step = (
+                EagerStep(evaluate, name)
+                if self.eager_mode
+                else CompiledStep(evaluate, name, self.batch_data_signature)
+            )
+            self._evaluate_steps[inference_mode] = step
+        if not self._prepared:
+            self._build(batch, evaluate_settings)
+        loss, num_samples, auxiliary_results = step(batch, evaluate_settings)
+        return ModelOutputs(loss, num_samples, auxiliary_results)
+
+    # ----- state -----
+    def get_state(self) -> dict:
+        """Weights and optimizer variables as numpy arrays (copies) in plain containers.
+
+        Returns:
+            ``{"model_components": {name: [np.ndarray, ...]}, "optimizers": {name: [np.ndarray, ...]}}``: per
+            component its ``get_weights()`` (trainable and non-trainable, in Keras' order); per optimizer the
+            values of ``optimizer.variables`` (iteration count, learning rate, slots, in creation order). When
+            the trainer cannot be built yet (see :meth:`_build`), a state given to :meth:`set_state` and not
+            applied yet is returned, else what exists so far.
+        """
+        self._build()
+        if self._pending_state is not None:
+            return self._pending_state
+        return {
+            "model_components": {name: component.get_weights() for name, component in self.model_components.items()},
+            "optimizers": {
+                name: [np.array(variable.numpy()) for variable in optimizer.variables]
+                for name, optimizer in self.optimizers.items()
+            },
+        }
+
+    def set_state(self, state: dict) -> None:
+        """Restore what :meth:`get_state` returned.
+
+        Unbuilt model components are built first (from ``batch_data_signature`` when given); when they cannot be
+        built without data, the state is kept and applied right after building, before the first update.
+
+        Raises:
+            ValueError: Names, numbers of arrays or shapes in ``state`` do not match the trainer's.
+        """
+        for kind, objects in (("model_components", self.model_components), ("optimizers", self.optimizers)):
+            given = state.get(kind, {}) if isinstance(state, Mapping) else None
+            if given is None or set(given) != set(objects):
+                raise ValueError(
+                    f"{kind} in state {sorted(given) if given is not None else state!r:.200} do not match the "
+                    f"trainer's {sorted(objects)}"
+                )
+        if self._build():
+            self._load_state(state)
+        else:
+            _log.debug("Model not built yet: the state is applied when it is built (before the first update)")
+            self._pending_state = state
+
+    def _load_state(self, state: dict) -> None:
+        for name, component in self.model_components.items():
+            weights = state["model_components"][name]
+            _check_arrays(f"model component {name!r}", component.weights, weights)
+            component.set_weights(weights)
+        for name, optimizer in self.optimizers.items():
+            values = state["optimizers"][name]
+            _check_arrays(f"optimizer {name!r}", optimizer.variables, values)
+            for variable, value in zip(optimizer.variables, values):
+                variable.assign(value)
+
+    # ----- learning rate -----
+    def set_learning_rate(self, learning_rate: float, optimizer_name: Optional[str] = None) -> None:
+        """Set the learning rate of the named optimizer, or of all optimizers.
+
+        Raises:
+            ValueError: Unknown ``optimizer_name``.
+            TypeError: The optimizer was created with a learning rate schedule (Keras cannot set it then).
+        """
+        if optimizer_name is not None and optimizer_name not in self.optimizers:
+            raise ValueError(f"optimizer_name {optimizer_name!r} unknown; optimizers: {sorted(self.optimizers)}")
+        optimizers = [self.optimizers[optimizer_name]] if optimizer_name else self._optimizer_list
+        for optimizer in optimizers:
+            optimizer.learning_rate = learning_rate
+
+    def get_learning_rate(self, optimizer_name: Optional[str] = None) -> Optional[float]:
+        """Current learning rate of the named (default: first) optimizer, as a float (schedules evaluated)."""
+        optimizer = self.optimizers[optimizer_name] if optimizer_name else self._optimizer_list[0]
+        return float(optimizer.learning_rate)
+
+
+def _unique(variables: list) -> list:
+    seen, unique = set(), []
+    for variable in variables:
+        if id(variable) not in seen:
+            seen.add(id(variable))
+            unique.append(variable)
+    return unique
+
+
+def _check_arrays(what: str, variables: Sequence[Any], values: Sequence[Any]) -> None:
+    if len(values) != len(variables):
+        raise ValueError(f"state of {what} has {len(values)} arrays, but it has {len(variables)} variables")
+    for index, (variable, value) in enumerate(zip(variables, values)):
+        if tuple(np.shape(value)) != tuple(variable.shape):
+            raise ValueError(
+                f"state of {what}: array {index} has shape {tuple(np.shape(value))}, but variable "
+                f"{getattr(variable, 'path', index)!r} has shape {tuple(variable.shape)}"
+            )

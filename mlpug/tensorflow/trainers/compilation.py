@@ -181,7 +181,7 @@ class CompiledStep:
             if self._function is None:
                 return self._for_settings(settings)(batch)
             return self._function(batch, settings)
-        except (TypeError, ValueError) as error:
+        except (TypeError, ValueError):
             if self.batch_data_signature is not None and signature_mismatch(batch, self.batch_data_signature):
                 check_batch_signature(batch, self.batch_data_signature)  # raises the clear error
             raise

@@ -40,8 +40,9 @@ def _check_optimizers(optimizers: Any) -> None:
     for optimizer in items:
         if not isinstance(optimizer, tf.keras.optimizers.Optimizer):
             raise TypeError(
-                "optimizers must be Keras 3 optimizers (tf.keras.optimizers.Optimizer, e.g. tf.keras.optimizers.Adam()),"
-                f" a list or a dict of them; got a {_type_name(optimizer)}: {optimizer!r:.200}"
+                "optimizers must be Keras 3 optimizers (tf.keras.optimizers.Optimizer, e.g. "
+                "tf.keras.optimizers.Adam()), a list or a dict of them; "
+                f"got a {_type_name(optimizer)}: {optimizer!r:.200}"
             )
 
 

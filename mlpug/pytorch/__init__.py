@@ -5,6 +5,16 @@
 """
 
 from mlpug import logging
-from mlpug.pytorch import callbacks, evaluation, trainers
+from mlpug.pytorch import callbacks, checkpointing, data, evaluation, trainers
+from mlpug.pytorch.checkpointing import load_model_checkpoint, load_training_checkpoint
 
-__all__ = ["callbacks", "evaluation", "logging", "trainers"]
+__all__ = [
+    "callbacks",
+    "checkpointing",
+    "data",
+    "evaluation",
+    "load_model_checkpoint",
+    "load_training_checkpoint",
+    "logging",
+    "trainers",
+]

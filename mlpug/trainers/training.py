@@ -29,13 +29,16 @@ and the end hooks run (a CheckpointManager saves a training checkpoint there); t
 from __future__ import annotations
 
 import logging
+import os
 import signal
 import threading
 import time
 from abc import ABC, abstractmethod
 from functools import partial
-from typing import Any, Iterable, Mapping, NamedTuple, Optional, Sequence
+from typing import Any, Iterable, Mapping, NamedTuple, Optional, Sequence, Union
 
+from mlpug import checkpointing
+from mlpug import data as data_module
 from mlpug import logs as logs_module
 from mlpug.distributed import DistributedContext, SerialContext
 from mlpug.logs import Deferred, MetricValues, to_number
@@ -262,9 +265,14 @@ class TrainingManager:
         distributed: Distributed context; default the single-process :class:`SerialContext`.
         handle_signals: Install SIGINT/SIGTERM handlers during training (main thread only).
         name: Name used in log messages.
+        resume_from: Continue a run from a training checkpoint: its path, ``"latest"`` (the training checkpoint
+            of the ``CheckpointManager`` in ``callbacks``) or a loaded checkpoint
+            (``mlp.load_training_checkpoint(path)``). It is loaded and applied (:meth:`set_state`) when
+            :meth:`start_training` begins, before any hook runs.
 
     Raises:
-        TypeError / ValueError: At construction, for a bad trainer, dataset, epoch/batch count or callback.
+        TypeError / ValueError: At construction, for a bad trainer, dataset, epoch/batch count or callback, or a
+            ``resume_from`` that names no existing file or needs a ``CheckpointManager`` that is not there.
     """
 
     def __init__(
@@ -279,6 +287,7 @@ class TrainingManager:
         distributed: Optional[DistributedContext] = None,
         handle_signals: bool = True,
         name: str = "TrainingManager",
+        resume_from: Union[str, os.PathLike, Mapping, None] = None,
     ):
         if not isinstance(trainer, Trainer):
             raise TypeError(
@@ -331,6 +340,13 @@ class TrainingManager:
 
         self._stop_requested = False
         self._received_signal: Optional[int] = None
+        self._epoch_end_dispatched = False  # get_state() then reports the next epoch
+        self._pending_random_state: Optional[dict] = None  # restored where it was captured (see _train)
+        self._resume_from = resume_from
+        if resume_from is not None:
+            from mlpug.trainers.callbacks.checkpoint_manager import check_resume_from
+
+            check_resume_from(self, resume_from)
         self._hooks = self._build_dispatch_table()
         self._warn_on_callback_order()
         for callback in self.callbacks:
@@ -342,33 +358,70 @@ class TrainingManager:
         self._stop_requested = True
 
     def get_state(self) -> dict:
-        """Counters, best logs and every callback's state, as plain containers."""
+        """Everything needed to continue training: the content of a training checkpoint.
+
+        Returns:
+            Plain containers and the backend's arrays (live references, not copies): ``epoch`` and
+            ``batch_step`` (the next batch to train; inside ``on_epoch_completed`` already the next epoch),
+            ``global_iter``, ``num_epochs``, ``num_batches_per_epoch``, ``best`` (plain logs), ``callbacks``
+            (state per callback name), ``trainer`` (``trainer.get_state()``: model components, optimizers and
+            whatever else the trainer holds), ``data`` (the order of a resumable training dataset, see
+            :mod:`mlpug.data`) and ``random`` (the states of the registered random number generators, see
+            :func:`mlpug.checkpointing.get_random_state`).
+        """
+        epoch, batch_step = (self.epoch + 1, 0) if self._epoch_end_dispatched else (self.epoch, self.batch_step)
         return {
-            "epoch": self.epoch,
-            "batch_step": self.batch_step,
+            "epoch": epoch,
+            "batch_step": batch_step,
             "global_iter": self.global_iter,
             "num_epochs": self.num_epochs,
             "num_batches_per_epoch": self.num_batches_per_epoch,
             "best": logs_module.resolve(self.logs["best"]),
             "callbacks": {callback.name: callback.get_state() for callback in self.callbacks},
+            "trainer": self.trainer.get_state(),
+            "data": data_module.get_data_state(self.training_dataset),
+            "random": checkpointing.get_random_state(),
         }
 
     def set_state(self, state: dict) -> None:
-        """Restore counters and callback states so that :meth:`start_training` continues where they left off.
+        """Restore what :meth:`get_state` returned, so that :meth:`start_training` continues exactly there.
+
+        Counters, best logs, callback states and the trainer state are set at once; the random generator
+        states are set when training resumes, at the point of the loop where they were captured. The parts
+        ``trainer``, ``data`` and ``random`` are optional (older or partial states).
 
         Raises:
-            ValueError: A callback state in ``state`` has no callback of that name, or vice versa.
+            ValueError: Naming the checkpoint file when known: callback names differ, the number of batches per
+                epoch or the data order differs, or the trainer state does not fit the model components /
+                optimizers (e.g. another layer shape).
         """
+        source = (state.get("mlpug") or {}).get("path", "the training state")
         missing = sorted(set(state.get("callbacks", {})) ^ {c.name for c in self.callbacks})
         if missing:
             raise ValueError(
-                f"manager state does not match the callbacks: {missing} present on only one side "
+                f"{source} does not match the callbacks: {missing} present on only one side "
                 f"(state has {sorted(state.get('callbacks', {}))}, manager has {[c.name for c in self.callbacks]})"
             )
+        if state.get("num_batches_per_epoch", self.num_batches_per_epoch) != self.num_batches_per_epoch:
+            raise ValueError(
+                f"{source} was saved with num_batches_per_epoch={state['num_batches_per_epoch']}, this manager has "
+                f"{self.num_batches_per_epoch}; the saved batch position would mean another place in the data"
+            )
+        data_module.check_data_state(self.training_dataset, state.get("data") or {}, str(source))
+        if "trainer" in state:
+            try:
+                self.trainer.set_state(state["trainer"])
+            except Exception as error:
+                raise ValueError(
+                    f"{source}: the saved trainer state does not fit this trainer's model components / "
+                    f"optimizers: {type(error).__name__}: {error}"
+                ) from error
         self.epoch, self.batch_step, self.global_iter = state["epoch"], state["batch_step"], state["global_iter"]
+        self._epoch_end_dispatched = False
         self.logs["best"] = state.get("best", {})
         for callback in self.callbacks:
             callback.set_state(state["callbacks"][callback.name])
+        self._pending_random_state = state.get("random")
 
     def start_training(self) -> None:
         """Train from the current counters to ``num_epochs`` (see the module docstring for the life cycle).
@@ -379,6 +432,11 @@ class TrainingManager:
             KeyboardInterrupt / SystemExit: After a clean end caused by SIGINT / SIGTERM.
         """
         self.trainer.ensure_ready()
+        if self._resume_from is not None:
+            from mlpug.trainers.callbacks.checkpoint_manager import load_training_state
+
+            resume_from, self._resume_from = self._resume_from, None
+            self.set_state(load_training_state(self, resume_from))
         self._stop_requested, self._received_signal = False, None
         stopped_on_error = False
         previous_handlers = self._install_signal_handlers()
@@ -414,17 +472,24 @@ class TrainingManager:
             epoch_start_time = time.perf_counter()
             logs["current"] = logs_module.new_current(epoch, self.batch_step, self.global_iter)
             self._dispatch("on_epoch_start", logs)
-            data = iter(self.training_dataset)
+            # A resumed run restores the random states where they were captured: at an epoch start before the
+            # data iterator is created (creating it may draw random numbers), mid-epoch after it.
+            if self._pending_random_state is not None and self.batch_step == 0:
+                self._restore_random_state()
+            data = data_module.epoch_iterator(self.training_dataset, epoch, self.batch_step)
+            if self._pending_random_state is not None:
+                self._restore_random_state()
             epoch_completed = self._train_epoch(data, logs)
             if not epoch_completed:
                 return
             params = logs["current"]["training_params"]["epoch"]
             params["duration"] = time.perf_counter() - epoch_start_time
             params["lr"] = Deferred(self.trainer.get_learning_rate)
+            self._epoch_end_dispatched = True
             self._dispatch("on_epoch_completed", logs)
-            self.batch_step = 0
+            self._epoch_end_dispatched = False
+            self.epoch, self.batch_step = epoch + 1, 0
             if self._should_stop():
-                self.epoch = epoch + 1
                 return
         self.epoch = self.num_epochs
 
@@ -468,6 +533,10 @@ class TrainingManager:
             if completed_hooks:
                 self._call(completed_hooks, "on_batch_training_completed", batch, logs)
         return True
+
+    def _restore_random_state(self) -> None:
+        state, self._pending_random_state = self._pending_random_state, None
+        checkpointing.set_random_state(state)
 
     def _should_stop(self) -> bool:
         return self._stop_requested or self._received_signal is not None

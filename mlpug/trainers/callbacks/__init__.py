@@ -1,7 +1,8 @@
 """Neutral callbacks. Backends re-export these (and add their own) as ``mlp.callbacks``."""
 
 from mlpug.trainers.callbacks.callback import HOOKS, Callback
+from mlpug.trainers.callbacks.checkpoint_manager import CheckpointManager
 from mlpug.trainers.callbacks.log_progress import LogProgress
 from mlpug.trainers.callbacks.metrics_logging import TestMetricsLogger, TrainingMetricsLogger
 
-__all__ = ["HOOKS", "Callback", "LogProgress", "TestMetricsLogger", "TrainingMetricsLogger"]
+__all__ = ["HOOKS", "Callback", "CheckpointManager", "LogProgress", "TestMetricsLogger", "TrainingMetricsLogger"]

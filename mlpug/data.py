@@ -1,0 +1,248 @@
+"""Resumable data order: batches whose order depends only on a seed and the epoch, startable at any batch.
+
+Exact resume needs the data of the remaining batches of an epoch without replaying the batches before them.
+:class:`ResumableBatchSampler` draws the permutation of an epoch from ``(seed, epoch)`` alone (NumPy's
+``default_rng([seed, epoch])``, a PCG64 stream seeded through ``SeedSequence``), so a new process computes
+the same order and starts at a batch position by slicing it. The ``TrainingManager`` drives the protocol
+through :func:`epoch_iterator` every epoch:
+
+* an object is *resumable* when it has ``set_epoch(epoch)``, ``set_start(batch_step)`` and ``get_state()``;
+  the training dataset itself, or its ``batch_sampler`` attribute (a ``torch.utils.data.DataLoader`` built
+  with ``batch_sampler=``), may be it;
+* other iterables start at a position by skipping batches (iterating and dropping them), with a warning
+  that says so: exact only when the iterable yields the same order on every pass.
+
+Backends adapt these classes (``mlpug.pytorch.data``, ``mlpug.tensorflow.data``).
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+from typing import Any, Iterable, Iterator, Optional, Sequence
+
+import numpy as np
+
+_log = logging.getLogger("mlpug.data")
+
+
+def _check_int(value: Any, name: str, minimum: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
+        raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}")
+
+
+class ResumableBatchSampler:
+    """Batches of sample indices, shuffled per epoch from ``(seed, epoch)`` only, startable at any batch.
+
+    Iterating yields lists of ``batch_size`` int indices into a map-style dataset of ``num_samples`` samples
+    (the last batch is smaller unless ``drop_last``). The order of epoch ``e`` is
+    ``numpy.random.default_rng([seed, e]).permutation(num_samples)`` (or ``range(num_samples)`` without
+    shuffling); it does not depend on any global random state or on how many epochs ran before, so a
+    resumed process reproduces it exactly.
+
+    Args:
+        num_samples: Number of samples in the dataset (>= 1).
+        batch_size: Samples per batch (>= 1).
+        shuffle: Shuffle the samples every epoch.
+        seed: Seed of the per-epoch permutations (int >= 0).
+        drop_last: Drop the last batch of an epoch when it is smaller than ``batch_size``.
+
+    Raises:
+        ValueError: A count or the seed is not a valid int, or ``drop_last`` leaves no batch.
+    """
+
+    def __init__(self, num_samples: int, batch_size: int, shuffle: bool = True, seed: int = 0, drop_last: bool = False):
+        _check_int(num_samples, "num_samples", 1)
+        _check_int(batch_size, "batch_size", 1)
+        _check_int(seed, "seed", 0)
+        if drop_last and batch_size > num_samples:
+            raise ValueError(f"drop_last=True with batch_size {batch_size} > num_samples {num_samples} leaves no batch")
+        self.num_samples = int(num_samples)
+        self.batch_size = int(batch_size)
+        self.shuffle = bool(shuffle)
+        self.seed = int(seed)
+        self.drop_last = bool(drop_last)
+        self.epoch = 0
+        self._start = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        """Use the order of ``epoch`` (0-based) for the following passes."""
+        _check_int(epoch, "epoch", 0)
+        self.epoch = int(epoch)
+
+    def set_start(self, batch_step: int) -> None:
+        """Make the *next* pass start at batch ``batch_step`` of the epoch (later passes start at 0 again)."""
+        _check_int(batch_step, "batch_step", 0)
+        self._start = int(batch_step)
+
+    def epoch_order(self, epoch: Optional[int] = None) -> np.ndarray:
+        """Sample indices of the whole epoch, int64 [num_samples], in training order."""
+        epoch = self.epoch if epoch is None else epoch
+        if not self.shuffle:
+            return np.arange(self.num_samples, dtype=np.int64)
+        return np.random.default_rng([self.seed, epoch]).permutation(self.num_samples)
+
+    def __len__(self) -> int:
+        """Batches in a whole epoch (independent of the start position)."""
+        if self.drop_last:
+            return self.num_samples // self.batch_size
+        return -(-self.num_samples // self.batch_size)
+
+    def __iter__(self) -> Iterator[list]:
+        start, self._start = self._start, 0
+        order = self.epoch_order()
+        for batch_step in range(start, len(self)):
+            yield order[batch_step * self.batch_size : (batch_step + 1) * self.batch_size].tolist()
+
+    def get_state(self) -> dict:
+        """What defines the order (not the position, which the manager's counters hold)."""
+        return {
+            "num_samples": self.num_samples,
+            "batch_size": self.batch_size,
+            "shuffle": self.shuffle,
+            "seed": self.seed,
+            "drop_last": self.drop_last,
+        }
+
+    def check_state(self, state: dict, source: str = "the checkpoint") -> None:
+        """Raise when ``state`` (from :meth:`get_state`) defines another order than this sampler.
+
+        Raises:
+            ValueError: Naming every setting that differs, with both values.
+        """
+        own = self.get_state()
+        differences = [
+            f"{key}: {state.get(key)!r} there, {value!r} here" for key, value in own.items() if state.get(key) != value
+        ]
+        if differences:
+            raise ValueError(
+                f"{source}: the training data order differs from the one it was saved with, so resuming would "
+                f"not continue the same run ({'; '.join(differences)})"
+            )
+
+
+class ResumableArrayBatches:
+    """Iterable of batches sliced from in-memory arrays, in a :class:`ResumableBatchSampler` order.
+
+    Each batch is a tuple with, per array, the rows of the batch (``array[indices]``): e.g. images
+    [B, 28, 28] and labels [B]. Useful for TensorFlow and any backend that trains on NumPy batches.
+
+    Args:
+        arrays: Arrays with the same first dimension (samples), e.g. ``(images, labels)``.
+        batch_size: Samples per batch.
+        shuffle: Shuffle every epoch (see :class:`ResumableBatchSampler`).
+        seed: Seed of the shuffle.
+        drop_last: Drop a smaller last batch.
+        convert: Applied to every batch array (e.g. ``tf.convert_to_tensor``); default none.
+
+    Raises:
+        ValueError: No arrays, or arrays of different lengths.
+    """
+
+    def __init__(
+        self,
+        arrays: Sequence[Any],
+        batch_size: int,
+        shuffle: bool = True,
+        seed: int = 0,
+        drop_last: bool = False,
+        convert: Any = None,
+    ):
+        if isinstance(arrays, np.ndarray) or not isinstance(arrays, (list, tuple)) or not arrays:
+            raise ValueError(f"arrays must be a non-empty list/tuple of arrays, got {type(arrays).__qualname__}")
+        lengths = [len(array) for array in arrays]
+        if len(set(lengths)) != 1:
+            raise ValueError(f"arrays must all have the same number of samples, got lengths {lengths}")
+        self.arrays = tuple(arrays)
+        self.convert = convert
+        self.batch_sampler = ResumableBatchSampler(lengths[0], batch_size, shuffle, seed, drop_last)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.batch_sampler.set_epoch(epoch)
+
+    def set_start(self, batch_step: int) -> None:
+        self.batch_sampler.set_start(batch_step)
+
+    def get_state(self) -> dict:
+        return self.batch_sampler.get_state()
+
+    def check_state(self, state: dict, source: str = "the checkpoint") -> None:
+        self.batch_sampler.check_state(state, source)
+
+    def __len__(self) -> int:
+        return len(self.batch_sampler)
+
+    def __iter__(self) -> Iterator[tuple]:
+        convert = self.convert
+        for indices in self.batch_sampler:
+            batch = tuple(array[indices] for array in self.arrays)
+            yield tuple(convert(item) for item in batch) if convert is not None else batch
+
+
+def is_resumable(obj: Any) -> bool:
+    """True when ``obj`` implements the resumable protocol (``set_epoch``, ``set_start``, ``get_state``)."""
+    return all(callable(getattr(obj, name, None)) for name in ("set_epoch", "set_start", "get_state"))
+
+
+def find_resumable(dataset: Any) -> Optional[Any]:
+    """The object that controls ``dataset``'s order: ``dataset`` itself or its ``batch_sampler``, else None."""
+    if is_resumable(dataset):
+        return dataset
+    batch_sampler = getattr(dataset, "batch_sampler", None)
+    return batch_sampler if is_resumable(batch_sampler) else None
+
+
+def epoch_iterator(dataset: Iterable, epoch: int, start_batch: int = 0) -> Iterator:
+    """A fresh iterator over the batches of ``epoch``, starting at batch ``start_batch``.
+
+    Resumable datasets (see :func:`find_resumable`) get ``set_epoch`` and ``set_start`` and start by index.
+    For other iterables an object with ``set_epoch`` (the dataset or its ``sampler``, e.g. a
+    ``DistributedSampler``) still gets the epoch, and ``start_batch > 0`` skips batches with a warning.
+
+    Args:
+        dataset: The training dataset (iterable of batches).
+        epoch: 0-based epoch.
+        start_batch: 0-based batch step to start at.
+
+    Returns:
+        An iterator whose first item is batch ``start_batch`` of the epoch.
+    """
+    resumable = find_resumable(dataset)
+    if resumable is not None:
+        resumable.set_epoch(epoch)
+        resumable.set_start(start_batch)
+        return iter(dataset)
+    for candidate in (dataset, getattr(dataset, "sampler", None)):
+        if callable(getattr(candidate, "set_epoch", None)):
+            candidate.set_epoch(epoch)
+            break
+    iterator = iter(dataset)
+    if start_batch > 0:
+        _log.warning(
+            f"The training dataset ({type(dataset).__qualname__}) cannot start at a position, so {start_batch} "
+            f"batches of epoch {epoch} are skipped by loading and dropping them; the resume is exact only if it "
+            "yields the same order on every pass. Use mlpug.data.ResumableBatchSampler (PyTorch: "
+            "mlp.data.ResumableBatchSampler as DataLoader batch_sampler) to start by index."
+        )
+        iterator = itertools.islice(iterator, start_batch, None)
+    return iterator
+
+
+def get_data_state(dataset: Any) -> dict:
+    """Order-defining state of the training dataset for checkpoints (``{}`` when it is not resumable)."""
+    resumable = find_resumable(dataset)
+    return {"order": resumable.get_state()} if resumable is not None else {}
+
+
+def check_data_state(dataset: Any, state: dict, source: str = "the checkpoint") -> None:
+    """Raise ``ValueError`` when the dataset's order differs from the one saved in ``state``."""
+    resumable = find_resumable(dataset)
+    saved = state.get("order") if state else None
+    if resumable is None or saved is None:
+        return
+    if callable(getattr(resumable, "check_state", None)):
+        resumable.check_state(saved, source)
+    elif resumable.get_state() != saved:
+        raise ValueError(
+            f"{source}: the training data order {saved!r} differs from this dataset's {resumable.get_state()!r}"
+        )

@@ -1,0 +1,401 @@
+"""``CheckpointManager``: best / latest / archived model checkpoints and crash-safe training checkpoints.
+
+File names and contents are documented in :mod:`mlpug.checkpointing`. The manager writes through a backend
+:class:`~mlpug.checkpointing.CheckpointSaver` (``mlp.callbacks.CheckpointManager`` of a backend injects it).
+Only the primary rank writes files.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from typing import Any, Literal, Mapping, Optional
+
+from mlpug.checkpointing import (
+    BackgroundWriter,
+    CheckpointFileNames,
+    CheckpointSaver,
+    atomic_link_or_copy,
+    encode_plain,
+    make_header,
+    remove_stale_temporary_files,
+)
+from mlpug.logs import get_value_at, resolve
+from mlpug.trainers.callbacks.callback import Callback
+
+
+def _check_period(value: Any, name: str, allow_none: bool = False) -> None:
+    if value is None and allow_none:
+        return
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name} must be an int >= 1{' or None' if allow_none else ''}, got {value!r}")
+
+
+class CheckpointManager(Callback):
+    """Saves model checkpoints when a monitored metric improves, and training checkpoints to resume from.
+
+    At every *period* (a batch when ``batch_level``, else an epoch; counted 1-based from the start of the run):
+
+    * every ``metric_monitor_period`` periods, the value at ``metric_to_monitor`` (dotted path in
+      ``logs["current"]``) is compared with the best so far; on an improvement ``logs["current"]["is_best"]``
+      is set, ``logs["best"]`` becomes a plain copy of ``logs["current"]`` and the *best model checkpoint* is
+      written;
+    * every ``create_checkpoint_every`` periods, the *latest model checkpoint* and the *training checkpoint*
+      are written;
+    * every ``archive_last_model_checkpoint_every`` periods, the latest model checkpoint is also archived under
+      a name with the epoch or batch count; ``keep_last`` limits how many archives are kept.
+
+    When training ends, a training checkpoint is written if the last one is older than the last batch; when
+    it ends by SIGINT/SIGTERM (``interrupted``) this is the training checkpoint to resume from, and when it
+    ends on an error an *emergency training checkpoint* is written to its own file (the regular one keeps
+    the last consistent state). With ``write_in_background`` the state is copied (snapshot) in the training
+    thread and the files are written by a background thread; training waits only for the copy, and for the
+    previous write when it is still running. Every write is crash-safe (:func:`mlpug.checkpointing.atomic_write`).
+
+    Place it after the callbacks that produce the monitored metric (it is a consumer).
+
+    Args:
+        saver: Backend saver; ``mlp.callbacks.CheckpointManager`` of a backend passes its own.
+        checkpoints_path: Directory of the checkpoint files (created when missing).
+        base_checkpoint_filename: Common prefix of the file names.
+        metric_to_monitor: Dotted path into ``logs["current"]``, e.g. ``"validation.dataset.loss"``; None writes
+            no best model checkpoint.
+        metric_opt_mode: ``"min"`` or ``"max"``: whether lower or higher values are better.
+        improvement_threshold: Minimum absolute change over the best value that counts as an improvement (>= 0).
+        batch_level: Periods are batches (True) or epochs (False).
+        metric_monitor_period: Check the metric every this many periods.
+        create_checkpoint_every: Write latest model + training checkpoints every this many periods.
+        archive_last_model_checkpoint_every: Archive the latest model checkpoint every this many periods; None
+            archives nothing.
+        keep_last: Keep only this many most recent archived model checkpoints; None keeps all.
+        model_hyper_parameters: Plain dict saved in every model checkpoint (e.g. layer sizes).
+        write_in_background: Write files in a background thread after a snapshot copy.
+        name: Unique callback name.
+
+    Raises:
+        TypeError: ``saver`` is not a CheckpointSaver, a path is not a str, or the hyper-parameters are not
+            plain containers.
+        ValueError: A bad mode, period, threshold or ``keep_last``.
+    """
+
+    def __init__(
+        self,
+        saver: CheckpointSaver,
+        checkpoints_path: str = "checkpoints",
+        base_checkpoint_filename: str = "model",
+        metric_to_monitor: Optional[str] = "validation.dataset.loss",
+        metric_opt_mode: Literal["min", "max"] = "min",
+        improvement_threshold: float = 0.0,
+        batch_level: bool = False,
+        metric_monitor_period: int = 1,
+        create_checkpoint_every: int = 1,
+        archive_last_model_checkpoint_every: Optional[int] = None,
+        keep_last: Optional[int] = None,
+        model_hyper_parameters: Optional[Mapping] = None,
+        write_in_background: bool = True,
+        name: Optional[str] = None,
+    ):
+        if not isinstance(saver, CheckpointSaver):
+            raise TypeError(f"saver must be an mlpug.checkpointing.CheckpointSaver, got {saver!r:.200}")
+        for arg_name, value in (
+            ("checkpoints_path", checkpoints_path),
+            ("base_checkpoint_filename", base_checkpoint_filename),
+        ):
+            if not isinstance(value, (str, os.PathLike)) or not str(value):
+                raise TypeError(f"{arg_name} must be a non-empty str, got {value!r}")
+        if os.sep in str(base_checkpoint_filename):
+            raise ValueError(
+                f"base_checkpoint_filename must be a file name without directories, got "
+                f"{base_checkpoint_filename!r}; put the directory in checkpoints_path"
+            )
+        if metric_to_monitor is not None and (not isinstance(metric_to_monitor, str) or not metric_to_monitor):
+            raise TypeError(
+                f"metric_to_monitor must be a dotted path str such as 'validation.dataset.loss' or "
+                f"None, got {metric_to_monitor!r}"
+            )
+        if metric_opt_mode not in ("min", "max"):
+            raise ValueError(f"metric_opt_mode must be 'min' or 'max', got {metric_opt_mode!r}")
+        if (
+            isinstance(improvement_threshold, bool)
+            or not isinstance(improvement_threshold, (int, float))
+            or not (improvement_threshold >= 0)
+        ):
+            raise ValueError(f"improvement_threshold must be a number >= 0, got {improvement_threshold!r}")
+        if not isinstance(batch_level, bool):
+            raise TypeError(f"batch_level must be a bool, got {batch_level!r}")
+        _check_period(metric_monitor_period, "metric_monitor_period")
+        _check_period(create_checkpoint_every, "create_checkpoint_every")
+        _check_period(archive_last_model_checkpoint_every, "archive_last_model_checkpoint_every", allow_none=True)
+        _check_period(keep_last, "keep_last", allow_none=True)
+        hyper_parameters = dict(model_hyper_parameters or {})
+        encode_plain(hyper_parameters, [], "model_hyper_parameters")  # raises TypeError for non-plain values
+        super().__init__(name)
+
+        self.saver = saver
+        self.file_names = CheckpointFileNames(str(checkpoints_path), base_checkpoint_filename, saver.extension)
+        self.metric_to_monitor = metric_to_monitor
+        self.metric_opt_mode = metric_opt_mode
+        self.improvement_threshold = float(improvement_threshold)
+        self.batch_level = batch_level
+        self.metric_monitor_period = metric_monitor_period
+        self.create_checkpoint_every = create_checkpoint_every
+        self.archive_last_model_checkpoint_every = archive_last_model_checkpoint_every
+        self.keep_last = keep_last
+        self.model_hyper_parameters = hyper_parameters
+        self.write_in_background = write_in_background
+        self._writer = BackgroundWriter()
+
+        # state (saved in training checkpoints)
+        self.best_value: Optional[float] = None
+        self.best_epoch: Optional[int] = None
+        self.best_global_iter: Optional[int] = None
+        self.archived: list = []
+        self._last_saved_position: Optional[tuple] = None
+
+    # ----- properties -----
+    @property
+    def training_checkpoint_path(self) -> str:
+        """Path of the training checkpoint (what ``resume_from="latest"`` loads)."""
+        return self.file_names.training
+
+    @property
+    def consumes(self) -> frozenset:
+        if self.metric_to_monitor is None:
+            return frozenset()
+        return frozenset({self.metric_to_monitor.split(".", 1)[0]})
+
+    def _is_primary(self) -> bool:
+        return self.training_manager is None or self.training_manager.distributed.is_primary
+
+    # ----- hooks -----
+    def on_training_start(self, num_epochs, num_batches_per_epoch, start_epoch, start_batch, start_update_iter):
+        if self._is_primary():
+            os.makedirs(self.file_names.directory, exist_ok=True)
+            remove_stale_temporary_files(self.file_names.directory, self.file_names.base_name)
+        return True
+
+    def on_batch_training_completed(self, training_batch: Any, logs: dict) -> bool:
+        if self.batch_level:
+            self._on_period(logs, logs["current"]["global_iter"] + 1)
+        return True
+
+    def on_epoch_completed(self, logs: dict) -> bool:
+        if not self.batch_level:
+            self._on_period(logs, logs["current"]["epoch"] + 1)
+        return True
+
+    def on_training_ended(self, stopped_early, stopped_on_error, interrupted, callback_calls_success):
+        manager = self.training_manager
+        try:
+            if self._is_primary() and manager is not None:
+                state = manager.get_state()
+                if stopped_on_error:
+                    self._log.error(
+                        f"Training failed; writing emergency training checkpoint {self.file_names.emergency_training}"
+                    )
+                    self._save_training_checkpoint(self.file_names.emergency_training, state)
+                elif self._last_saved_position != _position(state):
+                    if interrupted:
+                        self._log.warning(f"Interrupted; writing training checkpoint {self.file_names.training}")
+                    self._save_training_checkpoint(self.file_names.training, state)
+        finally:
+            self._writer.wait()
+        return True
+
+    # ----- periods -----
+    def _on_period(self, logs: dict, period_count: int) -> None:
+        if self.metric_to_monitor is not None and period_count % self.metric_monitor_period == 0:
+            self._check_improvement(logs)
+        if not self._is_primary():
+            return
+        if period_count % self.create_checkpoint_every == 0:
+            archive = (
+                self.archive_last_model_checkpoint_every is not None
+                and period_count % self.archive_last_model_checkpoint_every == 0
+            )
+            self._save_latest(logs, period_count if archive else None)
+
+    def _improved(self, value: float) -> bool:
+        if value is None or (isinstance(value, float) and math.isnan(value)):
+            return False
+        if self.best_value is None:
+            return True
+        if self.metric_opt_mode == "min":
+            return value < self.best_value - self.improvement_threshold
+        return value > self.best_value + self.improvement_threshold
+
+    def _check_improvement(self, logs: dict) -> None:
+        current = logs["current"]
+        value = get_value_at(current, self.metric_to_monitor)  # a missing path raises, listing what exists
+        if value is not None and not isinstance(value, (int, float)):
+            raise TypeError(
+                f"{self.name}: the monitored metric {self.metric_to_monitor!r} must be a number, got "
+                f"{type(value).__qualname__}: {value!r:.100}"
+            )
+        if not self._improved(value):
+            return
+        self.best_value = float(value)
+        self.best_epoch, self.best_global_iter = current["epoch"], current["global_iter"]
+        current["is_best"] = True
+        logs["best"] = resolve(current)
+        if self._is_primary():
+            state = self.saver.snapshot(self.training_manager.trainer.get_state())
+            checkpoint = self._model_checkpoint(state, logs)
+            self._write(lambda: self.saver.save(checkpoint, self.file_names.best_model))
+
+    # ----- writing -----
+    def _model_checkpoint(self, trainer_state: dict, logs: dict) -> dict:
+        manager = self.training_manager
+        current = logs["current"]
+        return {
+            "mlpug": make_header("model", self.saver.backend),
+            "model_components": trainer_state["model_components"],
+            "hyper_parameters": self.model_hyper_parameters,
+            "progress": {
+                "epoch": current["epoch"],
+                "batch_step": current["batch_step"],
+                "global_iter": current["global_iter"],
+                "num_batches_per_epoch": manager.num_batches_per_epoch,
+            },
+            "logs": resolve({key: value for key, value in current.items()}),
+        }
+
+    def _save_latest(self, logs: dict, archive_index: Optional[int]) -> None:
+        manager_state = self.saver.snapshot(self.training_manager.get_state())
+        self._last_saved_position = _position(manager_state)
+        model_checkpoint = self._model_checkpoint(manager_state["trainer"], logs)
+        training_checkpoint = {"mlpug": make_header("training", self.saver.backend), **manager_state}
+        archive_path = None
+        if archive_index is not None:
+            archive_path = self.file_names.archived_model("batch" if self.batch_level else "epoch", archive_index)
+            self.archived.append(os.path.basename(archive_path))
+        to_remove = self._archives_to_remove()
+        names = self.file_names
+
+        def job() -> None:
+            self.saver.save(model_checkpoint, names.latest_model)
+            self.saver.save(training_checkpoint, names.training)
+            if archive_path is not None:
+                atomic_link_or_copy(names.latest_model, archive_path)
+            for name in to_remove:
+                try:
+                    os.remove(os.path.join(names.directory, name))
+                except FileNotFoundError:
+                    pass
+
+        self._write(job)
+
+    def _archives_to_remove(self) -> list:
+        if self.keep_last is None or len(self.archived) <= self.keep_last:
+            return []
+        to_remove, self.archived = self.archived[: -self.keep_last], self.archived[-self.keep_last :]
+        return to_remove
+
+    def _save_training_checkpoint(self, path: str, state: dict) -> None:
+        """Write ``state`` (``manager.get_state()``) to ``path`` and wait until it is written."""
+        manager_state = self.saver.snapshot(state)
+        self._last_saved_position = _position(manager_state)
+        checkpoint = {"mlpug": make_header("training", self.saver.backend), **manager_state}
+        self._write(lambda: self.saver.save(checkpoint, path), background=False)
+
+    def _write(self, job, background: Optional[bool] = None) -> None:
+        background = self.write_in_background if background is None else background
+        if background:
+            self._writer.submit(job)
+        else:
+            self._writer.wait()
+            job()
+
+    def wait_for_writes(self) -> None:
+        """Block until background writes are done (raising their error, if any)."""
+        self._writer.wait()
+
+    # ----- state -----
+    def get_state(self) -> dict:
+        return {
+            "best_value": self.best_value,
+            "best_epoch": self.best_epoch,
+            "best_global_iter": self.best_global_iter,
+            "archived": list(self.archived),
+            "metric_to_monitor": self.metric_to_monitor,
+            "metric_opt_mode": self.metric_opt_mode,
+        }
+
+    def set_state(self, state: dict) -> None:
+        """Restore the best value and the archive list.
+
+        Raises:
+            ValueError: The saved state monitored another metric or mode than this manager.
+        """
+        for key in ("metric_to_monitor", "metric_opt_mode"):
+            if key in state and state[key] != getattr(self, key):
+                raise ValueError(
+                    f"{self.name}: the checkpoint's {key} is {state[key]!r}, this CheckpointManager's is "
+                    f"{getattr(self, key)!r}; the best value would be compared with another metric"
+                )
+        self.best_value = state.get("best_value")
+        self.best_epoch = state.get("best_epoch")
+        self.best_global_iter = state.get("best_global_iter")
+        self.archived = list(state.get("archived", []))
+
+
+def _position(state: dict) -> tuple:
+    return state["epoch"], state["batch_step"], state["global_iter"]
+
+
+# ----- resuming -----
+def find_checkpoint_manager(manager: Any) -> Optional[CheckpointManager]:
+    """The first ``CheckpointManager`` among the training manager's callbacks, or None."""
+    return next((cb for cb in manager.callbacks if isinstance(cb, CheckpointManager)), None)
+
+
+def _resolve_path(manager: Any, resume_from: Any) -> tuple:
+    """``(checkpoint_manager, path)`` for a path or ``"latest"``.
+
+    Raises:
+        ValueError: No CheckpointManager to read the file with, or the file does not exist.
+    """
+    checkpoint_manager = find_checkpoint_manager(manager)
+    if checkpoint_manager is None:
+        raise ValueError(
+            f"resume_from={str(resume_from)!r} needs a CheckpointManager in the callbacks (it reads the backend's "
+            "files); or pass a loaded checkpoint: resume_from=mlp.load_training_checkpoint(path)"
+        )
+    path = checkpoint_manager.training_checkpoint_path if resume_from == "latest" else os.fspath(resume_from)
+    if not os.path.exists(path):
+        raise ValueError(f"resume_from: training checkpoint file {path} does not exist")
+    return checkpoint_manager, path
+
+
+def check_resume_from(manager: Any, resume_from: Any) -> None:
+    """Validate a ``resume_from`` argument of the ``TrainingManager`` at construction.
+
+    Raises:
+        TypeError: Not a path, ``"latest"`` or a loaded checkpoint dict.
+        ValueError: See :func:`_resolve_path`; or a dict that is not a training checkpoint.
+    """
+    if isinstance(resume_from, Mapping):
+        if "callbacks" not in resume_from or "epoch" not in resume_from:
+            raise ValueError(
+                "resume_from dict is not a training checkpoint (no 'epoch' / 'callbacks' keys); "
+                "load one with mlp.load_training_checkpoint(path)"
+            )
+        return
+    if not isinstance(resume_from, (str, os.PathLike)):
+        raise TypeError(
+            f"resume_from must be a checkpoint path, 'latest' or a loaded training checkpoint, got {resume_from!r:.200}"
+        )
+    _resolve_path(manager, resume_from)
+
+
+def load_training_state(manager: Any, resume_from: Any) -> dict:
+    """The training state ``resume_from`` refers to (a path, ``"latest"`` or an already loaded checkpoint).
+
+    Raises:
+        mlpug.checkpointing.CheckpointError: The file is truncated, corrupt, of another backend or kind.
+    """
+    if isinstance(resume_from, Mapping):
+        return dict(resume_from)
+    checkpoint_manager, path = _resolve_path(manager, resume_from)
+    checkpoint_manager._log.info(f"Resuming training from {path}")
+    return checkpoint_manager.saver.load(path, kind="training")

@@ -4,6 +4,7 @@ Reports the training loss and accuracy (batch and moving average) and the valida
 over the whole test set at every epoch end.
 
     python examples/fashion_mnist/pytorch/train.py --num-epochs 1
+    python examples/fashion_mnist/pytorch/train.py --num-epochs 1 --mixed-precision bfloat16 --batch-chunk-size 16
 """
 
 import argparse
@@ -29,6 +30,22 @@ def parse_arguments(argv=None):
     parser.add_argument("--log-period", type=int, default=200, help="print progress every this many batches")
     parser.add_argument("--seed", type=int, default=0, help="random seed")
     parser.add_argument("--num-threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    parser.add_argument(
+        "--batch-chunk-size",
+        type=int,
+        default=None,
+        help="gradient accumulation: process each batch in chunks of at most this many samples "
+        "(also used to evaluate the validation batches); default: whole batches",
+    )
+    parser.add_argument(
+        "--mixed-precision",
+        nargs="?",
+        const="bfloat16",
+        default=None,
+        choices=["bfloat16", "float16"],
+        help="train with mixed precision: torch.autocast with this dtype (default when given without a value: "
+        "bfloat16, which works on CPU; float16 adds loss scaling with a GradScaler)",
+    )
     return parser.parse_args(argv)
 
 
@@ -87,9 +104,17 @@ def main(argv=None):
         torch.nn.Linear(256, 10),
     )
     optimizer = torch.optim.Adam(classifier.parameters(), lr=args.learning_rate)
-    trainer = mlp.trainers.DefaultTrainer(optimizers=optimizer, model_components=classifier)
+    trainer = mlp.trainers.DefaultTrainer(
+        optimizers=optimizer,
+        model_components=classifier,
+        batch_chunk_size=args.batch_chunk_size,
+        use_mixed_precision=args.mixed_precision is not None,
+        autocast_dtype=args.mixed_precision,
+    )
 
-    evaluator = mlp.evaluation.MetricEvaluator(trainer=trainer, batch_metric_funcs={"accuracy": accuracy})
+    evaluator = mlp.evaluation.MetricEvaluator(
+        trainer=trainer, batch_metric_funcs={"accuracy": accuracy}, batch_chunk_size=args.batch_chunk_size
+    )
     callbacks = [
         mlp.callbacks.TrainingMetricsLogger(metric_evaluator=evaluator),
         mlp.callbacks.TestMetricsLogger(validation_dataset, "validation", metric_evaluator=evaluator),

@@ -7,11 +7,11 @@ epoch every epoch and, when resuming mid-epoch, the batch to start at, so no bat
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Callable, Optional, Sequence
 
 import torch
 
-from mlpug.data import ResumableArrayBatches
+from mlpug.data import ResumableArrayBatches as _NeutralResumableArrayBatches
 from mlpug.data import ResumableBatchSampler as _NeutralResumableBatchSampler
 
 __all__ = ["ResumableArrayBatches", "ResumableBatchSampler", "resumable_data_loader"]
@@ -22,6 +22,23 @@ class ResumableBatchSampler(_NeutralResumableBatchSampler, torch.utils.data.Samp
 
     def __init__(self, num_samples: int, batch_size: int, shuffle: bool = True, seed: int = 0, drop_last: bool = False):
         _NeutralResumableBatchSampler.__init__(self, num_samples, batch_size, shuffle, seed, drop_last)
+
+
+class ResumableArrayBatches(_NeutralResumableArrayBatches):
+    __doc__ = (_NeutralResumableArrayBatches.__doc__ or "") + (
+        "\n    PyTorch: batches are converted with ``torch.as_tensor`` by default.\n"
+    )
+
+    def __init__(
+        self,
+        arrays: Sequence[Any],
+        batch_size: int,
+        shuffle: bool = True,
+        seed: int = 0,
+        drop_last: bool = False,
+        convert: Optional[Callable[[Any], Any]] = torch.as_tensor,
+    ):
+        super().__init__(arrays, batch_size, shuffle=shuffle, seed=seed, drop_last=drop_last, convert=convert)
 
 
 def resumable_data_loader(

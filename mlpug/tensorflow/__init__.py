@@ -6,6 +6,16 @@ its bundled Keras 3 (``tf.keras``).
 """
 
 from mlpug import logging
-from mlpug.tensorflow import callbacks, evaluation, trainers
+from mlpug.tensorflow import callbacks, checkpointing, data, evaluation, trainers
+from mlpug.tensorflow.checkpointing import load_model_checkpoint, load_training_checkpoint
 
-__all__ = ["callbacks", "evaluation", "logging", "trainers"]
+__all__ = [
+    "callbacks",
+    "checkpointing",
+    "data",
+    "evaluation",
+    "load_model_checkpoint",
+    "load_training_checkpoint",
+    "logging",
+    "trainers",
+]

@@ -152,6 +152,12 @@ class CompiledStep:
             self._function = None  # one tf.function per settings object, see _for_settings
 
     def _traced(self, batch: Any, settings: Any) -> Any:
+        self._log_trace(batch)
+        return self.step(batch, settings)
+
+    @tf.autograph.experimental.do_not_convert
+    def _log_trace(self, batch: Any) -> None:
+        """Count the trace and log it (runs only while tracing); not converted by AutoGraph."""
         self.num_traces += 1
         if self.num_traces == 1:
             _log.debug(f"{self.name}: tracing for batch {describe_structure(batch)}")
@@ -160,7 +166,6 @@ class CompiledStep:
                 f"{self.name}: retracing (trace {self.num_traces}) for batch {describe_structure(batch)}; "
                 "give batch_data_signature to trace only once"
             )
-        return self.step(batch, settings)
 
     def _for_settings(self, settings: Any) -> Callable[[Any], Any]:
         try:

@@ -273,8 +273,8 @@ class CheckpointManager(Callback):
         names = self.file_names
 
         def job() -> None:
-            self.saver.save(model_checkpoint, names.latest_model)
             self.saver.save(training_checkpoint, names.training)
+            self.saver.save(model_checkpoint, names.latest_model)
             if archive_path is not None:
                 atomic_link_or_copy(names.latest_model, archive_path)
             for name in to_remove:

@@ -1,0 +1,114 @@
+"""Train an MLP classifier on Fashion-MNIST with mlpug and TensorFlow.
+
+Reports the training loss and accuracy (batch and moving average) and the validation loss and accuracy
+over the whole test set at every epoch end.
+
+    python examples/fashion_mnist/tensorflow/train.py --num-epochs 1
+"""
+
+import argparse
+import os
+import sys
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+import tensorflow as tf  # noqa: E402
+
+import mlpug.tensorflow as mlp  # noqa: E402
+from mlpug.datasets.fashion_mnist import load_fashion_mnist  # noqa: E402
+
+
+def parse_arguments(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--num-epochs", type=int, default=3, help="number of epochs to train")
+    parser.add_argument("--batch-size", type=int, default=64, help="samples per training batch")
+    parser.add_argument("--learning-rate", type=float, default=1e-3, help="Adam learning rate")
+    parser.add_argument(
+        "--data-dir",
+        default=None,
+        help="directory with the Fashion-MNIST IDX files "
+        "(default $MLPUG_FASHION_MNIST_DIR or /usr/share/datasets/fashion-mnist)",
+    )
+    parser.add_argument("--log-period", type=int, default=200, help="print progress every this many batches")
+    parser.add_argument("--seed", type=int, default=0, help="random seed")
+    parser.add_argument("--eager", action="store_true", help="run the training step eagerly (default: tf.function)")
+    parser.add_argument("--num-threads", type=int, default=None, help="TF intra-op CPU threads (default: TF's)")
+    return parser.parse_args(argv)
+
+
+def create_datasets(data_dir, batch_size, seed):
+    data = load_fashion_mnist(data_dir)
+
+    def as_arrays(images, labels):
+        return (images.astype("float32") / 255.0, labels.astype("int64"))
+
+    training_dataset = (
+        tf.data.Dataset.from_tensor_slices(as_arrays(data.train_images, data.train_labels))
+        .shuffle(len(data.train_labels), seed=seed, reshuffle_each_iteration=True)
+        .batch(batch_size)
+    )
+    validation_dataset = tf.data.Dataset.from_tensor_slices(as_arrays(data.test_images, data.test_labels)).batch(1024)
+    return training_dataset, validation_dataset
+
+
+class TrainModel(tf.keras.Model):
+    """Turns a batch (images [B, 28, 28], labels [B]) into the loss, with the logits as auxiliary results."""
+
+    def __init__(self, classifier):
+        super().__init__()
+        self.classifier = classifier
+        self.loss_func = tf.keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+
+    def call(self, batch_data, evaluate_settings, inference_mode=None):
+        images, labels = batch_data
+        logits = self.classifier(images, training=not inference_mode)
+        return {"loss": self.loss_func(labels, logits), "auxiliary_results": logits}
+
+
+def accuracy(inputs):
+    """Fraction of correctly classified samples in the batch (weighted by the batch size)."""
+    _, labels = inputs.batch
+    predictions = tf.argmax(inputs.auxiliary_results, axis=1)
+    return tf.reduce_mean(tf.cast(predictions == tf.cast(labels, predictions.dtype), tf.float32))
+
+
+def main(argv=None):
+    args = parse_arguments(argv)
+    tf.keras.utils.set_random_seed(args.seed)
+    if args.num_threads:
+        tf.config.threading.set_intra_op_parallelism_threads(args.num_threads)
+
+    try:
+        training_dataset, validation_dataset = create_datasets(args.data_dir, args.batch_size, args.seed)
+    except FileNotFoundError as error:
+        sys.exit(f"ERROR: {error}")
+
+    classifier = tf.keras.Sequential(
+        [
+            tf.keras.Input(shape=(28, 28)),
+            tf.keras.layers.Flatten(),
+            tf.keras.layers.Dense(256, activation="relu"),
+            tf.keras.layers.Dense(256, activation="relu"),
+            tf.keras.layers.Dense(10),
+        ]
+    )
+    optimizer = tf.keras.optimizers.Adam(learning_rate=args.learning_rate)
+    trainer = mlp.trainers.DefaultTrainer(optimizers=optimizer, model_components=classifier, eager_mode=args.eager)
+
+    evaluator = mlp.evaluation.MetricEvaluator(trainer=trainer, batch_metric_funcs={"accuracy": accuracy})
+    callbacks = [
+        mlp.callbacks.TrainingMetricsLogger(metric_evaluator=evaluator),
+        mlp.callbacks.TestMetricsLogger(validation_dataset, "validation", metric_evaluator=evaluator),
+        mlp.callbacks.LogProgress(log_period=args.log_period, set_names=["training", "validation"]),
+    ]
+    manager = mlp.trainers.TrainingManager(trainer, training_dataset, num_epochs=args.num_epochs, callbacks=callbacks)
+    trainer.set_training_model(TrainModel(classifier))
+    manager.start_training()
+
+    validation = manager.logs["current"]["validation"]["dataset"]
+    print(f"Final validation loss {validation['loss']:.4f}, accuracy {validation['accuracy']:.4f}")
+    return manager
+
+
+if __name__ == "__main__":
+    main()

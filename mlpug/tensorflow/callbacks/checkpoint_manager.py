@@ -1,0 +1,18 @@
+"""TensorFlow ``CheckpointManager``: the neutral one with the TensorFlow saver (``.npz`` files, no pickle)."""
+
+from __future__ import annotations
+
+from typing import Any, Optional
+
+from mlpug.checkpointing import CheckpointSaver as _Saver
+from mlpug.tensorflow.checkpointing import CheckpointSaver
+from mlpug.trainers.callbacks.checkpoint_manager import CheckpointManager as _NeutralCheckpointManager
+
+
+class CheckpointManager(_NeutralCheckpointManager):
+    __doc__ = (_NeutralCheckpointManager.__doc__ or "") + (
+        "\n    TensorFlow: ``saver`` defaults to :class:`mlpug.tensorflow.checkpointing.CheckpointSaver`.\n"
+    )
+
+    def __init__(self, *args: Any, saver: Optional[_Saver] = None, **kwargs: Any):
+        super().__init__(saver or CheckpointSaver(), *args, **kwargs)

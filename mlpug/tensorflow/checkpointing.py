@@ -1,0 +1,81 @@
+"""TensorFlow checkpoint files: NumPy arrays in plain containers, as ``.npz`` archives loaded without pickle.
+
+``trainer.get_state()`` of the TensorFlow ``DefaultTrainer`` returns NumPy arrays in plain containers; tensors
+and variables found anywhere in a state are converted to NumPy when the state is snapshotted. The format is
+:class:`mlpug.checkpointing.NumpyCheckpointSaver`'s (loaded with ``numpy.load(allow_pickle=False)``).
+
+Random state: importing this module registers TensorFlow's *global generator*
+(``tf.random.get_global_generator()``: its state and algorithm). What public APIs cannot capture is not saved:
+the hidden counters of stateful random ops seeded by ``tf.random.set_seed`` (e.g. ``tf.random.normal``
+without a generator) and Keras 3 ``SeedGenerator`` states that a model does not expose in its weights.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import tensorflow as tf
+
+from mlpug.checkpointing import NumpyCheckpointSaver, register_random_state
+
+
+def to_numpy(state: Any) -> Any:
+    """Nested containers with every ``tf.Tensor`` / ``tf.Variable`` replaced by a NumPy array."""
+    if isinstance(state, (tf.Tensor, tf.Variable)):
+        return np.array(state.numpy())
+    if isinstance(state, dict):
+        return {key: to_numpy(value) for key, value in state.items()}
+    if isinstance(state, (list, tuple)):
+        return type(state)(to_numpy(value) for value in state)
+    return state
+
+
+class CheckpointSaver(NumpyCheckpointSaver):
+    """Writes TensorFlow checkpoints as ``.npz`` archives (see :class:`mlpug.checkpointing.NumpyCheckpointSaver`)."""
+
+    def __init__(self):
+        super().__init__(backend="tensorflow", to_numpy=to_numpy)
+
+
+def load_training_checkpoint(path: str) -> dict:
+    """Load a training checkpoint written by a TensorFlow ``CheckpointManager``.
+
+    Pass the result to ``manager.set_state(...)`` or ``TrainingManager(..., resume_from=...)``.
+
+    Args:
+        path: The training checkpoint file (``<base>-training-checkpoint.npz``).
+
+    Returns:
+        The training state (``TrainingManager.get_state()`` plus the ``"mlpug"`` header, whose ``"path"`` is set).
+
+    Raises:
+        mlpug.checkpointing.CheckpointError: Missing, truncated, corrupt, of another backend or a model checkpoint.
+    """
+    return CheckpointSaver().load(path, kind="training")
+
+
+def load_model_checkpoint(path: str) -> dict:
+    """Load a model checkpoint (best / latest / archived): ``model_components``, ``hyper_parameters``, ``progress``.
+
+    Raises:
+        mlpug.checkpointing.CheckpointError: Missing, truncated, corrupt, of another backend or a training checkpoint.
+    """
+    return CheckpointSaver().load(path, kind="model")
+
+
+def _get_tf_random_state() -> dict:
+    generator = tf.random.get_global_generator()
+    return {"global_generator": {"state": generator.state.numpy(), "algorithm": int(generator.algorithm)}}
+
+
+def _set_tf_random_state(state: dict) -> None:
+    saved = state["global_generator"]
+    generator = tf.random.get_global_generator()
+    if int(generator.algorithm) != int(saved["algorithm"]):
+        tf.random.set_global_generator(tf.random.Generator.from_state(saved["state"], saved["algorithm"]))
+    else:
+        generator.reset(saved["state"])
+
+
+register_random_state("tensorflow", _get_tf_random_state, _set_tf_random_state)

@@ -1,0 +1,66 @@
+"""The TensorFlow examples on the real Fashion-MNIST data."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT / "examples" / "fashion_mnist" / "tensorflow"))
+import train as fashion_mnist_example  # noqa: E402
+
+sys.path.pop(0)
+sys.modules.pop("train", None)  # the PyTorch example module has the same name
+
+
+def test_one_epoch_reaches_80_percent_validation_accuracy(fashion_mnist_dir, capsys):
+    manager = fashion_mnist_example.main(["--num-epochs", "1", "--data-dir", fashion_mnist_dir, "--log-period", "300"])
+    validation = manager.logs["current"]["validation"]["dataset"]
+    assert validation["accuracy"] >= 0.80
+    assert validation["loss"] < 0.6
+    output = capsys.readouterr().out
+    assert "Epoch 0/0\tREADY - Duration" in output
+    assert "validation     : loss" in output and "Training completed. All good!" in output
+
+
+def test_missing_data_dir_is_a_clear_error(tmp_path):
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "examples/fashion_mnist/tensorflow/train.py"), "--data-dir", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 1
+    assert f"Fashion-MNIST file train-images-idx3-ubyte[.gz] not found in {tmp_path}" in result.stderr
+    assert "apt-get install -y dataset-fashion-mnist" in result.stderr
+
+
+def run_script(source, fashion_mnist_dir, timeout):
+    env = dict(os.environ, MLPUG_FASHION_MNIST_DIR=fashion_mnist_dir, TF_CPP_MIN_LOG_LEVEL="2")
+    return subprocess.run(
+        [sys.executable, "-c", source], capture_output=True, text=True, timeout=timeout, env=env, cwd=ROOT
+    )
+
+
+@pytest.mark.timeout(900)
+def test_hello_world_not_eager_runs_as_written(fashion_mnist_dir):
+    source = (ROOT / "examples/hello_world/tensorflow/train.py").read_text()
+    result = run_script(source, fashion_mnist_dir, timeout=900)
+    assert result.returncode == 0, result.stderr
+    assert "Epoch 9/9\tREADY" in result.stdout
+    assert "Training completed. All good! ❤️" in result.stdout
+    assert "real label = 9, predicted label = 9" in result.stdout
+
+
+@pytest.mark.timeout(600)
+def test_hello_world_eager_runs(fashion_mnist_dir):
+    """The eager Hello World, shortened to 1 of its 10 epochs (it is ~4x slower than the compiled one)."""
+    source = (ROOT / "examples/hello_world/tensorflow/train_eager.py").read_text()
+    assert source.count("num_epochs = 10\n") == 1 and "eager_mode=True" in source
+    result = run_script(source.replace("num_epochs = 10\n", "num_epochs = 1\n"), fashion_mnist_dir, timeout=600)
+    assert result.returncode == 0, result.stderr
+    assert "Epoch 0/0\tREADY" in result.stdout
+    assert "Training completed. All good! ❤️" in result.stdout
+    assert "real label = 9, predicted label = " in result.stdout

@@ -1,0 +1,340 @@
+"""The TensorFlow DefaultTrainer: return forms, compiled vs eager, state, learning rate, variables and bad input."""
+
+import logging
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+import mlpug.tensorflow as mlp
+from mlpug.logs import to_number
+
+SIGNATURE = (tf.TensorSpec((None, 3), tf.float32), tf.TensorSpec((None,), tf.float32))
+
+
+class Model(tf.keras.Model):
+    """Linear regression; the return form is chosen per test."""
+
+    def __init__(self, form="loss", linear=None):
+        super().__init__()
+        self.linear = linear or tf.keras.layers.Dense(1)
+        self.form = form
+
+    def call(self, batch_data, evaluate_settings, inference_mode=None):
+        x, y = batch_data
+        predictions = tf.squeeze(self.linear(x), axis=1)
+        loss = tf.reduce_mean((predictions - y) ** 2)
+        return {
+            "loss": lambda: loss,
+            "tuple2": lambda: (loss, predictions),
+            "tuple3": lambda: (loss, 5, predictions),
+            "dict": lambda: {"loss": loss, "num_samples": 7, "auxiliary_results": predictions},
+            "no_loss": lambda: {"predictions": predictions},
+            "vector": lambda: (predictions - y) ** 2,
+        }[self.form]()
+
+
+def batch(num_samples=4, seed=0):
+    rng = np.random.default_rng(seed)
+    return rng.normal(size=(num_samples, 3)).astype(np.float32), rng.normal(size=num_samples).astype(np.float32)
+
+
+def make(form="loss", build=True, **kwargs):
+    tf.keras.utils.set_random_seed(0)
+    linear = tf.keras.layers.Dense(1)
+    if build:
+        linear.build((None, 3))
+    model = Model(form, linear)
+    trainer = mlp.trainers.DefaultTrainer(tf.keras.optimizers.SGD(learning_rate=0.1), linear, **kwargs)
+    trainer.set_training_model(model)
+    return trainer, model
+
+
+@pytest.mark.parametrize("eager_mode", [False, True])
+@pytest.mark.parametrize(
+    "form,num_samples,has_aux", [("loss", 4, False), ("tuple2", 4, True), ("tuple3", 5, True), ("dict", 7, True)]
+)
+def test_model_return_forms(form, num_samples, has_aux, eager_mode):
+    trainer, _ = make(form, eager_mode=eager_mode)
+    outputs = trainer.train_on(batch())
+    assert to_number(outputs.num_samples) == num_samples and type(to_number(outputs.num_samples)) is int
+    assert outputs.loss.shape == () and outputs.loss.dtype == tf.float32
+    if has_aux:
+        assert outputs.auxiliary_results.shape == (4,)
+    else:
+        assert outputs.auxiliary_results is None
+
+
+@pytest.mark.parametrize("form,error", [("no_loss", ValueError), ("vector", TypeError)])
+def test_model_without_scalar_loss_is_a_clear_error(form, error):
+    trainer, _ = make(form)
+    with pytest.raises(error, match="loss"):
+        trainer.train_on(batch())
+
+
+@pytest.mark.parametrize("eager_mode", [False, True])
+def test_one_sgd_step_matches_the_formula(eager_mode):
+    trainer, model = make(eager_mode=eager_mode)
+    x, y = batch()
+    kernel, bias = (w.copy() for w in model.linear.get_weights())
+    trainer.train_on((x, y))
+    error = (x @ kernel)[:, 0] + bias[0] - y
+    expected_kernel = kernel - 0.1 * (2 * x.T @ error / len(y))[:, None]
+    expected_bias = bias - 0.1 * 2 * error.mean()
+    new_kernel, new_bias = model.linear.get_weights()
+    np.testing.assert_allclose(new_kernel, expected_kernel, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(new_bias, expected_bias, rtol=1e-5, atol=1e-6)
+
+
+def test_evaluate_loss_does_not_train_and_passes_inference_mode():
+    seen = []
+
+    class Recording(Model):
+        def call(self, batch_data, evaluate_settings, inference_mode=None):
+            seen.append((inference_mode, evaluate_settings))
+            return super().call(batch_data, evaluate_settings, inference_mode)
+
+    tf.keras.utils.set_random_seed(0)
+    linear = tf.keras.layers.Dense(1)
+    linear.build((None, 3))
+    trainer = mlp.trainers.DefaultTrainer(tf.keras.optimizers.SGD(0.1), linear)
+    trainer.set_training_model(Recording(linear=linear))
+    before = [w.copy() for w in linear.get_weights()]
+    outputs = trainer.evaluate_loss(batch(), evaluate_settings="eval")
+    assert all(np.array_equal(a, b) for a, b in zip(before, linear.get_weights()))
+    assert float(outputs.loss) > 0
+    assert seen == [(True, "eval")]  # traced once, with inference_mode=True and the settings as a constant
+
+
+def test_smaller_last_batch_retraces_once_and_logs_it(caplog):
+    trainer, _ = make()
+    with caplog.at_level(logging.DEBUG, logger="mlpug.tensorflow.DefaultTrainer"):
+        for size in (8, 8, 3, 8, 3, 5):
+            trainer.train_on(batch(size))
+    assert trainer._train_step.num_traces == 2
+    retraces = [r.getMessage() for r in caplog.records if "retracing" in r.getMessage()]
+    assert len(retraces) == 1 and "train step" in retraces[0] and "float32[None, 3]" in retraces[0]
+
+
+def test_batch_data_signature_traces_once():
+    trainer, _ = make(batch_data_signature=SIGNATURE)
+    for size in (8, 3, 5):
+        trainer.train_on(batch(size))
+    assert trainer._train_step.num_traces == 1
+
+
+@pytest.mark.parametrize(
+    "bad_batch,message",
+    [
+        ((np.zeros((4, 3), np.float64), np.zeros(4, np.float32)), r"item \[0\] is float64 with shape \[4, 3\]"),
+        ((np.zeros((4, 2), np.float32), np.zeros(4, np.float32)), r"item \[0\] is float32 with shape \[4, 2\]"),
+        (np.zeros((4, 3), np.float32), "structure differs"),
+    ],
+)
+def test_batch_not_matching_the_signature_is_a_clear_error(bad_batch, message):
+    trainer, _ = make(batch_data_signature=SIGNATURE)
+    with pytest.raises(ValueError, match="does not match batch_data_signature") as raised:
+        trainer.train_on(bad_batch)
+    assert raised.match(message)
+    trainer.train_on(batch())  # a matching batch still trains
+    # After the first batch, tf.function itself converts numpy arrays to the signature's dtype; tensors of
+    # another dtype or shape are rejected, and reported with the same clear message.
+    with pytest.raises(ValueError, match="does not match batch_data_signature") as raised:
+        trainer.train_on(tf.nest.map_structure(tf.constant, bad_batch))
+    assert raised.match(message)
+
+
+def test_wrong_call_signature_is_a_clear_error():
+    class OneArgument(tf.keras.Model):
+        def call(self, batch_data):
+            return tf.constant(0.0)
+
+    class StarArgs(tf.keras.Model):
+        def call(self, *args):
+            return tf.constant(0.0)
+
+    trainer, _ = make()
+    with pytest.raises(TypeError, match=r"OneArgument.call must accept \(batch_data, evaluate_settings"):
+        trainer.set_training_model(OneArgument())
+    with pytest.raises(TypeError, match="StarArgs.call must name its parameters"):
+        trainer.set_training_model(StarArgs())
+    with pytest.raises(TypeError, match="training_model must be a tf.keras.Model"):
+        trainer.set_training_model(lambda batch, settings: 0.0)
+
+
+def test_two_argument_call_without_inference_mode_works():
+    class TwoArguments(tf.keras.Model):
+        def __init__(self):
+            super().__init__()
+            self.linear = tf.keras.layers.Dense(1)
+
+        def call(self, data, settings):
+            x, y = data
+            return tf.reduce_mean((tf.squeeze(self.linear(x), 1) - y) ** 2)
+
+    model = TwoArguments()
+    trainer = mlp.trainers.DefaultTrainer(tf.keras.optimizers.SGD(0.1), model)
+    trainer.set_training_model(model)
+    first = float(trainer.train_on(batch()).loss)
+    for _ in range(20):
+        last = float(trainer.train_on(batch()).loss)
+    assert last < first
+
+
+def test_bad_constructor_arguments_are_clear_errors():
+    import torch
+
+    linear = tf.keras.layers.Dense(1)
+    with pytest.raises(TypeError, match="Keras 3 optimizers .* got a torch.optim.sgd.SGD"):
+        mlp.trainers.DefaultTrainer(torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=0.1), linear)
+    with pytest.raises(TypeError, match="model_components"):
+        mlp.trainers.DefaultTrainer(tf.keras.optimizers.SGD(0.1), torch.nn.Linear(1, 1))
+    with pytest.raises(NotImplementedError, match="planned"):
+        mlp.trainers.DefaultTrainer(
+            tf.keras.optimizers.SGD(0.1), linear, distribution_strategy=tf.distribute.get_strategy()
+        )
+    with pytest.raises(TypeError, match="batch_data_signature must be a tf.TensorSpec"):
+        mlp.trainers.DefaultTrainer(tf.keras.optimizers.SGD(0.1), linear, batch_data_signature=((None, 3), "float"))
+    with pytest.raises(TypeError, match="eager_mode must be a bool"):
+        mlp.trainers.DefaultTrainer(tf.keras.optimizers.SGD(0.1), linear, eager_mode="yes")
+    with pytest.raises(ValueError, match="With several optimizers"):
+        mlp.trainers.DefaultTrainer([tf.keras.optimizers.SGD(0.1), tf.keras.optimizers.SGD(0.1)], linear)
+
+
+def test_several_optimizers_each_update_their_own_variables():
+    tf.keras.utils.set_random_seed(0)
+    first, second = tf.keras.layers.Dense(4), tf.keras.layers.Dense(1)
+
+    class TwoParts(tf.keras.Model):
+        def __init__(self):
+            super().__init__()
+            self.first, self.second = first, second
+
+        def call(self, batch_data, evaluate_settings, inference_mode=None):
+            x, y = batch_data
+            return tf.reduce_mean((tf.squeeze(self.second(self.first(x)), 1) - y) ** 2)
+
+    optimizers = {"first": tf.keras.optimizers.SGD(0.1), "second": tf.keras.optimizers.SGD(0.0)}
+    trainer = mlp.trainers.DefaultTrainer(optimizers, {"first": first, "second": second})
+    trainer.set_training_model(TwoParts())
+    trainer.train_on(batch())  # builds the unbuilt layers with an eager forward pass first
+    second_before = [w.copy() for w in second.get_weights()]
+    first_before = [w.copy() for w in first.get_weights()]
+    trainer.train_on(batch())
+    assert all(np.array_equal(a, b) for a, b in zip(second_before, second.get_weights()))  # lr 0
+    assert not any(np.array_equal(a, b) for a, b in zip(first_before, first.get_weights()))
+    assert [int(o.iterations) for o in optimizers.values()] == [2, 2]
+
+    # the same split given explicitly, as a callable returning a dict
+    trainer2 = mlp.trainers.DefaultTrainer(
+        list(optimizers.values()),
+        [first, second],
+        trainable_variables=lambda: {"optimizer_0": first.trainable_variables, "optimizer_1": second},
+    )
+    trainer2.set_training_model(TwoParts())
+    trainer2.train_on(batch())
+    assert all(np.array_equal(a, b) for a, b in zip(second_before, second.get_weights()))
+
+
+def test_variable_given_to_two_optimizers_is_an_error():
+    linear = tf.keras.layers.Dense(1)
+    linear.build((None, 3))
+    trainer = mlp.trainers.DefaultTrainer(
+        {"a": tf.keras.optimizers.SGD(0.1), "b": tf.keras.optimizers.SGD(0.1)},
+        linear,
+        trainable_variables={"a": linear, "b": linear.trainable_variables[:1]},
+    )
+    trainer.set_training_model(Model(linear=linear))
+    with pytest.raises(ValueError, match="updated by two optimizers"):
+        trainer.train_on(batch())
+
+
+def test_learning_rate_get_and_set():
+    trainer, _ = make()
+    assert trainer.get_learning_rate() == pytest.approx(0.1)
+    trainer.set_learning_rate(0.05)
+    assert trainer.get_learning_rate() == pytest.approx(0.05) and type(trainer.get_learning_rate()) is float
+    with pytest.raises(ValueError, match="optimizer_name 'nope' unknown"):
+        trainer.set_learning_rate(0.1, "nope")
+
+
+def train_steps(trainer, num_steps, seed=0):
+    return [float(trainer.train_on(batch(8, seed + step)).loss) for step in range(num_steps)]
+
+
+@pytest.mark.parametrize("restore_into", ["built", "unbuilt_with_signature", "unbuilt_without_signature"])
+def test_state_round_trip_continues_identically(restore_into):
+    def adam_trainer(build, **kwargs):
+        tf.keras.utils.set_random_seed(0)
+        linear = tf.keras.layers.Dense(1)
+        if build:
+            linear.build((None, 3))
+        trainer = mlp.trainers.DefaultTrainer(tf.keras.optimizers.Adam(0.01), linear, **kwargs)
+        trainer.set_training_model(Model(linear=linear))
+        return trainer, linear
+
+    trainer, _ = adam_trainer(build=True)
+    train_steps(trainer, 3)
+    state = trainer.get_state()
+    assert set(state) == {"model_components", "optimizers"}
+    assert all(isinstance(a, np.ndarray) for a in state["model_components"]["model"] + state["optimizers"]["optimizer"])
+    assert int(state["optimizers"]["optimizer"][0]) == 3  # iterations
+    expected = train_steps(trainer, 3, seed=10)
+
+    kwargs = {"batch_data_signature": SIGNATURE} if restore_into == "unbuilt_with_signature" else {}
+    restored, linear = adam_trainer(build=restore_into == "built", **kwargs)
+    restored.set_state(state)
+    if restore_into == "unbuilt_with_signature":  # built from the signature and restored at once
+        np.testing.assert_array_equal(linear.get_weights()[0], state["model_components"]["model"][0])
+    assert restored.get_state() is state if restore_into == "unbuilt_without_signature" else True
+    assert train_steps(restored, 3, seed=10) == expected
+
+
+def test_state_that_does_not_fit_is_a_clear_error():
+    trainer, _ = make()
+    trainer.train_on(batch())
+    state = trainer.get_state()
+    with pytest.raises(ValueError, match=r"model_components in state \['other'\]"):
+        trainer.set_state({"model_components": {"other": []}, "optimizers": state["optimizers"]})
+    bad = {"model_components": {"model": [np.zeros((2, 1)), np.zeros(1)]}, "optimizers": state["optimizers"]}
+    with pytest.raises(ValueError, match=r"array 0 has shape \(2, 1\), but variable .* has shape \(3, 1\)"):
+        trainer.set_state(bad)
+
+
+def test_failure_in_a_compiled_step_runs_the_failure_path():
+    class FailsOnLargeLoss(Model):
+        def call(self, batch_data, evaluate_settings, inference_mode=None):
+            loss = super().call(batch_data, evaluate_settings, inference_mode)
+            tf.debugging.assert_less(loss, 1e6, message="injected failure: loss too large")
+            return loss
+
+    tf.keras.utils.set_random_seed(0)
+    linear = tf.keras.layers.Dense(1)
+    linear.build((None, 3))
+    trainer = mlp.trainers.DefaultTrainer(tf.keras.optimizers.SGD(0.01), linear)
+    trainer.set_training_model(FailsOnLargeLoss(linear=linear))
+    failures, ended = [], []
+
+    class Record(mlp.callbacks.Callback):
+        def on_batch_training_failed(self, exception, logs):
+            failures.append(type(exception))
+
+        def on_training_ended(self, stopped_early, stopped_on_error, interrupted, callback_calls_success):
+            ended.append(stopped_on_error)
+
+    x, y = batch(8)
+    batches = [(x, y), (x, y), (x, y * 1e5), (x, y)]
+    manager = mlp.trainers.TrainingManager(trainer, batches, callbacks=[Record()])
+    with pytest.raises(tf.errors.InvalidArgumentError, match="injected failure") as raised:
+        manager.start_training()
+    assert failures == [tf.errors.InvalidArgumentError] and ended == [True]
+    assert any("epoch 0, batch step 2" in note for note in raised.value.__notes__)
+
+
+def test_metric_evaluator_weighted_sums_in_one_conversion():
+    evaluator = mlp.evaluation.MetricEvaluator()
+    values = [tf.constant(1.0), tf.constant(2.0, tf.bfloat16), tf.constant(4.0)]
+    weights = [1, tf.constant(3), 4]
+    weighted_sum, weight_sum = evaluator._weighted_sums(values, weights)
+    assert (weighted_sum, weight_sum) == (1.0 + 6.0 + 16.0, 8.0)
+    assert type(weighted_sum) is float and type(weight_sum) is float

@@ -1,0 +1,217 @@
+"""Training runs with a CheckpointManager on any contract harness, in-process or as a subprocess.
+
+Used by ``tests/contract/test_checkpoint*.py``. As a script (run from the repository root)::
+
+    python -m tests.contract.scripts.checkpoint_worker resume --backend pytorch --dir D --out results.npz
+    python -m tests.contract.scripts.checkpoint_worker train --backend pytorch --dir D --sleep 0.05
+    python -m tests.contract.scripts.checkpoint_worker crash --backend pytorch --dir D --kills 20
+
+``resume`` continues from ``D``'s training checkpoint and writes the final weights, optimizer state and the
+logged batch losses; ``train`` prints ``batch <global_iter>`` after every batch (for signal tests); ``crash``
+forks training children that resume from the newest checkpoint and kills each with SIGKILL at a random moment
+while it writes checkpoints, then prints a JSON report (one line) of what every child could load.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import os
+import random
+import signal
+import sys
+import time
+
+import numpy as np
+
+from tests.contract.backends import HARNESSES, make_numpy_data
+
+NUM_BATCHES, BATCH_SIZE, DATA_SEED, ORDER_SEED = 5, 8, 11, 7
+WARM_UP_IMPORTS = {"pytorch": ("torch._dynamo",)}
+
+
+class Recorder:
+    """Callback factory: records batch losses; can stop, sleep and print per batch."""
+
+    @staticmethod
+    def make(mlp, stop_at=None, sleep=0.0, print_batches=False, on_first_batch=None):
+        class _Recorder(mlp.callbacks.Callback):
+            def __init__(self):
+                super().__init__("Recorder")
+                self.losses = []
+
+            def on_batch_training_completed(self, training_batch, logs):
+                current = logs["current"]
+                self.losses.append(current["training"]["batch"]["loss"])
+                if stop_at is not None and current["global_iter"] == stop_at:
+                    self.training_manager.stop_training()
+                if sleep:
+                    time.sleep(sleep)
+                if print_batches:
+                    print(f"batch {current['global_iter']}", flush=True)
+                if on_first_batch is not None and len(self.losses) == 1:
+                    on_first_batch()
+
+        return _Recorder()
+
+
+def run(
+    harness,
+    directory,
+    init_seed=0,
+    num_epochs=2,
+    stop_at=None,
+    resume_from=None,
+    sleep=0.0,
+    print_batches=False,
+    checkpoint_kwargs=None,
+    start=True,
+    on_first_batch=None,
+):
+    """Train the harness problem on resumable, shuffled data with a CheckpointManager writing into ``directory``.
+
+    Returns:
+        ``(problem, manager, recorder)``; ``recorder.losses`` holds the logged batch losses (floats).
+    """
+    problem = harness.make_problem(seed=init_seed, num_batches=NUM_BATCHES, batch_size=BATCH_SIZE)
+    mlp = problem.mlp
+    features, labels = make_numpy_data(NUM_BATCHES * BATCH_SIZE, DATA_SEED)
+    data = mlp.data.ResumableArrayBatches((features, labels), BATCH_SIZE, shuffle=True, seed=ORDER_SEED)
+    evaluator = mlp.evaluation.MetricEvaluator(trainer=problem.trainer)
+    recorder = Recorder.make(mlp, stop_at, sleep, print_batches, on_first_batch)
+    kwargs = dict(checkpoints_path=directory, metric_to_monitor="training.batch.loss", batch_level=True)
+    kwargs.update(checkpoint_kwargs or {})
+    callbacks = [
+        mlp.callbacks.TrainingMetricsLogger(metric_evaluator=evaluator),
+        recorder,
+        mlp.callbacks.CheckpointManager(**kwargs),
+    ]
+    manager = mlp.trainers.TrainingManager(
+        problem.trainer, data, num_epochs=num_epochs, callbacks=callbacks, resume_from=resume_from
+    )
+    if start:
+        manager.start_training()
+    return problem, manager, recorder
+
+
+def to_numpy_tree(value):
+    """Nested containers of tensors -> the same with NumPy arrays (torch / TF / NumPy leaves)."""
+    if isinstance(value, dict):
+        return {key: to_numpy_tree(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [to_numpy_tree(item) for item in value]
+    if hasattr(value, "numpy"):
+        return np.array(value.detach().cpu().numpy() if hasattr(value, "detach") else value.numpy())
+    return value
+
+
+def flatten(value, prefix="") -> dict:
+    """``{"a/b/0": leaf}`` for nested dicts and lists."""
+    if isinstance(value, dict):
+        items = value.items()
+    elif isinstance(value, (list, tuple)):
+        items = enumerate(value)
+    else:
+        return {prefix: value}
+    flat = {}
+    for key, item in items:
+        flat.update(flatten(item, f"{prefix}/{key}" if prefix else str(key)))
+    return flat
+
+
+def _leaf(value):
+    """Arrays as they are; other leaves (numbers, str, None) as their repr, so that .npz needs no pickle."""
+    return value if isinstance(value, np.ndarray) else np.asarray(repr(value))
+
+
+def results(problem, recorder) -> dict:
+    """Weights, optimizer state (flattened, NumPy) and the logged losses of a finished run."""
+    state = to_numpy_tree(problem.trainer.get_state())
+    flat = {f"weights/{k}": _leaf(v) for k, v in flatten(state["model_components"]).items()}
+    flat.update({f"optimizers/{k}": _leaf(v) for k, v in flatten(state["optimizers"]).items()})
+    flat["losses"] = np.asarray(recorder.losses, dtype=np.float64)
+    return flat
+
+
+# ----- modes -----
+def resume_mode(args) -> None:
+    harness = HARNESSES[args.backend]()
+    problem, _, recorder = run(harness, args.dir, init_seed=123, resume_from="latest", num_epochs=args.num_epochs)
+    np.savez(args.out, **results(problem, recorder))
+
+
+def train_mode(args) -> None:
+    harness = HARNESSES[args.backend]()
+    run(harness, args.dir, num_epochs=args.num_epochs, sleep=args.sleep, print_batches=True)
+
+
+def crash_mode(args) -> None:
+    """Fork a training child per round; SIGKILL it at a random moment; the next child must load the newest file."""
+    harness = HARNESSES[args.backend]()  # imports the backend only; no op runs in this process before forking
+    for module in WARM_UP_IMPORTS.get(args.backend, ()):  # lazily imported modules, so each child starts fast
+        importlib.import_module(module)
+    rng = random.Random(args.seed)
+    extension = "pt" if args.backend == "pytorch" else "npz"
+    reports = []
+    for _ in range(args.kills):
+        read_fd, write_fd = os.pipe()
+        pid = os.fork()
+        if pid == 0:  # child: load the newest checkpoint (when there is one), report, train and save until killed
+            os.close(read_fd)
+            try:
+                training_path = os.path.join(args.dir, "model-training-checkpoint." + extension)
+                resume = "latest" if os.path.exists(training_path) else None  # none yet: killed before the first
+                problem, manager, _ = run(
+                    harness,
+                    args.dir,
+                    num_epochs=1000,
+                    resume_from=resume,
+                    checkpoint_kwargs={"archive_last_model_checkpoint_every": 3, "keep_last": 2},
+                    start=False,
+                    on_first_batch=lambda fd=write_fd: os.write(fd, b'{"started": true}\n'),
+                )
+                loaded = None
+                if resume:
+                    state = problem.mlp.load_training_checkpoint(manager.callbacks[-1].training_checkpoint_path)
+                    problem.mlp.load_model_checkpoint(manager.callbacks[-1].file_names.latest_model)
+                    loaded = state["global_iter"]
+                os.write(write_fd, (json.dumps({"loaded": loaded}) + "\n").encode())
+                manager.start_training()
+            except BaseException as error:  # reported to the parent, which fails the test
+                os.write(write_fd, (json.dumps({"error": f"{type(error).__name__}: {error}"}) + "\n").encode())
+                os._exit(3)
+            os._exit(0)
+        os.close(write_fd)
+        with os.fdopen(read_fd) as reader:
+            line = reader.readline()
+            report = json.loads(line) if line else {"error": "child died before reporting"}
+            started = reader.readline()  # after its first batch: the child is writing checkpoints from now on
+            report["started"] = bool(started) and json.loads(started).get("started", False)
+            time.sleep(rng.uniform(0.02, args.max_delay))  # the child trains and writes checkpoints meanwhile
+            os.kill(pid, signal.SIGKILL)
+            _, status = os.waitpid(pid, 0)
+        report["killed"] = os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGKILL
+        report["temporary_files_left"] = sorted(name for name in os.listdir(args.dir) if ".tmp-" in name)
+        reports.append(report)
+    print(json.dumps({"reports": reports}), flush=True)
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("mode", choices=["resume", "train", "crash"])
+    parser.add_argument("--backend", required=True, choices=sorted(HARNESSES))
+    parser.add_argument("--dir", required=True)
+    parser.add_argument("--out")
+    parser.add_argument("--num-epochs", type=int, default=2)
+    parser.add_argument("--sleep", type=float, default=0.0)
+    parser.add_argument("--kills", type=int, default=20)
+    parser.add_argument("--max-delay", type=float, default=0.3)
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    {"resume": resume_mode, "train": train_mode, "crash": crash_mode}[args.mode](args)
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    sys.exit(main())

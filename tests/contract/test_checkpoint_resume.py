@@ -1,0 +1,205 @@
+"""Contract tests for checkpoints and exact resume, on every backend harness.
+
+Exact resume: N batches straight == k batches, stop, resume in a fresh trainer (or a new process) and N-k more,
+bit for bit (weights, optimizer state, logged losses), with shuffled resumable data, stopping at an epoch end
+and mid-epoch. Crash safety: SIGKILL at random moments while writing, SIGTERM at a batch boundary.
+"""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from tests.contract.scripts import checkpoint_worker as worker
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+NUM_EPOCHS = 2  # 5 batches per epoch: global_iter 0..9
+SUBPROCESS_ENV = dict(os.environ, PYTHONPATH=ROOT, TF_CPP_MIN_LOG_LEVEL="2")
+
+
+def assert_same_results(expected: dict, actual: dict):
+    assert sorted(expected) == sorted(actual)
+    for key in expected:
+        assert np.array_equal(expected[key], actual[key]), f"{key} differs: {expected[key]} vs {actual[key]}"
+
+
+@pytest.fixture(scope="module")
+def straight_run(harness, tmp_path_factory):
+    problem, manager, recorder = worker.run(harness, str(tmp_path_factory.mktemp("straight")), num_epochs=NUM_EPOCHS)
+    assert len(recorder.losses) == NUM_EPOCHS * worker.NUM_BATCHES
+    return worker.results(problem, recorder)
+
+
+@pytest.mark.parametrize("stop_at", [4, 6], ids=["epoch_end", "mid_epoch"])
+def test_exact_resume_in_fresh_trainer(harness, straight_run, tmp_path, stop_at):
+    directory = str(tmp_path)
+    _, first_manager, first = worker.run(harness, directory, num_epochs=NUM_EPOCHS, stop_at=stop_at)
+    assert (first_manager.global_iter, len(first.losses)) == (stop_at + 1, stop_at + 1)
+    # another initialisation seed: everything that matters must come from the checkpoint
+    problem, manager, second = worker.run(harness, directory, init_seed=99, num_epochs=NUM_EPOCHS, resume_from="latest")
+    assert len(second.losses) == NUM_EPOCHS * worker.NUM_BATCHES - stop_at - 1
+    resumed = worker.results(problem, second)
+    resumed["losses"] = np.asarray(first.losses + second.losses)
+    assert_same_results(straight_run, resumed)
+    assert manager.global_iter == NUM_EPOCHS * worker.NUM_BATCHES
+
+
+def test_exact_resume_in_new_process(harness, straight_run, tmp_path):
+    directory, stop_at = str(tmp_path), 7  # mid-epoch 1
+    _, _, first = worker.run(harness, directory, num_epochs=NUM_EPOCHS, stop_at=stop_at)
+    out = str(tmp_path / "resumed.npz")
+    subprocess.run(
+        [sys.executable, "-m", "tests.contract.scripts.checkpoint_worker", "resume", "--backend", harness.name,
+         "--dir", directory, "--out", out, "--num-epochs", str(NUM_EPOCHS)],
+        cwd=ROOT, env=SUBPROCESS_ENV, check=True, timeout=240, capture_output=True,
+    )  # fmt: skip
+    with np.load(out) as stored:
+        resumed = {key: stored[key] for key in stored.files}
+    resumed["losses"] = np.concatenate([np.asarray(first.losses), resumed["losses"]])
+    assert_same_results(straight_run, resumed)
+
+
+def test_sigterm_writes_training_checkpoint_and_resumes_exactly(harness, straight_run, tmp_path):
+    directory = str(tmp_path)
+    # a checkpoint only at epoch ends: what the resume uses mid-epoch must be the one written on SIGTERM
+    process = subprocess.Popen(
+        [sys.executable, "-m", "tests.contract.scripts.checkpoint_worker", "train", "--backend", harness.name,
+         "--dir", directory, "--sleep", "0.2", "--num-epochs", str(NUM_EPOCHS)],
+        cwd=ROOT, env=SUBPROCESS_ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    lines = []
+    for line in process.stdout:
+        lines.append(line.strip())
+        if line.strip() == "batch 1":
+            process.send_signal(signal.SIGTERM)
+            break
+    _, stderr = process.communicate(timeout=240)
+    assert process.returncode == 128 + signal.SIGTERM, stderr[-3000:]
+    state = harness.mlp.load_training_checkpoint(os.path.join(directory, _training_file(harness)))
+    stopped_at = state["global_iter"]
+    assert 2 <= stopped_at < NUM_EPOCHS * worker.NUM_BATCHES  # the batch in progress finished, then it stopped
+    problem, _, second = worker.run(harness, directory, init_seed=5, num_epochs=NUM_EPOCHS, resume_from=state)
+    resumed = worker.results(problem, second)
+    assert np.array_equal(resumed["losses"], straight_run["losses"][stopped_at:])
+    resumed["losses"] = straight_run["losses"]
+    assert_same_results(straight_run, resumed)
+
+
+def _training_file(harness) -> str:
+    return "model-training-checkpoint." + ("pt" if harness.name == "pytorch" else "npz")
+
+
+CRASH_HARNESSES = {"pytorch", "tensorflow-eager"}  # compiled TF uses the same saver; tracing per child costs ~3 s
+
+
+def test_sigkill_at_random_moments_leaves_a_loadable_checkpoint(harness, tmp_path):
+    if harness.name not in CRASH_HARNESSES:
+        pytest.skip(f"crash test runs once per backend ({sorted(CRASH_HARNESSES)})")
+    directory, kills = str(tmp_path), 20
+    completed = subprocess.run(
+        [sys.executable, "-m", "tests.contract.scripts.checkpoint_worker", "crash", "--backend", harness.name,
+         "--dir", directory, "--kills", str(kills), "--seed", "1"],
+        cwd=ROOT, env=SUBPROCESS_ENV, check=True, timeout=300, capture_output=True, text=True,
+    )  # fmt: skip
+    reports = json.loads(completed.stdout.strip().splitlines()[-1])["reports"]
+    assert len(reports) == kills
+    assert all(report["killed"] and report["started"] for report in reports), reports
+    assert all("error" not in report for report in reports), reports
+    loaded = [report["loaded"] for report in reports]
+    first = next(index for index, value in enumerate(loaded) if value is not None)
+    assert first <= 2, reports  # the first training checkpoint is complete within the first children's lives
+    loaded = loaded[first:]  # once one was complete, every later child loaded the newest checkpoint
+    assert all(isinstance(value, int) and value >= 1 for value in loaded), reports
+    assert loaded == sorted(loaded) and loaded[-1] > loaded[0]  # progress survives the kills
+    mid_write = sum(bool(report["temporary_files_left"]) for report in reports)
+    assert mid_write >= 1, f"no kill landed while a file was written: {reports}"
+    state = harness.mlp.load_training_checkpoint(os.path.join(directory, _training_file(harness)))
+    assert state["global_iter"] >= loaded[-1]
+    print(f"{kills} SIGKILLs, {mid_write} of them while a checkpoint file was being written; loaded {loaded}")
+
+
+@pytest.mark.parametrize("mode", ["min", "max"])
+def test_best_model_checkpoint_holds_weights_of_best_iteration(harness, tmp_path, mode):
+    problem = harness.make_problem(num_batches=4)
+    mlp = problem.mlp
+    evaluator = mlp.evaluation.MetricEvaluator(trainer=problem.trainer)
+    snapshots = []
+
+    class RecordWeights(mlp.callbacks.Callback):
+        def on_epoch_completed(self, logs):
+            state = worker.to_numpy_tree(problem.trainer.get_state()["model_components"])
+            snapshots.append((logs["current"]["validation"]["dataset"]["loss"], worker.flatten(state)))
+
+    checkpoint_manager = mlp.callbacks.CheckpointManager(
+        checkpoints_path=str(tmp_path), metric_to_monitor="validation.dataset.loss", metric_opt_mode=mode
+    )
+    callbacks = [
+        mlp.callbacks.TrainingMetricsLogger(metric_evaluator=evaluator),
+        mlp.callbacks.TestMetricsLogger(problem.validation_batches, "validation", metric_evaluator=evaluator),
+        RecordWeights(),
+        checkpoint_manager,
+    ]
+    manager = mlp.trainers.TrainingManager(problem.trainer, problem.training_batches, num_epochs=4, callbacks=callbacks)
+    manager.start_training()
+    values = [value for value, _ in snapshots]
+    best_epoch = int(np.argmin(values) if mode == "min" else np.argmax(values))
+    checkpoint = mlp.load_model_checkpoint(checkpoint_manager.file_names.best_model)
+    assert checkpoint["progress"]["epoch"] == best_epoch
+    assert checkpoint["logs"]["validation"]["dataset"]["loss"] == values[best_epoch]
+    assert checkpoint["logs"]["is_best"] is True
+    saved = worker.flatten(worker.to_numpy_tree(checkpoint["model_components"]))
+    expected = snapshots[best_epoch][1]
+    assert sorted(saved) == sorted(expected)
+    assert all(np.array_equal(saved[key], expected[key]) for key in expected)
+    other_epochs = [flat for index, (_, flat) in enumerate(snapshots) if index != best_epoch]
+    assert all(any(not np.array_equal(saved[k], flat[k]) for k in flat) for flat in other_epochs)
+    assert manager.logs["best"]["validation"]["dataset"]["loss"] == values[best_epoch]
+    assert checkpoint_manager.best_value == values[best_epoch]
+
+
+def test_truncated_corrupt_and_mismatching_checkpoints_give_clear_errors(harness, tmp_path):
+    from mlpug.checkpointing import CheckpointError
+
+    directory = str(tmp_path)
+    worker.run(harness, directory, num_epochs=1)
+    path = os.path.join(directory, _training_file(harness))
+    mlp = harness.mlp
+    state = mlp.load_training_checkpoint(path)
+
+    truncated = str(tmp_path / "truncated")
+    with open(path, "rb") as source, open(truncated, "wb") as target:
+        target.write(source.read()[: os.path.getsize(path) // 2])
+    with pytest.raises(CheckpointError, match="truncated or corrupt") as raised:
+        mlp.load_training_checkpoint(truncated)
+    assert truncated in str(raised.value)
+
+    with pytest.raises(CheckpointError, match="is a model checkpoint, expected a training checkpoint"):
+        mlp.load_training_checkpoint(os.path.join(directory, "model-latest-model-checkpoint." + path.rsplit(".")[-1]))
+
+    with pytest.raises(CheckpointError, match="does not exist"):
+        mlp.load_training_checkpoint(str(tmp_path / "nothing-here.pt"))
+
+    # a manager without the Recorder callback: the checkpoint's callback states do not match
+    _, manager, _ = worker.run(harness, str(tmp_path / "other"), num_epochs=1, start=False)
+    manager.callbacks = [cb for cb in manager.callbacks if cb.name != "Recorder"]
+    with pytest.raises(ValueError, match="Recorder") as raised:
+        manager.set_state(state)
+    assert path in str(raised.value)
+
+    # another model shape: the first weight array has one more row
+    _, manager, _ = worker.run(harness, str(tmp_path / "shape"), num_epochs=1, start=False)
+    components = state["trainer"]["model_components"]
+    name = next(iter(components))
+    weights = components[name]
+    if isinstance(weights, dict):  # PyTorch state_dict
+        key = next(iter(weights))
+        weights[key] = weights[key].new_zeros((weights[key].shape[0] + 1,) + tuple(weights[key].shape[1:]))
+    else:  # TensorFlow: list of arrays
+        weights[0] = np.zeros((weights[0].shape[0] + 1,) + weights[0].shape[1:], weights[0].dtype)
+    with pytest.raises(ValueError, match="does not fit") as raised:
+        manager.set_state(state)
+    assert path in str(raised.value)

@@ -1,0 +1,328 @@
+"""CheckpointManager, crash-safe files and resume on the pure-Python fake backend (NumPy-format saver)."""
+
+import os
+import random
+import signal
+
+import numpy as np
+import pytest
+
+from mlpug.checkpointing import (
+    CheckpointError,
+    CheckpointFileNames,
+    NumpyCheckpointSaver,
+    atomic_write,
+    make_header,
+    remove_stale_temporary_files,
+)
+from mlpug.data import ResumableArrayBatches
+from mlpug.evaluation import MetricEvaluator
+from mlpug.logs import MetricValues
+from mlpug.trainers.callbacks import Callback, CheckpointManager, TrainingMetricsLogger
+from mlpug.trainers.training import TrainingManager
+from tests.core.fake_backend import make_trainer
+
+NUM_BATCHES, BATCH_SIZE = 4, 3
+
+
+class PairBatches(ResumableArrayBatches):
+    """Resumable batches as lists of (x, y) pairs, the fake backend's batch format."""
+
+    def __iter__(self):
+        for (rows,) in super().__iter__():
+            yield [tuple(row) for row in rows.tolist()]
+
+
+def make_data(seed=5):
+    xs = np.linspace(-1, 1, NUM_BATCHES * BATCH_SIZE)
+    return PairBatches((np.stack([xs, 2 * xs - 1], axis=1),), BATCH_SIZE, shuffle=True, seed=seed)
+
+
+class Draws(Callback):
+    """Consumes Python and NumPy random numbers every batch (like dropout or augmentation would)."""
+
+    def __init__(self, stop_at=None):
+        super().__init__("Draws")
+        self.values, self.losses, self.stop_at = [], [], stop_at
+
+    def on_batch_training_completed(self, training_batch, logs):
+        self.values.append((random.random(), float(np.random.rand())))
+        self.losses.append(logs["current"]["training"]["batch"]["loss"])
+        if self.stop_at == logs["current"]["global_iter"]:
+            self.training_manager.stop_training()
+
+
+def build(directory, stop_at=None, resume_from=None, num_epochs=3, data=None, **checkpoint_kwargs):
+    trainer, model = make_trainer()
+    kwargs = dict(metric_to_monitor="training.batch.loss", batch_level=True, write_in_background=True)
+    kwargs.update(checkpoint_kwargs)
+    draws = Draws(stop_at)
+    checkpoint_manager = CheckpointManager(NumpyCheckpointSaver(), checkpoints_path=str(directory), **kwargs)
+    callbacks = [TrainingMetricsLogger(MetricEvaluator(trainer=trainer)), draws, checkpoint_manager]
+    manager = TrainingManager(
+        trainer, data or make_data(), num_epochs=num_epochs, callbacks=callbacks, resume_from=resume_from
+    )
+    return manager, model, draws, checkpoint_manager
+
+
+# ----- files -----
+def test_atomic_write_keeps_the_old_file_when_writing_fails(tmp_path):
+    path = str(tmp_path / "file.bin")
+    atomic_write(path, lambda file: file.write(b"old"))
+
+    def failing(file):
+        file.write(b"partial new content")
+        raise OSError("disk full")
+
+    with pytest.raises(OSError, match="disk full"):
+        atomic_write(path, failing)
+    assert open(path, "rb").read() == b"old"
+    assert os.listdir(tmp_path) == ["file.bin"]  # no temporary file left
+    atomic_write(path, lambda file: file.write(b"new"))
+    assert open(path, "rb").read() == b"new"
+
+
+def test_stale_temporary_files_of_dead_processes_are_removed(tmp_path):
+    dead, alive = tmp_path / ".model-training-checkpoint.npz.tmp-999999999", tmp_path / f".model-x.tmp-{os.getpid()}"
+    dead.write_bytes(b"x")
+    alive.write_bytes(b"x")
+    assert remove_stale_temporary_files(str(tmp_path), "model") == [dead.name]
+    assert alive.exists()
+
+
+def test_numpy_saver_round_trip_preserves_structure_and_refuses_objects(tmp_path):
+    saver = NumpyCheckpointSaver()
+    state = {
+        "mlpug": make_header("training", "numpy"),
+        "nested": {0: (1, 2.5, None), "nan": float("nan"), "flag": True, "text": "é"},
+        "arrays": [np.arange(6, dtype=np.float32).reshape(2, 3), np.int64(7)],
+        "big": 2**70,
+    }
+    path = str(tmp_path / "state.npz")
+    saver.save(state, path)
+    loaded = saver.load(path, kind="training")
+    assert loaded["nested"][0] == (1, 2.5, None)
+    assert np.isnan(loaded["nested"]["nan"]) and loaded["nested"]["flag"] is True and loaded["nested"]["text"] == "é"
+    assert loaded["arrays"][0].dtype == np.float32 and np.array_equal(loaded["arrays"][0], state["arrays"][0])
+    assert loaded["arrays"][1] == 7 and isinstance(loaded["arrays"][1], np.int64)
+    assert loaded["big"] == 2**70 and loaded["mlpug"]["path"] == path
+    with pytest.raises(TypeError, match=r"checkpoint\['callbacks'\]\['x'\] is a builtins.object"):
+        saver.save({"callbacks": {"x": object()}}, str(tmp_path / "bad.npz"))
+    with pytest.raises(CheckpointError, match="is a training checkpoint, expected a model checkpoint"):
+        saver.load(path, kind="model")
+    with pytest.raises(CheckpointError, match="written by the 'numpy' backend"):
+        NumpyCheckpointSaver(backend="tensorflow").load(path)
+
+
+def test_truncated_empty_and_foreign_files_give_errors_naming_the_file(tmp_path):
+    saver = NumpyCheckpointSaver()
+    path = str(tmp_path / "state.npz")
+    saver.save({"mlpug": make_header("model", "numpy"), "weights": np.ones(1000)}, path)
+    data = open(path, "rb").read()
+    for name, content in (("truncated.npz", data[: len(data) // 2]), ("empty.npz", b""), ("text.npz", b"hello")):
+        (tmp_path / name).write_bytes(content)
+        with pytest.raises(CheckpointError, match="truncated or corrupt") as raised:
+            saver.load(str(tmp_path / name))
+        assert name in str(raised.value)
+    np.savez(tmp_path / "plain.npz", x=np.ones(2))
+    with pytest.raises(CheckpointError, match="is not an mlpug numpy checkpoint"):
+        saver.load(str(tmp_path / "plain.npz"))
+
+
+def test_file_names_are_stable():
+    names = CheckpointFileNames("/ckpt", "run", "pt")
+    assert names.best_model == "/ckpt/run-best-model-checkpoint.pt"
+    assert names.latest_model == "/ckpt/run-latest-model-checkpoint.pt"
+    assert names.training == "/ckpt/run-training-checkpoint.pt"
+    assert names.emergency_training == "/ckpt/run-emergency-training-checkpoint.pt"
+    assert names.archived_model("epoch", 3) == "/ckpt/run-model-checkpoint-epoch-000003.pt"
+
+
+# ----- arguments -----
+@pytest.mark.parametrize(
+    "kwargs, error, match",
+    [
+        (dict(metric_opt_mode="lowest"), ValueError, "metric_opt_mode must be 'min' or 'max', got 'lowest'"),
+        (dict(metric_monitor_period=0), ValueError, "metric_monitor_period must be an int >= 1, got 0"),
+        (dict(create_checkpoint_every=1.5), ValueError, "create_checkpoint_every"),
+        (dict(keep_last=0), ValueError, "keep_last must be an int >= 1 or None"),
+        (dict(improvement_threshold=-1), ValueError, "improvement_threshold must be a number >= 0"),
+        (dict(metric_to_monitor=3), TypeError, "metric_to_monitor must be a dotted path"),
+        (dict(batch_level="yes"), TypeError, "batch_level must be a bool"),
+        (dict(base_checkpoint_filename="a/b"), ValueError, "without directories"),
+        (dict(model_hyper_parameters={"act": object()}), TypeError, r"model_hyper_parameters\['act'\]"),
+    ],
+)
+def test_bad_arguments_fail_at_construction(kwargs, error, match):
+    with pytest.raises(error, match=match):
+        CheckpointManager(NumpyCheckpointSaver(), **kwargs)
+
+
+def test_saver_must_be_a_checkpoint_saver():
+    with pytest.raises(TypeError, match="saver must be an mlpug.checkpointing.CheckpointSaver"):
+        CheckpointManager("numpy")
+
+
+def test_missing_monitored_metric_fails_at_the_first_check_listing_paths(tmp_path):
+    manager, *_ = build(tmp_path, metric_to_monitor="validation.dataset.loss")
+    with pytest.raises(KeyError, match=r"'validation.dataset.loss' does not exist.*training\.batch\.loss"):
+        manager.start_training()
+
+
+# ----- what is written when -----
+def test_files_archives_and_keep_last(tmp_path):
+    manager, *_ = build(tmp_path, batch_level=False, archive_last_model_checkpoint_every=1, keep_last=2, num_epochs=4)
+    manager.start_training()
+    assert sorted(os.listdir(tmp_path)) == [
+        "model-best-model-checkpoint.npz",
+        "model-latest-model-checkpoint.npz",
+        "model-model-checkpoint-epoch-000003.npz",
+        "model-model-checkpoint-epoch-000004.npz",
+        "model-training-checkpoint.npz",
+    ]
+    saver = NumpyCheckpointSaver()
+    archived = saver.load(str(tmp_path / "model-model-checkpoint-epoch-000003.npz"), kind="model")
+    assert archived["progress"]["epoch"] == 2 and archived["progress"]["global_iter"] == 3 * NUM_BATCHES - 1
+    training = saver.load(str(tmp_path / "model-training-checkpoint.npz"), kind="training")
+    assert (training["epoch"], training["batch_step"], training["global_iter"]) == (4, 0, 4 * NUM_BATCHES)
+
+
+class ScriptedMetric(Callback):
+    """Writes scripted values at logs.current.validation.dataset.loss at every epoch end."""
+
+    def __init__(self, values):
+        super().__init__("ScriptedMetric")
+        self.values = list(values)
+
+    def on_epoch_completed(self, logs):
+        logs["current"]["validation"] = {"dataset": MetricValues(loss=self.values[logs["epoch"]])}
+
+
+@pytest.mark.parametrize(
+    "mode, threshold, values, best_epochs",
+    [
+        ("min", 0.0, [5.0, 4.95, 6.0, 3.0], [0, 1, 3]),
+        ("min", 0.1, [5.0, 4.95, 6.0, 3.0], [0, 3]),
+        ("max", 0.0, [1.0, 2.0, float("nan"), 1.5], [0, 1]),
+    ],
+)
+def test_improvement_mode_and_threshold(tmp_path, mode, threshold, values, best_epochs):
+    trainer, _ = make_trainer()
+    seen = []
+
+    class SeeBest(Callback):
+        def on_epoch_completed(self, logs):
+            if logs["current"]["is_best"]:
+                seen.append(logs["epoch"])
+                assert logs["best"]["validation"]["dataset"]["loss"] == values[logs["epoch"]]
+
+    checkpoint_manager = CheckpointManager(
+        NumpyCheckpointSaver(), str(tmp_path), metric_opt_mode=mode, improvement_threshold=threshold
+    )
+    callbacks = [ScriptedMetric(values), checkpoint_manager, SeeBest()]
+    manager = TrainingManager(trainer, make_data(), num_epochs=len(values), callbacks=callbacks)
+    manager.start_training()
+    assert seen == best_epochs
+    assert checkpoint_manager.best_epoch == best_epochs[-1]
+    best = NumpyCheckpointSaver().load(checkpoint_manager.file_names.best_model, kind="model")
+    assert best["progress"]["epoch"] == best_epochs[-1]
+
+
+# ----- resume -----
+@pytest.mark.parametrize("stop_at", [3, 5, 7], ids=["epoch_end", "mid_epoch", "epoch_end_2"])
+def test_exact_resume_including_python_and_numpy_random_states(tmp_path, stop_at):
+    random.seed(1), np.random.seed(1)
+    straight, straight_model, straight_draws, _ = build(tmp_path / "straight")
+    straight.start_training()
+
+    random.seed(1), np.random.seed(1)
+    first, _, first_draws, _ = build(tmp_path / "stopped", stop_at=stop_at)
+    first.start_training()
+    random.seed(99), np.random.seed(99)  # the resumed run must take its random states from the checkpoint
+    second, model, second_draws, _ = build(tmp_path / "stopped", resume_from="latest")
+    second.start_training()
+
+    assert (model.w, model.b) == (straight_model.w, straight_model.b)
+    assert first_draws.values + second_draws.values == straight_draws.values
+    assert first_draws.losses + second_draws.losses == straight_draws.losses
+    assert second.global_iter == straight.global_iter == 3 * NUM_BATCHES
+
+
+def test_get_state_inside_on_epoch_completed_reports_the_next_epoch(tmp_path):
+    positions = []
+
+    class Probe(Callback):
+        def on_batch_training_completed(self, training_batch, logs):
+            state = self.training_manager.get_state()
+            positions.append(("batch", state["epoch"], state["batch_step"]))
+
+        def on_epoch_completed(self, logs):
+            state = self.training_manager.get_state()
+            positions.append(("epoch", state["epoch"], state["batch_step"]))
+
+    trainer, _ = make_trainer()
+    TrainingManager(trainer, make_data(), num_epochs=1, callbacks=[Probe()]).start_training()
+    assert positions == [("batch", 0, 1), ("batch", 0, 2), ("batch", 0, 3), ("batch", 0, 4), ("epoch", 1, 0)]
+
+
+def test_emergency_checkpoint_on_failure_keeps_the_regular_one(tmp_path):
+    trainer, _ = make_trainer(fail_at_call=6)
+    checkpoint_manager = CheckpointManager(
+        NumpyCheckpointSaver(), str(tmp_path), metric_to_monitor=None, batch_level=True, create_checkpoint_every=2
+    )
+    manager = TrainingManager(trainer, make_data(), num_epochs=2, callbacks=[checkpoint_manager])
+    with pytest.raises(FloatingPointError):
+        manager.start_training()
+    saver = NumpyCheckpointSaver()
+    emergency = saver.load(checkpoint_manager.file_names.emergency_training, kind="training")
+    regular = saver.load(checkpoint_manager.file_names.training, kind="training")
+    assert (emergency["epoch"], emergency["batch_step"], emergency["global_iter"]) == (1, 1, 5)  # the failed batch
+    assert regular["global_iter"] == 4
+
+
+def test_sigterm_writes_the_training_checkpoint_at_the_batch_boundary(tmp_path):
+    class Terminate(Callback):
+        def on_batch_training_start(self, training_batch, logs):
+            if logs["current"]["global_iter"] == 5:
+                signal.raise_signal(signal.SIGTERM)
+
+    trainer, _ = make_trainer()
+    checkpoint_manager = CheckpointManager(NumpyCheckpointSaver(), str(tmp_path), metric_to_monitor=None)
+    manager = TrainingManager(trainer, make_data(), num_epochs=3, callbacks=[Terminate(), checkpoint_manager])
+    with pytest.raises(SystemExit) as raised:
+        manager.start_training()
+    assert raised.value.code == 128 + signal.SIGTERM
+    state = NumpyCheckpointSaver().load(checkpoint_manager.training_checkpoint_path, kind="training")
+    assert (state["epoch"], state["batch_step"], state["global_iter"]) == (1, 2, 6)
+
+
+def test_resume_from_validation(tmp_path):
+    trainer, _ = make_trainer()
+    with pytest.raises(ValueError, match="needs a CheckpointManager"):
+        TrainingManager(trainer, make_data(), resume_from="latest")
+    with pytest.raises(TypeError, match="resume_from must be a checkpoint path"):
+        TrainingManager(trainer, make_data(), resume_from=3)
+    with pytest.raises(ValueError, match="does not exist"):
+        build(tmp_path, resume_from="latest")
+    with pytest.raises(ValueError, match="not a training checkpoint"):
+        build(tmp_path, resume_from={"weights": 1})
+
+
+def test_mismatching_states_name_the_file(tmp_path):
+    first, *_ = build(tmp_path, stop_at=2)
+    first.start_training()
+    path = str(tmp_path / "model-training-checkpoint.npz")
+    state = NumpyCheckpointSaver().load(path)
+    manager, *_ = build(tmp_path / "other", data=make_data(seed=6))
+    with pytest.raises(ValueError, match=r"model-training-checkpoint.npz: the training data order differs.*seed: 5"):
+        manager.set_state(state)
+    trainer, _ = make_trainer()
+    other = TrainingManager(trainer, make_data(), num_batches_per_epoch=2, callbacks=manager.callbacks[:0])
+    with pytest.raises(ValueError, match="does not match the callbacks"):
+        other.set_state(state)
+    state["callbacks"] = {}
+    with pytest.raises(ValueError, match="num_batches_per_epoch=4, this manager has 2"):
+        other.set_state(state)
+    manager, *_ = build(tmp_path / "mode", metric_opt_mode="max")
+    with pytest.raises(ValueError, match="metric_opt_mode is 'min'"):
+        manager.set_state(NumpyCheckpointSaver().load(path))

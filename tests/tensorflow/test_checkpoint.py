@@ -1,0 +1,68 @@
+"""TensorFlow checkpoints: random state, tf.data fallback (skipping with a warning), npz safety."""
+
+import logging
+import os
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+import mlpug.tensorflow as mlp
+from mlpug.checkpointing import CheckpointError, get_random_state, make_header, set_random_state
+from tests.contract.backends import HARNESSES, make_numpy_data
+
+
+def test_global_generator_state_round_trip():
+    state = get_random_state()
+    assert {"python", "numpy", "tensorflow"} <= set(state)
+    expected = tf.random.get_global_generator().normal([4]).numpy()
+    set_random_state(state)
+    assert np.array_equal(tf.random.get_global_generator().normal([4]).numpy(), expected)
+
+
+def test_tf_data_resume_skips_batches_with_a_warning_and_stays_exact(tmp_path, caplog):
+    harness = HARNESSES["tensorflow"]()
+    features, labels = make_numpy_data(40, 2)
+
+    def train(directory, stop_at=None, resume_from=None):
+        problem = harness.make_problem(seed=0 if resume_from is None else 3)
+        dataset = tf.data.Dataset.from_tensor_slices((features, labels)).batch(8)  # same order every pass
+        losses = []
+
+        class Record(mlp.callbacks.Callback):
+            def on_batch_training_completed(self, training_batch, logs):
+                losses.append(logs["current"]["training"]["batch"]["loss"])
+                if logs["current"]["global_iter"] == stop_at:
+                    self.training_manager.stop_training()
+
+        callbacks = [
+            mlp.callbacks.TrainingMetricsLogger(mlp.evaluation.MetricEvaluator(trainer=problem.trainer)),
+            Record("Record"),
+            mlp.callbacks.CheckpointManager(checkpoints_path=str(directory), metric_to_monitor=None),
+        ]
+        manager = mlp.trainers.TrainingManager(
+            problem.trainer, dataset, num_epochs=2, callbacks=callbacks, resume_from=resume_from
+        )
+        manager.start_training()
+        return [w.numpy() for w in problem.classifier.weights], losses
+
+    straight_weights, straight_losses = train(tmp_path / "straight")
+    train(tmp_path / "resumed", stop_at=6)
+    with caplog.at_level(logging.WARNING, logger="mlpug.data"):
+        weights, losses = train(tmp_path / "resumed", resume_from="latest")
+    assert "2 batches of epoch 1 are skipped by loading and dropping them" in caplog.text
+    assert losses == straight_losses[7:]
+    assert all(np.array_equal(a, b) for a, b in zip(weights, straight_weights))
+
+
+def test_npz_checkpoints_hold_no_pickles_and_name_the_backend(tmp_path):
+    saver = mlp.checkpointing.CheckpointSaver()
+    path = str(tmp_path / "state.npz")
+    saver.save(saver.snapshot({"mlpug": make_header("model", "tensorflow"), "w": tf.ones([2, 2])}), path)
+    with np.load(path, allow_pickle=False) as archive:  # loads without pickle
+        assert "a0" in archive.files
+    assert np.array_equal(mlp.load_model_checkpoint(path)["w"], np.ones([2, 2], np.float32))
+    with pytest.raises(CheckpointError, match="is a model checkpoint, expected a training checkpoint"):
+        mlp.load_training_checkpoint(path)
+    with pytest.raises(CheckpointError, match="does not exist"):
+        mlp.load_training_checkpoint(os.path.join(str(tmp_path), "missing.npz"))

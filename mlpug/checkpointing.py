@@ -266,7 +266,8 @@ def register_random_state(name: str, get: Callable[[], Any], set_: Callable[[Any
 
     Backends register theirs at import (``"torch"``, ``"tensorflow"``); the core registers ``"python"``
     (the ``random`` module) and ``"numpy"`` (NumPy's global generator). ``get`` must return plain containers
-    and the backend's arrays.
+    of Python scalars only (no tensors or arrays): a process may import several backends, and every
+    backend's saver must be able to store every registered state.
     """
     _RANDOM_STATE_SOURCES[name] = (get, set_)
 
@@ -340,7 +341,10 @@ class CheckpointSaver(ABC):
 
     @abstractmethod
     def snapshot(self, state: Any) -> Any:
-        """A copy of ``state`` that training can no longer change (arrays copied to host memory)."""
+        """A copy of ``state`` that training can no longer change (arrays copied to host memory).
+
+        A saver may reuse the memory of its previous snapshot, so a snapshot is valid until the next call.
+        """
 
     def save(self, checkpoint: dict, path: str) -> None:
         """Write ``checkpoint`` to ``path`` crash-safely (temporary file, fsync, atomic rename)."""

@@ -23,25 +23,39 @@ from mlpug.checkpointing import CheckpointSaver as _NeutralCheckpointSaver
 _log = logging.getLogger("mlpug.pytorch.checkpointing")
 
 
-def snapshot_tensors(state: Any) -> Any:
+def snapshot_tensors(state: Any, buffers: Optional[dict] = None, path: tuple = ()) -> Any:
     """Copy of nested containers with every tensor detached and copied to CPU memory.
 
     The copy is what a background thread writes while training changes the live tensors. ``OrderedDict``
     state dicts stay ``OrderedDict`` with their ``_metadata`` (module versions that ``load_state_dict`` reads).
     For CUDA tensors this is a device-to-host copy (a synchronisation point).
+
+    Args:
+        state: Nested dicts / lists / tuples with tensors and plain values.
+        buffers: When given, host tensors from earlier snapshots, keyed by their path in ``state``; a tensor of
+            the same shape and dtype is copied into its buffer instead of new memory (no allocation and page
+            faults for every checkpoint). The previous snapshot's tensors are then overwritten.
+        path: Path of ``state`` inside the root (for the buffer keys).
     """
     if isinstance(state, torch.Tensor):
-        return state.detach().to("cpu", copy=True)
+        if buffers is None:
+            return state.detach().to("cpu", copy=True)
+        buffer = buffers.get(path)
+        if buffer is None or buffer.shape != state.shape or buffer.dtype != state.dtype:
+            buffer = buffers[path] = torch.empty(state.shape, dtype=state.dtype, device="cpu")
+        return buffer.copy_(state.detach())
     if isinstance(state, collections.OrderedDict):
-        copied = collections.OrderedDict((key, snapshot_tensors(value)) for key, value in state.items())
+        copied = collections.OrderedDict(
+            (key, snapshot_tensors(value, buffers, (*path, key))) for key, value in state.items()
+        )
         metadata = getattr(state, "_metadata", None)
         if metadata is not None:
             copied._metadata = copy.deepcopy(metadata)  # type: ignore[attr-defined]
         return copied
     if isinstance(state, dict):
-        return {key: snapshot_tensors(value) for key, value in state.items()}
+        return {key: snapshot_tensors(value, buffers, (*path, key)) for key, value in state.items()}
     if isinstance(state, (list, tuple)):
-        return type(state)(snapshot_tensors(value) for value in state)
+        return type(state)(snapshot_tensors(value, buffers, (*path, index)) for index, value in enumerate(state))
     return state
 
 
@@ -51,16 +65,22 @@ class CheckpointSaver(_NeutralCheckpointSaver):
     Args:
         map_location: Where loaded tensors are placed; default CPU (``load_state_dict`` then copies them to the
             parameters' devices).
+        reuse_buffers: :meth:`snapshot` copies into the host buffers of the previous snapshot (same structure,
+            shapes and dtypes), so a snapshot is valid until the next one; the ``CheckpointManager`` waits for
+            the previous write before it snapshots again. Costs one host copy of the state; saves allocating
+            (and page-faulting) it at every checkpoint.
     """
 
     backend = "pytorch"
     extension = "pt"
 
-    def __init__(self, map_location: Any = "cpu"):
+    def __init__(self, map_location: Any = "cpu", reuse_buffers: bool = True):
         self.map_location = map_location
+        self.reuse_buffers = reuse_buffers
+        self._buffers: dict = {}
 
     def snapshot(self, state: Any) -> Any:
-        return snapshot_tensors(state)
+        return snapshot_tensors(state, self._buffers if self.reuse_buffers else None)
 
     def write(self, checkpoint: dict, file: BinaryIO) -> None:
         torch.save(checkpoint, file)
@@ -112,12 +132,13 @@ def load_model_checkpoint(path: str) -> dict:
 
 
 def _get_torch_random_state() -> dict:
+    """Plain lists of byte values (not tensors), so that every backend's saver can store them."""
     cuda_states = torch.cuda.get_rng_state_all() if torch.cuda.is_available() and torch.cuda.is_initialized() else []
-    return {"cpu": torch.get_rng_state(), "cuda": list(cuda_states)}
+    return {"cpu": torch.get_rng_state().tolist(), "cuda": [state.tolist() for state in cuda_states]}
 
 
 def _set_torch_random_state(state: dict) -> None:
-    torch.set_rng_state(state["cpu"])
+    torch.set_rng_state(torch.tensor(state["cpu"], dtype=torch.uint8))
     cuda_states: Optional[list] = state.get("cuda")
     if not cuda_states:
         return
@@ -127,7 +148,7 @@ def _set_torch_random_state(state: dict) -> None:
             f"{torch.cuda.device_count() if torch.cuda.is_available() else 0} are available here; not restored."
         )
         return
-    torch.cuda.set_rng_state_all(cuda_states)
+    torch.cuda.set_rng_state_all([torch.tensor(values, dtype=torch.uint8) for values in cuda_states])
 
 
 register_random_state("torch", _get_torch_random_state, _set_torch_random_state)

@@ -66,16 +66,18 @@ def load_model_checkpoint(path: str) -> dict:
 
 def _get_tf_random_state() -> dict:
     generator = tf.random.get_global_generator()
-    return {"global_generator": {"state": generator.state.numpy(), "algorithm": int(generator.algorithm)}}
+    # plain ints (not arrays), so that every backend's saver can store them
+    return {"global_generator": {"state": generator.state.numpy().tolist(), "algorithm": int(generator.algorithm)}}
 
 
 def _set_tf_random_state(state: dict) -> None:
     saved = state["global_generator"]
+    values = np.asarray(saved["state"], dtype=np.int64)
     generator = tf.random.get_global_generator()
     if int(generator.algorithm) != int(saved["algorithm"]):
-        tf.random.set_global_generator(tf.random.Generator.from_state(saved["state"], saved["algorithm"]))
+        tf.random.set_global_generator(tf.random.Generator.from_state(values, saved["algorithm"]))
     else:
-        generator.reset(saved["state"])
+        generator.reset(values)
 
 
 register_random_state("tensorflow", _get_tf_random_state, _set_tf_random_state)

@@ -140,3 +140,12 @@ def test_torch_random_state_round_trip():
     expected = torch.rand(5)
     set_random_state(state)
     assert torch.equal(torch.rand(5), expected)
+
+
+def test_random_states_are_plain_so_every_saver_stores_them(tmp_path):
+    from mlpug.checkpointing import get_random_state
+
+    path = str(tmp_path / "random.npz")
+    saver = NumpyCheckpointSaver()
+    saver.save({"mlpug": make_header("training", "numpy"), "random": get_random_state()}, path)
+    assert saver.load(path)["random"]["torch"]["cpu"] == torch.get_rng_state().tolist()

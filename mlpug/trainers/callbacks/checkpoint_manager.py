@@ -204,16 +204,34 @@ class CheckpointManager(Callback):
 
     # ----- periods -----
     def _on_period(self, logs: dict, period_count: int) -> None:
-        if self.metric_to_monitor is not None and period_count % self.metric_monitor_period == 0:
-            self._check_improvement(logs)
-        if not self._is_primary():
+        improved = (
+            self.metric_to_monitor is not None
+            and period_count % self.metric_monitor_period == 0
+            and self._check_improvement(logs)
+        )
+        save_latest = period_count % self.create_checkpoint_every == 0
+        if not self._is_primary() or not (improved or save_latest):
             return
-        if period_count % self.create_checkpoint_every == 0:
+        # One snapshot per period, taken after the previous write finished (a saver may reuse its buffers);
+        # then one background job writes every file of this period.
+        self._writer.wait()
+        manager = self.training_manager
+        if save_latest:
+            manager_state = self.saver.snapshot(manager.get_state())
+            trainer_state = manager_state["trainer"]
+        else:
+            manager_state, trainer_state = None, self.saver.snapshot(manager.trainer.get_state())
+        jobs = []
+        if improved:
+            best_checkpoint = self._model_checkpoint(trainer_state, logs)
+            jobs.append(lambda: self.saver.save(best_checkpoint, self.file_names.best_model))
+        if manager_state is not None:
             archive = (
                 self.archive_last_model_checkpoint_every is not None
                 and period_count % self.archive_last_model_checkpoint_every == 0
             )
-            self._save_latest(logs, period_count if archive else None)
+            jobs.append(self._latest_job(manager_state, logs, period_count if archive else None))
+        self._write(lambda: [job() for job in jobs])
 
     def _improved(self, value: float) -> bool:
         if value is None or (isinstance(value, float) and math.isnan(value)):
@@ -224,7 +242,8 @@ class CheckpointManager(Callback):
             return value < self.best_value - self.improvement_threshold
         return value > self.best_value + self.improvement_threshold
 
-    def _check_improvement(self, logs: dict) -> None:
+    def _check_improvement(self, logs: dict) -> bool:
+        """Compare the monitored value with the best; on an improvement update the best and ``logs``."""
         current = logs["current"]
         value = get_value_at(current, self.metric_to_monitor)  # a missing path raises, listing what exists
         if value is not None and not isinstance(value, (int, float)):
@@ -233,15 +252,12 @@ class CheckpointManager(Callback):
                 f"{type(value).__qualname__}: {value!r:.100}"
             )
         if not self._improved(value):
-            return
+            return False
         self.best_value = float(value)
         self.best_epoch, self.best_global_iter = current["epoch"], current["global_iter"]
         current["is_best"] = True
         logs["best"] = resolve(current)
-        if self._is_primary():
-            state = self.saver.snapshot(self.training_manager.trainer.get_state())
-            checkpoint = self._model_checkpoint(state, logs)
-            self._write(lambda: self.saver.save(checkpoint, self.file_names.best_model))
+        return True
 
     # ----- writing -----
     def _model_checkpoint(self, trainer_state: dict, logs: dict) -> dict:
@@ -260,8 +276,8 @@ class CheckpointManager(Callback):
             "logs": resolve({key: value for key, value in current.items()}),
         }
 
-    def _save_latest(self, logs: dict, archive_index: Optional[int]) -> None:
-        manager_state = self.saver.snapshot(self.training_manager.get_state())
+    def _latest_job(self, manager_state: dict, logs: dict, archive_index: Optional[int]):
+        """The job writing the training checkpoint, the latest model checkpoint and archives of a snapshot."""
         self._last_saved_position = _position(manager_state)
         model_checkpoint = self._model_checkpoint(manager_state["trainer"], logs)
         training_checkpoint = {"mlpug": make_header("training", self.saver.backend), **manager_state}
@@ -283,7 +299,7 @@ class CheckpointManager(Callback):
                 except FileNotFoundError:
                     pass
 
-        self._write(job)
+        return job
 
     def _archives_to_remove(self) -> list:
         if self.keep_last is None or len(self.archived) <= self.keep_last:
@@ -293,6 +309,7 @@ class CheckpointManager(Callback):
 
     def _save_training_checkpoint(self, path: str, state: dict) -> None:
         """Write ``state`` (``manager.get_state()``) to ``path`` and wait until it is written."""
+        self._writer.wait()
         manager_state = self.saver.snapshot(state)
         self._last_saved_position = _position(manager_state)
         checkpoint = {"mlpug": make_header("training", self.saver.backend), **manager_state}

@@ -1,0 +1,142 @@
+"""Time to write a training checkpoint vs the backend's plain save of the same state (~10 M parameters + Adam).
+
+Variants, interleaved in every repetition (so load from other processes affects all alike); min and median:
+
+* ``plain``: PyTorch ``torch.save(trainer.get_state(), path)`` / TensorFlow ``tf.train.Checkpoint.write`` of the
+  model and optimizer: no fsync, no atomic rename (what a user would write by hand).
+* ``plain+fsync``: the same, followed by ``os.fsync`` of the file (PyTorch only; the fair durable baseline).
+* ``mlpug sync``: the ``CheckpointManager``'s write of a full training checkpoint (``manager.get_state()``:
+  trainer, counters, callbacks, RNG states, data order) with temporary file, fsync, atomic rename, dir fsync.
+* ``mlpug blocked``: with ``write_in_background=True`` (default): the time the training loop is blocked, i.e.
+  ``get_state`` + snapshot copy to host memory + starting the writer thread.
+* ``mlpug background total``: blocked time + the background write until the file is durable (the shortest
+  checkpoint period that never blocks on the previous write).
+
+    python benchmarks/checkpoint.py --backend pytorch --repetitions 7
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+
+import numpy as np
+
+NUM_INPUTS, NUM_HIDDEN = 1000, 5000  # 1000*5000 + 5000 + 5000*1000 + 1000 = 10,006,000 parameters
+
+
+def build_pytorch():
+    import torch
+
+    import mlpug.pytorch as mlp
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(NUM_INPUTS, NUM_HIDDEN), torch.nn.Linear(NUM_HIDDEN, NUM_INPUTS))
+    optimizer = torch.optim.Adam(model.parameters())
+    model(torch.randn(2, NUM_INPUTS)).sum().backward()
+    optimizer.step()  # creates the Adam moments: state = 3 x parameters
+    trainer = mlp.trainers.DefaultTrainer(optimizers=optimizer, model_components=model)
+
+    def plain(path, fsync=False):
+        with open(path, "wb") as file:
+            torch.save(trainer.get_state(), file)
+            if fsync:
+                file.flush()
+                os.fsync(file.fileno())
+
+    return mlp, trainer, sum(p.numel() for p in model.parameters()), plain
+
+
+def build_tensorflow():
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    import tensorflow as tf
+
+    import mlpug.tensorflow as mlp
+
+    tf.keras.utils.set_random_seed(0)
+    model = tf.keras.Sequential(
+        [tf.keras.Input(shape=(NUM_INPUTS,)), tf.keras.layers.Dense(NUM_HIDDEN), tf.keras.layers.Dense(NUM_INPUTS)]
+    )
+    optimizer = tf.keras.optimizers.Adam()
+    with tf.GradientTape() as tape:
+        loss = tf.reduce_sum(model(tf.random.normal([2, NUM_INPUTS])))
+    optimizer.apply_gradients(zip(tape.gradient(loss, model.trainable_variables), model.trainable_variables))
+    trainer = mlp.trainers.DefaultTrainer(optimizers=optimizer, model_components=model, eager_mode=True)
+    checkpoint = tf.train.Checkpoint(model=model, optimizer=optimizer)
+
+    def plain(path, fsync=False):
+        checkpoint.write(path)
+
+    return mlp, trainer, model.count_params(), plain
+
+
+def measure(backend: str, repetitions: int, directory: str) -> dict:
+    mlp, trainer, num_parameters, plain = build_pytorch() if backend == "pytorch" else build_tensorflow()
+    checkpoint_manager = mlp.callbacks.CheckpointManager(checkpoints_path=directory, metric_to_monitor=None)
+    manager = mlp.trainers.TrainingManager(trainer, [None], num_epochs=1, callbacks=[checkpoint_manager])
+    saver = checkpoint_manager.saver
+    from mlpug.checkpointing import BackgroundWriter, make_header
+
+    writer = BackgroundWriter()
+    path = checkpoint_manager.file_names.training
+
+    def mlpug_sync():
+        saver.save({"mlpug": make_header("training", saver.backend), **manager.get_state()}, path)
+
+    def mlpug_background():
+        start = time.perf_counter()
+        checkpoint = {"mlpug": make_header("training", saver.backend), **saver.snapshot(manager.get_state())}
+        writer.submit(lambda: saver.save(checkpoint, path))
+        blocked = time.perf_counter() - start
+        writer.wait()
+        return blocked, time.perf_counter() - start
+
+    variants = {"plain": lambda: plain(os.path.join(directory, "plain"))}
+    if backend == "pytorch":
+        variants["plain+fsync"] = lambda: plain(os.path.join(directory, "plain-fsync"), fsync=True)
+    variants["mlpug sync"] = mlpug_sync
+    times: dict = {name: [] for name in [*variants, "mlpug blocked", "mlpug background total"]}
+    mlpug_sync()  # warm up every path once
+    mlpug_background()
+    for function in variants.values():
+        function()
+    for _ in range(repetitions):
+        for name, function in variants.items():
+            start = time.perf_counter()
+            function()
+            times[name].append(time.perf_counter() - start)
+        blocked, total = mlpug_background()
+        times["mlpug blocked"].append(blocked)
+        times["mlpug background total"].append(total)
+    size = os.path.getsize(path)
+    return {"num_parameters": num_parameters, "file_bytes": size, "times": times}
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--backend", choices=["pytorch", "tensorflow"], default="pytorch")
+    parser.add_argument("--repetitions", type=int, default=7)
+    parser.add_argument("--dir", default=None, help="directory to write into (default: a temporary one)")
+    args = parser.parse_args(argv)
+    with tempfile.TemporaryDirectory(dir=args.dir) as directory:
+        result = measure(args.backend, args.repetitions, directory)
+    times = result["times"]
+    baseline = statistics.median(times["plain"])
+    print(f"command: {' '.join([os.path.basename(sys.executable), *sys.argv])}")
+    print(f"machine: {platform.platform()}, {os.cpu_count()} CPUs, Python {platform.python_version()}")
+    print(f"backend: {args.backend}, {result['num_parameters']:,} parameters, training checkpoint "
+          f"{result['file_bytes'] / 1e6:.1f} MB, {args.repetitions} repetitions")  # fmt: skip
+    print(f"{'variant':<24} {'min s':>8} {'median s':>9} {'median / plain':>15}")
+    for name, values in times.items():
+        median = statistics.median(values)
+        print(f"{name:<24} {min(values):>8.3f} {median:>9.3f} {median / baseline:>15.2f}")
+
+
+if __name__ == "__main__":
+    np.set_printoptions(precision=3)
+    main()

@@ -83,8 +83,6 @@ class DefaultTrainer(_NeutralDefaultTrainer):
             (or is given without ``use_mixed_precision=True``).
     """
 
-    last_step_skipped: bool = False
-
     optimizer_type = torch.optim.Optimizer
     model_component_type = torch.nn.Module
 

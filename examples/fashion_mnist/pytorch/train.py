@@ -5,6 +5,12 @@ over the whole test set at every epoch end.
 
     python examples/fashion_mnist/pytorch/train.py --num-epochs 1
     python examples/fashion_mnist/pytorch/train.py --num-epochs 1 --mixed-precision bfloat16 --batch-chunk-size 16
+
+Checkpoints go to ``--checkpoints-path`` (best model by validation loss, latest model, training checkpoint; see
+mlpug.checkpointing for the file names). Stop with Ctrl-C or SIGTERM at any moment and continue exactly where
+it stopped (also mid-epoch) with:
+
+    python examples/fashion_mnist/pytorch/train.py --num-epochs 3 --resume latest
 """
 
 import argparse
@@ -46,10 +52,19 @@ def parse_arguments(argv=None):
         help="train with mixed precision: torch.autocast with this dtype (default when given without a value: "
         "bfloat16, which works on CPU; float16 adds loss scaling with a GradScaler)",
     )
+    parser.add_argument(
+        "--checkpoints-path", default="checkpoints", help="directory of the checkpoint files (default: checkpoints)"
+    )
+    parser.add_argument(
+        "--resume",
+        default=None,
+        metavar="PATH|latest",
+        help="continue from a training checkpoint file, or from the latest one in --checkpoints-path",
+    )
     return parser.parse_args(argv)
 
 
-def create_datasets(data_dir, batch_size):
+def create_datasets(data_dir, batch_size, seed=0):
     data = load_fashion_mnist(data_dir)
 
     def as_dataset(images, labels):
@@ -59,7 +74,8 @@ def create_datasets(data_dir, batch_size):
 
     training_set = as_dataset(data.train_images, data.train_labels)
     validation_set = as_dataset(data.test_images, data.test_labels)
-    training_dataset = torch.utils.data.DataLoader(training_set, batch_size=batch_size, shuffle=True)
+    # the shuffle depends only on (seed, epoch) and can start at any batch: resuming mid-epoch is exact
+    training_dataset = mlp.data.resumable_data_loader(training_set, batch_size, shuffle=True, seed=seed)
     validation_dataset = torch.utils.data.DataLoader(validation_set, batch_size=1024, shuffle=False)
     return training_dataset, validation_dataset
 
@@ -91,7 +107,7 @@ def main(argv=None):
         torch.set_num_threads(args.num_threads)
 
     try:
-        training_dataset, validation_dataset = create_datasets(args.data_dir, args.batch_size)
+        training_dataset, validation_dataset = create_datasets(args.data_dir, args.batch_size, args.seed)
     except FileNotFoundError as error:
         sys.exit(f"ERROR: {error}")
 
@@ -119,8 +135,19 @@ def main(argv=None):
         mlp.callbacks.TrainingMetricsLogger(metric_evaluator=evaluator),
         mlp.callbacks.TestMetricsLogger(validation_dataset, "validation", metric_evaluator=evaluator),
         mlp.callbacks.LogProgress(log_period=args.log_period, set_names=["training", "validation"]),
+        mlp.callbacks.CheckpointManager(
+            checkpoints_path=args.checkpoints_path,
+            base_checkpoint_filename="fashion-mnist-pytorch",
+            metric_to_monitor="validation.dataset.loss",
+            model_hyper_parameters={"hidden_sizes": [256, 256], "learning_rate": args.learning_rate},
+        ),
     ]
-    manager = mlp.trainers.TrainingManager(trainer, training_dataset, num_epochs=args.num_epochs, callbacks=callbacks)
+    try:
+        manager = mlp.trainers.TrainingManager(
+            trainer, training_dataset, num_epochs=args.num_epochs, callbacks=callbacks, resume_from=args.resume
+        )
+    except ValueError as error:
+        sys.exit(f"ERROR: {error}")
     trainer.set_training_model(TrainModel(classifier))
     manager.start_training()
 

@@ -151,8 +151,11 @@ def main(argv=None):
     trainer.set_training_model(TrainModel(classifier))
     manager.start_training()
 
-    validation = manager.logs["current"]["validation"]["dataset"]
-    print(f"Final validation loss {validation['loss']:.4f}, accuracy {validation['accuracy']:.4f}")
+    validation = manager.logs["current"].get("validation", {}).get("dataset")
+    if validation is None:  # resumed from a checkpoint of a finished run: nothing left to train
+        print(f"Nothing to train: the run already completed {manager.epoch} epoch(s)")
+    else:
+        print(f"Final validation loss {validation['loss']:.4f}, accuracy {validation['accuracy']:.4f}")
     return manager
 
 

@@ -4,6 +4,12 @@ Reports the training loss and accuracy (batch and moving average) and the valida
 over the whole test set at every epoch end.
 
     python examples/fashion_mnist/tensorflow/train.py --num-epochs 1
+
+Checkpoints go to ``--checkpoints-path`` (best model by validation loss, latest model, training checkpoint; see
+mlpug.checkpointing for the file names). Stop with Ctrl-C or SIGTERM at any moment and continue exactly where
+it stopped (also mid-epoch) with:
+
+    python examples/fashion_mnist/tensorflow/train.py --num-epochs 3 --resume latest
 """
 
 import argparse
@@ -33,6 +39,15 @@ def parse_arguments(argv=None):
     parser.add_argument("--seed", type=int, default=0, help="random seed")
     parser.add_argument("--eager", action="store_true", help="run the training step eagerly (default: tf.function)")
     parser.add_argument("--num-threads", type=int, default=None, help="TF intra-op CPU threads (default: TF's)")
+    parser.add_argument(
+        "--checkpoints-path", default="checkpoints", help="directory of the checkpoint files (default: checkpoints)"
+    )
+    parser.add_argument(
+        "--resume",
+        default=None,
+        metavar="PATH|latest",
+        help="continue from a training checkpoint file, or from the latest one in --checkpoints-path",
+    )
     return parser.parse_args(argv)
 
 
@@ -42,10 +57,9 @@ def create_datasets(data_dir, batch_size, seed):
     def as_arrays(images, labels):
         return (images.astype("float32") / 255.0, labels.astype("int64"))
 
-    training_dataset = (
-        tf.data.Dataset.from_tensor_slices(as_arrays(data.train_images, data.train_labels))
-        .shuffle(len(data.train_labels), seed=seed, reshuffle_each_iteration=True)
-        .batch(batch_size)
+    # the shuffle depends only on (seed, epoch) and can start at any batch: resuming mid-epoch is exact
+    training_dataset = mlp.data.ResumableArrayBatches(
+        as_arrays(data.train_images, data.train_labels), batch_size, shuffle=True, seed=seed
     )
     validation_dataset = tf.data.Dataset.from_tensor_slices(as_arrays(data.test_images, data.test_labels)).batch(1024)
     return training_dataset, validation_dataset
@@ -100,13 +114,27 @@ def main(argv=None):
         mlp.callbacks.TrainingMetricsLogger(metric_evaluator=evaluator),
         mlp.callbacks.TestMetricsLogger(validation_dataset, "validation", metric_evaluator=evaluator),
         mlp.callbacks.LogProgress(log_period=args.log_period, set_names=["training", "validation"]),
+        mlp.callbacks.CheckpointManager(
+            checkpoints_path=args.checkpoints_path,
+            base_checkpoint_filename="fashion-mnist-tensorflow",
+            metric_to_monitor="validation.dataset.loss",
+            model_hyper_parameters={"hidden_sizes": [256, 256], "learning_rate": args.learning_rate},
+        ),
     ]
-    manager = mlp.trainers.TrainingManager(trainer, training_dataset, num_epochs=args.num_epochs, callbacks=callbacks)
+    try:
+        manager = mlp.trainers.TrainingManager(
+            trainer, training_dataset, num_epochs=args.num_epochs, callbacks=callbacks, resume_from=args.resume
+        )
+    except ValueError as error:
+        sys.exit(f"ERROR: {error}")
     trainer.set_training_model(TrainModel(classifier))
     manager.start_training()
 
-    validation = manager.logs["current"]["validation"]["dataset"]
-    print(f"Final validation loss {validation['loss']:.4f}, accuracy {validation['accuracy']:.4f}")
+    validation = manager.logs["current"].get("validation", {}).get("dataset")
+    if validation is None:  # resumed from a checkpoint of a finished run: nothing left to train
+        print(f"Nothing to train: the run already completed {manager.epoch} epoch(s)")
+    else:
+        print(f"Final validation loss {validation['loss']:.4f}, accuracy {validation['accuracy']:.4f}")
     return manager
 
 

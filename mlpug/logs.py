@@ -21,7 +21,8 @@ Schema (keys are snake_case; durations are in seconds)::
             },
             "<dataset name>": {"batch": {...}, "window_average": {...}, "dataset": {...}},  # e.g. "validation"
             "training_params": {
-                "batch": {"duration": float, "lr": float, "batch_size": int},
+                "batch": {"duration": float, "lr": float, "batch_size": int,
+                          "optimizer_step_skipped": bool},  # True when mixed precision skipped the step (inf/nan)
                 "window_average": {"duration": float},
                 "epoch": {"duration": float, "lr": float},
             },

@@ -24,8 +24,9 @@ unscaled), :class:`ChunkedBatch` splits. Loop code calls them unconditionally.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Mapping, Sequence
 from contextlib import nullcontext
-from typing import Any, Callable, ContextManager, List, Mapping, NamedTuple, Optional, Sequence
+from typing import Any, ContextManager, List, NamedTuple, Optional
 
 Concatenate = Callable[[List[Any]], Any]
 """Backend function that concatenates a list of arrays along their first dimension (e.g. ``torch.cat``)."""

@@ -15,8 +15,9 @@ The evaluator never writes files or prints.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from functools import partial
-from typing import Any, Callable, Iterable, Mapping, NamedTuple, Optional, Sequence
+from typing import Any, NamedTuple, Optional
 
 from mlpug.chunking import batch_chunker, sum_values, weighted_sum
 from mlpug.distributed import DistributedContext, SerialContext

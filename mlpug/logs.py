@@ -38,7 +38,8 @@ Readers always see Python numbers (or ``None``).
 
 from __future__ import annotations
 
-from typing import Any, Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
+from typing import Any
 
 _MISSING = object()
 

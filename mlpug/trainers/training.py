@@ -34,8 +34,9 @@ import signal
 import threading
 import time
 from abc import ABC, abstractmethod
+from collections.abc import Iterable, Mapping, Sequence
 from functools import partial
-from typing import Any, Iterable, Mapping, NamedTuple, Optional, Sequence, Union
+from typing import Any, NamedTuple, Optional, Union
 
 from mlpug import checkpointing
 from mlpug import data as data_module

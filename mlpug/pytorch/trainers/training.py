@@ -18,7 +18,8 @@ optimizer.step()``.
 from __future__ import annotations
 
 import inspect
-from typing import Any, Callable, Mapping, Optional
+from collections.abc import Callable, Mapping
+from typing import Any, Optional
 
 import torch
 

@@ -19,6 +19,23 @@ def _as_float64_scalar(value: Any) -> tf.Tensor:
 class MetricEvaluator(_NeutralMetricEvaluator):
     __doc__ = _NeutralMetricEvaluator.__doc__
 
+    def _combine_chunks(self, gathered_chunks: Sequence[dict]) -> dict:
+        """One batch's ``(mean_value, weight)`` per metric from its chunks', as float64 tensors (no device sync).
+
+        Chunk values and weights may mix dtypes (float32 / bfloat16 values, int32 tensor or int weights), so
+        both are cast to float64 first; a total weight of zero gives the first chunk's value.
+        """
+        if len(gathered_chunks) == 1:
+            return gathered_chunks[0]
+        combined = {}
+        for metric_name in gathered_chunks[0]:
+            values = tf.stack([_as_float64_scalar(gathered[metric_name][0]) for gathered in gathered_chunks])
+            weights = tf.stack([_as_float64_scalar(gathered[metric_name][1]) for gathered in gathered_chunks])
+            weight_sum = tf.reduce_sum(weights)
+            mean = tf.math.divide_no_nan(tf.reduce_sum(values * weights), weight_sum)
+            combined[metric_name] = (tf.where(weight_sum > 0, mean, values[0]), weight_sum)
+        return combined
+
     def _weighted_sums(self, values: Sequence[Any], weights: Sequence[Any]) -> tuple:
         """``(sum(value * weight), sum(weight))`` with one conversion to numpy for all batches.
 

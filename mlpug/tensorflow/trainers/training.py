@@ -1,7 +1,16 @@
 """TensorFlow ``DefaultTrainer``: one optimisation step (eager or ``tf.function``), evaluation, and state.
 
-The step: forward pass of the training model under a ``tf.GradientTape``, gradients of the loss with respect
-to the trainable variables, and ``apply_gradients`` of every (Keras 3) optimizer on its own variables.
+The step, composed of policies whose null objects give the plain step (the same code eager and compiled)::
+
+    result = chunking.run(chunk_step, batch)        # WholeBatch (null) or ChunkedBatch (tf.while_loop over chunks)
+        chunk_step: with tf.GradientTape():           # per chunk
+                        loss = training_model(chunk, ...)              # layers under the Keras dtype policy
+                        target = precision.scale_loss(weight * loss)   # LossScaleOptimizer for float16
+                    gradients = tape.gradient(target, variables)
+    gradients = gradient_sync.reduce(result.gradients)                 # once per batch, after the last chunk
+    skipped = precision.step_skipped(gradients)                        # inf/nan under loss scaling
+    optimizer.apply_gradients(...) for every optimizer, on its own variables
+
 Model and optimizer state travel as numpy arrays in plain containers, through public Keras APIs only.
 """
 
@@ -14,12 +23,14 @@ from typing import Any, Callable, Mapping, Optional, Sequence, Union
 import numpy as np
 import tensorflow as tf
 
+from mlpug.tensorflow.trainers.chunking import LocalGradients, batch_chunker
 from mlpug.tensorflow.trainers.compilation import (
     CompiledStep,
     EagerStep,
     check_batch_signature,
     validate_signature,
 )
+from mlpug.tensorflow.trainers.precision import FullPrecision, precision_policy
 from mlpug.trainers.training import DefaultTrainer as _NeutralDefaultTrainer
 from mlpug.trainers.training import ModelOutputs
 
@@ -73,6 +84,19 @@ class DefaultTrainer(_NeutralDefaultTrainer):
             of the component with the optimizer's name. Otherwise a dict optimizer name -> list of variables,
             a Keras layer (its trainable variables) or a callable returning a list; or a callable returning
             such a dict (or a list, for one optimizer). Callables are called once the model is built.
+        batch_chunk_size: Gradient accumulation: when given (int >= 1), every batch is split into chunks of at
+            most this many samples (the last may be smaller), each chunk's loss is weighted by
+            ``chunk_samples / batch_samples`` before its backward pass, the gradients are summed and the
+            optimizers step once per batch; in compiled and eager mode alike (see
+            :mod:`mlpug.tensorflow.trainers.chunking`). Peak activation memory is that of one chunk. Batches
+            must be tensors/arrays or tuples/lists/dicts of them; the weights assume the loss is a mean over the
+            samples of the chunk.
+        use_mixed_precision: Train with the Keras mixed precision policy ``mixed_<autocast_dtype>`` (set on the
+            float32 layers of the model components and the training model; variables stay float32). With
+            float16, each optimizer is wrapped in a ``tf.keras.optimizers.LossScaleOptimizer`` (its loss scale
+            is part of the optimizer state) and :attr:`last_step_skipped` tells whether it skipped the step.
+        autocast_dtype: ``"bfloat16"`` (default; CPUs and recent GPUs) or ``"float16"`` (GPUs). Only with
+            ``use_mixed_precision=True``.
 
     The training model, set with :meth:`set_training_model`, is a ``tf.keras.Model`` (or layer) whose
     ``call(batch_data, evaluate_settings, inference_mode=None)`` returns the loss (see
@@ -88,7 +112,8 @@ class DefaultTrainer(_NeutralDefaultTrainer):
         TypeError: An optimizer is not a Keras 3 optimizer, a model component is not a Keras layer, a signature
             is not made of ``tf.TensorSpec`` s, ``eager_mode`` is not a bool or ``trainable_variables`` has the
             wrong form.
-        ValueError: Several optimizers without a way to tell their variables apart.
+        ValueError: Several optimizers without a way to tell their variables apart, a ``batch_chunk_size`` that
+            is not an int >= 1, or a bad ``autocast_dtype``.
         NotImplementedError: A ``distribution_strategy`` was given.
     """
 
@@ -104,9 +129,17 @@ class DefaultTrainer(_NeutralDefaultTrainer):
         training_settings_signature: Any = None,
         distribution_strategy: Any = None,
         trainable_variables: Optional[TrainableVariables] = None,
+        batch_chunk_size: Optional[int] = None,
+        use_mixed_precision: bool = False,
+        autocast_dtype: Optional[str] = None,
     ):
         _check_optimizers(optimizers)
         super().__init__(optimizers, model_components)
+        self.chunking = batch_chunker(batch_chunk_size)
+        self.precision: FullPrecision = precision_policy(use_mixed_precision, autocast_dtype)
+        self.gradient_sync = LocalGradients()
+        self.optimizers = {name: self.precision.wrap_optimizer(opt) for name, opt in self.optimizers.items()}
+        self.precision.prepare_layers(self.model_components.values())
         if not isinstance(eager_mode, bool):
             raise TypeError(f"eager_mode must be a bool, got {eager_mode!r:.100}")
         if distribution_strategy is not None:
@@ -131,6 +164,7 @@ class DefaultTrainer(_NeutralDefaultTrainer):
         self._flat_variables: list = []
         self._pending_state: Optional[dict] = None
         self._prepared = False
+        self._last_step_skipped: Any = None
         if eager_mode:
             self._train_step = EagerStep(self._train_step_function, "train step")
         else:
@@ -206,6 +240,7 @@ class DefaultTrainer(_NeutralDefaultTrainer):
             )
         self._settings_arg = positional[1].name
         self._inference_arg = positional[2].name if len(positional) >= 3 else None
+        self.precision.prepare_layers([training_model])
         self.training_model = training_model
 
     def _resolve_variables(self) -> dict:
@@ -322,14 +357,53 @@ class DefaultTrainer(_NeutralDefaultTrainer):
             )
         return shape[0] if shape[0] is not None else tf.shape(first)[0]
 
+    @property
+    def batch_chunk_size(self) -> Optional[int]:
+        """Samples per chunk for gradient accumulation, or None (whole batches)."""
+        return self.chunking.batch_chunk_size
+
+    @property
+    def last_step_skipped(self) -> bool:
+        """True when the last step was skipped for inf/nan gradients (float16 loss scaling only).
+
+        Without loss scaling this is the constant False; with it, reading it waits for the step to finish.
+        """
+        skipped = self._last_step_skipped
+        return False if skipped is None else bool(skipped)
+
     def _train_step_function(self, batch: Any, training_settings: Any) -> tuple:
-        """Forward, backward and optimizer step; traced by ``tf.function`` unless in eager mode."""
-        with tf.GradientTape() as tape:
-            outputs = self._forward(batch, training_settings, inference_mode=False)
-            loss = tf.reshape(outputs.loss, [])
-        gradients = tape.gradient(loss, self._flat_variables)
+        """Forward, backward and optimizer step (see the module docstring); traced unless in eager mode."""
+
+        def chunk_step(chunk: Any, weight: Any) -> tuple:
+            return self._chunk_step(chunk, weight, training_settings)
+
+        result = self.chunking.run(chunk_step, batch)
+        gradients = self.gradient_sync.reduce(result.gradients)
+        skipped = self.precision.step_skipped(gradients)
         self._apply_gradients(gradients)
-        return loss, outputs.num_samples, outputs.auxiliary_results
+        return (
+            tf.reshape(result.loss, []),
+            result.num_samples,
+            result.auxiliary_results,
+            (None if skipped is False else skipped),
+        )
+
+    def _chunk_step(self, chunk: Any, weight: Any, training_settings: Any) -> tuple:
+        """Forward and backward pass of one chunk (the whole batch without chunking), loss weighted by ``weight``."""
+        optimizers = self._optimizer_list
+        scaling = self.precision.uses_loss_scaling
+        with tf.GradientTape(persistent=scaling and len(optimizers) > 1) as tape:
+            outputs = self._forward(chunk, training_settings, inference_mode=False)
+            loss = tf.reshape(outputs.loss, [])
+            target = loss if weight is None else loss * tf.cast(weight, loss.dtype)
+            targets = [self.precision.scale_loss(target, optimizer) for optimizer in optimizers] if scaling else None
+        if targets is None:
+            gradients = tape.gradient(target, self._flat_variables)
+        else:  # every optimizer has its own loss scale
+            gradients = []
+            for target, variables in zip(targets, self._variables.values()):
+                gradients.extend(tape.gradient(target, variables))
+        return loss, outputs.num_samples, outputs.auxiliary_results, gradients
 
     def _apply_gradients(self, gradients: Sequence[Any]) -> None:
         start = 0
@@ -357,7 +431,7 @@ class DefaultTrainer(_NeutralDefaultTrainer):
         if not self._prepared:
             check_batch_signature(batch, self.batch_data_signature)
             self._build(batch, training_settings)
-        loss, num_samples, auxiliary_results = self._train_step(batch, training_settings)
+        loss, num_samples, auxiliary_results, self._last_step_skipped = self._train_step(batch, training_settings)
         return ModelOutputs(loss, num_samples, auxiliary_results)
 
     def evaluate_loss(self, batch: Any, evaluate_settings: Any = None, inference_mode: bool = True) -> ModelOutputs:

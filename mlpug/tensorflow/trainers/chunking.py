@@ -1,0 +1,208 @@
+"""Gradient accumulation for the TensorFlow step, with TensorFlow ops so that it runs inside ``tf.function``.
+
+The rules are those of :mod:`mlpug.chunking` (the neutral module): a batch of ``B`` samples is split along its
+first dimension into chunks of at most ``C`` samples (the last may be smaller); chunk ``i`` with ``n_i`` samples
+gets the weight ``n_i / B``; its loss is multiplied by that weight before its backward pass and the gradients
+are summed, so they equal the gradients of the batch's mean loss; the optimizers step once per batch. Because
+``B`` is not known when tracing (``None`` batch dimension), the chunks are visited by a ``tf.while_loop``
+(the first chunk before the loop, so that the structure of the model outputs is known), which runs as a Python
+loop in eager mode and as one graph loop in a compiled step. Peak activation memory is that of one chunk.
+
+Policies: :class:`WholeBatch` is the null object (the plain step: one forward and backward pass, the loss
+unweighted); :class:`ChunkedBatch` accumulates. Model outputs of the whole batch: the sample-weighted loss
+``sum_i weight_i * loss_i``, ``num_samples`` summed over the chunks, and auxiliary results where tensors of
+rank >= 1 are concatenated along dimension 0, scalar tensors are stacked into a vector with one entry per
+chunk, and anything else (None, Python values) is taken from the first chunk.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, NamedTuple, Optional
+
+import numpy as np
+import tensorflow as tf
+
+from mlpug.chunking import validate_batch_chunk_size
+
+ChunkStep = Callable[[Any, Any], tuple]
+"""``chunk_step(chunk, weight) -> (loss, num_samples, auxiliary_results, gradients)``: forward and backward
+pass of one chunk, its loss multiplied by ``weight`` (None: not multiplied) before the backward pass."""
+
+
+class StepResult(NamedTuple):
+    """Loss (scalar), num_samples, auxiliary results and gradients (a list, ``None`` for unconnected variables)."""
+
+    loss: Any
+    num_samples: Any
+    auxiliary_results: Any
+    gradients: list
+
+
+class WholeBatch:
+    """Null accumulation policy: the batch is one chunk, its loss unweighted (the plain step)."""
+
+    batch_chunk_size: Optional[int] = None
+
+    def run(self, chunk_step: ChunkStep, batch: Any) -> StepResult:
+        """``chunk_step(batch, None)``."""
+        return StepResult(*chunk_step(batch, None))
+
+
+def _describe(value: Any) -> str:
+    kind = type(value)
+    return f"{kind.__module__}.{kind.__qualname__}" if kind.__module__ != "builtins" else kind.__qualname__
+
+
+def check_splittable(batch: Any) -> None:
+    """Raise unless every part of ``batch`` is a tensor/array with a first (sample) dimension.
+
+    Raises:
+        TypeError: A part cannot be split; the message names its type and position (runs at trace time only
+            in a compiled step).
+    """
+    if tf.is_tensor(batch) or isinstance(batch, np.ndarray):
+        if batch.shape.rank == 0 if tf.is_tensor(batch) else batch.ndim == 0:
+            raise TypeError("cannot split the batch into chunks: it is a 0-d tensor; batches need a sample dimension")
+        return
+    if isinstance(batch, dict):
+        for key, value in batch.items():
+            _check_part(value, f"batch[{key!r}]")
+        return
+    if isinstance(batch, (list, tuple)) and batch:
+        for index, value in enumerate(batch):
+            _check_part(value, f"batch[{index}]")
+        return
+    _check_part(batch, "batch")
+
+
+def _check_part(value: Any, path: str) -> None:
+    if tf.is_tensor(value) or isinstance(value, np.ndarray):
+        if len(value.shape) == 0:
+            raise TypeError(f"cannot split the batch into chunks: {path} is a 0-d tensor without a sample dimension")
+        return
+    if isinstance(value, dict) and value:
+        for key, item in value.items():
+            _check_part(item, f"{path}[{key!r}]")
+        return
+    if isinstance(value, (list, tuple)) and value:
+        for index, item in enumerate(value):
+            _check_part(item, f"{path}[{index}]")
+        return
+    raise TypeError(
+        f"cannot split the batch into chunks: {path} is a {_describe(value)} ({value!r:.80}); with batch_chunk_size "
+        "a batch must be a tensor/array, or a tuple, list or dict of them (all with the same first dimension). "
+        "Give batches of that form, or train without batch_chunk_size."
+    )
+
+
+class ChunkedBatch(WholeBatch):
+    """Accumulation policy: gradients of chunks of at most ``batch_chunk_size`` samples, summed with weights.
+
+    Args:
+        batch_chunk_size: The most samples per chunk (int >= 1).
+
+    Raises:
+        ValueError: ``batch_chunk_size`` is not an int >= 1.
+    """
+
+    def __init__(self, batch_chunk_size: int):
+        if validate_batch_chunk_size(batch_chunk_size) is None:
+            raise ValueError("batch_chunk_size must be an int >= 1 for ChunkedBatch, got None")
+        self.batch_chunk_size = batch_chunk_size
+
+    def run(self, chunk_step: ChunkStep, batch: Any) -> StepResult:
+        """Forward and backward pass chunk by chunk; see the module docstring for the combined results.
+
+        Raises:
+            TypeError: The batch cannot be split (see :func:`check_splittable`).
+        """
+        check_splittable(batch)
+        batch = tf.nest.map_structure(tf.convert_to_tensor, batch)
+        leaves = tf.nest.flatten(batch)
+        batch_size = tf.shape(leaves[0])[0]
+        chunk_size = tf.constant(self.batch_chunk_size, batch_size.dtype)
+        num_chunks = (batch_size + chunk_size - 1) // chunk_size
+        total = tf.cast(batch_size, tf.float32)
+
+        def chunk_at(index: Any) -> tuple:
+            start = index * chunk_size
+            stop = tf.minimum(start + chunk_size, batch_size)
+            chunk = tf.nest.map_structure(lambda tensor: tensor[start:stop], batch)
+            return chunk, tf.cast(stop - start, tf.float32) / total
+
+        chunk, weight = chunk_at(0)
+        loss, num_samples, auxiliary_results, gradients = chunk_step(chunk, weight)
+        connected = [index for index, gradient in enumerate(gradients) if gradient is not None]
+        auxiliary_leaves = tf.nest.flatten(auxiliary_results, expand_composites=False)
+        tensor_leaves = [index for index, leaf in enumerate(auxiliary_leaves) if tf.is_tensor(leaf)]
+
+        def new_arrays() -> list:
+            return [
+                tf.TensorArray(auxiliary_leaves[index].dtype, size=num_chunks, infer_shape=False)
+                for index in tensor_leaves
+            ]
+
+        def write(arrays: list, index: Any, leaves: list) -> list:
+            return [array.write(index, leaves[leaf]) for array, leaf in zip(arrays, tensor_leaves)]
+
+        def body(index, accumulated, loss_sum, samples_sum, arrays):
+            chunk, weight = chunk_at(index)
+            loss, num_samples, auxiliary_results, gradients = chunk_step(chunk, weight)
+            accumulated = [a + _dense(gradients[i]) for a, i in zip(accumulated, connected)]
+            leaves = tf.nest.flatten(auxiliary_results)
+            return (
+                index + 1,
+                accumulated,
+                loss_sum + weight * tf.cast(loss, tf.float32),
+                samples_sum + tf.cast(num_samples, samples_sum.dtype),
+                write(arrays, index, leaves),
+            )
+
+        # The gradient sum is accumulated in the variables' dtype (float32 also under mixed precision).
+        _, accumulated, loss_sum, samples_sum, arrays = tf.while_loop(
+            lambda index, *_: index < num_chunks,
+            body,
+            (
+                tf.constant(1, batch_size.dtype),
+                [_dense(gradients[i]) for i in connected],
+                weight * tf.cast(loss, tf.float32),
+                tf.convert_to_tensor(num_samples),
+                write(new_arrays(), 0, auxiliary_leaves),
+            ),
+        )
+        summed = list(gradients)
+        for index, gradient in zip(connected, accumulated):
+            summed[index] = gradient
+        combined = list(auxiliary_leaves)
+        for array, leaf in zip(arrays, tensor_leaves):
+            combined[leaf] = array.concat() if auxiliary_leaves[leaf].shape.rank else array.stack()
+        auxiliary_results = tf.nest.pack_sequence_as(auxiliary_results, combined)
+        return StepResult(loss_sum, samples_sum, auxiliary_results, summed)
+
+
+def _dense(gradient: Any) -> tf.Tensor:
+    """Gradients of embeddings come as ``tf.IndexedSlices``; the sum is dense."""
+    return tf.convert_to_tensor(gradient)
+
+
+class LocalGradients:
+    """Null object of the data-parallel gradient synchronisation: the gradients stay as they are.
+
+    ``reduce(gradients)`` is called once per batch, after the last chunk's gradients were added, so a
+    data-parallel implementation (later: ``tf.distribute``) synchronises once per batch, not once per chunk.
+    """
+
+    def reduce(self, gradients: list) -> list:
+        """The gradients themselves."""
+        return gradients
+
+
+def batch_chunker(batch_chunk_size: Optional[int]) -> WholeBatch:
+    """:class:`WholeBatch` for ``None``, else :class:`ChunkedBatch`.
+
+    Raises:
+        ValueError: ``batch_chunk_size`` is neither None nor an int >= 1.
+    """
+    if validate_batch_chunk_size(batch_chunk_size) is None:
+        return WholeBatch()
+    return ChunkedBatch(batch_chunk_size)

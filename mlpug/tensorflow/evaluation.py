@@ -16,6 +16,15 @@ def _as_float64_scalar(value: Any) -> tf.Tensor:
     return tf.reshape(tf.cast(value, tf.float64), [])
 
 
+def _stack_as_float64(values: Sequence[Any]) -> tf.Tensor:
+    """``values`` (scalars) as one float64 vector: one stack and one cast in the usual case (same dtype and
+    shape), else value by value (mixed dtypes, or shapes ``[]`` and ``[1]``)."""
+    try:
+        return tf.cast(tf.stack(values), tf.float64)
+    except (tf.errors.InvalidArgumentError, TypeError, ValueError):
+        return tf.stack([_as_float64_scalar(v) for v in values])
+
+
 class MetricEvaluator(_NeutralMetricEvaluator):
     __doc__ = _NeutralMetricEvaluator.__doc__
 
@@ -44,10 +53,10 @@ class MetricEvaluator(_NeutralMetricEvaluator):
         """
         if not any(tf.is_tensor(v) for v in values):
             return super()._weighted_sums(values, weights)
-        stacked = tf.stack([_as_float64_scalar(v) for v in values])
+        stacked = _stack_as_float64(values)
         if all(isinstance(w, (int, float)) for w in weights):
             weight_tensor = tf.constant(weights, dtype=tf.float64)
         else:
-            weight_tensor = tf.stack([_as_float64_scalar(w) for w in weights])
+            weight_tensor = _stack_as_float64(weights)
         sums = tf.stack([tf.reduce_sum(stacked * weight_tensor), tf.reduce_sum(weight_tensor)]).numpy()
         return float(sums[0]), float(sums[1])

@@ -1,5 +1,6 @@
 """The TensorFlow examples on the real Fashion-MNIST data."""
 
+import importlib.util
 import os
 import subprocess
 import sys
@@ -8,11 +9,12 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(ROOT / "examples" / "fashion_mnist" / "tensorflow"))
-import train as fashion_mnist_example  # noqa: E402
-
-sys.path.pop(0)
-sys.modules.pop("train", None)  # the PyTorch example module has the same name
+# Loaded by path under its own name: the PyTorch example module is also called "train".
+_spec = importlib.util.spec_from_file_location(
+    "tensorflow_fashion_mnist_example", ROOT / "examples" / "fashion_mnist" / "tensorflow" / "train.py"
+)
+fashion_mnist_example = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(fashion_mnist_example)
 
 
 def test_one_epoch_reaches_80_percent_validation_accuracy(fashion_mnist_dir, capsys):
@@ -23,6 +25,15 @@ def test_one_epoch_reaches_80_percent_validation_accuracy(fashion_mnist_dir, cap
     output = capsys.readouterr().out
     assert "Epoch 0/0\tREADY - Duration" in output
     assert "validation     : loss" in output and "Training completed. All good!" in output
+
+
+def test_bfloat16_with_gradient_accumulation_reaches_80_percent_in_one_epoch(fashion_mnist_dir, capsys):
+    argv = ["--num-epochs", "1", "--data-dir", fashion_mnist_dir, "--log-period", "1000"]
+    manager = fashion_mnist_example.main(argv + ["--mixed-precision", "bfloat16", "--batch-chunk-size", "24"])
+    assert manager.trainer.precision.autocast_dtype == "bfloat16" and manager.trainer.batch_chunk_size == 24
+    validation = manager.logs["current"]["validation"]["dataset"]
+    assert validation["accuracy"] >= 0.80
+    assert "Training completed. All good!" in capsys.readouterr().out
 
 
 def test_missing_data_dir_is_a_clear_error(tmp_path):

@@ -4,6 +4,7 @@ Reports the training loss and accuracy (batch and moving average) and the valida
 over the whole test set at every epoch end.
 
     python examples/fashion_mnist/tensorflow/train.py --num-epochs 1
+    python examples/fashion_mnist/tensorflow/train.py --num-epochs 1 --mixed-precision bfloat16 --batch-chunk-size 16
 
 Checkpoints go to ``--checkpoints-path`` (best model by validation loss, latest model, training checkpoint; see
 mlpug.checkpointing for the file names). Stop with Ctrl-C or SIGTERM at any moment and continue exactly where
@@ -47,6 +48,22 @@ def parse_arguments(argv=None):
         default=None,
         metavar="PATH|latest",
         help="continue from a training checkpoint file, or from the latest one in --checkpoints-path",
+    )
+    parser.add_argument(
+        "--batch-chunk-size",
+        type=int,
+        default=None,
+        help="gradient accumulation: process each batch in chunks of at most this many samples "
+        "(also used to evaluate the validation batches); default: whole batches",
+    )
+    parser.add_argument(
+        "--mixed-precision",
+        nargs="?",
+        const="bfloat16",
+        default=None,
+        choices=["bfloat16", "float16"],
+        help="train with mixed precision: the Keras policy mixed_<dtype> (default when given without a value: "
+        "bfloat16, which works on CPU; float16 adds loss scaling with a LossScaleOptimizer)",
     )
     return parser.parse_args(argv)
 
@@ -107,9 +124,18 @@ def main(argv=None):
         ]
     )
     optimizer = tf.keras.optimizers.Adam(learning_rate=args.learning_rate)
-    trainer = mlp.trainers.DefaultTrainer(optimizers=optimizer, model_components=classifier, eager_mode=args.eager)
+    trainer = mlp.trainers.DefaultTrainer(
+        optimizers=optimizer,
+        model_components=classifier,
+        eager_mode=args.eager,
+        batch_chunk_size=args.batch_chunk_size,
+        use_mixed_precision=args.mixed_precision is not None,
+        autocast_dtype=args.mixed_precision,
+    )
 
-    evaluator = mlp.evaluation.MetricEvaluator(trainer=trainer, batch_metric_funcs={"accuracy": accuracy})
+    evaluator = mlp.evaluation.MetricEvaluator(
+        trainer=trainer, batch_metric_funcs={"accuracy": accuracy}, batch_chunk_size=args.batch_chunk_size
+    )
     callbacks = [
         mlp.callbacks.TrainingMetricsLogger(metric_evaluator=evaluator),
         mlp.callbacks.TestMetricsLogger(validation_dataset, "validation", metric_evaluator=evaluator),

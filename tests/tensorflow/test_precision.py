@@ -1,0 +1,119 @@
+"""Mixed precision on TensorFlow: the Keras mixed_bfloat16 policy, and float16 with a LossScaleOptimizer."""
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+import mlpug.tensorflow as mlp
+
+
+def make_classifier():
+    tf.keras.utils.set_random_seed(0)
+    return tf.keras.Sequential(
+        [tf.keras.Input(shape=(4,)), tf.keras.layers.Dense(8, activation="relu"), tf.keras.layers.Dense(3)]
+    )
+
+
+class TrainModel(tf.keras.Model):
+    """Cross entropy; ``inject_inf`` (a variable, so it also works in a compiled step) makes the loss inf."""
+
+    def __init__(self, classifier):
+        super().__init__()
+        self.classifier = classifier
+        self.loss_function = tf.keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+        self.inject_inf = tf.Variable(False, trainable=False)
+
+    def call(self, batch_data, evaluate_settings, inference_mode=None):
+        features, labels = batch_data
+        logits = self.classifier(features)
+        loss = self.loss_function(labels, logits)
+        return {"loss": loss * tf.where(self.inject_inf, np.inf, 1.0), "auxiliary_results": logits}
+
+
+def batch(seed=0, size=16):
+    rng = np.random.default_rng(seed)
+    return rng.normal(size=(size, 4)).astype(np.float32), rng.integers(0, 3, size).astype(np.int64)
+
+
+def make_trainer(autocast_dtype, eager_mode=False, **kwargs):
+    classifier = make_classifier()
+    trainer = mlp.trainers.DefaultTrainer(
+        tf.keras.optimizers.Adam(0.01),
+        classifier,
+        eager_mode=eager_mode,
+        use_mixed_precision=True,
+        autocast_dtype=autocast_dtype,
+        **kwargs,
+    )
+    model = TrainModel(classifier)
+    trainer.set_training_model(model)
+    return trainer, model, classifier
+
+
+@pytest.mark.parametrize("eager_mode", [False, True])
+def test_bfloat16_computes_in_bfloat16_with_float32_variables(eager_mode):
+    trainer, model, classifier = make_trainer("bfloat16", eager_mode=eager_mode, batch_chunk_size=5)
+    assert [layer.dtype_policy.name for layer in classifier.layers] == ["mixed_bfloat16"] * 2
+    assert not isinstance(trainer.optimizers["optimizer"], tf.keras.optimizers.LossScaleOptimizer)
+    losses = [float(trainer.train_on(batch()).loss) for _ in range(30)]
+    outputs = trainer.train_on(batch())
+    assert outputs.auxiliary_results.dtype == tf.bfloat16 and outputs.auxiliary_results.shape == (16, 3)
+    assert all(variable.dtype == "float32" for variable in classifier.weights)
+    assert losses[-1] < 0.7 * losses[0]  # it trains
+    assert trainer.last_step_skipped is False
+
+
+@pytest.mark.parametrize("eager_mode", [False, True])
+def test_float16_skips_the_step_on_an_inf_gradient_and_lowers_the_scale(eager_mode):
+    trainer, model, classifier = make_trainer("float16", eager_mode=eager_mode)
+    optimizer = trainer.optimizers["optimizer"]
+    assert isinstance(optimizer, tf.keras.optimizers.LossScaleOptimizer)
+    assert [layer.compute_dtype for layer in classifier.layers] == ["float16"] * 2
+    skipped = []
+
+    class Record(mlp.callbacks.Callback):
+        def on_batch_training_completed(self, training_batch, logs):
+            skipped.append(logs["current"]["training_params"]["batch"]["optimizer_step_skipped"])
+            model.inject_inf.assign(logs["current"]["global_iter"] == 0)  # the second batch gets an inf loss
+
+    weights = []
+
+    class Weights(mlp.callbacks.Callback):
+        def on_batch_training_completed(self, training_batch, logs):
+            weights.append([w.copy() for w in classifier.get_weights()])
+
+    manager = mlp.trainers.TrainingManager(trainer, [batch(0), batch(1), batch(2)], callbacks=[Record(), Weights()])
+    manager.start_training()
+    scale_before = optimizer.initial_scale
+    assert skipped == [False, True, False]
+    assert all(np.array_equal(a, b) for a, b in zip(weights[0], weights[1]))  # the skipped step changed nothing
+    assert not any(np.array_equal(a, b) for a, b in zip(weights[1], weights[2]))
+    assert float(optimizer.dynamic_scale) == scale_before / 2
+    assert int(optimizer.inner_optimizer.iterations) == 2
+    assert trainer.get_learning_rate() == pytest.approx(0.01)
+
+
+def test_float16_loss_scale_is_part_of_the_optimizer_state():
+    trainer, model, _ = make_trainer("float16")
+    model.inject_inf.assign(True)
+    trainer.train_on(batch())
+    state = trainer.get_state()
+    scale = float(trainer.optimizers["optimizer"].dynamic_scale)
+    assert any(np.shape(v) == () and float(v) == scale for v in state["optimizers"]["optimizer"])
+
+    restored, _, _ = make_trainer("float16")
+    restored.get_state()  # builds the optimizer (its loss scale variable is created by build)
+    assert float(restored.optimizers["optimizer"].dynamic_scale) != scale
+    restored.set_state(state)
+    assert float(restored.optimizers["optimizer"].dynamic_scale) == scale
+
+
+def test_bad_mixed_precision_arguments_are_clear_errors():
+    classifier = make_classifier()
+    optimizer = tf.keras.optimizers.Adam(0.01)
+    with pytest.raises(ValueError, match="autocast_dtype must be one of .* got 'int8'"):
+        mlp.trainers.DefaultTrainer(optimizer, classifier, use_mixed_precision=True, autocast_dtype="int8")
+    with pytest.raises(TypeError, match="use_mixed_precision must be a bool"):
+        mlp.trainers.DefaultTrainer(optimizer, classifier, use_mixed_precision="yes")
+    with pytest.raises(ValueError, match="has no effect without use_mixed_precision=True"):
+        mlp.trainers.DefaultTrainer(optimizer, classifier, autocast_dtype="bfloat16")

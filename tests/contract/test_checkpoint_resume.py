@@ -119,6 +119,8 @@ def test_sigkill_at_random_moments_leaves_a_loadable_checkpoint(harness, tmp_pat
     assert mid_write >= 1, f"no kill landed while a file was written: {reports}"
     state = harness.mlp.load_training_checkpoint(os.path.join(directory, _training_file(harness)))
     assert state["global_iter"] >= loaded[-1]
+    archives = [name for name in os.listdir(directory) if name.startswith("model-model-checkpoint-batch-")]
+    assert 1 <= len(archives) <= 3, archives  # keep_last=2, plus one written before a kill stopped the pruning
     print(f"{kills} SIGKILLs, {mid_write} of them while a checkpoint file was being written; loaded {loaded}")
 
 

@@ -216,6 +216,14 @@ class CheckpointManager(Callback):
         # then one background job writes every file of this period.
         self._writer.wait()
         manager = self.training_manager
+        archive_path = None
+        if (
+            save_latest
+            and self.archive_last_model_checkpoint_every is not None
+            and period_count % self.archive_last_model_checkpoint_every == 0
+        ):  # registered before the snapshot, so the saved list names the files that exist after this period
+            archive_path = self.file_names.archived_model("batch" if self.batch_level else "epoch", period_count)
+            self.archived = [*self.archived, os.path.basename(archive_path)][-(self.keep_last or 0) :]
         if save_latest:
             manager_state = self.saver.snapshot(manager.get_state())
             trainer_state = manager_state["trainer"]
@@ -226,11 +234,7 @@ class CheckpointManager(Callback):
             best_checkpoint = self._model_checkpoint(trainer_state, logs)
             jobs.append(lambda: self.saver.save(best_checkpoint, self.file_names.best_model))
         if manager_state is not None:
-            archive = (
-                self.archive_last_model_checkpoint_every is not None
-                and period_count % self.archive_last_model_checkpoint_every == 0
-            )
-            jobs.append(self._latest_job(manager_state, logs, period_count if archive else None))
+            jobs.append(self._latest_job(manager_state, logs, archive_path))
         self._write(lambda: [job() for job in jobs])
 
     def _improved(self, value: float) -> bool:
@@ -276,36 +280,33 @@ class CheckpointManager(Callback):
             "logs": resolve({key: value for key, value in current.items()}),
         }
 
-    def _latest_job(self, manager_state: dict, logs: dict, archive_index: Optional[int]):
-        """The job writing the training checkpoint, the latest model checkpoint and archives of a snapshot."""
+    def _latest_job(self, manager_state: dict, logs: dict, archive_path: Optional[str]):
+        """The job writing the training checkpoint, the latest model checkpoint and an archive of a snapshot."""
         self._last_saved_position = _position(manager_state)
         model_checkpoint = self._model_checkpoint(manager_state["trainer"], logs)
         training_checkpoint = {"mlpug": make_header("training", self.saver.backend), **manager_state}
-        archive_path = None
-        if archive_index is not None:
-            archive_path = self.file_names.archived_model("batch" if self.batch_level else "epoch", archive_index)
-            self.archived.append(os.path.basename(archive_path))
-        to_remove = self._archives_to_remove()
-        names = self.file_names
+        names, keep = self.file_names, set(self.archived)
 
         def job() -> None:
             self.saver.save(training_checkpoint, names.training)
             self.saver.save(model_checkpoint, names.latest_model)
             if archive_path is not None:
                 atomic_link_or_copy(names.latest_model, archive_path)
-            for name in to_remove:
-                try:
-                    os.remove(os.path.join(names.directory, name))
-                except FileNotFoundError:
-                    pass
+                if self.keep_last is not None:
+                    self._remove_archives_except(keep)
 
         return job
 
-    def _archives_to_remove(self) -> list:
-        if self.keep_last is None or len(self.archived) <= self.keep_last:
-            return []
-        to_remove, self.archived = self.archived[: -self.keep_last], self.archived[-self.keep_last :]
-        return to_remove
+    def _remove_archives_except(self, keep: set) -> None:
+        """Remove archived model checkpoints of this base name not in ``keep`` (also those left by a killed run)."""
+        prefix = os.path.basename(self.file_names.archived_model("batch" if self.batch_level else "epoch", 0))
+        prefix = prefix[: prefix.rindex("-") + 1]
+        for name in os.listdir(self.file_names.directory):
+            if name.startswith(prefix) and name.endswith(f".{self.file_names.extension}") and name not in keep:
+                try:
+                    os.remove(os.path.join(self.file_names.directory, name))
+                except FileNotFoundError:
+                    pass
 
     def _save_training_checkpoint(self, path: str, state: dict) -> None:
         """Write ``state`` (``manager.get_state()``) to ``path`` and wait until it is written."""

@@ -66,3 +66,57 @@ def test_npz_checkpoints_hold_no_pickles_and_name_the_backend(tmp_path):
         mlp.load_training_checkpoint(path)
     with pytest.raises(CheckpointError, match="does not exist"):
         mlp.load_training_checkpoint(os.path.join(str(tmp_path), "missing.npz"))
+
+
+def _train_with_dropout(directory, eager, stop_at=None, resume_from=None, seed=0):
+    tf.keras.utils.set_random_seed(seed)
+    classifier = tf.keras.Sequential(
+        [
+            tf.keras.Input(shape=(6,)),
+            tf.keras.layers.Dense(16, activation="relu"),
+            tf.keras.layers.Dropout(0.3),
+            tf.keras.layers.Dense(3),
+        ]
+    )
+    loss_function = tf.keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+
+    class TrainModel(tf.keras.Model):
+        def __init__(self):
+            super().__init__()
+            self.classifier = classifier
+
+        def call(self, batch_data, evaluate_settings, inference_mode=None):
+            features, labels = batch_data
+            return loss_function(labels, self.classifier(features, training=not inference_mode))
+
+    trainer = mlp.trainers.DefaultTrainer(
+        optimizers=tf.keras.optimizers.Adam(0.01), model_components=classifier, eager_mode=eager
+    )
+    trainer.set_training_model(TrainModel())
+    features, labels = make_numpy_data(40, 1)
+    losses = []
+
+    class Record(mlp.callbacks.Callback):
+        def on_batch_training_completed(self, training_batch, logs):
+            losses.append(logs["current"]["training"]["batch"]["loss"])
+            if logs["current"]["global_iter"] == stop_at:
+                self.training_manager.stop_training()
+
+    callbacks = [
+        mlp.callbacks.TrainingMetricsLogger(mlp.evaluation.MetricEvaluator(trainer=trainer)),
+        Record("Record"),
+        mlp.callbacks.CheckpointManager(checkpoints_path=str(directory), metric_to_monitor=None, batch_level=True),
+    ]
+    data = mlp.data.ResumableArrayBatches((features, labels), 8, seed=3)
+    manager = mlp.trainers.TrainingManager(trainer, data, num_epochs=2, callbacks=callbacks, resume_from=resume_from)
+    manager.start_training()
+    return [w.numpy() for w in classifier.weights], losses
+
+
+@pytest.mark.parametrize("eager", [True, False], ids=["eager", "compiled"])
+def test_exact_resume_with_dropout_restores_keras_seed_generators(tmp_path, eager):
+    straight_weights, straight_losses = _train_with_dropout(tmp_path / "straight", eager)
+    _, first_losses = _train_with_dropout(tmp_path / "resumed", eager, stop_at=6)
+    weights, second_losses = _train_with_dropout(tmp_path / "resumed", eager, resume_from="latest", seed=5)
+    assert first_losses + second_losses == straight_losses
+    assert all(np.array_equal(a, b) for a, b in zip(weights, straight_weights))

@@ -257,6 +257,21 @@ def sniff_format(path: str) -> str:
     return "unknown"
 
 
+def verify_zip_checksums(path: str) -> None:
+    """Check the CRC-32 of every member of a zip-format checkpoint (reads the whole file once).
+
+    Raises:
+        CheckpointError: A member's bytes do not match its checksum (the file is corrupt), naming the member.
+    """
+    try:
+        with zipfile.ZipFile(path) as archive:
+            bad_member = archive.testzip()
+    except (zipfile.BadZipFile, OSError, EOFError) as error:
+        raise CheckpointError(f"checkpoint file {path} is truncated or corrupt: {error}") from error
+    if bad_member is not None:
+        raise CheckpointError(f"checkpoint file {path} is corrupt: the checksum of {bad_member!r} does not match")
+
+
 # ----- random states -----
 _RANDOM_STATE_SOURCES: dict = {}
 

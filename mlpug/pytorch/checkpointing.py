@@ -17,7 +17,7 @@ from typing import Any, BinaryIO, Optional
 
 import torch
 
-from mlpug.checkpointing import CheckpointError, register_random_state, sniff_format
+from mlpug.checkpointing import CheckpointError, register_random_state, sniff_format, verify_zip_checksums
 from mlpug.checkpointing import CheckpointSaver as _NeutralCheckpointSaver
 
 _log = logging.getLogger("mlpug.pytorch.checkpointing")
@@ -69,14 +69,17 @@ class CheckpointSaver(_NeutralCheckpointSaver):
             shapes and dtypes), so a snapshot is valid until the next one; the ``CheckpointManager`` waits for
             the previous write before it snapshots again. Costs one host copy of the state; saves allocating
             (and page-faulting) it at every checkpoint.
+        verify_checksums: Before loading, check the CRC-32 of every member of the zip archive (one extra read
+            of the file), so that corrupted bytes give an error instead of silently wrong tensors.
     """
 
     backend = "pytorch"
     extension = "pt"
 
-    def __init__(self, map_location: Any = "cpu", reuse_buffers: bool = True):
+    def __init__(self, map_location: Any = "cpu", reuse_buffers: bool = True, verify_checksums: bool = True):
         self.map_location = map_location
         self.reuse_buffers = reuse_buffers
+        self.verify_checksums = verify_checksums
         self._buffers: dict = {}
 
     def snapshot(self, state: Any) -> Any:
@@ -92,6 +95,8 @@ class CheckpointSaver(_NeutralCheckpointSaver):
                 f"{path} is a NumPy-format (.npz) checkpoint, written by another backend (e.g. tensorflow), but is "
                 "loaded with the 'pytorch' backend; load it with that backend (import mlpug.tensorflow as mlp)"
             )
+        if self.verify_checksums:
+            verify_zip_checksums(path)
         try:
             return torch.load(path, map_location=self.map_location, weights_only=True)
         except pickle.UnpicklingError as error:

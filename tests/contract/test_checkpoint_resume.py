@@ -8,8 +8,10 @@ and mid-epoch. Crash safety: SIGKILL at random moments while writing, SIGTERM at
 import json
 import os
 import signal
+import struct
 import subprocess
 import sys
+import zipfile
 
 import numpy as np
 import pytest
@@ -178,6 +180,18 @@ def test_truncated_corrupt_and_mismatching_checkpoints_give_clear_errors(harness
     with pytest.raises(CheckpointError, match="truncated or corrupt") as raised:
         mlp.load_training_checkpoint(truncated)
     assert truncated in str(raised.value)
+
+    corrupt = str(tmp_path / "corrupt")
+    content = bytearray(open(path, "rb").read())
+    with zipfile.ZipFile(path) as archive:  # the largest member: array data
+        member = max(archive.infolist(), key=lambda info: info.compress_size)
+    name_length, extra_length = struct.unpack("<HH", content[member.header_offset + 26 : member.header_offset + 30])
+    data_start = member.header_offset + 30 + name_length + extra_length
+    content[data_start + member.compress_size // 2] ^= 0xFF  # one flipped byte, the zip structure intact
+    open(corrupt, "wb").write(bytes(content))
+    with pytest.raises(CheckpointError, match="corrupt") as raised:
+        mlp.load_training_checkpoint(corrupt)
+    assert corrupt in str(raised.value)
 
     with pytest.raises(CheckpointError, match="is a model checkpoint, expected a training checkpoint"):
         mlp.load_training_checkpoint(os.path.join(directory, "model-latest-model-checkpoint." + path.rsplit(".")[-1]))

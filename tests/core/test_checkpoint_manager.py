@@ -326,3 +326,18 @@ def test_mismatching_states_name_the_file(tmp_path):
     manager, *_ = build(tmp_path / "mode", metric_opt_mode="max")
     with pytest.raises(ValueError, match="metric_opt_mode is 'min'"):
         manager.set_state(NumpyCheckpointSaver().load(path))
+
+
+def test_sigint_writes_the_training_checkpoint_then_raises_keyboard_interrupt(tmp_path):
+    class Interrupt(Callback):
+        def on_batch_training_start(self, training_batch, logs):
+            if logs["current"]["global_iter"] == 2:
+                signal.raise_signal(signal.SIGINT)
+
+    trainer, _ = make_trainer()
+    checkpoint_manager = CheckpointManager(NumpyCheckpointSaver(), str(tmp_path), metric_to_monitor=None)
+    manager = TrainingManager(trainer, make_data(), num_epochs=3, callbacks=[Interrupt(), checkpoint_manager])
+    with pytest.raises(KeyboardInterrupt):
+        manager.start_training()
+    state = NumpyCheckpointSaver().load(checkpoint_manager.training_checkpoint_path, kind="training")
+    assert (state["epoch"], state["batch_step"], state["global_iter"]) == (0, 3, 3)

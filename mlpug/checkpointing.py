@@ -436,14 +436,27 @@ def _hashable(key: Any) -> Any:
     return key.item() if isinstance(key, np.generic) else key
 
 
-def snapshot_numpy(state: Any) -> Any:
-    """Copy of nested plain containers with every NumPy array copied."""
+def snapshot_numpy(state: Any, buffers: Optional[dict] = None, path: tuple = ()) -> Any:
+    """Copy of nested plain containers with every NumPy array copied.
+
+    Args:
+        state: Nested dicts / lists / tuples with arrays and plain values.
+        buffers: When given, arrays of earlier snapshots keyed by their path in ``state``; an array of the same
+            shape and dtype is copied into its buffer (no new allocation); the previous snapshot is overwritten.
+        path: Path of ``state`` inside the root (for the buffer keys).
+    """
     if isinstance(state, np.ndarray):
-        return state.copy()
+        if buffers is None:
+            return state.copy()
+        buffer = buffers.get(path)
+        if buffer is None or buffer.shape != state.shape or buffer.dtype != state.dtype:
+            buffer = buffers[path] = np.empty_like(state)
+        np.copyto(buffer, state)
+        return buffer
     if isinstance(state, dict):
-        return {key: snapshot_numpy(value) for key, value in state.items()}
+        return {key: snapshot_numpy(value, buffers, (*path, key)) for key, value in state.items()}
     if isinstance(state, (list, tuple)):
-        return type(state)(snapshot_numpy(value) for value in state)
+        return type(state)(snapshot_numpy(value, buffers, (*path, index)) for index, value in enumerate(state))
     return state
 
 
@@ -457,16 +470,24 @@ class NumpyCheckpointSaver(CheckpointSaver):
     Args:
         backend: Backend name written into headers.
         to_numpy: Converts a backend's arrays (e.g. TF tensors) to NumPy while snapshotting; default none.
+        reuse_buffers: :meth:`snapshot` copies into the arrays of the previous snapshot (same structure, shapes
+            and dtypes), so a snapshot is valid until the next one (the ``CheckpointManager`` waits for the
+            previous write before it snapshots again).
     """
 
     extension = "npz"
 
-    def __init__(self, backend: str = "numpy", to_numpy: Optional[Callable[[Any], Any]] = None):
+    def __init__(
+        self, backend: str = "numpy", to_numpy: Optional[Callable[[Any], Any]] = None, reuse_buffers: bool = True
+    ):
         self.backend = backend
         self.to_numpy = to_numpy
+        self.reuse_buffers = reuse_buffers
+        self._buffers: dict = {}
 
     def snapshot(self, state: Any) -> Any:
-        return snapshot_numpy(self.to_numpy(state) if self.to_numpy is not None else state)
+        state = self.to_numpy(state) if self.to_numpy is not None else state
+        return snapshot_numpy(state, self._buffers if self.reuse_buffers else None)
 
     def write(self, checkpoint: dict, file: BinaryIO) -> None:
         arrays: list = []

@@ -9,6 +9,8 @@ Life cycle (every hook is dispatched to every callback, in list order)::
     on_training_start(num_epochs, num_batches_per_epoch, start_epoch, start_batch, start_update_iter)
     for epoch in range(start_epoch, num_epochs):
         on_epoch_start(logs)
+        data_iterator = mlpug.data.epoch_iterator(dataset, epoch, start_batch if first epoch else 0)
+        [resumed run, first epoch: random states restored (before the iterator at an epoch start, else after)]
         for batch_step in range(start_batch if first epoch else 0, num_batches_per_epoch):
             [stop requested or signal received -> leave both loops]
             batch = next(data_iterator)                          # data errors -> failure path

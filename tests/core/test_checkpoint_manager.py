@@ -52,13 +52,13 @@ class Draws(Callback):
             self.training_manager.stop_training()
 
 
-def build(directory, stop_at=None, resume_from=None, num_epochs=3, data=None, **checkpoint_kwargs):
+def build(directory, stop_at=None, resume_from=None, num_epochs=3, data=None, extra_callbacks=(), **checkpoint_kwargs):
     trainer, model = make_trainer()
     kwargs = dict(metric_to_monitor="training.batch.loss", batch_level=True, write_in_background=True)
     kwargs.update(checkpoint_kwargs)
     draws = Draws(stop_at)
     checkpoint_manager = CheckpointManager(NumpyCheckpointSaver(), checkpoints_path=str(directory), **kwargs)
-    callbacks = [TrainingMetricsLogger(MetricEvaluator(trainer=trainer)), draws, checkpoint_manager]
+    callbacks = [TrainingMetricsLogger(MetricEvaluator(trainer=trainer)), draws, checkpoint_manager, *extra_callbacks]
     manager = TrainingManager(
         trainer, data or make_data(), num_epochs=num_epochs, callbacks=callbacks, resume_from=resume_from
     )
@@ -341,3 +341,41 @@ def test_sigint_writes_the_training_checkpoint_then_raises_keyboard_interrupt(tm
         manager.start_training()
     state = NumpyCheckpointSaver().load(checkpoint_manager.training_checkpoint_path, kind="training")
     assert (state["epoch"], state["batch_step"], state["global_iter"]) == (0, 3, 3)
+
+
+def test_resume_from_a_checkpoint_written_before_the_epoch_end_hooks_runs_them(tmp_path):
+    """A batch-level checkpoint of the last batch of an epoch resumes with that epoch's on_epoch_completed."""
+    random.seed(1), np.random.seed(1)
+    straight, straight_model, straight_draws, _ = build(tmp_path / "straight", num_epochs=2)
+    straight.start_training()
+
+    copy_path = tmp_path / "copy-training-checkpoint.npz"
+    epochs_completed = []
+
+    class Probe(Callback):
+        """Copies the training checkpoint written at the last batch of epoch 0 (before the epoch end hooks)."""
+
+        def on_batch_training_completed(self, training_batch, logs):
+            if logs["current"]["global_iter"] == NUM_BATCHES - 1:
+                copy_path.write_bytes((tmp_path / "first" / "model-training-checkpoint.npz").read_bytes())
+                self.training_manager.stop_training()
+
+        def on_epoch_completed(self, logs):
+            epochs_completed.append(logs["epoch"])
+
+    random.seed(1), np.random.seed(1)
+    first, _, first_draws, _ = build(
+        tmp_path / "first", num_epochs=2, write_in_background=False, extra_callbacks=[Probe("Probe")]
+    )
+    first.start_training()
+    state = NumpyCheckpointSaver().load(str(copy_path), kind="training")
+    assert (state["epoch"], state["batch_step"], state["global_iter"]) == (0, NUM_BATCHES, NUM_BATCHES)
+
+    random.seed(5), np.random.seed(5)
+    second, model, second_draws, _ = build(tmp_path / "second", num_epochs=2, extra_callbacks=[Probe("Probe")])
+    epochs_completed.clear()
+    second.set_state(state)
+    second.start_training()
+    assert epochs_completed == [0, 1]  # epoch 0's end hooks ran in the resumed run
+    assert first_draws.values[:NUM_BATCHES] + second_draws.values == straight_draws.values
+    assert (model.w, model.b) == (straight_model.w, straight_model.b)

@@ -6,7 +6,9 @@ gets the weight ``n_i / B``; its loss is multiplied by that weight before its ba
 are summed, so they equal the gradients of the batch's mean loss; the optimizers step once per batch. Because
 ``B`` is not known when tracing (``None`` batch dimension), the chunks are visited by a ``tf.while_loop``
 (the first chunk before the loop, so that the structure of the model outputs is known), which runs as a Python
-loop in eager mode and as one graph loop in a compiled step. Peak activation memory is that of one chunk.
+loop in eager mode and as one graph loop in a compiled step (``parallel_iterations=1``: one chunk at a time).
+Peak activation memory is that of one chunk; the gradient sum adds one gradient-sized buffer (in eager mode,
+while a chunk's gradients are added, the old and the new sum and the chunk's gradients exist at once).
 
 Policies: :class:`WholeBatch` is the null object (the plain step: one forward and backward pass, the loss
 unweighted); :class:`ChunkedBatch` accumulates. Model outputs of the whole batch: the sample-weighted loss
@@ -169,6 +171,7 @@ class ChunkedBatch(WholeBatch):
                 tf.convert_to_tensor(num_samples),
                 write(new_arrays(), 0, auxiliary_leaves),
             ),
+            parallel_iterations=1,  # one chunk at a time: the peak activation memory is that of one chunk
         )
         summed = list(gradients)
         for index, gradient in zip(connected, accumulated):

@@ -461,7 +461,7 @@ class DefaultTrainer(_NeutralDefaultTrainer):
 
     # ----- state -----
     def get_state(self) -> dict:
-        """Weights and optimizer variables as numpy arrays (copies) in plain containers.
+        """Weights and optimizer variables as numpy arrays (copies, made once) in plain containers.
 
         Returns:
             ``{"model_components": {name: [np.ndarray, ...]}, "optimizers": {name: [np.ndarray, ...]}}``: per
@@ -476,7 +476,7 @@ class DefaultTrainer(_NeutralDefaultTrainer):
         return {
             "model_components": {name: component.get_weights() for name, component in self.model_components.items()},
             "optimizers": {
-                name: [np.array(variable.numpy()) for variable in optimizer.variables]
+                name: [np.asarray(variable.numpy()) for variable in optimizer.variables]
                 for name, optimizer in self.optimizers.items()
             },
         }

@@ -17,8 +17,19 @@ fashion_mnist_example = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(fashion_mnist_example)
 
 
-def test_one_epoch_reaches_80_percent_validation_accuracy(fashion_mnist_dir, capsys):
-    manager = fashion_mnist_example.main(["--num-epochs", "1", "--data-dir", fashion_mnist_dir, "--log-period", "300"])
+def test_one_epoch_reaches_80_percent_validation_accuracy(fashion_mnist_dir, capsys, tmp_path):
+    manager = fashion_mnist_example.main(
+        [
+            "--num-epochs",
+            "1",
+            "--data-dir",
+            fashion_mnist_dir,
+            "--log-period",
+            "300",
+            "--checkpoints-path",
+            str(tmp_path),
+        ]
+    )
     validation = manager.logs["current"]["validation"]["dataset"]
     assert validation["accuracy"] >= 0.80
     assert validation["loss"] < 0.6
@@ -27,8 +38,9 @@ def test_one_epoch_reaches_80_percent_validation_accuracy(fashion_mnist_dir, cap
     assert "validation     : loss" in output and "Training completed. All good!" in output
 
 
-def test_bfloat16_with_gradient_accumulation_reaches_80_percent_in_one_epoch(fashion_mnist_dir, capsys):
+def test_bfloat16_with_gradient_accumulation_reaches_80_percent_in_one_epoch(fashion_mnist_dir, capsys, tmp_path):
     argv = ["--num-epochs", "1", "--data-dir", fashion_mnist_dir, "--log-period", "1000"]
+    argv += ["--checkpoints-path", str(tmp_path)]
     manager = fashion_mnist_example.main(argv + ["--mixed-precision", "bfloat16", "--batch-chunk-size", "24"])
     assert manager.trainer.precision.autocast_dtype == "bfloat16" and manager.trainer.batch_chunk_size == 24
     validation = manager.logs["current"]["validation"]["dataset"]

@@ -2,7 +2,7 @@
 
 Tolerance: exact equality is asserted for compiled mlpug vs the hand-written compiled loop (same ops, same
 order). Eager vs compiled may differ by float32 round-off (Grappler may fuse ops differently in a graph):
-``rtol=1e-5, atol=1e-6`` after 20 Adam steps.
+``rtol=1e-5, atol=1e-6`` after 20 Adam steps (on our CPU machine they were bit-identical).
 """
 
 import numpy as np

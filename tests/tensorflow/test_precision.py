@@ -117,3 +117,33 @@ def test_bad_mixed_precision_arguments_are_clear_errors():
         mlp.trainers.DefaultTrainer(optimizer, classifier, use_mixed_precision="yes")
     with pytest.raises(ValueError, match="has no effect without use_mixed_precision=True"):
         mlp.trainers.DefaultTrainer(optimizer, classifier, autocast_dtype="bfloat16")
+
+
+@pytest.mark.parametrize("eager_mode", [False, True])
+def test_float16_composes_with_chunking_and_several_optimizers(eager_mode):
+    """Precision x accumulation x several optimizers (each with its own loss scale) in one step."""
+    classifier = make_classifier()
+    first, second = classifier.layers
+    optimizers = {"first": tf.keras.optimizers.SGD(0.1), "second": tf.keras.optimizers.SGD(0.1)}
+    trainer = mlp.trainers.DefaultTrainer(
+        optimizers,
+        classifier,
+        eager_mode=eager_mode,
+        trainable_variables={"first": first, "second": second},
+        batch_chunk_size=6,
+        use_mixed_precision=True,
+        autocast_dtype="float16",
+    )
+    model = TrainModel(classifier)
+    trainer.set_training_model(model)
+    before = [w.copy() for w in classifier.get_weights()]
+    outputs = trainer.train_on(batch(size=16))  # chunks of 6, 6, 4
+    assert outputs.auxiliary_results.shape == (16, 3) and outputs.auxiliary_results.dtype == tf.float16
+    assert trainer.last_step_skipped is False
+    after = classifier.get_weights()
+    assert not any(np.array_equal(a, b) for a, b in zip(before, after))  # both optimizers stepped
+    model.inject_inf.assign(True)
+    trainer.train_on(batch(size=16))
+    assert trainer.last_step_skipped is True
+    assert all(np.array_equal(a, b) for a, b in zip(after, classifier.get_weights()))
+    assert [float(o.dynamic_scale) for o in trainer.optimizers.values()] == [2.0**14, 2.0**14]

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import torch
 
@@ -17,12 +18,20 @@ class MetricEvaluator(_NeutralMetricEvaluator):
 
     def _weighted_sums(self, values: Sequence[Any], weights: Sequence[Any]) -> tuple:
         """``(sum(value * weight), sum(weight))`` with one device synchronisation for all batches."""
-        if not all(isinstance(v, torch.Tensor) for v in values):
+        tensors = [v for v in values if isinstance(v, torch.Tensor)]
+        if not tensors:
             return super()._weighted_sums(values, weights)
-        try:
-            stacked = torch.stack(values).detach().double()  # one op for the usual case: 0-d tensors
-        except RuntimeError:  # mixed shapes ([] and [1]) or devices: normalise each value
-            stacked = torch.stack([v.detach().reshape(()).double().to(values[0].device) for v in values])
+        stacked = None
+        if len(tensors) == len(values):
+            try:
+                stacked = torch.stack(values).detach().double()  # one op for the usual case: 0-d tensors
+            except RuntimeError:  # mixed shapes ([] and [1]) or devices
+                pass
+        if stacked is None:  # normalise each value; Python numbers come from a restored (resumed) window
+            device = tensors[0].device
+            stacked = torch.stack(
+                [torch.as_tensor(v, dtype=torch.float64, device=device).detach().reshape(()) for v in values]
+            )
         if all(isinstance(w, (int, float)) for w in weights):
             weight_tensor = torch.tensor(weights, dtype=torch.float64, device=stacked.device)
         else:

@@ -125,11 +125,48 @@ def test_window_values_read_late_are_those_of_their_batch_or_an_error():
             kept.append(logs["current"]["training"])
 
     dataset = batches_of_sizes(1, 1, 1, 1, 1, 1, 1)
-    manager = TrainingManager(trainer, dataset, num_epochs=1, callbacks=[
-        TrainingMetricsLogger(MetricEvaluator(trainer=trainer), window_length=2), KeepLogs()])
+    manager = TrainingManager(
+        trainer,
+        dataset,
+        num_epochs=1,
+        callbacks=[TrainingMetricsLogger(MetricEvaluator(trainer=trainer), window_length=2), KeepLogs()],
+    )
     manager.start_training()
     losses = [section["batch"]["loss"] for section in kept]
     # Batch 5's window (batches 4, 5) is still kept after batch 6; it holds its own values, not the latest.
     assert kept[5]["window_average"]["loss"] == pytest.approx((losses[4] + losses[5]) / 2)
     with pytest.raises(RuntimeError, match="window values of batch 1 were read more than 2 batches later"):
         kept[1]["window_average"]["loss"]
+
+
+def test_batch_level_test_metrics_logger_state_continues_position_and_window():
+    served = []
+
+    class Validation:
+        def __iter__(self):
+            for index, batch in enumerate(batches_of_sizes(2, 2, 2)):
+                served.append(index)
+                yield batch
+
+    def make_logger(trainer):
+        return TestMetricsLogger(
+            Validation(), "validation", MetricEvaluator(trainer=trainer), batch_level=True, window_length=3
+        )
+
+    trainer, _ = make_trainer()
+    first = make_logger(trainer)
+    TrainingManager(trainer, batches_of_sizes(1, 1, 1, 1), num_epochs=1, callbacks=[first]).start_training()
+    assert served == [0, 1, 2, 0]
+    state = first.get_state()
+    assert state["position"] == 1 and state["window"]["end"] == 4 and len(state["window"]["entries"]) == 3
+
+    served.clear()
+    trainer2, _ = make_trainer()
+    second, recorder = make_logger(trainer2), RecordingCallback(snapshot_logs=True)
+    second.set_state(state)
+    TrainingManager(trainer2, batches_of_sizes(1, 1), num_epochs=1, callbacks=[second, recorder]).start_training()
+    assert served[-2:] == [1, 2]  # continues after validation batch 0 of the interrupted pass
+    windows = [logs["current"]["validation"]["window_average"]["loss"] for kind, logs in recorder.snapshots]
+    restored_losses = [entry["loss"][0] for entry in state["window"]["entries"]]
+    new_loss = recorder.snapshots[0][1]["current"]["validation"]["batch"]["loss"]
+    assert windows[0] == pytest.approx((sum(restored_losses[1:]) * 2 + new_loss * 2) / 6)

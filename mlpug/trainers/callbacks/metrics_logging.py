@@ -10,7 +10,7 @@ from collections.abc import Sequence
 from typing import Any, Iterable, Optional
 
 from mlpug.evaluation import MetricEvaluator
-from mlpug.logs import MetricValues
+from mlpug.logs import MetricValues, to_number
 from mlpug.trainers.callbacks.callback import Callback
 
 
@@ -49,6 +49,22 @@ class _SlidingWindow:
             del entries[: len(entries) - self.length]
             self.first_index = end - self.length
         return self.evaluator.combined_values(_WindowView(self, end))
+
+    def get_state(self) -> dict:
+        """The last ``length`` batches' metric ``(mean_value, weight)`` pairs as Python floats (one conversion
+        per value, at checkpoint time) and the absolute index after the last batch."""
+        end = self.first_index + len(self.entries)
+        kept = self.entries[-self.length :] if self.length is not None else self.entries
+        return {
+            "end": end,
+            "entries": [
+                {name: [to_number(value), to_number(weight)] for name, (value, weight) in g.items()} for g in kept
+            ],
+        }
+
+    def set_state(self, state: dict) -> None:
+        self.entries = [{name: tuple(pair) for name, pair in g.items()} for g in state["entries"]]
+        self.first_index = state["end"] - len(self.entries)
 
 
 class _WindowView(Sequence):
@@ -131,6 +147,15 @@ class TrainingMetricsLogger(Callback):
         current["training_params"]["window_average"]["duration"] = self._duration_sum / len(durations)
         return True
 
+    def get_state(self) -> dict:
+        """Sliding windows of metrics and batch durations, so window averages continue exactly on resume."""
+        return {"window": self._window.get_state(), "durations": list(self._durations)}
+
+    def set_state(self, state: dict) -> None:
+        self._window.set_state(state["window"])
+        self._durations = collections.deque(state["durations"], maxlen=self._durations.maxlen)
+        self._duration_sum = sum(self._durations)
+
 
 class TestMetricsLogger(Callback):
     """Logs metrics of a dataset that is not trained on (e.g. ``"validation"``).
@@ -181,6 +206,7 @@ class TestMetricsLogger(Callback):
         self.evaluate_settings = evaluate_settings
         self._window = _SlidingWindow(metric_evaluator, window_length)
         self._batches = None
+        self._position = 0
 
     @property
     def produces(self) -> frozenset:
@@ -197,12 +223,36 @@ class TestMetricsLogger(Callback):
         if not self.batch_level:
             return True
         if self._batches is None:
-            self._batches = _cycle(self.dataset)
+            self._batches = self._cycle()
         gathered = self.metric_evaluator.evaluate_batch(next(self._batches), self.evaluate_settings)
         section = self._dataset_logs(logs)
         section["batch"] = self.metric_evaluator.batch_values(gathered)
         section["window_average"] = self._window.append(gathered)
         return True
+
+    def _cycle(self):
+        """Iterate the dataset again and again (re-iterating, so nothing is cached), starting at
+        ``self._position`` (batches already evaluated in the current pass), which it keeps up to date."""
+        while True:
+            skip, empty = self._position, True
+            for index, batch in enumerate(self.dataset):
+                empty = False
+                if index < skip:
+                    continue  # resuming: batches of this pass evaluated before the checkpoint
+                self._position = index + 1
+                yield batch
+            if empty:
+                raise ValueError(f"{self.dataset_name}: the dataset to evaluate yielded no batches")
+            self._position = 0
+
+    def get_state(self) -> dict:
+        """Batch level: the sliding window and the position in the evaluation dataset; dataset level: nothing."""
+        return {"window": self._window.get_state(), "position": self._position} if self.batch_level else {}
+
+    def set_state(self, state: dict) -> None:
+        if self.batch_level:
+            self._window.set_state(state["window"])
+            self._position, self._batches = state["position"], None
 
     def on_epoch_completed(self, logs: dict) -> bool:
         if self.batch_level:
@@ -210,14 +260,3 @@ class TestMetricsLogger(Callback):
         values = self.metric_evaluator.evaluate_dataset(self.dataset, self.evaluate_settings)
         self._dataset_logs(logs)["dataset"] = values
         return True
-
-
-def _cycle(dataset: Iterable):
-    """Iterate ``dataset`` again and again (re-iterating, so a shuffling loader reshuffles; nothing is cached)."""
-    while True:
-        empty = True
-        for batch in dataset:
-            empty = False
-            yield batch
-        if empty:
-            raise ValueError("the dataset to evaluate yielded no batches")

@@ -32,7 +32,7 @@ WARM_UP_IMPORTS = {"pytorch": ("torch._dynamo",)}
 
 
 class Recorder:
-    """Callback factory: records batch losses; can stop, sleep and print per batch."""
+    """Callback factory: records (batch loss, window-average loss) pairs; can stop, sleep and print per batch."""
 
     @staticmethod
     def make(mlp, stop_at=None, sleep=0.0, print_batches=False, on_first_batch=None):
@@ -43,7 +43,8 @@ class Recorder:
 
             def on_batch_training_completed(self, training_batch, logs):
                 current = logs["current"]
-                self.losses.append(current["training"]["batch"]["loss"])
+                training = current["training"]
+                self.losses.append((training["batch"]["loss"], training["window_average"]["loss"]))
                 if stop_at is not None and current["global_iter"] == stop_at:
                     self.training_manager.stop_training()
                 if sleep:
@@ -72,7 +73,8 @@ def run(
     """Train the harness problem on resumable, shuffled data with a CheckpointManager writing into ``directory``.
 
     Returns:
-        ``(problem, manager, recorder)``; ``recorder.losses`` holds the logged batch losses (floats).
+        ``(problem, manager, recorder)``; ``recorder.losses`` holds the logged ``(batch loss, window-average loss)`` pairs (floats); the window
+        spans one epoch, so after a mid-epoch resume it mixes restored and new batches.
     """
     problem = harness.make_problem(seed=init_seed, num_batches=NUM_BATCHES, batch_size=BATCH_SIZE)
     mlp = problem.mlp

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import inspect
 import logging
-from typing import Any, Callable, Mapping, Optional, Sequence, Union
+from typing import Any, Mapping, Optional, Sequence
 
 import numpy as np
 import tensorflow as tf
@@ -31,14 +31,15 @@ from mlpug.tensorflow.trainers.compilation import (
     validate_signature,
 )
 from mlpug.tensorflow.trainers.precision import FullPrecision, precision_policy
+from mlpug.tensorflow.trainers.variables import (
+    TrainableVariables,
+    check_trainable_variables_spec,
+    resolve_trainable_variables,
+)
 from mlpug.trainers.training import DefaultTrainer as _NeutralDefaultTrainer
 from mlpug.trainers.training import ModelOutputs
 
 _log = logging.getLogger("mlpug.tensorflow.DefaultTrainer")
-
-TrainableVariables = Union[
-    Sequence[Any], Mapping[str, Union[Sequence[Any], tf.keras.layers.Layer, Callable[[], Sequence[Any]]]], Callable
-]
 
 
 def _type_name(value: Any) -> str:
@@ -151,7 +152,7 @@ class DefaultTrainer(_NeutralDefaultTrainer):
         validate_signature(training_settings_signature, "training_settings_signature")
         if training_settings_signature is not None and batch_data_signature is None:
             raise ValueError("training_settings_signature needs batch_data_signature as well; give both or neither")
-        self._check_trainable_variables_spec(trainable_variables)
+        check_trainable_variables_spec(trainable_variables, self.optimizers, self.model_components)
 
         self.eager_mode = eager_mode
         self.batch_data_signature = batch_data_signature
@@ -174,39 +175,6 @@ class DefaultTrainer(_NeutralDefaultTrainer):
         self._evaluate_steps: dict = {}
 
     # ----- set-up -----
-    def _check_trainable_variables_spec(self, spec: Any) -> None:
-        if spec is None:
-            if len(self.optimizers) > 1 and not set(self.optimizers) <= set(self.model_components):
-                raise ValueError(
-                    f"With several optimizers ({sorted(self.optimizers)}), give trainable_variables as a dict "
-                    "optimizer name -> variables (or a callable returning it), or name each optimizer like the "
-                    f"model component it trains (model components: {sorted(self.model_components)})"
-                )
-            return
-        if isinstance(spec, Mapping):
-            if set(spec) != set(self.optimizers):
-                raise ValueError(
-                    f"trainable_variables keys {sorted(map(str, spec))} must be the optimizer names "
-                    f"{sorted(self.optimizers)}"
-                )
-            for name, value in spec.items():
-                if not (callable(value) or isinstance(value, (list, tuple, tf.keras.layers.Layer))):
-                    raise TypeError(
-                        f"trainable_variables[{name!r}] must be a list of variables, a Keras layer or a callable "
-                        f"returning a list; got a {_type_name(value)}"
-                    )
-        elif isinstance(spec, (list, tuple)):
-            if len(self.optimizers) > 1:
-                raise ValueError(
-                    "trainable_variables is a list, but there are several optimizers "
-                    f"({sorted(self.optimizers)}); give a dict optimizer name -> variables"
-                )
-        elif not callable(spec):
-            raise TypeError(
-                "trainable_variables must be None, a list of variables, a dict optimizer name -> variables or a "
-                f"callable returning one of those; got a {_type_name(spec)}"
-            )
-
     def set_training_model(self, training_model: tf.keras.layers.Layer) -> None:
         """Set the model that returns the loss for a batch.
 
@@ -243,55 +211,6 @@ class DefaultTrainer(_NeutralDefaultTrainer):
         self.precision.prepare_layers([training_model])
         self.training_model = training_model
 
-    def _resolve_variables(self) -> dict:
-        """Optimizer name -> list of the variables it updates (called once the model components are built)."""
-        spec = self.trainable_variables_spec
-        if spec is None:
-            if len(self.optimizers) == 1:
-                variables = []
-                for component in self.model_components.values():
-                    variables.extend(component.trainable_variables)
-                spec = {next(iter(self.optimizers)): variables}
-            else:
-                spec = {name: self.model_components[name] for name in self.optimizers}
-        elif callable(spec) and not isinstance(spec, (Mapping, tf.keras.layers.Layer)):
-            spec = spec()
-        if not isinstance(spec, Mapping):
-            if len(self.optimizers) > 1:
-                raise ValueError(
-                    f"trainable_variables returned a {_type_name(spec)}; with several optimizers it must return a "
-                    f"dict optimizer name -> variables for {sorted(self.optimizers)}"
-                )
-            spec = {next(iter(self.optimizers)): spec}
-        resolved, owner = {}, {}
-        for name in self.optimizers:
-            if name not in spec:
-                raise ValueError(f"trainable_variables has no variables for optimizer {name!r} (keys: {sorted(spec)})")
-            value = spec[name]
-            if isinstance(value, tf.keras.layers.Layer):
-                value = value.trainable_variables
-            elif callable(value):
-                value = value()
-            variables = _unique(list(value))
-            if not variables:
-                raise ValueError(
-                    f"optimizer {name!r} has no trainable variables to update; check trainable_variables and that "
-                    "the model components have trainable weights"
-                )
-            for variable in variables:
-                if not (hasattr(variable, "assign") and hasattr(variable, "shape")):
-                    raise TypeError(
-                        f"trainable_variables for optimizer {name!r} contains a {_type_name(variable)}, not a variable"
-                    )
-                if id(variable) in owner:
-                    raise ValueError(
-                        f"variable {getattr(variable, 'path', variable.name)!r} is updated by two optimizers, "
-                        f"{owner[id(variable)]!r} and {name!r}; give every variable to one optimizer"
-                    )
-                owner[id(variable)] = name
-            resolved[name] = variables
-        return resolved
-
     def _build(self, batch: Any = None, settings: Any = None) -> bool:
         """Build model components, resolve the variables and build the optimizers; apply a pending state.
 
@@ -315,7 +234,9 @@ class DefaultTrainer(_NeutralDefaultTrainer):
                 return False
             _log.debug("Building the model components with an eager forward pass (inference mode)")
             self._forward(batch, settings, inference_mode=True)
-        self._variables = self._resolve_variables()
+        self._variables = resolve_trainable_variables(
+            self.trainable_variables_spec, self.optimizers, self.model_components
+        )
         self._flat_variables = [v for variables in self._variables.values() for v in variables]
         for name, optimizer in self.optimizers.items():
             if not optimizer.built:
@@ -532,15 +453,6 @@ class DefaultTrainer(_NeutralDefaultTrainer):
         """Current learning rate of the named (default: first) optimizer, as a float (schedules evaluated)."""
         optimizer = self.optimizers[optimizer_name] if optimizer_name else self._optimizer_list[0]
         return float(optimizer.learning_rate)
-
-
-def _unique(variables: list) -> list:
-    seen, unique = set(), []
-    for variable in variables:
-        if id(variable) not in seen:
-            seen.add(id(variable))
-            unique.append(variable)
-    return unique
 
 
 def _check_arrays(what: str, variables: Sequence[Any], values: Sequence[Any]) -> None:

@@ -77,6 +77,14 @@ class Trainer(ABC):
 
     last_step_skipped: bool = False
 
+    def get_last_step_skipped(self) -> Any:
+        """:attr:`last_step_skipped` as a bool or a backend boolean scalar, without waiting for the device.
+
+        The manager stores it in ``logs`` and converts it only when a consumer reads it; backends whose flag
+        lives on the device override this to return it unconverted.
+        """
+        return self.last_step_skipped
+
     @abstractmethod
     def set_training_model(self, training_model: Any) -> None:
         """Set the model that maps ``(batch, evaluate_settings, inference_mode)`` to a loss (see ModelOutputs)."""
@@ -529,7 +537,10 @@ class TrainingManager:
             params["batch_size"] = (
                 num_samples if type(num_samples) is int else Deferred(partial(to_number, num_samples))
             )
-            params["optimizer_step_skipped"] = trainer.last_step_skipped
+            skipped = trainer.get_last_step_skipped()
+            params["optimizer_step_skipped"] = (
+                skipped if type(skipped) is bool else Deferred(partial(to_number, skipped))
+            )
             current["training"]["batch"] = MetricValues(raw=outputs)
             self.global_iter += 1
             self.batch_step = batch_step + 1

@@ -292,6 +292,11 @@ class DefaultTrainer(_NeutralDefaultTrainer):
         skipped = self._last_step_skipped
         return False if skipped is None else bool(skipped)
 
+    def get_last_step_skipped(self) -> Any:
+        """The skipped flag as the step's boolean tensor (False without loss scaling); the manager converts it
+        only when ``logs.current.training_params.batch.optimizer_step_skipped`` is read, so no per-step wait."""
+        return False if self._last_step_skipped is None else self._last_step_skipped
+
     def _train_step_function(self, batch: Any, training_settings: Any) -> tuple:
         """Forward, backward and optimizer step (see the module docstring); traced unless in eager mode."""
 

@@ -32,8 +32,12 @@ test: setup data
 lint: setup
 	$(VENV)/bin/ruff check mlpug tests examples benchmarks
 
-benchmark: setup data
+benchmark: setup data  # results go into benchmarks/RESULTS.md by hand, with command and machine
 	$(PY) benchmarks/overhead_pytorch.py
+	$(PY) benchmarks/overhead_tensorflow.py
+	$(PY) benchmarks/checkpoint.py --backend pytorch
+	$(PY) benchmarks/checkpoint.py --backend tensorflow
+	$(PY) benchmarks/memory.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache

@@ -107,14 +107,18 @@ def main():
         for variant in order:
             with contextlib.redirect_stdout(io.StringIO()):
                 times[variant].append(run_raw(batches) if variant == "raw" else run_mlpug(batches))
-    print(f"machine: {platform.processor() or platform.machine()}, torch {torch.__version__}, 1 thread, "
-          f"{len(batches)} batches of {args.batch_size}, {args.repetitions} repetitions")
+    print(
+        f"machine: {platform.processor() or platform.machine()}, torch {torch.__version__}, 1 thread, "
+        f"{len(batches)} batches of {args.batch_size}, {args.repetitions} repetitions"
+    )
     print("| variant | min (s) | median (s) |")
     print("|---|---|---|")
     for variant, values in times.items():
         print(f"| {variant} | {min(values):.3f} | {statistics.median(values):.3f} |")
-    print(f"| ratio mlpug/raw | {min(times['mlpug']) / min(times['raw']):.3f} | "
-          f"{statistics.median(times['mlpug']) / statistics.median(times['raw']):.3f} |")
+    print(
+        f"| ratio mlpug/raw | {min(times['mlpug']) / min(times['raw']):.3f} | "
+        f"{statistics.median(times['mlpug']) / statistics.median(times['raw']):.3f} |"
+    )
 
 
 if __name__ == "__main__":

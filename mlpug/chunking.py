@@ -25,10 +25,10 @@ unscaled), :class:`ChunkedBatch` splits. Loop code calls them unconditionally.
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
-from contextlib import nullcontext
-from typing import Any, ContextManager, List, NamedTuple, Optional
+from contextlib import AbstractContextManager, nullcontext
+from typing import Any, NamedTuple, Optional
 
-Concatenate = Callable[[List[Any]], Any]
+Concatenate = Callable[[list[Any]], Any]
 """Backend function that concatenates a list of arrays along their first dimension (e.g. ``torch.cat``)."""
 
 
@@ -321,6 +321,6 @@ class SerialGradientSync:
     are synchronised once per batch.
     """
 
-    def chunk_context(self, chunk: BatchChunk) -> ContextManager:
+    def chunk_context(self, chunk: BatchChunk) -> AbstractContextManager:
         """A do-nothing context."""
         return nullcontext()

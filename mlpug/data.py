@@ -19,7 +19,8 @@ from __future__ import annotations
 
 import itertools
 import logging
-from typing import Any, Iterable, Iterator, Optional, Sequence
+from collections.abc import Iterable, Iterator, Sequence
+from typing import Any, Optional
 
 import numpy as np
 

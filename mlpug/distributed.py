@@ -6,7 +6,7 @@ unconditionally. Data-parallel backends provide their own implementation.
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 
 class DistributedContext:

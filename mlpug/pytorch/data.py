@@ -7,7 +7,8 @@ epoch every epoch and, when resuming mid-epoch, the batch to start at, so no bat
 
 from __future__ import annotations
 
-from typing import Any, Callable, Optional, Sequence
+from collections.abc import Sequence
+from typing import Any, Callable, Optional
 
 import torch
 

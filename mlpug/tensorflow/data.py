@@ -7,7 +7,8 @@ A ``tf.data.Dataset`` cannot start at a position; the manager skips its batches 
 
 from __future__ import annotations
 
-from typing import Any, Callable, Optional, Sequence
+from collections.abc import Sequence
+from typing import Any, Callable, Optional
 
 import tensorflow as tf
 

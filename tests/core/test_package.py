@@ -28,7 +28,8 @@ def test_log_format_and_fancy_colors(capsys):
     mlpug_logging.use_fancy_colors()
     try:
         emit()
-        assert capsys.readouterr().out == "\033[32mINFO    : TrainingManager::emit : Training completed. All good!\033[0m\n"
+        expected = "\033[32mINFO    : TrainingManager::emit : Training completed. All good!\033[0m\n"
+        assert capsys.readouterr().out == expected
     finally:
         mlpug_logging.use_fancy_colors(False)
     assert logging.getLogger("mlpug").propagate is False

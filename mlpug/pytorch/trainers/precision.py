@@ -8,8 +8,9 @@ under loss scaling). :class:`FullPrecision` is the null object: the plain ``loss
 
 from __future__ import annotations
 
-from contextlib import nullcontext
-from typing import ContextManager, Optional, Sequence
+from collections.abc import Sequence
+from contextlib import AbstractContextManager, nullcontext
+from typing import Optional
 
 import torch
 
@@ -22,7 +23,7 @@ class FullPrecision:
     autocast_dtype: Optional[str] = None
     grad_scaler: Optional[torch.amp.GradScaler] = None
 
-    def autocast(self) -> ContextManager:
+    def autocast(self) -> AbstractContextManager:
         """A do-nothing context."""
         return nullcontext()
 
@@ -76,7 +77,7 @@ class MixedPrecision(FullPrecision):
         self._stepped: set = set()
         self._hooked: set = set()
 
-    def autocast(self) -> ContextManager:
+    def autocast(self) -> AbstractContextManager:
         """``torch.autocast(device_type, dtype)``."""
         return torch.autocast(self.device_type, dtype=self._dtype)
 

@@ -8,7 +8,8 @@ null object: float32 layers, the optimizer as given, the loss as it is, no step 
 
 from __future__ import annotations
 
-from typing import Any, Iterable, Optional, Sequence
+from collections.abc import Iterable, Sequence
+from typing import Any, Optional
 
 import tensorflow as tf
 

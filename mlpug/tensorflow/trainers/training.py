@@ -18,7 +18,8 @@ from __future__ import annotations
 
 import inspect
 import logging
-from typing import Any, Mapping, Optional, Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any, Optional
 
 import numpy as np
 import tensorflow as tf

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Any, Callable, Mapping, Sequence, Union
+from collections.abc import Mapping, Sequence
+from typing import Any, Callable, Union
 
 import tensorflow as tf
 

@@ -5,7 +5,8 @@ from __future__ import annotations
 import datetime
 import sys
 import time
-from typing import Callable, Optional, Sequence
+from collections.abc import Sequence
+from typing import Callable, Optional
 
 from mlpug.trainers.callbacks.callback import Callback
 

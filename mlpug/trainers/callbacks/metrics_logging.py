@@ -6,8 +6,8 @@ They are producers: place them before the callbacks that read their values.
 from __future__ import annotations
 
 import collections
-from collections.abc import Sequence
-from typing import Any, Iterable, Optional
+from collections.abc import Iterable, Sequence
+from typing import Any, Optional
 
 from mlpug.evaluation import MetricEvaluator
 from mlpug.logs import MetricValues, to_number

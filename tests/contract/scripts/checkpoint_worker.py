@@ -73,8 +73,9 @@ def run(
     """Train the harness problem on resumable, shuffled data with a CheckpointManager writing into ``directory``.
 
     Returns:
-        ``(problem, manager, recorder)``; ``recorder.losses`` holds the logged ``(batch loss, window-average loss)`` pairs (floats); the window
-        spans one epoch, so after a mid-epoch resume it mixes restored and new batches.
+        ``(problem, manager, recorder)``; ``recorder.losses`` holds the logged
+        ``(batch loss, window-average loss)`` pairs (floats); the window spans one epoch, so after a
+        mid-epoch resume it mixes restored and new batches.
     """
     problem = harness.make_problem(seed=init_seed, num_batches=NUM_BATCHES, batch_size=BATCH_SIZE)
     mlp = problem.mlp

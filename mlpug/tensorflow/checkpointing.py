@@ -5,8 +5,9 @@ and variables found anywhere in a state are converted to NumPy when the state is
 :class:`mlpug.checkpointing.NumpyCheckpointSaver`'s (loaded with ``numpy.load(allow_pickle=False)``).
 
 Random state: importing this module registers TensorFlow's *global generator*
-(``tf.random.get_global_generator()``: its state and algorithm). The TensorFlow ``CheckpointManager`` adds the
-states of the Keras ``SeedGenerator`` variables of the model (dropout etc.; ``get_weights()`` omits them).
+(``tf.random.get_global_generator()``: its state and algorithm). The states of the Keras ``SeedGenerator``
+variables of the model (dropout etc.; ``get_weights()`` omits them) are part of the TensorFlow
+``DefaultTrainer.get_state()``.
 What public APIs cannot capture is not saved: the hidden counters of stateful random ops seeded by
 ``tf.random.set_seed`` (e.g. ``tf.random.normal`` / ``tf.random.shuffle`` without a generator) and Keras'
 global ``SeedGenerator`` used by ``keras.random`` functions called without a seed.

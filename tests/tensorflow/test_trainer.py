@@ -276,7 +276,7 @@ def test_state_round_trip_continues_identically(restore_into):
     trainer, _ = adam_trainer(build=True)
     train_steps(trainer, 3)
     state = trainer.get_state()
-    assert set(state) == {"model_components", "optimizers"}
+    assert set(state) == {"model_components", "optimizers", "seed_generators"} and state["seed_generators"] == []
     assert all(isinstance(a, np.ndarray) for a in state["model_components"]["model"] + state["optimizers"]["optimizer"])
     assert int(state["optimizers"]["optimizer"][0]) == 3  # iterations
     expected = train_steps(trainer, 3, seed=10)
@@ -288,6 +288,61 @@ def test_state_round_trip_continues_identically(restore_into):
         np.testing.assert_array_equal(linear.get_weights()[0], state["model_components"]["model"][0])
     assert restored.get_state() is state if restore_into == "unbuilt_without_signature" else True
     assert train_steps(restored, 3, seed=10) == expected
+
+
+class DropoutModel(tf.keras.Model):
+    """Regression through a Dropout layer in the model component and one in the training model itself."""
+
+    def __init__(self, component):
+        super().__init__()
+        self.component = component
+        self.dropout = tf.keras.layers.Dropout(0.5, seed=11)
+
+    def call(self, batch_data, evaluate_settings, inference_mode=None):
+        x, y = batch_data
+        hidden = self.dropout(self.component(x, training=not inference_mode), training=not inference_mode)
+        return tf.reduce_mean((tf.reduce_sum(hidden, axis=1) - y) ** 2)
+
+
+def dropout_trainer(seed, eager_mode, build=True):
+    tf.keras.utils.set_random_seed(seed)
+    component = tf.keras.Sequential([tf.keras.layers.Dense(16, activation="relu"), tf.keras.layers.Dropout(0.3)])
+    if build:
+        component.build((None, 3))
+    trainer = mlp.trainers.DefaultTrainer(tf.keras.optimizers.Adam(0.01), component, eager_mode=eager_mode)
+    trainer.set_training_model(DropoutModel(component))
+    return trainer, component
+
+
+@pytest.mark.parametrize("restore_into", ["built", "unbuilt_without_signature"])
+@pytest.mark.parametrize("eager_mode", [True, False], ids=["eager", "compiled"])
+def test_state_round_trip_with_dropout_continues_bit_identically(eager_mode, restore_into):
+    """get_state -> set_state on a new trainer (other seed), no CheckpointManager: the same dropout masks."""
+    trainer, _ = dropout_trainer(seed=0, eager_mode=eager_mode)
+    train_steps(trainer, 3)
+    state = trainer.get_state()
+    # one seed generator in the component, one in the training model; int64 [seed, counter] arrays
+    assert len(state["seed_generators"]) == 2
+    assert all(isinstance(a, np.ndarray) and a.dtype == np.int64 and a.shape == (2,) for a in state["seed_generators"])
+    expected_losses = train_steps(trainer, 4, seed=10)
+    expected_weights = trainer.get_state()["model_components"]["model"]
+
+    restored, component = dropout_trainer(seed=5, eager_mode=eager_mode, build=restore_into == "built")
+    restored.set_state(state)
+    assert train_steps(restored, 4, seed=10) == expected_losses
+    assert all(np.array_equal(a, b) for a, b in zip(component.get_weights(), expected_weights))
+
+    # the seed generator states are what makes this exact: without them the masks (and losses) differ
+    without, _ = dropout_trainer(seed=5, eager_mode=eager_mode, build=restore_into == "built")
+    without.set_state({key: value for key, value in state.items() if key != "seed_generators"})
+    assert train_steps(without, 4, seed=10) != expected_losses
+
+
+def test_seed_generator_state_of_another_model_is_a_clear_error():
+    trainer, _ = dropout_trainer(seed=0, eager_mode=True)
+    state = trainer.get_state()
+    with pytest.raises(ValueError, match="holds 1 Keras seed generator states .* have 2"):
+        trainer.set_state({**state, "seed_generators": state["seed_generators"][:1]})
 
 
 def test_state_that_does_not_fit_is_a_clear_error():

@@ -11,7 +11,9 @@ The step, composed of policies whose null objects give the plain step (the same 
     skipped = precision.step_skipped(gradients)                        # inf/nan under loss scaling
     optimizer.apply_gradients(...) for every optimizer, on its own variables
 
-Model and optimizer state travel as numpy arrays in plain containers, through public Keras APIs only.
+Model and optimizer state travel as numpy arrays in plain containers, through public Keras APIs only; the
+states of the Keras seed generators (dropout masks) travel with them (see
+:mod:`mlpug.tensorflow.trainers.seed_generators`).
 """
 
 from __future__ import annotations
@@ -32,6 +34,11 @@ from mlpug.tensorflow.trainers.compilation import (
     validate_signature,
 )
 from mlpug.tensorflow.trainers.precision import FullPrecision, precision_policy
+from mlpug.tensorflow.trainers.seed_generators import (
+    find_seed_generator_variables,
+    get_seed_generator_states,
+    set_seed_generator_states,
+)
 from mlpug.tensorflow.trainers.variables import (
     TrainableVariables,
     check_trainable_variables_spec,
@@ -388,14 +395,17 @@ class DefaultTrainer(_NeutralDefaultTrainer):
 
     # ----- state -----
     def get_state(self) -> dict:
-        """Weights and optimizer variables as numpy arrays (copies, made once) in plain containers.
+        """Weights, optimizer variables and seed generator states as numpy arrays (copies, made once).
 
         Returns:
-            ``{"model_components": {name: [np.ndarray, ...]}, "optimizers": {name: [np.ndarray, ...]}}``: per
-            component its ``get_weights()`` (trainable and non-trainable, in Keras' order); per optimizer the
-            values of ``optimizer.variables`` (iteration count, learning rate, slots, in creation order). When
-            the trainer cannot be built yet (see :meth:`_build`), a state given to :meth:`set_state` and not
-            applied yet is returned, else what exists so far.
+            ``{"model_components": {name: [np.ndarray, ...]}, "optimizers": {name: [np.ndarray, ...]},
+            "seed_generators": [np.ndarray, ...]}``: per component its ``get_weights()`` (trainable and
+            non-trainable, in Keras' order); per optimizer the values of ``optimizer.variables`` (iteration
+            count, learning rate, slots, in creation order); the states (int64, shape ``(2,)``) of the Keras seed
+            generators of the model components and then of the training model (``Dropout`` etc.; each once, in
+            the order of ``.variables``), which ``get_weights()`` leaves out. When the trainer cannot be built
+            yet (see :meth:`_build`), a state given to :meth:`set_state` and not applied yet is returned, else
+            what exists so far.
         """
         self._build()
         if self._pending_state is not None:
@@ -406,16 +416,24 @@ class DefaultTrainer(_NeutralDefaultTrainer):
                 name: [np.asarray(variable.numpy()) for variable in optimizer.variables]
                 for name, optimizer in self.optimizers.items()
             },
+            "seed_generators": get_seed_generator_states(self._seed_generator_variables()),
         }
+
+    def _seed_generator_variables(self) -> list:
+        """The seed generator state variables of the model components, then of the training model."""
+        return find_seed_generator_variables([*self.model_components.values(), self.training_model])
 
     def set_state(self, state: dict) -> None:
         """Restore what :meth:`get_state` returned.
 
         Unbuilt model components are built first (from ``batch_data_signature`` when given); when they cannot be
-        built without data, the state is kept and applied right after building, before the first update.
+        built without data, the state is kept and applied right after building, before the first update. A
+        state without ``"seed_generators"`` (taken before they were part of it) leaves the seed generators as
+        they are.
 
         Raises:
-            ValueError: Names, numbers of arrays or shapes in ``state`` do not match the trainer's.
+            ValueError: Names, numbers of arrays or shapes in ``state`` do not match the trainer's (raised when
+                the state is applied: at once, or on building when it is pending).
         """
         for kind, objects in (("model_components", self.model_components), ("optimizers", self.optimizers)):
             given = state.get(kind, {}) if isinstance(state, Mapping) else None
@@ -440,6 +458,8 @@ class DefaultTrainer(_NeutralDefaultTrainer):
             _check_arrays(f"optimizer {name!r}", optimizer.variables, values)
             for variable, value in zip(optimizer.variables, values):
                 variable.assign(value)
+        if state.get("seed_generators") is not None:
+            set_seed_generator_states(self._seed_generator_variables(), state["seed_generators"])
 
     # ----- learning rate -----
     def set_learning_rate(self, learning_rate: float, optimizer_name: Optional[str] = None) -> None:

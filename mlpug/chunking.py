@@ -83,18 +83,20 @@ def chunk_weights(sizes: Sequence[int]) -> list:
     return [size / total for size in sizes]
 
 
-def _is_array(value: Any) -> bool:
+def is_array(value: Any) -> bool:
+    """True for an array/tensor with at least one dimension (anything with such a ``shape``; not str/bytes)."""
     shape = getattr(value, "shape", None)
     return shape is not None and not isinstance(value, (str, bytes)) and len(shape) > 0
 
 
-def _holds_array(value: Any) -> bool:
-    if _is_array(value):
+def holds_array(value: Any) -> bool:
+    """True when ``value`` is an array, or a dict/tuple/list whose first item holds one (recursively)."""
+    if is_array(value):
         return True
     if isinstance(value, Mapping):
-        return bool(value) and _holds_array(next(iter(value.values())))
+        return bool(value) and holds_array(next(iter(value.values())))
     if isinstance(value, (list, tuple)):
-        return bool(value) and _holds_array(value[0])
+        return bool(value) and holds_array(value[0])
     return False
 
 
@@ -105,14 +107,14 @@ def _describe(value: Any) -> str:
 
 def _leading_sizes(batch: Any, path: str, sizes: dict) -> None:
     """Collect ``{path: first dimension}`` of every part of ``batch`` that is split; raise for unsplittable parts."""
-    if _is_array(batch):
+    if is_array(batch):
         sizes[path] = int(batch.shape[0])
     elif isinstance(batch, Mapping):
         if not batch:
             raise TypeError(f"cannot split the batch into chunks: {path} is an empty dict")
         for key, value in batch.items():
             _leading_sizes(value, f"{path}[{key!r}]", sizes)
-    elif isinstance(batch, (list, tuple)) and any(_holds_array(item) for item in batch):
+    elif isinstance(batch, (list, tuple)) and any(holds_array(item) for item in batch):
         for index, value in enumerate(batch):
             _leading_sizes(value, f"{path}[{index}]", sizes)
     elif isinstance(batch, (list, tuple)) and batch:
@@ -145,11 +147,11 @@ def batch_num_samples(batch: Any) -> int:
 
 def slice_batch(batch: Any, start: int, stop: int) -> Any:
     """Samples ``start:stop`` of ``batch`` (same structure; arrays are sliced along their first dimension)."""
-    if _is_array(batch):
+    if is_array(batch):
         return batch[start:stop]
     if isinstance(batch, Mapping):
         return {key: slice_batch(value, start, stop) for key, value in batch.items()}
-    if isinstance(batch, (list, tuple)) and any(_holds_array(item) for item in batch):
+    if isinstance(batch, (list, tuple)) and any(holds_array(item) for item in batch):
         items = [slice_batch(value, start, stop) for value in batch]
         if hasattr(batch, "_fields"):  # named tuple
             return type(batch)(*items)
@@ -213,7 +215,7 @@ def concatenate_results(results: Sequence[Any], concatenate: Concatenate) -> Any
     first = results[0]
     if first is None and all(result is None for result in results):
         return None
-    if all(_is_array(result) for result in results):
+    if all(is_array(result) for result in results):
         return concatenate(list(results))
     if isinstance(first, Mapping) and all(
         isinstance(result, Mapping) and result.keys() == first.keys() for result in results

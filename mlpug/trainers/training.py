@@ -43,6 +43,7 @@ from typing import Any, NamedTuple, Optional, Union
 from mlpug import checkpointing
 from mlpug import data as data_module
 from mlpug import logs as logs_module
+from mlpug.chunking import holds_array
 from mlpug.distributed import DistributedContext, SerialContext
 from mlpug.logs import Deferred, MetricValues, to_number
 from mlpug.trainers.callbacks.callback import HOOKS, Callback
@@ -237,7 +238,7 @@ class DefaultTrainer(Trainer, ABC):
                 return shape[0]
             if isinstance(node, Mapping) and node:
                 node = next(iter(node.values()))
-            elif isinstance(node, (list, tuple)) and node and _holds_array(node[0]):
+            elif isinstance(node, (list, tuple)) and node and holds_array(node[0]):
                 node = node[0]
             elif isinstance(node, (list, tuple)):
                 return len(node)
@@ -246,18 +247,6 @@ class DefaultTrainer(Trainer, ABC):
                     f"cannot infer the number of samples of a batch of type {type(batch).__qualname__}; "
                     "return it from the training model as num_samples"
                 )
-
-
-def _holds_array(value: Any) -> bool:
-    """True when ``value`` is an array with at least one dimension, or a container whose first item holds one."""
-    shape = getattr(value, "shape", None)
-    if shape is not None:
-        return len(shape) > 0
-    if isinstance(value, Mapping):
-        return bool(value) and _holds_array(next(iter(value.values())))
-    if isinstance(value, (list, tuple)):
-        return bool(value) and _holds_array(value[0])
-    return False
 
 
 class TrainingManager:
@@ -321,6 +310,12 @@ class TrainingManager:
             or num_batches_per_epoch < 1
         ):
             raise ValueError(f"num_batches_per_epoch must be an int >= 1, got {num_batches_per_epoch!r}")
+        dataset_length = getattr(training_dataset, "__len__", None)
+        if dataset_length is not None and num_batches_per_epoch > dataset_length():
+            raise ValueError(
+                f"num_batches_per_epoch is {num_batches_per_epoch}, but training_dataset has only {dataset_length()} "
+                "batches; give at most that many, or an iterable that yields enough batches per epoch"
+            )
         callbacks = list(callbacks or [])
         for index, callback in enumerate(callbacks):
             if not isinstance(callback, Callback):
@@ -497,8 +492,10 @@ class TrainingManager:
             params["duration"] = time.perf_counter() - epoch_start_time
             params["lr"] = Deferred(self.trainer.get_learning_rate)
             self._epoch_end_dispatched = True
-            self._dispatch("on_epoch_completed", logs)
-            self._epoch_end_dispatched = False
+            try:
+                self._dispatch("on_epoch_completed", logs)
+            finally:  # a failing epoch-end hook leaves the epoch unfinished: an emergency checkpoint resumes at its end
+                self._epoch_end_dispatched = False
             self.epoch, self.batch_step = epoch + 1, 0
             if self._should_stop():
                 return

@@ -122,10 +122,36 @@ def test_exception_in_hook_runs_end_hooks_of_all_callbacks():
     assert last.count("on_epoch_completed") == 0
 
 
-def test_dataset_shorter_than_num_batches_per_epoch_is_an_error():
-    manager, _ = make_manager([], dataset=make_batches(2), num_batches_per_epoch=3)
+def test_num_batches_per_epoch_beyond_dataset_length_fails_at_construction():
+    with pytest.raises(ValueError, match="num_batches_per_epoch is 3, but training_dataset has only 2 batches"):
+        make_manager([], dataset=make_batches(2), num_batches_per_epoch=3)
+
+
+def test_iterable_without_len_running_out_is_an_error():
+    class TwoBatches:
+        def __iter__(self):
+            return iter(make_batches(2))
+
+    manager, _ = make_manager([], dataset=TwoBatches(), num_batches_per_epoch=3)
     with pytest.raises(RuntimeError, match="ran out after 2 batches in epoch 0, but num_batches_per_epoch is 3"):
         manager.start_training()
+
+
+def test_failing_epoch_end_hook_leaves_the_epoch_unfinished_in_the_state():
+    states = []
+
+    class Failing(Callback):
+        def on_epoch_completed(self, logs):
+            raise ValueError("validation crashed")
+
+        def on_training_ended(self, stopped_early, stopped_on_error, interrupted, callback_calls_success):
+            states.append(self.training_manager.get_state())
+
+    manager, _ = make_manager([Failing()], num_epochs=2, num_batches=3)
+    with pytest.raises(ValueError, match="validation crashed"):
+        manager.start_training()
+    # the state written on the failure path points at the end of epoch 0, whose end hooks did not complete
+    assert (states[0]["epoch"], states[0]["batch_step"], states[0]["global_iter"]) == (0, 3, 3)
 
 
 def test_infinite_iterable_with_given_batch_count():

@@ -79,6 +79,11 @@ class MetricValues(dict):
             dict.__setitem__(self, key, value)
         return value
 
+    def __iter__(self):
+        # Defined in Python on purpose: CPython then copies this dict (``dict(values)``, ``{**values}``,
+        # ``other.update(values)``) through ``keys()`` and ``__getitem__``, so copies hold resolved values.
+        return dict.__iter__(self)
+
     def get(self, key: str, default: Any = None) -> Any:
         return self[key] if key in self else default
 
@@ -90,6 +95,11 @@ class MetricValues(dict):
 
     def copy(self) -> "MetricValues":
         return MetricValues(self.items())
+
+    def update_deferred(self, other: "MetricValues") -> None:
+        """Add ``other``'s entries as they are, deferred values still unresolved (no conversion happens)."""
+        for key in other:
+            dict.__setitem__(self, key, dict.__getitem__(other, key))
 
     def __repr__(self) -> str:
         return f"MetricValues({dict(self.items())!r})"

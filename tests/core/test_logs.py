@@ -17,6 +17,20 @@ def test_deferred_values_are_computed_once_on_first_read():
     assert calls == [1]
 
 
+def test_every_copy_of_metric_values_holds_resolved_values():
+    def values():
+        return MetricValues(loss=Deferred(lambda: 0.25))
+
+    assert dict(values()) == {"loss": 0.25}
+    assert {**values()} == {"loss": 0.25}
+    target = {}
+    target.update(values())
+    assert target == {"loss": 0.25}
+    lazy = MetricValues()
+    lazy.update_deferred(values())
+    assert type(dict.__getitem__(lazy, "loss")) is Deferred
+
+
 def test_get_value_at_reads_dotted_paths_and_resolves():
     logs = {"current": {"validation": {"dataset": MetricValues(loss=Deferred(lambda: 1.25))}}}
     assert get_value_at(logs, "current.validation.dataset.loss") == 1.25

@@ -137,7 +137,7 @@ class TrainingMetricsLogger(Callback):
         current = logs["current"]
         batch_logs = current["training"]["batch"]
         gathered = self.metric_evaluator.gather(training_batch, dict.__getitem__(batch_logs, "raw"))
-        batch_logs.update(self.metric_evaluator.batch_values(gathered))
+        batch_logs.update_deferred(self.metric_evaluator.batch_values(gathered))
         current["training"]["window_average"] = self._window.append(gathered)
         durations, duration = self._durations, current["training_params"]["batch"]["duration"]
         if len(durations) == durations.maxlen:

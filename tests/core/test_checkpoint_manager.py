@@ -379,3 +379,52 @@ def test_resume_from_a_checkpoint_written_before_the_epoch_end_hooks_runs_them(t
     assert epochs_completed == [0, 1]  # epoch 0's end hooks ran in the resumed run
     assert first_draws.values[:NUM_BATCHES] + second_draws.values == straight_draws.values
     assert (model.w, model.b) == (straight_model.w, straight_model.b)
+
+
+class FailingOnceSaver(NumpyCheckpointSaver):
+    """Its first save raises OSError (a full disk, say); later saves work."""
+
+    def __init__(self):
+        super().__init__()
+        self.failures_left = 1
+
+    def save(self, checkpoint, path):
+        if self.failures_left:
+            self.failures_left -= 1
+            raise OSError("No space left on device (injected)")
+        super().save(checkpoint, path)
+
+
+def _manager_with_saver(directory, saver, create_checkpoint_every, extra_callbacks=()):
+    trainer, _ = make_trainer()
+    checkpoint_manager = CheckpointManager(
+        saver,
+        checkpoints_path=str(directory),
+        metric_to_monitor=None,
+        batch_level=True,
+        create_checkpoint_every=create_checkpoint_every,
+        write_in_background=True,
+    )
+    callbacks = [TrainingMetricsLogger(MetricEvaluator(trainer=trainer)), checkpoint_manager, *extra_callbacks]
+    return TrainingManager(trainer, make_data(), num_epochs=2, callbacks=callbacks), checkpoint_manager
+
+
+def test_emergency_checkpoint_is_written_even_after_a_failed_background_write(tmp_path):
+    class FailAtThirdBatch(Callback):
+        def on_batch_training_completed(self, training_batch, logs):
+            if logs["current"]["global_iter"] == 2:  # after the failed write of batch 1, before the next write
+                raise FloatingPointError("step blew up")
+
+    manager, checkpoint_manager = _manager_with_saver(tmp_path, FailingOnceSaver(), 2, [FailAtThirdBatch()])
+    with pytest.raises(FloatingPointError, match="step blew up"):
+        manager.start_training()
+    emergency = checkpoint_manager.file_names.emergency_training
+    assert NumpyCheckpointSaver().load(emergency, kind="training")["global_iter"] == 3
+
+
+def test_failed_last_background_write_is_reported_after_the_final_checkpoint_is_written(tmp_path):
+    manager, checkpoint_manager = _manager_with_saver(tmp_path, FailingOnceSaver(), 2 * NUM_BATCHES)
+    with pytest.raises(OSError, match="No space left on device"):
+        manager.start_training()  # the only periodic write (after the last batch) fails in the background
+    final = NumpyCheckpointSaver().load(checkpoint_manager.file_names.training, kind="training")
+    assert (final["epoch"], final["global_iter"]) == (2, 2 * NUM_BATCHES)

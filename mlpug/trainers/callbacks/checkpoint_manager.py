@@ -187,21 +187,32 @@ class CheckpointManager(Callback):
 
     def on_training_ended(self, stopped_early, stopped_on_error, interrupted, callback_calls_success):
         manager = self.training_manager
-        try:
-            if self._is_primary() and manager is not None:
-                state = manager.get_state()
-                if stopped_on_error:
-                    self._log.error(
-                        f"Training failed; writing emergency training checkpoint {self.file_names.emergency_training}"
-                    )
-                    self._save_training_checkpoint(self.file_names.emergency_training, state)
-                elif self._last_saved_position != _position(state):
-                    if interrupted:
-                        self._log.warning(f"Interrupted; writing training checkpoint {self.file_names.training}")
-                    self._save_training_checkpoint(self.file_names.training, state)
-        finally:
-            self._writer.wait()
+        # A failed background write must not stop the checkpoint written now: note it, write, then report it.
+        write_error = self._wait_for_background_write()
+        if self._is_primary() and manager is not None:
+            state = manager.get_state()
+            if stopped_on_error:
+                self._log.error(
+                    f"Training failed; writing emergency training checkpoint {self.file_names.emergency_training}"
+                )
+                self._save_training_checkpoint(self.file_names.emergency_training, state)
+            elif self._last_saved_position != _position(state):
+                if interrupted:
+                    self._log.warning(f"Interrupted; writing training checkpoint {self.file_names.training}")
+                self._save_training_checkpoint(self.file_names.training, state)
+        if write_error is not None:
+            raise write_error
         return True
+
+    def _wait_for_background_write(self) -> Optional[BaseException]:
+        """Wait for the background write; return (and log) its error, forgetting the position it claimed."""
+        try:
+            self._writer.wait()
+        except Exception as error:
+            self._log.error(f"A background checkpoint write failed: {type(error).__name__}: {error}")
+            self._last_saved_position = None  # that checkpoint may not be on disk
+            return error
+        return None
 
     # ----- periods -----
     def _on_period(self, logs: dict, period_count: int) -> None:
@@ -313,9 +324,9 @@ class CheckpointManager(Callback):
         """Write ``state`` (``manager.get_state()``) to ``path`` and wait until it is written."""
         self._writer.wait()
         manager_state = self.saver.snapshot(state)
-        self._last_saved_position = _position(manager_state)
         checkpoint = {"mlpug": make_header("training", self.saver.backend), **manager_state}
         self._write(lambda: self.saver.save(checkpoint, path), background=False)
+        self._last_saved_position = _position(manager_state)
 
     def _write(self, job, background: Optional[bool] = None) -> None:
         background = self.write_in_background if background is None else background

@@ -428,3 +428,26 @@ def test_failed_last_background_write_is_reported_after_the_final_checkpoint_is_
         manager.start_training()  # the only periodic write (after the last batch) fails in the background
     final = NumpyCheckpointSaver().load(checkpoint_manager.file_names.training, kind="training")
     assert (final["epoch"], final["global_iter"]) == (2, 2 * NUM_BATCHES)
+
+
+def test_stateful_callback_after_the_checkpoint_manager_warns(tmp_path, caplog):
+    import logging
+
+    trainer, _ = make_trainer()
+    evaluator = MetricEvaluator(trainer=trainer)
+    logging.getLogger("mlpug").propagate = True
+    try:
+        with caplog.at_level(logging.WARNING, logger="mlpug"):
+            TrainingManager(
+                trainer,
+                make_data(),
+                callbacks=[
+                    CheckpointManager(NumpyCheckpointSaver(), checkpoints_path=str(tmp_path), metric_to_monitor=None),
+                    TrainingMetricsLogger(evaluator),
+                    Callback("stateless"),
+                ],
+            )
+    finally:
+        logging.getLogger("mlpug").propagate = False
+    assert "Stateful callback 'TrainingMetricsLogger' comes after 'CheckpointManager'" in caplog.text
+    assert "'stateless'" not in caplog.text

@@ -169,6 +169,21 @@ class CheckpointManager(Callback):
         return self.training_manager is None or self.training_manager.distributed.is_primary
 
     # ----- hooks -----
+    def set_training_manager(self, manager: Any) -> bool:
+        """Also warns about stateful callbacks placed after this one: their state would be saved before their
+        hooks of the same batch ran, so resuming would not be exact for them."""
+        super().set_training_manager(manager)
+        callbacks = manager.callbacks
+        later = callbacks[callbacks.index(self) + 1 :] if self in callbacks else []
+        for callback in later:
+            if type(callback).get_state is not Callback.get_state:
+                self._log.warning(
+                    f"Stateful callback {callback.name!r} comes after {self.name!r}: its state is saved before its "
+                    "hooks for the same batch run, so resuming would not be exact for it. Place it before the "
+                    "CheckpointManager."
+                )
+        return True
+
     def on_training_start(self, num_epochs, num_batches_per_epoch, start_epoch, start_batch, start_update_iter):
         if self._is_primary():
             os.makedirs(self.file_names.directory, exist_ok=True)

@@ -186,8 +186,18 @@ class DefaultTrainer(Trainer, ABC):
                 "before manager.start_training()."
             )
 
-    def _normalise_outputs(self, results: Any, batch: Any) -> ModelOutputs:
-        """Turn what the training model returned into ModelOutputs; raise when it holds no loss."""
+    def _normalise_outputs(self, results: Any, batch: Any, chunk_rows: Optional[int] = None) -> ModelOutputs:
+        """Turn what the training model returned into ModelOutputs; raise when it holds no loss.
+
+        Args:
+            chunk_rows: When ``batch`` is a chunk of a training batch (gradient accumulation), its number of rows:
+                its loss is weighted by its share of the batch's rows.
+
+        Raises:
+            ValueError / TypeError: No scalar loss; or, for a chunk, the model returned a ``num_samples`` other
+                than the chunk's rows, or a tensor (the row-share weighting would be wrong for a loss averaged
+                over other units, e.g. valid tokens).
+        """
         if isinstance(results, Mapping):
             if "loss" not in results:
                 raise ValueError(
@@ -219,6 +229,14 @@ class DefaultTrainer(Trainer, ABC):
             )
         if num_samples is None:
             num_samples = self._infer_num_samples(batch)
+        elif chunk_rows is not None and not (type(num_samples) is int and num_samples == chunk_rows):
+            raise ValueError(
+                "With batch_chunk_size, every chunk's loss is weighted by its share of the batch's rows (samples), "
+                f"but the training model returned num_samples={num_samples!r} for a chunk of {chunk_rows} rows, as for "
+                "a loss averaged over other units (e.g. valid tokens), for which that weighting would be wrong. "
+                "Return the loss as a mean over the rows of the batch without num_samples, or train without "
+                "batch_chunk_size."
+            )
         return ModelOutputs(loss, num_samples, auxiliary_results)
 
     @abstractmethod

@@ -201,3 +201,31 @@ def test_chunked_evaluation_with_pytorch_tensors():
     gathered = chunked.evaluate_batch(dataset[0])
     assert isinstance(gathered["loss"][0], torch.Tensor) and gathered["loss"][1] == 10  # still a tensor: no sync
     assert chunked.evaluate_dataset(dataset)["loss"] == pytest.approx(whole.evaluate_dataset(dataset)["loss"], rel=1e-6)
+
+
+def test_chunking_refuses_a_model_that_returns_its_own_num_samples():
+    """Row-share chunk weights would be wrong for e.g. a masked mean: a clear error instead of wrong gradients."""
+
+    class MaskedModel(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.linear = torch.nn.Linear(3, 1)
+
+        def forward(self, batch_data, evaluate_settings, inference_mode=None):
+            x, y, mask = batch_data
+            errors = (self.linear(x).squeeze(1) - y) ** 2 * mask
+            return {"loss": errors.sum() / mask.sum(), "num_samples": mask.sum()}
+
+    model = MaskedModel()
+    batch = (torch.randn(10, 3), torch.randn(10), (torch.arange(10) % 3 == 0).float())
+    unchunked = mlp.trainers.DefaultTrainer(torch.optim.SGD(model.parameters(), lr=0.1), model)
+    unchunked.set_training_model(model)
+    assert unchunked.train_on(batch).num_samples == 4  # without chunks, the model's own count is used
+    chunked = mlp.trainers.DefaultTrainer(torch.optim.SGD(model.parameters(), lr=0.1), model, batch_chunk_size=4)
+    chunked.set_training_model(model)
+    before = [p.clone() for p in model.parameters()]
+    with pytest.raises(
+        ValueError, match=r"returned num_samples=tensor\(2\.\) for a chunk of 4 rows.*without batch_chunk_size"
+    ):
+        chunked.train_on(batch)
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))  # no step was taken

@@ -147,7 +147,9 @@ class DefaultTrainer(_NeutralDefaultTrainer):
     def _is_scalar_loss(self, loss: Any) -> bool:
         return isinstance(loss, torch.Tensor) and loss.numel() == 1
 
-    def _forward(self, batch: Any, settings: Any, inference_mode: bool) -> ModelOutputs:
+    def _forward(
+        self, batch: Any, settings: Any, inference_mode: bool, chunk_rows: Optional[int] = None
+    ) -> ModelOutputs:
         if self.device is not None:
             batch = map_tensors(batch, lambda t: t.to(self.device, non_blocking=True))
         with self.precision.autocast():
@@ -155,7 +157,7 @@ class DefaultTrainer(_NeutralDefaultTrainer):
                 results = self.training_model(batch, settings, inference_mode)
             else:
                 results = self.training_model(batch, settings)
-        return self._normalise_outputs(results, batch)
+        return self._normalise_outputs(results, batch, chunk_rows)
 
     def train_on(self, batch: Any, training_settings: Any = None) -> ModelOutputs:
         """One optimisation step: zero gradients, forward and backward per chunk, step every optimizer once.
@@ -171,7 +173,8 @@ class DefaultTrainer(_NeutralDefaultTrainer):
             ModelOutputs with the loss and auxiliary results detached (see the class docstring for chunking).
 
         Raises:
-            TypeError / ValueError: With ``batch_chunk_size``, the batch cannot be split into chunks.
+            TypeError / ValueError: With ``batch_chunk_size``, the batch cannot be split into chunks, or the
+                training model returns a ``num_samples`` other than the chunk's rows (chunks are weighted by rows).
         """
         self.ensure_ready()
         model = self.training_model
@@ -184,7 +187,7 @@ class DefaultTrainer(_NeutralDefaultTrainer):
         chunk_outputs = []
         for chunk in chunks:
             with gradient_sync.chunk_context(chunk):
-                outputs = self._forward(chunk.data, training_settings, inference_mode=False)
+                outputs = self._forward(chunk.data, training_settings, False, chunk.num_samples)
                 precision.backward(chunking.weigh_loss(outputs.loss, chunk))
             chunk_outputs.append(
                 ModelOutputs(

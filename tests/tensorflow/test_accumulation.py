@@ -173,3 +173,30 @@ def test_metric_evaluator_evaluates_big_batches_in_chunks(data):
         [(features, labels)]
     )
     assert chunked["loss"] == pytest.approx(whole["loss"], rel=1e-6)
+
+
+class MaskedTrainModel(tf.keras.Model):
+    """A mean over a mask's valid rows, with the mask count as num_samples (as for valid tokens)."""
+
+    def __init__(self, classifier):
+        super().__init__()
+        self.classifier = classifier
+
+    def call(self, batch_data, evaluate_settings, inference_mode=None):
+        features, labels = batch_data
+        mask = tf.cast(labels > 0, tf.float32)
+        errors = tf.keras.losses.sparse_categorical_crossentropy(labels, self.classifier(features), from_logits=True)
+        return {"loss": tf.reduce_sum(errors * mask) / tf.reduce_sum(mask), "num_samples": tf.reduce_sum(mask)}
+
+
+@pytest.mark.parametrize("eager_mode", [False, True])
+def test_chunking_refuses_a_model_that_returns_its_own_num_samples(data, eager_mode):
+    weights, features, labels = data
+    classifier = make_classifier(weights)
+    trainer = mlp.trainers.DefaultTrainer(
+        tf.keras.optimizers.SGD(learning_rate=0.1), classifier, eager_mode=eager_mode, batch_chunk_size=4
+    )
+    trainer.set_training_model(MaskedTrainModel(classifier))
+    with pytest.raises(ValueError, match="returned num_samples=.* for a chunk of .* without batch_chunk_size"):
+        trainer.train_on((features, labels))
+    assert all(np.array_equal(a, b) for a, b in zip(weights, classifier.get_weights()))

@@ -256,12 +256,14 @@ class DefaultTrainer(_NeutralDefaultTrainer):
         return True
 
     # ----- the step -----
-    def _forward(self, batch: Any, settings: Any, inference_mode: bool) -> ModelOutputs:
+    def _forward(
+        self, batch: Any, settings: Any, inference_mode: bool, chunk_rows: Optional[int] = None
+    ) -> ModelOutputs:
         kwargs = {self._settings_arg: settings}
         if self._inference_arg is not None:
             kwargs[self._inference_arg] = inference_mode
         results = self.training_model(batch, training=not inference_mode, **kwargs)
-        return self._normalise_outputs(results, batch)
+        return self._normalise_outputs(results, batch, chunk_rows)
 
     def _is_scalar_loss(self, loss: Any) -> bool:
         return tf.is_tensor(loss) and loss.shape.num_elements() == 1
@@ -327,7 +329,11 @@ class DefaultTrainer(_NeutralDefaultTrainer):
         optimizers = self._optimizer_list
         scaling = self.precision.uses_loss_scaling
         with tf.GradientTape(persistent=scaling and len(optimizers) > 1) as tape:
-            outputs = self._forward(chunk, training_settings, inference_mode=False)
+            chunk_rows = None
+            if weight is not None:  # a chunk: its rows when known statically, else -1 (matches no num_samples)
+                rows = self._infer_num_samples(chunk)
+                chunk_rows = rows if isinstance(rows, int) else -1
+            outputs = self._forward(chunk, training_settings, False, chunk_rows)
             loss = tf.reshape(outputs.loss, [])
             target = loss if weight is None else loss * tf.cast(weight, loss.dtype)
             targets = [self.precision.scale_loss(target, optimizer) for optimizer in optimizers] if scaling else None

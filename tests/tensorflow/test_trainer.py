@@ -393,3 +393,27 @@ def test_metric_evaluator_weighted_sums_in_one_conversion():
     weighted_sum, weight_sum = evaluator._weighted_sums(values, weights)
     assert (weighted_sum, weight_sum) == (1.0 + 6.0 + 16.0, 8.0)
     assert type(weighted_sum) is float and type(weight_sum) is float
+
+
+@pytest.mark.parametrize("with_signature", [False, True])
+def test_settings_changed_in_place_reach_the_compiled_step(with_signature):
+    """Settings are trace constants: a changed value (also changed in place) must retrace, not be ignored."""
+
+    class ScaledLoss(tf.keras.Model):
+        def __init__(self, model):
+            super().__init__()
+            self.model = model
+
+        def call(self, batch_data, evaluate_settings, inference_mode=None):
+            x, y = batch_data
+            return tf.reduce_mean((self.model(x)[:, 0] - y) ** 2) * evaluate_settings["scale"]
+
+    signature = (tf.TensorSpec((None, 3), tf.float32), tf.TensorSpec((None,), tf.float32)) if with_signature else None
+    model = tf.keras.Sequential([tf.keras.Input(shape=(3,)), tf.keras.layers.Dense(1, kernel_initializer="ones")])
+    trainer = mlp.trainers.DefaultTrainer(tf.keras.optimizers.SGD(0.0), model, batch_data_signature=signature)
+    trainer.set_training_model(ScaledLoss(model))
+    batch = (np.ones((4, 3), np.float32), np.zeros(4, np.float32))
+    settings = {"scale": 1.0}
+    assert float(trainer.train_on(batch, settings).loss) == pytest.approx(9.0)
+    settings["scale"] = 10.0  # e.g. a callback changing logs["training_settings"] in place
+    assert float(trainer.train_on(batch, settings).loss) == pytest.approx(90.0)

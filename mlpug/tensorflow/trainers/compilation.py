@@ -15,6 +15,7 @@ A step function has the form ``step(batch, settings)``. :class:`CompiledStep` co
 from __future__ import annotations
 
 import logging
+from collections.abc import Mapping
 from typing import Any, Callable, Optional
 
 import numpy as np
@@ -117,6 +118,25 @@ class EagerStep:
         return self.step(batch, settings)
 
 
+_MANY_SETTINGS_TRACES = 8
+
+
+def _frozen(value: Any) -> Any:
+    """A hashable snapshot of ``value``'s current contents (dicts, lists, tuples, sets recursively); objects
+    that are neither hashable nor containers are identified by ``id``."""
+    if isinstance(value, Mapping):
+        return ("dict", tuple(sorted(((repr(k), _frozen(v)) for k, v in value.items()), key=lambda kv: kv[0])))
+    if isinstance(value, (list, tuple)):
+        return (type(value).__name__, tuple(_frozen(item) for item in value))
+    if isinstance(value, (set, frozenset)):
+        return ("set", frozenset(_frozen(item) for item in value))
+    try:
+        hash(value)
+        return ("value", value)
+    except TypeError:
+        return ("id", id(value))
+
+
 class CompiledStep:
     """``step(batch, settings)`` compiled with ``tf.function`` (see the module docstring for tracing rules).
 
@@ -168,17 +188,21 @@ class CompiledStep:
             )
 
     def _for_settings(self, settings: Any) -> Callable[[Any], Any]:
-        try:
-            key = ("value", settings)
-            hash(key)
-        except TypeError:
-            key = ("id", id(settings))
+        """The step traced for the current *value* of ``settings`` (a trace constant): a changed value, also
+        one changed in place, gets its own trace, as in the retracing mode without a batch signature."""
+        key = _frozen(settings)
         entry = self._per_settings.get(key)
         if entry is None:
             function = tf.function(
                 lambda batch: self._traced(batch, settings), input_signature=(self.batch_data_signature,)
             )
-            entry = self._per_settings[key] = (function, settings)  # keep settings alive: its id stays unique
+            entry = self._per_settings[key] = (function, settings)  # keep settings alive: an id in a key stays unique
+            if len(self._per_settings) == _MANY_SETTINGS_TRACES:
+                _log.warning(
+                    f"{self.name}: traced for {_MANY_SETTINGS_TRACES} different settings values; settings are "
+                    "constants of a trace, so every new value retraces. Give training_settings_signature to pass "
+                    "changing settings as tensors."
+                )
         return entry[0]
 
     def __call__(self, batch: Any, settings: Any) -> Any:

@@ -100,7 +100,8 @@ def holds_array(value: Any) -> bool:
     return False
 
 
-def _describe(value: Any) -> str:
+def describe_type(value: Any) -> str:
+    """``module.QualifiedName`` of ``value``'s type (just the name for builtins), for error messages."""
     kind = type(value)
     return f"{kind.__module__}.{kind.__qualname__}" if kind.__module__ != "builtins" else kind.__qualname__
 
@@ -121,7 +122,7 @@ def _leading_sizes(batch: Any, path: str, sizes: dict) -> None:
         sizes[path] = len(batch)  # a sequence of samples
     else:
         raise TypeError(
-            f"cannot split the batch into chunks: {path} is a {_describe(batch)} ({batch!r:.80}); a batch must be "
+            f"cannot split the batch into chunks: {path} is a {describe_type(batch)} ({batch!r:.80}); a batch must be "
             "an array/tensor, or a tuple, list or dict of them (all with the same first dimension), or a list of "
             "samples. Give batches of that form, or train without batch_chunk_size."
         )

@@ -10,7 +10,7 @@ import tensorflow as tf
 
 import mlpug.tensorflow as mlp
 from mlpug.logs import to_number
-from mlpug.tensorflow.trainers.chunking import ChunkedBatch, WholeBatch
+from mlpug.tensorflow.chunking import ChunkedBatch, WholeBatch
 
 TOLERANCE = dict(rtol=1e-5, atol=1e-6)
 BATCH_SIZE, CHUNK_SIZE = 10, 4

@@ -26,7 +26,7 @@ from typing import Any, Optional
 import numpy as np
 import tensorflow as tf
 
-from mlpug.tensorflow.trainers.chunking import LocalGradients, batch_chunker
+from mlpug.tensorflow.chunking import LocalGradients, batch_chunker
 from mlpug.tensorflow.trainers.compilation import (
     CompiledStep,
     EagerStep,
@@ -97,7 +97,7 @@ class DefaultTrainer(_NeutralDefaultTrainer):
             most this many samples (the last may be smaller), each chunk's loss is weighted by
             ``chunk_samples / batch_samples`` before its backward pass, the gradients are summed and the
             optimizers step once per batch; in compiled and eager mode alike (see
-            :mod:`mlpug.tensorflow.trainers.chunking`). Peak activation memory is that of one chunk. Batches
+            :mod:`mlpug.tensorflow.chunking`). Peak activation memory is that of one chunk. Batches
             must be tensors/arrays or tuples/lists/dicts of them; the weights assume the loss is a mean over the
             samples of the chunk.
         use_mixed_precision: Train with the Keras mixed precision policy ``mixed_<autocast_dtype>`` (set on the

@@ -24,7 +24,7 @@ from typing import Any, Callable, NamedTuple, Optional
 import numpy as np
 import tensorflow as tf
 
-from mlpug.chunking import validate_batch_chunk_size
+from mlpug.chunking import describe_type, validate_batch_chunk_size
 
 ChunkStep = Callable[[Any, Any], tuple]
 """``chunk_step(chunk, weight) -> (loss, num_samples, auxiliary_results, gradients)``: forward and backward
@@ -50,11 +50,6 @@ class WholeBatch:
         return StepResult(*chunk_step(batch, None))
 
 
-def _describe(value: Any) -> str:
-    kind = type(value)
-    return f"{kind.__module__}.{kind.__qualname__}" if kind.__module__ != "builtins" else kind.__qualname__
-
-
 def check_splittable(batch: Any) -> None:
     """Raise unless every part of ``batch`` is a tensor/array with a first (sample) dimension.
 
@@ -62,18 +57,6 @@ def check_splittable(batch: Any) -> None:
         TypeError: A part cannot be split; the message names its type and position (runs at trace time only
             in a compiled step).
     """
-    if tf.is_tensor(batch) or isinstance(batch, np.ndarray):
-        if batch.shape.rank == 0 if tf.is_tensor(batch) else batch.ndim == 0:
-            raise TypeError("cannot split the batch into chunks: it is a 0-d tensor; batches need a sample dimension")
-        return
-    if isinstance(batch, dict):
-        for key, value in batch.items():
-            _check_part(value, f"batch[{key!r}]")
-        return
-    if isinstance(batch, (list, tuple)) and batch:
-        for index, value in enumerate(batch):
-            _check_part(value, f"batch[{index}]")
-        return
     _check_part(batch, "batch")
 
 
@@ -91,8 +74,9 @@ def _check_part(value: Any, path: str) -> None:
             _check_part(item, f"{path}[{index}]")
         return
     raise TypeError(
-        f"cannot split the batch into chunks: {path} is a {_describe(value)} ({value!r:.80}); with batch_chunk_size "
-        "a batch must be a tensor/array, or a tuple, list or dict of them (all with the same first dimension). "
+        f"cannot split the batch into chunks: {path} is a {describe_type(value)} ({value!r:.80}); with "
+        "batch_chunk_size a batch must be a tensor/array, or a tuple, list or dict of them (all with the same "
+        "first dimension). "
         "Give batches of that form, or train without batch_chunk_size."
     )
 

@@ -86,6 +86,12 @@ class Trainer(ABC):
         """
         return self.last_step_skipped
 
+    def get_learning_rate_for_logs(self) -> Any:
+        """The learning rate now (first optimizer), as a Python number or a backend scalar snapshot, without
+        waiting for the device; the manager converts it only when a consumer reads it. Default:
+        :meth:`get_learning_rate`."""
+        return self.get_learning_rate()
+
     @abstractmethod
     def set_training_model(self, training_model: Any) -> None:
         """Set the model that maps ``(batch, evaluate_settings, inference_mode)`` to a loss (see ModelOutputs)."""
@@ -508,7 +514,7 @@ class TrainingManager:
                 return
             params = logs["current"]["training_params"]["epoch"]
             params["duration"] = time.perf_counter() - epoch_start_time
-            params["lr"] = Deferred(self.trainer.get_learning_rate)
+            params["lr"] = _deferred_number(self.trainer.get_learning_rate_for_logs())
             self._epoch_end_dispatched = True
             try:
                 self._dispatch("on_epoch_completed", logs)
@@ -547,15 +553,9 @@ class TrainingManager:
                 raise
             params = current["training_params"]["batch"]
             params["duration"] = time.perf_counter() - start_time
-            params["lr"] = Deferred(trainer.get_learning_rate)
-            num_samples = outputs.num_samples
-            params["batch_size"] = (
-                num_samples if type(num_samples) is int else Deferred(partial(to_number, num_samples))
-            )
-            skipped = trainer.get_last_step_skipped()
-            params["optimizer_step_skipped"] = (
-                skipped if type(skipped) is bool else Deferred(partial(to_number, skipped))
-            )
+            params["lr"] = _deferred_number(trainer.get_learning_rate_for_logs())
+            params["batch_size"] = _deferred_number(outputs.num_samples)
+            params["optimizer_step_skipped"] = _deferred_number(trainer.get_last_step_skipped())
             current["training"]["batch"] = MetricValues(raw=outputs)
             self.global_iter += 1
             self.batch_step = batch_step + 1
@@ -675,3 +675,8 @@ class TrainingManager:
 def _add_note(error: BaseException, note: str) -> None:
     if hasattr(error, "add_note") and note not in getattr(error, "__notes__", ()):
         error.add_note(note)
+
+
+def _deferred_number(value: Any) -> Any:
+    """``value`` itself when it is a Python number or None, else a :class:`Deferred` converting it when read."""
+    return value if value is None or type(value) in (int, float, bool) else Deferred(partial(to_number, value))

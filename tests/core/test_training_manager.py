@@ -318,3 +318,16 @@ def test_start_without_training_model_fails_before_any_hook():
     with pytest.raises(RuntimeError, match=r"Call trainer.set_training_model\(train_model\) before"):
         manager.start_training()
     assert recorder.hook_names() == ["set_training_manager"]
+
+
+def test_logged_learning_rate_is_that_of_its_step_even_when_read_later():
+    kept = []
+
+    class Schedule(Callback):
+        def on_batch_training_completed(self, training_batch, logs):
+            kept.append(logs["current"]["training_params"]["batch"])
+            self.training_manager.trainer.set_learning_rate(0.1 * (logs["current"]["global_iter"] + 2))
+
+    manager, _ = make_manager([Schedule()], num_epochs=1, num_batches=4)
+    manager.start_training()
+    assert [params["lr"] for params in kept] == pytest.approx([0.1, 0.2, 0.3, 0.4])

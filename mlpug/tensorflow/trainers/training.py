@@ -481,6 +481,10 @@ class DefaultTrainer(_NeutralDefaultTrainer):
         for optimizer in optimizers:
             optimizer.learning_rate = learning_rate
 
+    def get_learning_rate_for_logs(self) -> Any:
+        """A snapshot (``tf.identity``) of the first optimizer's current learning rate: no wait for the device."""
+        return tf.identity(self._optimizer_list[0].learning_rate)
+
     def get_learning_rate(self, optimizer_name: Optional[str] = None) -> Optional[float]:
         """Current learning rate of the named (default: first) optimizer, as a float (schedules evaluated)."""
         optimizer = self.optimizers[optimizer_name] if optimizer_name else self._optimizer_list[0]

@@ -7,8 +7,9 @@ are summed, so they equal the gradients of the batch's mean loss; the optimizers
 ``B`` is not known when tracing (``None`` batch dimension), the chunks are visited by a ``tf.while_loop``
 (the first chunk before the loop, so that the structure of the model outputs is known), which runs as a Python
 loop in eager mode and as one graph loop in a compiled step (``parallel_iterations=1``: one chunk at a time).
-Peak activation memory is that of one chunk; the gradient sum adds one gradient-sized buffer (in eager mode,
-while a chunk's gradients are added, the old and the new sum and the chunk's gradients exist at once).
+Peak activation memory is that of one chunk; the gradient sum adds one gradient-sized buffer (in eager mode the
+sum is updated one variable at a time, freeing the old sum and the chunk's gradient of each variable as it
+goes, so at most one variable's sum exists twice).
 
 Policies: :class:`WholeBatch` is the null object (the plain step: one forward and backward pass, the loss
 unweighted); :class:`ChunkedBatch` accumulates. Model outputs of the whole batch: the sample-weighted loss
@@ -119,6 +120,10 @@ class ChunkedBatch(WholeBatch):
         chunk, weight = chunk_at(0)
         loss, num_samples, auxiliary_results, gradients = chunk_step(chunk, weight)
         connected = [index for index, gradient in enumerate(gradients) if gradient is not None]
+        num_variables = len(gradients)
+        # The sum starts as the first chunk's gradients; no second reference to them is kept (eager: memory).
+        gradient_sum = [_dense(gradients[i]) for i in connected]
+        del gradients
         auxiliary_leaves = tf.nest.flatten(auxiliary_results, expand_composites=False)
         tensor_leaves = [index for index, leaf in enumerate(auxiliary_leaves) if tf.is_tensor(leaf)]
 
@@ -134,7 +139,13 @@ class ChunkedBatch(WholeBatch):
         def body(index, accumulated, loss_sum, samples_sum, arrays):
             chunk, weight = chunk_at(index)
             loss, num_samples, auxiliary_results, gradients = chunk_step(chunk, weight)
-            accumulated = [a + _dense(gradients[i]) for a, i in zip(accumulated, connected)]
+            # In place, one variable at a time: in eager mode the old sum and the chunk's gradient of a
+            # variable are freed as soon as they are added (``tf.while_loop`` holds this very list), so at most
+            # one variable's sum exists twice; when tracing, the list holds symbolic tensors and this is free.
+            gradients = list(gradients)
+            for position, variable_index in enumerate(connected):
+                accumulated[position] = accumulated[position] + _dense(gradients[variable_index])
+                gradients[variable_index] = None
             leaves = tf.nest.flatten(auxiliary_results)
             return (
                 index + 1,
@@ -150,14 +161,14 @@ class ChunkedBatch(WholeBatch):
             body,
             (
                 tf.constant(1, batch_size.dtype),
-                [_dense(gradients[i]) for i in connected],
+                gradient_sum,
                 weight * tf.cast(loss, tf.float32),
                 tf.convert_to_tensor(num_samples),
                 write(new_arrays(), 0, auxiliary_leaves),
             ),
             parallel_iterations=1,  # one chunk at a time: the peak activation memory is that of one chunk
         )
-        summed = list(gradients)
+        summed: list = [None] * num_variables  # None for variables the loss does not depend on
         for index, gradient in zip(connected, accumulated):
             summed[index] = gradient
         combined = list(auxiliary_leaves)

@@ -23,13 +23,13 @@ of the ratios of the two runs of each repetition (target: mlpug / raw <= 1.05).
 
 import argparse
 import contextlib
-import gc
 import io
 import platform
 import statistics
 import time
 
 import torch
+from timing import isolated_run
 
 import mlpug.pytorch as mlp
 from mlpug.datasets.fashion_mnist import load_fashion_mnist
@@ -122,13 +122,7 @@ def main():
     for repetition in range(args.repetitions):
         order = ("raw", "mlpug") if repetition % 2 == 0 else ("mlpug", "raw")
         for variant in order:
-            gc.collect()
-            gc.freeze()  # see the module docstring
-            try:
-                with contextlib.redirect_stdout(io.StringIO()):
-                    times[variant].append(run_raw(batches) if variant == "raw" else run_mlpug(batches))
-            finally:
-                gc.unfreeze()
+            times[variant].append(isolated_run(run_raw if variant == "raw" else run_mlpug, batches))
     print(
         f"machine: {platform.processor() or platform.machine()}, torch {torch.__version__}, 1 thread, "
         f"{len(batches)} batches of {args.batch_size}, {args.repetitions} repetitions"

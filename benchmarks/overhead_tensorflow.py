@@ -11,6 +11,7 @@ only the loop itself is compared; every variant starts from a fresh model, so tr
   ``LogProgress(log_period=200)``.
 * mlpug_eager: the same with ``eager_mode=True``.
 
+Every timed run is isolated from full garbage collections (``timing.isolated_run``, see there).
 The variants alternate (rotating order) within every repetition, so background load affects all alike; the
 script reports the min and median epoch time (seconds) of each and the ratios (targets: mlpug / raw <= 1.05;
 mlpug_eager / mlpug >= 2).
@@ -30,6 +31,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
+from timing import isolated_run  # noqa: E402
 
 import mlpug.tensorflow as mlp  # noqa: E402
 from mlpug.datasets.fashion_mnist import load_fashion_mnist  # noqa: E402
@@ -130,8 +132,7 @@ def main():
     for repetition in range(args.repetitions):
         order = names[repetition % len(names) :] + names[: repetition % len(names)]
         for variant in order:
-            with contextlib.redirect_stdout(io.StringIO()):
-                times[variant].append(VARIANTS[variant](batches))
+            times[variant].append(isolated_run(VARIANTS[variant], batches))
     print(
         f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, tensorflow {tf.__version__}, "
         f"1 intra-op + 1 inter-op thread, {len(batches)} batches of {args.batch_size}, {args.repetitions} repetitions"

@@ -678,5 +678,8 @@ def _add_note(error: BaseException, note: str) -> None:
 
 
 def _deferred_number(value: Any) -> Any:
-    """``value`` itself when it is a Python number or None, else a :class:`Deferred` converting it when read."""
-    return value if value is None or type(value) in (int, float, bool) else Deferred(partial(to_number, value))
+    """``value`` itself when it is a Python number, None or already deferred; else a :class:`Deferred` converting
+    it when read."""
+    if value is None or type(value) in (int, float, bool, Deferred):
+        return value
+    return Deferred(partial(to_number, value))

@@ -417,3 +417,36 @@ def test_settings_changed_in_place_reach_the_compiled_step(with_signature):
     assert float(trainer.train_on(batch, settings).loss) == pytest.approx(9.0)
     settings["scale"] = 10.0  # e.g. a callback changing logs["training_settings"] in place
     assert float(trainer.train_on(batch, settings).loss) == pytest.approx(90.0)
+
+
+@pytest.mark.parametrize("schedule", [False, True])
+def test_logged_learning_rate_follows_set_learning_rate_and_schedules(schedule):
+    model = tf.keras.Sequential([tf.keras.Input(shape=(3,)), tf.keras.layers.Dense(1)])
+    learning_rate = (
+        tf.keras.optimizers.schedules.ExponentialDecay(0.1, decay_steps=1, decay_rate=0.5) if schedule else 0.1
+    )
+    trainer = mlp.trainers.DefaultTrainer(tf.keras.optimizers.SGD(learning_rate), model)
+
+    class Loss(tf.keras.Model):
+        def __init__(self, model):
+            super().__init__()
+            self.model = model
+
+        def call(self, batch_data, evaluate_settings, inference_mode=None):
+            x, y = batch_data
+            return tf.reduce_mean((self.model(x)[:, 0] - y) ** 2)
+
+    trainer.set_training_model(Loss(model))
+    kept = []
+
+    class Keep(mlp.callbacks.Callback):
+        def on_batch_training_completed(self, training_batch, logs):
+            kept.append(logs["current"]["training_params"]["batch"]["lr"])  # read at its step
+            if not schedule and logs["current"]["global_iter"] == 1:
+                trainer.set_learning_rate(0.01)
+
+    batches = [(np.ones((4, 3), np.float32), np.zeros(4, np.float32))] * 4
+    mlp.trainers.TrainingManager(trainer, batches, callbacks=[Keep()]).start_training()
+    assert all(type(value) is float for value in kept)
+    expected = [0.1 * 0.5**step for step in range(1, 5)] if schedule else [0.1, 0.1, 0.01, 0.01]
+    assert kept == pytest.approx(expected)

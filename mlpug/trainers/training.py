@@ -259,7 +259,7 @@ class DefaultTrainer(Trainer, ABC):
         while True:
             shape = getattr(node, "shape", None)
             if shape is not None and len(shape) > 0:
-                return shape[0]
+                return self._leading_dimension(node)
             if isinstance(node, Mapping) and node:
                 node = next(iter(node.values()))
             elif isinstance(node, (list, tuple)) and node and holds_array(node[0]):
@@ -271,6 +271,10 @@ class DefaultTrainer(Trainer, ABC):
                     f"cannot infer the number of samples of a batch of type {type(batch).__qualname__}; "
                     "return it from the training model as num_samples"
                 )
+
+    def _leading_dimension(self, array: Any) -> Any:
+        """Size of ``array``'s first dimension; backends with symbolic shapes override this."""
+        return array.shape[0]
 
 
 class TrainingManager:

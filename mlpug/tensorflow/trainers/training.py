@@ -270,25 +270,10 @@ class DefaultTrainer(_NeutralDefaultTrainer):
     def _is_scalar_loss(self, loss: Any) -> bool:
         return tf.is_tensor(loss) and loss.shape.num_elements() == 1
 
-    def _infer_num_samples(self, batch: Any) -> Any:
-        """Leading dimension of the first tensor/array in ``batch``: an int when static, else ``tf.shape(x)[0]``."""
-        first = batch
-        while True:
-            if isinstance(first, Mapping):
-                first = next(iter(first.values()))
-            elif isinstance(first, (list, tuple)):
-                first = first[0]
-            else:
-                break
-        shape = getattr(first, "shape", None)
-        if shape is None:
-            return len(first)
-        if len(shape) == 0:
-            raise ValueError(
-                "Cannot infer the number of samples from a batch whose first item is a scalar; return "
-                "num_samples from the training model"
-            )
-        return shape[0] if shape[0] is not None else tf.shape(first)[0]
+    def _leading_dimension(self, array: Any) -> Any:
+        """The first dimension: an int when static, else ``tf.shape(array)[0]`` (inside a compiled step)."""
+        size = array.shape[0]
+        return size if size is not None else tf.shape(array)[0]
 
     @property
     def batch_chunk_size(self) -> Optional[int]:

@@ -29,7 +29,6 @@ Loading never unpickles objects: PyTorch files load with ``torch.load(weights_on
 
 from __future__ import annotations
 
-import io
 import json
 import logging
 import os
@@ -552,14 +551,3 @@ class BackgroundWriter:
         if self._error is not None:
             error, self._error = self._error, None
             raise error
-
-    @property
-    def busy(self) -> bool:
-        return self._thread is not None and self._thread.is_alive()
-
-
-def serialized_size(saver: CheckpointSaver, checkpoint: dict) -> int:
-    """Bytes of ``checkpoint`` when written by ``saver`` (in memory; for tests and benchmarks)."""
-    buffer = io.BytesIO()
-    saver.write(checkpoint, buffer)
-    return buffer.tell()

@@ -19,7 +19,7 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from functools import partial
 from typing import Any, NamedTuple, Optional
 
-from mlpug.chunking import batch_chunker, sum_values, weighted_sum
+from mlpug.chunking import split_batch, sum_values, validate_batch_chunk_size, weighted_sum
 from mlpug.distributed import DistributedContext, SerialContext
 from mlpug.logs import Deferred, MetricValues, to_number
 
@@ -83,7 +83,7 @@ class MetricEvaluator:
         name: str = "MetricEvaluator",
         batch_chunk_size: Optional[int] = None,
     ):
-        self._chunking = batch_chunker(batch_chunk_size)
+        self._batch_chunk_size = validate_batch_chunk_size(batch_chunk_size)
         funcs = {"loss": loss_metric}
         if batch_metric_funcs is not None:
             if not isinstance(batch_metric_funcs, Mapping):
@@ -105,7 +105,7 @@ class MetricEvaluator:
     @property
     def batch_chunk_size(self) -> Optional[int]:
         """Samples per chunk in ``evaluate_batch``, or None (whole batches)."""
-        return self._chunking.batch_chunk_size
+        return self._batch_chunk_size
 
     @property
     def metric_names(self) -> list:
@@ -131,10 +131,9 @@ class MetricEvaluator:
         if self.trainer is None:
             raise RuntimeError(f"{self.name}: evaluating batches needs a trainer; pass MetricEvaluator(trainer=...)")
         settings = self.evaluate_settings if evaluate_settings is None else evaluate_settings
-        gathered_chunks = [
-            self.gather(chunk.data, self.trainer.evaluate_loss(chunk.data, settings))
-            for chunk in self._chunking.split(batch)
-        ]
+        size = self._batch_chunk_size
+        chunks = [batch] if size is None else [chunk.data for chunk in split_batch(batch, size)]
+        gathered_chunks = [self.gather(chunk, self.trainer.evaluate_loss(chunk, settings)) for chunk in chunks]
         return self._combine_chunks(gathered_chunks)
 
     def _combine_chunks(self, gathered_chunks: Sequence[Gathered]) -> Gathered:

@@ -11,11 +11,12 @@ Schema (keys are snake_case; durations are in seconds)::
         "cb_calls_success": bool,     # False once any callback reported a non-fatal problem
         "training_settings": Any,     # passed to the training model as ``evaluate_settings`` during training
         "evaluate_settings": Any,     # passed to the model when evaluating
-        "best": dict,                 # plain copy of ``current`` at the last improvement (set by the checkpointer)
+        "best": dict,                 # plain copy of ``current`` at the last improvement (owned by the
+                                      # CheckpointManager, which decides "best"; {} without one)
         "current": {                  # rebuilt for every batch
             "epoch": int, "batch_step": int, "global_iter": int,  # all 0-based
             "training": {
-                "batch": {"loss": float, <metric>: float, ..., "raw": ModelOutputs},  # raw: never logged/saved
+                "batch": {"loss": float, <metric>: float, ...},
                 "window_average": {"loss": float, ...},  # sample-weighted sliding window over recent batches
                 "dataset": {...},                         # whole-dataset metrics, when computed
             },
@@ -29,6 +30,9 @@ Schema (keys are snake_case; durations are in seconds)::
             "is_best": bool,
         },
     }
+
+``logs`` holds plain data only: the raw outputs of a step (loss tensor, auxiliary results such as logits) reach
+consumers as ``TrainingManager.step_result``, never through ``logs``.
 
 Metric leaves are produced as :class:`Deferred` values inside :class:`MetricValues` dicts. A deferred
 value is computed (e.g. a tensor converted with ``.item()``) the first time a consumer reads it, and
@@ -115,12 +119,11 @@ def to_number(value: Any) -> Any:
     return value.item() if hasattr(value, "item") else value
 
 
-def resolve(value: Any, skip_keys: tuple = ("raw",)) -> Any:
+def resolve(value: Any) -> Any:
     """Deep copy of a logs (sub)tree as plain dicts of Python values, with every deferred value resolved.
 
     Args:
         value: A logs dict or any part of it.
-        skip_keys: Keys left out of the copy; by default ``raw`` (model outputs are never saved or logged).
 
     Returns:
         Plain ``dict``/``list`` containers holding the resolved leaves.
@@ -128,17 +131,15 @@ def resolve(value: Any, skip_keys: tuple = ("raw",)) -> Any:
     if type(value) is Deferred:
         return value()
     if isinstance(value, Mapping):
-        return {key: resolve(item, skip_keys) for key, item in value.items() if key not in skip_keys}
+        return {key: resolve(item) for key, item in value.items()}
     if isinstance(value, (list, tuple)):
-        return type(value)(resolve(item, skip_keys) for item in value)
+        return type(value)(resolve(item) for item in value)
     return value
 
 
 def iter_paths(logs: Mapping, prefix: str = "") -> Iterator[str]:
-    """Yield every dotted path to a leaf of ``logs`` (``raw`` model outputs excluded)."""
+    """Yield every dotted path to a leaf of ``logs``."""
     for key in logs:
-        if key == "raw":
-            continue
         path = f"{prefix}{key}"
         value = dict.__getitem__(logs, key) if isinstance(logs, dict) else logs[key]
         if isinstance(value, Mapping) and value:

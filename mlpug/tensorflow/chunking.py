@@ -11,44 +11,26 @@ Peak activation memory is that of one chunk; the gradient sum adds one gradient-
 sum is updated one variable at a time, freeing the old sum and the chunk's gradient of each variable as it
 goes, so at most one variable's sum exists twice).
 
-Policies: :class:`WholeBatch` is the null object (the plain step: one forward and backward pass, the loss
-unweighted); :class:`ChunkedBatch` accumulates. Model outputs of the whole batch: the sample-weighted loss
-``sum_i weight_i * loss_i``, ``num_samples`` summed over the chunks, and auxiliary results where tensors of
-rank >= 1 are concatenated along dimension 0, scalar tensors are stacked into a vector with one entry per
-chunk, and anything else (None, Python values) is taken from the first chunk.
+Policies: the neutral null object :class:`mlpug.chunking.BatchChunking` (the plain step: one forward and
+backward pass, the loss unweighted) and :class:`ChunkedBatch`, which accumulates. The results of the whole batch
+follow the one rule of :mod:`mlpug.chunking`: the sample-weighted loss ``sum_i weight_i * loss_i``,
+``num_samples`` summed over the chunks, gradients summed, and auxiliary results where tensors of rank >= 1 are
+concatenated along dimension 0, scalar tensors are stacked into a vector with one entry per chunk, and anything
+else (None, Python values) must be the same in every chunk (in a compiled step: in the traces of the first
+chunk and of the loop body) and is kept once.
 """
 
 from __future__ import annotations
 
-from typing import Any, Callable, NamedTuple, Optional
+from typing import Any, Optional
 
 import numpy as np
 import tensorflow as tf
 
-from mlpug.chunking import describe_type, validate_batch_chunk_size
-
-ChunkStep = Callable[[Any, Any], tuple]
-"""``chunk_step(chunk, weight) -> (loss, num_samples, auxiliary_results, gradients)``: forward and backward
-pass of one chunk, its loss multiplied by ``weight`` (None: not multiplied) before the backward pass."""
-
-
-class StepResult(NamedTuple):
-    """Loss (scalar), num_samples, auxiliary results and gradients (a list, ``None`` for unconnected variables)."""
-
-    loss: Any
-    num_samples: Any
-    auxiliary_results: Any
-    gradients: list
-
-
-class WholeBatch:
-    """Null accumulation policy: the batch is one chunk, its loss unweighted (the plain step)."""
-
-    batch_chunk_size: Optional[int] = None
-
-    def run(self, chunk_step: ChunkStep, batch: Any) -> StepResult:
-        """``chunk_step(batch, None)``."""
-        return StepResult(*chunk_step(batch, None))
+from mlpug.chunking import BatchChunk, BatchChunking, ChunkResult, ChunkStep, describe_type, same_value
+from mlpug.chunking import ChunkedBatch as _NeutralChunkedBatch
+from mlpug.chunking import batch_chunker as _neutral_batch_chunker
+from mlpug.trainers.trainer import ModelOutputs
 
 
 def check_splittable(batch: Any) -> None:
@@ -82,7 +64,7 @@ def _check_part(value: Any, path: str) -> None:
     )
 
 
-class ChunkedBatch(WholeBatch):
+class ChunkedBatch(_NeutralChunkedBatch):
     """Accumulation policy: gradients of chunks of at most ``batch_chunk_size`` samples, summed with weights.
 
     Args:
@@ -92,16 +74,16 @@ class ChunkedBatch(WholeBatch):
         ValueError: ``batch_chunk_size`` is not an int >= 1.
     """
 
-    def __init__(self, batch_chunk_size: int):
-        if validate_batch_chunk_size(batch_chunk_size) is None:
-            raise ValueError("batch_chunk_size must be an int >= 1 for ChunkedBatch, got None")
-        self.batch_chunk_size = batch_chunk_size
+    def weigh_loss(self, loss: Any, chunk: BatchChunk) -> Any:
+        """``loss * weight`` in the loss's dtype (the weight is a float32 tensor; the loss may be bfloat16)."""
+        return loss * tf.cast(chunk.weight, loss.dtype)
 
-    def run(self, chunk_step: ChunkStep, batch: Any) -> StepResult:
+    def run(self, chunk_step: ChunkStep, batch: Any) -> ChunkResult:
         """Forward and backward pass chunk by chunk; see the module docstring for the combined results.
 
         Raises:
             TypeError: The batch cannot be split (see :func:`check_splittable`).
+            ValueError: A non-tensor auxiliary result differs between chunks.
         """
         check_splittable(batch)
         batch = tf.nest.map_structure(tf.convert_to_tensor, batch)
@@ -111,14 +93,19 @@ class ChunkedBatch(WholeBatch):
         num_chunks = (batch_size + chunk_size - 1) // chunk_size
         total = tf.cast(batch_size, tf.float32)
 
-        def chunk_at(index: Any) -> tuple:
+        def chunk_at(index: Any) -> BatchChunk:
             start = index * chunk_size
             stop = tf.minimum(start + chunk_size, batch_size)
-            chunk = tf.nest.map_structure(lambda tensor: tensor[start:stop], batch)
-            return chunk, tf.cast(stop - start, tf.float32) / total
+            data = tf.nest.map_structure(lambda tensor: tensor[start:stop], batch)
+            return BatchChunk(data, stop - start, tf.cast(stop - start, tf.float32) / total, stop >= batch_size)
 
-        chunk, weight = chunk_at(0)
-        loss, num_samples, auxiliary_results, gradients = chunk_step(chunk, weight)
+        def run_chunk(chunk: BatchChunk) -> tuple:
+            (loss, num_samples, auxiliary_results), gradients = chunk_step(chunk)
+            return loss, num_samples, auxiliary_results, gradients
+
+        first_chunk = chunk_at(0)
+        weight = first_chunk.weight
+        loss, num_samples, auxiliary_results, gradients = run_chunk(first_chunk)
         connected = [index for index, gradient in enumerate(gradients) if gradient is not None]
         num_variables = len(gradients)
         # The sum starts as the first chunk's gradients; no second reference to them is kept (eager: memory).
@@ -137,8 +124,9 @@ class ChunkedBatch(WholeBatch):
             return [array.write(index, leaves[leaf]) for array, leaf in zip(arrays, tensor_leaves)]
 
         def body(index, accumulated, loss_sum, samples_sum, arrays):
-            chunk, weight = chunk_at(index)
-            loss, num_samples, auxiliary_results, gradients = chunk_step(chunk, weight)
+            chunk = chunk_at(index)
+            weight = chunk.weight
+            loss, num_samples, auxiliary_results, gradients = run_chunk(chunk)
             # In place, one variable at a time: in eager mode the old sum and the chunk's gradient of a
             # variable are freed as soon as they are added (``tf.while_loop`` holds this very list), so at most
             # one variable's sum exists twice; when tracing, the list holds symbolic tensors and this is free.
@@ -147,6 +135,7 @@ class ChunkedBatch(WholeBatch):
                 accumulated[position] = accumulated[position] + _dense(gradients[variable_index])
                 gradients[variable_index] = None
             leaves = tf.nest.flatten(auxiliary_results)
+            _check_same_non_tensors(auxiliary_leaves, leaves, tensor_leaves)
             return (
                 index + 1,
                 accumulated,
@@ -175,7 +164,19 @@ class ChunkedBatch(WholeBatch):
         for array, leaf in zip(arrays, tensor_leaves):
             combined[leaf] = array.concat() if auxiliary_leaves[leaf].shape.rank else array.stack()
         auxiliary_results = tf.nest.pack_sequence_as(auxiliary_results, combined)
-        return StepResult(loss_sum, samples_sum, auxiliary_results, summed)
+        return ChunkResult(ModelOutputs(loss_sum, samples_sum, auxiliary_results), summed)
+
+
+def _check_same_non_tensors(first: list, leaves: list, tensor_leaves: list) -> None:
+    """Raise when a non-tensor auxiliary leaf of a later chunk differs from the first chunk's (the merge rule)."""
+    tensors = set(tensor_leaves)
+    for index, (expected, value) in enumerate(zip(first, leaves)):
+        if index not in tensors and (tf.is_tensor(value) or not same_value(expected, value)):
+            raise ValueError(
+                f"with batch_chunk_size, the chunks of a batch returned different auxiliary_results (leaf {index}): "
+                f"{expected!r:.80} in the first chunk, {value!r:.80} in a later one. Values that are not tensors are "
+                "kept once and must be the same in every chunk; return a value that differs per chunk as a tensor."
+            )
 
 
 def _dense(gradient: Any) -> tf.Tensor:
@@ -183,24 +184,10 @@ def _dense(gradient: Any) -> tf.Tensor:
     return tf.convert_to_tensor(gradient)
 
 
-class LocalGradients:
-    """Null object of the data-parallel gradient synchronisation: the gradients stay as they are.
-
-    ``reduce(gradients)`` is called once per batch, after the last chunk's gradients were added, so a
-    data-parallel implementation (later: ``tf.distribute``) synchronises once per batch, not once per chunk.
-    """
-
-    def reduce(self, gradients: list) -> list:
-        """The gradients themselves."""
-        return gradients
-
-
-def batch_chunker(batch_chunk_size: Optional[int]) -> WholeBatch:
-    """:class:`WholeBatch` for ``None``, else :class:`ChunkedBatch`.
+def batch_chunker(batch_chunk_size: Optional[int]) -> BatchChunking:
+    """The null policy for ``None``, else :class:`ChunkedBatch` (see :func:`mlpug.chunking.batch_chunker`).
 
     Raises:
         ValueError: ``batch_chunk_size`` is neither None nor an int >= 1.
     """
-    if validate_batch_chunk_size(batch_chunk_size) is None:
-        return WholeBatch()
-    return ChunkedBatch(batch_chunk_size)
+    return _neutral_batch_chunker(batch_chunk_size, ChunkedBatch)

@@ -1,5 +1,6 @@
-"""The neutral training loop and the trainer contract."""
+"""The neutral training loop (``TrainingManager``) and the trainer contract (``Trainer``, ``StepResult``)."""
 
-from mlpug.trainers.training import DefaultTrainer, ModelOutputs, Trainer, TrainingManager
+from mlpug.trainers.trainer import DefaultTrainer, ModelOutputs, StepResult, Trainer
+from mlpug.trainers.training import TrainingManager
 
-__all__ = ["DefaultTrainer", "ModelOutputs", "Trainer", "TrainingManager"]
+__all__ = ["DefaultTrainer", "ModelOutputs", "StepResult", "Trainer", "TrainingManager"]

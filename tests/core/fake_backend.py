@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Any, Optional
 
-from mlpug.trainers.training import DefaultTrainer, ModelOutputs
+from mlpug.trainers.trainer import DefaultTrainer, ModelOutputs, StepResult
 
 
 class FakeScalar:
@@ -68,7 +68,7 @@ class FakeTrainer(DefaultTrainer):
     def _is_scalar_loss(self, loss: Any) -> bool:
         return isinstance(loss, FakeScalar)
 
-    def train_on(self, batch, training_settings=None) -> ModelOutputs:
+    def train_on(self, batch, training_settings=None) -> StepResult:
         self.ensure_ready()
         outputs = self._normalise_outputs(self.training_model(batch, training_settings, False), batch)
         grad_w, grad_b = outputs.auxiliary_results["grads"]
@@ -76,7 +76,7 @@ class FakeTrainer(DefaultTrainer):
         model = next(iter(self.model_components.values()))
         model.w -= optimizer.learning_rate * grad_w
         model.b -= optimizer.learning_rate * grad_b
-        return outputs
+        return StepResult(*outputs, learning_rate=optimizer.learning_rate)
 
     def evaluate_loss(self, batch, evaluate_settings=None, inference_mode=True) -> ModelOutputs:
         self.ensure_ready()

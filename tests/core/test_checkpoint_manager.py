@@ -190,6 +190,8 @@ def test_files_archives_and_keep_last(tmp_path):
 class ScriptedMetric(Callback):
     """Writes scripted values at logs.current.validation.dataset.loss at every epoch end."""
 
+    produces = frozenset({"validation"})  # a metric producer: its hooks run before the CheckpointManager's
+
     def __init__(self, values):
         super().__init__("ScriptedMetric")
         self.values = list(values)
@@ -248,21 +250,27 @@ def test_exact_resume_including_python_and_numpy_random_states(tmp_path, stop_at
     assert second.global_iter == straight.global_iter == 3 * NUM_BATCHES
 
 
-def test_get_state_inside_on_epoch_completed_reports_the_next_epoch(tmp_path):
+def test_get_state_in_the_checkpoint_phases_reports_the_next_batch_to_train(tmp_path):
     positions = []
 
     class Probe(Callback):
-        def on_batch_training_completed(self, training_batch, logs):
+        def on_batch_checkpoint(self, logs):
             state = self.training_manager.get_state()
             positions.append(("batch", state["epoch"], state["batch_step"]))
 
-        def on_epoch_completed(self, logs):
+        def on_epoch_completed(self, logs):  # the epoch end is not done yet: resuming here reruns its hooks
+            state = self.training_manager.get_state()
+            positions.append(("epoch end", state["epoch"], state["batch_step"]))
+
+        def on_epoch_checkpoint(self, logs):
             state = self.training_manager.get_state()
             positions.append(("epoch", state["epoch"], state["batch_step"]))
 
     trainer, _ = make_trainer()
     TrainingManager(trainer, make_data(), num_epochs=1, callbacks=[Probe()]).start_training()
-    assert positions == [("batch", 0, 1), ("batch", 0, 2), ("batch", 0, 3), ("batch", 0, 4), ("epoch", 1, 0)]
+    assert positions == [
+        ("batch", 0, 1), ("batch", 0, 2), ("batch", 0, 3), ("batch", 0, 4), ("epoch end", 0, 4), ("epoch", 1, 0)
+    ]  # fmt: skip
 
 
 def test_emergency_checkpoint_on_failure_keeps_the_regular_one(tmp_path):
@@ -355,7 +363,7 @@ def test_resume_from_a_checkpoint_written_before_the_epoch_end_hooks_runs_them(t
     class Probe(Callback):
         """Copies the training checkpoint written at the last batch of epoch 0 (before the epoch end hooks)."""
 
-        def on_batch_training_completed(self, training_batch, logs):
+        def on_batch_checkpoint(self, logs):  # after the CheckpointManager wrote this batch's checkpoint
             if logs["current"]["global_iter"] == NUM_BATCHES - 1:
                 copy_path.write_bytes((tmp_path / "first" / "model-training-checkpoint.npz").read_bytes())
                 self.training_manager.stop_training()
@@ -430,24 +438,44 @@ def test_failed_last_background_write_is_reported_after_the_final_checkpoint_is_
     assert (final["epoch"], final["global_iter"]) == (2, 2 * NUM_BATCHES)
 
 
-def test_stateful_callback_after_the_checkpoint_manager_warns(tmp_path, caplog):
-    import logging
+class CountBatches(Callback):
+    """A stateful callback: counts the batches it saw and records where it saw ``is_best``."""
 
+    def __init__(self, name):
+        super().__init__(name)
+        self.count, self.saw_best, self.losses = 0, [], []
+
+    def on_batch_training_completed(self, training_batch, logs):
+        self.count += 1
+        self.losses.append(logs["current"]["training"]["batch"]["loss"])
+        if logs["current"]["is_best"]:
+            self.saw_best.append(logs["current"]["global_iter"])
+
+    def get_state(self):
+        return {"count": self.count}
+
+    def set_state(self, state):
+        self.count = state["count"]
+
+
+def test_callbacks_anywhere_in_the_list_are_checkpointed_at_the_same_step_and_see_is_best(tmp_path):
     trainer, _ = make_trainer()
-    evaluator = MetricEvaluator(trainer=trainer)
-    logging.getLogger("mlpug").propagate = True
-    try:
-        with caplog.at_level(logging.WARNING, logger="mlpug"):
-            TrainingManager(
-                trainer,
-                make_data(),
-                callbacks=[
-                    CheckpointManager(NumpyCheckpointSaver(), checkpoints_path=str(tmp_path), metric_to_monitor=None),
-                    TrainingMetricsLogger(evaluator),
-                    Callback("stateless"),
-                ],
-            )
-    finally:
-        logging.getLogger("mlpug").propagate = False
-    assert "Stateful callback 'TrainingMetricsLogger' comes after 'CheckpointManager'" in caplog.text
-    assert "'stateless'" not in caplog.text
+    before, after = CountBatches("before"), CountBatches("after")
+    saved = []
+
+    class ReadCheckpoint(Callback):
+        def on_batch_checkpoint(self, logs):
+            state = NumpyCheckpointSaver().load(checkpoint_manager.training_checkpoint_path, kind="training")
+            saved.append((state["global_iter"], state["callbacks"]["before"], state["callbacks"]["after"]))
+
+    checkpoint_manager = CheckpointManager(
+        NumpyCheckpointSaver(), str(tmp_path), metric_to_monitor="training.batch.loss", batch_level=True,
+        write_in_background=False,
+    )  # fmt: skip
+    callbacks = [before, checkpoint_manager, after, TrainingMetricsLogger(MetricEvaluator(trainer=trainer))]
+    TrainingManager(trainer, make_data(), num_epochs=2, callbacks=callbacks + [ReadCheckpoint()]).start_training()
+    assert saved == [(i, {"count": i}, {"count": i}) for i in range(1, 2 * NUM_BATCHES + 1)]
+    losses = before.losses
+    improvements = [i for i, loss in enumerate(losses) if loss < min(losses[:i], default=float("inf"))]
+    assert before.saw_best == after.saw_best == improvements and len(improvements) > 1
+    assert improvements[-1] == checkpoint_manager.best_global_iter

@@ -7,17 +7,18 @@ import pytest
 
 from mlpug.chunking import (
     BatchChunk,
+    BatchChunking,
     ChunkedBatch,
-    SerialGradientSync,
-    WholeBatch,
+    ChunkResult,
     batch_chunker,
     batch_num_samples,
     chunk_sizes,
-    chunk_weights,
-    concatenate_results,
+    infer_num_samples,
+    merge_auxiliary_results,
     split_batch,
     validate_batch_chunk_size,
 )
+from mlpug.trainers.gradient_sync import GradientSync
 
 Pair = namedtuple("Pair", ["features", "labels"])
 
@@ -32,7 +33,7 @@ def concatenate(arrays):
 )
 def test_chunk_sizes_cover_the_batch(batch_size, chunk_size, expected):
     assert chunk_sizes(batch_size, chunk_size) == expected
-    weights = chunk_weights(expected)
+    weights = [chunk.weight for chunk in split_batch(np.zeros(batch_size), chunk_size)]
     assert weights == pytest.approx([size / batch_size for size in expected])
     assert sum(weights) == pytest.approx(1.0)
 
@@ -99,53 +100,78 @@ def test_parts_with_different_sample_counts_are_an_error():
         split_batch((np.zeros((4, 2)), np.zeros(3)), 2)
 
 
-def test_concatenate_results_merges_structures():
+def test_merge_rule_of_auxiliary_results():
     rng = np.random.default_rng(1)
     logits = [rng.normal(size=(n, 3)) for n in (4, 4, 2)]
     results = [
-        {"logits": lg, "pair": (lg[:, 0], 7), "none": None, "scalar": np.float64(i)} for i, lg in enumerate(logits)
+        {"logits": lg, "pair": (lg[:, 0], 7), "none": None, "scalar": np.float64(i) * np.ones(()), "tag": "x"}
+        for i, lg in enumerate(logits)
     ]
-    merged = concatenate_results(results, concatenate)
+    merged = merge_auxiliary_results(results, concatenate, np.stack)
     np.testing.assert_array_equal(merged["logits"], np.concatenate(logits))
     np.testing.assert_array_equal(merged["pair"][0], np.concatenate(logits)[:, 0])
-    assert merged["pair"][1] == [7, 7, 7]  # not an array: one entry per chunk
-    assert merged["none"] is None
-    assert merged["scalar"] == [0.0, 1.0, 2.0]  # 0-d arrays cannot be concatenated along dim 0
-    assert concatenate_results([None, None], concatenate) is None
+    assert merged["pair"][1] == 7  # not an array, the same in every chunk: kept once
+    assert merged["none"] is None and merged["tag"] == "x"
+    np.testing.assert_array_equal(merged["scalar"], [0.0, 1.0, 2.0])  # 0-d arrays: one entry per chunk
+    assert merge_auxiliary_results([None, None], concatenate, np.stack) is None
 
 
-def test_whole_batch_is_the_null_policy():
+def test_merge_rule_refuses_non_arrays_that_differ_between_chunks():
+    with pytest.raises(ValueError, match=r"auxiliary_results\['count'\].*3 in chunk 0, 2 in chunk 1.*as a tensor"):
+        merge_auxiliary_results([{"count": 3}, {"count": 2}], concatenate, np.stack)
+
+
+def test_null_policy_runs_the_step_once_on_the_batch_itself():
     batch = (np.zeros((6, 2)), np.zeros(6))
     policy = batch_chunker(None)
-    assert isinstance(policy, WholeBatch) and policy.batch_chunk_size is None
-    (chunk,) = policy.split(batch)
-    assert chunk.data is batch and chunk.weight == 1.0 and chunk.is_last
+    assert type(policy) is BatchChunking and policy.batch_chunk_size is None
+    seen = []
+
+    def chunk_step(chunk):
+        seen.append(chunk)
+        return ChunkResult(("loss", 6, "aux"))
+
+    result = policy.run(chunk_step, batch)
+    (chunk,) = seen
+    assert chunk.data is batch and chunk.weight == 1.0 and chunk.is_last and chunk.num_samples is None
     loss = np.float64(2.5)
     assert policy.weigh_loss(loss, chunk) is loss
-    outputs = ("loss", 6, "aux")
-    assert policy.combine_outputs([outputs], [chunk], concatenate) is outputs
+    assert result.outputs == ("loss", 6, "aux") and result.gradients is None
 
 
-def test_chunked_policy_weighs_and_combines_outputs():
+def test_chunked_policy_weighs_combines_outputs_and_sums_gradients():
     Outputs = namedtuple("Outputs", ["loss", "num_samples", "auxiliary_results"])
     policy = batch_chunker(4)
     assert isinstance(policy, ChunkedBatch) and policy.batch_chunk_size == 4
     values = np.arange(10.0)
-    chunks = policy.split(values)
-    chunk_losses = [np.mean(c.data**2) for c in chunks]
-    assert [policy.weigh_loss(loss, c) for loss, c in zip(chunk_losses, chunks)] == pytest.approx(
-        [loss * w for loss, w in zip(chunk_losses, (0.4, 0.4, 0.2))]
-    )
-    combined = policy.combine_outputs(
-        [Outputs(loss, c.num_samples, c.data * 2) for loss, c in zip(chunk_losses, chunks)], chunks, concatenate
-    )
+    seen = []
+
+    def chunk_step(chunk):
+        seen.append(chunk)
+        loss = np.mean(chunk.data**2)
+        return ChunkResult(Outputs(loss, chunk.num_samples, chunk.data * 2), [policy.weigh_loss(loss, chunk), None])
+
+    result = policy.run(chunk_step, values)
+    assert [c.weight for c in seen] == [0.4, 0.4, 0.2] and [c.is_last for c in seen] == [False, False, True]
+    combined = result.outputs
     assert isinstance(combined, Outputs)
     assert combined.loss == pytest.approx(np.mean(values**2))  # the full-batch mean, not the mean of chunk means
     assert combined.num_samples == 10
     np.testing.assert_array_equal(combined.auxiliary_results, values * 2)
+    assert result.gradients[0] == pytest.approx(np.mean(values**2)) and result.gradients[1] is None
 
 
-def test_serial_gradient_sync_is_a_null_context():
-    sync = SerialGradientSync()
+def test_infer_num_samples_follows_the_split_rule():
+    assert infer_num_samples((np.zeros((5, 2)), np.zeros(5))) == 5
+    assert infer_num_samples({"x": np.zeros((3, 1))}) == 3
+    assert infer_num_samples([(0.1, 0.2), (0.3, 0.4)]) == 2
+    with pytest.raises(TypeError, match="return it from the training model as num_samples"):
+        infer_num_samples(3.0)
+
+
+def test_serial_gradient_sync_is_a_null_object():
+    sync = GradientSync()
     with sync.chunk_context(BatchChunk(None, 1, 1.0, False)) as entered:
         assert entered is None
+    gradients = [np.ones(2)]
+    assert sync.reduce(gradients) is gradients

@@ -38,17 +38,16 @@ def test_get_value_at_reads_dotted_paths_and_resolves():
 
 
 def test_unknown_dotted_path_lists_available_paths():
-    logs = {"current": {"training": {"batch": MetricValues(loss=1.0, raw=object())}, "epoch": 0}}
+    logs = {"current": {"training": {"batch": MetricValues(loss=1.0)}, "epoch": 0}}
     with pytest.raises(KeyError) as raised:
         get_value_at(logs, "current.validation.dataset.loss")
     message = str(raised.value)
     assert "'current.validation.dataset.loss' does not exist (missing key 'validation')" in message
     assert "Available paths: current.epoch, current.training.batch.loss" in message
-    assert "raw" not in message
 
 
-def test_resolve_makes_plain_copy_without_raw():
-    logs = {"current": {"training": {"batch": MetricValues(loss=Deferred(lambda: 2.0), raw="outputs")}}}
+def test_resolve_makes_plain_copy():
+    logs = {"current": {"training": {"batch": MetricValues(loss=Deferred(lambda: 2.0))}}}
     plain = resolve(logs)
     assert plain == {"current": {"training": {"batch": {"loss": 2.0}}}}
     assert type(plain["current"]["training"]["batch"]) is dict

@@ -8,6 +8,7 @@ import pytest
 
 from mlpug.evaluation import MetricEvaluator
 from mlpug.trainers.callbacks import HOOKS, Callback, LogProgress, TestMetricsLogger, TrainingMetricsLogger
+from mlpug.trainers.callbacks.callback import dispatch_order
 from mlpug.trainers.training import TrainingManager
 from tests.core.fake_backend import FakeScalar, make_batches, make_trainer
 from tests.recording import RecordingCallback
@@ -213,27 +214,49 @@ def test_callback_returning_false_is_reported_not_fatal(caplog):
     assert "Callback 'Grumpy' reported a problem in on_epoch_completed" in caplog.text
 
 
-def test_consumer_before_producer_warns(caplog):
+def test_producers_get_every_hook_first_wherever_they_stand_in_the_list():
     trainer, _ = make_trainer()
     evaluator = MetricEvaluator(trainer=trainer)
-    logging.getLogger("mlpug").propagate = True
-    try:
-        with caplog.at_level(logging.WARNING, logger="mlpug"):
-            TrainingManager(
-                trainer,
-                make_batches(2),
-                callbacks=[
-                    LogProgress(set_names=["training", "validation"]),
-                    TrainingMetricsLogger(evaluator),
-                    TestMetricsLogger(make_batches(1), "validation", evaluator),
-                ],
-            )
-    finally:
-        logging.getLogger("mlpug").propagate = False
-    assert (
-        "'LogProgress' (position 0) reads 'training' metrics that 'TrainingMetricsLogger' (position 1)" in caplog.text
-    )
-    assert "reads 'validation' metrics" in caplog.text
+    printed = []
+    progress = LogProgress(log_period=1, set_names=["training", "validation"], write=printed.append)
+    recorder = RecordingCallback(snapshot_logs=True)
+    callbacks = [
+        progress,
+        recorder,
+        TrainingMetricsLogger(evaluator),
+        TestMetricsLogger(make_batches(1), "validation", evaluator, batch_level=True),
+    ]
+    manager = TrainingManager(trainer, make_batches(2), callbacks=callbacks)
+    assert manager.callbacks == callbacks  # the list itself is kept as given
+    manager.start_training()
+    assert all("training       : loss" in block and "validation     : loss" in block for block in printed[:2])
+    (kind, first), *_ = recorder.snapshots
+    assert kind == "batch" and set(first["current"]["training"]["batch"]) == {"loss"}
+
+
+def test_dispatch_order_sorts_producers_by_what_they_consume_and_refuses_cycles():
+    class Role(Callback):
+        def __init__(self, name, produces=(), consumes=()):
+            super().__init__(name)
+            self._produces, self._consumes = frozenset(produces), frozenset(consumes)
+
+        @property
+        def produces(self):
+            return self._produces
+
+        @property
+        def consumes(self):
+            return self._consumes
+
+    plain = Role("plain")
+    best = Role("best", produces={"best"}, consumes={"validation"})
+    validation = Role("validation", produces={"validation"}, consumes={"training"})
+    training = Role("training", produces={"training"})
+    assert [c.name for c in dispatch_order([plain, best, validation, training])] == [
+        "training", "validation", "best", "plain"
+    ]  # fmt: skip
+    with pytest.raises(ValueError, match="cycle: 'a' produces \\['x'\\], consumes \\['y'\\]"):
+        dispatch_order([Role("a", produces={"x"}, consumes={"y"}), Role("b", produces={"y"}, consumes={"x"})])
 
 
 def test_state_round_trip_continues_training_identically():

@@ -65,7 +65,7 @@ def test_full_precision_is_the_default_null_policy():
     assert type(trainer.precision) is FullPrecision
     assert "grad_scaler" not in trainer.get_state()
     outputs = trainer.train_on(make_batches(1)[0])
-    assert outputs.auxiliary_results.dtype == torch.float32 and trainer.last_step_skipped is False
+    assert outputs.auxiliary_results.dtype == torch.float32 and outputs.optimizer_step_skipped is False
 
 
 @pytest.mark.parametrize("batch_chunk_size", [None, 4])
@@ -100,7 +100,7 @@ def test_float16_with_grad_scaler_gives_unscaled_gradients(batch_chunk_size):
     reference.train_on(batch)
     outputs = trainer.train_on(batch)
     assert outputs.auxiliary_results.dtype == torch.float16
-    assert not trainer.last_step_skipped
+    assert not outputs.optimizer_step_skipped
     assert scaler.get_scale() == 2.0**16  # one scale update per batch, not per chunk; no overflow
     assert_grads_close(classifier, reference_classifier, relative=0.005)  # scaler.step unscaled the gradients
     for parameter, expected in zip(classifier.parameters(), reference_classifier.parameters()):
@@ -148,8 +148,8 @@ def test_grad_scaler_state_round_trip():
     assert restored.precision.grad_scaler.get_scale() == 2.0**16
     restored.set_state(state)
     assert restored.precision.grad_scaler.get_scale() == 2.0**14
-    restored.train_on(make_batches(1)[0])
-    assert restored.precision.grad_scaler.get_scale() == 2.0**14 and not restored.last_step_skipped
+    result = restored.train_on(make_batches(1)[0])
+    assert restored.precision.grad_scaler.get_scale() == 2.0**14 and not result.optimizer_step_skipped
     without_scaler, _, _ = make_trainer(use_mixed_precision=True, autocast_dtype="bfloat16")
     without_scaler.set_state(state)  # a scaler state from a float16 run is ignored without a scaler
     full_precision_state = {k: v for k, v in state.items() if k != "grad_scaler"}

@@ -9,8 +9,10 @@ import pytest
 import tensorflow as tf
 
 import mlpug.tensorflow as mlp
+from mlpug.chunking import BatchChunking, ChunkResult
 from mlpug.logs import to_number
-from mlpug.tensorflow.chunking import ChunkedBatch, WholeBatch
+from mlpug.tensorflow.chunking import ChunkedBatch
+from mlpug.trainers.trainer import ModelOutputs
 
 TOLERANCE = dict(rtol=1e-5, atol=1e-6)
 BATCH_SIZE, CHUNK_SIZE = 10, 4
@@ -56,19 +58,19 @@ def gradients_with(policy, weights, batch, compiled):
     classifier = make_classifier(weights)
     model = TrainModel(classifier)
 
-    def chunk_step(chunk, weight):
+    def chunk_step(chunk):
         with tf.GradientTape() as tape:
-            outputs = model(chunk, evaluate_settings=None, inference_mode=False)
-            loss = outputs["loss"] if weight is None else outputs["loss"] * weight
-        num_samples = tf.shape(tf.nest.flatten(chunk)[0])[0]
+            outputs = model(chunk.data, evaluate_settings=None, inference_mode=False)
+            loss = policy.weigh_loss(outputs["loss"], chunk)
+        num_samples = tf.shape(tf.nest.flatten(chunk.data)[0])[0]
         gradients = tape.gradient(loss, classifier.trainable_variables)
-        return outputs["loss"], num_samples, outputs["auxiliary_results"], gradients
+        return ChunkResult(ModelOutputs(outputs["loss"], num_samples, outputs["auxiliary_results"]), gradients)
 
     def run(batch):
         return policy.run(chunk_step, batch)
 
     result = (tf.function(run) if compiled else run)(batch)
-    return [g.numpy() for g in result.gradients], result
+    return [g.numpy() for g in result.gradients], result.outputs
 
 
 @pytest.mark.parametrize("compiled", [False, True])
@@ -76,7 +78,7 @@ def gradients_with(policy, weights, batch, compiled):
 def test_accumulated_gradients_equal_full_batch_gradients(data, compiled, form):
     weights, features, labels = data
     batch = (features, labels) if form == "tuple" else {"features": features, "labels": labels}
-    full, full_result = gradients_with(WholeBatch(), weights, batch, compiled)
+    full, full_result = gradients_with(BatchChunking(), weights, batch, compiled)
     chunked, chunked_result = gradients_with(ChunkedBatch(CHUNK_SIZE), weights, batch, compiled)
     for a, b in zip(full, chunked):
         np.testing.assert_allclose(b, a, **TOLERANCE)

@@ -1,52 +1,32 @@
-"""PyTorch precision policies composed into the ``DefaultTrainer`` step: full precision and mixed precision.
+"""PyTorch precision policies (the protocol of :mod:`mlpug.trainers.precision`): full and mixed precision.
 
-A policy owns three parts of the step: the context of the forward pass (``autocast``), the backward pass
-(``backward``, with loss scaling for float16) and the optimizer step (``step``, skipped on inf/nan gradients
-under loss scaling). :class:`FullPrecision` is the null object: the plain ``loss.backward()`` and
-``optimizer.step()``.
+:class:`FullPrecision` is the null object: no autocast, the loss as it is for ``loss.backward()``, and
+``optimizer.step()``. :class:`MixedPrecision` runs the forward pass under ``torch.autocast`` and, for float16,
+scales the loss and steps through a ``torch.amp.GradScaler``. Gradients live on the parameters, so ``step``
+receives no gradients (``None``).
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from contextlib import AbstractContextManager, nullcontext
-from typing import Optional
+from collections.abc import Mapping
+from contextlib import AbstractContextManager
+from typing import Any, Optional
 
 import torch
 
-from mlpug.trainers.precision import AutocastDtype, validate_mixed_precision
+from mlpug.trainers.precision import AutocastDtype, PrecisionPolicy, validate_mixed_precision
 
 
-class FullPrecision:
+class FullPrecision(PrecisionPolicy):
     """Null precision policy: no autocast, no loss scaling, every optimizer steps."""
 
-    autocast_dtype: Optional[str] = None
     grad_scaler: Optional[torch.amp.GradScaler] = None
 
-    def autocast(self) -> AbstractContextManager:
-        """A do-nothing context."""
-        return nullcontext()
-
-    def backward(self, loss: torch.Tensor) -> None:
-        """``loss.backward()``."""
-        loss.backward()
-
-    def step(self, optimizers: Sequence[torch.optim.Optimizer]) -> bool:
+    def step(self, optimizers: Mapping[str, Any], gradients: Optional[Mapping[str, list]] = None) -> Any:
         """``optimizer.step()`` for every optimizer; returns False (no step is ever skipped)."""
-        for optimizer in optimizers:
+        for optimizer in optimizers.values():
             optimizer.step()
         return False
-
-    def get_state(self) -> dict:
-        """Nothing to save: ``{}``."""
-        return {}
-
-    def set_state(self, state: dict) -> None:
-        """Nothing to restore; a saved ``"grad_scaler"`` state (from a float16 run) is ignored.
-
-        Args:
-            state: The trainer state that holds what :meth:`get_state` returned.
-        """
 
 
 class MixedPrecision(FullPrecision):
@@ -69,7 +49,7 @@ class MixedPrecision(FullPrecision):
     def __init__(
         self, device_type: str, autocast_dtype: AutocastDtype, grad_scaler: Optional[torch.amp.GradScaler] = None
     ):
-        self.autocast_dtype = validate_mixed_precision(True, autocast_dtype)
+        self.autocast_dtype: Optional[AutocastDtype] = validate_mixed_precision(True, autocast_dtype)
         self.device_type = device_type
         self._dtype = getattr(torch, self.autocast_dtype)
         if self.autocast_dtype == "float16":
@@ -77,18 +57,19 @@ class MixedPrecision(FullPrecision):
         self._stepped: set = set()
         self._hooked: set = set()
 
+    @property
+    def uses_loss_scaling(self) -> bool:
+        return self.grad_scaler is not None
+
     def autocast(self) -> AbstractContextManager:
         """``torch.autocast(device_type, dtype)``."""
         return torch.autocast(self.device_type, dtype=self._dtype)
 
-    def backward(self, loss: torch.Tensor) -> None:
-        """Backward of the (scaled, for float16) loss."""
-        if self.grad_scaler is None:
-            loss.backward()
-        else:
-            self.grad_scaler.scale(loss).backward()
+    def scale_loss(self, loss: Any, optimizer: Any = None) -> Any:
+        """``grad_scaler.scale(loss)`` for float16 (one scale for every optimizer), else the loss itself."""
+        return loss if self.grad_scaler is None else self.grad_scaler.scale(loss)
 
-    def step(self, optimizers: Sequence[torch.optim.Optimizer]) -> bool:
+    def step(self, optimizers: Mapping[str, Any], gradients: Optional[Mapping[str, list]] = None) -> Any:
         """Step every optimizer through the scaler (float16) and update the scale.
 
         Returns:
@@ -99,7 +80,7 @@ class MixedPrecision(FullPrecision):
         if scaler is None:
             return super().step(optimizers)
         self._stepped.clear()
-        for optimizer in optimizers:
+        for optimizer in optimizers.values():
             self._watch(optimizer)
             scaler.step(optimizer)
         scaler.update()
@@ -117,7 +98,7 @@ class MixedPrecision(FullPrecision):
             return {}
         return {"grad_scaler": self.grad_scaler.state_dict()}
 
-    def set_state(self, state: dict) -> None:
+    def set_state(self, state: Mapping[str, Any]) -> None:
         """Restore the scaler state saved by :meth:`get_state`; a state without one keeps the current scaler.
 
         Args:

@@ -1,6 +1,7 @@
 """TensorFlow trainers; the ``TrainingManager`` is the neutral one."""
 
-from mlpug.tensorflow.trainers.training import DefaultTrainer
-from mlpug.trainers.training import ModelOutputs, Trainer, TrainingManager
+from mlpug.tensorflow.trainers.trainer import DefaultTrainer
+from mlpug.trainers.trainer import ModelOutputs, StepResult, Trainer
+from mlpug.trainers.training import TrainingManager
 
-__all__ = ["DefaultTrainer", "ModelOutputs", "Trainer", "TrainingManager"]
+__all__ = ["DefaultTrainer", "ModelOutputs", "StepResult", "Trainer", "TrainingManager"]

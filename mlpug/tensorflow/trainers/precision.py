@@ -1,40 +1,34 @@
-"""TensorFlow precision policies composed into the ``DefaultTrainer`` step: full precision and mixed precision.
+"""TensorFlow precision policies (the protocol of :mod:`mlpug.trainers.precision`): full and mixed precision.
 
-A policy owns the parts of the step that precision changes: the Keras dtype policy of the layers, the optimizer
-(wrapped in a ``LossScaleOptimizer`` for float16), scaling the loss before the backward pass, and telling
-whether the optimizer step was skipped (inf/nan gradients under loss scaling). :class:`FullPrecision` is the
-null object: float32 layers, the optimizer as given, the loss as it is, no step ever skipped.
+A policy owns the parts of the step that precision changes: the Keras dtype policy of the layers
+(``prepare_model``), the optimizers (wrapped in a ``LossScaleOptimizer`` for float16, ``prepare_optimizers``),
+scaling the loss before the backward pass (``scale_loss``) and applying the gradients, telling whether the step
+was skipped (inf/nan gradients under loss scaling, ``step``). :class:`FullPrecision` is the null object: float32
+layers, the optimizers as given, the loss as it is, every step applied.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping
 from typing import Any, Optional
 
 import tensorflow as tf
 
-from mlpug.trainers.precision import validate_mixed_precision
+from mlpug.trainers.precision import AutocastDtype, PrecisionPolicy, validate_mixed_precision
 
 
-class FullPrecision:
+class FullPrecision(PrecisionPolicy):
     """Null precision policy: nothing changes the plain float32 step."""
 
-    autocast_dtype: Optional[str] = None
-    uses_loss_scaling = False
+    def step(self, optimizers: Mapping[str, Any], gradients: Optional[Mapping[str, list]] = None) -> Any:
+        """``optimizer.apply_gradients(pairs)`` for every optimizer; returns False (no op, never skipped).
 
-    def prepare_layers(self, layers: Iterable[tf.keras.layers.Layer]) -> None:
-        """Nothing to do: layers keep their dtype policy."""
-
-    def wrap_optimizer(self, optimizer: tf.keras.optimizers.Optimizer) -> tf.keras.optimizers.Optimizer:
-        """The optimizer itself."""
-        return optimizer
-
-    def scale_loss(self, loss: tf.Tensor, optimizer: tf.keras.optimizers.Optimizer) -> tf.Tensor:
-        """The loss itself."""
-        return loss
-
-    def step_skipped(self, gradients: Sequence[Any]) -> Any:
-        """False: without loss scaling every step is applied (the Python constant, no tensor op)."""
+        Args:
+            gradients: Per optimizer name, its ``(gradient, variable)`` pairs.
+        """
+        assert gradients is not None, "the TensorFlow step passes its gradients"
+        for name, optimizer in optimizers.items():
+            optimizer.apply_gradients(gradients[name])
         return False
 
 
@@ -54,12 +48,15 @@ class MixedPrecision(FullPrecision):
         autocast_dtype: ``"bfloat16"`` (CPU and recent GPUs) or ``"float16"`` (GPUs).
     """
 
-    def __init__(self, autocast_dtype: str):
-        self.autocast_dtype = autocast_dtype
+    def __init__(self, autocast_dtype: AutocastDtype):
+        self.autocast_dtype: Optional[AutocastDtype] = autocast_dtype
         self.policy_name = f"mixed_{autocast_dtype}"
-        self.uses_loss_scaling = autocast_dtype == "float16"
 
-    def prepare_layers(self, layers: Iterable[tf.keras.layers.Layer]) -> None:
+    @property
+    def uses_loss_scaling(self) -> bool:
+        return self.autocast_dtype == "float16"
+
+    def prepare_model(self, layers: Iterable[Any]) -> None:
         """Set the mixed policy on every float32 layer reachable from ``layers``."""
         seen: set = set()
         stack = list(layers)
@@ -72,27 +69,36 @@ class MixedPrecision(FullPrecision):
                 layer.dtype_policy = self.policy_name
             stack.extend(getattr(layer, "layers", ()))
 
-    def wrap_optimizer(self, optimizer: tf.keras.optimizers.Optimizer) -> tf.keras.optimizers.Optimizer:
-        """For float16, a ``LossScaleOptimizer`` around ``optimizer`` (unless it is one already)."""
+    def prepare_optimizers(self, optimizers: Mapping[str, Any]) -> dict[str, Any]:
+        """For float16, a ``LossScaleOptimizer`` around every optimizer (unless it is one already)."""
+        return {name: self._wrap(optimizer) for name, optimizer in optimizers.items()}
+
+    def _wrap(self, optimizer: Any) -> Any:
         if not self.uses_loss_scaling or isinstance(optimizer, tf.keras.optimizers.LossScaleOptimizer):
             return optimizer
         return tf.keras.optimizers.LossScaleOptimizer(optimizer)
 
-    def scale_loss(self, loss: tf.Tensor, optimizer: tf.keras.optimizers.Optimizer) -> tf.Tensor:
-        """``loss * scale`` for a ``LossScaleOptimizer``; the loss itself otherwise."""
+    def scale_loss(self, loss: Any, optimizer: Any = None) -> Any:
+        """``loss * scale`` for a ``LossScaleOptimizer`` (each has its own scale); the loss itself otherwise."""
         if isinstance(optimizer, tf.keras.optimizers.LossScaleOptimizer):
             return optimizer.scale_loss(loss)
         return loss
 
-    def step_skipped(self, gradients: Sequence[Any]) -> Any:
-        """With loss scaling, a boolean scalar tensor: True when a gradient holds inf/nan (the step is skipped)."""
-        if not self.uses_loss_scaling:
-            return False
-        finite = [tf.reduce_all(tf.math.is_finite(g)) for g in gradients if g is not None]
-        return tf.logical_not(tf.reduce_all(tf.stack(finite))) if finite else tf.constant(False)
+    def step(self, optimizers: Mapping[str, Any], gradients: Optional[Mapping[str, list]] = None) -> Any:
+        """Apply the gradients; with loss scaling also return a boolean scalar tensor: True when a gradient held
+        inf/nan, so that the ``LossScaleOptimizer`` skipped the step (and lowered its scale)."""
+        skipped: Any = False
+        if self.uses_loss_scaling:
+            assert gradients is not None
+            finite = [
+                tf.reduce_all(tf.math.is_finite(g)) for pairs in gradients.values() for g, _ in pairs if g is not None
+            ]
+            skipped = tf.logical_not(tf.reduce_all(tf.stack(finite))) if finite else tf.constant(False)
+        super().step(optimizers, gradients)
+        return skipped
 
 
-def precision_policy(use_mixed_precision: bool, autocast_dtype: Optional[str]) -> FullPrecision:
+def precision_policy(use_mixed_precision: bool, autocast_dtype: Optional[str]) -> PrecisionPolicy:
     """The precision policy for the trainer arguments (see :func:`mlpug.trainers.precision.validate_mixed_precision`).
 
     Raises:

@@ -1,4 +1,4 @@
-"""The ``Callback`` base class and the one list of hooks.
+"""The ``Callback`` base class, the one list of hooks, and the order in which callbacks receive them.
 
 The position of every hook in the training life cycle is written down in
 :mod:`mlpug.trainers.training` (``TrainingManager``).
@@ -7,6 +7,7 @@ The position of every hook in the training life cycle is written down in
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from typing import Any, Optional
 
 HOOKS = (
@@ -16,7 +17,10 @@ HOOKS = (
     "on_batch_training_start",
     "on_batch_training_failed",
     "on_batch_training_completed",
+    "on_batch_checkpoint",
     "on_epoch_completed",
+    "on_epoch_checkpoint",
+    "on_training_checkpoint",
     "on_training_ended",
 )
 """Every hook, in life-cycle order. Dispatching a name not in this list is an error."""
@@ -28,9 +32,16 @@ class Callback:
     A hook may return ``False`` to report a non-fatal problem: the manager logs it and sets
     ``logs["cb_calls_success"] = False``. Raising an exception runs the failure path and ends training.
 
-    Callbacks that write into ``logs`` declare the dataset names they produce (``produces``) and those
-    that read them declare what they consume (``consumes``), so the manager can warn when a consumer is
-    placed before its producer in the callback list.
+    Callbacks that write into ``logs`` declare what they produce (``produces``: dataset names such as
+    ``"training"`` or ``"validation"``, or ``"best"`` for the best-model decision); a producer that reads what
+    other producers write declares it in ``consumes``. The manager calls every hook on the producers first (each
+    after the producers it consumes from), then on all other callbacks, each group in list order (see
+    :func:`dispatch_order`), so that where a callback stands in the list never decides what it reads.
+
+    Checkpoint phase: ``on_batch_checkpoint`` / ``on_epoch_checkpoint`` run after the batch-end / epoch-end hooks
+    of *all* callbacks, and ``on_training_checkpoint`` once when training stops (always, before
+    ``on_training_ended``); savers (the ``CheckpointManager``) write there, so a checkpoint holds the state of
+    every callback after that batch or epoch, wherever the callback stands in the list.
 
     Args:
         name: Unique name of this callback; it is the key of its state in training checkpoints.
@@ -43,13 +54,15 @@ class Callback:
         self.training_manager = None
         self._log = logging.getLogger(f"mlpug.{type(self).__name__}")
 
-    # Producers / consumers of logs sections (dataset names such as "training" or "validation").
+    # Producers / consumers of logs sections (dataset names such as "training" or "validation", or "best").
     @property
     def produces(self) -> frozenset:
+        """What this callback writes into ``logs`` (see the class docstring); default nothing."""
         return frozenset()
 
     @property
     def consumes(self) -> frozenset:
+        """What this callback, being a producer, reads from other producers; default nothing."""
         return frozenset()
 
     # ----- hooks -----
@@ -74,7 +87,21 @@ class Callback:
     def on_batch_training_completed(self, training_batch: Any, logs: dict) -> Optional[bool]:
         return True
 
+    def on_batch_checkpoint(self, logs: dict) -> Optional[bool]:
+        """Checkpoint phase of a batch: after every callback's ``on_batch_training_completed``."""
+        return True
+
     def on_epoch_completed(self, logs: dict) -> Optional[bool]:
+        return True
+
+    def on_epoch_checkpoint(self, logs: dict) -> Optional[bool]:
+        """Checkpoint phase of an epoch: after every callback's ``on_epoch_completed``; the manager's counters
+        already point at the next epoch."""
+        return True
+
+    def on_training_checkpoint(self, stopped_early: bool, stopped_on_error: bool, interrupted: bool) -> Optional[bool]:
+        """Checkpoint phase at the end of training: once, always (also after an error or a signal), before
+        ``on_training_ended``."""
         return True
 
     def on_training_ended(
@@ -93,3 +120,31 @@ class Callback:
     def overrides(self, hook: str) -> bool:
         """True when this callback's class implements ``hook`` itself (the base no-op is skipped)."""
         return getattr(type(self), hook) is not getattr(Callback, hook)
+
+
+def dispatch_order(callbacks: Sequence[Callback]) -> list[Callback]:
+    """The order in which callbacks receive every hook: producers first, then the others, each in list order.
+
+    A producer (non-empty ``produces``) that consumes what another producer produces comes after it (a stable
+    topological order); callbacks that produce nothing may read anything, so they come after all producers.
+
+    Raises:
+        ValueError: Producers consume from each other in a cycle (the callbacks are named).
+    """
+    producers = [callback for callback in callbacks if callback.produces]
+    others = [callback for callback in callbacks if not callback.produces]
+    ordered: list[Callback] = []
+    pending = list(producers)
+    while pending:
+        for callback in pending:
+            waits_for = [other for other in pending if other is not callback and callback.consumes & other.produces]
+            if not waits_for:
+                ordered.append(callback)
+                pending.remove(callback)
+                break
+        else:
+            raise ValueError(
+                "callbacks consume from each other in a cycle: "
+                + ", ".join(f"{c.name!r} produces {sorted(c.produces)}, consumes {sorted(c.consumes)}" for c in pending)
+            )
+    return ordered + others

@@ -23,6 +23,7 @@ from mlpug.checkpointing import (
 )
 from mlpug.logs import get_value_at, resolve
 from mlpug.trainers.callbacks.callback import Callback
+from mlpug.trainers.resume import TrainingStateLoader
 
 
 def _check_period(value: Any, name: str, allow_none: bool = False) -> None:
@@ -32,28 +33,33 @@ def _check_period(value: Any, name: str, allow_none: bool = False) -> None:
         raise ValueError(f"{name} must be an int >= 1{' or None' if allow_none else ''}, got {value!r}")
 
 
-class CheckpointManager(Callback):
-    """Saves model checkpoints when a monitored metric improves, and training checkpoints to resume from.
+class CheckpointManager(Callback, TrainingStateLoader):
+    """Decides the best model, saves model checkpoints and training checkpoints, and loads them to resume.
 
     At every *period* (a batch when ``batch_level``, else an epoch; counted 1-based from the start of the run):
 
     * every ``metric_monitor_period`` periods, the value at ``metric_to_monitor`` (dotted path in
-      ``logs["current"]``) is compared with the best so far; on an improvement ``logs["current"]["is_best"]``
-      is set, ``logs["best"]`` becomes a plain copy of ``logs["current"]`` and the *best model checkpoint* is
-      written;
-    * every ``create_checkpoint_every`` periods, the *latest model checkpoint* and the *training checkpoint*
-      are written;
-    * every ``archive_last_model_checkpoint_every`` periods, the latest model checkpoint is also archived under
-      a name with the epoch or batch count; ``keep_last`` limits how many archives are kept.
+      ``logs["current"]``) is compared with the best so far, in the batch-end / epoch-end hook; on an
+      improvement ``logs["current"]["is_best"]`` is set and ``logs["best"]`` becomes a plain copy of
+      ``logs["current"]``. This callback is the one owner of "best" (a producer of ``"best"``): every other
+      callback that reads ``is_best`` or ``logs["best"]`` gets its hooks after this decision, wherever it stands
+      in the list (see :func:`~mlpug.trainers.callbacks.callback.dispatch_order`).
+    * in the checkpoint phase that follows (after the hooks of all callbacks): on an improvement the *best
+      model checkpoint* is written; every ``create_checkpoint_every`` periods the *latest model checkpoint* and
+      the *training checkpoint*; every ``archive_last_model_checkpoint_every`` periods the latest model
+      checkpoint is also archived under a name with the epoch or batch count (``keep_last`` limits how many
+      archives are kept).
 
-    When training ends, a training checkpoint is written if the last one is older than the last batch; when
-    it ends by SIGINT/SIGTERM (``interrupted``) this is the training checkpoint to resume from, and when it
-    ends on an error an *emergency training checkpoint* is written to its own file (the regular one keeps
-    the last consistent state). With ``write_in_background`` the state is copied (snapshot) in the training
-    thread and the files are written by a background thread; training waits only for the copy, and for the
-    previous write when it is still running. Every write is crash-safe (:func:`mlpug.checkpointing.atomic_write`).
+    When training ends (``on_training_checkpoint``), a training checkpoint is written if the last one is older
+    than the last batch; when it ends by SIGINT/SIGTERM (``interrupted``) this is the training checkpoint to
+    resume from, and when it ends on an error an *emergency training checkpoint* is written to its own file
+    (the regular one keeps the last consistent state). With ``write_in_background`` the state is copied
+    (snapshot) in the training thread and the files are written by a background thread; training waits only
+    for the copy, and for the previous write when it is still running. Every write is crash-safe
+    (:func:`mlpug.checkpointing.atomic_write`).
 
-    Place it after the callbacks that produce the monitored metric (it is a consumer).
+    As a :class:`~mlpug.trainers.resume.TrainingStateLoader` it resolves ``TrainingManager(resume_from=...)``:
+    ``"latest"`` is its training checkpoint file.
 
     Args:
         saver: Backend saver; ``mlp.callbacks.CheckpointManager`` of a backend passes its own.
@@ -147,11 +153,10 @@ class CheckpointManager(Callback):
         self._writer = BackgroundWriter()
 
         # state (saved in training checkpoints)
-        self.best_value: Optional[float] = None
-        self.best_epoch: Optional[int] = None
-        self.best_global_iter: Optional[int] = None
+        self.best_logs: dict = {}  # plain copy of logs["current"] at the best iteration; also logs["best"]
         self.archived: list = []
         self._last_saved_position: Optional[tuple] = None
+        self._improved = False  # decided in this period's batch-end / epoch-end hook, written in its checkpoint phase
 
     # ----- properties -----
     @property
@@ -160,31 +165,39 @@ class CheckpointManager(Callback):
         return self.file_names.training
 
     @property
+    def produces(self) -> frozenset:
+        """``{"best"}`` when a metric is monitored: this callback decides ``is_best`` and ``logs["best"]``."""
+        return frozenset() if self.metric_to_monitor is None else frozenset({"best"})
+
+    @property
     def consumes(self) -> frozenset:
         if self.metric_to_monitor is None:
             return frozenset()
         return frozenset({self.metric_to_monitor.split(".", 1)[0]})
 
+    @property
+    def best_value(self) -> Optional[float]:
+        """The monitored value at the best iteration so far (None before the first improvement)."""
+        if not self.best_logs or self.metric_to_monitor is None:
+            return None
+        return get_value_at(self.best_logs, self.metric_to_monitor)
+
+    @property
+    def best_epoch(self) -> Optional[int]:
+        """0-based epoch of the best iteration so far, or None."""
+        return self.best_logs.get("epoch")
+
+    @property
+    def best_global_iter(self) -> Optional[int]:
+        """0-based global iteration of the best iteration so far, or None."""
+        return self.best_logs.get("global_iter")
+
     def _is_primary(self) -> bool:
         return self.training_manager is None or self.training_manager.distributed.is_primary
 
     # ----- hooks -----
-    def set_training_manager(self, manager: Any) -> bool:
-        """Also warns about stateful callbacks placed after this one: their state would be saved before their
-        hooks of the same batch ran, so resuming would not be exact for them."""
-        super().set_training_manager(manager)
-        callbacks = manager.callbacks
-        later = callbacks[callbacks.index(self) + 1 :] if self in callbacks else []
-        for callback in later:
-            if type(callback).get_state is not Callback.get_state:
-                self._log.warning(
-                    f"Stateful callback {callback.name!r} comes after {self.name!r}: its state is saved before its "
-                    "hooks for the same batch run, so resuming would not be exact for it. Place it before the "
-                    "CheckpointManager."
-                )
-        return True
-
     def on_training_start(self, num_epochs, num_batches_per_epoch, start_epoch, start_batch, start_update_iter):
+        self.training_manager.logs["best"] = self.best_logs
         if self._is_primary():
             os.makedirs(self.file_names.directory, exist_ok=True)
             remove_stale_temporary_files(self.file_names.directory, self.file_names.base_name)
@@ -192,15 +205,25 @@ class CheckpointManager(Callback):
 
     def on_batch_training_completed(self, training_batch: Any, logs: dict) -> bool:
         if self.batch_level:
+            self._decide_best(logs, logs["current"]["global_iter"] + 1)
+        return True
+
+    def on_batch_checkpoint(self, logs: dict) -> bool:
+        if self.batch_level:
             self._on_period(logs, logs["current"]["global_iter"] + 1)
         return True
 
     def on_epoch_completed(self, logs: dict) -> bool:
         if not self.batch_level:
+            self._decide_best(logs, logs["current"]["epoch"] + 1)
+        return True
+
+    def on_epoch_checkpoint(self, logs: dict) -> bool:
+        if not self.batch_level:
             self._on_period(logs, logs["current"]["epoch"] + 1)
         return True
 
-    def on_training_ended(self, stopped_early, stopped_on_error, interrupted, callback_calls_success):
+    def on_training_checkpoint(self, stopped_early: bool, stopped_on_error: bool, interrupted: bool) -> bool:
         manager = self.training_manager
         # A failed background write must not stop the checkpoint written now: note it, write, then report it.
         write_error = self._wait_for_background_write()
@@ -230,12 +253,15 @@ class CheckpointManager(Callback):
         return None
 
     # ----- periods -----
-    def _on_period(self, logs: dict, period_count: int) -> None:
-        improved = (
+    def _decide_best(self, logs: dict, period_count: int) -> None:
+        self._improved = (
             self.metric_to_monitor is not None
             and period_count % self.metric_monitor_period == 0
             and self._check_improvement(logs)
         )
+
+    def _on_period(self, logs: dict, period_count: int) -> None:
+        improved, self._improved = self._improved, False
         save_latest = period_count % self.create_checkpoint_every == 0
         if not self._is_primary() or not (improved or save_latest):
             return
@@ -264,7 +290,7 @@ class CheckpointManager(Callback):
             jobs.append(self._latest_job(manager_state, logs, archive_path))
         self._write(lambda: [job() for job in jobs])
 
-    def _improved(self, value: float) -> bool:
+    def _is_improvement(self, value: Any) -> bool:
         if value is None or (isinstance(value, float) and math.isnan(value)):
             return False
         if self.best_value is None:
@@ -276,18 +302,23 @@ class CheckpointManager(Callback):
     def _check_improvement(self, logs: dict) -> bool:
         """Compare the monitored value with the best; on an improvement update the best and ``logs``."""
         current = logs["current"]
-        value = get_value_at(current, self.metric_to_monitor)  # a missing path raises, listing what exists
+        try:
+            value = get_value_at(current, self.metric_to_monitor)
+        except KeyError as error:  # the message lists the paths that exist
+            raise KeyError(
+                f"{self.name}: metric_to_monitor {self.metric_to_monitor!r} is not in logs['current']. "
+                f"{error.args[0]} A callback of your own that writes it must declare it, e.g. "
+                f"produces = frozenset({{{self.metric_to_monitor.split('.', 1)[0]!r}}}), so that it runs first."
+            ) from None
         if value is not None and not isinstance(value, (int, float)):
             raise TypeError(
                 f"{self.name}: the monitored metric {self.metric_to_monitor!r} must be a number, got "
                 f"{type(value).__qualname__}: {value!r:.100}"
             )
-        if not self._improved(value):
+        if not self._is_improvement(value):
             return False
-        self.best_value = float(value)
-        self.best_epoch, self.best_global_iter = current["epoch"], current["global_iter"]
         current["is_best"] = True
-        logs["best"] = resolve(current)
+        self.best_logs = logs["best"] = resolve(current)
         return True
 
     # ----- writing -----
@@ -357,10 +388,9 @@ class CheckpointManager(Callback):
 
     # ----- state -----
     def get_state(self) -> dict:
+        """The best iteration's logs (``logs["best"]``, the one record of "best") and the archive list."""
         return {
-            "best_value": self.best_value,
-            "best_epoch": self.best_epoch,
-            "best_global_iter": self.best_global_iter,
+            "best_logs": self.best_logs,
             "archived": list(self.archived),
             "metric_to_monitor": self.metric_to_monitor,
             "metric_opt_mode": self.metric_opt_mode,
@@ -378,69 +408,31 @@ class CheckpointManager(Callback):
                     f"{self.name}: the checkpoint's {key} is {state[key]!r}, this CheckpointManager's is "
                     f"{getattr(self, key)!r}; the best value would be compared with another metric"
                 )
-        self.best_value = state.get("best_value")
-        self.best_epoch = state.get("best_epoch")
-        self.best_global_iter = state.get("best_global_iter")
+        self.best_logs = dict(state.get("best_logs") or {})
+        if self.training_manager is not None:
+            self.training_manager.logs["best"] = self.best_logs
         self.archived = list(state.get("archived", []))
+
+    # ----- resuming (TrainingStateLoader) -----
+    def resolve_training_checkpoint(self, resume_from: Any) -> str:
+        """``"latest"``: this manager's training checkpoint file; else ``resume_from`` as a path.
+
+        Raises:
+            ValueError: The file does not exist.
+        """
+        path = self.training_checkpoint_path if resume_from == "latest" else os.fspath(resume_from)
+        if not os.path.exists(path):
+            raise ValueError(f"resume_from: training checkpoint file {path} does not exist")
+        return path
+
+    def load_training_checkpoint(self, path: str) -> dict:
+        """The training state in ``path``, read with this manager's saver (header checked).
+
+        Raises:
+            mlpug.checkpointing.CheckpointError: Truncated, corrupt, of another backend or kind.
+        """
+        return self.saver.load(path, kind="training")
 
 
 def _position(state: dict) -> tuple:
     return state["epoch"], state["batch_step"], state["global_iter"]
-
-
-# ----- resuming -----
-def find_checkpoint_manager(manager: Any) -> Optional[CheckpointManager]:
-    """The first ``CheckpointManager`` among the training manager's callbacks, or None."""
-    return next((cb for cb in manager.callbacks if isinstance(cb, CheckpointManager)), None)
-
-
-def _resolve_path(manager: Any, resume_from: Any) -> tuple:
-    """``(checkpoint_manager, path)`` for a path or ``"latest"``.
-
-    Raises:
-        ValueError: No CheckpointManager to read the file with, or the file does not exist.
-    """
-    checkpoint_manager = find_checkpoint_manager(manager)
-    if checkpoint_manager is None:
-        raise ValueError(
-            f"resume_from={str(resume_from)!r} needs a CheckpointManager in the callbacks (it reads the backend's "
-            "files); or pass a loaded checkpoint: resume_from=mlp.load_training_checkpoint(path)"
-        )
-    path = checkpoint_manager.training_checkpoint_path if resume_from == "latest" else os.fspath(resume_from)
-    if not os.path.exists(path):
-        raise ValueError(f"resume_from: training checkpoint file {path} does not exist")
-    return checkpoint_manager, path
-
-
-def check_resume_from(manager: Any, resume_from: Any) -> None:
-    """Validate a ``resume_from`` argument of the ``TrainingManager`` at construction.
-
-    Raises:
-        TypeError: Not a path, ``"latest"`` or a loaded checkpoint dict.
-        ValueError: See :func:`_resolve_path`; or a dict that is not a training checkpoint.
-    """
-    if isinstance(resume_from, Mapping):
-        if "callbacks" not in resume_from or "epoch" not in resume_from:
-            raise ValueError(
-                "resume_from dict is not a training checkpoint (no 'epoch' / 'callbacks' keys); "
-                "load one with mlp.load_training_checkpoint(path)"
-            )
-        return
-    if not isinstance(resume_from, (str, os.PathLike)):
-        raise TypeError(
-            f"resume_from must be a checkpoint path, 'latest' or a loaded training checkpoint, got {resume_from!r:.200}"
-        )
-    _resolve_path(manager, resume_from)
-
-
-def load_training_state(manager: Any, resume_from: Any) -> dict:
-    """The training state ``resume_from`` refers to (a path, ``"latest"`` or an already loaded checkpoint).
-
-    Raises:
-        mlpug.checkpointing.CheckpointError: The file is truncated, corrupt, of another backend or kind.
-    """
-    if isinstance(resume_from, Mapping):
-        return dict(resume_from)
-    checkpoint_manager, path = _resolve_path(manager, resume_from)
-    checkpoint_manager._log.info(f"Resuming training from {path}")
-    return checkpoint_manager.saver.load(path, kind="training")

@@ -131,7 +131,7 @@ class LogProgress(Callback):
             values = current.get(set_name, {}).get(section)
             if not values:
                 continue
-            metrics = [(metric, value) for metric, value in values.items() if metric != "raw"]
+            metrics = list(values.items())
             if metrics:
                 rows.append(
                     f"{set_name:<15}: "

@@ -103,8 +103,8 @@ class TrainingMetricsLogger(Callback):
     """Logs the metrics of every training batch and their sliding-window average.
 
     Writes ``logs.current.training.batch.<metric>``, ``logs.current.training.window_average.<metric>``
-    and ``logs.current.training_params.window_average.duration`` (seconds per batch). Values are
-    deferred: a tensor becomes a number only when a consumer reads it.
+    and ``logs.current.training_params.window_average.duration`` (seconds per batch), computed from the
+    manager's ``step_result``. Values are deferred: a tensor becomes a number only when a consumer reads it.
 
     Args:
         metric_evaluator: Computes the metrics from the model outputs of the training step.
@@ -136,7 +136,7 @@ class TrainingMetricsLogger(Callback):
     def on_batch_training_completed(self, training_batch: Any, logs: dict) -> bool:
         current = logs["current"]
         batch_logs = current["training"]["batch"]
-        gathered = self.metric_evaluator.gather(training_batch, dict.__getitem__(batch_logs, "raw"))
+        gathered = self.metric_evaluator.gather(training_batch, self.training_manager.step_result)
         batch_logs.update_deferred(self.metric_evaluator.batch_values(gathered))
         current["training"]["window_average"] = self._window.append(gathered)
         durations, duration = self._durations, current["training_params"]["batch"]["duration"]

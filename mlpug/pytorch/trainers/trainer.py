@@ -1,15 +1,16 @@
 """PyTorch ``DefaultTrainer``: one optimisation step, evaluation and state of modules and optimizers.
 
-The step is composed of policy objects, so that features combine without step variants::
+The step is composed of the neutral step parts (see :mod:`mlpug.trainers.trainer`), in this one place::
 
     zero_grad(set_to_none=True) for every optimizer
-    for chunk in chunking.split(batch):                   # WholeBatch (null) or ChunkedBatch
-        with gradient_sync.chunk_context(chunk):          # SerialGradientSync (null); no_sync under DDP
-            with precision.autocast():                    # FullPrecision (null) or MixedPrecision
-                outputs = training_model(chunk.data, ...)
-            precision.backward(chunking.weigh_loss(outputs.loss, chunk))
-    last_step_skipped = precision.step(optimizers)        # GradScaler may skip on inf/nan gradients
-    return chunking.combine_outputs(chunk outputs)        # sample-weighted batch loss, concatenated results
+    result = chunking.run(chunk_step, batch)              # BatchChunking (null) or ChunkedBatch: chunk by chunk
+        chunk_step: with gradient_sync.chunk_context(chunk):      # GradientSync (null); no_sync under DDP
+                        with precision.autocast():                # FullPrecision (null) or MixedPrecision
+                            outputs = training_model(chunk.data, ...)
+                        precision.scale_loss(chunking.weigh_loss(outputs.loss, chunk)).backward()
+    gradient_sync.reduce(None)                             # gradients live on the parameters
+    skipped = precision.step(optimizers)                   # GradScaler may skip on inf/nan gradients
+    return StepResult(result.outputs..., skipped, learning rate)
 
 Without chunking and mixed precision this is exactly ``zero_grad(set_to_none=True); loss.backward();
 optimizer.step()``.
@@ -19,15 +20,20 @@ from __future__ import annotations
 
 import inspect
 from collections.abc import Callable, Mapping
+from functools import partial
 from typing import Any, Optional
 
 import torch
 
-from mlpug.chunking import SerialGradientSync, batch_chunker
-from mlpug.pytorch.trainers.precision import FullPrecision, precision_policy
-from mlpug.trainers.precision import AutocastDtype
-from mlpug.trainers.training import DefaultTrainer as _NeutralDefaultTrainer
-from mlpug.trainers.training import ModelOutputs
+from mlpug.chunking import BatchChunk, ChunkResult
+from mlpug.pytorch.chunking import batch_chunker
+from mlpug.pytorch.random_state import TorchRandomState
+from mlpug.pytorch.trainers.precision import precision_policy
+from mlpug.random_state import RandomStateProvider
+from mlpug.trainers.gradient_sync import GradientSync
+from mlpug.trainers.precision import AutocastDtype, PrecisionPolicy
+from mlpug.trainers.trainer import DefaultTrainer as _NeutralDefaultTrainer
+from mlpug.trainers.trainer import ModelOutputs, StepResult
 
 
 def map_tensors(value: Any, func: Callable[[torch.Tensor], Any]) -> Any:
@@ -63,16 +69,16 @@ class DefaultTrainer(_NeutralDefaultTrainer):
             ``torch.amp.GradScaler`` (CUDA, and CPU in torch >= 2.3); its state is under ``"grad_scaler"`` in
             :meth:`get_state`. Only with ``use_mixed_precision=True``.
 
-    When the scaler skips an optimizer step (inf/nan gradients), :attr:`last_step_skipped` is True after
-    :meth:`train_on`; the ``TrainingManager`` reports it in ``logs``.
+    When the scaler skips an optimizer step (inf/nan gradients), the step's ``StepResult.optimizer_step_skipped``
+    is True; the ``TrainingManager`` reports it in ``logs``.
 
     With chunking, :meth:`train_on` returns the sample-weighted batch loss (``sum_i weight_i * loss_i``, a
-    detached tensor), ``num_samples`` summed over the chunks and ``auxiliary_results`` merged over the chunks:
-    tensors with at least one dimension concatenated along dim 0, dicts/tuples/lists merged item by item,
-    anything else (numbers, 0-d tensors, other objects) as a list with one entry per chunk.
+    detached tensor), ``num_samples`` summed over the chunks and ``auxiliary_results`` merged over the chunks
+    by the rule of :mod:`mlpug.chunking` (the same on every backend).
 
-    Data-parallel training (later) replaces :attr:`gradient_sync`, whose ``chunk_context(chunk)`` is entered
-    around each chunk's forward and backward pass, by one that defers the gradient all-reduce to the last chunk.
+    Data-parallel training replaces :attr:`gradient_sync` (a :class:`~mlpug.trainers.gradient_sync.GradientSync`),
+    whose ``chunk_context(chunk)`` is entered around each chunk's forward and backward pass, by one that defers
+    the gradient all-reduce to the last chunk.
 
     The training model, set with :meth:`set_training_model`, is a ``torch.nn.Module`` whose
     ``forward(batch_data, evaluate_settings, inference_mode=None)`` returns the loss (see
@@ -98,12 +104,12 @@ class DefaultTrainer(_NeutralDefaultTrainer):
     ):
         super().__init__(optimizers, model_components)
         self.device = torch.device(device) if device is not None else None
-        self._optimizer_list = list(self.optimizers.values())
         self._passes_inference_mode = True
         self.chunking = batch_chunker(batch_chunk_size)
-        self.precision: FullPrecision = precision_policy(use_mixed_precision, autocast_dtype, self._device_type())
-        self.gradient_sync = SerialGradientSync()
-        self.last_step_skipped = False
+        self.precision: PrecisionPolicy = precision_policy(use_mixed_precision, autocast_dtype, self._device_type())
+        self.optimizers = self.precision.prepare_optimizers(self.optimizers)
+        self._optimizer_list = list(self.optimizers.values())
+        self.gradient_sync = GradientSync()
 
     @property
     def batch_chunk_size(self) -> Optional[int]:
@@ -147,8 +153,12 @@ class DefaultTrainer(_NeutralDefaultTrainer):
     def _is_scalar_loss(self, loss: Any) -> bool:
         return isinstance(loss, torch.Tensor) and loss.numel() == 1
 
+    def random_state_providers(self) -> list[RandomStateProvider]:
+        """Python, NumPy and torch (CPU and initialised CUDA devices) generators."""
+        return [*super().random_state_providers(), TorchRandomState()]
+
     def _forward(
-        self, batch: Any, settings: Any, inference_mode: bool, chunk_rows: Optional[int] = None
+        self, batch: Any, settings: Any, inference_mode: bool, chunk: Optional[BatchChunk] = None
     ) -> ModelOutputs:
         if self.device is not None:
             batch = map_tensors(batch, lambda t: t.to(self.device, non_blocking=True))
@@ -157,12 +167,10 @@ class DefaultTrainer(_NeutralDefaultTrainer):
                 results = self.training_model(batch, settings, inference_mode)
             else:
                 results = self.training_model(batch, settings)
-        return self._normalise_outputs(results, batch, chunk_rows)
+        return self._normalise_outputs(results, batch, chunk)
 
-    def train_on(self, batch: Any, training_settings: Any = None) -> ModelOutputs:
+    def train_on(self, batch: Any, training_settings: Any = None) -> StepResult:
         """One optimisation step: zero gradients, forward and backward per chunk, step every optimizer once.
-
-        Sets :attr:`last_step_skipped` (True when the float16 grad scaler skipped a step on inf/nan gradients).
 
         Args:
             batch: A tensor, or a tuple/list/dict of tensors (with ``batch_chunk_size``, all with the same
@@ -170,7 +178,8 @@ class DefaultTrainer(_NeutralDefaultTrainer):
             training_settings: Passed to the training model as ``evaluate_settings``.
 
         Returns:
-            ModelOutputs with the loss and auxiliary results detached (see the class docstring for chunking).
+            StepResult with the loss and auxiliary results detached (see the class docstring for chunking),
+            whether the float16 grad scaler skipped the step, and the learning rate of the first optimizer.
 
         Raises:
             TypeError / ValueError: With ``batch_chunk_size``, the batch cannot be split into chunks, or the
@@ -180,25 +189,28 @@ class DefaultTrainer(_NeutralDefaultTrainer):
         model = self.training_model
         if not model.training:
             model.train()
-        chunking, precision, gradient_sync = self.chunking, self.precision, self.gradient_sync
-        chunks = chunking.split(batch)
         for optimizer in self._optimizer_list:
             optimizer.zero_grad(set_to_none=True)
-        chunk_outputs = []
-        for chunk in chunks:
-            with gradient_sync.chunk_context(chunk):
-                outputs = self._forward(chunk.data, training_settings, False, chunk.num_samples)
-                precision.backward(chunking.weigh_loss(outputs.loss, chunk))
-            chunk_outputs.append(
-                ModelOutputs(
-                    outputs.loss.detach(),
-                    outputs.num_samples,
-                    map_tensors(outputs.auxiliary_results, torch.Tensor.detach),
-                )
+        result = self.chunking.run(partial(self._chunk_step, training_settings), batch)
+        self.gradient_sync.reduce(result.gradients)
+        skipped = self.precision.step(self.optimizers)
+        outputs = result.outputs
+        return StepResult(outputs.loss, outputs.num_samples, outputs.auxiliary_results, skipped, self._learning_rate())
+
+    def _chunk_step(self, training_settings: Any, chunk: BatchChunk) -> ChunkResult:
+        """Forward and backward pass of one chunk (the whole batch without chunking); outputs detached."""
+        with self.gradient_sync.chunk_context(chunk):
+            outputs = self._forward(chunk.data, training_settings, False, chunk)
+            self.precision.scale_loss(self.chunking.weigh_loss(outputs.loss, chunk)).backward()
+        return ChunkResult(
+            ModelOutputs(
+                outputs.loss.detach(), outputs.num_samples, map_tensors(outputs.auxiliary_results, torch.Tensor.detach)
             )
-            del outputs  # free this chunk's graph references before the next chunk's forward pass
-        self.last_step_skipped = precision.step(self._optimizer_list)
-        return chunking.combine_outputs(chunk_outputs, chunks, torch.cat)
+        )
+
+    def _learning_rate(self) -> Any:
+        """``lr`` of the first optimizer's first parameter group, as it is (a float, or a tensor: read lazily)."""
+        return self._optimizer_list[0].param_groups[0].get("lr")
 
     def evaluate_loss(self, batch: Any, evaluate_settings: Any = None, inference_mode: bool = True) -> ModelOutputs:
         """Evaluate the training model on ``batch`` in eval mode under ``torch.no_grad()``; the mode is restored.

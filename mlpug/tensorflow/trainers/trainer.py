@@ -1,15 +1,15 @@
 """TensorFlow ``DefaultTrainer``: one optimisation step (eager or ``tf.function``), evaluation, and state.
 
-The step, composed of policies whose null objects give the plain step (the same code eager and compiled)::
+The step is composed of the neutral step parts (see :mod:`mlpug.trainers.trainer`), in this one place, whose
+null objects give the plain step (the same code eager and compiled)::
 
-    result = chunking.run(chunk_step, batch)        # WholeBatch (null) or ChunkedBatch (tf.while_loop over chunks)
-        chunk_step: with tf.GradientTape():           # per chunk
-                        loss = training_model(chunk, ...)              # layers under the Keras dtype policy
-                        target = precision.scale_loss(weight * loss)   # LossScaleOptimizer for float16
+    result = chunking.run(chunk_step, batch)        # BatchChunking (null) or ChunkedBatch (tf.while_loop)
+        chunk_step: with gradient_sync.chunk_context(chunk), tf.GradientTape():              # per chunk
+                        loss = training_model(chunk.data, ...)                            # Keras dtype policy
+                        target = precision.scale_loss(chunking.weigh_loss(loss, chunk))   # float16: loss scale
                     gradients = tape.gradient(target, variables)
     gradients = gradient_sync.reduce(result.gradients)                 # once per batch, after the last chunk
-    skipped = precision.step_skipped(gradients)                        # inf/nan under loss scaling
-    optimizer.apply_gradients(...) for every optimizer, on its own variables
+    skipped = precision.step(optimizers, gradients per optimizer)      # apply_gradients; inf/nan under scaling
 
 Model and optimizer state travel as numpy arrays in plain containers, through public Keras APIs only; the
 states of the Keras seed generators (dropout masks) travel with them (see
@@ -26,15 +26,18 @@ from typing import Any, Optional
 import numpy as np
 import tensorflow as tf
 
+from mlpug.chunking import BatchChunk, ChunkResult
 from mlpug.logs import Deferred
-from mlpug.tensorflow.chunking import LocalGradients, batch_chunker
+from mlpug.random_state import RandomStateProvider
+from mlpug.tensorflow.chunking import batch_chunker
+from mlpug.tensorflow.random_state import TensorFlowRandomState
 from mlpug.tensorflow.trainers.compilation import (
     CompiledStep,
     EagerStep,
     check_batch_signature,
     validate_signature,
 )
-from mlpug.tensorflow.trainers.precision import FullPrecision, precision_policy
+from mlpug.tensorflow.trainers.precision import precision_policy
 from mlpug.tensorflow.trainers.seed_generators import (
     find_seed_generator_variables,
     get_seed_generator_states,
@@ -45,8 +48,10 @@ from mlpug.tensorflow.trainers.variables import (
     check_trainable_variables_spec,
     resolve_trainable_variables,
 )
-from mlpug.trainers.training import DefaultTrainer as _NeutralDefaultTrainer
-from mlpug.trainers.training import ModelOutputs
+from mlpug.trainers.gradient_sync import GradientSync
+from mlpug.trainers.precision import PrecisionPolicy
+from mlpug.trainers.trainer import DefaultTrainer as _NeutralDefaultTrainer
+from mlpug.trainers.trainer import ModelOutputs, StepResult
 
 _log = logging.getLogger("mlpug.tensorflow.DefaultTrainer")
 
@@ -104,7 +109,8 @@ class DefaultTrainer(_NeutralDefaultTrainer):
         use_mixed_precision: Train with the Keras mixed precision policy ``mixed_<autocast_dtype>`` (set on the
             float32 layers of the model components and the training model; variables stay float32). With
             float16, each optimizer is wrapped in a ``tf.keras.optimizers.LossScaleOptimizer`` (its loss scale
-            is part of the optimizer state) and :attr:`last_step_skipped` tells whether it skipped the step.
+            is part of the optimizer state) and ``StepResult.optimizer_step_skipped`` tells whether it skipped the
+            step.
         autocast_dtype: ``"bfloat16"`` (default; CPUs and recent GPUs) or ``"float16"`` (GPUs). Only with
             ``use_mixed_precision=True``.
 
@@ -146,10 +152,10 @@ class DefaultTrainer(_NeutralDefaultTrainer):
         _check_optimizers(optimizers)
         super().__init__(optimizers, model_components)
         self.chunking = batch_chunker(batch_chunk_size)
-        self.precision: FullPrecision = precision_policy(use_mixed_precision, autocast_dtype)
-        self.gradient_sync = LocalGradients()
-        self.optimizers = {name: self.precision.wrap_optimizer(opt) for name, opt in self.optimizers.items()}
-        self.precision.prepare_layers(self.model_components.values())
+        self.precision: PrecisionPolicy = precision_policy(use_mixed_precision, autocast_dtype)
+        self.gradient_sync = GradientSync()
+        self.optimizers = self.precision.prepare_optimizers(self.optimizers)
+        self.precision.prepare_model(self.model_components.values())
         if not isinstance(eager_mode, bool):
             raise TypeError(f"eager_mode must be a bool, got {eager_mode!r:.100}")
         if distribution_strategy is not None:
@@ -174,7 +180,6 @@ class DefaultTrainer(_NeutralDefaultTrainer):
         self._flat_variables: list = []
         self._pending_state: Optional[dict] = None
         self._prepared = False
-        self._last_step_skipped: Any = None
         self._logged_learning_rate: Optional[float] = None
         if eager_mode:
             self._train_step = EagerStep(self._train_step_function, "train step")
@@ -218,7 +223,7 @@ class DefaultTrainer(_NeutralDefaultTrainer):
             )
         self._settings_arg = positional[1].name
         self._inference_arg = positional[2].name if len(positional) >= 3 else None
-        self.precision.prepare_layers([training_model])
+        self.precision.prepare_model([training_model])
         self.training_model = training_model
 
     def _build(self, batch: Any = None, settings: Any = None) -> bool:
@@ -257,15 +262,19 @@ class DefaultTrainer(_NeutralDefaultTrainer):
             self._load_state(state)
         return True
 
+    def random_state_providers(self) -> list[RandomStateProvider]:
+        """Python, NumPy and TensorFlow's global generator (the Keras seed generators are in the trainer state)."""
+        return [*super().random_state_providers(), TensorFlowRandomState()]
+
     # ----- the step -----
     def _forward(
-        self, batch: Any, settings: Any, inference_mode: bool, chunk_rows: Optional[int] = None
+        self, batch: Any, settings: Any, inference_mode: bool, chunk: Optional[BatchChunk] = None
     ) -> ModelOutputs:
         kwargs = {self._settings_arg: settings}
         if self._inference_arg is not None:
             kwargs[self._inference_arg] = inference_mode
         results = self.training_model(batch, training=not inference_mode, **kwargs)
-        return self._normalise_outputs(results, batch, chunk_rows)
+        return self._normalise_outputs(results, batch, chunk)
 
     def _is_scalar_loss(self, loss: Any) -> bool:
         return tf.is_tensor(loss) and loss.shape.num_elements() == 1
@@ -280,49 +289,30 @@ class DefaultTrainer(_NeutralDefaultTrainer):
         """Samples per chunk for gradient accumulation, or None (whole batches)."""
         return self.chunking.batch_chunk_size
 
-    @property
-    def last_step_skipped(self) -> bool:
-        """True when the last step was skipped for inf/nan gradients (float16 loss scaling only).
-
-        Without loss scaling this is the constant False; with it, reading it waits for the step to finish.
-        """
-        skipped = self._last_step_skipped
-        return False if skipped is None else bool(skipped)
-
-    def get_last_step_skipped(self) -> Any:
-        """The skipped flag as the step's boolean tensor (False without loss scaling); the manager converts it
-        only when ``logs.current.training_params.batch.optimizer_step_skipped`` is read, so no per-step wait."""
-        return False if self._last_step_skipped is None else self._last_step_skipped
-
     def _train_step_function(self, batch: Any, training_settings: Any) -> tuple:
         """Forward, backward and optimizer step (see the module docstring); traced unless in eager mode."""
-
-        def chunk_step(chunk: Any, weight: Any) -> tuple:
-            return self._chunk_step(chunk, weight, training_settings)
-
-        result = self.chunking.run(chunk_step, batch)
+        result = self.chunking.run(lambda chunk: self._chunk_step(chunk, training_settings), batch)
         gradients = self.gradient_sync.reduce(result.gradients)
-        skipped = self.precision.step_skipped(gradients)
-        self._apply_gradients(gradients)
+        skipped = self.precision.step(self.optimizers, self._pairs_per_optimizer(gradients))
+        outputs = result.outputs
         return (
-            tf.reshape(result.loss, []),
-            result.num_samples,
-            result.auxiliary_results,
+            tf.reshape(outputs.loss, []),
+            outputs.num_samples,
+            outputs.auxiliary_results,
             (None if skipped is False else skipped),
         )
 
-    def _chunk_step(self, chunk: Any, weight: Any, training_settings: Any) -> tuple:
-        """Forward and backward pass of one chunk (the whole batch without chunking), loss weighted by ``weight``."""
+    def _chunk_step(self, chunk: BatchChunk, training_settings: Any) -> ChunkResult:
+        """Forward and backward pass of one chunk (the whole batch without chunking), its loss weighed."""
         optimizers = self._optimizer_list
         scaling = self.precision.uses_loss_scaling
-        with tf.GradientTape(persistent=scaling and len(optimizers) > 1) as tape:
-            chunk_rows = None
-            if weight is not None:  # a chunk: its rows when known statically, else -1 (matches no num_samples)
-                rows = self._infer_num_samples(chunk)
-                chunk_rows = rows if isinstance(rows, int) else -1
-            outputs = self._forward(chunk, training_settings, False, chunk_rows)
+        with (
+            self.gradient_sync.chunk_context(chunk),
+            tf.GradientTape(persistent=scaling and len(optimizers) > 1) as tape,
+        ):
+            outputs = self._forward(chunk.data, training_settings, False, chunk)
             loss = tf.reshape(outputs.loss, [])
-            target = loss if weight is None else loss * tf.cast(weight, loss.dtype)
+            target = self.chunking.weigh_loss(loss, chunk)
             targets = [self.precision.scale_loss(target, optimizer) for optimizer in optimizers] if scaling else None
         if targets is None:
             gradients = tape.gradient(target, self._flat_variables)
@@ -330,25 +320,28 @@ class DefaultTrainer(_NeutralDefaultTrainer):
             gradients = []
             for target, variables in zip(targets, self._variables.values()):
                 gradients.extend(tape.gradient(target, variables))
-        return loss, outputs.num_samples, outputs.auxiliary_results, gradients
+        return ChunkResult(ModelOutputs(loss, outputs.num_samples, outputs.auxiliary_results), gradients)
 
-    def _apply_gradients(self, gradients: Sequence[Any]) -> None:
-        start = 0
-        for name, optimizer in self.optimizers.items():
-            variables = self._variables[name]
-            optimizer.apply_gradients(zip(gradients[start : start + len(variables)], variables))
+    def _pairs_per_optimizer(self, gradients: Sequence[Any]) -> dict[str, list]:
+        """The flat gradient list as ``(gradient, variable)`` pairs per optimizer name, for ``precision.step``."""
+        pairs, start = {}, 0
+        for name, variables in self._variables.items():
+            pairs[name] = list(zip(gradients[start : start + len(variables)], variables))
             start += len(variables)
+        return pairs
 
     def _evaluate_step_function(self, batch: Any, evaluate_settings: Any, inference_mode: bool) -> tuple:
         outputs = self._forward(batch, evaluate_settings, inference_mode=inference_mode)
         return tf.reshape(outputs.loss, []), outputs.num_samples, outputs.auxiliary_results
 
-    def train_on(self, batch: Any, training_settings: Any = None) -> ModelOutputs:
+    def train_on(self, batch: Any, training_settings: Any = None) -> StepResult:
         """One optimisation step on ``batch`` (a tensor, numpy array, or tuple/list/dict of them).
 
         Returns:
-            ModelOutputs: the loss (scalar tensor), ``num_samples`` (int or scalar int tensor) and the
-            auxiliary results (tensors), as the training model returned them.
+            StepResult: the loss (scalar tensor), ``num_samples`` (int or scalar int tensor), the auxiliary
+            results (tensors) as the training model returned them (merged over chunks), whether the step was
+            skipped (``False``, or the step's boolean tensor under float16 loss scaling: converted only when
+            read) and the learning rate for ``logs`` (see :meth:`_learning_rate_for_logs`).
 
         Raises:
             ValueError: The batch does not match ``batch_data_signature`` (checked on the first batch, and
@@ -358,8 +351,10 @@ class DefaultTrainer(_NeutralDefaultTrainer):
         if not self._prepared:
             check_batch_signature(batch, self.batch_data_signature)
             self._build(batch, training_settings)
-        loss, num_samples, auxiliary_results, self._last_step_skipped = self._train_step(batch, training_settings)
-        return ModelOutputs(loss, num_samples, auxiliary_results)
+        loss, num_samples, auxiliary_results, skipped = self._train_step(batch, training_settings)
+        return StepResult(
+            loss, num_samples, auxiliary_results, False if skipped is None else skipped, self._learning_rate_for_logs()
+        )
 
     def evaluate_loss(self, batch: Any, evaluate_settings: Any = None, inference_mode: bool = True) -> ModelOutputs:
         """Evaluate the training model on ``batch`` without gradients (``training=False`` when ``inference_mode``).
@@ -469,7 +464,7 @@ class DefaultTrainer(_NeutralDefaultTrainer):
             optimizer.learning_rate = learning_rate
         self._logged_learning_rate = None
 
-    def get_learning_rate_for_logs(self) -> Any:
+    def _learning_rate_for_logs(self) -> Any:
         """The first optimizer's learning rate for ``logs``, with no TensorFlow operation per step.
 
         A constant learning rate (a Keras variable) is read once and cached as a Python float, refreshed by

@@ -1,0 +1,100 @@
+"""Random-state providers: the random number generators whose states a training checkpoint saves and restores.
+
+A trainer lists the providers of its run (:meth:`mlpug.trainers.trainer.Trainer.random_state_providers`): the
+neutral ones below (Python's ``random`` module, NumPy's global generator) and those of its backend
+(``mlpug.pytorch.random_state``, ``mlpug.tensorflow.random_state``). Nothing is registered globally at import.
+
+Every provider returns plain containers of Python scalars (no tensors or arrays), so every saver can store every
+provider's state.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+from abc import ABC, abstractmethod
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+
+_log = logging.getLogger("mlpug.random_state")
+
+
+class RandomStateProvider(ABC):
+    """One random number generator whose state is saved in training checkpoints.
+
+    Attributes:
+        name: The key of its state in checkpoints (``"python"``, ``"numpy"``, ``"torch"``, ...).
+    """
+
+    name: str = "random"
+
+    @abstractmethod
+    def get_state(self) -> Any:
+        """The generator's state as plain containers of Python scalars."""
+
+    @abstractmethod
+    def set_state(self, state: Any) -> None:
+        """Restore what :meth:`get_state` returned."""
+
+
+class PythonRandomState(RandomStateProvider):
+    """Python's ``random`` module (its global Mersenne Twister)."""
+
+    name = "python"
+
+    def get_state(self) -> Any:
+        return random.getstate()
+
+    def set_state(self, state: Any) -> None:
+        version, internal, gauss = state
+        random.setstate((version, tuple(internal), gauss))
+
+
+class NumpyRandomState(RandomStateProvider):
+    """NumPy's legacy global generator (``numpy.random.seed`` / ``numpy.random.rand``, MT19937)."""
+
+    name = "numpy"
+
+    def get_state(self) -> dict:
+        state = np.random.get_state(legacy=False)
+        assert isinstance(state, dict)
+        return {
+            "bit_generator": state["bit_generator"],
+            "key": [int(k) for k in state["state"]["key"]],
+            "pos": int(state["state"]["pos"]),
+            "has_gauss": int(state["has_gauss"]),
+            "gauss": float(state["gauss"]),
+        }
+
+    def set_state(self, state: Mapping[str, Any]) -> None:
+        np.random.set_state(
+            {
+                "bit_generator": state["bit_generator"],
+                "state": {"key": np.asarray(state["key"], dtype=np.uint32), "pos": state["pos"]},
+                "has_gauss": state["has_gauss"],
+                "gauss": state["gauss"],
+            }
+        )
+
+
+def get_random_states(providers: Sequence[RandomStateProvider]) -> dict[str, Any]:
+    """State of every provider, keyed by its name."""
+    return {provider.name: provider.get_state() for provider in providers}
+
+
+def set_random_states(providers: Sequence[RandomStateProvider], states: Mapping[str, Any]) -> None:
+    """Restore the states from :func:`get_random_states`; a saved state without a provider here is reported.
+
+    Args:
+        providers: The providers of this run.
+        states: Saved states by provider name.
+    """
+    by_name = {provider.name: provider for provider in providers}
+    for name, state in states.items():
+        provider = by_name.get(name)
+        if provider is None:
+            _log.warning(f"The checkpoint holds the random state of {name!r}, which is not in use here; ignored.")
+            continue
+        provider.set_state(state)

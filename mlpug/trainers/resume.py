@@ -1,0 +1,102 @@
+"""Resuming: how ``TrainingManager(resume_from=...)`` finds and reads a training checkpoint, without knowing files.
+
+The manager knows only this protocol. A callback that can read training checkpoints implements
+:class:`TrainingStateLoader` (every backend's ``CheckpointManager`` does: it knows its directory, file names and
+saver); the manager asks the one loader among its callbacks to resolve ``resume_from`` (a path, or ``"latest"``)
+and to load it, then applies the state with ``TrainingManager.set_state`` before any hook runs. A training state
+that is already loaded (a dict) needs no loader.
+"""
+
+from __future__ import annotations
+
+import os
+from abc import ABC, abstractmethod
+from collections.abc import Mapping, Sequence
+from typing import Any, Optional, Union
+
+ResumeFrom = Union[str, "os.PathLike[str]", Mapping[str, Any], None]
+"""A training checkpoint path, ``"latest"``, a loaded training state, or None (start fresh)."""
+
+
+class TrainingStateLoader(ABC):
+    """Finds and reads training checkpoints for ``TrainingManager(resume_from=...)``."""
+
+    @abstractmethod
+    def resolve_training_checkpoint(self, resume_from: Union[str, "os.PathLike[str]"]) -> str:
+        """The training checkpoint file ``resume_from`` means (``"latest"``: this loader's newest one).
+
+        Raises:
+            ValueError: No such file.
+        """
+
+    @abstractmethod
+    def load_training_checkpoint(self, path: str) -> dict:
+        """The training state stored at ``path`` (what ``TrainingManager.get_state`` returned, plus a header).
+
+        Raises:
+            mlpug.checkpointing.CheckpointError: Missing, truncated, corrupt, another backend or kind.
+        """
+
+
+def find_state_loader(callbacks: Sequence[Any]) -> Optional[TrainingStateLoader]:
+    """The one :class:`TrainingStateLoader` among ``callbacks``, or None.
+
+    Raises:
+        ValueError: More than one callback can load training checkpoints (which one to resume from is unclear).
+    """
+    loaders = [callback for callback in callbacks if isinstance(callback, TrainingStateLoader)]
+    if len(loaders) > 1:
+        raise ValueError(
+            "resume_from with a path or 'latest' is ambiguous: callbacks "
+            f"{[getattr(loader, 'name', type(loader).__name__) for loader in loaders]} can all load training "
+            "checkpoints; pass a loaded state instead: resume_from=mlp.load_training_checkpoint(path)"
+        )
+    return loaders[0] if loaders else None
+
+
+def check_resume_from(resume_from: ResumeFrom, callbacks: Sequence[Any]) -> None:
+    """Validate ``resume_from`` at manager construction, so a bad value fails before training starts.
+
+    Raises:
+        TypeError: Not a path, ``"latest"`` or a loaded training state.
+        ValueError: A path or ``"latest"`` without a loader among the callbacks, a file that does not exist, or a
+            dict that is not a training state.
+    """
+    if resume_from is None:
+        return
+    if isinstance(resume_from, Mapping):
+        if "callbacks" not in resume_from or "epoch" not in resume_from:
+            raise ValueError(
+                "resume_from dict is not a training checkpoint (no 'epoch' / 'callbacks' keys); "
+                "load one with mlp.load_training_checkpoint(path)"
+            )
+        return
+    if not isinstance(resume_from, (str, os.PathLike)):
+        raise TypeError(
+            f"resume_from must be a checkpoint path, 'latest' or a loaded training checkpoint, got {resume_from!r:.200}"
+        )
+    _require_loader(resume_from, callbacks).resolve_training_checkpoint(resume_from)
+
+
+def load_resume_state(resume_from: ResumeFrom, callbacks: Sequence[Any]) -> Optional[dict]:
+    """The training state ``resume_from`` refers to, or None when it is None.
+
+    Raises:
+        ValueError / mlpug.checkpointing.CheckpointError: See :func:`check_resume_from` and the loader.
+    """
+    if resume_from is None:
+        return None
+    if isinstance(resume_from, Mapping):
+        return dict(resume_from)
+    loader = _require_loader(resume_from, callbacks)
+    return loader.load_training_checkpoint(loader.resolve_training_checkpoint(resume_from))
+
+
+def _require_loader(resume_from: Any, callbacks: Sequence[Any]) -> TrainingStateLoader:
+    loader = find_state_loader(callbacks)
+    if loader is None:
+        raise ValueError(
+            f"resume_from={str(resume_from)!r} needs a CheckpointManager in the callbacks (it reads the backend's "
+            "files); or pass a loaded checkpoint: resume_from=mlp.load_training_checkpoint(path)"
+        )
+    return loader

@@ -1,0 +1,234 @@
+"""The contract between the neutral ``TrainingManager`` and a backend: ``Trainer``, ``StepResult``, ``DefaultTrainer``.
+
+The manager calls :meth:`Trainer.train_on` once per batch and gets everything it needs from that step in one
+:class:`StepResult`, lazily: values stay backend scalars until a consumer reads them, so the loop does not wait
+for the device. A backend ``DefaultTrainer`` composes its step from the neutral step parts, in one place:
+
+* a precision policy (:mod:`mlpug.trainers.precision`),
+* a chunking policy for gradient accumulation (:mod:`mlpug.chunking`),
+* a gradient synchronisation (:mod:`mlpug.trainers.gradient_sync`),
+* random-state providers (:mod:`mlpug.random_state`),
+
+each with a null object that gives the plain step. ``docs/architecture.md`` lists what a new backend implements.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Mapping
+from typing import Any, NamedTuple, Optional
+
+from mlpug.chunking import BatchChunk, infer_num_samples
+from mlpug.random_state import NumpyRandomState, PythonRandomState, RandomStateProvider
+
+
+class ModelOutputs(NamedTuple):
+    """What a training model returned for one batch, normalised.
+
+    Attributes:
+        loss: Scalar loss tensor, the mean over the samples of the batch (detached after training).
+        num_samples: Number of samples the loss is averaged over (int, or a backend scalar).
+        auxiliary_results: Anything else the model returned (e.g. logits), or None.
+    """
+
+    loss: Any
+    num_samples: Any
+    auxiliary_results: Any = None
+
+
+class StepResult(NamedTuple):
+    """Everything the manager needs from one optimisation step; values may be backend scalars (read lazily).
+
+    Attributes:
+        loss: Scalar loss tensor of the batch (sample-weighted over its chunks), detached.
+        num_samples: Samples in the batch (int or backend int scalar).
+        auxiliary_results: What the model returned besides the loss (merged over chunks), detached, or None.
+        optimizer_step_skipped: Whether the optimizer step was skipped (float16 loss scaling found inf/nan
+            gradients): ``False``, or a bool / backend boolean scalar.
+        learning_rate: The learning rate of the first optimizer at this step: a float, a backend scalar, a
+            ``mlpug.logs.Deferred`` or None (no learning rate).
+    """
+
+    loss: Any
+    num_samples: Any
+    auxiliary_results: Any = None
+    optimizer_step_skipped: Any = False
+    learning_rate: Any = None
+
+
+class Trainer(ABC):
+    """Contract between the neutral ``TrainingManager`` and a backend: one optimisation step and state.
+
+    Implementations must not know about epochs, callbacks or files.
+    """
+
+    @abstractmethod
+    def set_training_model(self, training_model: Any) -> None:
+        """Set the model that maps ``(batch, evaluate_settings, inference_mode)`` to a loss (see ModelOutputs)."""
+
+    @abstractmethod
+    def train_on(self, batch: Any, training_settings: Any = None) -> StepResult:
+        """Run one optimisation step on ``batch``; return its :class:`StepResult` without waiting for the device."""
+
+    @abstractmethod
+    def evaluate_loss(self, batch: Any, evaluate_settings: Any = None, inference_mode: bool = True) -> ModelOutputs:
+        """Evaluate the model on ``batch`` without updating anything (evaluation mode, no gradients)."""
+
+    @abstractmethod
+    def get_state(self) -> dict:
+        """Plain-container state of model components and optimizers, keyed by their names."""
+
+    @abstractmethod
+    def set_state(self, state: dict) -> None:
+        """Restore what :meth:`get_state` returned."""
+
+    @abstractmethod
+    def set_learning_rate(self, learning_rate: float, optimizer_name: Optional[str] = None) -> None:
+        """Set the learning rate of one optimizer (by name) or of all optimizers."""
+
+    @abstractmethod
+    def get_learning_rate(self, optimizer_name: Optional[str] = None) -> Optional[float]:
+        """Learning rate of the named optimizer, or of the first one, now; None when it has none."""
+
+    @abstractmethod
+    def ensure_ready(self) -> None:
+        """Raise when the trainer cannot train yet (e.g. ``set_training_model`` was never called)."""
+
+    def random_state_providers(self) -> list[RandomStateProvider]:
+        """The random number generators of this run, saved and restored with training checkpoints.
+
+        Default: Python's ``random`` and NumPy's global generator; backends add their own.
+        """
+        return [PythonRandomState(), NumpyRandomState()]
+
+
+def name_objects(objects: Any, kind: str, expected_type: type | tuple, single_name: str) -> dict[str, Any]:
+    """Normalise one object, a list or a dict of objects into a dict keyed by name.
+
+    Names are the keys of the objects' state in checkpoints: ``single_name`` for one object,
+    ``f"{single_name}_{i}"`` for list items, the dict's own keys for a dict.
+
+    Args:
+        objects: One object, a list/tuple or a dict (str keys) of objects.
+        kind: Argument name used in error messages, e.g. ``"optimizers"``.
+        expected_type: Type (or tuple of types) every object must have.
+        single_name: Name used for a single object.
+
+    Raises:
+        TypeError: An object has the wrong type, or a dict key is not a string.
+        ValueError: The collection is empty.
+    """
+    if isinstance(objects, Mapping):
+        named = dict(objects)
+    elif isinstance(objects, (list, tuple)):
+        named = {f"{single_name}_{index}": obj for index, obj in enumerate(objects)}
+    else:
+        named = {single_name: objects}
+    if not named:
+        raise ValueError(f"{kind} must not be empty, got {objects!r}")
+    type_names = (
+        " or ".join(t.__module__ + "." + t.__qualname__ for t in expected_type)
+        if isinstance(expected_type, tuple)
+        else expected_type.__module__ + "." + expected_type.__qualname__
+    )
+    for name, obj in named.items():
+        if not isinstance(name, str):
+            raise TypeError(f"{kind}: names must be str, got key {name!r} of type {type(name).__name__}")
+        if not isinstance(obj, expected_type):
+            raise TypeError(
+                f"{kind}: expected a {type_names}, a list or a dict of them; "
+                f"{name!r} is a {type(obj).__module__}.{type(obj).__qualname__}: {obj!r:.200}"
+            )
+    return named
+
+
+class DefaultTrainer(Trainer, ABC):
+    """Backend-neutral part of the default trainer: naming, model set-up checks and output normalisation.
+
+    Backends subclass it and implement the step. Training models may return:
+
+    * the loss (a scalar tensor, mean over the samples of the batch);
+    * a tuple ``(loss, auxiliary_results)`` or ``(loss, num_samples, auxiliary_results)``;
+    * a dict with key ``loss`` and optional keys ``num_samples`` and ``auxiliary_results``.
+
+    When ``num_samples`` is not given, it is counted from the batch (:func:`mlpug.chunking.infer_num_samples`).
+    """
+
+    optimizer_type: type | tuple = object
+    model_component_type: type | tuple = object
+
+    def __init__(self, optimizers: Any, model_components: Any):
+        self.optimizers = name_objects(optimizers, "optimizers", self.optimizer_type, "optimizer")
+        self.model_components = name_objects(model_components, "model_components", self.model_component_type, "model")
+        self.training_model: Any = None
+
+    def ensure_ready(self) -> None:
+        if self.training_model is None:
+            raise RuntimeError(
+                f"{type(self).__name__}: no training model. Call trainer.set_training_model(train_model) "
+                "before manager.start_training()."
+            )
+
+    def _normalise_outputs(self, results: Any, batch: Any, chunk: Optional[BatchChunk] = None) -> ModelOutputs:
+        """Turn what the training model returned into ModelOutputs; raise when it holds no loss.
+
+        Args:
+            chunk: When ``batch`` is a chunk of a training batch (gradient accumulation), that chunk: its loss is
+                weighted by its share of the batch's rows (``chunk.num_samples``).
+
+        Raises:
+            ValueError / TypeError: No scalar loss; or, for a chunk, the model returned a ``num_samples`` other
+                than the chunk's rows, or a tensor (the row-share weighting would be wrong for a loss averaged
+                over other units, e.g. valid tokens).
+        """
+        if isinstance(results, Mapping):
+            if "loss" not in results:
+                raise ValueError(
+                    "The training model returned a dict without a 'loss' key (keys: "
+                    f"{sorted(map(str, results))}); return {{'loss': ..., 'num_samples': ..., "
+                    "'auxiliary_results': ...}}"
+                )
+            loss = results["loss"]
+            num_samples = results.get("num_samples")
+            auxiliary_results = results.get("auxiliary_results")
+        elif isinstance(results, tuple):
+            if len(results) == 2:
+                (loss, auxiliary_results), num_samples = results, None
+            elif len(results) == 3:
+                loss, num_samples, auxiliary_results = results
+            elif len(results) == 1:
+                (loss,), num_samples, auxiliary_results = results, None, None
+            else:
+                raise ValueError(
+                    f"The training model returned a tuple of {len(results)} items; expected (loss,), "
+                    "(loss, auxiliary_results) or (loss, num_samples, auxiliary_results)"
+                )
+        else:
+            loss, num_samples, auxiliary_results = results, None, None
+        if loss is None or not self._is_scalar_loss(loss):
+            raise TypeError(
+                "The training model must return a scalar loss tensor (alone, in a tuple or as dict['loss']); "
+                f"got {type(loss).__module__}.{type(loss).__qualname__}: {loss!r:.200}"
+            )
+        chunk_rows = None if chunk is None else chunk.num_samples
+        if num_samples is None:
+            num_samples = infer_num_samples(batch, self._leading_dimension)
+        elif chunk_rows is not None and not (
+            type(num_samples) is int and type(chunk_rows) is int and num_samples == chunk_rows
+        ):  # a chunk's rows may be a symbolic tensor (compiled TensorFlow): then every returned num_samples is refused
+            raise ValueError(
+                "With batch_chunk_size, every chunk's loss is weighted by its share of the batch's rows (samples), "
+                f"but the training model returned num_samples={num_samples!r} for a chunk of {chunk_rows} rows, as for "
+                "a loss averaged over other units (e.g. valid tokens), for which that weighting would be wrong. "
+                "Return the loss as a mean over the rows of the batch without num_samples, or train without "
+                "batch_chunk_size."
+            )
+        return ModelOutputs(loss, num_samples, auxiliary_results)
+
+    @abstractmethod
+    def _is_scalar_loss(self, loss: Any) -> bool:
+        """True when ``loss`` is a scalar tensor of this backend."""
+
+    def _leading_dimension(self, array: Any) -> Any:
+        """Size of ``array``'s first dimension; backends with symbolic shapes override this."""
+        return array.shape[0]

@@ -64,6 +64,16 @@ class RecordingCallback(Callback):
             self.snapshots.append(("batch", resolve(logs)))
         self._act("on_batch_training_completed", current["global_iter"])
 
+    def on_batch_checkpoint(self, logs):
+        current = logs["current"]
+        self.calls.append(("on_batch_checkpoint", (current["epoch"], current["batch_step"], current["global_iter"])))
+
+    def on_epoch_checkpoint(self, logs):
+        self.calls.append(("on_epoch_checkpoint", logs["epoch"]))
+
+    def on_training_checkpoint(self, stopped_early, stopped_on_error, interrupted):
+        self.calls.append(("on_training_checkpoint", (stopped_early, stopped_on_error, interrupted)))
+
     def on_epoch_completed(self, logs):
         self.calls.append(("on_epoch_completed", logs["epoch"]))
         if self.snapshot_logs:

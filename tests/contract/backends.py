@@ -34,6 +34,7 @@ class Problem:
     training_batches: list
     validation_batches: list
     accuracy: Callable  # metric function of MetricInputs
+    optimizer: Any = None
 
 
 class PyTorchHarness:
@@ -88,10 +89,34 @@ class PyTorchHarness:
             self.batches(features, labels, batch_size),
             self.batches(validation_features, validation_labels, batch_size),
             accuracy,
+            optimizer,
         )
 
     def weights(self, problem: Problem) -> list:
         return [p.detach().numpy().copy() for p in problem.classifier.parameters()]
+
+    def new_trainer(self, problem: Problem, **kwargs) -> Any:
+        """Another DefaultTrainer of the problem's classifier and optimizer, with ``kwargs``."""
+        trainer = self.mlp.trainers.DefaultTrainer(problem.optimizer, problem.classifier, **kwargs)
+        trainer.set_training_model(problem.train_model)
+        return trainer
+
+    def structured_model(self, problem: Problem) -> Any:
+        """A training model whose auxiliary results hold every kind of value of the chunk merge rule."""
+        torch, classifier = self.torch, problem.classifier
+
+        class StructuredModel(torch.nn.Module):
+            def forward(self, batch_data, evaluate_settings, inference_mode=None):
+                features, labels = batch_data
+                logits = classifier(features)
+                loss = torch.nn.functional.cross_entropy(logits, labels)
+                auxiliary = {"logits": logits, "mean": logits.mean(), "count": 7, "tag": "x", "pair": (labels, None)}
+                return {"loss": loss, "auxiliary_results": auxiliary}
+
+        return StructuredModel()
+
+    def to_numpy(self, value: Any) -> Any:
+        return value.detach().numpy() if isinstance(value, self.torch.Tensor) else value
 
 
 class TensorFlowHarness:
@@ -157,10 +182,38 @@ class TensorFlowHarness:
             self.batches(features, labels, batch_size),
             self.batches(validation_features, validation_labels, batch_size),
             accuracy,
+            trainer.optimizers["optimizer"],
         )
 
     def weights(self, problem: Problem) -> list:
         return [variable.numpy().copy() for variable in problem.classifier.weights]
+
+    def new_trainer(self, problem: Problem, **kwargs) -> Any:
+        """Another DefaultTrainer of the problem's classifier and optimizer, with ``kwargs``."""
+        trainer = self.mlp.trainers.DefaultTrainer(
+            problem.optimizer, problem.classifier, eager_mode=self.eager_mode, **kwargs
+        )
+        trainer.set_training_model(problem.train_model)
+        return trainer
+
+    def structured_model(self, problem: Problem) -> Any:
+        """A training model whose auxiliary results hold every kind of value of the chunk merge rule."""
+        tf, classifier = self.tf, problem.classifier
+        loss_function = tf.keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+
+        class StructuredModel(tf.keras.Model):
+            def call(self, batch_data, evaluate_settings, inference_mode=None):
+                features, labels = batch_data
+                logits = classifier(features)
+                auxiliary = {
+                    "logits": logits, "mean": tf.reduce_mean(logits), "count": 7, "tag": "x", "pair": (labels, None)
+                }  # fmt: skip
+                return {"loss": loss_function(labels, logits), "auxiliary_results": auxiliary}
+
+        return StructuredModel()
+
+    def to_numpy(self, value: Any) -> Any:
+        return value.numpy() if self.tf.is_tensor(value) else value
 
 
 class TensorFlowEagerHarness(TensorFlowHarness):

@@ -46,6 +46,9 @@ def test_hook_counts(harness):
     assert recorder.count("on_batch_training_start") == NUM_EPOCHS * 4
     assert recorder.count("on_batch_training_completed") == NUM_EPOCHS * 4
     assert recorder.count("on_epoch_completed") == NUM_EPOCHS
+    assert recorder.count("on_batch_checkpoint") == NUM_EPOCHS * 4
+    assert recorder.count("on_epoch_checkpoint") == NUM_EPOCHS
+    assert recorder.count("on_training_checkpoint") == 1
     assert recorder.count("on_batch_training_failed") == 0
     assert recorder.ended_with == dict(
         stopped_early=False, stopped_on_error=False, interrupted=False, callback_calls_success=True
@@ -131,7 +134,7 @@ def test_exception_in_step_runs_failure_path(harness):
     with pytest.raises(FloatingPointError, match="injected failure") as raised:
         run(problem, [recorder])
     assert recorder.count("on_batch_training_failed") == 1
-    assert recorder.hook_names()[-2:] == ["on_batch_training_failed", "on_training_ended"]
+    assert recorder.hook_names()[-3:] == ["on_batch_training_failed", "on_training_checkpoint", "on_training_ended"]
     assert recorder.ended_with["stopped_on_error"]
     assert any("epoch 0, batch step 2" in note for note in raised.value.__notes__)
 

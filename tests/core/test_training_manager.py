@@ -28,8 +28,11 @@ def expected_calls(num_epochs, num_batches):
         for step in range(num_batches):
             calls.append(("on_batch_training_start", (epoch, step, global_iter)))
             calls.append(("on_batch_training_completed", (epoch, step, global_iter)))
+            calls.append(("on_batch_checkpoint", (epoch, step, global_iter)))
             global_iter += 1
         calls.append(("on_epoch_completed", epoch))
+        calls.append(("on_epoch_checkpoint", epoch))
+    calls.append(("on_training_checkpoint", (False, False, False)))
     calls.append(
         (
             "on_training_ended",
@@ -89,8 +92,11 @@ def test_exception_in_step():
     manager, _ = make_manager([recorder], fail_at_call=4)
     with pytest.raises(FloatingPointError) as raised:
         manager.start_training()
-    assert recorder.hook_names()[-3:] == ["on_batch_training_start", "on_batch_training_failed", "on_training_ended"]
-    assert recorder.calls[-2] == ("on_batch_training_failed", "FloatingPointError")
+    assert recorder.hook_names()[-4:] == [
+        "on_batch_training_start", "on_batch_training_failed", "on_training_checkpoint", "on_training_ended"
+    ]  # fmt: skip
+    assert recorder.calls[-3] == ("on_batch_training_failed", "FloatingPointError")
+    assert recorder.calls[-2] == ("on_training_checkpoint", (False, True, False))
     assert recorder.ended_with["stopped_on_error"] is True and recorder.ended_with["stopped_early"] is False
     assert "mlpug: training failed at epoch 1, batch step 0" in raised.value.__notes__
 

@@ -29,8 +29,10 @@ demo: setup data
 test: setup data
 	$(PY) -m pytest $(PYTEST_ARGS)
 
-lint: setup
+lint: setup  # style (ruff) and types (mypy, pinned in requirements/dev.txt, settings in pyproject.toml)
 	$(VENV)/bin/ruff check mlpug tests examples benchmarks
+	$(VENV)/bin/ruff format --check mlpug tests examples benchmarks
+	$(VENV)/bin/mypy
 
 benchmark: setup data  # results go into benchmarks/RESULTS.md by hand, with command and machine
 	$(PY) benchmarks/overhead_pytorch.py

@@ -361,7 +361,7 @@ class ChunkedBatch(BatchChunking):
     def __init__(self, batch_chunk_size: int):
         if validate_batch_chunk_size(batch_chunk_size) is None:
             raise ValueError("batch_chunk_size must be an int >= 1 for ChunkedBatch, got None")
-        self.batch_chunk_size = batch_chunk_size
+        self.batch_chunk_size: int = batch_chunk_size
 
     def concatenate(self, arrays: list) -> Any:
         """Concatenate arrays along dimension 0."""
@@ -393,12 +393,13 @@ class ChunkedBatch(BatchChunking):
             sum_values([output.num_samples for output in outputs]),
             merge_auxiliary_results([output.auxiliary_results for output in outputs], self.concatenate, self.stack),
         )
-        gradients = results[0].gradients
-        if gradients is not None:
-            gradients = [
-                None if gradient is None else sum_values([result.gradients[i] for result in results])
-                for i, gradient in enumerate(gradients)
-            ]
+        if results[0].gradients is None:
+            return ChunkResult(combined, None)
+        per_chunk = [result.gradients or [] for result in results]
+        gradients = [
+            None if gradient is None else sum_values([chunk_gradients[i] for chunk_gradients in per_chunk])
+            for i, gradient in enumerate(per_chunk[0])
+        ]
         return ChunkResult(combined, gradients)
 
 
@@ -409,6 +410,5 @@ def batch_chunker(batch_chunk_size: Optional[int], chunked_batch: type[ChunkedBa
     Raises:
         ValueError: ``batch_chunk_size`` is neither ``None`` nor an int >= 1.
     """
-    if validate_batch_chunk_size(batch_chunk_size) is None:
-        return BatchChunking()
-    return chunked_batch(batch_chunk_size)
+    size = validate_batch_chunk_size(batch_chunk_size)
+    return BatchChunking() if size is None else chunked_batch(size)

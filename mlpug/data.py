@@ -214,8 +214,9 @@ def epoch_iterator(dataset: Iterable, epoch: int, start_batch: int = 0) -> Itera
         resumable.set_start(start_batch)
         return iter(dataset)
     for candidate in (dataset, getattr(dataset, "sampler", None)):
-        if callable(getattr(candidate, "set_epoch", None)):
-            candidate.set_epoch(epoch)
+        set_epoch = getattr(candidate, "set_epoch", None)
+        if callable(set_epoch):
+            set_epoch(epoch)
             break
     iterator = iter(dataset)
     if start_batch > 0:

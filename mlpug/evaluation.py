@@ -177,7 +177,7 @@ class MetricEvaluator:
             raise ValueError(f"{self.name}: the dataset to evaluate yielded no batches")
         return self.combined_values(gathered)
 
-    def _mean_over(self, gathered_batches: Sequence[Gathered], metric_name: str) -> Callable[[], float]:
+    def _mean_over(self, gathered_batches: Sequence[Gathered], metric_name: str) -> Callable[[], Optional[float]]:
         def compute() -> Optional[float]:
             values = [g[metric_name][0] for g in gathered_batches]
             weights = [g[metric_name][1] for g in gathered_batches]

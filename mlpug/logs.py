@@ -91,10 +91,10 @@ class MetricValues(dict):
     def get(self, key: str, default: Any = None) -> Any:
         return self[key] if key in self else default
 
-    def values(self):  # type: ignore[override]
+    def values(self):
         return [self[key] for key in self]
 
-    def items(self):  # type: ignore[override]
+    def items(self):
         return [(key, self[key]) for key in self]
 
     def copy(self) -> "MetricValues":

@@ -24,7 +24,7 @@ class MetricEvaluator(_NeutralMetricEvaluator):
         stacked = None
         if len(tensors) == len(values):
             try:
-                stacked = torch.stack(values).detach().double()  # one op for the usual case: 0-d tensors
+                stacked = torch.stack(list(values)).detach().double()  # one op for the usual case: 0-d tensors
             except RuntimeError:  # mixed shapes ([] and [1]) or devices
                 pass
         if stacked is None:  # normalise each value; Python numbers come from a restored (resumed) window

@@ -359,7 +359,8 @@ class TrainingManager:
         return self._stop_requested or self._received_signal is not None
 
     def _end_training(self, stopped_on_error: bool) -> None:
-        interrupted = self._received_signal is not None
+        interrupted_by = self._received_signal
+        interrupted = interrupted_by is not None
         stopped_early = not stopped_on_error and (self._stop_requested or interrupted)
         errors: list = []
         self._call_all("on_training_checkpoint", errors, stopped_early, stopped_on_error, interrupted)
@@ -367,8 +368,8 @@ class TrainingManager:
         self._call_all("on_training_ended", errors, stopped_early, stopped_on_error, interrupted, success)
         if stopped_on_error:
             _log.error("Training ended on an error.")
-        elif interrupted:
-            _log.warning(f"Training interrupted by signal {signal.Signals(self._received_signal).name}; ended cleanly.")
+        elif interrupted_by is not None:
+            _log.warning(f"Training interrupted by signal {signal.Signals(interrupted_by).name}; ended cleanly.")
         elif stopped_early:
             _log.info("Training stopped early.")
         elif self.logs["cb_calls_success"]:

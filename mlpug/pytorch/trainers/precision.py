@@ -49,9 +49,11 @@ class MixedPrecision(FullPrecision):
     def __init__(
         self, device_type: str, autocast_dtype: AutocastDtype, grad_scaler: Optional[torch.amp.GradScaler] = None
     ):
-        self.autocast_dtype: Optional[AutocastDtype] = validate_mixed_precision(True, autocast_dtype)
+        dtype = validate_mixed_precision(True, autocast_dtype)
+        assert dtype is not None
+        self.autocast_dtype: Optional[AutocastDtype] = dtype
         self.device_type = device_type
-        self._dtype = getattr(torch, self.autocast_dtype)
+        self._dtype = getattr(torch, dtype)
         if self.autocast_dtype == "float16":
             self.grad_scaler = grad_scaler if grad_scaler is not None else torch.amp.GradScaler(device_type)
         self._stepped: set = set()

@@ -176,11 +176,12 @@ class DefaultTrainer(_NeutralDefaultTrainer):
         self._optimizer_list = list(self.optimizers.values())
         self._settings_arg = "evaluate_settings"
         self._inference_arg: Optional[str] = "inference_mode"
-        self._variables: Optional[dict] = None  # optimizer name -> list of variables
+        self._variables: dict = {}  # optimizer name -> list of variables (resolved when built)
         self._flat_variables: list = []
         self._pending_state: Optional[dict] = None
         self._prepared = False
         self._logged_learning_rate: Optional[float] = None
+        self._train_step: EagerStep | CompiledStep
         if eager_mode:
             self._train_step = EagerStep(self._train_step_function, "train step")
         else:
@@ -293,6 +294,7 @@ class DefaultTrainer(_NeutralDefaultTrainer):
         """Forward, backward and optimizer step (see the module docstring); traced unless in eager mode."""
         result = self.chunking.run(lambda chunk: self._chunk_step(chunk, training_settings), batch)
         gradients = self.gradient_sync.reduce(result.gradients)
+        assert gradients is not None
         skipped = self.precision.step(self.optimizers, self._pairs_per_optimizer(gradients))
         outputs = result.outputs
         return (

@@ -80,7 +80,8 @@ def resolve_trainable_variables(spec: Any, optimizers: Mapping, model_components
                 f"dict optimizer name -> variables for {sorted(optimizers)}"
             )
         spec = {next(iter(optimizers)): spec}
-    resolved, owner = {}, {}
+    resolved: dict = {}
+    owner: dict = {}
     for name in optimizers:
         if name not in spec:
             raise ValueError(f"trainable_variables has no variables for optimizer {name!r} (keys: {sorted(spec)})")

@@ -51,7 +51,7 @@ class Callback:
         if name is not None and (not isinstance(name, str) or not name):
             raise TypeError(f"name must be a non-empty str, got {name!r}")
         self.name = name or type(self).__name__
-        self.training_manager = None
+        self.training_manager: Any = None  # the TrainingManager, set by set_training_manager
         self._log = logging.getLogger(f"mlpug.{type(self).__name__}")
 
     # Producers / consumers of logs sections (dataset names such as "training" or "validation", or "best").

@@ -301,14 +301,15 @@ class CheckpointManager(Callback, TrainingStateLoader):
 
     def _check_improvement(self, logs: dict) -> bool:
         """Compare the monitored value with the best; on an improvement update the best and ``logs``."""
-        current = logs["current"]
+        current, metric = logs["current"], self.metric_to_monitor
+        assert metric is not None
         try:
-            value = get_value_at(current, self.metric_to_monitor)
+            value = get_value_at(current, metric)
         except KeyError as error:  # the message lists the paths that exist
             raise KeyError(
                 f"{self.name}: metric_to_monitor {self.metric_to_monitor!r} is not in logs['current']. "
                 f"{error.args[0]} A callback of your own that writes it must declare it, e.g. "
-                f"produces = frozenset({{{self.metric_to_monitor.split('.', 1)[0]!r}}}), so that it runs first."
+                f"produces = frozenset({{{metric.split('.', 1)[0]!r}}}), so that it runs first."
             ) from None
         if value is not None and not isinstance(value, (int, float)):
             raise TypeError(

@@ -6,7 +6,7 @@ They are producers: place them before the callbacks that read their values.
 from __future__ import annotations
 
 import collections
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from typing import Any, Optional
 
 from mlpug.evaluation import MetricEvaluator
@@ -205,7 +205,7 @@ class TestMetricsLogger(Callback):
         self.batch_level = batch_level
         self.evaluate_settings = evaluate_settings
         self._window = _SlidingWindow(metric_evaluator, window_length)
-        self._batches = None
+        self._batches: Optional[Iterator] = None
         self._position = 0
 
     @property

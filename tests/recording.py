@@ -94,3 +94,28 @@ class RecordingCallback(Callback):
 
     def count(self, hook):
         return sum(1 for name, _ in self.calls if name == hook)
+
+
+class CountBatches(Callback):
+    """A stateful callback: counts the batches it saw, keeps their losses and where it saw ``is_best``."""
+
+    def __init__(self, name):
+        super().__init__(name)
+        self.count, self.saw_best, self.losses = 0, [], []
+
+    def on_batch_training_completed(self, training_batch, logs):
+        self.count += 1
+        self.losses.append(logs["current"]["training"]["batch"]["loss"])
+        if logs["current"]["is_best"]:
+            self.saw_best.append(logs["current"]["global_iter"])
+
+    def get_state(self):
+        return {"count": self.count}
+
+    def set_state(self, state):
+        self.count = state["count"]
+
+    def improvements(self):
+        """Global iterations whose batch loss was lower than every earlier one (what "min" mode calls best)."""
+        losses = self.losses
+        return [i for i, loss in enumerate(losses) if loss < min(losses[:i], default=float("inf"))]

@@ -8,6 +8,7 @@ import pytest
 from mlpug.chunking import BatchChunk, BatchChunking
 from mlpug.trainers.gradient_sync import GradientSync
 from mlpug.trainers.precision import PrecisionPolicy
+from tests.recording import CountBatches
 
 
 def first_batch(problem):
@@ -61,35 +62,10 @@ def test_chunk_merge_rule_gives_the_same_structure_on_every_backend(harness):
     assert int(harness.to_numpy(result.num_samples)) == 8 and features.shape[0] == 8
 
 
-class CountBatches:
-    """Builds a stateful callback (per backend module) that counts batches and records where it saw is_best."""
-
-    @staticmethod
-    def make(mlp, name):
-        class Counter(mlp.callbacks.Callback):
-            def __init__(self):
-                super().__init__(name)
-                self.count, self.saw_best, self.losses = 0, [], []
-
-            def on_batch_training_completed(self, training_batch, logs):
-                self.count += 1
-                self.losses.append(logs["current"]["training"]["batch"]["loss"])
-                if logs["current"]["is_best"]:
-                    self.saw_best.append(logs["current"]["global_iter"])
-
-            def get_state(self):
-                return {"count": self.count}
-
-            def set_state(self, state):
-                self.count = state["count"]
-
-        return Counter()
-
-
 def test_callbacks_anywhere_in_the_list_are_checkpointed_at_the_same_step_and_see_is_best(harness, tmp_path):
     problem = harness.make_problem(num_batches=4)
     mlp = problem.mlp
-    before, after = CountBatches.make(mlp, "before"), CountBatches.make(mlp, "after")
+    before, after = CountBatches("before"), CountBatches("after")
     checkpoint_manager = mlp.callbacks.CheckpointManager(
         checkpoints_path=str(tmp_path), metric_to_monitor="training.batch.loss", batch_level=True,
         write_in_background=False,
@@ -109,8 +85,7 @@ def test_callbacks_anywhere_in_the_list_are_checkpointed_at_the_same_step_and_se
     assert [(i, {"count": c["count"]}, {"count": d["count"]}) for i, c, d in saved] == [
         (i, {"count": i}, {"count": i}) for i in range(1, 9)
     ]
-    losses = before.losses
-    improvements = [i for i, loss in enumerate(losses) if loss < min(losses[:i], default=float("inf"))]
+    improvements = before.improvements()
     assert before.saw_best == after.saw_best == improvements and len(improvements) > 1
     assert os.path.exists(checkpoint_manager.file_names.best_model)
     best = mlp.load_model_checkpoint(checkpoint_manager.file_names.best_model)

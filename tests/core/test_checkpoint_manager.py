@@ -21,6 +21,7 @@ from mlpug.logs import MetricValues
 from mlpug.trainers.callbacks import Callback, CheckpointManager, TrainingMetricsLogger
 from mlpug.trainers.training import TrainingManager
 from tests.core.fake_backend import make_trainer
+from tests.recording import CountBatches
 
 NUM_BATCHES, BATCH_SIZE = 4, 3
 
@@ -438,26 +439,6 @@ def test_failed_last_background_write_is_reported_after_the_final_checkpoint_is_
     assert (final["epoch"], final["global_iter"]) == (2, 2 * NUM_BATCHES)
 
 
-class CountBatches(Callback):
-    """A stateful callback: counts the batches it saw and records where it saw ``is_best``."""
-
-    def __init__(self, name):
-        super().__init__(name)
-        self.count, self.saw_best, self.losses = 0, [], []
-
-    def on_batch_training_completed(self, training_batch, logs):
-        self.count += 1
-        self.losses.append(logs["current"]["training"]["batch"]["loss"])
-        if logs["current"]["is_best"]:
-            self.saw_best.append(logs["current"]["global_iter"])
-
-    def get_state(self):
-        return {"count": self.count}
-
-    def set_state(self, state):
-        self.count = state["count"]
-
-
 def test_callbacks_anywhere_in_the_list_are_checkpointed_at_the_same_step_and_see_is_best(tmp_path):
     trainer, _ = make_trainer()
     before, after = CountBatches("before"), CountBatches("after")
@@ -475,7 +456,6 @@ def test_callbacks_anywhere_in_the_list_are_checkpointed_at_the_same_step_and_se
     callbacks = [before, checkpoint_manager, after, TrainingMetricsLogger(MetricEvaluator(trainer=trainer))]
     TrainingManager(trainer, make_data(), num_epochs=2, callbacks=callbacks + [ReadCheckpoint()]).start_training()
     assert saved == [(i, {"count": i}, {"count": i}) for i in range(1, 2 * NUM_BATCHES + 1)]
-    losses = before.losses
-    improvements = [i for i, loss in enumerate(losses) if loss < min(losses[:i], default=float("inf"))]
+    improvements = before.improvements()
     assert before.saw_best == after.saw_best == improvements and len(improvements) > 1
     assert improvements[-1] == checkpoint_manager.best_global_iter

@@ -1,36 +1,56 @@
-"""Checkpoint files: crash-safe writing, stable names, the saver interface, safe loading and random states.
+"""Checkpoint files: crash-safe writing, stable names, one safetensors format for every backend, safe loading.
 
-Crash safety (the write protocol of every saver): the bytes go to a temporary file in the target's directory
-(``.<name>.tmp-<pid>``), are flushed and ``fsync``'ed, the file is renamed over the target with
-``os.replace`` (atomic on POSIX) and the directory is ``fsync``'ed, so a process killed at any moment leaves
-either the previous complete file or the new complete file, never a partial one.
+Modules: :mod:`~mlpug.checkpointing.files` (crash-safe writes), :mod:`~mlpug.checkpointing.names` (file names),
+:mod:`~mlpug.checkpointing.header` (the header, :class:`CheckpointError`, foreign files),
+:mod:`~mlpug.checkpointing.codec` (structure <-> arrays + metadata, checksum), :mod:`~mlpug.checkpointing.savers`
+(the saver protocol, :class:`NumpyCheckpointSaver`), :mod:`~mlpug.checkpointing.writer` (background writing),
+:mod:`~mlpug.checkpointing.random_state` (the random-state registry). Backends: :mod:`mlpug.pytorch.checkpointing`,
+:mod:`mlpug.tensorflow.checkpointing`.
 
-File names (``<base>`` is ``base_checkpoint_filename``, ``<ext>`` the saver's extension, ``pt`` or ``npz``)::
+Crash safety (the write protocol of every saver): the file is written to a temporary file in the target's
+directory (``.<name>.tmp-<pid>``), closed, ``fsync``'ed, renamed over the target with ``os.replace`` (atomic
+on POSIX) and the directory is ``fsync``'ed, so a process killed at any moment leaves either the previous
+complete file or the new complete file, never a partial one.
 
-    <base>-best-model-checkpoint.<ext>               model components at the best monitored value
-    <base>-latest-model-checkpoint.<ext>             model components at the last checkpoint period
-    <base>-model-checkpoint-<unit>-<index:06d>.<ext> archived model checkpoints (unit: epoch | batch)
-    <base>-training-checkpoint.<ext>                 everything needed to continue training
-    <base>-emergency-training-checkpoint.<ext>       training checkpoint written when training failed
+File names (``<base>`` is ``base_checkpoint_filename``; the extension is ``safetensors`` for every backend)::
 
-Contents: every checkpoint is a dict of plain containers (dict, list, tuple, str, int, float, bool, None) and
-the backend's arrays (torch tensors, NumPy arrays), with a header under ``"mlpug"``::
+    <base>-best-model-checkpoint.safetensors               model components at the best monitored value
+    <base>-latest-model-checkpoint.safetensors             model components at the last checkpoint period
+    <base>-model-checkpoint-<unit>-<index:06d>.safetensors archived model checkpoints (unit: epoch | batch)
+    <base>-training-checkpoint.safetensors                 everything needed to continue training
+    <base>-emergency-training-checkpoint.safetensors       training checkpoint written when training failed
 
-    {"format": "mlpug-checkpoint", "format_version": 1, "kind": "training" | "model",
+Contents: every checkpoint is a dict of plain containers (dict with str / int / float / bool / None / tuple
+keys, ``OrderedDict`` with its ``_metadata``, list, tuple, str, int, float, bool, None) and the backend's
+arrays (torch tensors of any dtype safetensors stores, bfloat16 included; NumPy arrays and scalars), with a
+header under ``"mlpug"``::
+
+    {"format": "mlpug-checkpoint", "format_version": 2, "kind": "training" | "model",
      "backend": "pytorch" | "tensorflow" | ..., "mlpug_version": str, "created_at": float (Unix seconds)}
 
 A training checkpoint is ``TrainingManager.get_state()`` plus the header (trainer state, counters, best logs,
 callback states, data order and random states); a model checkpoint holds ``model_components``,
 ``hyper_parameters``, ``progress`` (epoch, batch_step, global_iter) and the resolved ``logs`` (current values).
 
-Loading never unpickles objects: PyTorch files load with ``torch.load(weights_only=True)``, NumPy-format files
-(:class:`NumpyCheckpointSaver`, used by TensorFlow) with ``numpy.load(allow_pickle=False)``.
+File format (version 2): a `safetensors <https://github.com/huggingface/safetensors>`_ file. Its tensors are
+the checkpoint's arrays, named ``a0``, ``a1``, ... in the order they occur; its ``__metadata__`` (``Dict[str,
+str]``) holds ``"mlpug"`` (the header as JSON), ``"structure"`` (the JSON skeleton of the rest, arrays replaced
+by references) and ``"checksum"`` (``crc32:<hex>``: one CRC-32 over header, skeleton, and every array's name,
+dtype, shape and raw bytes; safetensors has no checksum of its own). See :mod:`mlpug.checkpointing.codec`.
+
+Guarantees of loading (:meth:`CheckpointSaver.load`): nothing is ever unpickled (safetensors cannot); the
+header is checked before any array is read, so a file of another backend or kind gives a clear
+:class:`CheckpointError`; the arrays are memory-mapped (``safetensors.safe_open``), then the checksum is
+verified, so one flipped byte anywhere in the arrays or the skeleton, a truncated or empty file, or a foreign
+file (an old ``.pt`` / ``.npz`` zip archive of format version 1, a pickle, random bytes) gives a
+:class:`CheckpointError` naming the file. Version 1 files cannot be loaded by this version.
 """
 
 from mlpug.checkpointing.codec import decode_plain, encode_plain
 from mlpug.checkpointing.files import (
     atomic_link_or_copy,
     atomic_write,
+    atomic_write_path,
     fsync_directory,
     remove_stale_temporary_files,
     temporary_path,
@@ -47,7 +67,6 @@ from mlpug.checkpointing.names import CheckpointFileNames
 from mlpug.checkpointing.random_state import get_random_state, register_random_state, set_random_state
 from mlpug.checkpointing.savers import CheckpointSaver, NumpyCheckpointSaver, snapshot_numpy
 from mlpug.checkpointing.writer import BackgroundWriter
-from mlpug.checkpointing.zipformat import sniff_format, verify_zip_checksums
 
 __all__ = [
     "FORMAT_NAME",
@@ -60,6 +79,7 @@ __all__ = [
     "NumpyCheckpointSaver",
     "atomic_link_or_copy",
     "atomic_write",
+    "atomic_write_path",
     "check_header",
     "decode_plain",
     "encode_plain",
@@ -70,7 +90,5 @@ __all__ = [
     "remove_stale_temporary_files",
     "set_random_state",
     "snapshot_numpy",
-    "sniff_format",
     "temporary_path",
-    "verify_zip_checksums",
 ]

@@ -14,7 +14,7 @@ class CheckpointFileNames:
     Args:
         directory: Directory of the checkpoint files.
         base_name: ``base_checkpoint_filename``, the common prefix.
-        extension: File extension without the dot (``"pt"``, ``"npz"``).
+        extension: File extension without the dot (``"safetensors"``, the saver's ``extension``).
     """
 
     directory: str

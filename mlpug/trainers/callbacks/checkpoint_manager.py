@@ -129,7 +129,7 @@ class CheckpointManager(Callback):
         _check_period(archive_last_model_checkpoint_every, "archive_last_model_checkpoint_every", allow_none=True)
         _check_period(keep_last, "keep_last", allow_none=True)
         hyper_parameters = dict(model_hyper_parameters or {})
-        encode_plain(hyper_parameters, [], "model_hyper_parameters")  # raises TypeError for non-plain values
+        encode_plain(hyper_parameters, [], "model_hyper_parameters", saver.stored_array)  # TypeError: not plain
         super().__init__(name)
 
         self.saver = saver

@@ -17,7 +17,11 @@ from typing import BinaryIO, Callable
 
 
 def fsync_directory(directory: str) -> None:
-    """``fsync`` a directory so that a rename inside it survives a power loss (no-op where unsupported)."""
+    """``fsync`` a directory so that a rename inside it survives a power loss (no-op where unsupported).
+
+    Args:
+        directory: The directory of the renamed file.
+    """
     try:
         fd = os.open(directory, os.O_RDONLY)
     except OSError:
@@ -41,6 +45,12 @@ def fsync_file(path: str) -> None:
 
     On Linux ``fsync`` of any descriptor of a file writes all of the file's dirty pages, so the file need not be
     the descriptor it was written through.
+
+    Args:
+        path: A complete, closed file.
+
+    Raises:
+        OSError: The file cannot be opened or ``fsync`` fails (e.g. an I/O error of the disk).
     """
     fd = os.open(path, os.O_RDONLY)
     try:
@@ -115,7 +125,15 @@ def atomic_link_or_copy(source: str, target: str) -> None:
 
 
 def remove_stale_temporary_files(directory: str, prefix: str) -> list:
-    """Remove ``.<prefix>*.tmp-<pid>`` files left by killed processes (pid no longer running); return them."""
+    """Remove ``.<prefix>*.tmp-<pid>`` files left by killed processes (pid no longer running).
+
+    Args:
+        directory: The checkpoint directory (a missing one has nothing to remove).
+        prefix: The base name of the files, e.g. ``base_checkpoint_filename``.
+
+    Returns:
+        The names of the removed files.
+    """
     removed = []
     if not os.path.isdir(directory):
         return removed

@@ -51,7 +51,7 @@ class CheckpointManager(Callback):
     ends on an error an *emergency training checkpoint* is written to its own file (the regular one keeps
     the last consistent state). With ``write_in_background`` the state is copied (snapshot) in the training
     thread and the files are written by a background thread; training waits only for the copy, and for the
-    previous write when it is still running. Every write is crash-safe (:func:`mlpug.checkpointing.atomic_write`).
+    previous write when it is still running. Every write is crash-safe (:func:`mlpug.checkpointing.atomic_write_path`).
 
     Place it after the callbacks that produce the monitored metric (it is a consumer).
 

@@ -8,7 +8,7 @@ setup(
     long_description_content_type="text/markdown",
     packages=find_packages(include=["mlpug", "mlpug.*"]),
     python_requires=">=3.9",
-    install_requires=["numpy"],
+    install_requires=["numpy", "safetensors==0.8.*"],
     extras_require={
         "pytorch": ["torch==2.13.0"],
         "tensorflow": ["tensorflow-cpu==2.21.*"],

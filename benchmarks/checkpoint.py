@@ -11,6 +11,11 @@ Variants, interleaved in every repetition (so load from other processes affects 
   ``get_state`` + snapshot copy to host memory + starting the writer thread.
 * ``mlpug background total``: blocked time + the background write until the file is durable (the shortest
   checkpoint period that never blocks on the previous write).
+* ``load``: ``saver.load(path)`` of the training checkpoint just written (memory-mapped safetensors read, header
+  check, CRC-32 verification of every byte, structure decoding); the file is in the page cache. No ratio: it
+  is not a save.
+
+mlpug writes safetensors files (checkpoint format version 2); the ``plain`` baselines are unchanged.
 
     python benchmarks/checkpoint.py --backend pytorch --repetitions 7
 """
@@ -100,7 +105,9 @@ def measure(backend: str, repetitions: int, directory: str) -> dict:
     if backend == "pytorch":
         variants["plain+fsync"] = lambda: plain(os.path.join(directory, "plain-fsync"), fsync=True)
     variants["mlpug sync"] = mlpug_sync
-    times: dict = {name: [] for name in [*variants, "mlpug blocked", "mlpug background total"]}
+    variants["load"] = lambda: saver.load(path)
+    names = [name for name in variants if name != "load"] + ["mlpug blocked", "mlpug background total", "load"]
+    times: dict = {name: [] for name in names}  # the order of the table
     mlpug_sync()  # warm up every path once
     mlpug_background()
     for function in variants.values():
@@ -114,7 +121,7 @@ def measure(backend: str, repetitions: int, directory: str) -> dict:
         times["mlpug blocked"].append(blocked)
         times["mlpug background total"].append(total)
     size = os.path.getsize(path)
-    return {"num_parameters": num_parameters, "file_bytes": size, "times": times}
+    return {"num_parameters": num_parameters, "file_bytes": size, "file": os.path.basename(path), "times": times}
 
 
 def main(argv=None) -> None:
@@ -123,18 +130,22 @@ def main(argv=None) -> None:
     parser.add_argument("--repetitions", type=int, default=7)
     parser.add_argument("--dir", default=None, help="directory to write into (default: a temporary one)")
     args = parser.parse_args(argv)
+    import mlpug  # the copy measured (run from another checkout: PYTHONPATH=. python benchmarks/checkpoint.py)
+
     with tempfile.TemporaryDirectory(dir=args.dir) as directory:
         result = measure(args.backend, args.repetitions, directory)
     times = result["times"]
     baseline = statistics.median(times["plain"])
     print(f"command: {' '.join([os.path.basename(sys.executable), *sys.argv])}")
     print(f"machine: {platform.platform()}, {os.cpu_count()} CPUs, Python {platform.python_version()}")
+    print(f"mlpug: {os.path.dirname(mlpug.__file__)}, checkpoint file {result['file']}")
     print(f"backend: {args.backend}, {result['num_parameters']:,} parameters, training checkpoint "
           f"{result['file_bytes'] / 1e6:.1f} MB, {args.repetitions} repetitions")  # fmt: skip
     print(f"{'variant':<24} {'min s':>8} {'median s':>9} {'median / plain':>15}")
     for name, values in times.items():
         median = statistics.median(values)
-        print(f"{name:<24} {min(values):>8.3f} {median:>9.3f} {median / baseline:>15.2f}")
+        ratio = "-" if name == "load" else f"{median / baseline:.2f}"
+        print(f"{name:<24} {min(values):>8.3f} {median:>9.3f} {ratio:>15}")
 
 
 if __name__ == "__main__":

@@ -1,10 +1,12 @@
-"""PyTorch checkpoint files: ``torch.save`` written crash-safely, loaded with ``torch.load(weights_only=True)``.
+"""PyTorch checkpoint files: safetensors files written with ``safetensors.torch``, memory-mapped when loaded.
 
 Checkpoints hold only tensors and plain containers (whatever ``trainer.get_state()`` returns: module and
-optimizer ``state_dict``s, an AMP ``GradScaler`` state, ...), so loading never unpickles arbitrary objects.
+optimizer ``state_dict``s, an AMP ``GradScaler`` state, ...); tensors keep their dtype (bfloat16 and float8
+included) and loading never unpickles anything. The structure codec, checksum and header checks are the
+neutral ones of :class:`mlpug.checkpointing.CheckpointSaver`; this module supplies the tensor hooks.
 Importing this module registers the torch random state (CPU generator, and every CUDA device's generator
 when CUDA is initialised) with :func:`mlpug.checkpointing.register_random_state`.
-See :mod:`mlpug.checkpointing` for file names, contents and the write protocol.
+See :mod:`mlpug.checkpointing` for file names, contents, format and the write protocol.
 """
 
 from __future__ import annotations
@@ -12,15 +14,28 @@ from __future__ import annotations
 import collections
 import copy
 import logging
-import pickle
-from typing import Any, BinaryIO, Optional
+from typing import Any, Optional
 
+import numpy as np
+import safetensors
+import safetensors.torch
 import torch
 
-from mlpug.checkpointing import CheckpointError, register_random_state, sniff_format, verify_zip_checksums
 from mlpug.checkpointing import CheckpointSaver as _NeutralCheckpointSaver
+from mlpug.checkpointing import register_random_state
 
 _log = logging.getLogger("mlpug.pytorch.checkpointing")
+
+# torch dtypes that safetensors both writes and reads back
+_DTYPES = frozenset(
+    getattr(torch, name)
+    for name in (
+        "bool", "uint8", "int8", "int16", "int32", "int64", "uint16", "uint32", "uint64",
+        "float16", "bfloat16", "float32", "float64", "complex64",
+        "float8_e4m3fn", "float8_e4m3fnuz", "float8_e5m2", "float8_e5m2fnuz",
+    )
+    if hasattr(torch, name)
+)  # fmt: skip
 
 
 def snapshot_tensors(state: Any, buffers: Optional[dict] = None, path: tuple = ()) -> Any:
@@ -60,54 +75,61 @@ def snapshot_tensors(state: Any, buffers: Optional[dict] = None, path: tuple = (
 
 
 class CheckpointSaver(_NeutralCheckpointSaver):
-    """Writes checkpoints with ``torch.save`` (zip format, ``.pt``) and reads them with ``weights_only=True``.
+    """Writes checkpoints with ``safetensors.torch.save_file`` and memory-maps them with ``safetensors.safe_open``.
+
+    Tensors are stored as they are (dtype, shape; non-contiguous ones are made contiguous, tensors of other
+    devices copied to CPU, and tensors sharing memory with an earlier one of the same checkpoint copied, which
+    safetensors requires). Loaded tensors are new tensors on ``map_location``; sharing between tensors is not
+    restored (``load_state_dict`` copies values anyway).
 
     Args:
-        map_location: Where loaded tensors are placed; default CPU (``load_state_dict`` then copies them to the
-            parameters' devices).
+        map_location: The device loaded tensors are placed on: ``"cpu"`` (default; ``load_state_dict`` then
+            copies them to the parameters' devices), ``"cuda:0"``, a device index or a ``torch.device``. Unlike
+            ``torch.load``, a dict or a function is not accepted.
         reuse_buffers: :meth:`snapshot` copies into the host buffers of the previous snapshot (same structure,
             shapes and dtypes), so a snapshot is valid until the next one; the ``CheckpointManager`` waits for
             the previous write before it snapshots again. Costs one host copy of the state; saves allocating
             (and page-faulting) it at every checkpoint.
-        verify_checksums: Before loading, check the CRC-32 of every member of the zip archive (one extra read
-            of the file), so that corrupted bytes give an error instead of silently wrong tensors.
+
+    Raises:
+        RuntimeError: ``map_location`` is not a device torch knows.
     """
 
     backend = "pytorch"
-    extension = "pt"
 
-    def __init__(self, map_location: Any = "cpu", reuse_buffers: bool = True, verify_checksums: bool = True):
+    def __init__(self, map_location: Any = "cpu", reuse_buffers: bool = True):
         self.map_location = map_location
         self.reuse_buffers = reuse_buffers
-        self.verify_checksums = verify_checksums
+        self._device = str(torch.device(map_location))
         self._buffers: dict = {}
 
     def snapshot(self, state: Any) -> Any:
         return snapshot_tensors(state, self._buffers if self.reuse_buffers else None)
 
-    def write(self, checkpoint: dict, file: BinaryIO) -> None:
-        torch.save(checkpoint, file)
-
-    def read(self, path: str) -> dict:
-        file_format = sniff_format(path)
-        if file_format == "numpy":
-            raise CheckpointError(
-                f"{path} is a NumPy-format (.npz) checkpoint, written by another backend (e.g. tensorflow), but is "
-                "loaded with the 'pytorch' backend; load it with that backend (import mlpug.tensorflow as mlp)"
+    def stored_array(self, value: Any, where: str) -> Optional[torch.Tensor]:
+        if not isinstance(value, torch.Tensor):
+            return None
+        if value.dtype not in _DTYPES or value.layout != torch.strided:
+            raise TypeError(
+                f"{where} is a {value.layout} tensor of dtype {value.dtype}; checkpoint files hold dense tensors "
+                f"of the dtypes {', '.join(sorted(str(dtype) for dtype in _DTYPES))}"
             )
-        if self.verify_checksums:
-            verify_zip_checksums(path)
-        try:
-            return torch.load(path, map_location=self.map_location, weights_only=True)
-        except pickle.UnpicklingError as error:
-            raise CheckpointError(
-                f"{path} holds pickled objects that weights_only loading refuses (checkpoints may hold only tensors "
-                f"and plain containers): {error}"
-            ) from error
-        except Exception as error:
-            raise CheckpointError(
-                f"checkpoint file {path} is truncated or corrupt: {type(error).__name__}: {error}"
-            ) from error
+        return value.detach().to("cpu").contiguous()
+
+    def array_bytes(self, array: torch.Tensor) -> np.ndarray:
+        return array.reshape(-1).view(torch.uint8).cpu().numpy()  # a view for contiguous CPU tensors
+
+    def save_arrays(self, arrays: dict[str, Any], metadata: dict[str, str], path: str) -> None:
+        storages: set = set()
+        unshared = {}
+        for name, tensor in arrays.items():
+            storage = tensor.untyped_storage().data_ptr()
+            unshared[name] = tensor.clone() if storage in storages else tensor
+            storages.add(storage)
+        safetensors.torch.save_file(unshared, path, metadata=metadata)
+
+    def open_file(self, path: str) -> Any:
+        return safetensors.safe_open(path, framework="pt", device=self._device)
 
 
 def load_training_checkpoint(path: str) -> dict:
@@ -116,7 +138,7 @@ def load_training_checkpoint(path: str) -> dict:
     Pass the result to ``manager.set_state(...)`` or ``TrainingManager(..., resume_from=...)``.
 
     Args:
-        path: The training checkpoint file (``<base>-training-checkpoint.pt``).
+        path: The training checkpoint file (``<base>-training-checkpoint.safetensors``).
 
     Returns:
         The training state (``TrainingManager.get_state()`` plus the ``"mlpug"`` header, whose ``"path"`` is set).

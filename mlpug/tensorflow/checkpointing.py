@@ -1,8 +1,9 @@
-"""TensorFlow checkpoint files: NumPy arrays in plain containers, as ``.npz`` archives loaded without pickle.
+"""TensorFlow checkpoint files: NumPy arrays in plain containers, as safetensors files (``safetensors.numpy``).
 
 ``trainer.get_state()`` of the TensorFlow ``DefaultTrainer`` returns NumPy arrays in plain containers; tensors
-and variables found anywhere in a state are converted to NumPy when the state is snapshotted. The format is
-:class:`mlpug.checkpointing.NumpyCheckpointSaver`'s (loaded with ``numpy.load(allow_pickle=False)``).
+and variables found anywhere in a state are converted to NumPy when the state is snapshotted. The saver is
+:class:`mlpug.checkpointing.NumpyCheckpointSaver` (the format of every backend, see :mod:`mlpug.checkpointing`;
+loading memory-maps the file and never unpickles).
 
 Random state: importing this module registers TensorFlow's *global generator*
 (``tf.random.get_global_generator()``: its state and algorithm). The states of the Keras ``SeedGenerator``
@@ -35,7 +36,7 @@ def to_numpy(state: Any) -> Any:
 
 
 class CheckpointSaver(NumpyCheckpointSaver):
-    """Writes TensorFlow checkpoints as ``.npz`` archives (see :class:`mlpug.checkpointing.NumpyCheckpointSaver`)."""
+    """Writes TensorFlow checkpoints as safetensors files (see :class:`mlpug.checkpointing.NumpyCheckpointSaver`)."""
 
     def __init__(self):
         super().__init__(backend="tensorflow", to_numpy=to_numpy)
@@ -47,7 +48,7 @@ def load_training_checkpoint(path: str) -> dict:
     Pass the result to ``manager.set_state(...)`` or ``TrainingManager(..., resume_from=...)``.
 
     Args:
-        path: The training checkpoint file (``<base>-training-checkpoint.npz``).
+        path: The training checkpoint file (``<base>-training-checkpoint.safetensors``).
 
     Returns:
         The training state (``TrainingManager.get_state()`` plus the ``"mlpug"`` header, whose ``"path"`` is set).

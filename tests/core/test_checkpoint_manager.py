@@ -1,11 +1,17 @@
 """CheckpointManager, crash-safe files and resume on the pure-Python fake backend (NumPy-format saver)."""
 
+import collections
+import json
 import os
+import pickle
 import random
 import signal
+import struct
 
 import numpy as np
 import pytest
+import safetensors
+import safetensors.numpy
 
 from mlpug.checkpointing import (
     CheckpointError,
@@ -84,7 +90,10 @@ def test_atomic_write_keeps_the_old_file_when_writing_fails(tmp_path):
 
 
 def test_stale_temporary_files_of_dead_processes_are_removed(tmp_path):
-    dead, alive = tmp_path / ".model-training-checkpoint.npz.tmp-999999999", tmp_path / f".model-x.tmp-{os.getpid()}"
+    dead, alive = (
+        tmp_path / ".model-training-checkpoint.safetensors.tmp-999999999",
+        tmp_path / f".model-x.tmp-{os.getpid()}",
+    )
     dead.write_bytes(b"x")
     alive.write_bytes(b"x")
     assert remove_stale_temporary_files(str(tmp_path), "model") == [dead.name]
@@ -93,50 +102,116 @@ def test_stale_temporary_files_of_dead_processes_are_removed(tmp_path):
 
 def test_numpy_saver_round_trip_preserves_structure_and_refuses_objects(tmp_path):
     saver = NumpyCheckpointSaver()
+    ordered = collections.OrderedDict([("b", np.ones(2)), ("a", 1)])
+    ordered._metadata = collections.OrderedDict([("", {"version": 1})])
     state = {
         "mlpug": make_header("training", "numpy"),
-        "nested": {0: (1, 2.5, None), "nan": float("nan"), "flag": True, "text": "é"},
-        "arrays": [np.arange(6, dtype=np.float32).reshape(2, 3), np.int64(7)],
+        "nested": {0: (1, 2.5, None), "nan": float("nan"), "flag": True, "text": "é", (1, "x"): [], None: 0},
+        "arrays": [np.arange(6, dtype=np.float32).reshape(2, 3), np.int64(7), np.float64(0.5), np.asarray(3.0)],
+        "more": [np.arange(6, dtype=np.int16).reshape(2, 3).T, np.zeros((0, 2)), np.arange(3, dtype=">i4")],
+        "ordered": ordered,
         "big": 2**70,
     }
-    path = str(tmp_path / "state.npz")
+    path = str(tmp_path / "state.safetensors")
     saver.save(state, path)
     loaded = saver.load(path, kind="training")
-    assert loaded["nested"][0] == (1, 2.5, None)
+    assert list(loaded) == list(state) and list(loaded["nested"]) == list(state["nested"])
+    assert loaded["nested"][0] == (1, 2.5, None) and loaded["nested"][(1, "x")] == [] and loaded["nested"][None] == 0
     assert np.isnan(loaded["nested"]["nan"]) and loaded["nested"]["flag"] is True and loaded["nested"]["text"] == "é"
     assert loaded["arrays"][0].dtype == np.float32 and np.array_equal(loaded["arrays"][0], state["arrays"][0])
     assert loaded["arrays"][1] == 7 and isinstance(loaded["arrays"][1], np.int64)
-    assert loaded["big"] == 2**70 and loaded["mlpug"]["path"] == path
+    assert loaded["arrays"][2] == 0.5 and isinstance(loaded["arrays"][2], np.float64)
+    assert isinstance(loaded["arrays"][3], np.ndarray) and loaded["arrays"][3].shape == () and loaded["arrays"][3] == 3
+    for expected, actual in zip(state["more"], loaded["more"]):
+        assert actual.shape == expected.shape and np.array_equal(actual, expected)
+    assert type(loaded["ordered"]) is collections.OrderedDict and list(loaded["ordered"]) == ["b", "a"]
+    assert loaded["ordered"]._metadata == {"": {"version": 1}}
+    assert loaded["big"] == 2**70 and loaded["mlpug"]["path"] == path and loaded["mlpug"]["format_version"] == 2
     with pytest.raises(TypeError, match=r"checkpoint\['callbacks'\]\['x'\] is a builtins.object"):
-        saver.save({"callbacks": {"x": object()}}, str(tmp_path / "bad.npz"))
+        saver.save({"callbacks": {"x": object()}}, str(tmp_path / "bad.safetensors"))
+    with pytest.raises(TypeError, match=r"checkpoint\['x'\] is a NumPy array of dtype <U1; .* float32"):
+        saver.save({"mlpug": make_header("model", "numpy"), "x": np.array(["a"])}, str(tmp_path / "bad.safetensors"))
+    assert not (tmp_path / "bad.safetensors").exists()
     with pytest.raises(CheckpointError, match="is a training checkpoint, expected a model checkpoint"):
         saver.load(path, kind="model")
     with pytest.raises(CheckpointError, match="written by the 'numpy' backend"):
         NumpyCheckpointSaver(backend="tensorflow").load(path)
 
 
-def test_truncated_empty_and_foreign_files_give_errors_naming_the_file(tmp_path):
+def test_files_are_safetensors_with_header_structure_and_checksum_metadata(tmp_path):
+    path = str(tmp_path / "state.safetensors")
+    NumpyCheckpointSaver().save({"mlpug": make_header("model", "numpy"), "w": [np.ones(3), np.zeros(2)]}, path)
+    with safetensors.safe_open(path, framework="np") as file:
+        metadata, names = file.metadata(), sorted(file.keys())
+    assert names == ["a0", "a1"] and sorted(metadata) == ["checksum", "mlpug", "structure"]
+    assert json.loads(metadata["mlpug"])["format"] == "mlpug-checkpoint"
+    assert json.loads(metadata["structure"]) == {"__dict__": [["w", [{"__array__": 0}, {"__array__": 1}]]]}
+    assert metadata["checksum"].startswith("crc32:")
+
+
+def _data_start(content: bytes) -> int:
+    """Offset of the array data in a safetensors file: after the 8-byte length and the JSON header."""
+    return 8 + struct.unpack("<Q", content[:8])[0]
+
+
+class Hostile:
+    """Unpickling it would create a file (what an attacker would make run any code)."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+def test_truncated_corrupt_empty_and_foreign_files_give_errors_naming_the_file(tmp_path):
     saver = NumpyCheckpointSaver()
-    path = str(tmp_path / "state.npz")
-    saver.save({"mlpug": make_header("model", "numpy"), "weights": np.ones(1000)}, path)
+    path = str(tmp_path / "state.safetensors")
+    saver.save({"mlpug": make_header("model", "numpy"), "weights": np.ones(1000), "step": 12345}, path)
     data = open(path, "rb").read()
-    for name, content in (("truncated.npz", data[: len(data) // 2]), ("empty.npz", b""), ("text.npz", b"hello")):
+    start = _data_start(data)
+    flipped_data, flipped_structure = bytearray(data), bytearray(data)
+    flipped_data[start + (len(data) - start) // 2] ^= 0x01  # one bit of an array value
+    flipped_structure[data.index(b"12345")] ^= 0x01  # "12345" -> "02345" in the skeleton: still valid JSON
+    cases = {
+        "half.safetensors": data[: len(data) // 2],
+        "header-only.safetensors": data[:start],
+        "eight-bytes.safetensors": data[:8],
+        "empty.safetensors": b"",
+        "text.safetensors": b"hello",
+        "random.safetensors": np.random.default_rng(0).bytes(5000),
+        "flipped-data.safetensors": bytes(flipped_data),
+        "flipped-structure.safetensors": bytes(flipped_structure),
+    }
+    for name, content in cases.items():
         (tmp_path / name).write_bytes(content)
-        with pytest.raises(CheckpointError, match="truncated or corrupt") as raised:
+        expected = "corrupt" if name.startswith("flipped") else "truncated or corrupt"
+        with pytest.raises(CheckpointError, match=expected) as raised:
             saver.load(str(tmp_path / name))
         assert name in str(raised.value)
+    assert saver.load(path)["step"] == 12345  # the original is fine
+
+    marker = tmp_path / "pwned"
+    (tmp_path / "hostile.safetensors").write_bytes(pickle.dumps({"mlpug": Hostile(str(marker))}))
     np.savez(tmp_path / "plain.npz", x=np.ones(2))
-    with pytest.raises(CheckpointError, match="is not an mlpug numpy checkpoint"):
-        saver.load(str(tmp_path / "plain.npz"))
+    foreign = {"hostile.safetensors": "it is a pickle", "plain.npz": "it is a zip archive"}
+    for name, what in foreign.items():
+        with pytest.raises(CheckpointError, match=f"is not an mlpug numpy checkpoint: {what}") as raised:
+            saver.load(str(tmp_path / name))
+        assert name in str(raised.value)
+    assert not marker.exists()  # nothing was unpickled
+    safetensors.numpy.save_file({"x": np.ones(2)}, str(tmp_path / "other.safetensors"))
+    with pytest.raises(CheckpointError, match="is not an mlpug checkpoint"):
+        saver.load(str(tmp_path / "other.safetensors"))
 
 
 def test_file_names_are_stable():
-    names = CheckpointFileNames("/ckpt", "run", "pt")
-    assert names.best_model == "/ckpt/run-best-model-checkpoint.pt"
-    assert names.latest_model == "/ckpt/run-latest-model-checkpoint.pt"
-    assert names.training == "/ckpt/run-training-checkpoint.pt"
-    assert names.emergency_training == "/ckpt/run-emergency-training-checkpoint.pt"
-    assert names.archived_model("epoch", 3) == "/ckpt/run-model-checkpoint-epoch-000003.pt"
+    names = CheckpointFileNames("/ckpt", "run", "safetensors")
+    assert names.best_model == "/ckpt/run-best-model-checkpoint.safetensors"
+    assert names.latest_model == "/ckpt/run-latest-model-checkpoint.safetensors"
+    assert names.training == "/ckpt/run-training-checkpoint.safetensors"
+    assert names.emergency_training == "/ckpt/run-emergency-training-checkpoint.safetensors"
+    assert names.archived_model("epoch", 3) == "/ckpt/run-model-checkpoint-epoch-000003.safetensors"
 
 
 # ----- arguments -----
@@ -175,16 +250,16 @@ def test_files_archives_and_keep_last(tmp_path):
     manager, *_ = build(tmp_path, batch_level=False, archive_last_model_checkpoint_every=1, keep_last=2, num_epochs=4)
     manager.start_training()
     assert sorted(os.listdir(tmp_path)) == [
-        "model-best-model-checkpoint.npz",
-        "model-latest-model-checkpoint.npz",
-        "model-model-checkpoint-epoch-000003.npz",
-        "model-model-checkpoint-epoch-000004.npz",
-        "model-training-checkpoint.npz",
+        "model-best-model-checkpoint.safetensors",
+        "model-latest-model-checkpoint.safetensors",
+        "model-model-checkpoint-epoch-000003.safetensors",
+        "model-model-checkpoint-epoch-000004.safetensors",
+        "model-training-checkpoint.safetensors",
     ]
     saver = NumpyCheckpointSaver()
-    archived = saver.load(str(tmp_path / "model-model-checkpoint-epoch-000003.npz"), kind="model")
+    archived = saver.load(str(tmp_path / "model-model-checkpoint-epoch-000003.safetensors"), kind="model")
     assert archived["progress"]["epoch"] == 2 and archived["progress"]["global_iter"] == 3 * NUM_BATCHES - 1
-    training = saver.load(str(tmp_path / "model-training-checkpoint.npz"), kind="training")
+    training = saver.load(str(tmp_path / "model-training-checkpoint.safetensors"), kind="training")
     assert (training["epoch"], training["batch_step"], training["global_iter"]) == (4, 0, 4 * NUM_BATCHES)
 
 
@@ -320,10 +395,12 @@ def test_resume_from_validation(tmp_path):
 def test_mismatching_states_name_the_file(tmp_path):
     first, *_ = build(tmp_path, stop_at=2)
     first.start_training()
-    path = str(tmp_path / "model-training-checkpoint.npz")
+    path = str(tmp_path / "model-training-checkpoint.safetensors")
     state = NumpyCheckpointSaver().load(path)
     manager, *_ = build(tmp_path / "other", data=make_data(seed=6))
-    with pytest.raises(ValueError, match=r"model-training-checkpoint.npz: the training data order differs.*seed: 5"):
+    with pytest.raises(
+        ValueError, match=r"model-training-checkpoint.safetensors: the training data order differs.*seed: 5"
+    ):
         manager.set_state(state)
     trainer, _ = make_trainer()
     other = TrainingManager(trainer, make_data(), num_batches_per_epoch=2, callbacks=manager.callbacks[:0])
@@ -358,7 +435,7 @@ def test_resume_from_a_checkpoint_written_before_the_epoch_end_hooks_runs_them(t
     straight, straight_model, straight_draws, _ = build(tmp_path / "straight", num_epochs=2)
     straight.start_training()
 
-    copy_path = tmp_path / "copy-training-checkpoint.npz"
+    copy_path = tmp_path / "copy-training-checkpoint.safetensors"
     epochs_completed = []
 
     class Probe(Callback):
@@ -366,7 +443,7 @@ def test_resume_from_a_checkpoint_written_before_the_epoch_end_hooks_runs_them(t
 
         def on_batch_checkpoint(self, logs):  # after the CheckpointManager wrote this batch's checkpoint
             if logs["current"]["global_iter"] == NUM_BATCHES - 1:
-                copy_path.write_bytes((tmp_path / "first" / "model-training-checkpoint.npz").read_bytes())
+                copy_path.write_bytes((tmp_path / "first" / "model-training-checkpoint.safetensors").read_bytes())
                 self.training_manager.stop_training()
 
         def on_epoch_completed(self, logs):

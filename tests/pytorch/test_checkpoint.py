@@ -1,6 +1,8 @@
-"""PyTorch checkpoints: exact resume with DataLoader + dropout + float16 loss scaling + chunks, safe loading."""
+"""PyTorch checkpoints: exact resume with DataLoader + dropout + float16 loss scaling + chunks, format, safe loading."""
 
 import fractions
+import os
+import pickle
 
 import numpy as np
 import pytest
@@ -105,31 +107,94 @@ def test_snapshot_is_independent_of_later_training(tmp_path):
     snapshot = saver.snapshot({"mlpug": make_header("model", "pytorch"), "model": state})
     with torch.no_grad():
         module.weight.add_(1.0)
-    path = str(tmp_path / "m.pt")
+    path = str(tmp_path / "m.safetensors")
     saver.save(snapshot, path)
     loaded = saver.load(path, kind="model")
     assert torch.equal(loaded["model"]["weight"], before) and not torch.equal(before, module.weight.detach())
-    assert hasattr(loaded["model"], "_metadata")  # state_dict version metadata survives
+    assert loaded["model"]._metadata == state._metadata  # state_dict version metadata survives
 
 
-def test_pickled_objects_are_refused(tmp_path):
-    path = str(tmp_path / "evil.pt")
-    torch.save({"mlpug": make_header("training", "pytorch"), "value": fractions.Fraction(1, 3)}, path)
-    with pytest.raises(CheckpointError, match="pickled objects that weights_only loading refuses"):
-        mlp.load_training_checkpoint(path)
+def test_round_trip_keeps_dtypes_structure_and_saves_shared_and_non_contiguous_tensors(tmp_path):
+    module = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Linear(4, 3)).to(torch.bfloat16)
+    module[1].weight = torch.nn.Parameter(module[0].weight.detach().T)  # tied: shares memory, not contiguous
+    optimizer = torch.optim.Adam(module.parameters())
+    module(torch.ones(2, 3, dtype=torch.bfloat16)).sum().backward()
+    optimizer.step()
+    big = torch.arange(12.0).reshape(3, 4)
+    state = {
+        "mlpug": make_header("training", "pytorch"),
+        "model": module.state_dict(),
+        "optimizer": optimizer.state_dict(),  # int keys, 0-d step tensors
+        "views": (big, big[1], big.T, big[:, 1]),
+        "scalars": [torch.tensor(7), torch.tensor(0.5, dtype=torch.float64), torch.zeros(0, 2), torch.tensor([True])],
+        "plain": {None: 1, 2.5: "x", (1, "a"): [1.5, float("inf")]},
+    }
+    path = str(tmp_path / "state.safetensors")
+    mlp.checkpointing.CheckpointSaver(reuse_buffers=False).save(state, path)  # without a snapshot copy
+    loaded = mlp.load_training_checkpoint(path)
+    assert type(loaded["model"]) is type(state["model"]) and loaded["model"]._metadata == state["model"]._metadata
+    assert all(loaded["model"][key].dtype == torch.bfloat16 for key in state["model"])
+    assert all(torch.equal(loaded["model"][key], value) for key, value in state["model"].items())
+    assert sorted(loaded["optimizer"]["state"]) == [0, 1, 2, 3] and loaded["optimizer"]["param_groups"][0]["params"]
+    assert loaded["optimizer"]["state"][0]["step"].shape == () and loaded["optimizer"]["state"][0]["step"] == 1
+    assert isinstance(loaded["views"], tuple) and all(
+        torch.equal(a, b) for a, b in zip(loaded["views"], state["views"])
+    )
+    for expected, actual in zip(state["scalars"], loaded["scalars"]):
+        assert actual.dtype == expected.dtype and actual.shape == expected.shape and torch.equal(actual, expected)
+    assert loaded["plain"] == state["plain"]
+    fresh = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Linear(4, 3)).to(torch.bfloat16)
+    fresh.load_state_dict(loaded["model"])
+    torch.optim.Adam(fresh.parameters()).load_state_dict(loaded["optimizer"])
+    with pytest.raises(TypeError, match=r"checkpoint\['x'\] is a numpy.ndarray"):
+        mlp.checkpointing.CheckpointSaver().save({"mlpug": make_header("model", "pytorch"), "x": np.ones(2)}, path)
+    with pytest.raises(TypeError, match=r"checkpoint\['x'\] is a torch.strided tensor of dtype torch.complex128"):
+        mlp.checkpointing.CheckpointSaver().save(
+            {"mlpug": make_header("model", "pytorch"), "x": torch.zeros(2, dtype=torch.complex128)}, path
+        )
+
+
+class Hostile:
+    """Unpickling it would create a file (what an attacker would make run any code)."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+def test_pickles_and_old_torch_save_files_are_never_unpickled(tmp_path):
+    marker = str(tmp_path / "pwned")
+    old = str(tmp_path / "old.pt")
+    torch.save({"mlpug": make_header("training", "pytorch"), "value": fractions.Fraction(1, 3)}, old)
+    with pytest.raises(CheckpointError, match="old.pt is not an mlpug pytorch checkpoint: it is a zip archive"):
+        mlp.load_training_checkpoint(old)
+    hostile = str(tmp_path / "hostile.safetensors")
+    with open(hostile, "wb") as file:
+        pickle.dump({"mlpug": Hostile(marker)}, file)
+    with pytest.raises(CheckpointError, match="hostile.safetensors is not an mlpug pytorch checkpoint: it is a pickle"):
+        mlp.load_training_checkpoint(hostile)
+    zipped = str(tmp_path / "hostile.pt")
+    torch.save({"mlpug": Hostile(marker)}, zipped)
+    with pytest.raises(CheckpointError, match="hostile.pt is not an mlpug pytorch checkpoint: it is a zip archive"):
+        mlp.load_training_checkpoint(zipped)
+    assert not os.path.exists(marker)
 
 
 def test_wrong_backend_is_named(tmp_path):
-    path = str(tmp_path / "tf-like.npz")
+    path = str(tmp_path / "tf-like.safetensors")
     NumpyCheckpointSaver(backend="tensorflow").save(
         {"mlpug": make_header("training", "tensorflow"), "x": np.ones(2)}, path
     )
-    with pytest.raises(CheckpointError, match="NumPy-format .* loaded with the 'pytorch' backend"):
+    with pytest.raises(CheckpointError, match="written by the 'tensorflow' backend, but is loaded with the 'pytorch'"):
         mlp.load_training_checkpoint(path)
-    torch_path = str(tmp_path / "model.pt")
-    mlp.checkpointing.CheckpointSaver().save({"mlpug": make_header("model", "pytorch")}, torch_path)
-    with pytest.raises(CheckpointError, match="is a PyTorch checkpoint, but is loaded with the 'tensorflow'"):
-        NumpyCheckpointSaver(backend="tensorflow").load(torch_path)
+    torch_path = str(tmp_path / "model.safetensors")
+    mlp.checkpointing.CheckpointSaver().save(
+        {"mlpug": make_header("model", "pytorch"), "w": torch.ones(2, dtype=torch.bfloat16)}, torch_path
+    )
+    with pytest.raises(CheckpointError, match="written by the 'pytorch' backend, but is loaded with the 'tensorflow'"):
+        NumpyCheckpointSaver(backend="tensorflow").load(torch_path)  # its bfloat16 array is never read
 
 
 def test_torch_random_state_round_trip():
@@ -145,7 +210,7 @@ def test_torch_random_state_round_trip():
 def test_random_states_are_plain_so_every_saver_stores_them(tmp_path):
     from mlpug.checkpointing import get_random_state
 
-    path = str(tmp_path / "random.npz")
+    path = str(tmp_path / "random.safetensors")
     saver = NumpyCheckpointSaver()
     saver.save({"mlpug": make_header("training", "numpy"), "random": get_random_state()}, path)
     assert saver.load(path)["random"]["torch"]["cpu"] == torch.get_rng_state().tolist()

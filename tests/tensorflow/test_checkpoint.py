@@ -1,10 +1,12 @@
-"""TensorFlow checkpoints: random state, tf.data fallback (skipping with a warning), npz safety."""
+"""TensorFlow checkpoints: random state, tf.data fallback (skipping with a warning), safetensors files."""
 
+import json
 import logging
 import os
 
 import numpy as np
 import pytest
+import safetensors
 import tensorflow as tf
 
 import mlpug.tensorflow as mlp
@@ -55,17 +57,18 @@ def test_tf_data_resume_skips_batches_with_a_warning_and_stays_exact(tmp_path, c
     assert all(np.array_equal(a, b) for a, b in zip(weights, straight_weights))
 
 
-def test_npz_checkpoints_hold_no_pickles_and_name_the_backend(tmp_path):
+def test_checkpoints_are_safetensors_files_and_name_the_backend(tmp_path):
     saver = mlp.checkpointing.CheckpointSaver()
-    path = str(tmp_path / "state.npz")
+    path = str(tmp_path / "state.safetensors")
+    assert saver.extension == "safetensors"
     saver.save(saver.snapshot({"mlpug": make_header("model", "tensorflow"), "w": tf.ones([2, 2])}), path)
-    with np.load(path, allow_pickle=False) as archive:  # loads without pickle
-        assert "a0" in archive.files
+    with safetensors.safe_open(path, framework="np") as file:  # a plain safetensors file: no pickle anywhere
+        assert list(file.keys()) == ["a0"] and json.loads(file.metadata()["mlpug"])["backend"] == "tensorflow"
     assert np.array_equal(mlp.load_model_checkpoint(path)["w"], np.ones([2, 2], np.float32))
     with pytest.raises(CheckpointError, match="is a model checkpoint, expected a training checkpoint"):
         mlp.load_training_checkpoint(path)
     with pytest.raises(CheckpointError, match="does not exist"):
-        mlp.load_training_checkpoint(os.path.join(str(tmp_path), "missing.npz"))
+        mlp.load_training_checkpoint(os.path.join(str(tmp_path), "missing.safetensors"))
 
 
 def _train_with_dropout(directory, eager, stop_at=None, resume_from=None, seed=0):

@@ -1,4 +1,4 @@
-"""PyTorch ``CheckpointManager``: the neutral one with the PyTorch saver (``.pt`` files, ``weights_only`` loading)."""
+"""PyTorch ``CheckpointManager``: the neutral one with the PyTorch saver (safetensors files, no pickle)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""TensorFlow ``CheckpointManager``: the neutral one with the TensorFlow saver (``.npz`` files, no pickle).
+"""TensorFlow ``CheckpointManager``: the neutral one with the TensorFlow saver (safetensors files, no pickle).
 
 The states of the Keras seed generators (dropout etc.) are part of ``trainer.get_state()`` (see
 :mod:`mlpug.tensorflow.trainers.seed_generators`), so they are saved and restored with the trainer state.

@@ -56,7 +56,7 @@ class CheckpointManager(Callback, TrainingStateLoader):
     (the regular one keeps the last consistent state). With ``write_in_background`` the state is copied
     (snapshot) in the training thread and the files are written by a background thread; training waits only
     for the copy, and for the previous write when it is still running. Every write is crash-safe
-    (:func:`mlpug.checkpointing.atomic_write`).
+    (:func:`mlpug.checkpointing.atomic_write_path`).
 
     As a :class:`~mlpug.trainers.resume.TrainingStateLoader` it resolves ``TrainingManager(resume_from=...)``:
     ``"latest"`` is its training checkpoint file.
@@ -135,7 +135,7 @@ class CheckpointManager(Callback, TrainingStateLoader):
         _check_period(archive_last_model_checkpoint_every, "archive_last_model_checkpoint_every", allow_none=True)
         _check_period(keep_last, "keep_last", allow_none=True)
         hyper_parameters = dict(model_hyper_parameters or {})
-        encode_plain(hyper_parameters, [], "model_hyper_parameters")  # raises TypeError for non-plain values
+        encode_plain(hyper_parameters, [], "model_hyper_parameters", saver.stored_array)  # TypeError: not plain
         super().__init__(name)
 
         self.saver = saver

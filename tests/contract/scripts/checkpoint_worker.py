@@ -155,7 +155,6 @@ def crash_mode(args) -> None:
     for module in WARM_UP_IMPORTS.get(args.backend, ()):  # lazily imported modules, so each child starts fast
         importlib.import_module(module)
     rng = random.Random(args.seed)
-    extension = "pt" if args.backend == "pytorch" else "npz"
     reports = []
     for _ in range(args.kills):
         read_fd, write_fd = os.pipe()
@@ -163,7 +162,7 @@ def crash_mode(args) -> None:
         if pid == 0:  # child: load the newest checkpoint (when there is one), report, train and save until killed
             os.close(read_fd)
             try:
-                training_path = os.path.join(args.dir, "model-training-checkpoint." + extension)
+                training_path = os.path.join(args.dir, "model-training-checkpoint.safetensors")
                 resume = "latest" if os.path.exists(training_path) else None  # none yet: killed before the first
                 problem, manager, _ = run(
                     harness,

@@ -1,0 +1,163 @@
+"""Crash-safe files: atomic writes and copies, directory fsync, temporary names and their clean-up.
+
+The write protocol (:func:`atomic_write_path`, used by every saver and by :func:`atomic_write` and
+:func:`atomic_link_or_copy`): the content goes to a temporary file in the target's directory
+(``.<name>.tmp-<pid>``, see :func:`temporary_path`), which is closed (flushed), ``fsync``'ed, renamed over
+the target with ``os.replace`` (atomic on POSIX), and then the directory is ``fsync``'ed. A process killed at
+any moment leaves the previous complete file or the new complete file at the target, never a partial one; on
+an error the temporary file is removed. Temporary files of killed processes are removed by
+:func:`remove_stale_temporary_files`.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from typing import BinaryIO, Callable
+
+
+def fsync_directory(directory: str) -> None:
+    """``fsync`` a directory so that a rename inside it survives a power loss (no-op where unsupported).
+
+    Args:
+        directory: The directory of the renamed file.
+    """
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def temporary_path(path: str) -> str:
+    """The temporary file ``path`` is written to before the atomic rename: ``<dir>/.<name>.tmp-<pid>``."""
+    directory, name = os.path.split(os.path.abspath(path))
+    return os.path.join(directory, f".{name}.tmp-{os.getpid()}")
+
+
+def fsync_file(path: str) -> None:
+    """``fsync`` the file at ``path``, so that its content (written and closed by someone else) is on disk.
+
+    On Linux ``fsync`` of any descriptor of a file writes all of the file's dirty pages, so the file need not be
+    the descriptor it was written through.
+
+    Args:
+        path: A complete, closed file.
+
+    Raises:
+        OSError: The file cannot be opened or ``fsync`` fails (e.g. an I/O error of the disk).
+    """
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def atomic_write_path(path: str, write: Callable[[str], None]) -> None:
+    """Create a file through a function that writes to a path, so that a crash leaves the old or the new file.
+
+    ``write(temporary)`` creates the complete file at the temporary path (:func:`temporary_path`) and closes it;
+    the file is then ``fsync``'ed, renamed to ``path`` with ``os.replace`` and the directory is ``fsync``'ed.
+    This is the protocol of every checkpoint write (``safetensors``' ``save_file`` writes to a path).
+
+    Args:
+        path: Target file path; its directory is created when missing.
+        write: Function that writes the complete content to the path it receives.
+
+    Raises:
+        BaseException: Whatever ``write``, ``fsync`` or the rename raised; the temporary file is removed first
+            and ``path`` is unchanged.
+    """
+    path = os.path.abspath(path)
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    temporary = temporary_path(path)
+    try:
+        write(temporary)
+        fsync_file(temporary)
+        os.replace(temporary, path)
+    except BaseException:
+        try:
+            os.remove(temporary)
+        except OSError:
+            pass
+        raise
+    fsync_directory(os.path.dirname(path))
+
+
+def atomic_write(path: str, write: Callable[[BinaryIO], None]) -> None:
+    """Write a file through an open binary file object, crash-safely (see :func:`atomic_write_path`).
+
+    Args:
+        path: Target file path; its directory is created when missing.
+        write: Function that writes the content to the binary file object it receives.
+    """
+
+    def write_file(temporary: str) -> None:
+        with open(temporary, "wb") as file:
+            write(file)
+
+    atomic_write_path(path, write_file)
+
+
+def atomic_link_or_copy(source: str, target: str) -> None:
+    """Make ``target`` a crash-safe copy of the complete file ``source`` (a hard link where possible).
+
+    Args:
+        source: An existing complete file.
+        target: The path of the copy (written with :func:`atomic_write_path`).
+    """
+
+    def link_or_copy(temporary: str) -> None:
+        if os.path.exists(temporary):
+            os.remove(temporary)
+        try:
+            os.link(source, temporary)
+        except OSError:
+            shutil.copyfile(source, temporary)
+
+    atomic_write_path(target, link_or_copy)
+
+
+def remove_stale_temporary_files(directory: str, prefix: str) -> list:
+    """Remove ``.<prefix>*.tmp-<pid>`` files left by killed processes (pid no longer running).
+
+    Args:
+        directory: The checkpoint directory (a missing one has nothing to remove).
+        prefix: The base name of the files, e.g. ``base_checkpoint_filename``.
+
+    Returns:
+        The names of the removed files.
+    """
+    removed = []
+    if not os.path.isdir(directory):
+        return removed
+    for name in os.listdir(directory):
+        if not name.startswith(f".{prefix}") or ".tmp-" not in name:
+            continue
+        pid_text = name.rsplit(".tmp-", 1)[1]
+        if not pid_text.isdigit() or _process_exists(int(pid_text)):
+            continue
+        try:
+            os.remove(os.path.join(directory, name))
+            removed.append(name)
+        except OSError:
+            pass
+    return removed
+
+
+def _process_exists(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True

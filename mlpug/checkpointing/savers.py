@@ -1,0 +1,217 @@
+"""Savers: the neutral :class:`CheckpointSaver` (the crash-safe save and the checked, memory-mapped load of
+safetensors checkpoint files, written once for every backend) and :class:`NumpyCheckpointSaver` (NumPy arrays
+in plain containers; the fake backend of the tests and TensorFlow use it).
+
+A backend's saver implements five hooks: :meth:`~CheckpointSaver.snapshot`, :meth:`~CheckpointSaver.stored_array`,
+:meth:`~CheckpointSaver.array_bytes`, :meth:`~CheckpointSaver.save_arrays` and :meth:`~CheckpointSaver.open_file`;
+the structure codec, the checksum and the header checks (:mod:`mlpug.checkpointing.codec`,
+:mod:`mlpug.checkpointing.header`) are shared.
+"""
+
+from __future__ import annotations
+
+import os
+from abc import ABC, abstractmethod
+from typing import Any, Callable, Optional
+
+import numpy as np
+import safetensors
+import safetensors.numpy
+
+from mlpug.checkpointing.codec import decode_checkpoint, encode_checkpoint
+from mlpug.checkpointing.files import atomic_write_path
+from mlpug.checkpointing.header import HEADER_KEY, CheckpointError, CheckpointKind, check_header, unreadable_file_error
+
+# NumPy dtypes that safetensors both writes and reads back as NumPy arrays
+NUMPY_DTYPES = frozenset(
+    ["bool", "int8", "uint8", "int16", "uint16", "int32", "uint32", "int64", "uint64"]
+    + ["float16", "float32", "float64", "complex64"]
+)
+
+
+class CheckpointSaver(ABC):
+    """Writes and reads the checkpoint files of one backend; the neutral ``CheckpointManager`` uses it.
+
+    Every backend writes the same format, a safetensors file (see :mod:`mlpug.checkpointing`). :meth:`save`
+    encodes the checkpoint (:func:`~mlpug.checkpointing.codec.encode_checkpoint`) and writes it with the
+    crash-safe protocol (:func:`~mlpug.checkpointing.files.atomic_write_path`); :meth:`load` checks the header
+    before any array is read, memory-maps the arrays, verifies the checksum and decodes the structure.
+    Subclasses implement the hooks :meth:`snapshot`, :meth:`stored_array`, :meth:`array_bytes`,
+    :meth:`save_arrays` and :meth:`open_file`.
+
+    Attributes:
+        backend: Backend name written into headers (``"pytorch"``, ``"tensorflow"``, ...).
+        extension: File extension without the dot: ``"safetensors"`` for every backend.
+    """
+
+    backend: str = "unknown"
+    extension: str = "safetensors"
+
+    @abstractmethod
+    def snapshot(self, state: Any) -> Any:
+        """A copy of ``state`` that training can no longer change (arrays copied to host memory).
+
+        A saver may reuse the memory of its previous snapshot, so a snapshot is valid until the next call.
+        """
+
+    @abstractmethod
+    def stored_array(self, value: Any, where: str) -> Optional[Any]:
+        """The array to store for ``value`` when it is one of the backend's arrays, else None.
+
+        Args:
+            value: Any value of a checkpoint.
+            where: Its place in the checkpoint, for error messages (e.g. ``"checkpoint['trainer']"``).
+
+        Returns:
+            A contiguous array in host memory with the same dtype, shape and values (``value`` itself when it
+            already is one), or None when ``value`` is not an array of this backend.
+
+        Raises:
+            TypeError: An array of a dtype or layout that safetensors cannot store (naming ``where``).
+        """
+
+    @abstractmethod
+    def array_bytes(self, array: Any) -> Any:
+        """The raw bytes of a stored or loaded array, as a contiguous buffer (for the checksum; no copy)."""
+
+    @abstractmethod
+    def save_arrays(self, arrays: dict[str, Any], metadata: dict[str, str], path: str) -> None:
+        """Write a safetensors file of ``arrays`` (from :meth:`stored_array`) and ``metadata`` at ``path``.
+
+        Args:
+            arrays: The arrays by name.
+            metadata: The string metadata (``__metadata__``).
+            path: The file to create (the temporary file of the crash-safe protocol).
+        """
+
+    @abstractmethod
+    def open_file(self, path: str) -> Any:
+        """``safetensors.safe_open`` of ``path`` for this backend's framework (memory-mapped).
+
+        Raises:
+            Exception: Whatever safetensors raises for a file it cannot open (:meth:`load` reports it).
+        """
+
+    def save(self, checkpoint: dict, path: str) -> None:
+        """Write ``checkpoint`` to ``path`` crash-safely (temporary file, fsync, atomic rename, directory fsync).
+
+        The arrays are written from their memory by ``save_file`` of safetensors (no serialised copy of the
+        checkpoint in memory); the file is then ``fsync``'ed through a new descriptor before the rename.
+
+        Args:
+            checkpoint: The header under ``"mlpug"`` (:func:`~mlpug.checkpointing.make_header`) and plain
+                containers with the backend's arrays.
+            path: The checkpoint file.
+
+        Raises:
+            TypeError: A value that checkpoints cannot hold (naming where it is); nothing is written.
+            ValueError: No ``"mlpug"`` header.
+        """
+        arrays, metadata = encode_checkpoint(checkpoint, self.stored_array, self.array_bytes)
+        atomic_write_path(path, lambda temporary: self.save_arrays(arrays, metadata, temporary))
+
+    def load(self, path: str, kind: Optional[CheckpointKind] = None) -> dict:
+        """Read and validate a checkpoint; nothing is ever unpickled.
+
+        Args:
+            path: Checkpoint file.
+            kind: ``"training"`` or ``"model"`` to require that kind; None accepts both.
+
+        Returns:
+            The checkpoint dict; its header gets ``"path"`` (the file it was read from).
+
+        Raises:
+            CheckpointError: Missing, empty, truncated, corrupt (checksum), another backend, another kind, or
+                not an mlpug checkpoint (e.g. a zip archive of format version 1, or a pickle).
+        """
+        if not os.path.exists(path):
+            raise CheckpointError(f"checkpoint file {path} does not exist")
+        try:
+            file = self.open_file(path)
+        except Exception as error:  # safetensors' SafetensorError, OSError
+            raise unreadable_file_error(path, self.backend, error) from error
+        with file:
+            metadata = file.metadata() or {}
+            header = check_header(metadata, path, self.backend, kind)  # before any array of another backend is read
+            try:
+                arrays = {name: file.get_tensor(name) for name in file.keys()}
+            except Exception as error:
+                raise CheckpointError(
+                    f"checkpoint file {path} is truncated or corrupt: {type(error).__name__}: {error}"
+                ) from error
+        content = decode_checkpoint(metadata, arrays, self.array_bytes, path)
+        header["path"] = path
+        return {HEADER_KEY: header, **content}
+
+
+def snapshot_numpy(state: Any, buffers: Optional[dict] = None, path: tuple = ()) -> Any:
+    """Copy of nested plain containers with every NumPy array copied.
+
+    Args:
+        state: Nested dicts / lists / tuples with arrays and plain values.
+        buffers: When given, arrays of earlier snapshots keyed by their path in ``state``; an array of the same
+            shape and dtype is copied into its buffer (no new allocation); the previous snapshot is overwritten.
+        path: Path of ``state`` inside the root (for the buffer keys).
+    """
+    if isinstance(state, np.ndarray):
+        if buffers is None:
+            return state.copy()
+        buffer = buffers.get(path)
+        if buffer is None or buffer.shape != state.shape or buffer.dtype != state.dtype:
+            buffer = buffers[path] = np.empty_like(state)
+        np.copyto(buffer, state)
+        return buffer
+    if isinstance(state, dict):
+        return {key: snapshot_numpy(value, buffers, (*path, key)) for key, value in state.items()}
+    if isinstance(state, (list, tuple)):
+        return type(state)(snapshot_numpy(value, buffers, (*path, index)) for index, value in enumerate(state))
+    return state
+
+
+class NumpyCheckpointSaver(CheckpointSaver):
+    """Checkpoints of NumPy arrays and NumPy scalars in plain containers, written with ``safetensors.numpy``.
+
+    Arrays of the dtypes in :data:`NUMPY_DTYPES` are stored (non-native byte orders are converted); loading
+    returns NumPy arrays, and NumPy scalars as NumPy scalars.
+
+    Args:
+        backend: Backend name written into headers.
+        to_numpy: Converts a backend's arrays (e.g. TF tensors) to NumPy while snapshotting; default none.
+        reuse_buffers: :meth:`snapshot` copies into the arrays of the previous snapshot (same structure, shapes
+            and dtypes), so a snapshot is valid until the next one (the ``CheckpointManager`` waits for the
+            previous write before it snapshots again).
+    """
+
+    def __init__(
+        self, backend: str = "numpy", to_numpy: Optional[Callable[[Any], Any]] = None, reuse_buffers: bool = True
+    ):
+        self.backend = backend
+        self.to_numpy = to_numpy
+        self.reuse_buffers = reuse_buffers
+        self._buffers: dict = {}
+
+    def snapshot(self, state: Any) -> Any:
+        state = self.to_numpy(state) if self.to_numpy is not None else state
+        return snapshot_numpy(state, self._buffers if self.reuse_buffers else None)
+
+    def stored_array(self, value: Any, where: str) -> Optional[np.ndarray]:
+        if not isinstance(value, (np.ndarray, np.generic)):
+            return None
+        array = np.asarray(value)
+        if array.dtype.name not in NUMPY_DTYPES:
+            raise TypeError(
+                f"{where} is a NumPy array of dtype {array.dtype}; checkpoint files hold arrays of the dtypes "
+                f"{', '.join(sorted(NUMPY_DTYPES))} (convert it, e.g. with .astype(np.float32))"
+            )
+        if not array.dtype.isnative:
+            array = array.astype(array.dtype.newbyteorder("="))
+        return array if array.flags.c_contiguous else array.copy(order="C")  # keeps 0-d arrays 0-d
+
+    def array_bytes(self, array: np.ndarray) -> np.ndarray:
+        return array  # contiguous: its buffer is its raw bytes
+
+    def save_arrays(self, arrays: dict[str, Any], metadata: dict[str, str], path: str) -> None:
+        safetensors.numpy.save_file(arrays, path, metadata=metadata)
+
+    def open_file(self, path: str) -> Any:
+        return safetensors.safe_open(path, framework="np")

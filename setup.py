@@ -7,7 +7,7 @@ setup(
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
     packages=find_packages(include=["mlpug", "mlpug.*"]),
-    python_requires=">=3.9",
+    python_requires=">=3.10",
     install_requires=["numpy", "safetensors==0.8.*"],
     extras_require={
         "pytorch": ["torch==2.13.0"],

@@ -43,7 +43,8 @@ import statistics
 import subprocess
 import sys
 import time
-from typing import Callable, NamedTuple, Optional
+from collections.abc import Callable
+from typing import NamedTuple, Optional
 
 BATCH_SIZE, CHUNK_SIZE, WARM_UP_BATCH_SIZE = 4096, 512, 64
 NUM_FEATURES, WIDTH, DEPTH, NUM_CLASSES = 256, 1024, 12, 10

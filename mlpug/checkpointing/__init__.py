@@ -3,9 +3,9 @@
 Modules: :mod:`~mlpug.checkpointing.files` (crash-safe writes), :mod:`~mlpug.checkpointing.names` (file names),
 :mod:`~mlpug.checkpointing.header` (the header, :class:`CheckpointError`, foreign files),
 :mod:`~mlpug.checkpointing.codec` (structure <-> arrays + metadata, checksum), :mod:`~mlpug.checkpointing.savers`
-(the saver protocol, :class:`NumpyCheckpointSaver`), :mod:`~mlpug.checkpointing.writer` (background writing),
-:mod:`~mlpug.checkpointing.random_state` (the random-state registry). Backends: :mod:`mlpug.pytorch.checkpointing`,
-:mod:`mlpug.tensorflow.checkpointing`.
+(the saver protocol, :class:`NumpyCheckpointSaver`), :mod:`~mlpug.checkpointing.writer` (background writing).
+Random states are not here: the trainer lists its providers (:mod:`mlpug.random_state`). Backends:
+:mod:`mlpug.pytorch.checkpointing`, :mod:`mlpug.tensorflow.checkpointing`.
 
 Crash safety (the write protocol of every saver): the file is written to a temporary file in the target's
 directory (``.<name>.tmp-<pid>``), closed, ``fsync``'ed, renamed over the target with ``os.replace`` (atomic
@@ -64,7 +64,6 @@ from mlpug.checkpointing.header import (
     make_header,
 )
 from mlpug.checkpointing.names import CheckpointFileNames
-from mlpug.checkpointing.random_state import get_random_state, register_random_state, set_random_state
 from mlpug.checkpointing.savers import CheckpointSaver, NumpyCheckpointSaver, snapshot_numpy
 from mlpug.checkpointing.writer import BackgroundWriter
 
@@ -84,11 +83,8 @@ __all__ = [
     "decode_plain",
     "encode_plain",
     "fsync_directory",
-    "get_random_state",
     "make_header",
-    "register_random_state",
     "remove_stale_temporary_files",
-    "set_random_state",
     "snapshot_numpy",
     "temporary_path",
 ]

@@ -13,7 +13,8 @@ from __future__ import annotations
 
 import os
 import shutil
-from typing import BinaryIO, Callable
+from collections.abc import Callable
+from typing import BinaryIO
 
 
 def fsync_directory(directory: str) -> None:
@@ -134,7 +135,7 @@ def remove_stale_temporary_files(directory: str, prefix: str) -> list:
     Returns:
         The names of the removed files.
     """
-    removed = []
+    removed: list[str] = []
     if not os.path.isdir(directory):
         return removed
     for name in os.listdir(directory):

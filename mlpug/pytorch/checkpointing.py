@@ -4,8 +4,6 @@ Checkpoints hold only tensors and plain containers (whatever ``trainer.get_state
 optimizer ``state_dict``s, an AMP ``GradScaler`` state, ...); tensors keep their dtype (bfloat16 and float8
 included) and loading never unpickles anything. The structure codec, checksum and header checks are the
 neutral ones of :class:`mlpug.checkpointing.CheckpointSaver`; this module supplies the tensor hooks.
-Importing this module registers the torch random state (CPU generator, and every CUDA device's generator
-when CUDA is initialised) with :func:`mlpug.checkpointing.register_random_state`.
 See :mod:`mlpug.checkpointing` for file names, contents, format and the write protocol.
 """
 
@@ -22,7 +20,6 @@ import safetensors.torch
 import torch
 
 from mlpug.checkpointing import CheckpointSaver as _NeutralCheckpointSaver
-from mlpug.checkpointing import register_random_state
 
 _log = logging.getLogger("mlpug.pytorch.checkpointing")
 
@@ -156,26 +153,3 @@ def load_model_checkpoint(path: str) -> dict:
         mlpug.checkpointing.CheckpointError: Missing, truncated, corrupt, of another backend or a training checkpoint.
     """
     return CheckpointSaver().load(path, kind="model")
-
-
-def _get_torch_random_state() -> dict:
-    """Plain lists of byte values (not tensors), so that every backend's saver can store them."""
-    cuda_states = torch.cuda.get_rng_state_all() if torch.cuda.is_available() and torch.cuda.is_initialized() else []
-    return {"cpu": torch.get_rng_state().tolist(), "cuda": [state.tolist() for state in cuda_states]}
-
-
-def _set_torch_random_state(state: dict) -> None:
-    torch.set_rng_state(torch.tensor(state["cpu"], dtype=torch.uint8))
-    cuda_states: Optional[list] = state.get("cuda")
-    if not cuda_states:
-        return
-    if not torch.cuda.is_available() or torch.cuda.device_count() != len(cuda_states):
-        _log.warning(
-            f"The checkpoint holds the random states of {len(cuda_states)} CUDA devices, but "
-            f"{torch.cuda.device_count() if torch.cuda.is_available() else 0} are available here; not restored."
-        )
-        return
-    torch.cuda.set_rng_state_all([torch.tensor(values, dtype=torch.uint8) for values in cuda_states])
-
-
-register_random_state("torch", _get_torch_random_state, _set_torch_random_state)

@@ -7,8 +7,8 @@ epoch every epoch and, when resuming mid-epoch, the batch to start at, so no bat
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from typing import Any, Callable, Optional
+from collections.abc import Callable, Sequence
+from typing import Any, Optional
 
 import torch
 

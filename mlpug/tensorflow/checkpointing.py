@@ -5,13 +5,7 @@ and variables found anywhere in a state are converted to NumPy when the state is
 :class:`mlpug.checkpointing.NumpyCheckpointSaver` (the format of every backend, see :mod:`mlpug.checkpointing`;
 loading memory-maps the file and never unpickles).
 
-Random state: importing this module registers TensorFlow's *global generator*
-(``tf.random.get_global_generator()``: its state and algorithm). The states of the Keras ``SeedGenerator``
-variables of the model (dropout etc.; ``get_weights()`` omits them) are part of the TensorFlow
-``DefaultTrainer.get_state()``.
-What public APIs cannot capture is not saved: the hidden counters of stateful random ops seeded by
-``tf.random.set_seed`` (e.g. ``tf.random.normal`` / ``tf.random.shuffle`` without a generator) and Keras'
-global ``SeedGenerator`` used by ``keras.random`` functions called without a seed.
+Random states are saved through the trainer's providers (:mod:`mlpug.tensorflow.random_state`).
 """
 
 from __future__ import annotations
@@ -21,7 +15,7 @@ from typing import Any
 import numpy as np
 import tensorflow as tf
 
-from mlpug.checkpointing import NumpyCheckpointSaver, register_random_state
+from mlpug.checkpointing import NumpyCheckpointSaver
 
 
 def to_numpy(state: Any) -> Any:
@@ -66,22 +60,3 @@ def load_model_checkpoint(path: str) -> dict:
         mlpug.checkpointing.CheckpointError: Missing, truncated, corrupt, of another backend or a training checkpoint.
     """
     return CheckpointSaver().load(path, kind="model")
-
-
-def _get_tf_random_state() -> dict:
-    generator = tf.random.get_global_generator()
-    # plain ints (not arrays), so that every backend's saver can store them
-    return {"global_generator": {"state": generator.state.numpy().tolist(), "algorithm": int(generator.algorithm)}}
-
-
-def _set_tf_random_state(state: dict) -> None:
-    saved = state["global_generator"]
-    values = np.asarray(saved["state"], dtype=np.int64)
-    generator = tf.random.get_global_generator()
-    if int(generator.algorithm) != int(saved["algorithm"]):
-        tf.random.set_global_generator(tf.random.Generator.from_state(values, saved["algorithm"]))
-    else:
-        generator.reset(values)
-
-
-register_random_state("tensorflow", _get_tf_random_state, _set_tf_random_state)

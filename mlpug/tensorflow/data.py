@@ -7,8 +7,8 @@ A ``tf.data.Dataset`` cannot start at a position; the manager skips its batches 
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from typing import Any, Callable, Optional
+from collections.abc import Callable, Sequence
+from typing import Any, Optional
 
 import tensorflow as tf
 

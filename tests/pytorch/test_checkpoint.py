@@ -197,20 +197,26 @@ def test_wrong_backend_is_named(tmp_path):
         NumpyCheckpointSaver(backend="tensorflow").load(torch_path)  # its bfloat16 array is never read
 
 
-def test_torch_random_state_round_trip():
-    from mlpug.checkpointing import get_random_state, set_random_state
+def random_state_providers():
+    model = torch.nn.Linear(2, 1)
+    return mlp.trainers.DefaultTrainer(torch.optim.SGD(model.parameters(), lr=0.1), model).random_state_providers()
 
-    state = get_random_state()
-    assert {"python", "numpy", "torch"} <= set(state)
+
+def test_torch_random_state_round_trip():
+    from mlpug.random_state import get_random_states, set_random_states
+
+    providers = random_state_providers()
+    state = get_random_states(providers)
+    assert set(state) == {"python", "numpy", "torch"}  # the trainer's providers, nothing registered globally
     expected = torch.rand(5)
-    set_random_state(state)
+    set_random_states(providers, state)
     assert torch.equal(torch.rand(5), expected)
 
 
 def test_random_states_are_plain_so_every_saver_stores_them(tmp_path):
-    from mlpug.checkpointing import get_random_state
+    from mlpug.random_state import get_random_states
 
     path = str(tmp_path / "random.safetensors")
     saver = NumpyCheckpointSaver()
-    saver.save({"mlpug": make_header("training", "numpy"), "random": get_random_state()}, path)
+    saver.save({"mlpug": make_header("training", "numpy"), "random": get_random_states(random_state_providers())}, path)
     assert saver.load(path)["random"]["torch"]["cpu"] == torch.get_rng_state().tolist()

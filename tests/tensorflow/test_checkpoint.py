@@ -10,15 +10,18 @@ import safetensors
 import tensorflow as tf
 
 import mlpug.tensorflow as mlp
-from mlpug.checkpointing import CheckpointError, get_random_state, make_header, set_random_state
+from mlpug.checkpointing import CheckpointError, make_header
+from mlpug.random_state import get_random_states, set_random_states
 from tests.contract.backends import HARNESSES, make_numpy_data
 
 
 def test_global_generator_state_round_trip():
-    state = get_random_state()
-    assert {"python", "numpy", "tensorflow"} <= set(state)
+    problem = HARNESSES["tensorflow"]().make_problem()
+    providers = problem.trainer.random_state_providers()
+    state = get_random_states(providers)
+    assert set(state) == {"python", "numpy", "tensorflow"}
     expected = tf.random.get_global_generator().normal([4]).numpy()
-    set_random_state(state)
+    set_random_states(providers, state)
     assert np.array_equal(tf.random.get_global_generator().normal([4]).numpy(), expected)
 
 

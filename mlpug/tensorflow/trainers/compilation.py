@@ -15,8 +15,8 @@ A step function has the form ``step(batch, settings)``. :class:`CompiledStep` co
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping
-from typing import Any, Callable, Optional
+from collections.abc import Callable, Mapping
+from typing import Any, Optional
 
 import numpy as np
 import tensorflow as tf

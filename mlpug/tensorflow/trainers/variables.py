@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
-from typing import Any, Callable, Union
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, Union
 
 import tensorflow as tf
 

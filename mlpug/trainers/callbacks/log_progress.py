@@ -5,8 +5,8 @@ from __future__ import annotations
 import datetime
 import sys
 import time
-from collections.abc import Sequence
-from typing import Callable, Optional
+from collections.abc import Callable, Sequence
+from typing import Optional
 
 from mlpug.trainers.callbacks.callback import Callback
 

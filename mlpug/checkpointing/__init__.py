@@ -64,7 +64,7 @@ from mlpug.checkpointing.header import (
     make_header,
 )
 from mlpug.checkpointing.names import CheckpointFileNames
-from mlpug.checkpointing.savers import CheckpointSaver, NumpyCheckpointSaver, snapshot_numpy
+from mlpug.checkpointing.savers import CheckpointSaver, NumpyCheckpointSaver, snapshot_tree
 from mlpug.checkpointing.writer import BackgroundWriter
 
 __all__ = [
@@ -85,6 +85,6 @@ __all__ = [
     "fsync_directory",
     "make_header",
     "remove_stale_temporary_files",
-    "snapshot_numpy",
+    "snapshot_tree",
     "temporary_path",
 ]

@@ -10,6 +10,8 @@ the structure codec, the checksum and the header checks (:mod:`mlpug.checkpointi
 
 from __future__ import annotations
 
+import collections
+import copy
 import os
 from abc import ABC, abstractmethod
 from collections.abc import Callable
@@ -145,28 +147,55 @@ class CheckpointSaver(ABC):
         return {HEADER_KEY: header, **content}
 
 
-def snapshot_numpy(state: Any, buffers: Optional[dict] = None, path: tuple = ()) -> Any:
-    """Copy of nested plain containers with every NumPy array copied.
+CopyArray = Callable[[Any, Optional[Any]], Any]
+"""``copy_array(array, buffer)``: ``array`` copied into ``buffer`` when it fits (same shape and dtype, in host
+memory), else into new host memory; returns the copy."""
+
+
+def snapshot_tree(
+    state: Any, is_array: Callable[[Any], bool], copy_array: CopyArray, buffers: Optional[dict] = None, path: tuple = ()
+) -> Any:
+    """Copy of nested containers with every array copied to host memory (what a background thread writes while
+    training changes the live arrays). ``OrderedDict`` s stay ``OrderedDict`` with their ``_metadata`` (module
+    versions that PyTorch's ``load_state_dict`` reads).
 
     Args:
         state: Nested dicts / lists / tuples with arrays and plain values.
-        buffers: When given, arrays of earlier snapshots keyed by their path in ``state``; an array of the same
-            shape and dtype is copied into its buffer (no new allocation); the previous snapshot is overwritten.
+        is_array: True for the backend's arrays.
+        copy_array: See :data:`CopyArray`.
+        buffers: When given, the arrays of the previous snapshot keyed by their path in ``state``; an array is
+            copied into its buffer when it fits (no allocation and page faults at every checkpoint), so the
+            previous snapshot is overwritten.
         path: Path of ``state`` inside the root (for the buffer keys).
     """
-    if isinstance(state, np.ndarray):
+    if is_array(state):
         if buffers is None:
-            return state.copy()
-        buffer = buffers.get(path)
-        if buffer is None or buffer.shape != state.shape or buffer.dtype != state.dtype:
-            buffer = buffers[path] = np.empty_like(state)
-        np.copyto(buffer, state)
+            return copy_array(state, None)
+        buffer = buffers[path] = copy_array(state, buffers.get(path))
         return buffer
+
+    def copied(value: Any, key: Any) -> Any:
+        return snapshot_tree(value, is_array, copy_array, buffers, (*path, key))
+
     if isinstance(state, dict):
-        return {key: snapshot_numpy(value, buffers, (*path, key)) for key, value in state.items()}
+        items = ((key, copied(value, key)) for key, value in state.items())
+        if not isinstance(state, collections.OrderedDict):
+            return dict(items)
+        ordered = collections.OrderedDict(items)
+        metadata = getattr(state, "_metadata", None)
+        if metadata is not None:
+            ordered._metadata = copy.deepcopy(metadata)  # type: ignore[attr-defined]
+        return ordered
     if isinstance(state, (list, tuple)):
-        return type(state)(snapshot_numpy(value, buffers, (*path, index)) for index, value in enumerate(state))
+        return type(state)(copied(value, index) for index, value in enumerate(state))
     return state
+
+
+def _copy_numpy(array: np.ndarray, buffer: Optional[np.ndarray]) -> np.ndarray:
+    if buffer is None or buffer.shape != array.shape or buffer.dtype != array.dtype:
+        buffer = np.empty_like(array)
+    np.copyto(buffer, array)
+    return buffer
 
 
 class NumpyCheckpointSaver(CheckpointSaver):
@@ -193,7 +222,8 @@ class NumpyCheckpointSaver(CheckpointSaver):
 
     def snapshot(self, state: Any) -> Any:
         state = self.to_numpy(state) if self.to_numpy is not None else state
-        return snapshot_numpy(state, self._buffers if self.reuse_buffers else None)
+        buffers = self._buffers if self.reuse_buffers else None
+        return snapshot_tree(state, lambda value: isinstance(value, np.ndarray), _copy_numpy, buffers)
 
     def stored_array(self, value: Any, where: str) -> Optional[np.ndarray]:
         if not isinstance(value, (np.ndarray, np.generic)):

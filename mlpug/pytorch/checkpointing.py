@@ -9,8 +9,6 @@ See :mod:`mlpug.checkpointing` for file names, contents, format and the write pr
 
 from __future__ import annotations
 
-import collections
-import copy
 import logging
 from typing import Any, Optional
 
@@ -20,6 +18,7 @@ import safetensors.torch
 import torch
 
 from mlpug.checkpointing import CheckpointSaver as _NeutralCheckpointSaver
+from mlpug.checkpointing import snapshot_tree
 
 _log = logging.getLogger("mlpug.pytorch.checkpointing")
 
@@ -35,40 +34,12 @@ _DTYPES = frozenset(
 )  # fmt: skip
 
 
-def snapshot_tensors(state: Any, buffers: Optional[dict] = None, path: tuple = ()) -> Any:
-    """Copy of nested containers with every tensor detached and copied to CPU memory.
-
-    The copy is what a background thread writes while training changes the live tensors. ``OrderedDict``
-    state dicts stay ``OrderedDict`` with their ``_metadata`` (module versions that ``load_state_dict`` reads).
-    For CUDA tensors this is a device-to-host copy (a synchronisation point).
-
-    Args:
-        state: Nested dicts / lists / tuples with tensors and plain values.
-        buffers: When given, host tensors from earlier snapshots, keyed by their path in ``state``; a tensor of
-            the same shape and dtype is copied into its buffer instead of new memory (no allocation and page
-            faults for every checkpoint). The previous snapshot's tensors are then overwritten.
-        path: Path of ``state`` inside the root (for the buffer keys).
-    """
-    if isinstance(state, torch.Tensor):
-        if buffers is None:
-            return state.detach().to("cpu", copy=True)
-        buffer = buffers.get(path)
-        if buffer is None or buffer.shape != state.shape or buffer.dtype != state.dtype:
-            buffer = buffers[path] = torch.empty(state.shape, dtype=state.dtype, device="cpu")
-        return buffer.copy_(state.detach())
-    if isinstance(state, collections.OrderedDict):
-        copied = collections.OrderedDict(
-            (key, snapshot_tensors(value, buffers, (*path, key))) for key, value in state.items()
-        )
-        metadata = getattr(state, "_metadata", None)
-        if metadata is not None:
-            copied._metadata = copy.deepcopy(metadata)  # type: ignore[attr-defined]
-        return copied
-    if isinstance(state, dict):
-        return {key: snapshot_tensors(value, buffers, (*path, key)) for key, value in state.items()}
-    if isinstance(state, (list, tuple)):
-        return type(state)(snapshot_tensors(value, buffers, (*path, index)) for index, value in enumerate(state))
-    return state
+def _copy_tensor(tensor: torch.Tensor, buffer: Optional[torch.Tensor]) -> torch.Tensor:
+    """``tensor`` detached and copied into ``buffer`` (host memory) when it fits, else into new host memory. For
+    CUDA tensors this is a device-to-host copy (a synchronisation point)."""
+    if buffer is None or buffer.shape != tensor.shape or buffer.dtype != tensor.dtype:
+        buffer = torch.empty(tensor.shape, dtype=tensor.dtype, device="cpu")
+    return buffer.copy_(tensor.detach())
 
 
 class CheckpointSaver(_NeutralCheckpointSaver):
@@ -101,7 +72,8 @@ class CheckpointSaver(_NeutralCheckpointSaver):
         self._buffers: dict = {}
 
     def snapshot(self, state: Any) -> Any:
-        return snapshot_tensors(state, self._buffers if self.reuse_buffers else None)
+        buffers = self._buffers if self.reuse_buffers else None
+        return snapshot_tree(state, lambda value: isinstance(value, torch.Tensor), _copy_tensor, buffers)
 
     def stored_array(self, value: Any, where: str) -> Optional[torch.Tensor]:
         if not isinstance(value, torch.Tensor):

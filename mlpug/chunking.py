@@ -180,14 +180,21 @@ def infer_num_samples(batch: Any, leading_dimension: Callable[[Any], Any] = lamb
     Raises:
         TypeError: The batch has no part that counts samples; the training model must return ``num_samples``.
     """
-    try:
-        _, part = next(sample_parts(batch))
-    except (TypeError, StopIteration):
-        raise TypeError(
-            f"cannot infer the number of samples of a batch of type {describe_type(batch)}; "
-            "return it from the training model as num_samples"
-        ) from None
-    return leading_dimension(part) if is_array(part) else len(part)
+    node = batch  # the first part of sample_parts(batch), without a generator (this runs at every step)
+    while True:
+        if is_array(node):
+            return leading_dimension(node)
+        if isinstance(node, Mapping) and node:
+            node = next(iter(node.values()))
+        elif isinstance(node, (list, tuple)) and node and (holds_array(node[0]) or any(map(holds_array, node))):
+            node = node[0]
+        elif isinstance(node, (list, tuple)) and node:
+            return len(node)  # a sequence of samples
+        else:
+            raise TypeError(
+                f"cannot infer the number of samples of a batch of type {describe_type(batch)}; "
+                "return it from the training model as num_samples"
+            )
 
 
 def batch_num_samples(batch: Any) -> int:

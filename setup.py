@@ -7,6 +7,7 @@ setup(
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
     packages=find_packages(include=["mlpug", "mlpug.*"]),
+    package_data={"mlpug": ["py.typed"]},
     python_requires=">=3.10",
     install_requires=["numpy", "safetensors==0.8.*"],
     extras_require={

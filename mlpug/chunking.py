@@ -348,10 +348,6 @@ class BatchChunking:
         return loss
 
 
-WholeBatch = BatchChunking
-"""The null chunking policy under its descriptive name."""
-
-
 class ChunkedBatch(BatchChunking):
     """Chunking policy: split every batch into chunks of at most ``batch_chunk_size`` samples and combine them.
 

@@ -104,7 +104,7 @@ class CheckpointSaver(_NeutralCheckpointSaver):
 def load_training_checkpoint(path: str) -> dict:
     """Load a training checkpoint written by a PyTorch ``CheckpointManager``.
 
-    Pass the result to ``manager.set_state(...)`` or ``TrainingManager(..., resume_from=...)``.
+    Pass the result as ``TrainingManager(..., resume_from=...)``.
 
     Args:
         path: The training checkpoint file (``<base>-training-checkpoint.safetensors``).

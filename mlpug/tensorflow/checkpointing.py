@@ -39,7 +39,7 @@ class CheckpointSaver(NumpyCheckpointSaver):
 def load_training_checkpoint(path: str) -> dict:
     """Load a training checkpoint written by a TensorFlow ``CheckpointManager``.
 
-    Pass the result to ``manager.set_state(...)`` or ``TrainingManager(..., resume_from=...)``.
+    Pass the result as ``TrainingManager(..., resume_from=...)``.
 
     Args:
         path: The training checkpoint file (``<base>-training-checkpoint.safetensors``).

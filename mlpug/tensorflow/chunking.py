@@ -89,6 +89,7 @@ class ChunkedBatch(_NeutralChunkedBatch):
         batch = tf.nest.map_structure(tf.convert_to_tensor, batch)
         leaves = tf.nest.flatten(batch)
         batch_size = tf.shape(leaves[0])[0]
+        _check_same_num_samples(leaves, batch_size)
         chunk_size = tf.constant(self.batch_chunk_size, batch_size.dtype)
         num_chunks = (batch_size + chunk_size - 1) // chunk_size
         total = tf.cast(batch_size, tf.float32)
@@ -106,6 +107,7 @@ class ChunkedBatch(_NeutralChunkedBatch):
         first_chunk = chunk_at(0)
         weight = first_chunk.weight
         loss, num_samples, auxiliary_results, gradients = run_chunk(first_chunk)
+        loss_dtype = tf.float64 if loss.dtype == tf.float64 else tf.float32  # float16/bfloat16 losses sum in float32
         connected = [index for index, gradient in enumerate(gradients) if gradient is not None]
         num_variables = len(gradients)
         # The sum starts as the first chunk's gradients; no second reference to them is kept (eager: memory).
@@ -139,7 +141,7 @@ class ChunkedBatch(_NeutralChunkedBatch):
             return (
                 index + 1,
                 accumulated,
-                loss_sum + weight * tf.cast(loss, tf.float32),
+                loss_sum + tf.cast(weight, loss_dtype) * tf.cast(loss, loss_dtype),
                 samples_sum + tf.cast(num_samples, samples_sum.dtype),
                 write(arrays, index, leaves),
             )
@@ -151,7 +153,7 @@ class ChunkedBatch(_NeutralChunkedBatch):
             (
                 tf.constant(1, batch_size.dtype),
                 gradient_sum,
-                weight * tf.cast(loss, tf.float32),
+                tf.cast(weight, loss_dtype) * tf.cast(loss, loss_dtype),
                 tf.convert_to_tensor(num_samples),
                 write(new_arrays(), 0, auxiliary_leaves),
             ),
@@ -165,6 +167,24 @@ class ChunkedBatch(_NeutralChunkedBatch):
             combined[leaf] = array.concat() if auxiliary_leaves[leaf].shape.rank else array.stack()
         auxiliary_results = tf.nest.pack_sequence_as(auxiliary_results, combined)
         return ChunkResult(ModelOutputs(loss_sum, samples_sum, auxiliary_results), summed)
+
+
+def _check_same_num_samples(leaves: list, batch_size: Any) -> None:
+    """Raise when the parts of a batch have different first dimensions (the neutral rule of
+    :func:`mlpug.chunking.batch_num_samples`): a ``ValueError`` when the shapes are static, else an assertion op
+    (``tf.errors.InvalidArgumentError`` when the step runs)."""
+    sizes = [leaf.shape[0] for leaf in leaves]
+    if all(size is not None for size in sizes):
+        if len(set(sizes)) > 1:
+            raise ValueError(
+                f"cannot split the batch into chunks: its parts have different first dimensions (samples): {sizes}"
+            )
+        return
+    for index, leaf in enumerate(leaves[1:], start=1):
+        tf.debugging.assert_equal(
+            tf.shape(leaf)[0], batch_size, message=f"cannot split the batch into chunks: part {index} has another "
+            "first dimension (samples) than part 0",
+        )  # fmt: skip
 
 
 def _check_same_non_tensors(first: list, leaves: list, tensor_leaves: list) -> None:

@@ -67,8 +67,8 @@ def check_resume_from(resume_from: ResumeFrom, callbacks: Sequence[Any]) -> None
     if isinstance(resume_from, Mapping):
         if "callbacks" not in resume_from or "epoch" not in resume_from:
             raise ValueError(
-                "resume_from dict is not a training checkpoint (no 'epoch' / 'callbacks' keys); "
-                "load one with mlp.load_training_checkpoint(path)"
+                "resume_from dict is not a training checkpoint (it needs the keys 'epoch' and 'callbacks', it has "
+                f"{sorted(map(str, resume_from))}); load one with mlp.load_training_checkpoint(path)"
             )
         return
     if not isinstance(resume_from, (str, os.PathLike)):

@@ -18,7 +18,7 @@ from abc import ABC, abstractmethod
 from collections.abc import Mapping
 from typing import Any, NamedTuple, Optional
 
-from mlpug.chunking import BatchChunk, infer_num_samples
+from mlpug.chunking import BatchChunk, BatchChunking, infer_num_samples
 from mlpug.random_state import NumpyRandomState, PythonRandomState, RandomStateProvider
 
 
@@ -161,6 +161,36 @@ class DefaultTrainer(Trainer, ABC):
         self.optimizers = name_objects(optimizers, "optimizers", self.optimizer_type, "optimizer")
         self.model_components = name_objects(model_components, "model_components", self.model_component_type, "model")
         self.training_model: Any = None
+        self.chunking: BatchChunking = BatchChunking()  # backends set theirs from batch_chunk_size
+
+    @property
+    def batch_chunk_size(self) -> Optional[int]:
+        """Samples per chunk for gradient accumulation, or None (whole batches)."""
+        return self.chunking.batch_chunk_size
+
+    def _selected_optimizers(self, optimizer_name: Optional[str]) -> list:
+        """The named optimizer, or all optimizers for ``None``.
+
+        Raises:
+            ValueError: ``optimizer_name`` is not one of the optimizers' names (they are listed).
+        """
+        if optimizer_name is None:
+            return list(self.optimizers.values())
+        if optimizer_name not in self.optimizers:
+            raise ValueError(f"optimizer_name {optimizer_name!r} unknown; optimizers: {sorted(self.optimizers)}")
+        return [self.optimizers[optimizer_name]]
+
+    def _check_state_names(self, state: Any) -> None:
+        """Raise before anything is loaded when ``state`` names other model components / optimizers.
+
+        Raises:
+            ValueError: The names differ (both sides are listed).
+        """
+        for kind, objects in (("model_components", self.model_components), ("optimizers", self.optimizers)):
+            given = state.get(kind) if isinstance(state, Mapping) else None
+            if not isinstance(given, Mapping) or set(given) != set(objects):
+                found = sorted(given) if isinstance(given, Mapping) else f"{type(given).__name__}: {given!r:.100}"
+                raise ValueError(f"{kind} in state {found} do not match the trainer's {sorted(objects)}")
 
     def ensure_ready(self) -> None:
         if self.training_model is None:

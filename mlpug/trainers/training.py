@@ -10,9 +10,10 @@ Life cycle (every hook goes to every callback, producers first: see ``dispatch_o
     [resume_from: the training state is loaded (through the callback that is a TrainingStateLoader) and applied]
     on_training_start(num_epochs, num_batches_per_epoch, start_epoch, start_batch, start_update_iter)
     for epoch in range(start_epoch, num_epochs):
+        [resumed run at an epoch start: random states restored here]
         on_epoch_start(logs)
         data_iterator = mlpug.data.epoch_iterator(dataset, epoch, start_batch if first epoch else 0)
-        [resumed run, first epoch: random states restored (before the iterator at an epoch start, else after)]
+        [resumed run mid-epoch: random states restored here]
         for batch_step in range(start_batch if first epoch else 0, num_batches_per_epoch):
             [stop requested or signal received -> leave both loops]
             batch = next(data_iterator)                          # data errors -> failure path
@@ -288,11 +289,12 @@ class TrainingManager:
             self.epoch = logs["epoch"] = epoch
             epoch_start_time = time.perf_counter()
             logs["current"] = logs_module.new_current(epoch, self.batch_step, self.global_iter)
-            self._dispatch("on_epoch_start", logs)
-            # A resumed run restores the random states where they were captured: at an epoch start before the
-            # data iterator is created (creating it may draw random numbers), mid-epoch after it.
+            # A resumed run restores the random states where they were captured: at an epoch start (captured in
+            # the epoch checkpoint phase) before on_epoch_start and the data iterator (either may draw random
+            # numbers), mid-epoch (captured in a batch checkpoint phase) after both.
             if self._pending_random_state is not None and self.batch_step == 0:
                 self._restore_random_state()
+            self._dispatch("on_epoch_start", logs)
             data = data_module.epoch_iterator(self.training_dataset, epoch, self.batch_step)
             if self._pending_random_state is not None:
                 self._restore_random_state()
@@ -400,7 +402,7 @@ class TrainingManager:
         }
 
     def _dispatch(self, hook: str, *args: Any) -> None:
-        """Call ``hook`` on every callback that implements it, in list order.
+        """Call ``hook`` on every callback that implements it, in dispatch order (producers first).
 
         Raises:
             ValueError: ``hook`` is not one of ``HOOKS``.

@@ -46,11 +46,16 @@ def make_data(seed=5):
 
 
 class Draws(Callback):
-    """Consumes Python and NumPy random numbers every batch (like dropout or augmentation would)."""
+    """Consumes Python and NumPy random numbers every batch and at every epoch start (like dropout, augmentation
+    or an epoch-level shuffle would)."""
 
     def __init__(self, stop_at=None):
         super().__init__("Draws")
         self.values, self.losses, self.stop_at = [], [], stop_at
+
+    def on_epoch_start(self, logs):
+        if logs["current"]["batch_step"] == 0:  # not when a resumed run re-enters an epoch it had started
+            self.values.append(("epoch", random.random(), float(np.random.rand())))
 
     def on_batch_training_completed(self, training_batch, logs):
         self.values.append((random.random(), float(np.random.rand())))
@@ -463,7 +468,7 @@ def test_resume_from_a_checkpoint_written_before_the_epoch_end_hooks_runs_them(t
     second.set_state(state)
     second.start_training()
     assert epochs_completed == [0, 1]  # epoch 0's end hooks ran in the resumed run
-    assert first_draws.values[:NUM_BATCHES] + second_draws.values == straight_draws.values
+    assert first_draws.values[: NUM_BATCHES + 1] + second_draws.values == straight_draws.values  # + epoch 0 start
     assert (model.w, model.b) == (straight_model.w, straight_model.b)
 
 
@@ -536,3 +541,26 @@ def test_callbacks_anywhere_in_the_list_are_checkpointed_at_the_same_step_and_se
     improvements = before.improvements()
     assert before.saw_best == after.saw_best == improvements and len(improvements) > 1
     assert improvements[-1] == checkpoint_manager.best_global_iter
+
+
+def test_an_improvement_decided_before_a_failing_hook_still_writes_the_best_model(tmp_path):
+    """The best model of a batch is written in its checkpoint phase; when a later hook of that batch raises, the
+    phase never comes, so the end phase writes it (else logs["best"] would name weights that no file holds).
+    Broken on purpose (the end phase ignoring the pending decision), no best file exists and this test fails."""
+
+    class FailAtFirstBatch(Callback):
+        def on_batch_training_completed(self, training_batch, logs):
+            raise RuntimeError("injected failure after the best-model decision")
+
+    trainer, model = make_trainer()
+    checkpoint_manager = CheckpointManager(
+        NumpyCheckpointSaver(), str(tmp_path), metric_to_monitor="training.batch.loss", batch_level=True
+    )
+    callbacks = [FailAtFirstBatch(), TrainingMetricsLogger(MetricEvaluator(trainer=trainer)), checkpoint_manager]
+    manager = TrainingManager(trainer, make_data(), num_epochs=1, callbacks=callbacks)
+    with pytest.raises(RuntimeError, match="injected failure"):
+        manager.start_training()
+    assert checkpoint_manager.best_global_iter == 0  # the first value is always an improvement
+    best = NumpyCheckpointSaver().load(checkpoint_manager.file_names.best_model, kind="model")
+    assert best["progress"]["global_iter"] == 0 and best["logs"]["is_best"] is True
+    assert best["model_components"]["model"] == {"w": model.w, "b": model.b}  # the weights after that step

@@ -202,3 +202,22 @@ def test_chunking_refuses_a_model_that_returns_its_own_num_samples(data, eager_m
     with pytest.raises(ValueError, match="returned num_samples=.* for a chunk of .* without batch_chunk_size"):
         trainer.train_on((features, labels))
     assert all(np.array_equal(a, b) for a, b in zip(weights, classifier.get_weights()))
+
+
+@pytest.mark.parametrize("signature", [False, True], ids=["static_shapes", "unknown_batch_dimension"])
+def test_parts_with_different_sample_counts_are_refused(data, signature):
+    """Slicing parts of different lengths would silently misalign samples and labels; with a signature of unknown
+    batch dimension the check is an assertion op of the compiled graph."""
+    weights, features, labels = data
+    signature_kwargs = (
+        dict(batch_data_signature=(tf.TensorSpec([None, 5], tf.float32), tf.TensorSpec([None], tf.int64)))
+        if signature
+        else {}
+    )
+    classifier = make_classifier(weights)
+    trainer = mlp.trainers.DefaultTrainer(
+        tf.keras.optimizers.SGD(0.1), classifier, batch_chunk_size=CHUNK_SIZE, **signature_kwargs
+    )
+    trainer.set_training_model(TrainModel(classifier))
+    with pytest.raises((ValueError, tf.errors.InvalidArgumentError), match="different first dim|another first dim"):
+        trainer.train_on((features, labels[:-1]))

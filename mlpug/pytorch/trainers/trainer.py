@@ -82,7 +82,7 @@ class DefaultTrainer(_NeutralDefaultTrainer):
 
     The training model, set with :meth:`set_training_model`, is a ``torch.nn.Module`` whose
     ``forward(batch_data, evaluate_settings, inference_mode=None)`` returns the loss (see
-    :class:`mlpug.trainers.training.DefaultTrainer` for the accepted return forms).
+    :class:`mlpug.trainers.trainer.DefaultTrainer` for the accepted return forms).
 
     Raises:
         TypeError: An optimizer or model component has the wrong type, or ``use_mixed_precision`` is no bool.
@@ -110,11 +110,6 @@ class DefaultTrainer(_NeutralDefaultTrainer):
         self.optimizers = self.precision.prepare_optimizers(self.optimizers)
         self._optimizer_list = list(self.optimizers.values())
         self.gradient_sync = GradientSync()
-
-    @property
-    def batch_chunk_size(self) -> Optional[int]:
-        """Samples per chunk for gradient accumulation, or None (whole batches)."""
-        return self.chunking.batch_chunk_size
 
     def _device_type(self) -> str:
         """Device type for autocast: that of ``device``, else of the first model component parameter, else cpu."""
@@ -209,8 +204,10 @@ class DefaultTrainer(_NeutralDefaultTrainer):
         )
 
     def _learning_rate(self) -> Any:
-        """``lr`` of the first optimizer's first parameter group, as it is (a float, or a tensor: read lazily)."""
-        return self._optimizer_list[0].param_groups[0].get("lr")
+        """``lr`` of the first optimizer's first parameter group: a float, or (a tensor learning rate, which
+        schedulers update in place) a copy made now on its device, converted only when read."""
+        lr = self._optimizer_list[0].param_groups[0].get("lr")
+        return lr.detach().clone() if isinstance(lr, torch.Tensor) else lr
 
     def evaluate_loss(self, batch: Any, evaluate_settings: Any = None, inference_mode: bool = True) -> ModelOutputs:
         """Evaluate the training model on ``batch`` in eval mode under ``torch.no_grad()``; the mode is restored.
@@ -250,20 +247,15 @@ class DefaultTrainer(_NeutralDefaultTrainer):
         Raises:
             ValueError: The names in ``state`` do not match this trainer's components or optimizers.
         """
+        self._check_state_names(state)  # before anything is loaded
         for kind, objects in (("model_components", self.model_components), ("optimizers", self.optimizers)):
-            given = state.get(kind, {})
-            if set(given) != set(objects):
-                raise ValueError(f"{kind} in state {sorted(given)} do not match the trainer's {sorted(objects)}")
             for name, obj in objects.items():
-                obj.load_state_dict(given[name])
+                obj.load_state_dict(state[kind][name])
         self.precision.set_state(state)
 
     def set_learning_rate(self, learning_rate: float, optimizer_name: Optional[str] = None) -> None:
         """Set ``lr`` of every parameter group of the named optimizer, or of all optimizers."""
-        if optimizer_name is not None and optimizer_name not in self.optimizers:
-            raise ValueError(f"optimizer_name {optimizer_name!r} unknown; optimizers: {sorted(self.optimizers)}")
-        optimizers = [self.optimizers[optimizer_name]] if optimizer_name else self._optimizer_list
-        for optimizer in optimizers:
+        for optimizer in self._selected_optimizers(optimizer_name):
             for group in optimizer.param_groups:
                 group["lr"] = learning_rate
 

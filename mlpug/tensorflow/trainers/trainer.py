@@ -116,7 +116,7 @@ class DefaultTrainer(_NeutralDefaultTrainer):
 
     The training model, set with :meth:`set_training_model`, is a ``tf.keras.Model`` (or layer) whose
     ``call(batch_data, evaluate_settings, inference_mode=None)`` returns the loss (see
-    :class:`mlpug.trainers.training.DefaultTrainer` for the accepted return forms). It is called as
+    :class:`mlpug.trainers.trainer.DefaultTrainer` for the accepted return forms). It is called as
     ``model(batch, evaluate_settings=..., inference_mode=..., training=not inference_mode)`` (Keras 3
     only accepts tensors as positional arguments), so that Keras layers such as ``Dropout`` see ``training``.
 
@@ -285,11 +285,6 @@ class DefaultTrainer(_NeutralDefaultTrainer):
         size = array.shape[0]
         return size if size is not None else tf.shape(array)[0]
 
-    @property
-    def batch_chunk_size(self) -> Optional[int]:
-        """Samples per chunk for gradient accumulation, or None (whole batches)."""
-        return self.chunking.batch_chunk_size
-
     def _train_step_function(self, batch: Any, training_settings: Any) -> tuple:
         """Forward, backward and optimizer step (see the module docstring); traced unless in eager mode."""
         result = self.chunking.run(lambda chunk: self._chunk_step(chunk, training_settings), batch)
@@ -425,13 +420,7 @@ class DefaultTrainer(_NeutralDefaultTrainer):
             ValueError: Names, numbers of arrays or shapes in ``state`` do not match the trainer's (raised when
                 the state is applied: at once, or on building when it is pending).
         """
-        for kind, objects in (("model_components", self.model_components), ("optimizers", self.optimizers)):
-            given = state.get(kind, {}) if isinstance(state, Mapping) else None
-            if given is None or set(given) != set(objects):
-                raise ValueError(
-                    f"{kind} in state {sorted(given) if given is not None else state!r:.200} do not match the "
-                    f"trainer's {sorted(objects)}"
-                )
+        self._check_state_names(state)
         if self._build():
             self._load_state(state)
         else:
@@ -459,10 +448,7 @@ class DefaultTrainer(_NeutralDefaultTrainer):
             ValueError: Unknown ``optimizer_name``.
             TypeError: The optimizer was created with a learning rate schedule (Keras cannot set it then).
         """
-        if optimizer_name is not None and optimizer_name not in self.optimizers:
-            raise ValueError(f"optimizer_name {optimizer_name!r} unknown; optimizers: {sorted(self.optimizers)}")
-        optimizers = [self.optimizers[optimizer_name]] if optimizer_name else self._optimizer_list
-        for optimizer in optimizers:
+        for optimizer in self._selected_optimizers(optimizer_name):
             optimizer.learning_rate = learning_rate
         self._logged_learning_rate = None
 

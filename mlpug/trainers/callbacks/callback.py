@@ -48,8 +48,10 @@ class Callback:
     """
 
     def __init__(self, name: Optional[str] = None):
-        if name is not None and (not isinstance(name, str) or not name):
-            raise TypeError(f"name must be a non-empty str, got {name!r}")
+        if name is not None and not isinstance(name, str):
+            raise TypeError(f"name must be a non-empty str or None, got {type(name).__name__}: {name!r:.100}")
+        if name == "":
+            raise ValueError("name must be a non-empty str (it keys the callback's checkpoint state), got ''")
         self.name = name or type(self).__name__
         self.training_manager: Any = None  # the TrainingManager, set by set_training_manager
         self._log = logging.getLogger(f"mlpug.{type(self).__name__}")

@@ -228,6 +228,10 @@ class CheckpointManager(Callback, TrainingStateLoader):
         # A failed background write must not stop the checkpoint written now: note it, write, then report it.
         write_error = self._wait_for_background_write()
         if self._is_primary() and manager is not None:
+            if self._improved:  # decided in a hook of this period, whose checkpoint phase never came (an error)
+                self._improved = False
+                best_checkpoint = self._model_checkpoint(self._snapshot_model_components(), manager.logs)
+                self._write(lambda: self.saver.save(best_checkpoint, self.file_names.best_model), background=False)
             state = manager.get_state()
             if stopped_on_error:
                 self._log.error(
@@ -281,7 +285,7 @@ class CheckpointManager(Callback, TrainingStateLoader):
             manager_state = self.saver.snapshot(manager.get_state())
             trainer_state = manager_state["trainer"]
         else:
-            manager_state, trainer_state = None, self.saver.snapshot(manager.trainer.get_state())
+            manager_state, trainer_state = None, self._snapshot_model_components()
         jobs = []
         if improved:
             best_checkpoint = self._model_checkpoint(trainer_state, logs)
@@ -289,6 +293,12 @@ class CheckpointManager(Callback, TrainingStateLoader):
         if manager_state is not None:
             jobs.append(self._latest_job(manager_state, logs, archive_path))
         self._write(lambda: [job() for job in jobs])
+
+    def _snapshot_model_components(self) -> dict:
+        """A snapshot of only the model components (what a best model checkpoint holds), in the buffers that a
+        full training-state snapshot uses for them (the same paths)."""
+        model_components = self.training_manager.trainer.get_state()["model_components"]
+        return self.saver.snapshot({"trainer": {"model_components": model_components}})["trainer"]
 
     def _is_improvement(self, value: Any) -> bool:
         if value is None or (isinstance(value, float) and math.isnan(value)):

@@ -65,10 +65,6 @@ class LogProgress(Callback):
         self._start_iter = 0
         self._total_iters = 0
 
-    @property
-    def consumes(self) -> frozenset:
-        return frozenset(self.set_names)
-
     def _is_primary(self) -> bool:
         manager = self.training_manager
         return manager is None or manager.distributed.is_primary

@@ -1,6 +1,7 @@
 """Callbacks that put metrics into ``logs``: ``TrainingMetricsLogger`` and ``TestMetricsLogger``.
 
-They are producers: place them before the callbacks that read their values.
+They are producers (``produces`` names their dataset): every hook reaches them before the callbacks that
+read their values, wherever they stand in the list.
 """
 
 from __future__ import annotations

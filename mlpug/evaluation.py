@@ -15,6 +15,7 @@ The evaluator never writes files or prints.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from functools import partial
 from typing import Any, NamedTuple, Optional
@@ -160,14 +161,22 @@ class MetricEvaluator:
         """Deferred metric values of one batch."""
         return MetricValues({name: Deferred(_number_of(value)) for name, (value, _) in gathered.items()})
 
-    def combined_values(self, gathered_batches: Sequence[Gathered]) -> MetricValues:
+    def combined_values(self, gathered_batches: Sequence[Gathered], skip_non_finite: bool = False) -> MetricValues:
         """Deferred sample-weighted means of each metric over ``gathered_batches`` (reduced over ranks).
 
         ``gathered_batches`` is read when a value is first read, so it must not change afterwards
         (pass a copy or an immutable view).
+
+        Args:
+            gathered_batches: Per batch, what :meth:`gather` returned.
+            skip_non_finite: Leave NaN / inf batch values (and their weights) out of the means, e.g. the batches
+                whose optimizer step was skipped for a non-finite loss (``non_finite_loss="skip_step"``).
         """
         return MetricValues(
-            {name: Deferred(self._mean_over(gathered_batches, name)) for name in self.batch_metric_funcs}
+            {
+                name: Deferred(self._mean_over(gathered_batches, name, skip_non_finite))
+                for name in self.batch_metric_funcs
+            }
         )
 
     def evaluate_dataset(self, dataset: Iterable, evaluate_settings: Any = None) -> MetricValues:
@@ -177,20 +186,25 @@ class MetricEvaluator:
             raise ValueError(f"{self.name}: the dataset to evaluate yielded no batches")
         return self.combined_values(gathered)
 
-    def _mean_over(self, gathered_batches: Sequence[Gathered], metric_name: str) -> Callable[[], Optional[float]]:
+    def _mean_over(
+        self, gathered_batches: Sequence[Gathered], metric_name: str, skip_non_finite: bool = False
+    ) -> Callable[[], Optional[float]]:
         def compute() -> Optional[float]:
             values = [g[metric_name][0] for g in gathered_batches]
             weights = [g[metric_name][1] for g in gathered_batches]
-            weighted_sum, weight_sum = self._weighted_sums(values, weights)
+            weighted_sum, weight_sum = self._weighted_sums(values, weights, skip_non_finite)
             weighted_sum, weight_sum = self.distributed.all_reduce_sum([weighted_sum, weight_sum])
             return weighted_sum / weight_sum if weight_sum else None
 
         return compute
 
-    def _weighted_sums(self, values: Sequence[Any], weights: Sequence[Any]) -> tuple:
-        """``(sum(value * weight), sum(weight))`` as Python floats. Backends vectorise this."""
-        numbers = [to_number(w) for w in weights]
-        return sum(to_number(v) * w for v, w in zip(values, numbers)), float(sum(numbers))
+    def _weighted_sums(self, values: Sequence[Any], weights: Sequence[Any], skip_non_finite: bool = False) -> tuple:
+        """``(sum(value * weight), sum(weight))`` as Python floats (non-finite values left out when
+        ``skip_non_finite``). Backends vectorise this."""
+        pairs = [(to_number(v), to_number(w)) for v, w in zip(values, weights)]
+        if skip_non_finite:
+            pairs = [(v, w) for v, w in pairs if math.isfinite(v)]
+        return sum(v * w for v, w in pairs), float(sum(w for _, w in pairs))
 
 
 def _number_of(value: Any) -> Callable[[], Any]:

@@ -95,6 +95,29 @@ class CheckpointSaver(ABC):
             Exception: Whatever safetensors raises for a file it cannot open (:meth:`load` reports it).
         """
 
+    def is_finite_array(self, array: Any) -> bool:
+        """True unless ``array`` (a stored array, see :meth:`stored_array`) holds NaN or infinite values.
+
+        Default: NumPy arrays (non-float dtypes are always finite); backends with other array types override it.
+        """
+        array = np.asarray(array)
+        return not np.issubdtype(array.dtype, np.inexact) or bool(np.isfinite(array).all())
+
+    def all_finite(self, state: Any) -> bool:
+        """True when no array in the nested ``state`` (e.g. model weights) holds NaN or infinite values."""
+        pending = [state]
+        while pending:
+            value = pending.pop()
+            if isinstance(value, dict):
+                pending.extend(value.values())
+            elif isinstance(value, (list, tuple)):
+                pending.extend(value)
+            else:
+                array = self.stored_array(value, "state")
+                if array is not None and not self.is_finite_array(array):
+                    return False
+        return True
+
     def save(self, checkpoint: dict, path: str) -> None:
         """Write ``checkpoint`` to ``path`` crash-safely (temporary file, fsync, atomic rename, directory fsync).
 

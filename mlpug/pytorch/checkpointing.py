@@ -88,6 +88,9 @@ class CheckpointSaver(_NeutralCheckpointSaver):
     def array_bytes(self, array: torch.Tensor) -> np.ndarray:
         return array.reshape(-1).view(torch.uint8).cpu().numpy()  # a view for contiguous CPU tensors
 
+    def is_finite_array(self, array: torch.Tensor) -> bool:
+        return not (array.is_floating_point() or array.is_complex()) or bool(torch.isfinite(array).all())
+
     def save_arrays(self, arrays: dict[str, Any], metadata: dict[str, str], path: str) -> None:
         storages: set = set()
         unshared = {}

@@ -16,11 +16,11 @@ __all__ = ["MetricEvaluator", "MetricInputs", "loss_metric"]
 class MetricEvaluator(_NeutralMetricEvaluator):
     __doc__ = _NeutralMetricEvaluator.__doc__
 
-    def _weighted_sums(self, values: Sequence[Any], weights: Sequence[Any]) -> tuple:
+    def _weighted_sums(self, values: Sequence[Any], weights: Sequence[Any], skip_non_finite: bool = False) -> tuple:
         """``(sum(value * weight), sum(weight))`` with one device synchronisation for all batches."""
         tensors = [v for v in values if isinstance(v, torch.Tensor)]
         if not tensors:
-            return super()._weighted_sums(values, weights)
+            return super()._weighted_sums(values, weights, skip_non_finite)
         stacked = None
         if len(tensors) == len(values):
             try:
@@ -38,5 +38,8 @@ class MetricEvaluator(_NeutralMetricEvaluator):
             weight_tensor = torch.stack(
                 [torch.as_tensor(w, dtype=torch.float64, device=stacked.device).reshape(()) for w in weights]
             )
+        if skip_non_finite:
+            finite = torch.isfinite(stacked)
+            stacked, weight_tensor = torch.where(finite, stacked, 0.0), weight_tensor * finite
         weighted_sum, weight_sum = torch.stack([(stacked * weight_tensor).sum(), weight_tensor.sum()]).tolist()
         return weighted_sum, weight_sum

@@ -46,18 +46,22 @@ class MetricEvaluator(_NeutralMetricEvaluator):
             combined[metric_name] = (tf.where(weight_sum > 0, mean, values[0]), weight_sum)
         return combined
 
-    def _weighted_sums(self, values: Sequence[Any], weights: Sequence[Any]) -> tuple:
+    def _weighted_sums(self, values: Sequence[Any], weights: Sequence[Any], skip_non_finite: bool = False) -> tuple:
         """``(sum(value * weight), sum(weight))`` with one conversion to numpy for all batches.
 
         Values are scalar tensors (any float dtype, e.g. bfloat16 under mixed precision) or numbers;
         weights are ints or int/float scalar tensors. The sums are computed in float64.
         """
         if not any(tf.is_tensor(v) for v in values):
-            return super()._weighted_sums(values, weights)
+            return super()._weighted_sums(values, weights, skip_non_finite)
         stacked = _stack_as_float64(values)
         if all(isinstance(w, (int, float)) for w in weights):
             weight_tensor = tf.constant(weights, dtype=tf.float64)
         else:
             weight_tensor = _stack_as_float64(weights)
+        if skip_non_finite:
+            finite = tf.math.is_finite(stacked)
+            stacked = tf.where(finite, stacked, tf.zeros_like(stacked))
+            weight_tensor = weight_tensor * tf.cast(finite, weight_tensor.dtype)
         sums = tf.stack([tf.reduce_sum(stacked * weight_tensor), tf.reduce_sum(weight_tensor)]).numpy()
         return float(sums[0]), float(sums[1])

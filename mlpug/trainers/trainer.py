@@ -14,11 +14,13 @@ each with a null object that gives the plain step. ``docs/architecture.md`` list
 
 from __future__ import annotations
 
+import math
 from abc import ABC, abstractmethod
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any, NamedTuple, Optional
 
 from mlpug.chunking import BatchChunk, BatchChunking, infer_num_samples
+from mlpug.logs import to_number
 from mlpug.random_state import NumpyRandomState, PythonRandomState, RandomStateProvider
 
 
@@ -60,7 +62,14 @@ class Trainer(ABC):
     """Contract between the neutral ``TrainingManager`` and a backend: one optimisation step and state.
 
     Implementations must not know about epochs, callbacks or files.
+
+    Attributes:
+        skip_non_finite_steps: When True, :meth:`train_on` skips the optimizer step of a batch whose loss is not
+            finite and reports it as ``optimizer_step_skipped`` (set by ``TrainingManager(non_finite_loss=
+            "skip_step")``; see :mod:`mlpug.trainers.non_finite`).
     """
+
+    skip_non_finite_steps: bool = False
 
     @abstractmethod
     def set_training_model(self, training_model: Any) -> None:
@@ -93,6 +102,13 @@ class Trainer(ABC):
     @abstractmethod
     def ensure_ready(self) -> None:
         """Raise when the trainer cannot train yet (e.g. ``set_training_model`` was never called)."""
+
+    def non_finite_indices(self, values: Sequence[Any]) -> list[int]:
+        """Positions of the ``values`` (scalar losses) that are NaN or infinite, with one device wait for all.
+
+        Default: each value converted with :func:`mlpug.logs.to_number`; backends vectorise this.
+        """
+        return [index for index, value in enumerate(values) if not math.isfinite(to_number(value))]
 
     def random_state_providers(self) -> list[RandomStateProvider]:
         """The random number generators of this run, saved and restored with training checkpoints.

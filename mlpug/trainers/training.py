@@ -23,6 +23,7 @@ Life cycle (every hook goes to every callback, producers first: see ``dispatch_o
             [counters advance: global_iter + 1, batch_step + 1]
             on_batch_training_completed(batch, logs)             # metrics are produced and consumed here
             on_batch_checkpoint(logs)                            # checkpoint phase: savers write here
+        [non-finite losses of the epoch checked (also when consumers read values, and at the end)]
         on_epoch_completed(logs)                                 # only for a completed epoch
         [counters advance: epoch + 1, batch_step 0]
         on_epoch_checkpoint(logs)                                # checkpoint phase of the epoch
@@ -55,6 +56,7 @@ from mlpug.distributed import DistributedContext, SerialContext
 from mlpug.logs import Deferred, MetricValues, to_number
 from mlpug.random_state import get_random_states, set_random_states
 from mlpug.trainers.callbacks.callback import HOOKS, Callback, dispatch_order
+from mlpug.trainers.non_finite import NonFiniteLossPolicy, NonFiniteLossTracker
 from mlpug.trainers.resume import ResumeFrom, check_resume_from, load_resume_state
 from mlpug.trainers.trainer import StepResult, Trainer
 
@@ -84,7 +86,13 @@ class TrainingManager:
             callback that is a :class:`~mlpug.trainers.resume.TrainingStateLoader`) and applied
             (:meth:`set_state`) when :meth:`start_training` begins, before any hook runs.
 
+        non_finite_loss: What a NaN or infinite training loss does: ``"raise"`` (default: training ends with a
+            :class:`~mlpug.trainers.non_finite.NonFiniteLossError` naming the first such iteration),
+            ``"skip_step"`` (its optimizer step is skipped) or ``"warn"``. Checked without a device wait per step
+            (see :mod:`mlpug.trainers.non_finite`); no checkpoint ever holds non-finite weights.
+
     Attributes:
+        training_error: The exception that ended training (None while it runs or when it ended without one).
         step_result: The :class:`~mlpug.trainers.trainer.StepResult` of the batch being completed (raw model
             outputs: loss, auxiliary results; read them in ``on_batch_training_completed``); never in ``logs``.
 
@@ -106,6 +114,7 @@ class TrainingManager:
         handle_signals: bool = True,
         name: str = "TrainingManager",
         resume_from: ResumeFrom = None,
+        non_finite_loss: NonFiniteLossPolicy = "raise",
     ):
         if not isinstance(trainer, Trainer):
             raise TypeError(
@@ -165,6 +174,9 @@ class TrainingManager:
         self._stop_requested = False
         self._received_signal: Optional[int] = None
         self.step_result: Optional[StepResult] = None
+        self.training_error: Optional[BaseException] = None
+        self.non_finite = NonFiniteLossTracker(non_finite_loss, trainer.non_finite_indices)
+        trainer.skip_non_finite_steps = non_finite_loss == "skip_step"
         self._random_state_providers = trainer.random_state_providers()
         self._pending_random_state: Optional[dict] = None  # restored where it was captured (see _train)
         self._ordered_callbacks = dispatch_order(callbacks)
@@ -178,6 +190,17 @@ class TrainingManager:
     def stop_training(self) -> None:
         """Ask training to stop: the current batch finishes, then the normal end hooks run."""
         self._stop_requested = True
+
+    def check_finite(self) -> None:
+        """Check the training losses of the steps since the last check, with one device wait for all of them.
+
+        Consumers call this where they read values anyway (``LogProgress`` at its log period, the
+        ``CheckpointManager`` before it writes); the manager calls it at every epoch end and at the end of training.
+
+        Raises:
+            NonFiniteLossError: A loss was NaN or infinite and the policy is ``"raise"``.
+        """
+        self.non_finite.check()
 
     def get_state(self) -> dict:
         """Everything needed to continue training: the content of a training checkpoint.
@@ -256,12 +279,15 @@ class TrainingManager:
             _log.info(f"Resuming training from {(resume_state.get('mlpug') or {}).get('path', 'the given state')}")
             self.set_state(resume_state)
         self._stop_requested, self._received_signal = False, None
+        self.training_error = None
         stopped_on_error = False
         previous_handlers = self._install_signal_handlers()
         try:
             self._train()
+            self.check_finite()
         except BaseException as error:
             stopped_on_error = True
+            self.training_error = error
             _add_note(error, f"mlpug: training failed at epoch {self.epoch}, batch step {self.batch_step}")
             raise
         finally:
@@ -304,6 +330,7 @@ class TrainingManager:
             params = logs["current"]["training_params"]["epoch"]
             params["duration"] = time.perf_counter() - epoch_start_time
             params["lr"] = _deferred_number(self.step_result.learning_rate if self.step_result else None)
+            self.check_finite()
             # a failing epoch-end hook leaves the epoch unfinished: an emergency checkpoint resumes at its end
             self._dispatch("on_epoch_completed", logs)
             self.epoch, self.batch_step = epoch + 1, 0
@@ -318,7 +345,7 @@ class TrainingManager:
         start_hooks = self._hooks["on_batch_training_start"]
         completed_hooks = self._hooks["on_batch_training_completed"]
         checkpoint_hooks = self._hooks["on_batch_checkpoint"]
-        epoch, new_current = self.epoch, logs_module.new_current
+        epoch, new_current, non_finite = self.epoch, logs_module.new_current, self.non_finite
         for batch_step in range(self.batch_step, self.num_batches_per_epoch):
             if self._should_stop():
                 return False
@@ -345,6 +372,7 @@ class TrainingManager:
             params["batch_size"] = _deferred_number(result.num_samples)
             params["optimizer_step_skipped"] = _deferred_number(result.optimizer_step_skipped)
             current["training"]["batch"] = MetricValues()
+            non_finite.record(result.loss, self.global_iter, epoch, batch_step)
             self.global_iter += 1
             self.batch_step = batch_step + 1
             if completed_hooks:

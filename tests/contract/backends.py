@@ -119,6 +119,18 @@ class PyTorchHarness:
     def to_numpy(self, value: Any) -> Any:
         return value.detach().numpy() if isinstance(value, self.torch.Tensor) else value
 
+    def nan_propagating_model(self, problem: Problem) -> Any:
+        """The problem's loss plus ``0 * mean(features)``: NaN features give a NaN loss on every backend."""
+        torch, classifier = self.torch, problem.classifier
+
+        class NanPropagatingModel(torch.nn.Module):
+            def forward(self, batch_data, evaluate_settings, inference_mode=None):
+                features, labels = batch_data
+                loss = torch.nn.functional.cross_entropy(classifier(features), labels)
+                return loss + 0.0 * features.mean()
+
+        return NanPropagatingModel()
+
 
 class TensorFlowHarness:
     """The same problem with ``mlpug.tensorflow``: compiled steps (``tf.function``) fed by ``tf.data.Dataset`` s."""
@@ -215,6 +227,20 @@ class TensorFlowHarness:
 
     def to_numpy(self, value: Any) -> Any:
         return value.numpy() if self.tf.is_tensor(value) else value
+
+    def nan_propagating_model(self, problem: Problem) -> Any:
+        """The problem's loss plus ``0 * mean(features)``: NaN features give a NaN loss on every backend (Keras'
+        sparse cross-entropy alone turns NaN logits into a finite loss)."""
+        tf, classifier = self.tf, problem.classifier
+        loss_function = tf.keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+
+        class NanPropagatingModel(tf.keras.Model):
+            def call(self, batch_data, evaluate_settings, inference_mode=None):
+                features, labels = batch_data
+                loss = loss_function(labels, classifier(features))
+                return loss + 0.0 * tf.reduce_mean(tf.cast(features, loss.dtype))
+
+        return NanPropagatingModel()
 
 
 class TensorFlowEagerHarness(TensorFlowHarness):

@@ -7,6 +7,7 @@ that counts how often it is converted to a Python number, to prove the loop does
 
 from __future__ import annotations
 
+import math
 from typing import Any, Optional
 
 from mlpug.trainers.trainer import DefaultTrainer, ModelOutputs, StepResult
@@ -77,6 +78,11 @@ class FakeTrainer(DefaultTrainer):
         model.w -= optimizer.learning_rate * grad_w
         model.b -= optimizer.learning_rate * grad_b
         return StepResult(*outputs, learning_rate=optimizer.learning_rate)
+
+    def non_finite_indices(self, values) -> list:
+        """Vectorised like a real backend's: one conversion (one "device wait") for all values."""
+        FakeScalar.conversions += 1
+        return [i for i, value in enumerate(values) if not math.isfinite(getattr(value, "value", value))]
 
     def evaluate_loss(self, batch, evaluate_settings=None, inference_mode=True) -> ModelOutputs:
         self.ensure_ready()

@@ -173,8 +173,9 @@ def test_no_tensor_item_per_step_when_nothing_reads(monkeypatch):
         ],
     )
     manager.start_training()
-    # Batch blocks after batch 5 and 10: one item() for the batch loss, one tolist() for the window sums each.
-    assert conversions == ["item", "tolist", "item", "tolist"]
+    # Batch blocks after batch 5 and 10: one tolist() for the non-finite check of the 5 pending losses, one item()
+    # for the batch loss, one tolist() for the window sums each.
+    assert conversions == ["tolist", "item", "tolist"] * 2
     assert len(printed) == 3
 
 

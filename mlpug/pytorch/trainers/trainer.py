@@ -19,7 +19,7 @@ optimizer.step()``.
 from __future__ import annotations
 
 import inspect
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from functools import partial
 from typing import Any, Optional
 
@@ -188,8 +188,11 @@ class DefaultTrainer(_NeutralDefaultTrainer):
             optimizer.zero_grad(set_to_none=True)
         result = self.chunking.run(partial(self._chunk_step, training_settings), batch)
         self.gradient_sync.reduce(result.gradients)
-        skipped = self.precision.step(self.optimizers)
         outputs = result.outputs
+        if self.skip_non_finite_steps and not bool(torch.isfinite(outputs.loss).all()):  # waits for the device
+            skipped: Any = True
+        else:
+            skipped = self.precision.step(self.optimizers)
         return StepResult(outputs.loss, outputs.num_samples, outputs.auxiliary_results, skipped, self._learning_rate())
 
     def _chunk_step(self, training_settings: Any, chunk: BatchChunk) -> ChunkResult:
@@ -202,6 +205,17 @@ class DefaultTrainer(_NeutralDefaultTrainer):
                 outputs.loss.detach(), outputs.num_samples, map_tensors(outputs.auxiliary_results, torch.Tensor.detach)
             )
         )
+
+    def non_finite_indices(self, values: Sequence[Any]) -> list[int]:
+        """Positions of the non-finite scalar ``values`` (tensors or numbers): one stacked check, one device wait."""
+        if not values:
+            return []
+        first = next((value for value in values if isinstance(value, torch.Tensor)), None)
+        device = first.device if first is not None else "cpu"
+        stacked = torch.stack(
+            [torch.as_tensor(value, device=device).detach().reshape(()).to(torch.float32) for value in values]
+        )
+        return (~torch.isfinite(stacked)).nonzero().flatten().tolist()
 
     def _learning_rate(self) -> Any:
         """``lr`` of the first optimizer's first parameter group: a float, or (a tensor learning rate, which

@@ -290,8 +290,17 @@ class DefaultTrainer(_NeutralDefaultTrainer):
         result = self.chunking.run(lambda chunk: self._chunk_step(chunk, training_settings), batch)
         gradients = self.gradient_sync.reduce(result.gradients)
         assert gradients is not None
-        skipped = self.precision.step(self.optimizers, self._pairs_per_optimizer(gradients))
-        outputs = result.outputs
+        pairs, outputs = self._pairs_per_optimizer(gradients), result.outputs
+        if self.skip_non_finite_steps:  # decided in the graph: no host wait in a compiled step
+
+            def step() -> Any:
+                skipped = self.precision.step(self.optimizers, pairs)
+                return tf.constant(False) if skipped is False else skipped
+
+            finite = tf.reduce_all(tf.math.is_finite(outputs.loss))
+            skipped = tf.cond(finite, step, lambda: tf.constant(True))
+        else:
+            skipped = self.precision.step(self.optimizers, pairs)
         return (
             tf.reshape(outputs.loss, []),
             outputs.num_samples,
@@ -318,6 +327,13 @@ class DefaultTrainer(_NeutralDefaultTrainer):
             for target, variables in zip(targets, self._variables.values()):
                 gradients.extend(tape.gradient(target, variables))
         return ChunkResult(ModelOutputs(loss, outputs.num_samples, outputs.auxiliary_results), gradients)
+
+    def non_finite_indices(self, values: Sequence[Any]) -> list[int]:
+        """Positions of the non-finite scalar ``values`` (tensors or numbers): one stacked check, one conversion."""
+        if not values:
+            return []
+        stacked = tf.stack([tf.cast(tf.reshape(value, []), tf.float32) for value in values])
+        return np.flatnonzero(~tf.math.is_finite(stacked).numpy()).tolist()
 
     def _pairs_per_optimizer(self, gradients: Sequence[Any]) -> dict[str, list]:
         """The flat gradient list as ``(gradient, variable)`` pairs per optimizer name, for ``precision.step``."""

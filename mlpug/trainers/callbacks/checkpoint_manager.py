@@ -23,6 +23,7 @@ from mlpug.checkpointing import (
 )
 from mlpug.logs import get_value_at, resolve
 from mlpug.trainers.callbacks.callback import Callback
+from mlpug.trainers.non_finite import NonFiniteLossError
 from mlpug.trainers.resume import TrainingStateLoader
 
 
@@ -231,9 +232,14 @@ class CheckpointManager(Callback, TrainingStateLoader):
             if self._improved:  # decided in a hook of this period, whose checkpoint phase never came (an error)
                 self._improved = False
                 best_checkpoint = self._model_checkpoint(self._snapshot_model_components(), manager.logs)
-                self._write(lambda: self.saver.save(best_checkpoint, self.file_names.best_model), background=False)
+                self._write(lambda: self._save_if_finite(best_checkpoint, self.file_names.best_model), background=False)
             state = manager.get_state()
-            if stopped_on_error:
+            if isinstance(manager.training_error, NonFiniteLossError):
+                self._log.error(
+                    "Training stopped on a non-finite loss: no emergency training checkpoint is written from this "
+                    f"state; the last good training checkpoint is {self.file_names.training}"
+                )
+            elif stopped_on_error:
                 self._log.error(
                     f"Training failed; writing emergency training checkpoint {self.file_names.emergency_training}"
                 )
@@ -269,6 +275,7 @@ class CheckpointManager(Callback, TrainingStateLoader):
         save_latest = period_count % self.create_checkpoint_every == 0
         if not self._is_primary() or not (improved or save_latest):
             return
+        self.training_manager.check_finite()  # the values are read now anyway; never save from a non-finite state
         # One snapshot per period, taken after the previous write finished (a saver may reuse its buffers);
         # then one background job writes every file of this period.
         self._writer.wait()
@@ -289,7 +296,7 @@ class CheckpointManager(Callback, TrainingStateLoader):
         jobs = []
         if improved:
             best_checkpoint = self._model_checkpoint(trainer_state, logs)
-            jobs.append(lambda: self.saver.save(best_checkpoint, self.file_names.best_model))
+            jobs.append(lambda: self._save_if_finite(best_checkpoint, self.file_names.best_model))
         if manager_state is not None:
             jobs.append(self._latest_job(manager_state, logs, archive_path))
         self._write(lambda: [job() for job in jobs])
@@ -301,7 +308,7 @@ class CheckpointManager(Callback, TrainingStateLoader):
         return self.saver.snapshot({"trainer": {"model_components": model_components}})["trainer"]
 
     def _is_improvement(self, value: Any) -> bool:
-        if value is None or (isinstance(value, float) and math.isnan(value)):
+        if value is None or not math.isfinite(value):  # a NaN / inf value is never "best"
             return False
         if self.best_value is None:
             return True
@@ -357,12 +364,16 @@ class CheckpointManager(Callback, TrainingStateLoader):
         names, keep = self.file_names, set(self.archived)
 
         def job() -> None:
-            self.saver.save(training_checkpoint, names.training)
-            self.saver.save(model_checkpoint, names.latest_model)
+            # The training checkpoint, which lists the archives, is the last file of the set: a process killed
+            # between the files leaves the previous training checkpoint, whose listed files all exist.
+            if not self._save_if_finite(model_checkpoint, names.latest_model):
+                self._last_saved_position = None
+                return
             if archive_path is not None:
                 atomic_link_or_copy(names.latest_model, archive_path)
-                if self.keep_last is not None:
-                    self._remove_archives_except(keep)
+            self.saver.save(training_checkpoint, names.training)
+            if archive_path is not None and self.keep_last is not None:
+                self._remove_archives_except(keep)
 
         return job
 
@@ -382,8 +393,19 @@ class CheckpointManager(Callback, TrainingStateLoader):
         self._writer.wait()
         manager_state = self.saver.snapshot(state)
         checkpoint = {"mlpug": make_header("training", self.saver.backend), **manager_state}
-        self._write(lambda: self.saver.save(checkpoint, path), background=False)
-        self._last_saved_position = _position(manager_state)
+        if self._save_if_finite(checkpoint, path):
+            self._last_saved_position = _position(manager_state)
+
+    def _save_if_finite(self, checkpoint: dict, path: str) -> bool:
+        """Write ``checkpoint`` unless its model weights hold NaN / inf (then log why and keep the old file)."""
+        components = (checkpoint.get("trainer") or checkpoint).get("model_components")
+        if not self.saver.all_finite(components):
+            self._log.error(
+                f"Not writing {path}: the model weights hold NaN or infinite values; the last good file stays"
+            )
+            return False
+        self.saver.save(checkpoint, path)
+        return True
 
     def _write(self, job, background: Optional[bool] = None) -> None:
         background = self.write_in_background if background is None else background

@@ -88,7 +88,11 @@ class LogProgress(Callback):
     def on_batch_training_completed(self, training_batch, logs: dict) -> bool:
         current = logs["current"]
         done = current["global_iter"] + 1
-        if not self.batch_level or done % self.log_period != 0 or not self._is_primary():
+        if not self.batch_level or done % self.log_period != 0:
+            return True
+        if self.training_manager is not None:  # values are read now anyway: check the losses since the last check
+            self.training_manager.check_finite()
+        if not self._is_primary():
             return True
         duration = current["training_params"].get("window_average", {}).get("duration")
         lines = [

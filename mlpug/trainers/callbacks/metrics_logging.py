@@ -41,6 +41,7 @@ class _SlidingWindow:
         self.length = length
         self.entries: list = []
         self.first_index = 0  # absolute batch index of entries[0]
+        self.skip_non_finite = False  # leave non-finite batch values out of the window means
 
     def append(self, gathered: dict) -> MetricValues:
         entries = self.entries
@@ -49,7 +50,7 @@ class _SlidingWindow:
         if self.length is not None and len(entries) >= 2 * self.length:
             del entries[: len(entries) - self.length]
             self.first_index = end - self.length
-        return self.evaluator.combined_values(_WindowView(self, end))
+        return self.evaluator.combined_values(_WindowView(self, end), self.skip_non_finite)
 
     def get_state(self) -> dict:
         """The last ``length`` batches' metric ``(mean_value, weight)`` pairs as Python floats (one conversion
@@ -129,6 +130,8 @@ class TrainingMetricsLogger(Callback):
         return frozenset({"training"})
 
     def on_training_start(self, num_epochs, num_batches_per_epoch, start_epoch, start_batch, start_update_iter):
+        # batches whose step was skipped for a non-finite loss are no part of training: not of its window either
+        self._window.skip_non_finite = self.training_manager.non_finite.policy == "skip_step"
         if self._window.length is None:
             self._window.length = num_batches_per_epoch
             self._durations = collections.deque(self._durations, maxlen=num_batches_per_epoch)

@@ -125,12 +125,14 @@ def atomic_link_or_copy(source: str, target: str) -> None:
     atomic_write_path(target, link_or_copy)
 
 
-def remove_stale_temporary_files(directory: str, prefix: str) -> list:
+def remove_stale_temporary_files(directory: str, prefix: str, including_own: bool = False) -> list:
     """Remove ``.<prefix>*.tmp-<pid>`` files left by killed processes (pid no longer running).
 
     Args:
         directory: The checkpoint directory (a missing one has nothing to remove).
         prefix: The base name of the files, e.g. ``base_checkpoint_filename``.
+        including_own: Also remove this process's own temporary files (at the end of its run, when no write is
+            in progress any more).
 
     Returns:
         The names of the removed files.
@@ -142,7 +144,9 @@ def remove_stale_temporary_files(directory: str, prefix: str) -> list:
         if not name.startswith(f".{prefix}") or ".tmp-" not in name:
             continue
         pid_text = name.rsplit(".tmp-", 1)[1]
-        if not pid_text.isdigit() or _process_exists(int(pid_text)):
+        if not pid_text.isdigit():
+            continue
+        if _process_exists(int(pid_text)) and not (including_own and int(pid_text) == os.getpid()):
             continue
         try:
             os.remove(os.path.join(directory, name))

@@ -97,16 +97,21 @@ def _training_file(harness) -> str:
 CRASH_HARNESSES = {"pytorch", "tensorflow-eager"}  # compiled TF uses the same saver; tracing per child costs ~3 s
 
 
-def test_sigkill_at_random_moments_leaves_a_loadable_checkpoint(harness, tmp_path):
+def test_a_chain_of_sigkills_ends_with_the_weights_of_an_uninterrupted_run(harness, tmp_path):
+    """30 children, each resuming from the newest checkpoint set and SIGKILLed at a random moment (saves slowed
+    down so that kills land between the files of a set too), then a child that finishes the run: every file the
+    last training checkpoint lists exists, the newest set loads, no temporary file remains, and the final weights
+    and optimizer state equal those of an uninterrupted run. Broken on purpose (the training checkpoint written
+    first in a set, as before), a kill between the files left a listed archive that never existed."""
     if harness.name not in CRASH_HARNESSES:
         pytest.skip(f"crash test runs once per backend ({sorted(CRASH_HARNESSES)})")
     # 30 kills: the temporary file exists only while safetensors writes and fsyncs (encoding comes first); for
     # the small TF model 13 % of kills landed there (5 runs of 20 kills: 0, 2, 2, 3, 6), so 20 could miss all
-    directory, kills = str(tmp_path), 30
+    directory, kills, out = str(tmp_path), 30, str(tmp_path / "chain.npz")
     completed = subprocess.run(
         [sys.executable, "-m", "tests.contract.scripts.checkpoint_worker", "crash", "--backend", harness.name,
-         "--dir", directory, "--kills", str(kills), "--seed", "1"],
-        cwd=ROOT, env=SUBPROCESS_ENV, check=True, timeout=300, capture_output=True, text=True,
+         "--dir", directory, "--kills", str(kills), "--seed", "1", "--num-epochs", "60", "--out", out],
+        cwd=ROOT, env=SUBPROCESS_ENV, check=True, timeout=400, capture_output=True, text=True,
     )  # fmt: skip
     reports = json.loads(completed.stdout.strip().splitlines()[-1])["reports"]
     assert len(reports) == kills
@@ -118,13 +123,24 @@ def test_sigkill_at_random_moments_leaves_a_loadable_checkpoint(harness, tmp_pat
     loaded = loaded[first:]  # once one was complete, every later child loaded the newest checkpoint
     assert all(isinstance(value, int) and value >= 1 for value in loaded), reports
     assert loaded == sorted(loaded) and loaded[-1] > loaded[0]  # progress survives the kills
+    assert loaded[-1] < 60 * worker.NUM_BATCHES  # the kills, not the end of the run, stopped the children
     mid_write = sum(bool(report["temporary_files_left"]) for report in reports)
+    between = sum(report["between_files"] for report in reports)
     assert mid_write >= 1, f"no kill landed while a file was written: {reports}"
+    assert between >= 1, f"no kill landed between the files of a checkpoint set: {reports}"
+    # after the finishing child: the newest set is complete and loads, nothing temporary is left
+    assert not [name for name in os.listdir(directory) if ".tmp-" in name]
     state = harness.mlp.load_training_checkpoint(os.path.join(directory, _training_file(harness)))
-    assert state["global_iter"] >= loaded[-1]
-    archives = [name for name in os.listdir(directory) if name.startswith("model-model-checkpoint-batch-")]
-    assert 1 <= len(archives) <= 3, archives  # keep_last=2, plus one written before a kill stopped the pruning
-    print(f"{kills} SIGKILLs, {mid_write} of them while a checkpoint file was being written; loaded {loaded}")
+    assert state["global_iter"] == 60 * worker.NUM_BATCHES
+    listed = state["callbacks"]["CheckpointManager"]["archived"]
+    assert 1 <= len(listed) <= 2 and all(os.path.exists(os.path.join(directory, name)) for name in listed)
+    for name in listed + ["model-latest-model-checkpoint.safetensors", "model-best-model-checkpoint.safetensors"]:
+        harness.mlp.load_model_checkpoint(os.path.join(directory, name))
+    with np.load(out) as chain, np.load(out + ".straight.npz") as straight:
+        assert sorted(chain.files) == sorted(straight.files)
+        for key in straight.files:
+            assert np.array_equal(chain[key], straight[key]), key
+    print(f"{kills} SIGKILLs: {mid_write} while a file was written, {between} between the files of a set")
 
 
 @pytest.mark.parametrize("mode", ["min", "max"])

@@ -564,3 +564,31 @@ def test_an_improvement_decided_before_a_failing_hook_still_writes_the_best_mode
     best = NumpyCheckpointSaver().load(checkpoint_manager.file_names.best_model, kind="model")
     assert best["progress"]["global_iter"] == 0 and best["logs"]["is_best"] is True
     assert best["model_components"]["model"] == {"w": model.w, "b": model.b}  # the weights after that step
+
+
+def test_own_temporary_files_are_removed_when_training_ends(tmp_path):
+    leftover = tmp_path / f".model-training-checkpoint.safetensors.tmp-{os.getpid()}"
+    manager, _, _, _ = build(tmp_path, num_epochs=1)
+    leftover.write_bytes(b"a write of this process that failed half-way")
+    manager.start_training()
+    assert not leftover.exists()
+    assert not [name for name in os.listdir(tmp_path) if ".tmp-" in name]
+
+
+def test_listed_archives_that_do_not_exist_are_dropped_at_resume_with_a_warning(tmp_path, caplog):
+    import logging
+
+    first, _, _, checkpoint_manager = build(tmp_path, num_epochs=1, archive_last_model_checkpoint_every=1)
+    first.start_training()
+    state = NumpyCheckpointSaver().load(checkpoint_manager.training_checkpoint_path, kind="training")
+    listed = state["callbacks"]["CheckpointManager"]["archived"]
+    os.remove(os.path.join(tmp_path, listed[-1]))  # e.g. a set whose archive never got written
+    second, _, _, resumed = build(tmp_path, num_epochs=2, archive_last_model_checkpoint_every=1)
+    logging.getLogger("mlpug").propagate = True
+    try:
+        with caplog.at_level(logging.WARNING, logger="mlpug"):
+            second.set_state(state)
+    finally:
+        logging.getLogger("mlpug").propagate = False
+    assert resumed.archived == listed[:-1]
+    assert f"lists archived model checkpoints that do not exist in {tmp_path}: ['{listed[-1]}']" in caplog.text

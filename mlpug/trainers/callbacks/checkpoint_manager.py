@@ -430,7 +430,7 @@ class CheckpointManager(Callback, TrainingStateLoader):
         }
 
     def set_state(self, state: dict) -> None:
-        """Restore the best value and the archive list.
+        """Restore the best value and the archive list; archives listed but missing are dropped with a warning.
 
         Raises:
             ValueError: The saved state monitored another metric or mode than this manager.
@@ -444,7 +444,19 @@ class CheckpointManager(Callback, TrainingStateLoader):
         self.best_logs = dict(state.get("best_logs") or {})
         if self.training_manager is not None:
             self.training_manager.logs["best"] = self.best_logs
-        self.archived = list(state.get("archived", []))
+        listed = list(state.get("archived", []))
+        self.archived = [name for name in listed if os.path.exists(os.path.join(self.file_names.directory, name))]
+        if len(self.archived) != len(listed):
+            self._log.warning(
+                f"{self.name}: the training checkpoint lists archived model checkpoints that do not exist in "
+                f"{self.file_names.directory}: {sorted(set(listed) - set(self.archived))}; they are forgotten"
+            )
+
+    def on_training_ended(self, stopped_early, stopped_on_error, interrupted, callback_calls_success) -> bool:
+        """Removes this run's own temporary files (left by a write that failed); every write has finished."""
+        if self._is_primary():
+            remove_stale_temporary_files(self.file_names.directory, self.file_names.base_name, including_own=True)
+        return True
 
     # ----- resuming (TrainingStateLoader) -----
     def resolve_training_checkpoint(self, resume_from: Any) -> str:

@@ -4,12 +4,16 @@ Used by ``tests/contract/test_checkpoint*.py``. As a script (run from the reposi
 
     python -m tests.contract.scripts.checkpoint_worker resume --backend pytorch --dir D --out results.npz
     python -m tests.contract.scripts.checkpoint_worker train --backend pytorch --dir D --sleep 0.05
-    python -m tests.contract.scripts.checkpoint_worker crash --backend pytorch --dir D --kills 20
+    python -m tests.contract.scripts.checkpoint_worker crash --backend pytorch --dir D --kills 20 --out chain.npz
 
 ``resume`` continues from ``D``'s training checkpoint and writes the final weights, optimizer state and the
 logged batch losses; ``train`` prints ``batch <global_iter>`` after every batch (for signal tests); ``crash``
-forks training children that resume from the newest checkpoint and kills each with SIGKILL at a random moment
-while it writes checkpoints, then prints a JSON report (one line) of what every child could load.
+forks a chain of training children that each resume from the newest checkpoint (or start fresh when there is
+none) and kills each with SIGKILL at a random moment while it trains and writes checkpoints (saves are slowed
+down so that kills also land between the files of one checkpoint set); with ``--out`` a last child then
+finishes the run and another one trains the same run uninterrupted in a fresh directory, and both write their
+final weights and optimizer state (``<out>`` and ``<out>.straight.npz``). It prints a JSON report (one line) of
+what every child could load.
 """
 
 from __future__ import annotations
@@ -98,6 +102,18 @@ def run(
     return problem, manager, recorder
 
 
+def slow_saver(mlp, delay: float):
+    """The backend's saver, sleeping ``delay`` seconds after every file it writes (widens the gaps between the
+    files of one checkpoint set, so that random kills land there too)."""
+
+    class SlowSaver(mlp.checkpointing.CheckpointSaver):
+        def save(self, checkpoint, path):
+            super().save(checkpoint, path)
+            time.sleep(delay)
+
+    return SlowSaver()
+
+
 def to_numpy_tree(value):
     """Nested containers of tensors -> the same with NumPy arrays (torch / TF / NumPy leaves)."""
     if isinstance(value, dict):
@@ -156,6 +172,11 @@ def crash_mode(args) -> None:
         importlib.import_module(module)
     rng = random.Random(args.seed)
     reports = []
+    checkpoint_kwargs = {
+        "archive_last_model_checkpoint_every": 3,
+        "keep_last": 2,
+        "saver": slow_saver(harness.mlp, 0.01),
+    }
     for _ in range(args.kills):
         read_fd, write_fd = os.pipe()
         pid = os.fork()
@@ -167,9 +188,9 @@ def crash_mode(args) -> None:
                 problem, manager, _ = run(
                     harness,
                     args.dir,
-                    num_epochs=1000,
+                    num_epochs=args.num_epochs,
                     resume_from=resume,
-                    checkpoint_kwargs={"archive_last_model_checkpoint_every": 3, "keep_last": 2},
+                    checkpoint_kwargs=checkpoint_kwargs,
                     start=False,
                     on_first_batch=lambda fd=write_fd: os.write(fd, b'{"started": true}\n'),
                 )
@@ -195,8 +216,48 @@ def crash_mode(args) -> None:
             _, status = os.waitpid(pid, 0)
         report["killed"] = os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGKILL
         report["temporary_files_left"] = sorted(name for name in os.listdir(args.dir) if ".tmp-" in name)
+        latest, training = (
+            os.path.join(args.dir, f"model-{kind}.safetensors")
+            for kind in ("latest-model-checkpoint", "training-checkpoint")
+        )
+        report["between_files"] = (  # the set's first file is newer than its last one: killed in between
+            os.path.exists(latest)
+            and os.path.exists(training)
+            and os.stat(latest).st_mtime_ns > os.stat(training).st_mtime_ns
+        )
         reports.append(report)
+    if args.out:
+        _in_child(lambda: _finish(harness, args.dir, args.num_epochs, args.out, checkpoint_kwargs))
+        straight = os.path.join(args.dir, "straight")
+        _in_child(lambda: _finish(harness, straight, args.num_epochs, args.out + ".straight.npz", checkpoint_kwargs))
     print(json.dumps({"reports": reports}), flush=True)
+
+
+def _finish(harness, directory, num_epochs, out, checkpoint_kwargs) -> None:
+    resume = "latest" if os.path.exists(os.path.join(directory, "model-training-checkpoint.safetensors")) else None
+    problem, _, recorder = run(
+        harness, directory, num_epochs=num_epochs, resume_from=resume, checkpoint_kwargs=checkpoint_kwargs
+    )
+    results_of_run = results(problem, recorder)
+    del results_of_run["losses"]  # the chain's losses are spread over its children
+    np.savez(out, **results_of_run)
+
+
+def _in_child(job) -> None:
+    """Run ``job`` in a forked child (this process runs no backend op) and raise when it fails."""
+    pid = os.fork()
+    if pid == 0:
+        try:
+            job()
+        except BaseException:
+            import traceback
+
+            traceback.print_exc()
+            os._exit(3)
+        os._exit(0)
+    _, status = os.waitpid(pid, 0)
+    if not (os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0):
+        raise RuntimeError(f"a finishing child failed (status {status})")
 
 
 def main(argv=None) -> None:

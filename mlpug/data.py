@@ -230,6 +230,69 @@ def epoch_iterator(dataset: Iterable, epoch: int, start_batch: int = 0) -> Itera
     return iterator
 
 
+class DataSource:
+    """How the manager gets the batches of every epoch from the training dataset (chosen by the trainer:
+    ``Trainer.training_data_source``, so that backends can add their datasets' needs).
+
+    The default is :func:`epoch_iterator`: resumable datasets start by index; other iterables are iterated anew
+    every epoch and a mid-epoch resume skips batches. The manager creates the iterator with the random states it
+    was created with in the original run (saved in training checkpoints), so an order drawn from the global
+    generators when the iterator is created (e.g. ``DataLoader(shuffle=True)``) is the same after a resume.
+
+    Args:
+        dataset: The training dataset (an iterable of batches).
+    """
+
+    def __init__(self, dataset: Iterable):
+        self.dataset = dataset
+
+    def epoch_iterator(self, epoch: int, start_batch: int, num_batches_per_epoch: int) -> Iterator:
+        """An iterator whose first item is batch ``start_batch`` of ``epoch`` (0-based)."""
+        return epoch_iterator(self.dataset, epoch, start_batch)
+
+
+class ReplayedDataSource(DataSource):
+    """For iterables whose order in an epoch depends on how many iterators were created before, e.g. a
+    ``tf.data`` pipeline with ``shuffle(reshuffle_each_iteration=True)``: a resumed process first creates (and
+    drops, unread) the iterators of the epochs before the one it resumes, so that epoch ``e`` gets the order it had
+    in the original run (when the pipeline's random seeds are the same, see the backend)."""
+
+    def __init__(self, dataset: Iterable):
+        super().__init__(dataset)
+        self._created = 0
+
+    def epoch_iterator(self, epoch: int, start_batch: int, num_batches_per_epoch: int) -> Iterator:
+        while self._created < epoch:
+            iter(self.dataset)
+            self._created += 1
+        self._created = epoch + 1
+        return super().epoch_iterator(epoch, start_batch, num_batches_per_epoch)
+
+
+class ContinuedDataSource(DataSource):
+    """For infinite iterables (e.g. ``tf.data`` with ``repeat()``): one iterator for the whole run, of which every
+    epoch takes the next ``num_batches_per_epoch`` batches (as Keras does with ``steps_per_epoch``), instead of
+    starting again at the first batch every epoch. A resumed process skips the batches trained before (loading and
+    dropping them, with a warning): exact when the iterable yields the same sequence in every process."""
+
+    def __init__(self, dataset: Iterable):
+        super().__init__(dataset)
+        self._iterator: Optional[Iterator] = None
+
+    def epoch_iterator(self, epoch: int, start_batch: int, num_batches_per_epoch: int) -> Iterator:
+        if self._iterator is None:
+            self._iterator = iter(self.dataset)
+            skip = epoch * num_batches_per_epoch + start_batch
+            if skip:
+                _log.warning(
+                    f"The training dataset ({type(self.dataset).__qualname__}) is infinite and cannot start at a "
+                    f"position, so the {skip} batches trained before are skipped by loading and dropping them; the "
+                    "resume is exact only if it yields the same sequence in every process."
+                )
+                self._iterator = itertools.islice(self._iterator, skip, None)
+        return self._iterator
+
+
 def get_data_state(dataset: Any) -> dict:
     """Order-defining state of the training dataset for checkpoints (``{}`` when it is not resumable)."""
     resumable = find_resumable(dataset)

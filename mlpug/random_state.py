@@ -13,7 +13,8 @@ from __future__ import annotations
 import logging
 import random
 from abc import ABC, abstractmethod
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from typing import Any
 
 import numpy as np
@@ -37,6 +38,15 @@ class RandomStateProvider(ABC):
     @abstractmethod
     def set_state(self, state: Any) -> None:
         """Restore what :meth:`get_state` returned."""
+
+    def capture(self) -> Any:
+        """The state in whatever form is fastest to take and give back in this process (for
+        :func:`isolated_random_states`; not saved); default :meth:`get_state`."""
+        return self.get_state()
+
+    def restore(self, captured: Any) -> None:
+        """Give back what :meth:`capture` took; default :meth:`set_state`."""
+        self.set_state(captured)
 
 
 class PythonRandomState(RandomStateProvider):
@@ -68,6 +78,12 @@ class NumpyRandomState(RandomStateProvider):
             "gauss": float(state["gauss"]),
         }
 
+    def capture(self) -> Any:
+        return np.random.get_state()
+
+    def restore(self, captured: Any) -> None:
+        np.random.set_state(captured)
+
     def set_state(self, state: Mapping[str, Any]) -> None:
         np.random.set_state(
             {
@@ -77,6 +93,18 @@ class NumpyRandomState(RandomStateProvider):
                 "gauss": state["gauss"],
             }
         )
+
+
+@contextmanager
+def isolated_random_states(providers: Sequence[RandomStateProvider]) -> Iterator[None]:
+    """A context after which every provider's generator is where it was before: what runs inside (e.g. evaluation,
+    whose ``iter(DataLoader)`` draws from torch's global generator) does not move the training's random streams."""
+    captured = [provider.capture() for provider in providers]
+    try:
+        yield
+    finally:
+        for provider, state in zip(providers, captured):
+            provider.restore(state)
 
 
 def get_random_states(providers: Sequence[RandomStateProvider]) -> dict[str, Any]:

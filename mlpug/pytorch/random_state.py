@@ -25,6 +25,16 @@ class TorchRandomState(RandomStateProvider):
         cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() and torch.cuda.is_initialized() else []
         return {"cpu": torch.get_rng_state().tolist(), "cuda": [state.tolist() for state in cuda]}
 
+    def capture(self) -> Any:
+        cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() and torch.cuda.is_initialized() else None
+        return torch.get_rng_state(), cuda
+
+    def restore(self, captured: Any) -> None:
+        cpu, cuda = captured
+        torch.set_rng_state(cpu)
+        if cuda is not None:
+            torch.cuda.set_rng_state_all(cuda)
+
     def set_state(self, state: Mapping[str, Any]) -> None:
         torch.set_rng_state(torch.tensor(state["cpu"], dtype=torch.uint8))
         cuda_states: Optional[list] = state.get("cuda")

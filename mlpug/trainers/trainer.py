@@ -20,6 +20,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any, NamedTuple, Optional
 
 from mlpug.chunking import BatchChunk, BatchChunking, infer_num_samples
+from mlpug.data import DataSource
 from mlpug.logs import to_number
 from mlpug.random_state import NumpyRandomState, PythonRandomState, RandomStateProvider
 
@@ -109,6 +110,11 @@ class Trainer(ABC):
         Default: each value converted with :func:`mlpug.logs.to_number`; backends vectorise this.
         """
         return [index for index, value in enumerate(values) if not math.isfinite(to_number(value))]
+
+    def training_data_source(self, dataset: Any) -> DataSource:
+        """How the manager iterates the training ``dataset`` every epoch (:class:`mlpug.data.DataSource`); backends
+        choose another source for their own datasets (e.g. TensorFlow: infinite or reshuffled ``tf.data``)."""
+        return DataSource(dataset)
 
     def random_state_providers(self) -> list[RandomStateProvider]:
         """The random number generators of this run, saved and restored with training checkpoints.

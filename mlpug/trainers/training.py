@@ -12,7 +12,8 @@ Life cycle (every hook goes to every callback, producers first: see ``dispatch_o
     for epoch in range(start_epoch, num_epochs):
         [resumed run at an epoch start: random states restored here]
         on_epoch_start(logs)
-        data_iterator = mlpug.data.epoch_iterator(dataset, epoch, start_batch if first epoch else 0)
+        [random states saved; a resumed run mid-epoch sets those the original run had here]
+        data_iterator = data_source.epoch_iterator(epoch, start_batch if first epoch else 0, num_batches_per_epoch)
         [resumed run mid-epoch: random states restored here]
         for batch_step in range(start_batch if first epoch else 0, num_batches_per_epoch):
             [stop requested or signal received -> leave both loops]
@@ -179,6 +180,8 @@ class TrainingManager:
         trainer.skip_non_finite_steps = non_finite_loss == "skip_step"
         self._random_state_providers = trainer.random_state_providers()
         self._pending_random_state: Optional[dict] = None  # restored where it was captured (see _train)
+        self._random_before_data: Optional[dict] = None  # the states this epoch's data iterator was created with
+        self._data_source = trainer.training_data_source(training_dataset)
         self._ordered_callbacks = dispatch_order(callbacks)
         check_resume_from(resume_from, callbacks)
         self._resume_from = resume_from
@@ -211,8 +214,9 @@ class TrainingManager:
             completed; after an epoch, batch 0 of the next one), ``global_iter``, ``num_epochs``,
             ``num_batches_per_epoch``, ``callbacks`` (state per callback name), ``trainer``
             (``trainer.get_state()``: model components, optimizers and whatever else the trainer holds), ``data``
-            (the order of a resumable training dataset, see :mod:`mlpug.data`) and ``random`` (the states of the
-            trainer's random-state providers, see :mod:`mlpug.random_state`).
+            (the order of a resumable training dataset, see :mod:`mlpug.data`), ``random`` (the states of the
+            trainer's random-state providers, see :mod:`mlpug.random_state`) and ``random_before_data`` (their
+            states when this epoch's data iterator was created, so a mid-epoch resume re-creates it alike).
         """
         return {
             "epoch": self.epoch,
@@ -224,6 +228,7 @@ class TrainingManager:
             "trainer": self.trainer.get_state(),
             "data": data_module.get_data_state(self.training_dataset),
             "random": get_random_states(self._random_state_providers),
+            "random_before_data": self._random_before_data,
         }
 
     def set_state(self, state: dict) -> None:
@@ -263,6 +268,7 @@ class TrainingManager:
         for callback in self.callbacks:
             callback.set_state(state["callbacks"][callback.name])
         self._pending_random_state = state.get("random")
+        self._random_before_data = state.get("random_before_data")
 
     def start_training(self) -> None:
         """Train from the current counters to ``num_epochs`` (see the module docstring for the life cycle).
@@ -321,8 +327,15 @@ class TrainingManager:
             if self._pending_random_state is not None and self.batch_step == 0:
                 self._restore_random_state()
             self._dispatch("on_epoch_start", logs)
-            data = data_module.epoch_iterator(self.training_dataset, epoch, self.batch_step)
-            if self._pending_random_state is not None:
+            # The states with which this epoch's data iterator is created (a shuffled DataLoader draws its order
+            # then): saved in checkpoints, so that a mid-epoch resume creates the same iterator, then skips.
+            resuming_mid_epoch = self._pending_random_state is not None
+            if resuming_mid_epoch and self._random_before_data is not None:
+                set_random_states(self._random_state_providers, self._random_before_data)
+            else:
+                self._random_before_data = get_random_states(self._random_state_providers)
+            data = self._data_source.epoch_iterator(epoch, self.batch_step, self.num_batches_per_epoch)
+            if resuming_mid_epoch:
                 self._restore_random_state()
             epoch_completed = self._train_epoch(data, logs)
             if not epoch_completed:

@@ -27,9 +27,11 @@ import numpy as np
 import tensorflow as tf
 
 from mlpug.chunking import BatchChunk, ChunkResult
+from mlpug.data import DataSource
 from mlpug.logs import Deferred
 from mlpug.random_state import RandomStateProvider
 from mlpug.tensorflow.chunking import batch_chunker
+from mlpug.tensorflow.data import training_data_source
 from mlpug.tensorflow.random_state import TensorFlowRandomState
 from mlpug.tensorflow.trainers.compilation import (
     CompiledStep,
@@ -262,6 +264,10 @@ class DefaultTrainer(_NeutralDefaultTrainer):
             state, self._pending_state = self._pending_state, None
             self._load_state(state)
         return True
+
+    def training_data_source(self, dataset: Any) -> DataSource:
+        """See :func:`mlpug.tensorflow.data.training_data_source` (infinite and reshuffled ``tf.data``)."""
+        return training_data_source(dataset)
 
     def random_state_providers(self) -> list[RandomStateProvider]:
         """Python, NumPy and TensorFlow's global generator (the Keras seed generators are in the trainer state)."""

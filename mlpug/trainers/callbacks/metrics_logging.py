@@ -12,6 +12,7 @@ from typing import Any, Optional
 
 from mlpug.evaluation import MetricEvaluator
 from mlpug.logs import MetricValues, to_number
+from mlpug.random_state import isolated_random_states
 from mlpug.trainers.callbacks.callback import Callback
 
 
@@ -211,6 +212,7 @@ class TestMetricsLogger(Callback):
         self._window = _SlidingWindow(metric_evaluator, window_length)
         self._batches: Optional[Iterator] = None
         self._position = 0
+        self._random_state_providers: list = []  # the trainer's, set at on_training_start
 
     @property
     def produces(self) -> frozenset:
@@ -219,6 +221,7 @@ class TestMetricsLogger(Callback):
     def on_training_start(self, num_epochs, num_batches_per_epoch, start_epoch, start_batch, start_update_iter):
         if self._window.length is None:
             self._window.length = num_batches_per_epoch
+        self._random_state_providers = self.metric_evaluator.trainer.random_state_providers()
 
     def _dataset_logs(self, logs: dict) -> dict:
         return logs["current"].setdefault(self.dataset_name, {})
@@ -228,7 +231,8 @@ class TestMetricsLogger(Callback):
             return True
         if self._batches is None:
             self._batches = self._cycle()
-        gathered = self.metric_evaluator.evaluate_batch(next(self._batches), self.evaluate_settings)
+        with isolated_random_states(self._random_state_providers):  # iter(DataLoader) draws random numbers
+            gathered = self.metric_evaluator.evaluate_batch(next(self._batches), self.evaluate_settings)
         section = self._dataset_logs(logs)
         section["batch"] = self.metric_evaluator.batch_values(gathered)
         section["window_average"] = self._window.append(gathered)
@@ -261,6 +265,7 @@ class TestMetricsLogger(Callback):
     def on_epoch_completed(self, logs: dict) -> bool:
         if self.batch_level:
             return True
-        values = self.metric_evaluator.evaluate_dataset(self.dataset, self.evaluate_settings)
+        with isolated_random_states(self._random_state_providers):
+            values = self.metric_evaluator.evaluate_dataset(self.dataset, self.evaluate_settings)
         self._dataset_logs(logs)["dataset"] = values
         return True

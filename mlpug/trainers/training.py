@@ -70,7 +70,7 @@ class TrainingManager:
         num_epochs: Number of epochs to train (>= 1).
         num_batches_per_epoch: Batches per epoch. Default ``len(training_dataset)``; required for iterables
             without ``len()`` (e.g. infinite generators), of which this many batches form an epoch.
-        callbacks: Callback instances. Every hook goes to the producers of logs first (metric loggers, the
+        callbacks: A list (or tuple) of Callback instances. Every hook goes to the producers of logs first (metric loggers, the
             best-model decision), then to the others, each group in list order (see
             :func:`mlpug.trainers.callbacks.callback.dispatch_order`).
         training_settings: Passed to the training model as ``evaluate_settings`` in each training step.
@@ -89,8 +89,9 @@ class TrainingManager:
             outputs: loss, auxiliary results; read them in ``on_batch_training_completed``); never in ``logs``.
 
     Raises:
-        TypeError / ValueError: At construction, for a bad trainer, dataset, epoch/batch count or callback, or a
-            ``resume_from`` that names no existing file or needs a ``CheckpointManager`` that is not there.
+        TypeError / ValueError: At construction, for a bad trainer, dataset, epoch/batch count, callback or callback
+            list (e.g. a single callback instead of a list), or a ``resume_from`` that names no existing file or
+            needs a ``CheckpointManager`` that is not there.
     """
 
     def __init__(
@@ -134,7 +135,7 @@ class TrainingManager:
                 f"num_batches_per_epoch is {num_batches_per_epoch}, but training_dataset has only {dataset_length()} "
                 "batches; give at most that many, or an iterable that yields enough batches per epoch"
             )
-        callbacks = list(callbacks or [])
+        callbacks = _callback_list(callbacks)
         for index, callback in enumerate(callbacks):
             if not isinstance(callback, Callback):
                 raise TypeError(
@@ -452,6 +453,24 @@ class TrainingManager:
     def _restore_signal_handlers(previous: dict) -> None:
         for signum, handler in previous.items():
             signal.signal(signum, handler)
+
+
+def _callback_list(callbacks: Any) -> list:
+    """``callbacks`` as a new list.
+
+    Raises:
+        TypeError: ``callbacks`` is not None, a list or a tuple (a single callback is named, with the fix).
+    """
+    if callbacks is None:
+        return []
+    if isinstance(callbacks, Callback):
+        name = type(callbacks).__qualname__
+        raise TypeError(f"callbacks must be a list of Callback instances, got a single {name}; pass [{name}(...)]")
+    if not isinstance(callbacks, (list, tuple)):
+        raise TypeError(
+            f"callbacks must be a list of Callback instances, got {type(callbacks).__qualname__}: {callbacks!r:.200}"
+        )
+    return list(callbacks)
 
 
 def _add_note(error: BaseException, note: str) -> None:

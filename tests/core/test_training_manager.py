@@ -360,3 +360,18 @@ def test_logged_learning_rate_is_that_of_its_step_even_when_read_later():
     manager, _ = make_manager([Schedule()], num_epochs=1, num_batches=4)
     manager.start_training()
     assert [params["lr"] for params in kept] == pytest.approx([0.1, 0.2, 0.3, 0.4])
+
+
+@pytest.mark.parametrize(
+    "callbacks,match",
+    [
+        (LogProgress(), r"got a single LogProgress; pass \[LogProgress\(\.\.\.\)\]"),
+        ({RecordingCallback()}, r"got set: \{"),
+    ],
+)
+def test_callbacks_that_are_not_a_list_are_refused_naming_the_fix(callbacks, match):
+    """One callback instead of a list is named with the fix. Broken on purpose (``list(callbacks or [])`` as before),
+    a single callback gives "'LogProgress' object is not iterable" and a set is accepted: this test fails."""
+    trainer, _ = make_trainer()
+    with pytest.raises(TypeError, match=r"callbacks must be a list of Callback instances, " + match):
+        TrainingManager(trainer, make_batches(2), callbacks=callbacks)

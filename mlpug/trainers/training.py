@@ -66,10 +66,14 @@ class TrainingManager:
 
     Args:
         trainer: A backend ``DefaultTrainer`` (or any :class:`Trainer`).
-        training_dataset: Iterable of batches; it is iterated anew every epoch.
+        training_dataset: Iterable of batches; it is iterated anew (a new ``iter()``) every epoch. It must not be
+            empty (``len() == 0`` is refused at construction).
         num_epochs: Number of epochs to train (>= 1).
         num_batches_per_epoch: Batches per epoch. Default ``len(training_dataset)``; required for iterables
-            without ``len()`` (e.g. infinite generators), of which this many batches form an epoch.
+            without a known length (generators; ``tf.data`` datasets after ``filter()``, ``repeat()`` or
+            ``from_generator()``, whose ``len()`` raises ``TypeError``): the first this many batches of every
+            epoch's new iterator form the epoch. So an infinite ``repeat()`` dataset starts from its beginning
+            every epoch, and an iterable that yields fewer batches raises ``RuntimeError`` when it runs out.
         callbacks: A list (or tuple) of Callback instances. Every hook goes to the producers of logs first (metric loggers, the
             best-model decision), then to the others, each group in list order (see
             :func:`mlpug.trainers.callbacks.callback.dispatch_order`).
@@ -116,23 +120,33 @@ class TrainingManager:
             raise TypeError(f"training_dataset must be iterable, got {type(training_dataset).__qualname__}")
         if isinstance(num_epochs, bool) or not isinstance(num_epochs, int) or num_epochs < 1:
             raise ValueError(f"num_epochs must be an int >= 1, got {num_epochs!r}")
+        dataset_type = type(training_dataset).__qualname__
+        try:  # tf.data raises TypeError for a dataset of unknown or infinite length (filter, repeat, from_generator)
+            dataset_length: Optional[int] = len(training_dataset)  # type: ignore[arg-type]
+            no_length = ""
+        except TypeError as error:
+            dataset_length, no_length = None, str(error)
+        if dataset_length == 0:
+            raise ValueError(
+                f"training_dataset ({dataset_type}) is empty: len() is 0, so there is no batch to train on; check "
+                "how it was made (e.g. a filter, a split or drop_last with a batch size larger than the data)"
+            )
         if num_batches_per_epoch is None:
-            try:
-                num_batches_per_epoch = len(training_dataset)  # type: ignore[arg-type]
-            except TypeError:
+            if dataset_length is None:
                 raise ValueError(
-                    f"training_dataset ({type(training_dataset).__qualname__}) has no len(); give num_batches_per_epoch"
-                ) from None
+                    f"training_dataset ({dataset_type}) has no known length ({no_length}); give "
+                    "num_batches_per_epoch, the number of batches that form an epoch"
+                )
+            num_batches_per_epoch = dataset_length
         if (
             isinstance(num_batches_per_epoch, bool)
             or not isinstance(num_batches_per_epoch, int)
             or num_batches_per_epoch < 1
         ):
             raise ValueError(f"num_batches_per_epoch must be an int >= 1, got {num_batches_per_epoch!r}")
-        dataset_length = getattr(training_dataset, "__len__", None)
-        if dataset_length is not None and num_batches_per_epoch > dataset_length():
+        if dataset_length is not None and num_batches_per_epoch > dataset_length:
             raise ValueError(
-                f"num_batches_per_epoch is {num_batches_per_epoch}, but training_dataset has only {dataset_length()} "
+                f"num_batches_per_epoch is {num_batches_per_epoch}, but training_dataset has only {dataset_length} "
                 "batches; give at most that many, or an iterable that yields enough batches per epoch"
             )
         callbacks = _callback_list(callbacks)

@@ -5,6 +5,7 @@ import signal
 
 import pytest
 
+from tests.contract.backends import make_numpy_data
 from tests.recording import RecordingCallback
 
 NUM_EPOCHS = 2
@@ -152,3 +153,13 @@ def test_sigterm_ends_cleanly_at_batch_boundary(harness):
         stopped_early=True, stopped_on_error=False, interrupted=True, callback_calls_success=True
     )
     assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # handler restored
+
+
+def test_empty_training_dataset_is_refused_at_construction(harness):
+    """A DataLoader-style list / a tf.data dataset of length 0. Broken on purpose (the length checks as before), the
+    error names num_batches_per_epoch, which was never passed: this test fails."""
+    problem = harness.make_problem(num_batches=1)
+    features, labels = make_numpy_data(0, 0)
+    empty = harness.batches(features, labels, 8)
+    with pytest.raises(ValueError, match=r"training_dataset \(\w+\) is empty: len\(\) is 0"):
+        problem.mlp.trainers.TrainingManager(problem.trainer, empty, num_epochs=1)

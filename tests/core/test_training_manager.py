@@ -179,7 +179,7 @@ class _Reiterable:
 
 def test_infinite_iterable_without_batch_count_is_rejected_at_construction():
     trainer, _ = make_trainer()
-    with pytest.raises(ValueError, match="has no len\\(\\); give num_batches_per_epoch"):
+    with pytest.raises(ValueError, match=r"has no known length \(object of type '_Reiterable' has no len\(\)\); give num"):
         TrainingManager(trainer, _Reiterable(iter([])), num_epochs=1)
 
 
@@ -375,3 +375,30 @@ def test_callbacks_that_are_not_a_list_are_refused_naming_the_fix(callbacks, mat
     trainer, _ = make_trainer()
     with pytest.raises(TypeError, match=r"callbacks must be a list of Callback instances, " + match):
         TrainingManager(trainer, make_batches(2), callbacks=callbacks)
+
+
+@pytest.mark.parametrize("num_batches_per_epoch", [None, 2])
+def test_empty_training_dataset_is_named_not_num_batches_per_epoch(num_batches_per_epoch):
+    """Broken on purpose (the length checks as before), an empty list gives "num_batches_per_epoch must be an int
+    >= 1, got 0" (an argument the user never passed) or "has only 0 batches": this test fails."""
+    trainer, _ = make_trainer()
+    with pytest.raises(ValueError, match=r"training_dataset \(list\) is empty: len\(\) is 0"):
+        TrainingManager(trainer, [], num_batches_per_epoch=num_batches_per_epoch)
+
+
+def test_a_len_that_raises_type_error_means_no_known_length():
+    """A dataset whose ``len()`` raises TypeError (tf.data of unknown length) trains with num_batches_per_epoch and
+    without it is refused naming the reason. Broken on purpose (``len()`` called whenever ``__len__`` exists, as
+    before), construction raises the bare TypeError: this test fails."""
+
+    class UnknownLength(_Reiterable):
+        def __len__(self):
+            raise TypeError("The dataset length is unknown.")
+
+    trainer, _ = make_trainer()
+    with pytest.raises(ValueError, match=r"has no known length \(The dataset length is unknown.\); give num_batches"):
+        TrainingManager(trainer, UnknownLength(iter(make_batches(2))))
+    recorder = RecordingCallback()
+    dataset = UnknownLength(itertools.cycle(make_batches(2)))
+    TrainingManager(trainer, dataset, num_batches_per_epoch=3, callbacks=[recorder]).start_training()
+    assert recorder.count("on_batch_training_completed") == 3

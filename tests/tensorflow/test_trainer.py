@@ -450,3 +450,37 @@ def test_logged_learning_rate_follows_set_learning_rate_and_schedules(schedule):
     assert all(type(value) is float for value in kept)
     expected = [0.1 * 0.5**step for step in range(1, 5)] if schedule else [0.1, 0.1, 0.01, 0.01]
     assert kept == pytest.approx(expected)
+
+
+def _unknown_length_datasets():
+    x, y = batch(24)
+    batches = tf.data.Dataset.from_tensor_slices((x, y)).batch(4)  # 6 batches of known length
+    return {
+        "filter": batches.filter(lambda features, labels: tf.shape(labels)[0] > 0),
+        "repeat": batches.repeat(),
+        "from_generator": tf.data.Dataset.from_generator(
+            lambda: ((x[i : i + 4], y[i : i + 4]) for i in range(0, 24, 4)), output_signature=SIGNATURE
+        ),
+    }
+
+
+@pytest.mark.parametrize("kind", ["filter", "repeat", "from_generator"])
+def test_tf_data_of_unknown_length_trains_with_num_batches_per_epoch(kind):
+    """``len()`` of these datasets raises TypeError ("length is unknown" / "is infinite"). Broken on purpose (the
+    construction check calling ``len()`` whenever ``__len__`` exists, as before), TrainingManager construction
+    raises that TypeError even with num_batches_per_epoch given: this test fails."""
+    dataset = _unknown_length_datasets()[kind]
+    trainer, _ = make()
+    with pytest.raises(ValueError, match=r"has no known length \(The dataset (length is unknown|is infinite)\.\); give"):
+        mlp.trainers.TrainingManager(trainer, dataset)
+    losses = []
+
+    class Record(mlp.callbacks.Callback):
+        def on_batch_training_completed(self, training_batch, logs):
+            losses.append(logs["current"]["training"]["batch"]["loss"])
+
+    callbacks = [mlp.callbacks.TrainingMetricsLogger(mlp.evaluation.MetricEvaluator(trainer=trainer)), Record()]
+    manager = mlp.trainers.TrainingManager(trainer, dataset, num_batches_per_epoch=5, callbacks=callbacks)
+    manager.start_training()
+    assert len(losses) == 5 and all(np.isfinite(losses))
+    assert (manager.epoch, manager.global_iter) == (1, 5)

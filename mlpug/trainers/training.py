@@ -179,6 +179,7 @@ class TrainingManager:
 
         self._stop_requested = False
         self._received_signal: Optional[int] = None
+        self._failed_hook: Optional[str] = None  # the hook that raised, for the failure note
         self.step_result: Optional[StepResult] = None
         self._random_state_providers = trainer.random_state_providers()
         self._pending_random_state: Optional[dict] = None  # restored where it was captured (see _train)
@@ -270,14 +271,14 @@ class TrainingManager:
         if resume_state is not None:
             _log.info(f"Resuming training from {(resume_state.get('mlpug') or {}).get('path', 'the given state')}")
             self.set_state(resume_state)
-        self._stop_requested, self._received_signal = False, None
+        self._stop_requested, self._received_signal, self._failed_hook = False, None, None
         stopped_on_error = False
         previous_handlers = self._install_signal_handlers()
         try:
             self._train()
         except BaseException as error:
             stopped_on_error = True
-            _add_note(error, f"mlpug: training failed at epoch {self.epoch}, batch step {self.batch_step}")
+            _add_note(error, f"mlpug: training failed {self._failure_position()}")
             raise
         finally:
             try:
@@ -368,6 +369,19 @@ class TrainingManager:
                 self._call(checkpoint_hooks, "on_batch_checkpoint", logs)
         return True
 
+    def _failure_position(self) -> str:
+        """Where training failed: the batch (epoch, batch step, global iteration) whose data, step or hook raised,
+        or the end of the epoch whose epoch-end hooks raised."""
+        hook, logs = self._failed_hook, self.logs
+        if hook in ("on_epoch_completed", "on_epoch_checkpoint"):
+            return f"at the end of epoch {logs['epoch']}"
+        if hook in ("on_batch_training_completed", "on_batch_checkpoint"):  # the counters point at the next batch
+            current = logs["current"]
+            epoch, batch_step, global_iter = current["epoch"], current["batch_step"], current["global_iter"]
+        else:  # data, on_batch_training_start, the step, or a hook before the first batch: the counters are right
+            epoch, batch_step, global_iter = self.epoch, self.batch_step, self.global_iter
+        return f"at epoch {epoch}, batch step {batch_step} (global iteration {global_iter})"
+
     def _restore_random_state(self) -> None:
         state, self._pending_random_state = self._pending_random_state, None
         set_random_states(self._random_state_providers, state or {})
@@ -431,6 +445,7 @@ class TrainingManager:
             try:
                 result = method(*args)
             except Exception as error:
+                self._failed_hook = hook
                 _add_note(error, f"mlpug: raised by callback {callback.name!r} in {hook}")
                 raise
             if result is False:

@@ -163,3 +163,17 @@ def test_empty_training_dataset_is_refused_at_construction(harness):
     empty = harness.batches(features, labels, 8)
     with pytest.raises(ValueError, match=r"training_dataset \(\w+\) is empty: len\(\) is 0"):
         problem.mlp.trainers.TrainingManager(problem.trainer, empty, num_epochs=1)
+
+
+def test_failure_note_names_the_batch_whose_hook_raised(harness):
+    """A batch-end hook raising at global iteration 5 (epoch 1, batch step 1). Broken on purpose (the note made from
+    the counters, which already point at the next batch), the note says "batch step 2": this test fails."""
+
+    def fail(manager):
+        raise RuntimeError("hook failed")
+
+    problem = harness.make_problem(num_batches=4)
+    recorder = RecordingCallback(actions={("on_batch_training_completed", 5): fail})
+    with pytest.raises(RuntimeError, match="hook failed") as raised:
+        run(problem, [recorder])
+    assert "mlpug: training failed at epoch 1, batch step 1 (global iteration 5)" in raised.value.__notes__

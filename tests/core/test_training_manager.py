@@ -98,7 +98,7 @@ def test_exception_in_step():
     assert recorder.calls[-3] == ("on_batch_training_failed", "FloatingPointError")
     assert recorder.calls[-2] == ("on_training_checkpoint", (False, True, False))
     assert recorder.ended_with["stopped_on_error"] is True and recorder.ended_with["stopped_early"] is False
-    assert "mlpug: training failed at epoch 1, batch step 0" in raised.value.__notes__
+    assert "mlpug: training failed at epoch 1, batch step 0 (global iteration 3)" in raised.value.__notes__
 
 
 def test_exception_in_data_iterator():
@@ -402,3 +402,36 @@ def test_a_len_that_raises_type_error_means_no_known_length():
     dataset = UnknownLength(itertools.cycle(make_batches(2)))
     TrainingManager(trainer, dataset, num_batches_per_epoch=3, callbacks=[recorder]).start_training()
     assert recorder.count("on_batch_training_completed") == 3
+
+
+@pytest.mark.parametrize(
+    "hook,at,note",
+    [
+        ("on_batch_training_start", 4, "at epoch 1, batch step 1 (global iteration 4)"),
+        ("on_batch_training_completed", 4, "at epoch 1, batch step 1 (global iteration 4)"),
+        ("on_batch_checkpoint", 5, "at epoch 1, batch step 2 (global iteration 5)"),
+        ("on_epoch_completed", 0, "at the end of epoch 0"),
+        ("on_epoch_checkpoint", 1, "at the end of epoch 1"),
+    ],
+)
+def test_failure_note_names_the_batch_whose_hook_raised(hook, at, note):
+    """The counters advance right after the step, so a batch-end hook that raised used to be reported one batch later
+    ("batch step 2" for step 1) and an epoch-end hook at batch 0 of the next epoch. Broken on purpose (the note made
+    from the counters, as before), the after-step and epoch-end cases fail."""
+
+    class Failing(Callback):
+        def _fail(self, position):
+            if position == at:
+                raise ValueError(f"failure in {hook}")
+
+    def batch_hook(self, *args):
+        self._fail(args[-1]["current"]["global_iter"])
+
+    def epoch_hook(self, logs):
+        self._fail(logs["epoch"])
+
+    setattr(Failing, hook, epoch_hook if "epoch" in hook else batch_hook)
+    manager, _ = make_manager([Failing()], num_epochs=3, num_batches=3)
+    with pytest.raises(ValueError, match=f"failure in {hook}") as raised:
+        manager.start_training()
+    assert f"mlpug: training failed {note}" in raised.value.__notes__

@@ -74,8 +74,8 @@ class TrainingManager:
             ``from_generator()``, whose ``len()`` raises ``TypeError``): the first this many batches of every
             epoch's new iterator form the epoch. So an infinite ``repeat()`` dataset starts from its beginning
             every epoch, and an iterable that yields fewer batches raises ``RuntimeError`` when it runs out.
-        callbacks: A list (or tuple) of Callback instances. Every hook goes to the producers of logs first (metric loggers, the
-            best-model decision), then to the others, each group in list order (see
+        callbacks: A list (or tuple) of Callback instances. Every hook goes to the producers of logs first (metric
+            loggers, the best-model decision), then to the others, each group in list order (see
             :func:`mlpug.trainers.callbacks.callback.dispatch_order`).
         training_settings: Passed to the training model as ``evaluate_settings`` in each training step.
         evaluate_settings: Passed to the model when callbacks evaluate it.

@@ -177,3 +177,22 @@ def test_failure_note_names_the_batch_whose_hook_raised(harness):
     with pytest.raises(RuntimeError, match="hook failed") as raised:
         run(problem, [recorder])
     assert "mlpug: training failed at epoch 1, batch step 1 (global iteration 5)" in raised.value.__notes__
+
+
+def test_metric_reading_missing_auxiliary_results_names_the_metric(harness):
+    """The accuracy metric reads auxiliary_results, but the model returns only the loss. Broken on purpose (no note in
+    MetricEvaluator.gather), the error is only "'NoneType' object has no attribute 'argmax'" (PyTorch) or TF's
+    argmax error, without the metric or the cause: this test fails. The exception type is kept."""
+    problem = harness.make_problem(num_batches=2)
+    mlp = problem.mlp
+    problem.trainer.set_training_model(harness.loss_only_model(problem))
+    metrics = {"accuracy": problem.accuracy}
+    evaluator = mlp.evaluation.MetricEvaluator(trainer=problem.trainer, batch_metric_funcs=metrics)
+    with pytest.raises(Exception) as raised:
+        problem.accuracy(problem.mlp.evaluation.MetricInputs(None, None, None, None))
+    expected_type = type(raised.value)
+    with pytest.raises(expected_type) as raised:
+        run(problem, [mlp.callbacks.TrainingMetricsLogger(metric_evaluator=evaluator)], num_epochs=1)
+    notes = "\n".join(raised.value.__notes__)
+    assert "raised by metric function 'accuracy'" in notes
+    assert "the model returned no auxiliary_results" in notes

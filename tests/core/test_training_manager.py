@@ -179,7 +179,7 @@ class _Reiterable:
 
 def test_infinite_iterable_without_batch_count_is_rejected_at_construction():
     trainer, _ = make_trainer()
-    with pytest.raises(ValueError, match=r"has no known length \(object of type '_Reiterable' has no len\(\)\); give num"):
+    with pytest.raises(ValueError, match=r"no known length \(object of type '_Reiterable' has no len\(\)\); give num"):
         TrainingManager(trainer, _Reiterable(iter([])), num_epochs=1)
 
 

@@ -230,3 +230,50 @@ def test_truncated_corrupt_and_mismatching_checkpoints_give_clear_errors(harness
     with pytest.raises(ValueError, match="does not fit") as raised:
         manager.set_state(state)
     assert path in str(raised.value)
+
+
+def _validation_callbacks(problem, validation_batches, directory, metric):
+    mlp = problem.mlp
+    evaluator = mlp.evaluation.MetricEvaluator(trainer=problem.trainer)
+    return [
+        mlp.callbacks.CheckpointManager(checkpoints_path=directory, metric_to_monitor=metric),
+        mlp.callbacks.TrainingMetricsLogger(metric_evaluator=evaluator),
+        mlp.callbacks.TestMetricsLogger(validation_batches, "validation", metric_evaluator=evaluator),
+    ]
+
+
+def test_checkpoint_manager_before_the_metric_loggers_sees_their_metrics(harness, tmp_path):
+    """Placed first, the CheckpointManager used to read validation.dataset.loss before the TestMetricsLogger wrote
+    it (KeyError at the first epoch end). Producers get every hook first, each after the producers it consumes from;
+    broken on purpose (dispatch_order returning the list order), this test fails with that KeyError."""
+    problem = harness.make_problem(num_batches=2)
+    callbacks = _validation_callbacks(problem, problem.validation_batches, str(tmp_path), "validation.dataset.loss")
+    manager = problem.mlp.trainers.TrainingManager(
+        problem.trainer, problem.training_batches, num_epochs=2, callbacks=callbacks
+    )
+    manager.start_training()
+    best = problem.mlp.load_model_checkpoint(callbacks[0].file_names.best_model)
+    assert best["logs"]["validation"]["dataset"]["loss"] == callbacks[0].best_value
+    assert manager.logs["best"]["epoch"] == best["progress"]["epoch"]
+
+
+def test_monitored_metric_typo_fails_at_construction_listing_valid_paths(harness, tmp_path):
+    """Broken on purpose (no check_log_path in CheckpointManager.set_training_manager), the typo fails only after a
+    whole training epoch, with a KeyError: this test fails."""
+    problem = harness.make_problem(num_batches=2)
+    callbacks = _validation_callbacks(problem, problem.validation_batches, str(tmp_path), "val.dataset.loss")
+    with pytest.raises(
+        ValueError, match=r"metric_to_monitor 'val.dataset.loss' is not written .*validation\.dataset\.loss"
+    ):
+        problem.mlp.trainers.TrainingManager(problem.trainer, problem.training_batches, callbacks=callbacks)
+    assert os.listdir(tmp_path) == []  # nothing ran
+
+
+def test_empty_validation_dataset_fails_at_construction_naming_it(harness):
+    """Broken on purpose (no len() check in TestMetricsLogger), an empty validation set fails only after a whole
+    training epoch, in the MetricEvaluator, without the dataset's name: this test fails."""
+    problem = harness.make_problem(num_batches=1)
+    empty = harness.batches(*worker.make_numpy_data(0, 0), 8)
+    evaluator = problem.mlp.evaluation.MetricEvaluator(trainer=problem.trainer)
+    with pytest.raises(ValueError, match=r"the 'validation' dataset is empty \(\w+ of len\(\) 0\)"):
+        problem.mlp.callbacks.TestMetricsLogger(empty, "validation", metric_evaluator=evaluator)

@@ -24,7 +24,7 @@ from mlpug.checkpointing import (
 from mlpug.data import ResumableArrayBatches
 from mlpug.evaluation import MetricEvaluator
 from mlpug.logs import MetricValues
-from mlpug.trainers.callbacks import Callback, CheckpointManager, TrainingMetricsLogger
+from mlpug.trainers.callbacks import Callback, CheckpointManager, TestMetricsLogger, TrainingMetricsLogger
 from mlpug.trainers.training import TrainingManager
 from tests.core.fake_backend import make_trainer
 from tests.recording import CountBatches
@@ -244,8 +244,29 @@ def test_saver_must_be_a_checkpoint_saver():
         CheckpointManager("numpy")
 
 
-def test_missing_monitored_metric_fails_at_the_first_check_listing_paths(tmp_path):
-    manager, *_ = build(tmp_path, metric_to_monitor="validation.dataset.loss")
+@pytest.mark.parametrize(
+    "metric,reason",
+    [
+        ("val.dataset.loss", "no callback produces 'val'"),
+        ("training.dataset.loss", "the callbacks that produce 'training' \\(TrainingMetricsLogger\\) do not write it"),
+    ],
+)
+def test_monitored_metric_that_no_callback_writes_fails_at_construction_listing_paths(tmp_path, metric, reason):
+    """A typo in metric_to_monitor. Broken on purpose (no check in CheckpointManager.set_training_manager), it fails
+    only at the first check, after a whole epoch or batch (a KeyError): this test fails."""
+    with pytest.raises(
+        ValueError,
+        match=f"metric_to_monitor '{metric}' is not written into logs\\['current'\\]: "
+        f"{reason}. Paths that are written: .*training\\.batch\\.loss, training\\.window_average\\.loss",
+    ):
+        build(tmp_path, metric_to_monitor=metric)
+
+
+def test_monitored_metric_of_a_producer_that_declares_no_paths_is_checked_when_read(tmp_path):
+    class Validation(Callback):
+        produces = frozenset({"validation"})  # declares its section, not its paths: nothing to check beforehand
+
+    manager, *_ = build(tmp_path, metric_to_monitor="validation.dataset.loss", extra_callbacks=[Validation()])
     with pytest.raises(KeyError, match=r"'validation.dataset.loss' does not exist.*training\.batch\.loss"):
         manager.start_training()
 
@@ -564,3 +585,25 @@ def test_an_improvement_decided_before_a_failing_hook_still_writes_the_best_mode
     best = NumpyCheckpointSaver().load(checkpoint_manager.file_names.best_model, kind="model")
     assert best["progress"]["global_iter"] == 0 and best["logs"]["is_best"] is True
     assert best["model_components"]["model"] == {"w": model.w, "b": model.b}  # the weights after that step
+
+
+@pytest.mark.parametrize("empty", [[], ()])
+def test_empty_validation_dataset_fails_at_logger_construction(empty):
+    """Broken on purpose (no len() check in TestMetricsLogger), the empty set fails only at the first epoch end."""
+    trainer, _ = make_trainer()
+    with pytest.raises(ValueError, match=r"the 'validation' dataset is empty \((list|tuple) of len\(\) 0\)"):
+        TestMetricsLogger(empty, "validation", MetricEvaluator(trainer=trainer))
+
+
+def test_a_training_params_metric_is_checked_and_read_after_the_training_logger(tmp_path):
+    """The TrainingMetricsLogger declares (and produces) training_params.window_average.duration, so a
+    CheckpointManager placed before it and monitoring it passes the construction check and reads it. Broken on
+    purpose (produces only {"training"}), the CheckpointManager reads it first: KeyError, this test fails."""
+    trainer, _ = make_trainer()
+    checkpoint_manager = CheckpointManager(
+        NumpyCheckpointSaver(), str(tmp_path), metric_to_monitor="training_params.window_average.duration",
+        batch_level=True,
+    )  # fmt: skip
+    callbacks = [checkpoint_manager, TrainingMetricsLogger(MetricEvaluator(trainer=trainer))]
+    TrainingManager(trainer, make_data(), num_epochs=1, callbacks=callbacks).start_training()
+    assert checkpoint_manager.best_value is not None

@@ -22,7 +22,7 @@ from mlpug.checkpointing import (
     remove_stale_temporary_files,
 )
 from mlpug.logs import get_value_at, resolve
-from mlpug.trainers.callbacks.callback import Callback
+from mlpug.trainers.callbacks.callback import Callback, check_log_path
 from mlpug.trainers.resume import TrainingStateLoader
 
 
@@ -66,7 +66,8 @@ class CheckpointManager(Callback, TrainingStateLoader):
         checkpoints_path: Directory of the checkpoint files (created when missing).
         base_checkpoint_filename: Common prefix of the file names.
         metric_to_monitor: Dotted path into ``logs["current"]``, e.g. ``"validation.dataset.loss"``; None writes
-            no best model checkpoint.
+            no best model checkpoint. Checked when the ``TrainingManager`` is constructed: a callback must write it
+            (see :func:`~mlpug.trainers.callbacks.callback.check_log_path`).
         metric_opt_mode: ``"min"`` or ``"max"``: whether lower or higher values are better.
         improvement_threshold: Minimum absolute change over the best value that counts as an improvement (>= 0).
         batch_level: Periods are batches (True) or epochs (False).
@@ -176,6 +177,11 @@ class CheckpointManager(Callback, TrainingStateLoader):
         return frozenset({self.metric_to_monitor.split(".", 1)[0]})
 
     @property
+    def log_paths(self) -> frozenset:
+        """None under ``logs["current"]`` (it sets ``is_best``, which the manager writes; ``"best"`` is top level)."""
+        return frozenset()
+
+    @property
     def best_value(self) -> Optional[float]:
         """The monitored value at the best iteration so far (None before the first improvement)."""
         if not self.best_logs or self.metric_to_monitor is None:
@@ -196,6 +202,17 @@ class CheckpointManager(Callback, TrainingStateLoader):
         return self.training_manager is None or self.training_manager.distributed.is_primary
 
     # ----- hooks -----
+    def set_training_manager(self, manager: Any) -> bool:
+        """Keep ``manager``; check that a callback writes ``metric_to_monitor`` (at the manager's construction).
+
+        Raises:
+            ValueError: No callback writes ``metric_to_monitor`` (the paths that are written are listed).
+        """
+        if self.metric_to_monitor is not None:
+            check_log_path(self.metric_to_monitor, manager.callbacks, f"{self.name}: metric_to_monitor")
+        super().set_training_manager(manager)
+        return True
+
     def on_training_start(self, num_epochs, num_batches_per_epoch, start_epoch, start_batch, start_update_iter):
         self.training_manager.logs["best"] = self.best_logs
         if self._is_primary():

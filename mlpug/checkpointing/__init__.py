@@ -63,7 +63,7 @@ from mlpug.checkpointing.header import (
     check_header,
     make_header,
 )
-from mlpug.checkpointing.names import CheckpointFileNames
+from mlpug.checkpointing.names import CheckpointFileNames, directory_hint
 from mlpug.checkpointing.savers import CheckpointSaver, NumpyCheckpointSaver, snapshot_tree
 from mlpug.checkpointing.writer import BackgroundWriter
 
@@ -81,6 +81,7 @@ __all__ = [
     "atomic_write_path",
     "check_header",
     "decode_plain",
+    "directory_hint",
     "encode_plain",
     "fsync_directory",
     "make_header",

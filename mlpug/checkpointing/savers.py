@@ -24,6 +24,7 @@ import safetensors.numpy
 from mlpug.checkpointing.codec import decode_checkpoint, encode_checkpoint
 from mlpug.checkpointing.files import atomic_write_path
 from mlpug.checkpointing.header import HEADER_KEY, CheckpointError, CheckpointKind, check_header, unreadable_file_error
+from mlpug.checkpointing.names import directory_hint
 
 # NumPy dtypes that safetensors both writes and reads back as NumPy arrays
 NUMPY_DTYPES = frozenset(
@@ -124,11 +125,13 @@ class CheckpointSaver(ABC):
             The checkpoint dict; its header gets ``"path"`` (the file it was read from).
 
         Raises:
-            CheckpointError: Missing, empty, truncated, corrupt (checksum), another backend, another kind, or
-                not an mlpug checkpoint (e.g. a zip archive of format version 1, or a pickle).
+            CheckpointError: Missing, a directory, empty, truncated, corrupt (checksum), another backend, another
+                kind, or not an mlpug checkpoint (e.g. a zip archive of format version 1, or a pickle).
         """
         if not os.path.exists(path):
             raise CheckpointError(f"checkpoint file {path} does not exist")
+        if os.path.isdir(path):
+            raise CheckpointError(f"{path} is a directory, not a checkpoint file; {directory_hint(path, kind)}")
         try:
             file = self.open_file(path)
         except Exception as error:  # safetensors' SafetensorError, OSError

@@ -277,3 +277,30 @@ def test_empty_validation_dataset_fails_at_construction_naming_it(harness):
     evaluator = problem.mlp.evaluation.MetricEvaluator(trainer=problem.trainer)
     with pytest.raises(ValueError, match=r"the 'validation' dataset is empty \(\w+ of len\(\) 0\)"):
         problem.mlp.callbacks.TestMetricsLogger(empty, "validation", metric_evaluator=evaluator)
+
+
+def test_resume_from_a_directory_says_so_and_names_the_file_to_pass(harness, tmp_path):
+    """Broken on purpose (no isdir checks in resolve_training_checkpoint and CheckpointSaver.load), the directory is
+    reported as a checkpoint file that is "truncated or corrupt": this test fails."""
+    from mlpug.checkpointing import CheckpointError
+
+    directory = str(tmp_path)
+    worker.run(harness, directory, num_epochs=1)
+    training_file = os.path.join(directory, _training_file(harness))
+    with pytest.raises(ValueError, match=f"resume_from='{directory}' is a directory, not a training checkpoint; pass "
+                       f"a training checkpoint file in it: {training_file}, or resume_from='latest'"):  # fmt: skip
+        worker.run(harness, str(tmp_path / "other"), num_epochs=1, resume_from=directory, start=False)
+    with pytest.raises(CheckpointError, match=f"{directory} is a directory, not a checkpoint file; pass a training"):
+        harness.mlp.load_training_checkpoint(directory)
+
+
+def test_checkpoints_path_that_is_a_file_fails_at_construction(harness, tmp_path):
+    """Broken on purpose (no _check_directory_path), training fails in on_training_start with a raw FileExistsError
+    and a second traceback from the emergency checkpoint: this test fails."""
+    existing = tmp_path / "checkpoints"
+    existing.write_text("not a directory")
+    CheckpointManager = harness.mlp.callbacks.CheckpointManager
+    with pytest.raises(ValueError, match=f"checkpoints_path '{existing}' is an existing file, not a directory"):
+        CheckpointManager(checkpoints_path=str(existing), metric_to_monitor=None)
+    with pytest.raises(ValueError, match=f"checkpoints_path '{existing}/run-1' is inside the file {existing}, not a"):
+        CheckpointManager(checkpoints_path=str(existing / "run-1"), metric_to_monitor=None)

@@ -17,6 +17,7 @@ from mlpug.checkpointing import (
     CheckpointFileNames,
     CheckpointSaver,
     atomic_link_or_copy,
+    directory_hint,
     encode_plain,
     make_header,
     remove_stale_temporary_files,
@@ -31,6 +32,19 @@ def _check_period(value: Any, name: str, allow_none: bool = False) -> None:
         return
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise ValueError(f"{name} must be an int >= 1{' or None' if allow_none else ''}, got {value!r}")
+
+
+def _check_directory_path(path: str) -> None:
+    """Raise when ``path`` cannot be a directory: it, or the nearest of its parents that exists, is not one."""
+    existing = os.path.abspath(path)
+    while not os.path.exists(existing) and os.path.dirname(existing) != existing:
+        existing = os.path.dirname(existing)
+    if not os.path.isdir(existing):
+        where = "is an existing file" if existing == os.path.abspath(path) else f"is inside the file {existing}"
+        raise ValueError(
+            f"checkpoints_path {path!r} {where}, not a directory; give the directory for the checkpoint files "
+            "(it is created when missing)"
+        )
 
 
 class CheckpointManager(Callback, TrainingStateLoader):
@@ -83,7 +97,8 @@ class CheckpointManager(Callback, TrainingStateLoader):
     Raises:
         TypeError: ``saver`` is not a CheckpointSaver, a path is not a str, or the hyper-parameters are not
             plain containers.
-        ValueError: A bad mode, period, threshold or ``keep_last``.
+        ValueError: A bad mode, period, threshold or ``keep_last``, or a ``checkpoints_path`` that is (or is
+            inside) an existing file.
     """
 
     def __init__(
@@ -111,6 +126,7 @@ class CheckpointManager(Callback, TrainingStateLoader):
         ):
             if not isinstance(value, (str, os.PathLike)) or not str(value):
                 raise TypeError(f"{arg_name} must be a non-empty str, got {value!r}")
+        _check_directory_path(str(checkpoints_path))
         if os.sep in str(base_checkpoint_filename):
             raise ValueError(
                 f"base_checkpoint_filename must be a file name without directories, got "
@@ -446,9 +462,11 @@ class CheckpointManager(Callback, TrainingStateLoader):
         """``"latest"``: this manager's training checkpoint file; else ``resume_from`` as a path.
 
         Raises:
-            ValueError: The file does not exist.
+            ValueError: The file does not exist, or ``resume_from`` is a directory.
         """
         path = self.training_checkpoint_path if resume_from == "latest" else os.fspath(resume_from)
+        if os.path.isdir(path):
+            raise ValueError(f"resume_from={path!r} is a directory, not a training checkpoint; {directory_hint(path)}")
         if not os.path.exists(path):
             raise ValueError(f"resume_from: training checkpoint file {path} does not exist")
         return path

@@ -10,7 +10,9 @@ Random states are not here: the trainer lists its providers (:mod:`mlpug.random_
 Crash safety (the write protocol of every saver): the file is written to a temporary file in the target's
 directory (``.<name>.tmp-<pid>``), closed, ``fsync``'ed, renamed over the target with ``os.replace`` (atomic
 on POSIX) and the directory is ``fsync``'ed, so a process killed at any moment leaves either the previous
-complete file or the new complete file, never a partial one.
+complete file or the new complete file, never a partial one. A write that fails (a full disk, an I/O error,
+whatever the safetensors writer raises) raises :class:`CheckpointWriteError` naming the file, with "no space left
+on device" for ``ENOSPC``; the previous file stays.
 
 File names (``<base>`` is ``base_checkpoint_filename``; the extension is ``safetensors`` for every backend)::
 
@@ -48,6 +50,7 @@ file (an old ``.pt`` / ``.npz`` zip archive of format version 1, a pickle, rando
 
 from mlpug.checkpointing.codec import decode_plain, encode_plain
 from mlpug.checkpointing.files import (
+    CheckpointWriteError,
     atomic_link_or_copy,
     atomic_write,
     atomic_write_path,
@@ -75,6 +78,7 @@ __all__ = [
     "CheckpointFileNames",
     "CheckpointKind",
     "CheckpointSaver",
+    "CheckpointWriteError",
     "NumpyCheckpointSaver",
     "atomic_link_or_copy",
     "atomic_write",

@@ -13,6 +13,7 @@ from __future__ import annotations
 import collections
 import copy
 import os
+import re
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 from typing import Any, Optional
@@ -110,9 +111,19 @@ class CheckpointSaver(ABC):
         Raises:
             TypeError: A value that checkpoints cannot hold (naming where it is); nothing is written.
             ValueError: No ``"mlpug"`` header.
+            mlpug.checkpointing.CheckpointWriteError: Writing failed (naming ``path``; "no space left on device"
+                for a full disk); the file at ``path`` is unchanged.
         """
         arrays, metadata = encode_checkpoint(checkpoint, self.stored_array, self.array_bytes)
-        atomic_write_path(path, lambda temporary: self.save_arrays(arrays, metadata, temporary))
+
+        def write(temporary: str) -> None:
+            try:
+                self.save_arrays(arrays, metadata, temporary)
+            except safetensors.SafetensorError as error:  # its I/O errors carry "(os error <errno>)" in the text
+                code = re.search(r"os error (\d+)", str(error))
+                raise (OSError(int(code.group(1)), str(error)) if code else OSError(str(error))) from error
+
+        atomic_write_path(path, write)
 
     def load(self, path: str, kind: Optional[CheckpointKind] = None) -> dict:
         """Read and validate a checkpoint; nothing is ever unpickled.

@@ -304,3 +304,44 @@ def test_checkpoints_path_that_is_a_file_fails_at_construction(harness, tmp_path
         CheckpointManager(checkpoints_path=str(existing), metric_to_monitor=None)
     with pytest.raises(ValueError, match=f"checkpoints_path '{existing}/run-1' is inside the file {existing}, not a"):
         CheckpointManager(checkpoints_path=str(existing / "run-1"), metric_to_monitor=None)
+
+
+@pytest.mark.parametrize("raised", ["safetensors", "oserror"])
+def test_full_disk_names_the_file_and_keeps_the_previous_checkpoint(harness, tmp_path, monkeypatch, raised):
+    """The backend's safetensors writer runs out of space from its 4th file on (after the files of batch 0): it writes
+    part of the file, then raises what safetensors raises for ENOSPC (a SafetensorError with "(os error 28)") or an
+    OSError(ENOSPC). Broken on purpose (CheckpointSaver.save and atomic_write_path passing errors through), the error
+    names neither the file nor "no space left on device": this test fails."""
+    import errno
+
+    import safetensors
+    import safetensors.numpy
+    import safetensors.torch
+
+    from mlpug.checkpointing import CheckpointWriteError
+
+    module = safetensors.torch if harness.name == "pytorch" else safetensors.numpy
+    save_file, calls = module.save_file, []
+
+    def full_disk(tensors, filename, metadata=None):
+        calls.append(filename)
+        if len(calls) <= 3:
+            return save_file(tensors, filename, metadata=metadata)
+        with open(filename, "wb") as file:
+            file.write(b"\0" * 100)  # a partial file
+        if raised == "oserror":
+            raise OSError(errno.ENOSPC, "No space left on device")
+        raise safetensors.SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+
+    monkeypatch.setattr(module, "save_file", full_disk)
+    directory = str(tmp_path)
+    with pytest.raises(CheckpointWriteError) as error:
+        worker.run(harness, directory, num_epochs=1)
+    assert error.value.errno == errno.ENOSPC
+    message = str(error.value)
+    assert f"cannot write checkpoint file {directory}{os.sep}model-" in message
+    assert "no space left on device" in message
+    monkeypatch.setattr(module, "save_file", save_file)
+    state = harness.mlp.load_training_checkpoint(os.path.join(directory, _training_file(harness)))
+    assert state["global_iter"] == 1  # the checkpoint of batch 0 is intact
+    assert not [name for name in os.listdir(directory) if ".tmp-" in name]  # no partial temporary file left

@@ -64,6 +64,7 @@ from mlpug.checkpointing.header import (
     CheckpointError,
     CheckpointKind,
     check_header,
+    check_training_state,
     make_header,
 )
 from mlpug.checkpointing.names import CheckpointFileNames, directory_hint
@@ -84,6 +85,7 @@ __all__ = [
     "atomic_write",
     "atomic_write_path",
     "check_header",
+    "check_training_state",
     "decode_plain",
     "directory_hint",
     "encode_plain",

@@ -24,7 +24,14 @@ import safetensors.numpy
 
 from mlpug.checkpointing.codec import decode_checkpoint, encode_checkpoint
 from mlpug.checkpointing.files import atomic_write_path
-from mlpug.checkpointing.header import HEADER_KEY, CheckpointError, CheckpointKind, check_header, unreadable_file_error
+from mlpug.checkpointing.header import (
+    HEADER_KEY,
+    CheckpointError,
+    CheckpointKind,
+    check_header,
+    check_training_state,
+    unreadable_file_error,
+)
 from mlpug.checkpointing.names import directory_hint
 
 # NumPy dtypes that safetensors both writes and reads back as NumPy arrays
@@ -136,8 +143,10 @@ class CheckpointSaver(ABC):
             The checkpoint dict; its header gets ``"path"`` (the file it was read from).
 
         Raises:
-            CheckpointError: Missing, a directory, empty, truncated, corrupt (checksum), another backend, another
-                kind, or not an mlpug checkpoint (e.g. a zip archive of format version 1, or a pickle).
+            CheckpointError: Missing, a directory, empty, truncated, corrupt (checksum), a bad header field, another
+                format version, backend or kind, a training state without a counter or its callbacks (see
+                :func:`~mlpug.checkpointing.check_training_state`), or not an mlpug checkpoint (e.g. a zip archive
+                of format version 1, or a pickle).
         """
         if not os.path.exists(path):
             raise CheckpointError(f"checkpoint file {path} does not exist")
@@ -157,6 +166,8 @@ class CheckpointSaver(ABC):
                     f"checkpoint file {path} is truncated or corrupt: {type(error).__name__}: {error}"
                 ) from error
         content = decode_checkpoint(metadata, arrays, self.array_bytes, path)
+        if header["kind"] == "training":
+            check_training_state(content, f"checkpoint file {path}")
         header["path"] = path
         return {HEADER_KEY: header, **content}
 

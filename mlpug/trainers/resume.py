@@ -14,6 +14,8 @@ from abc import ABC, abstractmethod
 from collections.abc import Mapping, Sequence
 from typing import Any, Optional, Union
 
+from mlpug.checkpointing.header import check_training_state
+
 ResumeFrom = Union[str, "os.PathLike[str]", Mapping[str, Any], None]
 """A training checkpoint path, ``"latest"``, a loaded training state, or None (start fresh)."""
 
@@ -60,16 +62,13 @@ def check_resume_from(resume_from: ResumeFrom, callbacks: Sequence[Any]) -> None
     Raises:
         TypeError: Not a path, ``"latest"`` or a loaded training state.
         ValueError: A path or ``"latest"`` without a loader among the callbacks, a file that does not exist, or a
-            dict that is not a training state.
+            dict that is not a training state (a ``mlpug.checkpointing.CheckpointError`` naming the missing or bad
+            field).
     """
     if resume_from is None:
         return
     if isinstance(resume_from, Mapping):
-        if "callbacks" not in resume_from or "epoch" not in resume_from:
-            raise ValueError(
-                "resume_from dict is not a training checkpoint (it needs the keys 'epoch' and 'callbacks', it has "
-                f"{sorted(map(str, resume_from))}); load one with mlp.load_training_checkpoint(path)"
-            )
+        check_training_state(resume_from, "the resume_from dict (load one with mlp.load_training_checkpoint(path))")
         return
     if not isinstance(resume_from, (str, os.PathLike)):
         raise TypeError(

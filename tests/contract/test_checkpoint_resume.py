@@ -345,3 +345,27 @@ def test_full_disk_names_the_file_and_keeps_the_previous_checkpoint(harness, tmp
     state = harness.mlp.load_training_checkpoint(os.path.join(directory, _training_file(harness)))
     assert state["global_iter"] == 1  # the checkpoint of batch 0 is intact
     assert not [name for name in os.listdir(directory) if ".tmp-" in name]  # no partial temporary file left
+
+
+def test_bad_header_and_missing_training_state_field_fail_when_loaded(harness, tmp_path):
+    """Broken on purpose (the header's version check and no check_training_state, as before), the str version is
+    called "newer; upgrade mlpug" and the file without 'epoch' loads, to fail at resume with KeyError: 'epoch'."""
+    from mlpug.checkpointing import CheckpointError
+
+    directory = str(tmp_path)
+    worker.run(harness, directory, num_epochs=1)
+    path = os.path.join(directory, _training_file(harness))
+    saver = harness.mlp.checkpointing.CheckpointSaver()
+    state = harness.mlp.load_training_checkpoint(path)
+    state["mlpug"]["format_version"] = "2"
+    bad_version = str(tmp_path / "bad-version.safetensors")
+    saver.save(state, bad_version)
+    with pytest.raises(
+        CheckpointError, match=f"{bad_version} is corrupt: its header's format_version is '2' \\(str\\)"
+    ):
+        harness.mlp.load_training_checkpoint(bad_version)
+    state["mlpug"]["format_version"] = 2
+    del state["epoch"]
+    saver.save(state, path)
+    with pytest.raises(CheckpointError, match=f"{path} is not a complete training checkpoint: it has no 'epoch'"):
+        worker.run(harness, str(tmp_path / "other"), num_epochs=1, resume_from=path)

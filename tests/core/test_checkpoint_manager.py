@@ -110,7 +110,7 @@ def test_numpy_saver_round_trip_preserves_structure_and_refuses_objects(tmp_path
     ordered = collections.OrderedDict([("b", np.ones(2)), ("a", 1)])
     ordered._metadata = collections.OrderedDict([("", {"version": 1})])
     state = {
-        "mlpug": make_header("training", "numpy"),
+        "mlpug": make_header("model", "numpy"),  # a training checkpoint must hold a training state
         "nested": {0: (1, 2.5, None), "nan": float("nan"), "flag": True, "text": "é", (1, "x"): [], None: 0},
         "arrays": [np.arange(6, dtype=np.float32).reshape(2, 3), np.int64(7), np.float64(0.5), np.asarray(3.0)],
         "more": [np.arange(6, dtype=np.int16).reshape(2, 3).T, np.zeros((0, 2)), np.arange(3, dtype=">i4")],
@@ -119,7 +119,7 @@ def test_numpy_saver_round_trip_preserves_structure_and_refuses_objects(tmp_path
     }
     path = str(tmp_path / "state.safetensors")
     saver.save(state, path)
-    loaded = saver.load(path, kind="training")
+    loaded = saver.load(path, kind="model")
     assert list(loaded) == list(state) and list(loaded["nested"]) == list(state["nested"])
     assert loaded["nested"][0] == (1, 2.5, None) and loaded["nested"][(1, "x")] == [] and loaded["nested"][None] == 0
     assert np.isnan(loaded["nested"]["nan"]) and loaded["nested"]["flag"] is True and loaded["nested"]["text"] == "é"
@@ -137,8 +137,8 @@ def test_numpy_saver_round_trip_preserves_structure_and_refuses_objects(tmp_path
     with pytest.raises(TypeError, match=r"checkpoint\['x'\] is a NumPy array of dtype <U1; .* float32"):
         saver.save({"mlpug": make_header("model", "numpy"), "x": np.array(["a"])}, str(tmp_path / "bad.safetensors"))
     assert not (tmp_path / "bad.safetensors").exists()
-    with pytest.raises(CheckpointError, match="is a training checkpoint, expected a model checkpoint"):
-        saver.load(path, kind="model")
+    with pytest.raises(CheckpointError, match="is a model checkpoint, expected a training checkpoint"):
+        saver.load(path, kind="training")
     with pytest.raises(CheckpointError, match="written by the 'numpy' backend"):
         NumpyCheckpointSaver(backend="tensorflow").load(path)
 
@@ -414,7 +414,7 @@ def test_resume_from_validation(tmp_path):
         TrainingManager(trainer, make_data(), resume_from=3)
     with pytest.raises(ValueError, match="does not exist"):
         build(tmp_path, resume_from="latest")
-    with pytest.raises(ValueError, match="not a training checkpoint"):
+    with pytest.raises(ValueError, match="not a complete training checkpoint: it has no .epoch., .batch_step."):
         build(tmp_path, resume_from={"weights": 1})
 
 
@@ -607,3 +607,47 @@ def test_a_training_params_metric_is_checked_and_read_after_the_training_logger(
     callbacks = [checkpoint_manager, TrainingMetricsLogger(MetricEvaluator(trainer=trainer))]
     TrainingManager(trainer, make_data(), num_epochs=1, callbacks=callbacks).start_training()
     assert checkpoint_manager.best_value is not None
+
+
+@pytest.mark.parametrize(
+    "version,match",
+    [
+        ("2", r"is corrupt: its header's format_version is '2' \(str\), not an int such as 2"),
+        (2.0, r"is corrupt: its header's format_version is 2.0 \(float\), not an int such as 2"),
+        (True, r"is corrupt: its header's format_version is True \(bool\)"),
+        (1, r"has checkpoint format version 1; this mlpug \(.*\) reads only version 2"),
+        (3, r"has checkpoint format version 3, newer than this mlpug"),
+    ],
+)
+def test_bad_format_version_in_the_header_names_the_file_and_the_field(tmp_path, version, match):
+    """Broken on purpose (the version check as before), a str or float version is called "newer ...; upgrade mlpug"
+    and True or 1 loads: this test fails."""
+    header = make_header("model", "numpy")
+    header["format_version"] = version
+    path = str(tmp_path / "model.safetensors")
+    NumpyCheckpointSaver().save({"mlpug": header, "model_components": {}}, path)
+    with pytest.raises(CheckpointError, match=f"{path} {match}"):
+        NumpyCheckpointSaver().load(path)
+
+
+@pytest.mark.parametrize(
+    "change,match",
+    [
+        (lambda state: state.pop("epoch"), r" is not a complete training checkpoint: it has no 'epoch' \(it has \["),
+        (lambda state: state.update(global_iter="3"), r": the training state's global_iter is '3', not an int >= 0"),
+        (lambda state: state.update(callbacks=[]), r": the training state's callbacks is a list, not a dict"),
+    ],
+)
+def test_training_checkpoint_without_a_needed_field_fails_when_loaded(tmp_path, change, match):
+    """Broken on purpose (no check_training_state in CheckpointSaver.load), the file loads and resuming fails later
+    (KeyError: 'epoch', or a TypeError in the loop): this test fails."""
+    first, *_ = build(tmp_path, stop_at=2)
+    first.start_training()
+    path = str(tmp_path / "model-training-checkpoint.safetensors")
+    state = NumpyCheckpointSaver().load(path, kind="training")
+    change(state)
+    NumpyCheckpointSaver().save(state, path)
+    with pytest.raises(CheckpointError, match=f"checkpoint file {path}{match}"):
+        NumpyCheckpointSaver().load(path, kind="training")
+    with pytest.raises(CheckpointError, match="the resume_from dict \\(load one with mlp.load_training_checkpoint"):
+        build(tmp_path / "other", resume_from={key: value for key, value in state.items() if key != "mlpug"})

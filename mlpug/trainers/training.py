@@ -86,7 +86,13 @@ class TrainingManager:
             checkpoint of the ``CheckpointManager`` in ``callbacks``) or a loaded checkpoint
             (``mlp.load_training_checkpoint(path)``). It is checked at construction, loaded (paths through the
             callback that is a :class:`~mlpug.trainers.resume.TrainingStateLoader`) and applied
-            (:meth:`set_state`) when :meth:`start_training` begins, before any hook runs.
+            (:meth:`set_state`) when :meth:`start_training` begins, before any hook runs. A path must exist;
+            ``"latest"`` without a training checkpoint yet starts fresh (one info line), so the same command serves
+            the first start and every restart (e.g. of a preemptible machine).
+        resume_strict: True (default): the callbacks must be those of the checkpoint (by name), else
+            :meth:`set_state` raises. False: callbacks added since the checkpoint start fresh and the saved state
+            of callbacks no longer present is ignored, with one warning listing both. Counters, trainer state and
+            data order must match either way.
 
     Attributes:
         step_result: The :class:`~mlpug.trainers.trainer.StepResult` of the batch being completed (raw model
@@ -111,6 +117,7 @@ class TrainingManager:
         handle_signals: bool = True,
         name: str = "TrainingManager",
         resume_from: ResumeFrom = None,
+        resume_strict: bool = True,
     ):
         if not isinstance(trainer, Trainer):
             raise TypeError(
@@ -118,6 +125,8 @@ class TrainingManager:
             )
         if not hasattr(training_dataset, "__iter__"):
             raise TypeError(f"training_dataset must be iterable, got {type(training_dataset).__qualname__}")
+        if not isinstance(resume_strict, bool):
+            raise TypeError(f"resume_strict must be a bool, got {resume_strict!r:.100}")
         if isinstance(num_epochs, bool) or not isinstance(num_epochs, int) or num_epochs < 1:
             raise ValueError(f"num_epochs must be an int >= 1, got {num_epochs!r}")
         dataset_type = type(training_dataset).__qualname__
@@ -169,6 +178,7 @@ class TrainingManager:
         self.distributed = distributed or SerialContext()
         self.handle_signals = handle_signals
         self.name = name
+        self.resume_strict = resume_strict
 
         self.epoch = 0  # next epoch to train
         self.batch_step = 0  # next batch step in that epoch
@@ -224,19 +234,22 @@ class TrainingManager:
 
         Counters, callback states and the trainer state are set at once; the random generator
         states are set when training resumes, at the point of the loop where they were captured. The parts
-        ``trainer``, ``data`` and ``random`` are optional (older or partial states).
+        ``trainer``, ``data`` and ``random`` are optional (older or partial states). With ``resume_strict=False``
+        callbacks without a saved state keep theirs (start fresh) and saved states of absent callbacks are ignored
+        (one warning lists both).
 
         Raises:
-            ValueError: Naming the checkpoint file when known: callback names differ, the number of batches per
-                epoch or the data order differs, or the trainer state does not fit the model components /
-                optimizers (e.g. another layer shape).
+            ValueError: Naming the checkpoint file when known: callback names differ (with ``resume_strict``), the
+                number of batches per epoch or the data order differs, or the trainer state does not fit the model
+                components / optimizers (e.g. another layer shape).
         """
         source = (state.get("mlpug") or {}).get("path", "the training state")
-        missing = sorted(set(state.get("callbacks", {})) ^ {c.name for c in self.callbacks})
-        if missing:
+        saved, present = set(state.get("callbacks", {})), {c.name for c in self.callbacks}
+        if saved != present and self.resume_strict:
             raise ValueError(
-                f"{source} does not match the callbacks: {missing} present on only one side "
-                f"(state has {sorted(state.get('callbacks', {}))}, manager has {[c.name for c in self.callbacks]})"
+                f"{source} does not match the callbacks: {sorted(saved ^ present)} present on only one side "
+                f"(state has {sorted(saved)}, manager has {[c.name for c in self.callbacks]}); with "
+                "resume_strict=False added callbacks start fresh and the state of dropped ones is ignored"
             )
         if state.get("num_batches_per_epoch", self.num_batches_per_epoch) != self.num_batches_per_epoch:
             raise ValueError(
@@ -252,9 +265,16 @@ class TrainingManager:
                     f"{source}: the saved trainer state does not fit this trainer's model components / "
                     f"optimizers: {type(error).__name__}: {error}"
                 ) from error
+        if saved != present:
+            _log.warning(
+                f"Resuming from {source} with resume_strict=False: callbacks that start fresh (not in the "
+                f"checkpoint): {sorted(present - saved)}; saved callback states ignored (no such callback): "
+                f"{sorted(saved - present)}"
+            )
         self.epoch, self.batch_step, self.global_iter = state["epoch"], state["batch_step"], state["global_iter"]
         for callback in self.callbacks:
-            callback.set_state(state["callbacks"][callback.name])
+            if callback.name in saved:
+                callback.set_state(state["callbacks"][callback.name])
         self._pending_random_state = state.get("random")
 
     def start_training(self) -> None:

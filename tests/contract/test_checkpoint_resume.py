@@ -369,3 +369,34 @@ def test_bad_header_and_missing_training_state_field_fail_when_loaded(harness, t
     saver.save(state, path)
     with pytest.raises(CheckpointError, match=f"{path} is not a complete training checkpoint: it has no 'epoch'"):
         worker.run(harness, str(tmp_path / "other"), num_epochs=1, resume_from=path)
+
+
+def test_resume_modes_latest_starts_fresh_and_non_strict_resume(harness, straight_run, tmp_path):
+    """'latest' without a checkpoint starts fresh (same results as a straight run); resume_strict=False resumes with
+    a callback dropped and one added. Broken on purpose (a missing 'latest' raising; set_state strict always), the
+    first run or the non-strict resume raises: this test fails."""
+    from tests.recording import CountBatches
+
+    directory = str(tmp_path)
+    problem, _, recorder = worker.run(harness, directory, num_epochs=NUM_EPOCHS, stop_at=3, resume_from="latest")
+    assert len(recorder.losses) == 4 and np.array_equal(recorder.losses, straight_run["losses"][:4])
+    problem = harness.make_problem(seed=9, num_batches=worker.NUM_BATCHES, batch_size=worker.BATCH_SIZE)
+    mlp, added = problem.mlp, CountBatches("added")
+    data = mlp.data.ResumableArrayBatches(
+        worker.make_numpy_data(worker.NUM_BATCHES * worker.BATCH_SIZE, worker.DATA_SEED),
+        worker.BATCH_SIZE, shuffle=True, seed=worker.ORDER_SEED,
+    )  # fmt: skip
+    callbacks = [
+        mlp.callbacks.TrainingMetricsLogger(metric_evaluator=mlp.evaluation.MetricEvaluator(trainer=problem.trainer)),
+        added,  # the Recorder of the first run is gone
+        mlp.callbacks.CheckpointManager(
+            checkpoints_path=directory, metric_to_monitor="training.batch.loss", batch_level=True
+        ),
+    ]
+    arguments = dict(num_epochs=NUM_EPOCHS, callbacks=callbacks, resume_from="latest")
+    with pytest.raises(ValueError, match=r"\['Recorder', 'added'\] present on only one side"):
+        mlp.trainers.TrainingManager(problem.trainer, data, **arguments).start_training()
+    manager = mlp.trainers.TrainingManager(problem.trainer, data, resume_strict=False, **arguments)
+    manager.start_training()
+    assert added.count == NUM_EPOCHS * worker.NUM_BATCHES - 4 and manager.global_iter == NUM_EPOCHS * worker.NUM_BATCHES
+    assert np.array_equal(added.losses, straight_run["losses"][4:, 0])

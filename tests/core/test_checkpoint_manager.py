@@ -2,6 +2,7 @@
 
 import collections
 import json
+import logging
 import os
 import pickle
 import random
@@ -64,7 +65,16 @@ class Draws(Callback):
             self.training_manager.stop_training()
 
 
-def build(directory, stop_at=None, resume_from=None, num_epochs=3, data=None, extra_callbacks=(), **checkpoint_kwargs):
+def build(
+    directory,
+    stop_at=None,
+    resume_from=None,
+    num_epochs=3,
+    data=None,
+    extra_callbacks=(),
+    resume_strict=True,
+    **checkpoint_kwargs,
+):
     trainer, model = make_trainer()
     kwargs = dict(metric_to_monitor="training.batch.loss", batch_level=True, write_in_background=True)
     kwargs.update(checkpoint_kwargs)
@@ -72,7 +82,12 @@ def build(directory, stop_at=None, resume_from=None, num_epochs=3, data=None, ex
     checkpoint_manager = CheckpointManager(NumpyCheckpointSaver(), checkpoints_path=str(directory), **kwargs)
     callbacks = [TrainingMetricsLogger(MetricEvaluator(trainer=trainer)), draws, checkpoint_manager, *extra_callbacks]
     manager = TrainingManager(
-        trainer, data or make_data(), num_epochs=num_epochs, callbacks=callbacks, resume_from=resume_from
+        trainer,
+        data or make_data(),
+        num_epochs=num_epochs,
+        callbacks=callbacks,
+        resume_from=resume_from,
+        resume_strict=resume_strict,
     )
     return manager, model, draws, checkpoint_manager
 
@@ -412,8 +427,10 @@ def test_resume_from_validation(tmp_path):
         TrainingManager(trainer, make_data(), resume_from="latest")
     with pytest.raises(TypeError, match="resume_from must be a checkpoint path"):
         TrainingManager(trainer, make_data(), resume_from=3)
-    with pytest.raises(ValueError, match="does not exist"):
-        build(tmp_path, resume_from="latest")
+    with pytest.raises(ValueError, match="training checkpoint file .*nothing.safetensors does not exist"):
+        build(tmp_path, resume_from=str(tmp_path / "nothing.safetensors"))  # an explicit path stays strict
+    with pytest.raises(TypeError, match="resume_strict must be a bool, got 'no'"):
+        TrainingManager(trainer, make_data(), resume_strict="no")
     with pytest.raises(ValueError, match="not a complete training checkpoint: it has no .epoch., .batch_step."):
         build(tmp_path, resume_from={"weights": 1})
 
@@ -651,3 +668,38 @@ def test_training_checkpoint_without_a_needed_field_fails_when_loaded(tmp_path, 
         NumpyCheckpointSaver().load(path, kind="training")
     with pytest.raises(CheckpointError, match="the resume_from dict \\(load one with mlp.load_training_checkpoint"):
         build(tmp_path / "other", resume_from={key: value for key, value in state.items() if key != "mlpug"})
+
+
+def test_resume_from_latest_without_a_checkpoint_starts_fresh_with_one_info_line(tmp_path, caplog):
+    """A restart loop's first start. Broken on purpose (resolve_training_checkpoint raising for a missing "latest",
+    as before), construction raises "does not exist": this test fails."""
+    straight, straight_model, *_ = build(tmp_path / "straight", num_epochs=1)
+    straight.start_training()
+    with caplog.at_level(logging.INFO, logger="mlpug"):
+        manager, model, *_ = build(tmp_path / "fresh", resume_from="latest", num_epochs=1)
+        manager.start_training()
+    fresh = [record.getMessage() for record in caplog.records if "resume_from='latest'" in record.getMessage()]
+    assert len(fresh) == 1 and "no training checkpoint" in fresh[0] and "starts from the beginning" in fresh[0]
+    assert (model.w, model.b) == (straight_model.w, straight_model.b)
+    resumed, *_ = build(tmp_path / "fresh", resume_from="latest", num_epochs=2)  # the next restart resumes
+    resumed.start_training()
+    assert resumed.global_iter == 2 * NUM_BATCHES
+
+
+def test_non_strict_resume_starts_added_callbacks_fresh_and_ignores_dropped_ones(tmp_path, caplog):
+    """Broken on purpose (set_state without resume_strict, as before), the added and dropped callbacks are an
+    error: this test fails. The default stays strict."""
+    first, *_ = build(tmp_path, stop_at=2, extra_callbacks=[CountBatches("dropped")])
+    first.start_training()
+    with pytest.raises(ValueError, match=r"\['added', 'dropped'\] present on only one side.*resume_strict=False"):
+        build(tmp_path, resume_from="latest", extra_callbacks=[CountBatches("added")])[0].start_training()
+    added = CountBatches("added")
+    manager, *_ = build(tmp_path, resume_from="latest", extra_callbacks=[added], resume_strict=False)
+    with caplog.at_level(logging.WARNING, logger="mlpug"):
+        manager.start_training()
+    warnings = [record.getMessage() for record in caplog.records if "resume_strict=False" in record.getMessage()]
+    assert len(warnings) == 1
+    assert "start fresh (not in the checkpoint): ['added']" in warnings[0]
+    assert "ignored (no such callback): ['dropped']" in warnings[0]
+    assert added.count == 3 * NUM_BATCHES - 3  # fresh: counted only the batches after the checkpoint
+    assert manager.global_iter == 3 * NUM_BATCHES

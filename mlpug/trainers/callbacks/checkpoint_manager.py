@@ -73,7 +73,7 @@ class CheckpointManager(Callback, TrainingStateLoader):
     (:func:`mlpug.checkpointing.atomic_write_path`).
 
     As a :class:`~mlpug.trainers.resume.TrainingStateLoader` it resolves ``TrainingManager(resume_from=...)``:
-    ``"latest"`` is its training checkpoint file.
+    ``"latest"`` is its training checkpoint file, or a fresh start (one info line) when there is none yet.
 
     Args:
         saver: Backend saver; ``mlp.callbacks.CheckpointManager`` of a backend passes its own.
@@ -458,13 +458,22 @@ class CheckpointManager(Callback, TrainingStateLoader):
         self.archived = list(state.get("archived", []))
 
     # ----- resuming (TrainingStateLoader) -----
-    def resolve_training_checkpoint(self, resume_from: Any) -> str:
-        """``"latest"``: this manager's training checkpoint file; else ``resume_from`` as a path.
+    def resolve_training_checkpoint(self, resume_from: Any) -> Optional[str]:
+        """``"latest"``: this manager's training checkpoint file, or None (logged) when there is none yet; else
+        ``resume_from`` as a path.
 
         Raises:
             ValueError: The file does not exist, or ``resume_from`` is a directory.
         """
         path = self.training_checkpoint_path if resume_from == "latest" else os.fspath(resume_from)
+        if resume_from == "latest" and not os.path.exists(path):
+            emergency = self.file_names.emergency_training
+            note = f" (an emergency training checkpoint exists: resume_from={emergency!r} continues from it)"
+            self._log.info(
+                f"resume_from='latest': no training checkpoint {path} yet; training starts from the beginning"
+                + (note if os.path.exists(emergency) else "")
+            )
+            return None
         if os.path.isdir(path):
             raise ValueError(f"resume_from={path!r} is a directory, not a training checkpoint; {directory_hint(path)}")
         if not os.path.exists(path):

@@ -484,3 +484,21 @@ def test_tf_data_of_unknown_length_trains_with_num_batches_per_epoch(kind):
     manager.start_training()
     assert len(losses) == 5 and all(np.isfinite(losses))
     assert (manager.epoch, manager.global_iter) == (1, 5)
+
+
+def test_tf_config_with_several_workers_is_refused_at_trainer_construction(monkeypatch):
+    """A multi-worker TF_CONFIG. Broken on purpose (no check_single_process in DefaultTrainer.__init__), every
+    worker would train alone without a word: this test fails."""
+    import json
+
+    linear = tf.keras.layers.Dense(1)
+    cluster = {"chief": ["host0:2222"], "worker": ["host1:2222", "host2:2222"]}
+    monkeypatch.setenv("TF_CONFIG", json.dumps({"cluster": cluster, "task": {"type": "worker", "index": 0}}))
+    with pytest.raises(RuntimeError, match=r"TF_CONFIG describes a cluster of 3 tasks \(chief: 1, worker: 2\), but "
+                       "mlpug does not support data-parallel training yet"):  # fmt: skip
+        mlp.trainers.DefaultTrainer(tf.keras.optimizers.SGD(0.1), linear)
+    monkeypatch.setenv("TF_CONFIG", "not json")
+    with pytest.raises(ValueError, match="TF_CONFIG is 'not json', not a JSON object with a cluster"):
+        mlp.trainers.DefaultTrainer(tf.keras.optimizers.SGD(0.1), linear)
+    monkeypatch.setenv("TF_CONFIG", json.dumps({"cluster": {"worker": ["host1:2222"]}}))  # one worker: fine
+    mlp.trainers.DefaultTrainer(tf.keras.optimizers.SGD(0.1), linear)

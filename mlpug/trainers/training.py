@@ -100,8 +100,9 @@ class TrainingManager:
 
     Raises:
         TypeError / ValueError: At construction, for a bad trainer, dataset, epoch/batch count, callback or callback
-            list (e.g. a single callback instead of a list), or a ``resume_from`` that names no existing file or
-            needs a ``CheckpointManager`` that is not there.
+            list (e.g. a single callback instead of a list), a ``resume_from`` that names no existing file or
+            needs a ``CheckpointManager`` that is not there, or a callback's check in ``set_training_manager``
+            (e.g. a ``metric_to_monitor`` that no callback writes).
     """
 
     def __init__(

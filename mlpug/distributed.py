@@ -1,7 +1,9 @@
 """What the neutral core needs to know about distribution, behind one small interface.
 
 The single-process case is the :class:`SerialContext` null object, so loop code calls these methods
-unconditionally. Data-parallel backends provide their own implementation.
+unconditionally. Data-parallel backends provide their own implementation. Until a backend supports data-parallel
+training, its ``DefaultTrainer`` refuses a launch of several processes (``mlpug.<backend>.distributed``) with
+:func:`several_processes_error`.
 """
 
 from __future__ import annotations
@@ -49,3 +51,19 @@ class SerialContext(DistributedContext):
 
     def any_rank(self, flag: bool) -> bool:
         return flag
+
+
+def several_processes_error(launch: str, single_process: str) -> RuntimeError:
+    """The error of a backend whose launcher started several processes, while data-parallel training is not supported.
+
+    Args:
+        launch: What the launcher's environment says, e.g. ``"torchrun started 2 processes (WORLD_SIZE=2, ...)"``.
+        single_process: How to run one process instead, e.g. ``"python script.py"``.
+
+    Returns:
+        A ``RuntimeError`` saying that every process would train alone.
+    """
+    return RuntimeError(
+        f"{launch}, but mlpug does not support data-parallel training yet: every process would train alone on the "
+        f"same data, print the same progress and write the same checkpoint files. Run one process ({single_process})."
+    )

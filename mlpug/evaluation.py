@@ -114,13 +114,33 @@ class MetricEvaluator:
 
     # ----- gather -----
     def gather(self, batch: Any, outputs: Any) -> Gathered:
-        """Per metric, ``(mean_value, weight)`` for one batch from the model outputs (no device sync)."""
+        """Per metric, ``(mean_value, weight)`` for one batch from the model outputs (no device sync).
+
+        Raises:
+            Exception: What a metric function raised, with a note naming the metric function (and saying so when
+                the model returned no ``auxiliary_results``).
+        """
         inputs = MetricInputs(batch, outputs.loss, outputs.num_samples, outputs.auxiliary_results)
         gathered = {}
         for metric_name, func in self.batch_metric_funcs.items():
-            result = func(inputs)
+            try:
+                result = func(inputs)
+            except Exception as error:
+                self._add_metric_note(error, metric_name, func, inputs)
+                raise
             gathered[metric_name] = result if isinstance(result, tuple) else (result, inputs.num_samples)
         return gathered
+
+    def _add_metric_note(self, error: Exception, metric_name: str, func: Any, inputs: MetricInputs) -> None:
+        function = getattr(func, "__qualname__", repr(func))
+        note = f"mlpug: raised by metric function {metric_name!r} ({function}) of {self.name}"
+        if inputs.auxiliary_results is None:
+            note += (
+                "; the model returned no auxiliary_results (None). A metric that reads them needs a training model "
+                "that returns them: {'loss': loss, 'auxiliary_results': logits} or (loss, auxiliary_results)"
+            )
+        if hasattr(error, "add_note"):  # Python >= 3.11
+            error.add_note(note)
 
     def evaluate_batch(self, batch: Any, evaluate_settings: Any = None) -> Gathered:
         """Evaluate the model on ``batch`` (inference mode) and gather its metrics, chunk by chunk when

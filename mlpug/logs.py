@@ -183,6 +183,15 @@ def set_value_at(logs: dict, path: str, value: Any) -> None:
     node[keys[-1]] = value
 
 
+MANAGER_LOG_PATHS = frozenset(
+    {"epoch", "batch_step", "global_iter", "is_best"}
+    | {f"training_params.batch.{key}" for key in ("duration", "lr", "batch_size", "optimizer_step_skipped")}
+    | {"training_params.epoch.duration", "training_params.epoch.lr"}
+)
+"""The dotted paths under ``logs["current"]`` that the ``TrainingManager`` itself writes; callbacks declare
+theirs (``Callback.log_paths``)."""
+
+
 def new_logs(final_epoch: int, final_batch_step: int, training_settings: Any, evaluate_settings: Any) -> dict:
     """Return the top level of a fresh ``logs`` dict (see the module docstring for the schema)."""
     return {

@@ -10,7 +10,9 @@ Random states are not here: the trainer lists its providers (:mod:`mlpug.random_
 Crash safety (the write protocol of every saver): the file is written to a temporary file in the target's
 directory (``.<name>.tmp-<pid>``), closed, ``fsync``'ed, renamed over the target with ``os.replace`` (atomic
 on POSIX) and the directory is ``fsync``'ed, so a process killed at any moment leaves either the previous
-complete file or the new complete file, never a partial one.
+complete file or the new complete file, never a partial one. A write that fails (a full disk, an I/O error,
+whatever the safetensors writer raises) raises :class:`CheckpointWriteError` naming the file, with "no space left
+on device" for ``ENOSPC``; the previous file stays.
 
 File names (``<base>`` is ``base_checkpoint_filename``; the extension is ``safetensors`` for every backend)::
 
@@ -48,6 +50,7 @@ file (an old ``.pt`` / ``.npz`` zip archive of format version 1, a pickle, rando
 
 from mlpug.checkpointing.codec import decode_plain, encode_plain
 from mlpug.checkpointing.files import (
+    CheckpointWriteError,
     atomic_link_or_copy,
     atomic_write,
     atomic_write_path,
@@ -61,9 +64,10 @@ from mlpug.checkpointing.header import (
     CheckpointError,
     CheckpointKind,
     check_header,
+    check_training_state,
     make_header,
 )
-from mlpug.checkpointing.names import CheckpointFileNames
+from mlpug.checkpointing.names import CheckpointFileNames, directory_hint
 from mlpug.checkpointing.savers import CheckpointSaver, NumpyCheckpointSaver, snapshot_tree
 from mlpug.checkpointing.writer import BackgroundWriter
 
@@ -75,12 +79,15 @@ __all__ = [
     "CheckpointFileNames",
     "CheckpointKind",
     "CheckpointSaver",
+    "CheckpointWriteError",
     "NumpyCheckpointSaver",
     "atomic_link_or_copy",
     "atomic_write",
     "atomic_write_path",
     "check_header",
+    "check_training_state",
     "decode_plain",
+    "directory_hint",
     "encode_plain",
     "fsync_directory",
     "make_header",

@@ -5,16 +5,44 @@ The write protocol (:func:`atomic_write_path`, used by every saver and by :func:
 (``.<name>.tmp-<pid>``, see :func:`temporary_path`), which is closed (flushed), ``fsync``'ed, renamed over
 the target with ``os.replace`` (atomic on POSIX), and then the directory is ``fsync``'ed. A process killed at
 any moment leaves the previous complete file or the new complete file at the target, never a partial one; on
-an error the temporary file is removed. Temporary files of killed processes are removed by
+an error the temporary file is removed and a :class:`CheckpointWriteError` names the file (and, for a full disk,
+says "no space left on device"). Temporary files of killed processes are removed by
 :func:`remove_stale_temporary_files`.
 """
 
 from __future__ import annotations
 
+import errno
 import os
 import shutil
 from collections.abc import Callable
 from typing import BinaryIO
+
+
+class CheckpointWriteError(OSError):
+    """A checkpoint file could not be written; the file at that path is unchanged (a previous checkpoint is kept).
+
+    Its ``errno`` is that of the cause (``errno.ENOSPC`` for a full disk, None when unknown); the cause is chained.
+    """
+
+
+def write_error(path: str, error: OSError) -> CheckpointWriteError:
+    """The :class:`CheckpointWriteError` for ``error``, raised while writing ``path``.
+
+    Args:
+        path: The file being written (the target, not its temporary file).
+        error: What the write, ``fsync`` or the rename raised.
+
+    Returns:
+        An error naming ``path`` and the reason (``"no space left on device"`` for ``ENOSPC``), with the cause's
+        ``errno``.
+    """
+    if error.errno == errno.ENOSPC:
+        reason = "no space left on device; free disk space, or give a checkpoints_path on another disk"
+    else:
+        reason = error.strerror or str(error) or type(error).__name__
+    message = f"cannot write checkpoint file {path}: {reason} (the file at that path is unchanged)"
+    return CheckpointWriteError(error.errno, message) if error.errno is not None else CheckpointWriteError(message)
 
 
 def fsync_directory(directory: str) -> None:
@@ -72,21 +100,24 @@ def atomic_write_path(path: str, write: Callable[[str], None]) -> None:
         write: Function that writes the complete content to the path it receives.
 
     Raises:
-        BaseException: Whatever ``write``, ``fsync`` or the rename raised; the temporary file is removed first
-            and ``path`` is unchanged.
+        CheckpointWriteError: Creating the directory, ``write``, ``fsync`` or the rename raised an ``OSError``
+            (chained); the temporary file is removed first and ``path`` is unchanged.
+        BaseException: Whatever else ``write`` raised, after the same clean-up.
     """
     path = os.path.abspath(path)
-    os.makedirs(os.path.dirname(path), exist_ok=True)
     temporary = temporary_path(path)
     try:
+        os.makedirs(os.path.dirname(path), exist_ok=True)
         write(temporary)
         fsync_file(temporary)
         os.replace(temporary, path)
-    except BaseException:
+    except BaseException as error:
         try:
             os.remove(temporary)
         except OSError:
             pass
+        if isinstance(error, OSError) and not isinstance(error, CheckpointWriteError):
+            raise write_error(path, error) from error
         raise
     fsync_directory(os.path.dirname(path))
 

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+import numbers
 import os
 import time
 from collections.abc import Mapping
@@ -54,8 +55,8 @@ def check_header(metadata: Mapping[str, str], path: str, backend: str, kind: Opt
         The header dict.
 
     Raises:
-        CheckpointError: Not an mlpug checkpoint, a header that is not JSON (corrupt), a newer format, another
-            backend or another kind.
+        CheckpointError: Not an mlpug checkpoint, a header that is not JSON (corrupt), a ``format_version`` that is
+            not an int, an older or newer format, an unknown kind, another backend or another kind.
     """
     if HEADER_KEY not in metadata:
         raise CheckpointError(f"{path} is not an mlpug checkpoint (no 'mlpug' header)")
@@ -65,11 +66,27 @@ def check_header(metadata: Mapping[str, str], path: str, backend: str, kind: Opt
         raise CheckpointError(f"checkpoint file {path} is corrupt: its 'mlpug' header is not JSON: {error}") from error
     if not isinstance(header, dict) or header.get("format") != FORMAT_NAME:
         raise CheckpointError(f"{path} is not an mlpug checkpoint (no 'mlpug' header)")
-    version = header.get("format_version", 0)
-    if not isinstance(version, int) or version > FORMAT_VERSION:
+    if "format_version" not in header:
+        raise CheckpointError(f"checkpoint file {path} is corrupt: its 'mlpug' header has no 'format_version'")
+    version = header["format_version"]
+    if isinstance(version, bool) or not isinstance(version, int):
         raise CheckpointError(
-            f"{path} has checkpoint format version {version!r}, newer than this mlpug ({mlpug.__version__}) "
+            f"checkpoint file {path} is corrupt: its header's format_version is {version!r} "
+            f"({type(version).__name__}), not an int such as {FORMAT_VERSION}"
+        )
+    if version > FORMAT_VERSION:
+        raise CheckpointError(
+            f"{path} has checkpoint format version {version}, newer than this mlpug ({mlpug.__version__}) "
             f"reads ({FORMAT_VERSION}); upgrade mlpug"
+        )
+    if version < FORMAT_VERSION:
+        raise CheckpointError(
+            f"{path} has checkpoint format version {version}; this mlpug ({mlpug.__version__}) reads only version "
+            f"{FORMAT_VERSION}: load it with the mlpug version that wrote it"
+        )
+    if header.get("kind") not in ("training", "model"):
+        raise CheckpointError(
+            f"checkpoint file {path} is corrupt: its header's kind is {header.get('kind')!r}, not 'training' or 'model'"
         )
     if header.get("backend") != backend:
         raise CheckpointError(
@@ -79,6 +96,40 @@ def check_header(metadata: Mapping[str, str], path: str, backend: str, kind: Opt
     if kind is not None and header.get("kind") != kind:
         raise CheckpointError(f"{path} is a {header.get('kind')} checkpoint, expected a {kind} checkpoint")
     return header
+
+
+_COUNTERS = ("epoch", "batch_step", "global_iter")
+
+
+def check_training_state(state: Mapping, source: str) -> None:
+    """Check that ``state`` has what resuming reads, so that a bad file fails when loaded, not later.
+
+    Required: ``epoch``, ``batch_step``, ``global_iter`` (ints >= 0) and ``callbacks`` (a dict per callback name);
+    ``num_epochs`` and ``num_batches_per_epoch`` (ints >= 1) and ``trainer``, ``data``, ``random`` (dicts) when
+    present.
+
+    Args:
+        state: A training state (``TrainingManager.get_state()``, e.g. loaded from a file).
+        source: The file (or what else ``state`` is) for the message.
+
+    Raises:
+        CheckpointError: A field is missing or of the wrong type (naming ``source`` and the field).
+    """
+    missing = [key for key in (*_COUNTERS, "callbacks") if key not in state]
+    if missing:
+        raise CheckpointError(
+            f"{source} is not a complete training checkpoint: it has no {', '.join(map(repr, missing))} "
+            f"(it has {sorted(map(str, state))}); a training checkpoint is what TrainingManager.get_state() returns"
+        )
+    for key, minimum in (*((key, 0) for key in _COUNTERS), ("num_epochs", 1), ("num_batches_per_epoch", 1)):
+        value = state.get(key, minimum)
+        if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < minimum:
+            raise CheckpointError(f"{source}: the training state's {key} is {value!r:.100}, not an int >= {minimum}")
+    for key in ("callbacks", "trainer", "data", "random"):
+        if key in state and not isinstance(state[key], Mapping):
+            raise CheckpointError(
+                f"{source}: the training state's {key} is a {type(state[key]).__qualname__}, not a dict"
+            )
 
 
 def unreadable_file_error(path: str, backend: str, error: Exception) -> CheckpointError:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import collections
 import copy
 import os
+import re
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 from typing import Any, Optional
@@ -23,7 +24,15 @@ import safetensors.numpy
 
 from mlpug.checkpointing.codec import decode_checkpoint, encode_checkpoint
 from mlpug.checkpointing.files import atomic_write_path
-from mlpug.checkpointing.header import HEADER_KEY, CheckpointError, CheckpointKind, check_header, unreadable_file_error
+from mlpug.checkpointing.header import (
+    HEADER_KEY,
+    CheckpointError,
+    CheckpointKind,
+    check_header,
+    check_training_state,
+    unreadable_file_error,
+)
+from mlpug.checkpointing.names import directory_hint
 
 # NumPy dtypes that safetensors both writes and reads back as NumPy arrays
 NUMPY_DTYPES = frozenset(
@@ -132,9 +141,19 @@ class CheckpointSaver(ABC):
         Raises:
             TypeError: A value that checkpoints cannot hold (naming where it is); nothing is written.
             ValueError: No ``"mlpug"`` header.
+            mlpug.checkpointing.CheckpointWriteError: Writing failed (naming ``path``; "no space left on device"
+                for a full disk); the file at ``path`` is unchanged.
         """
         arrays, metadata = encode_checkpoint(checkpoint, self.stored_array, self.array_bytes)
-        atomic_write_path(path, lambda temporary: self.save_arrays(arrays, metadata, temporary))
+
+        def write(temporary: str) -> None:
+            try:
+                self.save_arrays(arrays, metadata, temporary)
+            except safetensors.SafetensorError as error:  # its I/O errors carry "(os error <errno>)" in the text
+                code = re.search(r"os error (\d+)", str(error))
+                raise (OSError(int(code.group(1)), str(error)) if code else OSError(str(error))) from error
+
+        atomic_write_path(path, write)
 
     def load(self, path: str, kind: Optional[CheckpointKind] = None) -> dict:
         """Read and validate a checkpoint; nothing is ever unpickled.
@@ -147,11 +166,15 @@ class CheckpointSaver(ABC):
             The checkpoint dict; its header gets ``"path"`` (the file it was read from).
 
         Raises:
-            CheckpointError: Missing, empty, truncated, corrupt (checksum), another backend, another kind, or
-                not an mlpug checkpoint (e.g. a zip archive of format version 1, or a pickle).
+            CheckpointError: Missing, a directory, empty, truncated, corrupt (checksum), a bad header field, another
+                format version, backend or kind, a training state without a counter or its callbacks (see
+                :func:`~mlpug.checkpointing.check_training_state`), or not an mlpug checkpoint (e.g. a zip archive
+                of format version 1, or a pickle).
         """
         if not os.path.exists(path):
             raise CheckpointError(f"checkpoint file {path} does not exist")
+        if os.path.isdir(path):
+            raise CheckpointError(f"{path} is a directory, not a checkpoint file; {directory_hint(path, kind)}")
         try:
             file = self.open_file(path)
         except Exception as error:  # safetensors' SafetensorError, OSError
@@ -166,6 +189,8 @@ class CheckpointSaver(ABC):
                     f"checkpoint file {path} is truncated or corrupt: {type(error).__name__}: {error}"
                 ) from error
         content = decode_checkpoint(metadata, arrays, self.array_bytes, path)
+        if header["kind"] == "training":
+            check_training_state(content, f"checkpoint file {path}")
         header["path"] = path
         return {HEADER_KEY: header, **content}
 

@@ -5,6 +5,10 @@ The manager knows only this protocol. A callback that can read training checkpoi
 saver); the manager asks the one loader among its callbacks to resolve ``resume_from`` (a path, or ``"latest"``)
 and to load it, then applies the state with ``TrainingManager.set_state`` before any hook runs. A training state
 that is already loaded (a dict) needs no loader.
+
+Modes: an explicit path is strict (a missing file is an error at construction); ``"latest"`` resumes from the
+newest training checkpoint when there is one and otherwise starts fresh (the loader logs one info line), so one
+command works for the first start and every restart of a preempted machine.
 """
 
 from __future__ import annotations
@@ -14,6 +18,8 @@ from abc import ABC, abstractmethod
 from collections.abc import Mapping, Sequence
 from typing import Any, Optional, Union
 
+from mlpug.checkpointing.header import check_training_state
+
 ResumeFrom = Union[str, "os.PathLike[str]", Mapping[str, Any], None]
 """A training checkpoint path, ``"latest"``, a loaded training state, or None (start fresh)."""
 
@@ -22,11 +28,15 @@ class TrainingStateLoader(ABC):
     """Finds and reads training checkpoints for ``TrainingManager(resume_from=...)``."""
 
     @abstractmethod
-    def resolve_training_checkpoint(self, resume_from: Union[str, "os.PathLike[str]"]) -> str:
+    def resolve_training_checkpoint(self, resume_from: Union[str, "os.PathLike[str]"]) -> Optional[str]:
         """The training checkpoint file ``resume_from`` means (``"latest"``: this loader's newest one).
 
+        Returns:
+            The file; None for ``"latest"`` when there is no training checkpoint yet (training starts fresh; the
+            loader logs that).
+
         Raises:
-            ValueError: No such file.
+            ValueError: A path that names no file (or a directory).
         """
 
     @abstractmethod
@@ -57,29 +67,30 @@ def find_state_loader(callbacks: Sequence[Any]) -> Optional[TrainingStateLoader]
 def check_resume_from(resume_from: ResumeFrom, callbacks: Sequence[Any]) -> None:
     """Validate ``resume_from`` at manager construction, so a bad value fails before training starts.
 
+    A path must name an existing file; ``"latest"`` needs only the loader (no checkpoint yet means a fresh start).
+
     Raises:
         TypeError: Not a path, ``"latest"`` or a loaded training state.
         ValueError: A path or ``"latest"`` without a loader among the callbacks, a file that does not exist, or a
-            dict that is not a training state.
+            dict that is not a training state (a ``mlpug.checkpointing.CheckpointError`` naming the missing or bad
+            field).
     """
     if resume_from is None:
         return
     if isinstance(resume_from, Mapping):
-        if "callbacks" not in resume_from or "epoch" not in resume_from:
-            raise ValueError(
-                "resume_from dict is not a training checkpoint (it needs the keys 'epoch' and 'callbacks', it has "
-                f"{sorted(map(str, resume_from))}); load one with mlp.load_training_checkpoint(path)"
-            )
+        check_training_state(resume_from, "the resume_from dict (load one with mlp.load_training_checkpoint(path))")
         return
     if not isinstance(resume_from, (str, os.PathLike)):
         raise TypeError(
             f"resume_from must be a checkpoint path, 'latest' or a loaded training checkpoint, got {resume_from!r:.200}"
         )
-    _require_loader(resume_from, callbacks).resolve_training_checkpoint(resume_from)
+    loader = _require_loader(resume_from, callbacks)
+    if resume_from != "latest":
+        loader.resolve_training_checkpoint(resume_from)
 
 
 def load_resume_state(resume_from: ResumeFrom, callbacks: Sequence[Any]) -> Optional[dict]:
-    """The training state ``resume_from`` refers to, or None when it is None.
+    """The training state ``resume_from`` refers to, or None when it is None or ``"latest"`` finds no checkpoint.
 
     Raises:
         ValueError / mlpug.checkpointing.CheckpointError: See :func:`check_resume_from` and the loader.
@@ -89,7 +100,8 @@ def load_resume_state(resume_from: ResumeFrom, callbacks: Sequence[Any]) -> Opti
     if isinstance(resume_from, Mapping):
         return dict(resume_from)
     loader = _require_loader(resume_from, callbacks)
-    return loader.load_training_checkpoint(loader.resolve_training_checkpoint(resume_from))
+    path = loader.resolve_training_checkpoint(resume_from)
+    return None if path is None else loader.load_training_checkpoint(path)
 
 
 def _require_loader(resume_from: Any, callbacks: Sequence[Any]) -> TrainingStateLoader:

@@ -69,12 +69,16 @@ class TrainingManager:
 
     Args:
         trainer: A backend ``DefaultTrainer`` (or any :class:`Trainer`).
-        training_dataset: Iterable of batches; it is iterated anew every epoch.
+        training_dataset: Iterable of batches; it is iterated anew (a new ``iter()``) every epoch, unless the trainer
+            chooses another :class:`~mlpug.data.DataSource` for it (TensorFlow: an infinite ``tf.data`` dataset is
+            iterated once for the whole run). It must not be empty (``len() == 0`` is refused at construction).
         num_epochs: Number of epochs to train (>= 1).
         num_batches_per_epoch: Batches per epoch. Default ``len(training_dataset)``; required for iterables
-            without ``len()`` (e.g. infinite generators), of which this many batches form an epoch.
-        callbacks: Callback instances. Every hook goes to the producers of logs first (metric loggers, the
-            best-model decision), then to the others, each group in list order (see
+            without a known length (generators; ``tf.data`` datasets after ``filter()``, ``repeat()`` or
+            ``from_generator()``, whose ``len()`` raises ``TypeError``): the next this many batches of the epoch's
+            iterator form the epoch; an iterable that yields fewer batches raises ``RuntimeError`` when it runs out.
+        callbacks: A list (or tuple) of Callback instances. Every hook goes to the producers of logs first (metric
+            loggers, the best-model decision), then to the others, each group in list order (see
             :func:`mlpug.trainers.callbacks.callback.dispatch_order`).
         training_settings: Passed to the training model as ``evaluate_settings`` in each training step.
         evaluate_settings: Passed to the model when callbacks evaluate it.
@@ -85,7 +89,13 @@ class TrainingManager:
             checkpoint of the ``CheckpointManager`` in ``callbacks``) or a loaded checkpoint
             (``mlp.load_training_checkpoint(path)``). It is checked at construction, loaded (paths through the
             callback that is a :class:`~mlpug.trainers.resume.TrainingStateLoader`) and applied
-            (:meth:`set_state`) when :meth:`start_training` begins, before any hook runs.
+            (:meth:`set_state`) when :meth:`start_training` begins, before any hook runs. A path must exist;
+            ``"latest"`` without a training checkpoint yet starts fresh (one info line), so the same command serves
+            the first start and every restart (e.g. of a preemptible machine).
+        resume_strict: True (default): the callbacks must be those of the checkpoint (by name), else
+            :meth:`set_state` raises. False: callbacks added since the checkpoint start fresh and the saved state
+            of callbacks no longer present is ignored, with one warning listing both. Counters, trainer state and
+            data order must match either way.
 
         non_finite_loss: What a NaN or infinite training loss does: ``"raise"`` (default: training ends with a
             :class:`~mlpug.trainers.non_finite.NonFiniteLossError` naming the first such iteration),
@@ -98,8 +108,10 @@ class TrainingManager:
             outputs: loss, auxiliary results; read them in ``on_batch_training_completed``); never in ``logs``.
 
     Raises:
-        TypeError / ValueError: At construction, for a bad trainer, dataset, epoch/batch count or callback, or a
-            ``resume_from`` that names no existing file or needs a ``CheckpointManager`` that is not there.
+        TypeError / ValueError: At construction, for a bad trainer, dataset, epoch/batch count, callback or callback
+            list (e.g. a single callback instead of a list), a ``resume_from`` that names no existing file or
+            needs a ``CheckpointManager`` that is not there, or a callback's check in ``set_training_manager``
+            (e.g. a ``metric_to_monitor`` that no callback writes).
     """
 
     def __init__(
@@ -116,6 +128,7 @@ class TrainingManager:
         name: str = "TrainingManager",
         resume_from: ResumeFrom = None,
         non_finite_loss: NonFiniteLossPolicy = "raise",
+        resume_strict: bool = True,
     ):
         if not isinstance(trainer, Trainer):
             raise TypeError(
@@ -123,28 +136,40 @@ class TrainingManager:
             )
         if not hasattr(training_dataset, "__iter__"):
             raise TypeError(f"training_dataset must be iterable, got {type(training_dataset).__qualname__}")
+        if not isinstance(resume_strict, bool):
+            raise TypeError(f"resume_strict must be a bool, got {resume_strict!r:.100}")
         if isinstance(num_epochs, bool) or not isinstance(num_epochs, int) or num_epochs < 1:
             raise ValueError(f"num_epochs must be an int >= 1, got {num_epochs!r}")
+        dataset_type = type(training_dataset).__qualname__
+        try:  # tf.data raises TypeError for a dataset of unknown or infinite length (filter, repeat, from_generator)
+            dataset_length: Optional[int] = len(training_dataset)  # type: ignore[arg-type]
+            no_length = ""
+        except TypeError as error:
+            dataset_length, no_length = None, str(error)
+        if dataset_length == 0:
+            raise ValueError(
+                f"training_dataset ({dataset_type}) is empty: len() is 0, so there is no batch to train on; check "
+                "how it was made (e.g. a filter, a split or drop_last with a batch size larger than the data)"
+            )
         if num_batches_per_epoch is None:
-            try:
-                num_batches_per_epoch = len(training_dataset)  # type: ignore[arg-type]
-            except TypeError:
+            if dataset_length is None:
                 raise ValueError(
-                    f"training_dataset ({type(training_dataset).__qualname__}) has no len(); give num_batches_per_epoch"
-                ) from None
+                    f"training_dataset ({dataset_type}) has no known length ({no_length}); give "
+                    "num_batches_per_epoch, the number of batches that form an epoch"
+                )
+            num_batches_per_epoch = dataset_length
         if (
             isinstance(num_batches_per_epoch, bool)
             or not isinstance(num_batches_per_epoch, int)
             or num_batches_per_epoch < 1
         ):
             raise ValueError(f"num_batches_per_epoch must be an int >= 1, got {num_batches_per_epoch!r}")
-        dataset_length = getattr(training_dataset, "__len__", None)
-        if dataset_length is not None and num_batches_per_epoch > dataset_length():
+        if dataset_length is not None and num_batches_per_epoch > dataset_length:
             raise ValueError(
-                f"num_batches_per_epoch is {num_batches_per_epoch}, but training_dataset has only {dataset_length()} "
+                f"num_batches_per_epoch is {num_batches_per_epoch}, but training_dataset has only {dataset_length} "
                 "batches; give at most that many, or an iterable that yields enough batches per epoch"
             )
-        callbacks = list(callbacks or [])
+        callbacks = _callback_list(callbacks)
         for index, callback in enumerate(callbacks):
             if not isinstance(callback, Callback):
                 raise TypeError(
@@ -164,6 +189,7 @@ class TrainingManager:
         self.distributed = distributed or SerialContext()
         self.handle_signals = handle_signals
         self.name = name
+        self.resume_strict = resume_strict
 
         self.epoch = 0  # next epoch to train
         self.batch_step = 0  # next batch step in that epoch
@@ -174,6 +200,7 @@ class TrainingManager:
 
         self._stop_requested = False
         self._received_signal: Optional[int] = None
+        self._failed_hook: Optional[str] = None  # the hook that raised, for the failure note
         self.step_result: Optional[StepResult] = None
         self.training_error: Optional[BaseException] = None
         self.non_finite = NonFiniteLossTracker(non_finite_loss, trainer.non_finite_indices)
@@ -236,19 +263,22 @@ class TrainingManager:
 
         Counters, callback states and the trainer state are set at once; the random generator
         states are set when training resumes, at the point of the loop where they were captured. The parts
-        ``trainer``, ``data`` and ``random`` are optional (older or partial states).
+        ``trainer``, ``data`` and ``random`` are optional (older or partial states). With ``resume_strict=False``
+        callbacks without a saved state keep theirs (start fresh) and saved states of absent callbacks are ignored
+        (one warning lists both).
 
         Raises:
-            ValueError: Naming the checkpoint file when known: callback names differ, the number of batches per
-                epoch or the data order differs, or the trainer state does not fit the model components /
-                optimizers (e.g. another layer shape).
+            ValueError: Naming the checkpoint file when known: callback names differ (with ``resume_strict``), the
+                number of batches per epoch or the data order differs, or the trainer state does not fit the model
+                components / optimizers (e.g. another layer shape).
         """
         source = (state.get("mlpug") or {}).get("path", "the training state")
-        missing = sorted(set(state.get("callbacks", {})) ^ {c.name for c in self.callbacks})
-        if missing:
+        saved, present = set(state.get("callbacks", {})), {c.name for c in self.callbacks}
+        if saved != present and self.resume_strict:
             raise ValueError(
-                f"{source} does not match the callbacks: {missing} present on only one side "
-                f"(state has {sorted(state.get('callbacks', {}))}, manager has {[c.name for c in self.callbacks]})"
+                f"{source} does not match the callbacks: {sorted(saved ^ present)} present on only one side "
+                f"(state has {sorted(saved)}, manager has {[c.name for c in self.callbacks]}); with "
+                "resume_strict=False added callbacks start fresh and the state of dropped ones is ignored"
             )
         if state.get("num_batches_per_epoch", self.num_batches_per_epoch) != self.num_batches_per_epoch:
             raise ValueError(
@@ -264,9 +294,16 @@ class TrainingManager:
                     f"{source}: the saved trainer state does not fit this trainer's model components / "
                     f"optimizers: {type(error).__name__}: {error}"
                 ) from error
+        if saved != present:
+            _log.warning(
+                f"Resuming from {source} with resume_strict=False: callbacks that start fresh (not in the "
+                f"checkpoint): {sorted(present - saved)}; saved callback states ignored (no such callback): "
+                f"{sorted(saved - present)}"
+            )
         self.epoch, self.batch_step, self.global_iter = state["epoch"], state["batch_step"], state["global_iter"]
         for callback in self.callbacks:
-            callback.set_state(state["callbacks"][callback.name])
+            if callback.name in saved:
+                callback.set_state(state["callbacks"][callback.name])
         self._pending_random_state = state.get("random")
         self._random_before_data = state.get("random_before_data")
 
@@ -286,6 +323,7 @@ class TrainingManager:
             self.set_state(resume_state)
         self._stop_requested, self._received_signal = False, None
         self.training_error = None
+        self._stop_requested, self._received_signal, self._failed_hook = False, None, None
         stopped_on_error = False
         previous_handlers = self._install_signal_handlers()
         try:
@@ -295,6 +333,7 @@ class TrainingManager:
             stopped_on_error = True
             self.training_error = error
             _add_note(error, f"mlpug: training failed at epoch {self.epoch}, batch step {self.batch_step}")
+            _add_note(error, f"mlpug: training failed {self._failure_position()}")
             raise
         finally:
             try:
@@ -394,6 +433,19 @@ class TrainingManager:
                 self._call(checkpoint_hooks, "on_batch_checkpoint", logs)
         return True
 
+    def _failure_position(self) -> str:
+        """Where training failed: the batch (epoch, batch step, global iteration) whose data, step or hook raised,
+        or the end of the epoch whose epoch-end hooks raised."""
+        hook, logs = self._failed_hook, self.logs
+        if hook in ("on_epoch_completed", "on_epoch_checkpoint"):
+            return f"at the end of epoch {logs['epoch']}"
+        if hook in ("on_batch_training_completed", "on_batch_checkpoint"):  # the counters point at the next batch
+            current = logs["current"]
+            epoch, batch_step, global_iter = current["epoch"], current["batch_step"], current["global_iter"]
+        else:  # data, on_batch_training_start, the step, or a hook before the first batch: the counters are right
+            epoch, batch_step, global_iter = self.epoch, self.batch_step, self.global_iter
+        return f"at epoch {epoch}, batch step {batch_step} (global iteration {global_iter})"
+
     def _restore_random_state(self) -> None:
         state, self._pending_random_state = self._pending_random_state, None
         set_random_states(self._random_state_providers, state or {})
@@ -457,6 +509,7 @@ class TrainingManager:
             try:
                 result = method(*args)
             except Exception as error:
+                self._failed_hook = hook
                 _add_note(error, f"mlpug: raised by callback {callback.name!r} in {hook}")
                 raise
             if result is False:
@@ -493,6 +546,24 @@ class TrainingManager:
     def _restore_signal_handlers(previous: dict) -> None:
         for signum, handler in previous.items():
             signal.signal(signum, handler)
+
+
+def _callback_list(callbacks: Any) -> list:
+    """``callbacks`` as a new list.
+
+    Raises:
+        TypeError: ``callbacks`` is not None, a list or a tuple (a single callback is named, with the fix).
+    """
+    if callbacks is None:
+        return []
+    if isinstance(callbacks, Callback):
+        name = type(callbacks).__qualname__
+        raise TypeError(f"callbacks must be a list of Callback instances, got a single {name}; pass [{name}(...)]")
+    if not isinstance(callbacks, (list, tuple)):
+        raise TypeError(
+            f"callbacks must be a list of Callback instances, got {type(callbacks).__qualname__}: {callbacks!r:.200}"
+        )
+    return list(callbacks)
 
 
 def _add_note(error: BaseException, note: str) -> None:

@@ -116,6 +116,17 @@ class PyTorchHarness:
 
         return StructuredModel()
 
+    def loss_only_model(self, problem: Problem) -> Any:
+        """A training model that returns only the loss (no auxiliary results)."""
+        torch, classifier = self.torch, problem.classifier
+
+        class LossOnlyModel(torch.nn.Module):
+            def forward(self, batch_data, evaluate_settings, inference_mode=None):
+                features, labels = batch_data
+                return torch.nn.functional.cross_entropy(classifier(features), labels)
+
+        return LossOnlyModel()
+
     def to_numpy(self, value: Any) -> Any:
         return value.detach().numpy() if isinstance(value, self.torch.Tensor) else value
 
@@ -224,6 +235,18 @@ class TensorFlowHarness:
                 return {"loss": loss_function(labels, logits), "auxiliary_results": auxiliary}
 
         return StructuredModel()
+
+    def loss_only_model(self, problem: Problem) -> Any:
+        """A training model that returns only the loss (no auxiliary results)."""
+        tf, classifier = self.tf, problem.classifier
+        loss_function = tf.keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+
+        class LossOnlyModel(tf.keras.Model):
+            def call(self, batch_data, evaluate_settings, inference_mode=None):
+                features, labels = batch_data
+                return loss_function(labels, classifier(features))
+
+        return LossOnlyModel()
 
     def to_numpy(self, value: Any) -> Any:
         return value.numpy() if self.tf.is_tensor(value) else value

@@ -246,3 +246,173 @@ def test_truncated_corrupt_and_mismatching_checkpoints_give_clear_errors(harness
     with pytest.raises(ValueError, match="does not fit") as raised:
         manager.set_state(state)
     assert path in str(raised.value)
+
+
+def _validation_callbacks(problem, validation_batches, directory, metric):
+    mlp = problem.mlp
+    evaluator = mlp.evaluation.MetricEvaluator(trainer=problem.trainer)
+    return [
+        mlp.callbacks.CheckpointManager(checkpoints_path=directory, metric_to_monitor=metric),
+        mlp.callbacks.TrainingMetricsLogger(metric_evaluator=evaluator),
+        mlp.callbacks.TestMetricsLogger(validation_batches, "validation", metric_evaluator=evaluator),
+    ]
+
+
+def test_checkpoint_manager_before_the_metric_loggers_sees_their_metrics(harness, tmp_path):
+    """Placed first, the CheckpointManager used to read validation.dataset.loss before the TestMetricsLogger wrote
+    it (KeyError at the first epoch end). Producers get every hook first, each after the producers it consumes from;
+    broken on purpose (dispatch_order returning the list order), this test fails with that KeyError."""
+    problem = harness.make_problem(num_batches=2)
+    callbacks = _validation_callbacks(problem, problem.validation_batches, str(tmp_path), "validation.dataset.loss")
+    manager = problem.mlp.trainers.TrainingManager(
+        problem.trainer, problem.training_batches, num_epochs=2, callbacks=callbacks
+    )
+    manager.start_training()
+    best = problem.mlp.load_model_checkpoint(callbacks[0].file_names.best_model)
+    assert best["logs"]["validation"]["dataset"]["loss"] == callbacks[0].best_value
+    assert manager.logs["best"]["epoch"] == best["progress"]["epoch"]
+
+
+def test_monitored_metric_typo_fails_at_construction_listing_valid_paths(harness, tmp_path):
+    """Broken on purpose (no check_log_path in CheckpointManager.set_training_manager), the typo fails only after a
+    whole training epoch, with a KeyError: this test fails."""
+    problem = harness.make_problem(num_batches=2)
+    callbacks = _validation_callbacks(problem, problem.validation_batches, str(tmp_path), "val.dataset.loss")
+    with pytest.raises(
+        ValueError, match=r"metric_to_monitor 'val.dataset.loss' is not written .*validation\.dataset\.loss"
+    ):
+        problem.mlp.trainers.TrainingManager(problem.trainer, problem.training_batches, callbacks=callbacks)
+    assert os.listdir(tmp_path) == []  # nothing ran
+
+
+def test_empty_validation_dataset_fails_at_construction_naming_it(harness):
+    """Broken on purpose (no len() check in TestMetricsLogger), an empty validation set fails only after a whole
+    training epoch, in the MetricEvaluator, without the dataset's name: this test fails."""
+    problem = harness.make_problem(num_batches=1)
+    empty = harness.batches(*worker.make_numpy_data(0, 0), 8)
+    evaluator = problem.mlp.evaluation.MetricEvaluator(trainer=problem.trainer)
+    with pytest.raises(ValueError, match=r"the 'validation' dataset is empty \(\w+ of len\(\) 0\)"):
+        problem.mlp.callbacks.TestMetricsLogger(empty, "validation", metric_evaluator=evaluator)
+
+
+def test_resume_from_a_directory_says_so_and_names_the_file_to_pass(harness, tmp_path):
+    """Broken on purpose (no isdir checks in resolve_training_checkpoint and CheckpointSaver.load), the directory is
+    reported as a checkpoint file that is "truncated or corrupt": this test fails."""
+    from mlpug.checkpointing import CheckpointError
+
+    directory = str(tmp_path)
+    worker.run(harness, directory, num_epochs=1)
+    training_file = os.path.join(directory, _training_file(harness))
+    with pytest.raises(ValueError, match=f"resume_from='{directory}' is a directory, not a training checkpoint; pass "
+                       f"a training checkpoint file in it: {training_file}, or resume_from='latest'"):  # fmt: skip
+        worker.run(harness, str(tmp_path / "other"), num_epochs=1, resume_from=directory, start=False)
+    with pytest.raises(CheckpointError, match=f"{directory} is a directory, not a checkpoint file; pass a training"):
+        harness.mlp.load_training_checkpoint(directory)
+
+
+def test_checkpoints_path_that_is_a_file_fails_at_construction(harness, tmp_path):
+    """Broken on purpose (no _check_directory_path), training fails in on_training_start with a raw FileExistsError
+    and a second traceback from the emergency checkpoint: this test fails."""
+    existing = tmp_path / "checkpoints"
+    existing.write_text("not a directory")
+    CheckpointManager = harness.mlp.callbacks.CheckpointManager
+    with pytest.raises(ValueError, match=f"checkpoints_path '{existing}' is an existing file, not a directory"):
+        CheckpointManager(checkpoints_path=str(existing), metric_to_monitor=None)
+    with pytest.raises(ValueError, match=f"checkpoints_path '{existing}/run-1' is inside the file {existing}, not a"):
+        CheckpointManager(checkpoints_path=str(existing / "run-1"), metric_to_monitor=None)
+
+
+@pytest.mark.parametrize("raised", ["safetensors", "oserror"])
+def test_full_disk_names_the_file_and_keeps_the_previous_checkpoint(harness, tmp_path, monkeypatch, raised):
+    """The backend's safetensors writer runs out of space from its 4th file on (after the files of batch 0): it writes
+    part of the file, then raises what safetensors raises for ENOSPC (a SafetensorError with "(os error 28)") or an
+    OSError(ENOSPC). Broken on purpose (CheckpointSaver.save and atomic_write_path passing errors through), the error
+    names neither the file nor "no space left on device": this test fails."""
+    import errno
+
+    import safetensors
+    import safetensors.numpy
+    import safetensors.torch
+
+    from mlpug.checkpointing import CheckpointWriteError
+
+    module = safetensors.torch if harness.name == "pytorch" else safetensors.numpy
+    save_file, calls = module.save_file, []
+
+    def full_disk(tensors, filename, metadata=None):
+        calls.append(filename)
+        if len(calls) <= 3:
+            return save_file(tensors, filename, metadata=metadata)
+        with open(filename, "wb") as file:
+            file.write(b"\0" * 100)  # a partial file
+        if raised == "oserror":
+            raise OSError(errno.ENOSPC, "No space left on device")
+        raise safetensors.SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+
+    monkeypatch.setattr(module, "save_file", full_disk)
+    directory = str(tmp_path)
+    with pytest.raises(CheckpointWriteError) as error:
+        worker.run(harness, directory, num_epochs=1)
+    assert error.value.errno == errno.ENOSPC
+    message = str(error.value)
+    assert f"cannot write checkpoint file {directory}{os.sep}model-" in message
+    assert "no space left on device" in message
+    monkeypatch.setattr(module, "save_file", save_file)
+    state = harness.mlp.load_training_checkpoint(os.path.join(directory, _training_file(harness)))
+    assert state["global_iter"] == 1  # the checkpoint of batch 0 is intact
+    assert not [name for name in os.listdir(directory) if ".tmp-" in name]  # no partial temporary file left
+
+
+def test_bad_header_and_missing_training_state_field_fail_when_loaded(harness, tmp_path):
+    """Broken on purpose (the header's version check and no check_training_state, as before), the str version is
+    called "newer; upgrade mlpug" and the file without 'epoch' loads, to fail at resume with KeyError: 'epoch'."""
+    from mlpug.checkpointing import CheckpointError
+
+    directory = str(tmp_path)
+    worker.run(harness, directory, num_epochs=1)
+    path = os.path.join(directory, _training_file(harness))
+    saver = harness.mlp.checkpointing.CheckpointSaver()
+    state = harness.mlp.load_training_checkpoint(path)
+    state["mlpug"]["format_version"] = "2"
+    bad_version = str(tmp_path / "bad-version.safetensors")
+    saver.save(state, bad_version)
+    with pytest.raises(
+        CheckpointError, match=f"{bad_version} is corrupt: its header's format_version is '2' \\(str\\)"
+    ):
+        harness.mlp.load_training_checkpoint(bad_version)
+    state["mlpug"]["format_version"] = 2
+    del state["epoch"]
+    saver.save(state, path)
+    with pytest.raises(CheckpointError, match=f"{path} is not a complete training checkpoint: it has no 'epoch'"):
+        worker.run(harness, str(tmp_path / "other"), num_epochs=1, resume_from=path)
+
+
+def test_resume_modes_latest_starts_fresh_and_non_strict_resume(harness, straight_run, tmp_path):
+    """'latest' without a checkpoint starts fresh (same results as a straight run); resume_strict=False resumes with
+    a callback dropped and one added. Broken on purpose (a missing 'latest' raising; set_state strict always), the
+    first run or the non-strict resume raises: this test fails."""
+    from tests.recording import CountBatches
+
+    directory = str(tmp_path)
+    problem, _, recorder = worker.run(harness, directory, num_epochs=NUM_EPOCHS, stop_at=3, resume_from="latest")
+    assert len(recorder.losses) == 4 and np.array_equal(recorder.losses, straight_run["losses"][:4])
+    problem = harness.make_problem(seed=9, num_batches=worker.NUM_BATCHES, batch_size=worker.BATCH_SIZE)
+    mlp, added = problem.mlp, CountBatches("added")
+    data = mlp.data.ResumableArrayBatches(
+        worker.make_numpy_data(worker.NUM_BATCHES * worker.BATCH_SIZE, worker.DATA_SEED),
+        worker.BATCH_SIZE, shuffle=True, seed=worker.ORDER_SEED,
+    )  # fmt: skip
+    callbacks = [
+        mlp.callbacks.TrainingMetricsLogger(metric_evaluator=mlp.evaluation.MetricEvaluator(trainer=problem.trainer)),
+        added,  # the Recorder of the first run is gone
+        mlp.callbacks.CheckpointManager(
+            checkpoints_path=directory, metric_to_monitor="training.batch.loss", batch_level=True
+        ),
+    ]
+    arguments = dict(num_epochs=NUM_EPOCHS, callbacks=callbacks, resume_from="latest")
+    with pytest.raises(ValueError, match=r"\['Recorder', 'added'\] present on only one side"):
+        mlp.trainers.TrainingManager(problem.trainer, data, **arguments).start_training()
+    manager = mlp.trainers.TrainingManager(problem.trainer, data, resume_strict=False, **arguments)
+    manager.start_training()
+    assert added.count == NUM_EPOCHS * worker.NUM_BATCHES - 4 and manager.global_iter == NUM_EPOCHS * worker.NUM_BATCHES
+    assert np.array_equal(added.losses, straight_run["losses"][4:, 0])

@@ -5,6 +5,7 @@ import signal
 
 import pytest
 
+from tests.contract.backends import make_numpy_data
 from tests.recording import RecordingCallback
 
 NUM_EPOCHS = 2
@@ -152,3 +153,46 @@ def test_sigterm_ends_cleanly_at_batch_boundary(harness):
         stopped_early=True, stopped_on_error=False, interrupted=True, callback_calls_success=True
     )
     assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # handler restored
+
+
+def test_empty_training_dataset_is_refused_at_construction(harness):
+    """A DataLoader-style list / a tf.data dataset of length 0. Broken on purpose (the length checks as before), the
+    error names num_batches_per_epoch, which was never passed: this test fails."""
+    problem = harness.make_problem(num_batches=1)
+    features, labels = make_numpy_data(0, 0)
+    empty = harness.batches(features, labels, 8)
+    with pytest.raises(ValueError, match=r"training_dataset \(\w+\) is empty: len\(\) is 0"):
+        problem.mlp.trainers.TrainingManager(problem.trainer, empty, num_epochs=1)
+
+
+def test_failure_note_names_the_batch_whose_hook_raised(harness):
+    """A batch-end hook raising at global iteration 5 (epoch 1, batch step 1). Broken on purpose (the note made from
+    the counters, which already point at the next batch), the note says "batch step 2": this test fails."""
+
+    def fail(manager):
+        raise RuntimeError("hook failed")
+
+    problem = harness.make_problem(num_batches=4)
+    recorder = RecordingCallback(actions={("on_batch_training_completed", 5): fail})
+    with pytest.raises(RuntimeError, match="hook failed") as raised:
+        run(problem, [recorder])
+    assert "mlpug: training failed at epoch 1, batch step 1 (global iteration 5)" in raised.value.__notes__
+
+
+def test_metric_reading_missing_auxiliary_results_names_the_metric(harness):
+    """The accuracy metric reads auxiliary_results, but the model returns only the loss. Broken on purpose (no note in
+    MetricEvaluator.gather), the error is only "'NoneType' object has no attribute 'argmax'" (PyTorch) or TF's
+    argmax error, without the metric or the cause: this test fails. The exception type is kept."""
+    problem = harness.make_problem(num_batches=2)
+    mlp = problem.mlp
+    problem.trainer.set_training_model(harness.loss_only_model(problem))
+    metrics = {"accuracy": problem.accuracy}
+    evaluator = mlp.evaluation.MetricEvaluator(trainer=problem.trainer, batch_metric_funcs=metrics)
+    with pytest.raises(Exception) as raised:
+        problem.accuracy(problem.mlp.evaluation.MetricInputs(None, None, None, None))
+    expected_type = type(raised.value)
+    with pytest.raises(expected_type) as raised:
+        run(problem, [mlp.callbacks.TrainingMetricsLogger(metric_evaluator=evaluator)], num_epochs=1)
+    notes = "\n".join(raised.value.__notes__)
+    assert "raised by metric function 'accuracy'" in notes
+    assert "the model returned no auxiliary_results" in notes

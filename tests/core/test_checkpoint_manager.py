@@ -2,6 +2,7 @@
 
 import collections
 import json
+import logging
 import os
 import pickle
 import random
@@ -24,7 +25,7 @@ from mlpug.checkpointing import (
 from mlpug.data import ResumableArrayBatches
 from mlpug.evaluation import MetricEvaluator
 from mlpug.logs import MetricValues
-from mlpug.trainers.callbacks import Callback, CheckpointManager, TrainingMetricsLogger
+from mlpug.trainers.callbacks import Callback, CheckpointManager, TestMetricsLogger, TrainingMetricsLogger
 from mlpug.trainers.training import TrainingManager
 from tests.core.fake_backend import make_trainer
 from tests.recording import CountBatches
@@ -64,7 +65,16 @@ class Draws(Callback):
             self.training_manager.stop_training()
 
 
-def build(directory, stop_at=None, resume_from=None, num_epochs=3, data=None, extra_callbacks=(), **checkpoint_kwargs):
+def build(
+    directory,
+    stop_at=None,
+    resume_from=None,
+    num_epochs=3,
+    data=None,
+    extra_callbacks=(),
+    resume_strict=True,
+    **checkpoint_kwargs,
+):
     trainer, model = make_trainer()
     kwargs = dict(metric_to_monitor="training.batch.loss", batch_level=True, write_in_background=True)
     kwargs.update(checkpoint_kwargs)
@@ -72,7 +82,12 @@ def build(directory, stop_at=None, resume_from=None, num_epochs=3, data=None, ex
     checkpoint_manager = CheckpointManager(NumpyCheckpointSaver(), checkpoints_path=str(directory), **kwargs)
     callbacks = [TrainingMetricsLogger(MetricEvaluator(trainer=trainer)), draws, checkpoint_manager, *extra_callbacks]
     manager = TrainingManager(
-        trainer, data or make_data(), num_epochs=num_epochs, callbacks=callbacks, resume_from=resume_from
+        trainer,
+        data or make_data(),
+        num_epochs=num_epochs,
+        callbacks=callbacks,
+        resume_from=resume_from,
+        resume_strict=resume_strict,
     )
     return manager, model, draws, checkpoint_manager
 
@@ -110,7 +125,7 @@ def test_numpy_saver_round_trip_preserves_structure_and_refuses_objects(tmp_path
     ordered = collections.OrderedDict([("b", np.ones(2)), ("a", 1)])
     ordered._metadata = collections.OrderedDict([("", {"version": 1})])
     state = {
-        "mlpug": make_header("training", "numpy"),
+        "mlpug": make_header("model", "numpy"),  # a training checkpoint must hold a training state
         "nested": {0: (1, 2.5, None), "nan": float("nan"), "flag": True, "text": "é", (1, "x"): [], None: 0},
         "arrays": [np.arange(6, dtype=np.float32).reshape(2, 3), np.int64(7), np.float64(0.5), np.asarray(3.0)],
         "more": [np.arange(6, dtype=np.int16).reshape(2, 3).T, np.zeros((0, 2)), np.arange(3, dtype=">i4")],
@@ -119,7 +134,7 @@ def test_numpy_saver_round_trip_preserves_structure_and_refuses_objects(tmp_path
     }
     path = str(tmp_path / "state.safetensors")
     saver.save(state, path)
-    loaded = saver.load(path, kind="training")
+    loaded = saver.load(path, kind="model")
     assert list(loaded) == list(state) and list(loaded["nested"]) == list(state["nested"])
     assert loaded["nested"][0] == (1, 2.5, None) and loaded["nested"][(1, "x")] == [] and loaded["nested"][None] == 0
     assert np.isnan(loaded["nested"]["nan"]) and loaded["nested"]["flag"] is True and loaded["nested"]["text"] == "é"
@@ -137,8 +152,8 @@ def test_numpy_saver_round_trip_preserves_structure_and_refuses_objects(tmp_path
     with pytest.raises(TypeError, match=r"checkpoint\['x'\] is a NumPy array of dtype <U1; .* float32"):
         saver.save({"mlpug": make_header("model", "numpy"), "x": np.array(["a"])}, str(tmp_path / "bad.safetensors"))
     assert not (tmp_path / "bad.safetensors").exists()
-    with pytest.raises(CheckpointError, match="is a training checkpoint, expected a model checkpoint"):
-        saver.load(path, kind="model")
+    with pytest.raises(CheckpointError, match="is a model checkpoint, expected a training checkpoint"):
+        saver.load(path, kind="training")
     with pytest.raises(CheckpointError, match="written by the 'numpy' backend"):
         NumpyCheckpointSaver(backend="tensorflow").load(path)
 
@@ -244,8 +259,29 @@ def test_saver_must_be_a_checkpoint_saver():
         CheckpointManager("numpy")
 
 
-def test_missing_monitored_metric_fails_at_the_first_check_listing_paths(tmp_path):
-    manager, *_ = build(tmp_path, metric_to_monitor="validation.dataset.loss")
+@pytest.mark.parametrize(
+    "metric,reason",
+    [
+        ("val.dataset.loss", "no callback produces 'val'"),
+        ("training.dataset.loss", "the callbacks that produce 'training' \\(TrainingMetricsLogger\\) do not write it"),
+    ],
+)
+def test_monitored_metric_that_no_callback_writes_fails_at_construction_listing_paths(tmp_path, metric, reason):
+    """A typo in metric_to_monitor. Broken on purpose (no check in CheckpointManager.set_training_manager), it fails
+    only at the first check, after a whole epoch or batch (a KeyError): this test fails."""
+    with pytest.raises(
+        ValueError,
+        match=f"metric_to_monitor '{metric}' is not written into logs\\['current'\\]: "
+        f"{reason}. Paths that are written: .*training\\.batch\\.loss, training\\.window_average\\.loss",
+    ):
+        build(tmp_path, metric_to_monitor=metric)
+
+
+def test_monitored_metric_of_a_producer_that_declares_no_paths_is_checked_when_read(tmp_path):
+    class Validation(Callback):
+        produces = frozenset({"validation"})  # declares its section, not its paths: nothing to check beforehand
+
+    manager, *_ = build(tmp_path, metric_to_monitor="validation.dataset.loss", extra_callbacks=[Validation()])
     with pytest.raises(KeyError, match=r"'validation.dataset.loss' does not exist.*training\.batch\.loss"):
         manager.start_training()
 
@@ -391,9 +427,11 @@ def test_resume_from_validation(tmp_path):
         TrainingManager(trainer, make_data(), resume_from="latest")
     with pytest.raises(TypeError, match="resume_from must be a checkpoint path"):
         TrainingManager(trainer, make_data(), resume_from=3)
-    with pytest.raises(ValueError, match="does not exist"):
-        build(tmp_path, resume_from="latest")
-    with pytest.raises(ValueError, match="not a training checkpoint"):
+    with pytest.raises(ValueError, match="training checkpoint file .*nothing.safetensors does not exist"):
+        build(tmp_path, resume_from=str(tmp_path / "nothing.safetensors"))  # an explicit path stays strict
+    with pytest.raises(TypeError, match="resume_strict must be a bool, got 'no'"):
+        TrainingManager(trainer, make_data(), resume_strict="no")
+    with pytest.raises(ValueError, match="not a complete training checkpoint: it has no .epoch., .batch_step."):
         build(tmp_path, resume_from={"weights": 1})
 
 
@@ -592,3 +630,104 @@ def test_listed_archives_that_do_not_exist_are_dropped_at_resume_with_a_warning(
         logging.getLogger("mlpug").propagate = False
     assert resumed.archived == listed[:-1]
     assert f"lists archived model checkpoints that do not exist in {tmp_path}: ['{listed[-1]}']" in caplog.text
+
+
+@pytest.mark.parametrize("empty", [[], ()])
+def test_empty_validation_dataset_fails_at_logger_construction(empty):
+    """Broken on purpose (no len() check in TestMetricsLogger), the empty set fails only at the first epoch end."""
+    trainer, _ = make_trainer()
+    with pytest.raises(ValueError, match=r"the 'validation' dataset is empty \((list|tuple) of len\(\) 0\)"):
+        TestMetricsLogger(empty, "validation", MetricEvaluator(trainer=trainer))
+
+
+def test_a_training_params_metric_is_checked_and_read_after_the_training_logger(tmp_path):
+    """The TrainingMetricsLogger declares (and produces) training_params.window_average.duration, so a
+    CheckpointManager placed before it and monitoring it passes the construction check and reads it. Broken on
+    purpose (produces only {"training"}), the CheckpointManager reads it first: KeyError, this test fails."""
+    trainer, _ = make_trainer()
+    checkpoint_manager = CheckpointManager(
+        NumpyCheckpointSaver(), str(tmp_path), metric_to_monitor="training_params.window_average.duration",
+        batch_level=True,
+    )  # fmt: skip
+    callbacks = [checkpoint_manager, TrainingMetricsLogger(MetricEvaluator(trainer=trainer))]
+    TrainingManager(trainer, make_data(), num_epochs=1, callbacks=callbacks).start_training()
+    assert checkpoint_manager.best_value is not None
+
+
+@pytest.mark.parametrize(
+    "version,match",
+    [
+        ("2", r"is corrupt: its header's format_version is '2' \(str\), not an int such as 2"),
+        (2.0, r"is corrupt: its header's format_version is 2.0 \(float\), not an int such as 2"),
+        (True, r"is corrupt: its header's format_version is True \(bool\)"),
+        (1, r"has checkpoint format version 1; this mlpug \(.*\) reads only version 2"),
+        (3, r"has checkpoint format version 3, newer than this mlpug"),
+    ],
+)
+def test_bad_format_version_in_the_header_names_the_file_and_the_field(tmp_path, version, match):
+    """Broken on purpose (the version check as before), a str or float version is called "newer ...; upgrade mlpug"
+    and True or 1 loads: this test fails."""
+    header = make_header("model", "numpy")
+    header["format_version"] = version
+    path = str(tmp_path / "model.safetensors")
+    NumpyCheckpointSaver().save({"mlpug": header, "model_components": {}}, path)
+    with pytest.raises(CheckpointError, match=f"{path} {match}"):
+        NumpyCheckpointSaver().load(path)
+
+
+@pytest.mark.parametrize(
+    "change,match",
+    [
+        (lambda state: state.pop("epoch"), r" is not a complete training checkpoint: it has no 'epoch' \(it has \["),
+        (lambda state: state.update(global_iter="3"), r": the training state's global_iter is '3', not an int >= 0"),
+        (lambda state: state.update(callbacks=[]), r": the training state's callbacks is a list, not a dict"),
+    ],
+)
+def test_training_checkpoint_without_a_needed_field_fails_when_loaded(tmp_path, change, match):
+    """Broken on purpose (no check_training_state in CheckpointSaver.load), the file loads and resuming fails later
+    (KeyError: 'epoch', or a TypeError in the loop): this test fails."""
+    first, *_ = build(tmp_path, stop_at=2)
+    first.start_training()
+    path = str(tmp_path / "model-training-checkpoint.safetensors")
+    state = NumpyCheckpointSaver().load(path, kind="training")
+    change(state)
+    NumpyCheckpointSaver().save(state, path)
+    with pytest.raises(CheckpointError, match=f"checkpoint file {path}{match}"):
+        NumpyCheckpointSaver().load(path, kind="training")
+    with pytest.raises(CheckpointError, match="the resume_from dict \\(load one with mlp.load_training_checkpoint"):
+        build(tmp_path / "other", resume_from={key: value for key, value in state.items() if key != "mlpug"})
+
+
+def test_resume_from_latest_without_a_checkpoint_starts_fresh_with_one_info_line(tmp_path, caplog):
+    """A restart loop's first start. Broken on purpose (resolve_training_checkpoint raising for a missing "latest",
+    as before), construction raises "does not exist": this test fails."""
+    straight, straight_model, *_ = build(tmp_path / "straight", num_epochs=1)
+    straight.start_training()
+    with caplog.at_level(logging.INFO, logger="mlpug"):
+        manager, model, *_ = build(tmp_path / "fresh", resume_from="latest", num_epochs=1)
+        manager.start_training()
+    fresh = [record.getMessage() for record in caplog.records if "resume_from='latest'" in record.getMessage()]
+    assert len(fresh) == 1 and "no training checkpoint" in fresh[0] and "starts from the beginning" in fresh[0]
+    assert (model.w, model.b) == (straight_model.w, straight_model.b)
+    resumed, *_ = build(tmp_path / "fresh", resume_from="latest", num_epochs=2)  # the next restart resumes
+    resumed.start_training()
+    assert resumed.global_iter == 2 * NUM_BATCHES
+
+
+def test_non_strict_resume_starts_added_callbacks_fresh_and_ignores_dropped_ones(tmp_path, caplog):
+    """Broken on purpose (set_state without resume_strict, as before), the added and dropped callbacks are an
+    error: this test fails. The default stays strict."""
+    first, *_ = build(tmp_path, stop_at=2, extra_callbacks=[CountBatches("dropped")])
+    first.start_training()
+    with pytest.raises(ValueError, match=r"\['added', 'dropped'\] present on only one side.*resume_strict=False"):
+        build(tmp_path, resume_from="latest", extra_callbacks=[CountBatches("added")])[0].start_training()
+    added = CountBatches("added")
+    manager, *_ = build(tmp_path, resume_from="latest", extra_callbacks=[added], resume_strict=False)
+    with caplog.at_level(logging.WARNING, logger="mlpug"):
+        manager.start_training()
+    warnings = [record.getMessage() for record in caplog.records if "resume_strict=False" in record.getMessage()]
+    assert len(warnings) == 1
+    assert "start fresh (not in the checkpoint): ['added']" in warnings[0]
+    assert "ignored (no such callback): ['dropped']" in warnings[0]
+    assert added.count == 3 * NUM_BATCHES - 3  # fresh: counted only the batches after the checkpoint
+    assert manager.global_iter == 3 * NUM_BATCHES

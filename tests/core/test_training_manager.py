@@ -98,7 +98,7 @@ def test_exception_in_step():
     assert recorder.calls[-3] == ("on_batch_training_failed", "FloatingPointError")
     assert recorder.calls[-2] == ("on_training_checkpoint", (False, True, False))
     assert recorder.ended_with["stopped_on_error"] is True and recorder.ended_with["stopped_early"] is False
-    assert "mlpug: training failed at epoch 1, batch step 0" in raised.value.__notes__
+    assert "mlpug: training failed at epoch 1, batch step 0 (global iteration 3)" in raised.value.__notes__
 
 
 def test_exception_in_data_iterator():
@@ -179,7 +179,7 @@ class _Reiterable:
 
 def test_infinite_iterable_without_batch_count_is_rejected_at_construction():
     trainer, _ = make_trainer()
-    with pytest.raises(ValueError, match="has no len\\(\\); give num_batches_per_epoch"):
+    with pytest.raises(ValueError, match=r"no known length \(object of type '_Reiterable' has no len\(\)\); give num"):
         TrainingManager(trainer, _Reiterable(iter([])), num_epochs=1)
 
 
@@ -361,3 +361,78 @@ def test_logged_learning_rate_is_that_of_its_step_even_when_read_later():
     manager, _ = make_manager([Schedule()], num_epochs=1, num_batches=4)
     manager.start_training()
     assert [params["lr"] for params in kept] == pytest.approx([0.1, 0.2, 0.3, 0.4])
+
+
+@pytest.mark.parametrize(
+    "callbacks,match",
+    [
+        (LogProgress(), r"got a single LogProgress; pass \[LogProgress\(\.\.\.\)\]"),
+        ({RecordingCallback()}, r"got set: \{"),
+    ],
+)
+def test_callbacks_that_are_not_a_list_are_refused_naming_the_fix(callbacks, match):
+    """One callback instead of a list is named with the fix. Broken on purpose (``list(callbacks or [])`` as before),
+    a single callback gives "'LogProgress' object is not iterable" and a set is accepted: this test fails."""
+    trainer, _ = make_trainer()
+    with pytest.raises(TypeError, match=r"callbacks must be a list of Callback instances, " + match):
+        TrainingManager(trainer, make_batches(2), callbacks=callbacks)
+
+
+@pytest.mark.parametrize("num_batches_per_epoch", [None, 2])
+def test_empty_training_dataset_is_named_not_num_batches_per_epoch(num_batches_per_epoch):
+    """Broken on purpose (the length checks as before), an empty list gives "num_batches_per_epoch must be an int
+    >= 1, got 0" (an argument the user never passed) or "has only 0 batches": this test fails."""
+    trainer, _ = make_trainer()
+    with pytest.raises(ValueError, match=r"training_dataset \(list\) is empty: len\(\) is 0"):
+        TrainingManager(trainer, [], num_batches_per_epoch=num_batches_per_epoch)
+
+
+def test_a_len_that_raises_type_error_means_no_known_length():
+    """A dataset whose ``len()`` raises TypeError (tf.data of unknown length) trains with num_batches_per_epoch and
+    without it is refused naming the reason. Broken on purpose (``len()`` called whenever ``__len__`` exists, as
+    before), construction raises the bare TypeError: this test fails."""
+
+    class UnknownLength(_Reiterable):
+        def __len__(self):
+            raise TypeError("The dataset length is unknown.")
+
+    trainer, _ = make_trainer()
+    with pytest.raises(ValueError, match=r"has no known length \(The dataset length is unknown.\); give num_batches"):
+        TrainingManager(trainer, UnknownLength(iter(make_batches(2))))
+    recorder = RecordingCallback()
+    dataset = UnknownLength(itertools.cycle(make_batches(2)))
+    TrainingManager(trainer, dataset, num_batches_per_epoch=3, callbacks=[recorder]).start_training()
+    assert recorder.count("on_batch_training_completed") == 3
+
+
+@pytest.mark.parametrize(
+    "hook,at,note",
+    [
+        ("on_batch_training_start", 4, "at epoch 1, batch step 1 (global iteration 4)"),
+        ("on_batch_training_completed", 4, "at epoch 1, batch step 1 (global iteration 4)"),
+        ("on_batch_checkpoint", 5, "at epoch 1, batch step 2 (global iteration 5)"),
+        ("on_epoch_completed", 0, "at the end of epoch 0"),
+        ("on_epoch_checkpoint", 1, "at the end of epoch 1"),
+    ],
+)
+def test_failure_note_names_the_batch_whose_hook_raised(hook, at, note):
+    """The counters advance right after the step, so a batch-end hook that raised used to be reported one batch later
+    ("batch step 2" for step 1) and an epoch-end hook at batch 0 of the next epoch. Broken on purpose (the note made
+    from the counters, as before), the after-step and epoch-end cases fail."""
+
+    class Failing(Callback):
+        def _fail(self, position):
+            if position == at:
+                raise ValueError(f"failure in {hook}")
+
+    def batch_hook(self, *args):
+        self._fail(args[-1]["current"]["global_iter"])
+
+    def epoch_hook(self, logs):
+        self._fail(logs["epoch"])
+
+    setattr(Failing, hook, epoch_hook if "epoch" in hook else batch_hook)
+    manager, _ = make_manager([Failing()], num_epochs=3, num_batches=3)
+    with pytest.raises(ValueError, match=f"failure in {hook}") as raised:
+        manager.start_training()
+    assert f"mlpug: training failed {note}" in raised.value.__notes__

@@ -123,6 +123,7 @@ def test_round_trip_keeps_dtypes_structure_and_saves_shared_and_non_contiguous_t
     big = torch.arange(12.0).reshape(3, 4)
     state = {
         "mlpug": make_header("training", "pytorch"),
+        **{"epoch": 0, "batch_step": 0, "global_iter": 0, "callbacks": {}},  # what a training checkpoint needs
         "model": module.state_dict(),
         "optimizer": optimizer.state_dict(),  # int keys, 0-d step tensors
         "views": (big, big[1], big.T, big[:, 1]),
@@ -218,5 +219,5 @@ def test_random_states_are_plain_so_every_saver_stores_them(tmp_path):
 
     path = str(tmp_path / "random.safetensors")
     saver = NumpyCheckpointSaver()
-    saver.save({"mlpug": make_header("training", "numpy"), "random": get_random_states(random_state_providers())}, path)
+    saver.save({"mlpug": make_header("model", "numpy"), "random": get_random_states(random_state_providers())}, path)
     assert saver.load(path)["random"]["torch"]["cpu"] == torch.get_rng_state().tolist()

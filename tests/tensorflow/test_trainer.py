@@ -450,3 +450,55 @@ def test_logged_learning_rate_follows_set_learning_rate_and_schedules(schedule):
     assert all(type(value) is float for value in kept)
     expected = [0.1 * 0.5**step for step in range(1, 5)] if schedule else [0.1, 0.1, 0.01, 0.01]
     assert kept == pytest.approx(expected)
+
+
+def _unknown_length_datasets():
+    x, y = batch(24)
+    batches = tf.data.Dataset.from_tensor_slices((x, y)).batch(4)  # 6 batches of known length
+    return {
+        "filter": batches.filter(lambda features, labels: tf.shape(labels)[0] > 0),
+        "repeat": batches.repeat(),
+        "from_generator": tf.data.Dataset.from_generator(
+            lambda: ((x[i : i + 4], y[i : i + 4]) for i in range(0, 24, 4)), output_signature=SIGNATURE
+        ),
+    }
+
+
+@pytest.mark.parametrize("kind", ["filter", "repeat", "from_generator"])
+def test_tf_data_of_unknown_length_trains_with_num_batches_per_epoch(kind):
+    """``len()`` of these datasets raises TypeError ("length is unknown" / "is infinite"). Broken on purpose (the
+    construction check calling ``len()`` whenever ``__len__`` exists, as before), TrainingManager construction
+    raises that TypeError even with num_batches_per_epoch given: this test fails."""
+    dataset = _unknown_length_datasets()[kind]
+    trainer, _ = make()
+    with pytest.raises(ValueError, match=r"no known length \(The dataset (length is unknown|is infinite)\.\); give"):
+        mlp.trainers.TrainingManager(trainer, dataset)
+    losses = []
+
+    class Record(mlp.callbacks.Callback):
+        def on_batch_training_completed(self, training_batch, logs):
+            losses.append(logs["current"]["training"]["batch"]["loss"])
+
+    callbacks = [mlp.callbacks.TrainingMetricsLogger(mlp.evaluation.MetricEvaluator(trainer=trainer)), Record()]
+    manager = mlp.trainers.TrainingManager(trainer, dataset, num_batches_per_epoch=5, callbacks=callbacks)
+    manager.start_training()
+    assert len(losses) == 5 and all(np.isfinite(losses))
+    assert (manager.epoch, manager.global_iter) == (1, 5)
+
+
+def test_tf_config_with_several_workers_is_refused_at_trainer_construction(monkeypatch):
+    """A multi-worker TF_CONFIG. Broken on purpose (no check_single_process in DefaultTrainer.__init__), every
+    worker would train alone without a word: this test fails."""
+    import json
+
+    linear = tf.keras.layers.Dense(1)
+    cluster = {"chief": ["host0:2222"], "worker": ["host1:2222", "host2:2222"]}
+    monkeypatch.setenv("TF_CONFIG", json.dumps({"cluster": cluster, "task": {"type": "worker", "index": 0}}))
+    with pytest.raises(RuntimeError, match=r"TF_CONFIG describes a cluster of 3 tasks \(chief: 1, worker: 2\), but "
+                       "mlpug does not support data-parallel training yet"):  # fmt: skip
+        mlp.trainers.DefaultTrainer(tf.keras.optimizers.SGD(0.1), linear)
+    monkeypatch.setenv("TF_CONFIG", "not json")
+    with pytest.raises(ValueError, match="TF_CONFIG is 'not json', not a JSON object with a cluster"):
+        mlp.trainers.DefaultTrainer(tf.keras.optimizers.SGD(0.1), linear)
+    monkeypatch.setenv("TF_CONFIG", json.dumps({"cluster": {"worker": ["host1:2222"]}}))  # one worker: fine
+    mlp.trainers.DefaultTrainer(tf.keras.optimizers.SGD(0.1), linear)

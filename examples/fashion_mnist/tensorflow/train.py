@@ -47,7 +47,7 @@ def parse_arguments(argv=None):
         "--resume",
         default=None,
         metavar="PATH|latest",
-        help="continue from a training checkpoint file, or from the latest one in --checkpoints-path",
+        help="continue from a training checkpoint file, or from the latest one in --checkpoints-path (none yet: start)",
     )
     parser.add_argument(
         "--batch-chunk-size",

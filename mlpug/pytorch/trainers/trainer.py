@@ -27,6 +27,7 @@ import torch
 
 from mlpug.chunking import BatchChunk, ChunkResult
 from mlpug.pytorch.chunking import batch_chunker
+from mlpug.pytorch.distributed import check_single_process
 from mlpug.pytorch.random_state import TorchRandomState
 from mlpug.pytorch.trainers.precision import precision_policy
 from mlpug.random_state import RandomStateProvider
@@ -88,6 +89,8 @@ class DefaultTrainer(_NeutralDefaultTrainer):
         TypeError: An optimizer or model component has the wrong type, or ``use_mixed_precision`` is no bool.
         ValueError: ``batch_chunk_size`` is not an int >= 1, or ``autocast_dtype`` is not an accepted name
             (or is given without ``use_mixed_precision=True``).
+        RuntimeError: ``torchrun`` launched several processes (``WORLD_SIZE > 1``): data-parallel training is not
+            supported yet (see :mod:`mlpug.pytorch.distributed`).
     """
 
     optimizer_type = torch.optim.Optimizer
@@ -102,6 +105,7 @@ class DefaultTrainer(_NeutralDefaultTrainer):
         use_mixed_precision: bool = False,
         autocast_dtype: Optional[AutocastDtype] = None,
     ):
+        check_single_process()
         super().__init__(optimizers, model_components)
         self.device = torch.device(device) if device is not None else None
         self._passes_inference_mode = True

@@ -32,6 +32,7 @@ from mlpug.logs import Deferred
 from mlpug.random_state import RandomStateProvider
 from mlpug.tensorflow.chunking import batch_chunker
 from mlpug.tensorflow.data import training_data_source
+from mlpug.tensorflow.distributed import check_single_process
 from mlpug.tensorflow.random_state import TensorFlowRandomState
 from mlpug.tensorflow.trainers.compilation import (
     CompiledStep,
@@ -133,6 +134,8 @@ class DefaultTrainer(_NeutralDefaultTrainer):
         ValueError: Several optimizers without a way to tell their variables apart, a ``batch_chunk_size`` that
             is not an int >= 1, or a bad ``autocast_dtype``.
         NotImplementedError: A ``distribution_strategy`` was given.
+        RuntimeError: ``TF_CONFIG`` describes a cluster of several tasks: data-parallel training is not supported
+            yet (see :mod:`mlpug.tensorflow.distributed`).
     """
 
     optimizer_type = tf.keras.optimizers.Optimizer
@@ -151,6 +154,7 @@ class DefaultTrainer(_NeutralDefaultTrainer):
         use_mixed_precision: bool = False,
         autocast_dtype: Optional[str] = None,
     ):
+        check_single_process()
         _check_optimizers(optimizers)
         super().__init__(optimizers, model_components)
         self.chunking = batch_chunker(batch_chunk_size)

@@ -10,6 +10,8 @@ import logging
 from collections.abc import Sequence
 from typing import Any, Optional
 
+from mlpug.logs import MANAGER_LOG_PATHS
+
 HOOKS = (
     "set_training_manager",
     "on_training_start",
@@ -36,7 +38,10 @@ class Callback:
     ``"training"`` or ``"validation"``, or ``"best"`` for the best-model decision); a producer that reads what
     other producers write declares it in ``consumes``. The manager calls every hook on the producers first (each
     after the producers it consumes from), then on all other callbacks, each group in list order (see
-    :func:`dispatch_order`), so that where a callback stands in the list never decides what it reads.
+    :func:`dispatch_order`), so that where a callback stands in the list never decides what it reads. A producer
+    that knows the exact dotted paths it writes under ``logs["current"]`` declares them in ``log_paths`` (the metric
+    loggers do), so that a consumer can check a path it is given (e.g. ``metric_to_monitor``) at construction
+    (:func:`check_log_path`).
 
     Checkpoint phase: ``on_batch_checkpoint`` / ``on_epoch_checkpoint`` run after the batch-end / epoch-end hooks
     of *all* callbacks, and ``on_training_checkpoint`` once when training stops (always, before
@@ -66,6 +71,13 @@ class Callback:
     def consumes(self) -> frozenset:
         """What this callback, being a producer, reads from other producers; default nothing."""
         return frozenset()
+
+    @property
+    def log_paths(self) -> Optional[frozenset]:
+        """The dotted paths under ``logs["current"]`` that this callback writes, e.g.
+        ``{"validation.dataset.loss"}``; None (default): not declared, so any path under the sections it
+        ``produces`` may exist (see :func:`check_log_path`)."""
+        return None
 
     # ----- hooks -----
     def set_training_manager(self, manager: Any) -> Optional[bool]:
@@ -122,6 +134,45 @@ class Callback:
     def overrides(self, hook: str) -> bool:
         """True when this callback's class implements ``hook`` itself (the base no-op is skipped)."""
         return getattr(type(self), hook) is not getattr(Callback, hook)
+
+
+def check_log_path(path: str, callbacks: Sequence[Callback], argument: str) -> None:
+    """Check that something writes ``path`` into ``logs["current"]``, before training starts.
+
+    ``path`` is written when the ``TrainingManager`` writes it (:data:`mlpug.logs.MANAGER_LOG_PATHS`), a callback
+    declares it in ``log_paths``, or its first key (its section) is in the ``produces`` of a callback that declares
+    no ``log_paths`` (then anything under that section may exist).
+
+    Args:
+        path: A dotted path under ``logs["current"]``, e.g. ``"validation.dataset.loss"``.
+        callbacks: All callbacks of the training.
+        argument: What names ``path`` in the message, e.g. ``"CheckpointManager: metric_to_monitor"``.
+
+    Raises:
+        ValueError: Nothing writes ``path``; the message lists the paths that are written.
+    """
+    section = path.split(".", 1)[0]
+    declared = set(MANAGER_LOG_PATHS)
+    open_sections = set()
+    for callback in callbacks:
+        paths = callback.log_paths
+        if paths is None:
+            open_sections |= set(callback.produces)
+        else:
+            declared |= set(paths)
+    if path in declared or section in open_sections:
+        return
+    producers = [callback.name for callback in callbacks if section in callback.produces]
+    if producers:
+        reason = f"the callbacks that produce {section!r} ({', '.join(producers)}) do not write it"
+    else:
+        reason = f"no callback produces {section!r}"
+    anything_under = f"; and anything under {sorted(open_sections)}" if open_sections else ""
+    raise ValueError(
+        f"{argument} {path!r} is not written into logs['current']: {reason}. Paths that are written: "
+        f"{', '.join(sorted(declared))}{anything_under}. A callback of your own that writes it declares its section in "
+        f"produces (e.g. produces = frozenset({{{section!r}}})), and may declare its paths in log_paths."
+    )
 
 
 def dispatch_order(callbacks: Sequence[Callback]) -> list[Callback]:

@@ -17,12 +17,13 @@ from mlpug.checkpointing import (
     CheckpointFileNames,
     CheckpointSaver,
     atomic_link_or_copy,
+    directory_hint,
     encode_plain,
     make_header,
     remove_stale_temporary_files,
 )
 from mlpug.logs import get_value_at, resolve
-from mlpug.trainers.callbacks.callback import Callback
+from mlpug.trainers.callbacks.callback import Callback, check_log_path
 from mlpug.trainers.non_finite import NonFiniteLossError
 from mlpug.trainers.resume import TrainingStateLoader
 
@@ -32,6 +33,19 @@ def _check_period(value: Any, name: str, allow_none: bool = False) -> None:
         return
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise ValueError(f"{name} must be an int >= 1{' or None' if allow_none else ''}, got {value!r}")
+
+
+def _check_directory_path(path: str) -> None:
+    """Raise when ``path`` cannot be a directory: it, or the nearest of its parents that exists, is not one."""
+    existing = os.path.abspath(path)
+    while not os.path.exists(existing) and os.path.dirname(existing) != existing:
+        existing = os.path.dirname(existing)
+    if not os.path.isdir(existing):
+        where = "is an existing file" if existing == os.path.abspath(path) else f"is inside the file {existing}"
+        raise ValueError(
+            f"checkpoints_path {path!r} {where}, not a directory; give the directory for the checkpoint files "
+            "(it is created when missing)"
+        )
 
 
 class CheckpointManager(Callback, TrainingStateLoader):
@@ -60,14 +74,15 @@ class CheckpointManager(Callback, TrainingStateLoader):
     (:func:`mlpug.checkpointing.atomic_write_path`).
 
     As a :class:`~mlpug.trainers.resume.TrainingStateLoader` it resolves ``TrainingManager(resume_from=...)``:
-    ``"latest"`` is its training checkpoint file.
+    ``"latest"`` is its training checkpoint file, or a fresh start (one info line) when there is none yet.
 
     Args:
         saver: Backend saver; ``mlp.callbacks.CheckpointManager`` of a backend passes its own.
         checkpoints_path: Directory of the checkpoint files (created when missing).
         base_checkpoint_filename: Common prefix of the file names.
         metric_to_monitor: Dotted path into ``logs["current"]``, e.g. ``"validation.dataset.loss"``; None writes
-            no best model checkpoint.
+            no best model checkpoint. Checked when the ``TrainingManager`` is constructed: a callback must write it
+            (see :func:`~mlpug.trainers.callbacks.callback.check_log_path`).
         metric_opt_mode: ``"min"`` or ``"max"``: whether lower or higher values are better.
         improvement_threshold: Minimum absolute change over the best value that counts as an improvement (>= 0).
         batch_level: Periods are batches (True) or epochs (False).
@@ -83,7 +98,8 @@ class CheckpointManager(Callback, TrainingStateLoader):
     Raises:
         TypeError: ``saver`` is not a CheckpointSaver, a path is not a str, or the hyper-parameters are not
             plain containers.
-        ValueError: A bad mode, period, threshold or ``keep_last``.
+        ValueError: A bad mode, period, threshold or ``keep_last``, or a ``checkpoints_path`` that is (or is
+            inside) an existing file.
     """
 
     def __init__(
@@ -111,6 +127,7 @@ class CheckpointManager(Callback, TrainingStateLoader):
         ):
             if not isinstance(value, (str, os.PathLike)) or not str(value):
                 raise TypeError(f"{arg_name} must be a non-empty str, got {value!r}")
+        _check_directory_path(str(checkpoints_path))
         if os.sep in str(base_checkpoint_filename):
             raise ValueError(
                 f"base_checkpoint_filename must be a file name without directories, got "
@@ -177,6 +194,11 @@ class CheckpointManager(Callback, TrainingStateLoader):
         return frozenset({self.metric_to_monitor.split(".", 1)[0]})
 
     @property
+    def log_paths(self) -> frozenset:
+        """None under ``logs["current"]`` (it sets ``is_best``, which the manager writes; ``"best"`` is top level)."""
+        return frozenset()
+
+    @property
     def best_value(self) -> Optional[float]:
         """The monitored value at the best iteration so far (None before the first improvement)."""
         if not self.best_logs or self.metric_to_monitor is None:
@@ -197,6 +219,17 @@ class CheckpointManager(Callback, TrainingStateLoader):
         return self.training_manager is None or self.training_manager.distributed.is_primary
 
     # ----- hooks -----
+    def set_training_manager(self, manager: Any) -> bool:
+        """Keep ``manager``; check that a callback writes ``metric_to_monitor`` (at the manager's construction).
+
+        Raises:
+            ValueError: No callback writes ``metric_to_monitor`` (the paths that are written are listed).
+        """
+        if self.metric_to_monitor is not None:
+            check_log_path(self.metric_to_monitor, manager.callbacks, f"{self.name}: metric_to_monitor")
+        super().set_training_manager(manager)
+        return True
+
     def on_training_start(self, num_epochs, num_batches_per_epoch, start_epoch, start_batch, start_update_iter):
         self.training_manager.logs["best"] = self.best_logs
         if self._is_primary():
@@ -459,13 +492,24 @@ class CheckpointManager(Callback, TrainingStateLoader):
         return True
 
     # ----- resuming (TrainingStateLoader) -----
-    def resolve_training_checkpoint(self, resume_from: Any) -> str:
-        """``"latest"``: this manager's training checkpoint file; else ``resume_from`` as a path.
+    def resolve_training_checkpoint(self, resume_from: Any) -> Optional[str]:
+        """``"latest"``: this manager's training checkpoint file, or None (logged) when there is none yet; else
+        ``resume_from`` as a path.
 
         Raises:
-            ValueError: The file does not exist.
+            ValueError: The file does not exist, or ``resume_from`` is a directory.
         """
         path = self.training_checkpoint_path if resume_from == "latest" else os.fspath(resume_from)
+        if resume_from == "latest" and not os.path.exists(path):
+            emergency = self.file_names.emergency_training
+            note = f" (an emergency training checkpoint exists: resume_from={emergency!r} continues from it)"
+            self._log.info(
+                f"resume_from='latest': no training checkpoint {path} yet; training starts from the beginning"
+                + (note if os.path.exists(emergency) else "")
+            )
+            return None
+        if os.path.isdir(path):
+            raise ValueError(f"resume_from={path!r} is a directory, not a training checkpoint; {directory_hint(path)}")
         if not os.path.exists(path):
             raise ValueError(f"resume_from: training checkpoint file {path} does not exist")
         return path

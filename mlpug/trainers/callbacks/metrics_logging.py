@@ -1,7 +1,8 @@
 """Callbacks that put metrics into ``logs``: ``TrainingMetricsLogger`` and ``TestMetricsLogger``.
 
 They are producers (``produces`` names their dataset): every hook reaches them before the callbacks that
-read their values, wherever they stand in the list.
+read their values, wherever they stand in the list. They declare the paths they write (``log_paths``: dataset
+name, level and metric names), so that a consumer's path (e.g. ``metric_to_monitor``) is checked at construction.
 """
 
 from __future__ import annotations
@@ -128,7 +129,15 @@ class TrainingMetricsLogger(Callback):
 
     @property
     def produces(self) -> frozenset:
-        return frozenset({"training"})
+        return frozenset({"training", "training_params"})
+
+    @property
+    def log_paths(self) -> frozenset:
+        """``training.batch.<metric>``, ``training.window_average.<metric>`` and
+        ``training_params.window_average.duration``."""
+        metrics = self.metric_evaluator.metric_names
+        paths = {f"training.{level}.{metric}" for level in ("batch", "window_average") for metric in metrics}
+        return frozenset(paths | {"training_params.window_average.duration"})
 
     def on_training_start(self, num_epochs, num_batches_per_epoch, start_epoch, start_batch, start_update_iter):
         # batches whose step was skipped for a non-finite loss are no part of training: not of its window either
@@ -172,13 +181,19 @@ class TestMetricsLogger(Callback):
       average ``logs.current.<name>.window_average.<metric>``.
 
     Args:
-        dataset: Iterable of batches.
+        dataset: Iterable of batches; not empty (``len() == 0`` is refused).
         name: Dataset name, the key in ``logs.current`` (``"training"`` writes the training set's dataset metrics).
         metric_evaluator: Computes the metrics; it needs its ``trainer`` to evaluate the model.
         batch_level: See above.
         window_length: Sliding window for ``batch_level=True``; default one epoch of training batches.
         evaluate_settings: Passed to the model; default the evaluator's.
         callback_name: Unique callback name; default ``f"TestMetricsLogger[{name}]"``.
+
+    Raises:
+        TypeError: ``dataset`` is not iterable, ``name`` not a non-empty str, or ``metric_evaluator`` not a
+            MetricEvaluator.
+        ValueError: ``dataset`` is empty (its ``len()`` is 0), the evaluator has no trainer, or a bad
+            ``window_length``.
     """
 
     __test__ = False  # not a pytest test class
@@ -197,6 +212,15 @@ class TestMetricsLogger(Callback):
             raise TypeError(f"dataset must be an iterable of batches, got {type(dataset).__qualname__}")
         if not isinstance(name, str) or not name:
             raise TypeError(f"name must be a non-empty str (e.g. 'validation'), got {name!r}")
+        try:  # tf.data raises TypeError for a dataset of unknown length: then an empty one is found when evaluated
+            empty = len(dataset) == 0  # type: ignore[arg-type]
+        except TypeError:
+            empty = False
+        if empty:
+            raise ValueError(
+                f"the {name!r} dataset is empty ({type(dataset).__qualname__} of len() 0): TestMetricsLogger has no "
+                f"batch to evaluate; pass a dataset with batches, or leave the {name!r} logger out"
+            )
         _check_evaluator(metric_evaluator)
         _check_window_length(window_length)
         if metric_evaluator.trainer is None:
@@ -217,6 +241,14 @@ class TestMetricsLogger(Callback):
     @property
     def produces(self) -> frozenset:
         return frozenset({self.dataset_name})
+
+    @property
+    def log_paths(self) -> frozenset:
+        """``<name>.dataset.<metric>``, or with ``batch_level`` ``<name>.batch.<metric>`` and
+        ``<name>.window_average.<metric>``."""
+        levels = ("batch", "window_average") if self.batch_level else ("dataset",)
+        metrics = self.metric_evaluator.metric_names
+        return frozenset(f"{self.dataset_name}.{level}.{metric}" for level in levels for metric in metrics)
 
     def on_training_start(self, num_epochs, num_batches_per_epoch, start_epoch, start_batch, start_update_iter):
         if self._window.length is None:

@@ -48,6 +48,10 @@ class RandomStateProvider(ABC):
         """Give back what :meth:`capture` took; default :meth:`set_state`."""
         self.set_state(captured)
 
+    def to_state(self, captured: Any) -> Any:
+        """What :meth:`capture` took, as :meth:`get_state` would have returned it then (plain containers)."""
+        return captured
+
 
 class PythonRandomState(RandomStateProvider):
     """Python's ``random`` module (its global Mersenne Twister)."""
@@ -84,6 +88,11 @@ class NumpyRandomState(RandomStateProvider):
     def restore(self, captured: Any) -> None:
         np.random.set_state(captured)
 
+    def to_state(self, captured: Any) -> dict:
+        name, key, pos, has_gauss, gauss = captured
+        return {"bit_generator": name, "key": [int(k) for k in key], "pos": int(pos), "has_gauss": int(has_gauss),
+                "gauss": float(gauss)}  # fmt: skip
+
     def set_state(self, state: Mapping[str, Any]) -> None:
         np.random.set_state(
             {
@@ -105,6 +114,16 @@ def isolated_random_states(providers: Sequence[RandomStateProvider]) -> Iterator
     finally:
         for provider, state in zip(providers, captured):
             provider.restore(state)
+
+
+def capture_random_states(providers: Sequence[RandomStateProvider]) -> list:
+    """Every provider's state in its fastest form (:meth:`RandomStateProvider.capture`); see :func:`plain_states`."""
+    return [provider.capture() for provider in providers]
+
+
+def plain_states(providers: Sequence[RandomStateProvider], captured: Sequence[Any]) -> dict[str, Any]:
+    """What :func:`capture_random_states` took, as :func:`get_random_states` would have returned it then."""
+    return {provider.name: provider.to_state(state) for provider, state in zip(providers, captured)}
 
 
 def get_random_states(providers: Sequence[RandomStateProvider]) -> dict[str, Any]:

@@ -35,6 +35,10 @@ class TorchRandomState(RandomStateProvider):
         if cuda is not None:
             torch.cuda.set_rng_state_all(cuda)
 
+    def to_state(self, captured: Any) -> dict:
+        cpu, cuda = captured
+        return {"cpu": cpu.tolist(), "cuda": [state.tolist() for state in cuda or []]}
+
     def set_state(self, state: Mapping[str, Any]) -> None:
         torch.set_rng_state(torch.tensor(state["cpu"], dtype=torch.uint8))
         cuda_states: Optional[list] = state.get("cuda")

@@ -55,7 +55,7 @@ from mlpug import data as data_module
 from mlpug import logs as logs_module
 from mlpug.distributed import DistributedContext, SerialContext
 from mlpug.logs import Deferred, MetricValues, to_number
-from mlpug.random_state import get_random_states, set_random_states
+from mlpug.random_state import capture_random_states, get_random_states, plain_states, set_random_states
 from mlpug.trainers.callbacks.callback import HOOKS, Callback, dispatch_order
 from mlpug.trainers.non_finite import NonFiniteLossPolicy, NonFiniteLossTracker
 from mlpug.trainers.resume import ResumeFrom, check_resume_from, load_resume_state
@@ -207,7 +207,7 @@ class TrainingManager:
         trainer.skip_non_finite_steps = non_finite_loss == "skip_step"
         self._random_state_providers = trainer.random_state_providers()
         self._pending_random_state: Optional[dict] = None  # restored where it was captured (see _train)
-        self._random_before_data: Optional[dict] = None  # the states this epoch's data iterator was created with
+        self._random_before_data: Any = None  # the states this epoch's data iterator was created with (Deferred)
         self._data_source = trainer.training_data_source(training_dataset)
         self._ordered_callbacks = dispatch_order(callbacks)
         check_resume_from(resume_from, callbacks)
@@ -255,7 +255,7 @@ class TrainingManager:
             "trainer": self.trainer.get_state(),
             "data": data_module.get_data_state(self.training_dataset),
             "random": get_random_states(self._random_state_providers),
-            "random_before_data": self._random_before_data,
+            "random_before_data": logs_module.resolve(self._random_before_data),
         }
 
     def set_state(self, state: dict) -> None:
@@ -369,10 +369,12 @@ class TrainingManager:
             # The states with which this epoch's data iterator is created (a shuffled DataLoader draws its order
             # then): saved in checkpoints, so that a mid-epoch resume creates the same iterator, then skips.
             resuming_mid_epoch = self._pending_random_state is not None
+            providers = self._random_state_providers
             if resuming_mid_epoch and self._random_before_data is not None:
-                set_random_states(self._random_state_providers, self._random_before_data)
-            else:
-                self._random_before_data = get_random_states(self._random_state_providers)
+                set_random_states(providers, self._random_before_data)
+            else:  # taken in the fast form; converted to plain states only when a checkpoint asks for them
+                captured = capture_random_states(providers)
+                self._random_before_data = Deferred(partial(plain_states, providers, captured))
             data = self._data_source.epoch_iterator(epoch, self.batch_step, self.num_batches_per_epoch)
             if resuming_mid_epoch:
                 self._restore_random_state()

@@ -222,11 +222,12 @@ def epoch_iterator(dataset: Iterable, epoch: int, start_batch: int = 0) -> Itera
     if start_batch > 0:
         _log.warning(
             f"The training dataset ({type(dataset).__qualname__}) cannot start at a position, so {start_batch} "
-            f"batches of epoch {epoch} are skipped by loading and dropping them; the resume is exact only if it "
-            "yields the same order on every pass. Use mlpug.data.ResumableBatchSampler (PyTorch: "
+            f"batches of epoch {epoch} are skipped by loading and dropping them; the resume is exact when its order "
+            "is the same on every pass or drawn from the random states a checkpoint restores (as DataLoader("
+            "shuffle=True) draws it), and when loading draws no random numbers others than those. Use mlpug.data.ResumableBatchSampler (PyTorch: "
             "mlp.data.ResumableBatchSampler as DataLoader batch_sampler) to start by index."
         )
-        iterator = itertools.islice(iterator, start_batch, None)
+        _skip(iterator, start_batch)
     return iterator
 
 
@@ -289,8 +290,15 @@ class ContinuedDataSource(DataSource):
                     f"position, so the {skip} batches trained before are skipped by loading and dropping them; the "
                     "resume is exact only if it yields the same sequence in every process."
                 )
-                self._iterator = itertools.islice(self._iterator, skip, None)
+                _skip(self._iterator, skip)
         return self._iterator
+
+
+def _skip(iterator: Iterator, count: int) -> None:
+    """Load and drop ``count`` batches now (not lazily: an order drawn when the first batch is requested, as
+    ``DataLoader(shuffle=True)`` draws it, must be drawn with the random states the iterator was created with)."""
+    for _ in itertools.islice(iterator, count):
+        pass
 
 
 def get_data_state(dataset: Any) -> dict:

@@ -222,10 +222,11 @@ def epoch_iterator(dataset: Iterable, epoch: int, start_batch: int = 0) -> Itera
     if start_batch > 0:
         _log.warning(
             f"The training dataset ({type(dataset).__qualname__}) cannot start at a position, so {start_batch} "
-            f"batches of epoch {epoch} are skipped by loading and dropping them; the resume is exact when its order "
-            "is the same on every pass or drawn from the random states a checkpoint restores (as DataLoader("
-            "shuffle=True) draws it), and when loading draws no random numbers others than those. Use mlpug.data.ResumableBatchSampler (PyTorch: "
-            "mlp.data.ResumableBatchSampler as DataLoader batch_sampler) to start by index."
+            f"batches of epoch {epoch} are skipped by loading and dropping them; the resume is exact when its "
+            "order is the same on every pass or drawn from the random states a checkpoint restores (as "
+            "DataLoader(shuffle=True) draws it), and loading draws no other random numbers. Use "
+            "mlpug.data.ResumableBatchSampler (PyTorch: mlp.data.ResumableBatchSampler as DataLoader batch_sampler) "
+            "to start by index."
         )
         _skip(iterator, start_batch)
     return iterator

@@ -8,7 +8,7 @@ Random states are not here: the trainer lists its providers (:mod:`mlpug.random_
 :mod:`mlpug.pytorch.checkpointing`, :mod:`mlpug.tensorflow.checkpointing`.
 
 Crash safety (the write protocol of every saver): the file is written to a temporary file in the target's
-directory (``.<name>.tmp-<pid>``), closed, ``fsync``'ed, renamed over the target with ``os.replace`` (atomic
+directory (``.mlpug.tmp-<pid>/<name>``), closed, ``fsync``'ed, renamed over the target with ``os.replace`` (atomic
 on POSIX) and the directory is ``fsync``'ed, so a process killed at any moment leaves either the previous
 complete file or the new complete file, never a partial one. A write that fails (a full disk, an I/O error,
 whatever the safetensors writer raises) raises :class:`CheckpointWriteError` naming the file, with "no space left

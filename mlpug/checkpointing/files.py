@@ -1,8 +1,9 @@
 """Crash-safe files: atomic writes and copies, directory fsync, temporary names and their clean-up.
 
 The write protocol (:func:`atomic_write_path`, used by every saver and by :func:`atomic_write` and
-:func:`atomic_link_or_copy`): the content goes to a temporary file in the target's directory
-(``.<name>.tmp-<pid>``, see :func:`temporary_path`), which is closed (flushed), ``fsync``'ed, renamed over
+:func:`atomic_link_or_copy`): the content goes to a temporary file in a directory of
+this process inside the target's directory (``.mlpug.tmp-<pid>/<name>``, see :func:`temporary_path`; safetensors'
+own temporary files land there too), which is closed (flushed), ``fsync``'ed, renamed over
 the target with ``os.replace`` (atomic on POSIX), and then the directory is ``fsync``'ed. A process killed at
 any moment leaves the previous complete file or the new complete file at the target, never a partial one; on
 an error the temporary file is removed and a :class:`CheckpointWriteError` names the file (and, for a full disk,
@@ -63,10 +64,18 @@ def fsync_directory(directory: str) -> None:
         os.close(fd)
 
 
+TEMPORARY_DIRECTORY_PREFIX = ".mlpug.tmp-"
+
+
 def temporary_path(path: str) -> str:
-    """The temporary file ``path`` is written to before the atomic rename: ``<dir>/.<name>.tmp-<pid>``."""
+    """The temporary file ``path`` is written to before the atomic rename: ``<dir>/.mlpug.tmp-<pid>/<name>``.
+
+    The per-process directory (on the target's file system, so the rename stays atomic) also holds what a writer
+    creates next to its file (safetensors writes through a ``.tmpXXXXXX`` file of its own), so that the
+    temporary files of a killed process are found by its pid (:func:`remove_stale_temporary_files`).
+    """
     directory, name = os.path.split(os.path.abspath(path))
-    return os.path.join(directory, f".{name}.tmp-{os.getpid()}")
+    return os.path.join(directory, f"{TEMPORARY_DIRECTORY_PREFIX}{os.getpid()}", name)
 
 
 def fsync_file(path: str) -> None:
@@ -107,7 +116,7 @@ def atomic_write_path(path: str, write: Callable[[str], None]) -> None:
     path = os.path.abspath(path)
     temporary = temporary_path(path)
     try:
-        os.makedirs(os.path.dirname(path), exist_ok=True)
+        os.makedirs(os.path.dirname(temporary), exist_ok=True)
         write(temporary)
         fsync_file(temporary)
         os.replace(temporary, path)
@@ -116,10 +125,20 @@ def atomic_write_path(path: str, write: Callable[[str], None]) -> None:
             os.remove(temporary)
         except OSError:
             pass
+        _remove_if_empty(os.path.dirname(temporary))
         if isinstance(error, OSError) and not isinstance(error, CheckpointWriteError):
             raise write_error(path, error) from error
         raise
+    _remove_if_empty(os.path.dirname(temporary))
     fsync_directory(os.path.dirname(path))
+
+
+def _remove_if_empty(directory: str) -> None:
+    """Remove the temporary directory unless another write of this process still uses it."""
+    try:
+        os.rmdir(directory)
+    except OSError:
+        pass
 
 
 def atomic_write(path: str, write: Callable[[BinaryIO], None]) -> None:
@@ -157,7 +176,8 @@ def atomic_link_or_copy(source: str, target: str) -> None:
 
 
 def remove_stale_temporary_files(directory: str, prefix: str, including_own: bool = False) -> list:
-    """Remove ``.<prefix>*.tmp-<pid>`` files left by killed processes (pid no longer running).
+    """Remove the temporary directories ``.mlpug.tmp-<pid>`` (see :func:`temporary_path`) and the temporary
+    files ``.<prefix>*.tmp-<pid>`` (of earlier versions) left by killed processes (pid no longer running).
 
     Args:
         directory: The checkpoint directory (a missing one has nothing to remove).
@@ -172,7 +192,8 @@ def remove_stale_temporary_files(directory: str, prefix: str, including_own: boo
     if not os.path.isdir(directory):
         return removed
     for name in os.listdir(directory):
-        if not name.startswith(f".{prefix}") or ".tmp-" not in name:
+        is_directory = name.startswith(TEMPORARY_DIRECTORY_PREFIX)
+        if not is_directory and (not name.startswith(f".{prefix}") or ".tmp-" not in name):
             continue
         pid_text = name.rsplit(".tmp-", 1)[1]
         if not pid_text.isdigit():
@@ -180,7 +201,11 @@ def remove_stale_temporary_files(directory: str, prefix: str, including_own: boo
         if _process_exists(int(pid_text)) and not (including_own and int(pid_text) == os.getpid()):
             continue
         try:
-            os.remove(os.path.join(directory, name))
+            target = os.path.join(directory, name)
+            if is_directory:
+                shutil.rmtree(target)
+            else:
+                os.remove(target)
             removed.append(name)
         except OSError:
             pass

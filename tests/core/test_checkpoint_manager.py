@@ -116,8 +116,16 @@ def test_stale_temporary_files_of_dead_processes_are_removed(tmp_path):
     )
     dead.write_bytes(b"x")
     alive.write_bytes(b"x")
-    assert remove_stale_temporary_files(str(tmp_path), "model") == [dead.name]
-    assert alive.exists()
+    dead_directory, own_directory = tmp_path / ".mlpug.tmp-999999998", tmp_path / f".mlpug.tmp-{os.getpid()}"
+    for directory in (dead_directory, own_directory):  # with what safetensors leaves: a file of its own
+        directory.mkdir()
+        (directory / ".tmpAbC123").write_bytes(b"x")
+    removed = remove_stale_temporary_files(str(tmp_path), "model")
+    assert sorted(removed) == sorted([dead.name, dead_directory.name])
+    assert alive.exists() and own_directory.exists()
+    removed_at_the_end = remove_stale_temporary_files(str(tmp_path), "model", including_own=True)
+    assert sorted(removed_at_the_end) == sorted([alive.name, own_directory.name])
+    assert not own_directory.exists() and not alive.exists()
 
 
 def test_numpy_saver_round_trip_preserves_structure_and_refuses_objects(tmp_path):
@@ -605,12 +613,13 @@ def test_an_improvement_decided_before_a_failing_hook_still_writes_the_best_mode
 
 
 def test_own_temporary_files_are_removed_when_training_ends(tmp_path):
-    leftover = tmp_path / f".model-training-checkpoint.safetensors.tmp-{os.getpid()}"
+    leftover = tmp_path / f".mlpug.tmp-{os.getpid()}" / ".tmpXyZ789"
     manager, _, _, _ = build(tmp_path, num_epochs=1)
-    leftover.write_bytes(b"a write of this process that failed half-way")
+    leftover.parent.mkdir()
+    leftover.write_bytes(b"what a write of this process left half-way")
     manager.start_training()
-    assert not leftover.exists()
-    assert not [name for name in os.listdir(tmp_path) if ".tmp-" in name]
+    assert not leftover.exists() and not leftover.parent.exists()
+    assert not [name for name in os.listdir(tmp_path) if ".tmp" in name]
 
 
 def test_listed_archives_that_do_not_exist_are_dropped_at_resume_with_a_warning(tmp_path, caplog):

@@ -215,7 +215,7 @@ def crash_mode(args) -> None:
             os.kill(pid, signal.SIGKILL)
             _, status = os.waitpid(pid, 0)
         report["killed"] = os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGKILL
-        report["temporary_files_left"] = sorted(name for name in os.listdir(args.dir) if ".tmp-" in name)
+        report["temporary_files_left"] = sorted(name for name in os.listdir(args.dir) if ".tmp" in name)
         latest, training = (
             os.path.join(args.dir, f"model-{kind}.safetensors")
             for kind in ("latest-model-checkpoint", "training-checkpoint")

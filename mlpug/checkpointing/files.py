@@ -125,20 +125,10 @@ def atomic_write_path(path: str, write: Callable[[str], None]) -> None:
             os.remove(temporary)
         except OSError:
             pass
-        _remove_if_empty(os.path.dirname(temporary))
         if isinstance(error, OSError) and not isinstance(error, CheckpointWriteError):
             raise write_error(path, error) from error
         raise
-    _remove_if_empty(os.path.dirname(temporary))
     fsync_directory(os.path.dirname(path))
-
-
-def _remove_if_empty(directory: str) -> None:
-    """Remove the temporary directory unless another write of this process still uses it."""
-    try:
-        os.rmdir(directory)
-    except OSError:
-        pass
 
 
 def atomic_write(path: str, write: Callable[[BinaryIO], None]) -> None:

@@ -73,11 +73,7 @@ def training_data_source(dataset: Any) -> DataSource:
     """
     if not isinstance(dataset, tf.data.Dataset):
         return DataSource(dataset)
-    if int(dataset.cardinality()) == int(tf.data.INFINITE_CARDINALITY):
-        return ContinuedDataSource(dataset)
     pipeline = _pipeline(dataset)
-    if not any("Shuffle" in type(node).__name__ for node in pipeline):
-        return DataSource(dataset)
     if _unseeded_shuffles(pipeline):
         _log.warning(
             "The training tf.data pipeline shuffles without a seed, so its order differs in every process: resuming "
@@ -85,4 +81,8 @@ def training_data_source(dataset: Any) -> DataSource:
             "seed=...), or keras.utils.set_random_seed(...) before building it), or use "
             "mlp.data.ResumableArrayBatches."
         )
+    if int(dataset.cardinality()) == int(tf.data.INFINITE_CARDINALITY):
+        return ContinuedDataSource(dataset)
+    if not any("Shuffle" in type(node).__name__ for node in pipeline):
+        return DataSource(dataset)
     return ReplayedDataSource(dataset)

@@ -27,6 +27,21 @@ class TensorFlowRandomState(RandomStateProvider):
         generator = tf.random.get_global_generator()
         return {"global_generator": {"state": generator.state.numpy().tolist(), "algorithm": int(generator.algorithm)}}
 
+    def capture(self) -> Any:
+        """A copy of the generator's state variable, made on its device (no host round trip)."""
+        generator = tf.random.get_global_generator()
+        return generator, tf.identity(generator.state)
+
+    def restore(self, captured: Any) -> None:
+        generator, state = captured
+        if tf.random.get_global_generator() is not generator:  # replaced in between: put the old one back
+            tf.random.set_global_generator(generator)
+        generator.state.assign(state)
+
+    def to_state(self, captured: Any) -> dict:
+        generator, state = captured
+        return {"global_generator": {"state": state.numpy().tolist(), "algorithm": int(generator.algorithm)}}
+
     def set_state(self, state: Mapping[str, Any]) -> None:
         saved = state["global_generator"]
         values = np.asarray(saved["state"], dtype=np.int64)

@@ -16,11 +16,11 @@ from __future__ import annotations
 
 import math
 from abc import ABC, abstractmethod
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any, NamedTuple, Optional
 
 from mlpug.chunking import BatchChunk, BatchChunking, infer_num_samples
-from mlpug.data import DataSource
+from mlpug.data import ContinuedDataSource, DataSource
 from mlpug.logs import to_number
 from mlpug.random_state import NumpyRandomState, PythonRandomState, RandomStateProvider
 
@@ -112,8 +112,13 @@ class Trainer(ABC):
         return [index for index, value in enumerate(values) if not math.isfinite(to_number(value))]
 
     def training_data_source(self, dataset: Any) -> DataSource:
-        """How the manager iterates the training ``dataset`` every epoch (:class:`mlpug.data.DataSource`); backends
-        choose another source for their own datasets (e.g. TensorFlow: infinite or reshuffled ``tf.data``)."""
+        """How the manager iterates the training ``dataset`` every epoch (:class:`mlpug.data.DataSource`): an
+        iterator (``iter(dataset) is dataset``, e.g. a generator) continues across epochs and a resume skips the
+        batches trained before (:class:`mlpug.data.ContinuedDataSource`); anything else is iterated anew every
+        epoch. Backends choose other sources for their own datasets (e.g. TensorFlow: infinite or reshuffled
+        ``tf.data``)."""
+        if isinstance(dataset, Iterator):
+            return ContinuedDataSource(dataset)
         return DataSource(dataset)
 
     def random_state_providers(self) -> list[RandomStateProvider]:

@@ -57,7 +57,7 @@ from mlpug.distributed import DistributedContext, SerialContext
 from mlpug.logs import Deferred, MetricValues, to_number
 from mlpug.random_state import capture_random_states, get_random_states, plain_states, set_random_states
 from mlpug.trainers.callbacks.callback import HOOKS, Callback, dispatch_order
-from mlpug.trainers.non_finite import NonFiniteLossPolicy, NonFiniteLossTracker
+from mlpug.trainers.non_finite import NonFiniteLossError, NonFiniteLossPolicy, NonFiniteLossTracker
 from mlpug.trainers.resume import ResumeFrom, check_resume_from, load_resume_state
 from mlpug.trainers.trainer import StepResult, Trainer
 
@@ -321,7 +321,6 @@ class TrainingManager:
         if resume_state is not None:
             _log.info(f"Resuming training from {(resume_state.get('mlpug') or {}).get('path', 'the given state')}")
             self.set_state(resume_state)
-        self._stop_requested, self._received_signal = False, None
         self.training_error = None
         self._stop_requested, self._received_signal, self._failed_hook = False, None, None
         stopped_on_error = False
@@ -332,7 +331,6 @@ class TrainingManager:
         except BaseException as error:
             stopped_on_error = True
             self.training_error = error
-            _add_note(error, f"mlpug: training failed at epoch {self.epoch}, batch step {self.batch_step}")
             _add_note(error, f"mlpug: training failed {self._failure_position()}")
             raise
         finally:
@@ -512,7 +510,10 @@ class TrainingManager:
                 result = method(*args)
             except Exception as error:
                 self._failed_hook = hook
-                _add_note(error, f"mlpug: raised by callback {callback.name!r} in {hook}")
+                if not isinstance(
+                    error, NonFiniteLossError
+                ):  # found by the check the callback asked for, not its fault
+                    _add_note(error, f"mlpug: raised by callback {callback.name!r} in {hook}")
                 raise
             if result is False:
                 self._report_problem(callback, hook)

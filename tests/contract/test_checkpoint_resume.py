@@ -129,7 +129,7 @@ def test_a_chain_of_sigkills_ends_with_the_weights_of_an_uninterrupted_run(harne
     assert mid_write >= 1, f"no kill landed while a file was written: {reports}"
     assert between >= 1, f"no kill landed between the files of a checkpoint set: {reports}"
     # after the finishing child: the newest set is complete and loads, nothing temporary is left
-    assert not [name for name in os.listdir(directory) if ".tmp" in name]
+    assert not [name for name in os.listdir(directory) if ".tmp" in name]  # the finishing child removed them all
     state = harness.mlp.load_training_checkpoint(os.path.join(directory, _training_file(harness)))
     assert state["global_iter"] == 60 * worker.NUM_BATCHES
     listed = state["callbacks"]["CheckpointManager"]["archived"]

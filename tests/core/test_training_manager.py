@@ -436,3 +436,30 @@ def test_failure_note_names_the_batch_whose_hook_raised(hook, at, note):
     with pytest.raises(ValueError, match=f"failure in {hook}") as raised:
         manager.start_training()
     assert f"mlpug: training failed {note}" in raised.value.__notes__
+
+
+def test_a_generator_continues_across_epochs_and_a_resume_skips_what_was_trained():
+    """A generator is its own iterator: epoch 1 takes the batches after epoch 0's (it used to be handed to the
+    epoch loop as a fresh source every epoch, which after a resume restarted it at its first batch)."""
+    batches = make_batches(6)
+    seen = []
+
+    state_after_epoch_0 = {}
+
+    class Record(Callback):
+        def on_batch_training_start(self, training_batch, logs):
+            seen.append(batches.index(training_batch))
+
+        def on_epoch_checkpoint(self, logs):
+            state_after_epoch_0.setdefault("s", self.training_manager.get_state())
+
+    trainer, _ = make_trainer()
+    manager = TrainingManager(trainer, iter(batches), num_epochs=3, num_batches_per_epoch=2, callbacks=[Record()])
+    manager.start_training()
+    assert seen == [0, 1, 2, 3, 4, 5]
+    seen.clear()
+    trainer, _ = make_trainer()
+    resumed = TrainingManager(trainer, iter(batches), num_epochs=3, num_batches_per_epoch=2, callbacks=[Record()])
+    resumed.set_state(state_after_epoch_0["s"])
+    resumed.start_training()
+    assert seen == [2, 3, 4, 5]  # a new generator of the same sequence: the 2 batches of epoch 0 are skipped

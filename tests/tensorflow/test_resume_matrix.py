@@ -48,7 +48,11 @@ SOURCES = {
         tf.data.Dataset.from_tensor_slices(make_numpy_data(6 * BATCH_SIZE, 5)).batch(BATCH_SIZE).repeat()
     ),  # infinite: one iterator for the run, each epoch continuing where the last one ended
 }
-EXPECTED = {"tf.data.shuffle()": "The training tf.data pipeline shuffles without a seed"}
+SOURCES["tf.data.shuffle().repeat()"] = lambda: pipeline("unseeded")().repeat()  # infinite and unseeded
+EXPECTED = {
+    "tf.data.shuffle()": "The training tf.data pipeline shuffles without a seed",
+    "tf.data.shuffle().repeat()": "The training tf.data pipeline shuffles without a seed",
+}
 
 
 def builder(source):

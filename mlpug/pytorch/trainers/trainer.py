@@ -217,7 +217,7 @@ class DefaultTrainer(_NeutralDefaultTrainer):
         first = next((value for value in values if isinstance(value, torch.Tensor)), None)
         device = first.device if first is not None else "cpu"
         stacked = torch.stack(
-            [torch.as_tensor(value, device=device).detach().reshape(()).to(torch.float32) for value in values]
+            [torch.as_tensor(value, device=device).detach().reshape(()).to(torch.float64) for value in values]
         )
         return (~torch.isfinite(stacked)).nonzero().flatten().tolist()
 

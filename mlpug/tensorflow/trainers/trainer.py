@@ -342,7 +342,7 @@ class DefaultTrainer(_NeutralDefaultTrainer):
         """Positions of the non-finite scalar ``values`` (tensors or numbers): one stacked check, one conversion."""
         if not values:
             return []
-        stacked = tf.stack([tf.cast(tf.reshape(value, []), tf.float32) for value in values])
+        stacked = tf.stack([tf.cast(tf.reshape(value, []), tf.float64) for value in values])
         return np.flatnonzero(~tf.math.is_finite(stacked).numpy()).tolist()
 
     def _pairs_per_optimizer(self, gradients: Sequence[Any]) -> dict[str, list]:

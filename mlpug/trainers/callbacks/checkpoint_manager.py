@@ -502,11 +502,12 @@ class CheckpointManager(Callback, TrainingStateLoader):
         path = self.training_checkpoint_path if resume_from == "latest" else os.fspath(resume_from)
         if resume_from == "latest" and not os.path.exists(path):
             emergency = self.file_names.emergency_training
-            note = f" (an emergency training checkpoint exists: resume_from={emergency!r} continues from it)"
-            self._log.info(
-                f"resume_from='latest': no training checkpoint {path} yet; training starts from the beginning"
-                + (note if os.path.exists(emergency) else "")
-            )
+            message = f"resume_from='latest': no training checkpoint {path} yet; training starts from the beginning"
+            if os.path.exists(emergency):  # a failed run left only its emergency checkpoint: say it loudly
+                self._log.warning(f"{message}, although an emergency training checkpoint exists: "
+                                  f"resume_from={emergency!r} continues from it")  # fmt: skip
+            else:
+                self._log.info(message)
             return None
         if os.path.isdir(path):
             raise ValueError(f"resume_from={path!r} is a directory, not a training checkpoint; {directory_hint(path)}")

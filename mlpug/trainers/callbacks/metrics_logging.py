@@ -140,7 +140,7 @@ class TrainingMetricsLogger(Callback):
         return frozenset(paths | {"training_params.window_average.duration"})
 
     def on_training_start(self, num_epochs, num_batches_per_epoch, start_epoch, start_batch, start_update_iter):
-        # batches whose step was skipped for a non-finite loss are no part of training: not of its window either
+        # skip_step: the non-finite values of the skipped batches are left out of the window means
         self._window.skip_non_finite = self.training_manager.non_finite.policy == "skip_step"
         if self._window.length is None:
             self._window.length = num_batches_per_epoch

@@ -102,6 +102,19 @@ def run(
     return problem, manager, recorder
 
 
+def temporary_files(directory: str) -> list:
+    """The temporary files in ``directory``: in the per-process temporary directories (``.mlpug.tmp-<pid>/``, which
+    exist between writes too), or at the top level."""
+    found = []
+    for name in os.listdir(directory):
+        path = os.path.join(directory, name)
+        if ".tmp" in name and os.path.isdir(path):
+            found += [f"{name}/{inner}" for inner in os.listdir(path)]
+        elif ".tmp" in name:
+            found.append(name)
+    return sorted(found)
+
+
 def slow_saver(mlp, delay: float):
     """The backend's saver, sleeping ``delay`` seconds after every file it writes (widens the gaps between the
     files of one checkpoint set, so that random kills land there too)."""
@@ -215,7 +228,7 @@ def crash_mode(args) -> None:
             os.kill(pid, signal.SIGKILL)
             _, status = os.waitpid(pid, 0)
         report["killed"] = os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGKILL
-        report["temporary_files_left"] = sorted(name for name in os.listdir(args.dir) if ".tmp" in name)
+        report["temporary_files_left"] = temporary_files(args.dir)
         latest, training = (
             os.path.join(args.dir, f"model-{kind}.safetensors")
             for kind in ("latest-model-checkpoint", "training-checkpoint")

@@ -740,3 +740,27 @@ def test_non_strict_resume_starts_added_callbacks_fresh_and_ignores_dropped_ones
     assert "ignored (no such callback): ['dropped']" in warnings[0]
     assert added.count == 3 * NUM_BATCHES - 3  # fresh: counted only the batches after the checkpoint
     assert manager.global_iter == 3 * NUM_BATCHES
+
+
+def test_a_save_fsyncs_the_file_then_renames_it_then_fsyncs_the_directory(tmp_path, monkeypatch):
+    """The crash-safety promise rests on this order (README: "every write is fsync'ed and atomically renamed").
+    Broken on purpose (the os.fsync calls of mlpug/checkpointing/files.py removed), the event list has no fsyncs."""
+    import mlpug.checkpointing.files as files
+
+    events = []
+    real_fsync, real_replace = os.fsync, os.replace
+
+    def fsync(fd):
+        events.append(("fsync", os.readlink(f"/proc/self/fd/{fd}")))
+        real_fsync(fd)
+
+    def replace(source, target):
+        events.append(("replace", source, target))
+        real_replace(source, target)
+
+    monkeypatch.setattr(files.os, "fsync", fsync)
+    monkeypatch.setattr(files.os, "replace", replace)
+    path = str(tmp_path / "model-training-checkpoint.safetensors")
+    NumpyCheckpointSaver().save({"mlpug": make_header("model", "numpy"), "x": np.ones(3)}, path)
+    temporary = files.temporary_path(path)
+    assert events == [("fsync", temporary), ("replace", temporary, path), ("fsync", str(tmp_path))]

@@ -1,9 +1,11 @@
 """Sample-weighted metrics over a batch, a sliding window and a dataset (fake backend)."""
 
+import numpy as np
 import pytest
 
 from mlpug.evaluation import MetricEvaluator
 from mlpug.trainers.callbacks import TestMetricsLogger, TrainingMetricsLogger
+from mlpug.trainers.trainer import ModelOutputs
 from mlpug.trainers.training import TrainingManager
 from tests.core.fake_backend import make_trainer
 from tests.recording import RecordingCallback
@@ -170,3 +172,24 @@ def test_batch_level_test_metrics_logger_state_continues_position_and_window():
     restored_losses = [entry["loss"][0] for entry in state["window"]["entries"]]
     new_loss = recorder.snapshots[0][1]["current"]["validation"]["batch"]["loss"]
     assert windows[0] == pytest.approx((sum(restored_losses[1:]) * 2 + new_loss * 2) / 6)
+
+
+class MaskedMeanTrainer:
+    """Evaluates a masked mean (like a loss over valid tokens): ``num_samples`` is the number of valid entries."""
+
+    def evaluate_loss(self, batch, evaluate_settings=None, inference_mode=True):
+        values, mask = batch
+        count = int(mask.sum())
+        return ModelOutputs(np.float64((values * mask).sum() / max(count, 1)), count, None)  # a chunk may have none
+
+
+@pytest.mark.parametrize("batch_chunk_size", [None, 2])
+def test_dataset_metrics_are_weighted_by_the_models_own_num_samples(batch_chunk_size):
+    """Weighting by rows instead (a deliberate break of MetricEvaluator.gather) gives 2.0 here, not 2.5."""
+    batches = [
+        (np.array([1.0, 1.0, 1.0, 1.0]), np.array([1, 0, 0, 0])),  # 1 valid entry, mean 1
+        (np.array([3.0, 3.0, 3.0, 3.0]), np.array([1, 1, 1, 0])),  # 3 valid entries, mean 3
+    ]
+    evaluator = MetricEvaluator(trainer=MaskedMeanTrainer(), batch_chunk_size=batch_chunk_size)
+    values = evaluator.evaluate_dataset(batches)
+    assert values["loss"] == pytest.approx((1 * 1 + 3 * 3) / 4)  # 2.5: per valid entry, not per batch or row

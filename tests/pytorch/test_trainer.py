@@ -123,26 +123,30 @@ def test_named_optimizers_and_components():
 
 
 @pytest.mark.parametrize(
-    "kwargs,match",
+    "kwargs,error,match",
     [
         (
             dict(optimizers="adam"),
+            TypeError,
             "optimizers: expected a torch.optim.optimizer.Optimizer.*'optimizer' is a builtins.str",
         ),
         (
             dict(model_components=[torch.nn.Linear(1, 1), 3]),
+            TypeError,
             "model_components: expected a torch.nn.modules.module.Module",
         ),
-        (dict(optimizers={1: None}), "optimizers: names must be str, got key 1"),
-        (dict(optimizers=[]), "optimizers must not be empty"),
+        (dict(optimizers={1: None}), TypeError, "optimizers: names must be str, got key 1"),
+        (dict(optimizers=[]), ValueError, "optimizers must not be empty"),
     ],
 )
-def test_bad_trainer_arguments(kwargs, match):
+def test_bad_trainer_arguments(kwargs, error, match):
+    """Wrong types are TypeErrors, wrong values ValueErrors (each case asserts its own)."""
     model = torch.nn.Linear(1, 1)
     arguments = dict(optimizers=torch.optim.SGD(model.parameters(), lr=0.1), model_components=model)
     arguments.update(kwargs)
-    with pytest.raises((TypeError, ValueError), match=match):
+    with pytest.raises(error, match=match) as raised:
         mlp.trainers.DefaultTrainer(**arguments)
+    assert type(raised.value) is error
 
 
 def test_bad_training_model():
@@ -154,15 +158,27 @@ def test_bad_training_model():
         trainer.set_training_model(model)
 
 
-def test_no_tensor_item_per_step_when_nothing_reads(monkeypatch):
-    """Metric tensors become numbers only at the log period: no device sync at other steps."""
+HOST_TRANSFERS = ("item", "tolist", "numpy", "cpu", "__float__", "__int__", "__bool__", "__index__")
+
+
+def test_no_host_transfer_per_step_when_nothing_reads(monkeypatch):
+    """Tensors become numbers only at the log period: no device sync at other steps. Every way a tensor reaches
+    the host is counted (item, tolist, numpy, cpu, float(), int(), bool(), index); a deliberate break (logs
+    converting the batch loss with float() at every step) makes every batch show a transfer."""
     conversions = []
-    original_item, original_tolist = torch.Tensor.item, torch.Tensor.tolist
-    monkeypatch.setattr(torch.Tensor, "item", lambda self: conversions.append("item") or original_item(self))
-    monkeypatch.setattr(torch.Tensor, "tolist", lambda self: conversions.append("tolist") or original_tolist(self))
+    for name in HOST_TRANSFERS:
+        original = getattr(torch.Tensor, name)
+        monkeypatch.setattr(
+            torch.Tensor, name, lambda self, *a, _n=name, _o=original, **k: conversions.append(_n) or _o(self, *a, **k)
+        )
     trainer, _ = make()
     evaluator = mlp.evaluation.MetricEvaluator(trainer=trainer)
-    printed = []
+    printed, per_batch = [], []
+
+    class CountTransfers(mlp.callbacks.Callback):
+        def on_batch_checkpoint(self, logs):  # after every callback's batch-end hook
+            per_batch.append(len(conversions))
+
     manager = mlp.trainers.TrainingManager(
         trainer,
         [BATCH] * 10,
@@ -170,19 +186,32 @@ def test_no_tensor_item_per_step_when_nothing_reads(monkeypatch):
         callbacks=[
             mlp.callbacks.TrainingMetricsLogger(evaluator),
             mlp.callbacks.LogProgress(log_period=5, set_names=["training"], write=printed.append),
+            CountTransfers(),
         ],
     )
     manager.start_training()
+    transfers = [after - before for before, after in zip([0, *per_batch], per_batch)]
     # Batch blocks after batch 5 and 10: one tolist() for the non-finite check of the 5 pending losses, one item()
-    # for the batch loss, one tolist() for the window sums each.
-    assert conversions == ["tolist", "item", "tolist"] * 2
+    # for the batch loss, one tolist() for the window sums each; nothing at the other batches.
+    assert transfers == [0, 0, 0, 0, 3, 0, 0, 0, 0, 3]
+    assert conversions[:6] == ["tolist", "item", "tolist"] * 2
     assert len(printed) == 3
 
 
-def test_device_placement_moves_batches():
+def test_device_placement_moves_batches(monkeypatch):
+    """Every tensor of a batch is moved with ``.to(device, non_blocking=True)`` before the forward pass (it used to
+    check only that a CPU batch gave a CPU loss, which holds without any move). Broken on purpose (no move in
+    _forward), the recorded list is empty."""
+    moved, original_to = [], torch.Tensor.to
+    monkeypatch.setattr(
+        torch.Tensor,
+        "to",
+        lambda self, *args, **kwargs: moved.append((args, kwargs)) or original_to(self, *args, **kwargs),
+    )
     trainer, model = make(device="cpu")
-    outputs = trainer.train_on((torch.randn(4, 3), torch.randn(4)))
-    assert outputs.loss.device.type == "cpu"
+    trainer.train_on((torch.randn(4, 3), torch.randn(4)))
+    batch_moves = [(args, kwargs) for args, kwargs in moved if args and args[0] == torch.device("cpu")]
+    assert batch_moves == [((torch.device("cpu"),), {"non_blocking": True})] * 2
 
 
 def test_torchrun_with_several_processes_is_refused_at_trainer_construction(monkeypatch):

@@ -151,3 +151,29 @@ def test_float16_composes_with_chunking_and_several_optimizers(eager_mode):
     assert tf.is_tensor(skipped) and bool(skipped) is True
     assert all(np.array_equal(a, b) for a, b in zip(after, classifier.get_weights()))
     assert [float(o.dynamic_scale) for o in trainer.optimizers.values()] == [2.0**14, 2.0**14]
+
+
+@pytest.mark.parametrize("eager_mode", [False, True])
+def test_float16_follows_float32_training_closely(eager_mode):
+    """The same 20 steps in float16 (with loss scaling) and float32 from the same weights: the losses agree to
+    float16 precision and the weights end close (a deliberate break, gradients not unscaled, i.e. apply_gradients
+    of the inner optimizer on the scaled gradients, makes them diverge by orders of magnitude)."""
+
+    def sgd_trainer(**precision):  # SGD, not Adam: Adam would hide scaled gradients (it is scale invariant)
+        classifier = make_classifier()  # the same initial weights (same seed)
+        trainer = mlp.trainers.DefaultTrainer(
+            tf.keras.optimizers.SGD(0.1), classifier, eager_mode=eager_mode, **precision
+        )
+        trainer.set_training_model(TrainModel(classifier))
+        return trainer, classifier
+
+    float16, float16_classifier = sgd_trainer(use_mixed_precision=True, autocast_dtype="float16")
+    float32, classifier = sgd_trainer()
+    losses16, losses32 = [], []
+    for step in range(20):
+        losses16.append(float(float16.train_on(batch(step)).loss))
+        losses32.append(float(float32.train_on(batch(step)).loss))
+    np.testing.assert_allclose(losses16, losses32, rtol=2e-2, atol=2e-3)
+    for a, b in zip(float16_classifier.get_weights(), classifier.get_weights()):
+        np.testing.assert_allclose(a, b, rtol=5e-2, atol=1e-2)
+    assert losses32[-1] < losses32[0]  # it trained

@@ -65,10 +65,16 @@ def test_model_return_forms(form, num_samples, has_aux, eager_mode):
         assert outputs.auxiliary_results is None
 
 
-@pytest.mark.parametrize("form,error", [("no_loss", ValueError), ("vector", TypeError)])
-def test_model_without_scalar_loss_is_a_clear_error(form, error):
+@pytest.mark.parametrize(
+    "form,error,match",
+    [
+        ("no_loss", ValueError, r"returned a dict without a 'loss' key \(keys: \['predictions'\]\)"),
+        ("vector", TypeError, "must return a scalar loss tensor .*got .*Tensor"),
+    ],
+)
+def test_model_without_scalar_loss_is_a_clear_error(form, error, match):
     trainer, _ = make(form)
-    with pytest.raises(error, match="loss"):
+    with pytest.raises(error, match=match):
         trainer.train_on(batch())
 
 
@@ -286,7 +292,14 @@ def test_state_round_trip_continues_identically(restore_into):
     restored.set_state(state)
     if restore_into == "unbuilt_with_signature":  # built from the signature and restored at once
         np.testing.assert_array_equal(linear.get_weights()[0], state["model_components"]["model"][0])
-    assert restored.get_state() is state if restore_into == "unbuilt_without_signature" else True
+    if restore_into == "unbuilt_without_signature":  # nothing to restore into yet: the state waits, unapplied
+        assert restored.get_state() is state
+    else:  # applied at once: the trainer's own state equals the saved one
+        restored_state = restored.get_state()
+        assert restored_state is not state
+        for key in ("model_components", "optimizers"):
+            saved, now = state[key], restored_state[key]
+            assert all(np.array_equal(a, b) for name in saved for a, b in zip(saved[name], now[name]))
     assert train_steps(restored, 3, seed=10) == expected
 
 
@@ -502,3 +515,40 @@ def test_tf_config_with_several_workers_is_refused_at_trainer_construction(monke
         mlp.trainers.DefaultTrainer(tf.keras.optimizers.SGD(0.1), linear)
     monkeypatch.setenv("TF_CONFIG", json.dumps({"cluster": {"worker": ["host1:2222"]}}))  # one worker: fine
     mlp.trainers.DefaultTrainer(tf.keras.optimizers.SGD(0.1), linear)
+
+
+@pytest.mark.parametrize("eager_mode", [False, True])
+def test_no_host_transfer_per_step_when_nothing_reads(monkeypatch, eager_mode):
+    """Tensors become numbers only at the log period. Counted at TensorFlow's lowest conversion point, which
+    numpy(), float(), int(), bool() and index() of an eager tensor all go through (``_EagerTensorBase._numpy``); a
+    deliberate break (the manager converting the batch loss at every step) makes every batch show a transfer.
+    Only floating-point tensors count: TensorFlow's own eager gradient of a mean reads its int32 axes."""
+    from tensorflow.python.framework import ops
+
+    trainer, _ = make(eager_mode=eager_mode)
+    trainer.train_on(batch())  # build and trace first: that converts, once
+    conversions = []
+    original = ops._EagerTensorBase._numpy
+
+    def counting(self):  # floating-point values (losses, metrics); TF's own gradients read int axis constants
+        if self.dtype.is_floating:
+            conversions.append(1)
+        return original(self)
+
+    monkeypatch.setattr(ops._EagerTensorBase, "_numpy", counting)
+    evaluator = mlp.evaluation.MetricEvaluator(trainer=trainer)
+    per_batch = []
+
+    class CountTransfers(mlp.callbacks.Callback):
+        def on_batch_checkpoint(self, logs):
+            per_batch.append(len(conversions))
+
+    data = tf.data.Dataset.from_tensor_slices(batch(40)).batch(4)
+    callbacks = [
+        mlp.callbacks.TrainingMetricsLogger(evaluator),
+        mlp.callbacks.LogProgress(log_period=5, set_names=["training"], write=lambda text: None),
+        CountTransfers(),
+    ]
+    mlp.trainers.TrainingManager(trainer, data, num_epochs=1, callbacks=callbacks).start_training()
+    transfers = [after - before for before, after in zip([0, *per_batch], per_batch)]
+    assert [count > 0 for count in transfers] == [False] * 4 + [True] + [False] * 4 + [True], transfers

@@ -115,11 +115,26 @@ def temporary_files(directory: str) -> list:
     return sorted(found)
 
 
+def reporting_saver(mlp):
+    """The backend's saver, printing ``saved <file name> <global_iter or ->`` after every file it wrote."""
+
+    class ReportingSaver(mlp.checkpointing.CheckpointSaver):
+        def save(self, checkpoint, path):
+            super().save(checkpoint, path)
+            print(f"saved {os.path.basename(path)} {checkpoint.get('global_iter', '-')}", flush=True)
+
+    return ReportingSaver()
+
+
 def slow_saver(mlp, delay: float):
-    """The backend's saver, sleeping ``delay`` seconds after every file it writes (widens the gaps between the
-    files of one checkpoint set, so that random kills land there too)."""
+    """The backend's saver, sleeping ``delay`` seconds before renaming every file it wrote and after it (widens the
+    moments while a file is written and between the files of one checkpoint set, so random kills land there too)."""
 
     class SlowSaver(mlp.checkpointing.CheckpointSaver):
+        def save_arrays(self, arrays, metadata, path):  # the temporary file is complete but not yet renamed
+            super().save_arrays(arrays, metadata, path)
+            time.sleep(delay)
+
         def save(self, checkpoint, path):
             super().save(checkpoint, path)
             time.sleep(delay)
@@ -174,8 +189,12 @@ def resume_mode(args) -> None:
 
 
 def train_mode(args) -> None:
+    """Checkpoints only at epoch ends, every file written reported as ``saved <file name> <global_iter>``: a
+    training checkpoint written mid-epoch can only be the one of the end phase (SIGTERM)."""
     harness = HARNESSES[args.backend]()
-    run(harness, args.dir, num_epochs=args.num_epochs, sleep=args.sleep, print_batches=True)
+    checkpoint_kwargs = {"batch_level": False, "metric_to_monitor": None, "saver": reporting_saver(harness.mlp)}
+    run(harness, args.dir, num_epochs=args.num_epochs, sleep=args.sleep, print_batches=True,
+        checkpoint_kwargs=checkpoint_kwargs)  # fmt: skip
 
 
 def crash_mode(args) -> None:

@@ -5,11 +5,14 @@ Variants, interleaved in every repetition (so load from other processes affects 
 * ``plain``: PyTorch ``torch.save(trainer.get_state(), path)`` / TensorFlow ``tf.train.Checkpoint.write`` of the
   model and optimizer: no fsync, no atomic rename (what a user would write by hand).
 * ``plain+fsync``: the same, followed by ``os.fsync`` of the file (PyTorch only; the fair durable baseline).
-* ``mlpug sync``: the ``CheckpointManager``'s write of a full training checkpoint (``manager.get_state()``:
-  trainer, counters, callbacks, RNG states, data order) with temporary file, fsync, atomic rename, dir fsync.
-* ``mlpug blocked``: with ``write_in_background=True`` (default): the time the training loop is blocked, i.e.
-  ``get_state`` + snapshot copy to host memory + starting the writer thread.
-* ``mlpug background total``: blocked time + the background write until the file is durable (the shortest
+* ``mlpug sync``: one checkpoint period of the ``CheckpointManager`` itself, through its own hooks
+  (``on_epoch_completed`` decides "best", ``on_epoch_checkpoint`` writes), with ``write_in_background=False``:
+  every period improves the monitored metric, so it writes all the files of a real period: the best model
+  checkpoint, the latest model checkpoint and the training checkpoint (``manager.get_state()``: trainer,
+  counters, callbacks, RNG states, data order), each with temporary file, fsync, atomic rename, dir fsync.
+* ``mlpug blocked``: the same period with ``write_in_background=True`` (default): the time the training loop is
+  blocked in ``on_epoch_checkpoint`` (``get_state`` + snapshot copy to host memory + starting the writer).
+* ``mlpug background total``: blocked time + the background writes until the files are durable (the shortest
   checkpoint period that never blocks on the previous write).
 * ``load``: ``saver.load(path)`` of the training checkpoint just written (memory-mapped safetensors read, header
   check, CRC-32 verification of every byte, structure decoding); the file is in the page cache. No ratio: it
@@ -80,36 +83,50 @@ def build_tensorflow():
     return mlp, trainer, model.count_params(), plain
 
 
+def period_runner(mlp, trainer, directory: str, write_in_background: bool):
+    """A function running one checkpoint period of a real ``CheckpointManager`` (see the module docstring)."""
+    from mlpug.logs import MetricValues, new_current
+
+    class ScriptedValidation(mlp.callbacks.Callback):
+        produces = frozenset({"validation"})  # writes logs.current.validation.dataset.loss
+
+    checkpoint_manager = mlp.callbacks.CheckpointManager(
+        checkpoints_path=directory, metric_to_monitor="validation.dataset.loss", write_in_background=write_in_background
+    )
+    manager = mlp.trainers.TrainingManager(
+        trainer, [None], num_epochs=1, callbacks=[ScriptedValidation(), checkpoint_manager], handle_signals=False
+    )
+    periods = iter(range(1_000_000))
+
+    def period():
+        epoch = next(periods)
+        logs = manager.logs
+        logs["current"] = new_current(epoch, 1, epoch + 1)
+        logs["current"]["validation"] = {"dataset": MetricValues(loss=1.0 / (epoch + 1))}  # always an improvement
+        checkpoint_manager.on_epoch_completed(logs)  # decides "best"
+        start = time.perf_counter()
+        checkpoint_manager.on_epoch_checkpoint(logs)  # writes (or snapshots and starts the writer)
+        blocked = time.perf_counter() - start
+        checkpoint_manager.wait_for_writes()
+        return blocked, time.perf_counter() - start
+
+    return period, checkpoint_manager
+
+
 def measure(backend: str, repetitions: int, directory: str) -> dict:
     mlp, trainer, num_parameters, plain = build_pytorch() if backend == "pytorch" else build_tensorflow()
-    checkpoint_manager = mlp.callbacks.CheckpointManager(checkpoints_path=directory, metric_to_monitor=None)
-    manager = mlp.trainers.TrainingManager(trainer, [None], num_epochs=1, callbacks=[checkpoint_manager])
-    saver = checkpoint_manager.saver
-    from mlpug.checkpointing import BackgroundWriter, make_header
-
-    writer = BackgroundWriter()
-    path = checkpoint_manager.file_names.training
-
-    def mlpug_sync():
-        saver.save({"mlpug": make_header("training", saver.backend), **manager.get_state()}, path)
-
-    def mlpug_background():
-        start = time.perf_counter()
-        checkpoint = {"mlpug": make_header("training", saver.backend), **saver.snapshot(manager.get_state())}
-        writer.submit(lambda: saver.save(checkpoint, path))
-        blocked = time.perf_counter() - start
-        writer.wait()
-        return blocked, time.perf_counter() - start
+    sync_period, checkpoint_manager = period_runner(mlp, trainer, os.path.join(directory, "sync"), False)
+    background_period, _ = period_runner(mlp, trainer, os.path.join(directory, "background"), True)
+    saver, path = checkpoint_manager.saver, checkpoint_manager.file_names.training
 
     variants = {"plain": lambda: plain(os.path.join(directory, "plain"))}
     if backend == "pytorch":
         variants["plain+fsync"] = lambda: plain(os.path.join(directory, "plain-fsync"), fsync=True)
-    variants["mlpug sync"] = mlpug_sync
+    variants["mlpug sync"] = sync_period
     variants["load"] = lambda: saver.load(path)
     names = [name for name in variants if name != "load"] + ["mlpug blocked", "mlpug background total", "load"]
     times: dict = {name: [] for name in names}  # the order of the table
-    mlpug_sync()  # warm up every path once
-    mlpug_background()
+    background_period()  # warm up every path once
     for function in variants.values():
         function()
     for _ in range(repetitions):
@@ -117,7 +134,7 @@ def measure(backend: str, repetitions: int, directory: str) -> dict:
             start = time.perf_counter()
             function()
             times[name].append(time.perf_counter() - start)
-        blocked, total = mlpug_background()
+        blocked, total = background_period()
         times["mlpug blocked"].append(blocked)
         times["mlpug background total"].append(total)
     size = os.path.getsize(path)

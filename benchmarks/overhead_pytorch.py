@@ -8,42 +8,26 @@ only the loop itself is compared):
   every 200 batches (one ``.item()`` per print).
 * mlpug: ``DefaultTrainer`` + ``TrainingManager`` with ``TrainingMetricsLogger`` and ``LogProgress(log_period=200)``.
 
-Before every timed run, ``gc.collect(); gc.freeze()`` moves the objects that exist already (~170,000 after
-importing torch) out of the garbage collector's reach, for both variants alike: otherwise a full collection,
-which traverses all of them (~0.15 s here, ~8 % of an epoch), lands in a random run and dominates the noise.
-Objects the loop itself allocates are still collected, and that cost is measured.
+Both variants run side by side in one process, in rotating order within every repetition, each with the
+garbage collector as users run it (the headline) and frozen (see ``timing.py``). The script reports the min
+and median epoch time (seconds) of each, and the ratios mlpug / raw: of the mins, of the medians, and the median
+and range of the ratios within each repetition (target: mlpug / raw <= 1.05).
 
-The variants alternate within every repetition, so background load affects both alike; the script reports
-the min and median epoch time (seconds) of each, as wall time and as CPU time of the process (which time
-stolen by other virtual machines does not inflate), and the ratios: of the mins, of the medians, and the median
-of the ratios of the two runs of each repetition (target: mlpug / raw <= 1.05).
-
-    .venv/bin/python benchmarks/overhead_pytorch.py --repetitions 7
+    .venv/bin/python benchmarks/overhead_pytorch.py --repetitions 11
 """
 
 import argparse
 import contextlib
 import io
 import platform
-import statistics
-import time
 
 import torch
-from timing import isolated_run
+from timing import clock, elapsed, interleaved, report
 
 import mlpug.pytorch as mlp
 from mlpug.datasets.fashion_mnist import load_fashion_mnist
 
 LOG_PERIOD = 200
-
-
-def _clock():
-    return time.perf_counter(), time.process_time()
-
-
-def _elapsed(start):
-    """(wall seconds, CPU seconds of this process) since ``start``."""
-    return time.perf_counter() - start[0], time.process_time() - start[1]
 
 
 def make_batches(batch_size):
@@ -66,7 +50,7 @@ def make_model():
 def run_raw(batches):
     model, optimizer = make_model()
     loss_func = torch.nn.CrossEntropyLoss()
-    start = _clock()
+    start = clock()
     running_loss, count = torch.zeros(()), 0
     for step, (images, labels) in enumerate(batches, start=1):
         optimizer.zero_grad(set_to_none=True)
@@ -78,7 +62,7 @@ def run_raw(batches):
         if step % LOG_PERIOD == 0:
             print(f"batch {step}: mean loss {running_loss.item() / count:.3f}")
             running_loss, count = torch.zeros(()), 0
-    return _elapsed(start)
+    return elapsed(start)
 
 
 class TrainModel(torch.nn.Module):
@@ -102,50 +86,28 @@ def run_mlpug(batches):
     ]
     manager = mlp.trainers.TrainingManager(trainer, batches, num_epochs=1, callbacks=callbacks)
     trainer.set_training_model(TrainModel(model))
-    start = _clock()
+    start = clock()
     manager.start_training()
-    return _elapsed(start)
+    return elapsed(start)
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--repetitions", type=int, default=7)
+    parser.add_argument("--repetitions", type=int, default=11)
     parser.add_argument("--batch-size", type=int, default=64)
     args = parser.parse_args()
     torch.set_num_threads(1)
     batches = make_batches(args.batch_size)
     mlp.logging.set_level("WARNING")
-    times = {"raw": [], "mlpug": []}
     with contextlib.redirect_stdout(io.StringIO()):
         run_raw(batches[:50])  # warm-up
         run_mlpug(batches[:50])
-    for repetition in range(args.repetitions):
-        order = ("raw", "mlpug") if repetition % 2 == 0 else ("mlpug", "raw")
-        for variant in order:
-            times[variant].append(isolated_run(run_raw if variant == "raw" else run_mlpug, batches))
+    times = interleaved({"raw": run_raw, "mlpug": run_mlpug}, batches, args.repetitions)
     print(
         f"machine: {platform.processor() or platform.machine()}, torch {torch.__version__}, 1 thread, "
         f"{len(batches)} batches of {args.batch_size}, {args.repetitions} repetitions"
     )
-    print("| variant | wall min (s) | wall median (s) | CPU min (s) | CPU median (s) |")
-    print("|---|---|---|---|---|")
-    for variant, values in times.items():
-        wall, cpu = [v[0] for v in values], [v[1] for v in values]
-        print(
-            f"| {variant} | {min(wall):.3f} | {statistics.median(wall):.3f} | {min(cpu):.3f} | "
-            f"{statistics.median(cpu):.3f} |"
-        )
-    ratios = {}
-    for index, name in ((0, "wall"), (1, "CPU")):
-        raw = [v[index] for v in times["raw"]]
-        mine = [v[index] for v in times["mlpug"]]
-        paired = statistics.median(m / r for m, r in zip(mine, raw))  # the two runs of one repetition
-        ratios[name] = (min(mine) / min(raw), statistics.median(mine) / statistics.median(raw), paired)
-    for name, (of_min, of_median, paired) in ratios.items():
-        print(
-            f"| ratio mlpug/raw, {name} time | min {of_min:.3f} | median {of_median:.3f} | median of paired "
-            f"repetitions {paired:.3f} | |"
-        )
+    report(times, [("mlpug", "raw")])
 
 
 if __name__ == "__main__":

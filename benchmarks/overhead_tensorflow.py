@@ -11,10 +11,9 @@ only the loop itself is compared; every variant starts from a fresh model, so tr
   ``LogProgress(log_period=200)``.
 * mlpug_eager: the same with ``eager_mode=True``.
 
-Every timed run is isolated from full garbage collections (``timing.isolated_run``, see there).
-The variants alternate (rotating order) within every repetition, so background load affects all alike; the
-script reports the min and median epoch time (seconds) of each and the ratios (targets: mlpug / raw <= 1.05;
-mlpug_eager / mlpug >= 2).
+The variants run side by side in one process, in rotating order within every repetition, each with the
+garbage collector as users run it (the headline) and frozen (see ``timing.py``); the script reports the min and
+median epoch time (seconds) of each and the ratios (targets: mlpug / raw <= 1.05; mlpug_eager / mlpug >= 2).
 
     .venv/bin/python benchmarks/overhead_tensorflow.py --repetitions 5
 """
@@ -24,14 +23,12 @@ import contextlib
 import io
 import os
 import platform
-import statistics
-import time
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
-from timing import isolated_run  # noqa: E402
+from timing import clock, elapsed, interleaved, report  # noqa: E402
 
 import mlpug.tensorflow as mlp  # noqa: E402
 from mlpug.datasets.fashion_mnist import load_fashion_mnist  # noqa: E402
@@ -76,7 +73,7 @@ def run_raw(batches):
         optimizer.apply_gradients(zip(gradients, model.trainable_variables))
         return loss
 
-    start = time.perf_counter()
+    start = clock()
     running_loss, count = tf.zeros(()), 0
     for step, (images, labels) in enumerate(batches, start=1):
         running_loss += train_step(images, labels)
@@ -84,7 +81,7 @@ def run_raw(batches):
         if step % LOG_PERIOD == 0:
             print(f"batch {step}: mean loss {running_loss.numpy() / count:.3f}")
             running_loss, count = tf.zeros(()), 0
-    return time.perf_counter() - start
+    return elapsed(start)
 
 
 class TrainModel(tf.keras.Model):
@@ -107,9 +104,9 @@ def run_mlpug(batches, eager_mode=False):
     ]
     manager = mlp.trainers.TrainingManager(trainer, batches, num_epochs=1, callbacks=callbacks)
     trainer.set_training_model(TrainModel(model))
-    start = time.perf_counter()
+    start = clock()
     manager.start_training()
-    return time.perf_counter() - start
+    return elapsed(start)
 
 
 VARIANTS = {"raw": run_raw, "mlpug": run_mlpug, "mlpug_eager": lambda batches: run_mlpug(batches, eager_mode=True)}
@@ -124,28 +121,15 @@ def main():
     tf.config.threading.set_inter_op_parallelism_threads(1)
     batches = make_batches(args.batch_size)
     mlp.logging.set_level("WARNING")
-    times = {variant: [] for variant in VARIANTS}
     with contextlib.redirect_stdout(io.StringIO()):
         for run in VARIANTS.values():
             run(batches[:50])  # warm-up
-    names = list(VARIANTS)
-    for repetition in range(args.repetitions):
-        order = names[repetition % len(names) :] + names[: repetition % len(names)]
-        for variant in order:
-            times[variant].append(isolated_run(VARIANTS[variant], batches))
+    times = interleaved(VARIANTS, batches, args.repetitions)
     print(
         f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, tensorflow {tf.__version__}, "
         f"1 intra-op + 1 inter-op thread, {len(batches)} batches of {args.batch_size}, {args.repetitions} repetitions"
     )
-    print("| variant | min (s) | median (s) |")
-    print("|---|---|---|")
-    for variant, values in times.items():
-        print(f"| {variant} | {min(values):.3f} | {statistics.median(values):.3f} |")
-    for numerator, denominator in (("mlpug", "raw"), ("mlpug_eager", "mlpug")):
-        print(
-            f"| ratio {numerator}/{denominator} | {min(times[numerator]) / min(times[denominator]):.3f} | "
-            f"{statistics.median(times[numerator]) / statistics.median(times[denominator]):.3f} |"
-        )
+    report(times, [("mlpug", "raw"), ("mlpug_eager", "mlpug")])
 
 
 if __name__ == "__main__":

@@ -6,6 +6,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT / "examples" / "fashion_mnist" / "pytorch"))
@@ -50,3 +51,33 @@ def test_hello_world_runs_as_written(fashion_mnist_dir):
     assert "Epoch 9/9\tREADY" in result.stdout
     assert "Training completed. All good! ❤️" in result.stdout
     assert "real label = 9, predicted label = 9" in result.stdout
+
+
+def _weights(manager):
+    return [p.detach().clone() for p in manager.trainer.model_components["model"].parameters()]
+
+
+@pytest.mark.timeout(600)
+def test_resume_latest_continues_the_example_exactly(fashion_mnist_dir, tmp_path):
+    """`--resume latest` (README): one epoch, then a second run to two epochs from the training checkpoint, ends
+    with the weights of a straight two-epoch run; and `latest` without a checkpoint starts from the beginning."""
+    common = ["--data-dir", fashion_mnist_dir, "--log-period", "100000", "--num-threads", "1"]
+    straight = fashion_mnist_example.main(
+        ["--num-epochs", "2", "--checkpoints-path", str(tmp_path / "a"), "--resume", "latest", *common]
+    )
+    first = fashion_mnist_example.main(["--num-epochs", "1", "--checkpoints-path", str(tmp_path / "b"), *common])
+    resumed = fashion_mnist_example.main(
+        ["--num-epochs", "2", "--checkpoints-path", str(tmp_path / "b"), "--resume", "latest", *common]
+    )
+    assert first.global_iter == resumed.global_iter // 2 and resumed.global_iter == straight.global_iter
+    assert all(torch.equal(a, b) for a, b in zip(_weights(straight), _weights(resumed)))
+
+
+@pytest.mark.timeout(600)
+def test_batch_chunk_size_trains_like_whole_batches(fashion_mnist_dir, capsys):
+    """`--batch-chunk-size` (README): one epoch in chunks of 16 reaches the accuracy of whole batches."""
+    manager = fashion_mnist_example.main(
+        ["--num-epochs", "1", "--data-dir", fashion_mnist_dir, "--log-period", "100000", "--batch-chunk-size", "16"]
+    )
+    assert manager.trainer.batch_chunk_size == 16
+    assert manager.logs["current"]["validation"]["dataset"]["accuracy"] >= 0.80

@@ -6,6 +6,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -87,3 +88,21 @@ def test_hello_world_eager_runs(fashion_mnist_dir):
     assert "Epoch 0/0\tREADY" in result.stdout
     assert "Training completed. All good! ❤️" in result.stdout
     assert "real label = 9, predicted label = " in result.stdout
+
+
+@pytest.mark.timeout(600)
+def test_resume_latest_continues_the_example_exactly(fashion_mnist_dir, tmp_path):
+    """`--resume latest` (README): one epoch, then a second run to two epochs from the training checkpoint, ends
+    with the weights of a straight two-epoch run; `latest` without a checkpoint starts from the beginning."""
+    common = ["--data-dir", fashion_mnist_dir, "--log-period", "100000"]
+    straight = fashion_mnist_example.main(
+        ["--num-epochs", "2", "--checkpoints-path", str(tmp_path / "a"), "--resume", "latest", *common]
+    )
+    straight_weights = [w.copy() for w in straight.trainer.model_components["model"].get_weights()]
+    first = fashion_mnist_example.main(["--num-epochs", "1", "--checkpoints-path", str(tmp_path / "b"), *common])
+    resumed = fashion_mnist_example.main(
+        ["--num-epochs", "2", "--checkpoints-path", str(tmp_path / "b"), "--resume", "latest", *common]
+    )
+    assert first.global_iter == resumed.global_iter // 2 and resumed.global_iter == straight.global_iter
+    resumed_weights = resumed.trainer.model_components["model"].get_weights()
+    assert all(np.array_equal(a, b) for a, b in zip(straight_weights, resumed_weights))

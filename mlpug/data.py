@@ -232,6 +232,15 @@ def epoch_iterator(dataset: Iterable, epoch: int, start_batch: int = 0) -> Itera
     return iterator
 
 
+def known_length(dataset: Any) -> tuple[Optional[int], str]:
+    """``(len(dataset), "")``, or ``(None, why)`` when it has no known length: no ``len()``, or one that raises
+    ``TypeError`` (``tf.data`` after ``filter()``, ``repeat()`` or ``from_generator()``)."""
+    try:
+        return len(dataset), ""
+    except TypeError as error:
+        return None, str(error)
+
+
 class DataSource:
     """How the manager gets the batches of every epoch from the training dataset (chosen by the trainer:
     ``Trainer.training_data_source``, so that backends can add their datasets' needs).

@@ -45,7 +45,6 @@ from __future__ import annotations
 
 import logging
 import signal
-import threading
 import time
 from collections.abc import Iterable, Sequence
 from functools import partial
@@ -56,9 +55,11 @@ from mlpug import logs as logs_module
 from mlpug.distributed import DistributedContext, SerialContext
 from mlpug.logs import Deferred, MetricValues, to_number
 from mlpug.random_state import capture_random_states, get_random_states, plain_states, set_random_states
+from mlpug.trainers.arguments import check_callbacks, check_num_batches_per_epoch, check_positive_int
 from mlpug.trainers.callbacks.callback import HOOKS, Callback, dispatch_order
 from mlpug.trainers.non_finite import NonFiniteLossError, NonFiniteLossPolicy, NonFiniteLossTracker
 from mlpug.trainers.resume import ResumeFrom, check_resume_from, load_resume_state
+from mlpug.trainers.signals import install_stop_handlers, restore_handlers
 from mlpug.trainers.trainer import StepResult, Trainer
 
 _log = logging.getLogger("mlpug.TrainingManager")
@@ -138,48 +139,9 @@ class TrainingManager:
             raise TypeError(f"training_dataset must be iterable, got {type(training_dataset).__qualname__}")
         if not isinstance(resume_strict, bool):
             raise TypeError(f"resume_strict must be a bool, got {resume_strict!r:.100}")
-        if isinstance(num_epochs, bool) or not isinstance(num_epochs, int) or num_epochs < 1:
-            raise ValueError(f"num_epochs must be an int >= 1, got {num_epochs!r}")
-        dataset_type = type(training_dataset).__qualname__
-        try:  # tf.data raises TypeError for a dataset of unknown or infinite length (filter, repeat, from_generator)
-            dataset_length: Optional[int] = len(training_dataset)  # type: ignore[arg-type]
-            no_length = ""
-        except TypeError as error:
-            dataset_length, no_length = None, str(error)
-        if dataset_length == 0:
-            raise ValueError(
-                f"training_dataset ({dataset_type}) is empty: len() is 0, so there is no batch to train on; check "
-                "how it was made (e.g. a filter, a split or drop_last with a batch size larger than the data)"
-            )
-        if num_batches_per_epoch is None:
-            if dataset_length is None:
-                raise ValueError(
-                    f"training_dataset ({dataset_type}) has no known length ({no_length}); give "
-                    "num_batches_per_epoch, the number of batches that form an epoch"
-                )
-            num_batches_per_epoch = dataset_length
-        if (
-            isinstance(num_batches_per_epoch, bool)
-            or not isinstance(num_batches_per_epoch, int)
-            or num_batches_per_epoch < 1
-        ):
-            raise ValueError(f"num_batches_per_epoch must be an int >= 1, got {num_batches_per_epoch!r}")
-        if dataset_length is not None and num_batches_per_epoch > dataset_length:
-            raise ValueError(
-                f"num_batches_per_epoch is {num_batches_per_epoch}, but training_dataset has only {dataset_length} "
-                "batches; give at most that many, or an iterable that yields enough batches per epoch"
-            )
-        callbacks = _callback_list(callbacks)
-        for index, callback in enumerate(callbacks):
-            if not isinstance(callback, Callback):
-                raise TypeError(
-                    f"callbacks[{index}] must be an mlpug Callback instance, got {type(callback).__qualname__}: "
-                    f"{callback!r:.200}"
-                )
-        names = [callback.name for callback in callbacks]
-        duplicates = sorted({n for n in names if names.count(n) > 1})
-        if duplicates:
-            raise ValueError(f"callback names must be unique (they key checkpoint state); duplicated: {duplicates}")
+        check_positive_int(num_epochs, "num_epochs")
+        num_batches_per_epoch = check_num_batches_per_epoch(training_dataset, num_batches_per_epoch)
+        callbacks = check_callbacks(callbacks)
 
         self.trainer = trainer
         self.training_dataset = training_dataset
@@ -324,7 +286,11 @@ class TrainingManager:
         self.training_error = None
         self._stop_requested, self._received_signal, self._failed_hook = False, None, None
         stopped_on_error = False
-        previous_handlers = self._install_signal_handlers()
+        previous_handlers = (
+            install_stop_handlers(lambda: self._received_signal, partial(setattr, self, "_received_signal"))
+            if self.handle_signals
+            else {}
+        )
         try:
             self._train()
             self.check_finite()
@@ -337,7 +303,7 @@ class TrainingManager:
             try:
                 self._end_training(stopped_on_error)
             finally:
-                self._restore_signal_handlers(previous_handlers)
+                restore_handlers(previous_handlers)
         if self._received_signal is not None:
             if self._received_signal == signal.SIGINT:
                 raise KeyboardInterrupt("training interrupted by SIGINT; ended cleanly at a batch boundary")
@@ -528,45 +494,6 @@ class TrainingManager:
     def _report_problem(self, callback: Callback, hook: str) -> None:
         self.logs["cb_calls_success"] = False
         _log.warning(f"Callback {callback.name!r} reported a problem in {hook} (returned False); training goes on.")
-
-    # ----- signals -----
-    def _install_signal_handlers(self) -> dict:
-        if not self.handle_signals or threading.current_thread() is not threading.main_thread():
-            return {}
-        previous = {}
-
-        def handler(signum, frame):
-            if self._received_signal is not None and signum == signal.SIGINT:
-                raise KeyboardInterrupt  # a second Ctrl-C aborts at once
-            self._received_signal = signum
-            _log.warning(f"Received {signal.Signals(signum).name}; training ends at the next batch boundary.")
-
-        for signum in (signal.SIGINT, signal.SIGTERM):
-            previous[signum] = signal.signal(signum, handler)
-        return previous
-
-    @staticmethod
-    def _restore_signal_handlers(previous: dict) -> None:
-        for signum, handler in previous.items():
-            signal.signal(signum, handler)
-
-
-def _callback_list(callbacks: Any) -> list:
-    """``callbacks`` as a new list.
-
-    Raises:
-        TypeError: ``callbacks`` is not None, a list or a tuple (a single callback is named, with the fix).
-    """
-    if callbacks is None:
-        return []
-    if isinstance(callbacks, Callback):
-        name = type(callbacks).__qualname__
-        raise TypeError(f"callbacks must be a list of Callback instances, got a single {name}; pass [{name}(...)]")
-    if not isinstance(callbacks, (list, tuple)):
-        raise TypeError(
-            f"callbacks must be a list of Callback instances, got {type(callbacks).__qualname__}: {callbacks!r:.200}"
-        )
-    return list(callbacks)
 
 
 def _add_note(error: BaseException, note: str) -> None:

@@ -11,6 +11,7 @@ import collections
 from collections.abc import Iterable, Iterator, Sequence
 from typing import Any, Optional
 
+from mlpug.data import known_length
 from mlpug.evaluation import MetricEvaluator
 from mlpug.logs import MetricValues, to_number
 from mlpug.random_state import isolated_random_states
@@ -212,11 +213,7 @@ class TestMetricsLogger(Callback):
             raise TypeError(f"dataset must be an iterable of batches, got {type(dataset).__qualname__}")
         if not isinstance(name, str) or not name:
             raise TypeError(f"name must be a non-empty str (e.g. 'validation'), got {name!r}")
-        try:  # tf.data raises TypeError for a dataset of unknown length: then an empty one is found when evaluated
-            empty = len(dataset) == 0  # type: ignore[arg-type]
-        except TypeError:
-            empty = False
-        if empty:
+        if known_length(dataset)[0] == 0:  # of unknown length (tf.data filter()): found empty when evaluated
             raise ValueError(
                 f"the {name!r} dataset is empty ({type(dataset).__qualname__} of len() 0): TestMetricsLogger has no "
                 f"batch to evaluate; pass a dataset with batches, or leave the {name!r} logger out"

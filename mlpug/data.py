@@ -65,6 +65,27 @@ class ResumableBatchSampler:
         self.drop_last = bool(drop_last)
         self.epoch = 0
         self._start = 0
+        self.rank, self.world_size = 0, 1
+
+    def set_shard(self, rank: int, world_size: int) -> None:
+        """Yield only rank ``rank``'s part of every batch, of ``world_size`` ranks (data-parallel training).
+
+        Batch ``k`` of the epoch is then split from global batch ``k``, the samples
+        ``order[k * B * W:(k + 1) * B * W]`` (``B = batch_size`` per rank, ``W = world_size``): rank ``r`` gets its
+        samples ``r, r + W, ...``. A last global batch whose size is not a multiple of ``W`` is padded with samples
+        from the start of the epoch's order (as ``DistributedSampler`` pads), so all ranks have the same number of
+        batches of equal size. Over all ranks, an epoch is the epoch of one process with batch size ``B * W``.
+
+        Raises:
+            ValueError: ``rank`` is not in ``[0, world_size)``, or the data has fewer samples than ranks.
+        """
+        _check_int(world_size, "world_size", 1)
+        _check_int(rank, "rank", 0)
+        if rank >= world_size:
+            raise ValueError(f"rank must be < world_size {world_size}, got {rank}")
+        if self.num_samples < world_size:
+            raise ValueError(f"{self.num_samples} samples cannot be shared by {world_size} ranks")
+        self.rank, self.world_size = int(rank), int(world_size)
 
     def set_epoch(self, epoch: int) -> None:
         """Use the order of ``epoch`` (0-based) for the following passes."""
@@ -85,25 +106,37 @@ class ResumableBatchSampler:
 
     def __len__(self) -> int:
         """Batches in a whole epoch (independent of the start position)."""
+        global_batch_size = self.batch_size * self.world_size
         if self.drop_last:
-            return self.num_samples // self.batch_size
-        return -(-self.num_samples // self.batch_size)
+            return self.num_samples // global_batch_size
+        return -(-self.num_samples // global_batch_size)
 
     def __iter__(self) -> Iterator[list]:
         start, self._start = self._start, 0
         order = self.epoch_order()
+        size, rank, world_size = self.batch_size * self.world_size, self.rank, self.world_size
         for batch_step in range(start, len(self)):
-            yield order[batch_step * self.batch_size : (batch_step + 1) * self.batch_size].tolist()
+            indices = order[batch_step * size : (batch_step + 1) * size]
+            if world_size > 1:
+                short = -len(indices) % world_size
+                if short:
+                    indices = np.concatenate([indices, order[:short]])
+                indices = indices[rank::world_size]
+            yield indices.tolist()
 
     def get_state(self) -> dict:
-        """What defines the order (not the position, which the manager's counters hold)."""
-        return {
+        """What defines the order (not the position, which the manager's counters hold); sharded, also the
+        ``world_size`` (resuming on another number of ranks would mean other batches)."""
+        state = {
             "num_samples": self.num_samples,
             "batch_size": self.batch_size,
             "shuffle": self.shuffle,
             "seed": self.seed,
             "drop_last": self.drop_last,
         }
+        if self.world_size > 1:
+            state["world_size"] = self.world_size
+        return state
 
     def check_state(self, state: dict, source: str = "the checkpoint") -> None:
         """Raise when ``state`` (from :meth:`get_state`) defines another order than this sampler.
@@ -163,6 +196,22 @@ class ResumableArrayBatches:
 
     def set_start(self, batch_step: int) -> None:
         self.batch_sampler.set_start(batch_step)
+
+    def set_shard(self, rank: int, world_size: int) -> None:
+        """Training on ``world_size`` ranks: see :meth:`ResumableBatchSampler.set_shard`."""
+        self.batch_sampler.set_shard(rank, world_size)
+
+    def shard(self, rank: int, world_size: int) -> ResumableArrayBatches:
+        """For evaluation on ``world_size`` ranks: a copy over the samples ``rank, rank + world_size, ...`` only,
+        unpadded, so that over all ranks every sample counts once."""
+        sampler = self.batch_sampler
+        copy = type(self).__new__(type(self))
+        copy.__dict__.update(self.__dict__)
+        copy.arrays = tuple(array[rank::world_size] for array in self.arrays)
+        copy.batch_sampler = ResumableBatchSampler(
+            len(copy.arrays[0]), sampler.batch_size, sampler.shuffle, sampler.seed, sampler.drop_last
+        )
+        return copy
 
     def get_state(self) -> dict:
         return self.batch_sampler.get_state()

@@ -5,8 +5,11 @@ Metrics are computed in three steps (the design of the original mlpug):
 * **gather** (every batch): each metric function maps the batch's :class:`MetricInputs` to a per-batch
   mean value and its weight (by default the batch's ``num_samples``). Values stay backend tensors:
   nothing is synchronised with the device here.
-* **combine** (over batches of a window or dataset, and later over ranks): ``sum(value * weight)``
-  and ``sum(weight)``; a backend does this with one vectorised operation.
+* **combine** (over batches of a window or dataset, and over ranks): ``sum(value * weight)``
+  and ``sum(weight)``; a backend does this with one vectorised operation. In data-parallel training
+  :meth:`MetricEvaluator.reduce` combines a batch's pairs over the ranks (one collective, issued by the
+  metric loggers on every rank after every step), and a dataset evaluation combines its batches on each rank
+  first and then over the ranks, once: every rank gets the same values, and every sample counts once.
 * **compute**: ``weighted_sum / weight_sum`` as a Python float, deferred until a consumer reads it
   (see :mod:`mlpug.logs`).
 
@@ -63,7 +66,9 @@ class MetricEvaluator:
         batch_metric_funcs: Metric name -> function of :class:`MetricInputs`. The loss is always included
             (as ``"loss"``) unless this dict defines ``"loss"`` itself.
         evaluate_settings: Passed to the model when evaluating.
-        distributed: Distributed context used to reduce sums over ranks; default single process.
+        distributed: Distributed context used to reduce sums over ranks; default the trainer's
+            (``trainer.distributed_context()``), else single process. The metric loggers give an evaluator without
+            either the manager's.
         name: Name used in messages.
         batch_chunk_size: When given (int >= 1), ``evaluate_batch`` evaluates a batch in chunks of at most this
             many samples (see :mod:`mlpug.chunking`), so big batches fit in memory; each metric of the
@@ -100,8 +105,38 @@ class MetricEvaluator:
         self.trainer = trainer
         self.batch_metric_funcs = funcs
         self.evaluate_settings = evaluate_settings
-        self.distributed = distributed or SerialContext()
+        self._distributed = distributed
         self.name = name
+
+    @property
+    def distributed(self) -> DistributedContext:
+        """The distributed context of the metric reductions (see the ``distributed`` argument)."""
+        if self._distributed is not None:
+            return self._distributed
+        context = getattr(self.trainer, "distributed_context", None)
+        return context() if callable(context) else SerialContext()
+
+    @distributed.setter
+    def distributed(self, context: Optional[DistributedContext]) -> None:
+        self._distributed = context
+
+    @property
+    def has_distributed_context(self) -> bool:
+        """True when the context was given or comes from the trainer (else the metric loggers set the manager's)."""
+        return self._distributed is not None or callable(getattr(self.trainer, "distributed_context", None))
+
+    def reduce(self, gathered: Gathered) -> Gathered:
+        """One batch's metric pairs combined over all ranks (:meth:`DistributedContext.all_reduce_weighted`, one
+        collective for all metrics); ``gathered`` itself in a single process.
+
+        Every rank must call this for the same batches in the same order (the metric loggers do, in their
+        batch-end hooks); the values stay backend scalars (no device wait).
+        """
+        distributed = self.distributed
+        if distributed.world_size == 1:
+            return gathered
+        reduced = distributed.all_reduce_weighted(list(gathered.values()))
+        return dict(zip(gathered, reduced))
 
     @property
     def batch_chunk_size(self) -> Optional[int]:
@@ -182,7 +217,8 @@ class MetricEvaluator:
         return MetricValues({name: Deferred(_number_of(value)) for name, (value, _) in gathered.items()})
 
     def combined_values(self, gathered_batches: Sequence[Gathered], skip_non_finite: bool = False) -> MetricValues:
-        """Deferred sample-weighted means of each metric over ``gathered_batches`` (reduced over ranks).
+        """Deferred sample-weighted means of each metric over ``gathered_batches`` (on this rank: in data-parallel
+        training, pass batches already combined over the ranks with :meth:`reduce`).
 
         ``gathered_batches`` is read when a value is first read, so it must not change afterwards
         (pass a copy or an immutable view).
@@ -200,8 +236,22 @@ class MetricEvaluator:
         )
 
     def evaluate_dataset(self, dataset: Iterable, evaluate_settings: Any = None) -> MetricValues:
-        """Evaluate the model over every batch of ``dataset``; return deferred sample-weighted means."""
+        """Evaluate the model over every batch of ``dataset``; return deferred sample-weighted means.
+
+        In data-parallel training ``dataset`` is this rank's shard (see ``Trainer.evaluation_dataset``; shards may
+        differ in length, even be empty): its batches are combined on this rank, then over all ranks with one
+        collective, called here on every rank, so that every rank gets the values of the whole dataset.
+
+        Raises:
+            ValueError: The dataset (over all ranks) yielded no batches.
+        """
         gathered = [self.evaluate_batch(batch, evaluate_settings) for batch in dataset]
+        if self.distributed.world_size > 1:
+            local = self._combine_chunks(gathered) if gathered else {name: (0.0, 0.0) for name in self.metric_names}
+            combined = self.reduce(local)
+            if not to_number(next(iter(combined.values()))[1]):
+                raise ValueError(f"{self.name}: the dataset to evaluate yielded no batches on any rank")
+            gathered = [combined]
         if not gathered:
             raise ValueError(f"{self.name}: the dataset to evaluate yielded no batches")
         return self.combined_values(gathered)
@@ -213,7 +263,6 @@ class MetricEvaluator:
             values = [g[metric_name][0] for g in gathered_batches]
             weights = [g[metric_name][1] for g in gathered_batches]
             weighted_sum, weight_sum = self._weighted_sums(values, weights, skip_non_finite)
-            weighted_sum, weight_sum = self.distributed.all_reduce_sum([weighted_sum, weight_sum])
             return weighted_sum / weight_sum if weight_sum else None
 
         return compute

@@ -3,6 +3,9 @@
 mlpug logs through loggers named ``mlpug.<Component>``. On first import a handler is attached to the
 ``mlpug`` logger that prints ``LEVEL   : Component::function : message``; configure the ``mlpug``
 logger yourself to change that.
+
+In data-parallel training (:func:`set_rank`, called when a backend joins its process group) the handler prints
+info and debug lines on the primary rank only, and warnings and errors on every rank, prefixed ``[rank r]``.
 """
 
 from __future__ import annotations
@@ -15,6 +18,9 @@ _COLORS = {"DEBUG": "\033[36m", "INFO": "\033[32m", "WARNING": "\033[33m", "ERRO
 _RESET = "\033[0m"
 
 
+_rank = {"rank": 0, "world_size": 1}
+
+
 class _Formatter(_logging.Formatter):
     def __init__(self, colors: bool = False):
         super().__init__(_FORMAT)
@@ -23,6 +29,8 @@ class _Formatter(_logging.Formatter):
     def format(self, record: _logging.LogRecord) -> str:
         record.component = record.name.rsplit(".", 1)[-1]
         text = super().format(record)
+        if _rank["world_size"] > 1:
+            text = f"[rank {_rank['rank']}] {text}"
         if self.colors and record.levelname in _COLORS:
             text = f"{_COLORS[record.levelname]}{text}{_RESET}"
         return text
@@ -43,8 +51,18 @@ class _StdoutHandler(_logging.StreamHandler):
         pass
 
 
+def _primary_or_warning(record: _logging.LogRecord) -> bool:
+    return _rank["rank"] == 0 or record.levelno >= _logging.WARNING
+
+
 _handler = _StdoutHandler()
 _handler.setFormatter(_Formatter())
+_handler.addFilter(_primary_or_warning)
+
+
+def set_rank(rank: int, world_size: int) -> None:
+    """Tell the console handler this process's rank (see the module docstring)."""
+    _rank.update(rank=int(rank), world_size=int(world_size))
 
 
 def _install_default_handler() -> None:

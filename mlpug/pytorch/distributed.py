@@ -1,38 +1,378 @@
-"""PyTorch: refusing a launch of several processes (``torchrun``) while data-parallel training is not supported.
+"""PyTorch data-parallel training on ``torch.distributed``: the process group, DDP gradient sync, data shards, launch.
 
-``torchrun --nproc_per_node N`` starts N copies of the script with ``WORLD_SIZE``, ``RANK`` and ``LOCAL_RANK`` in
-their environment. Without data-parallel support they would be N independent trainings of the same data writing
-the same files, so the ``DefaultTrainer`` calls :func:`check_single_process` at construction, where data-parallel
-set-up (a process group, a gradient synchronisation instead of the null ``GradientSync``) will go.
+Nothing but the launch command changes a script: under ``torchrun --nproc_per_node N script.py`` (or
+:func:`launch`) the ``DefaultTrainer`` joins the process group from the environment ``torchrun`` sets
+(``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``, ``MASTER_ADDR``, ``MASTER_PORT``; see :func:`init_distributed`), wraps
+the training model in ``DistributedDataParallel``, shards the training and evaluation datasets by rank and gives
+the ``TrainingManager`` a :class:`TorchDistributedContext`. Collectives are torch's own; this module only decides
+where they are issued:
+
+* the gradient all-reduce is DDP's, in the backward pass of the last chunk of a batch (``no_sync`` before it:
+  :class:`DDPGradientSync`);
+* the batch loss is reduced in every step (one asynchronous all-reduce of ``[loss * n, n]``), so the non-finite
+  loss policy and ``skip_step`` decide the same on every rank;
+* metrics are reduced as sums and counts (:meth:`TorchDistributedContext.all_reduce_weighted`);
+* stop requests and signals are agreed at every batch boundary on a CPU (gloo) group, so that agreeing never waits
+  for a GPU.
+
+Failure (see ``docs/distributed.md``): when a rank raises, it runs its end phases (no collective there) and exits
+with the error; the other ranks' next collective fails as soon as its process is gone (gloo: "Connection closed by
+peer", within a second) or, where the engine does not notice (NCCL), when the process group ``timeout`` ends, unless
+the launcher (``torchrun``'s agent, :func:`launch`) stops them first: it does as soon as a process exits with an
+error.
 """
 
 from __future__ import annotations
 
+import datetime
+import logging
 import os
+import socket
+from collections.abc import Callable, Sequence
+from contextlib import AbstractContextManager, nullcontext
+from typing import Any, Optional
 
-from mlpug.distributed import several_processes_error
+import torch
+import torch.distributed as dist
+
+from mlpug import logging as mlpug_logging
+from mlpug.chunking import BatchChunk
+from mlpug.distributed import DistributedContext, SerialContext
+from mlpug.trainers.gradient_sync import GradientSync
+
+__all__ = [
+    "DDPGradientSync",
+    "ShardSampler",
+    "TorchDistributedContext",
+    "environment_world_size",
+    "init_distributed",
+    "launch",
+    "local_device",
+]
+
+_log = logging.getLogger("mlpug.pytorch.distributed")
+
+DEFAULT_TIMEOUT_S = 300.0
+"""Seconds a collective waits for the other ranks before it raises (``MLPUG_DISTRIBUTED_TIMEOUT_S`` overrides)."""
 
 
-def check_single_process() -> None:
-    """Raise when the environment says that several processes were launched (``WORLD_SIZE > 1``).
+def environment_world_size() -> int:
+    """``WORLD_SIZE`` of the environment (what ``torchrun`` sets), 1 when unset.
 
     Raises:
-        RuntimeError: ``WORLD_SIZE`` is above 1 (with ``RANK`` and ``LOCAL_RANK`` in the message).
-        ValueError: ``WORLD_SIZE`` is not an int.
+        ValueError: ``WORLD_SIZE`` is not an int >= 1.
     """
     value = os.environ.get("WORLD_SIZE")
     if value is None:
-        return
+        return 1
     try:
         world_size = int(value)
     except ValueError:
+        world_size = 0
+    if world_size < 1:
         raise ValueError(
-            f"the environment variable WORLD_SIZE is {value!r}, not an int (torchrun sets it to the number of "
+            f"the environment variable WORLD_SIZE is {value!r}, not an int >= 1 (torchrun sets it to the number of "
             "processes); unset it to train in one process"
-        ) from None
-    if world_size > 1:
-        ranks = ", ".join(f"{name}={os.environ.get(name, '?')}" for name in ("RANK", "LOCAL_RANK"))
-        raise several_processes_error(
-            f"torchrun (or another launcher) started {world_size} processes (WORLD_SIZE={world_size}, {ranks})",
-            "python script.py, or torchrun --nproc_per_node 1",
         )
+    return world_size
+
+
+def local_device() -> torch.device:
+    """The device of this process: ``cuda:LOCAL_RANK`` when CUDA is available, else the CPU.
+
+    Pass it as ``DefaultTrainer(device=...)`` and move the model components there before creating the optimizer;
+    the same line serves one process and many.
+    """
+    if torch.cuda.is_available():
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")) % torch.cuda.device_count())
+    return torch.device("cpu")
+
+
+def init_distributed(backend: Optional[str] = None, timeout_s: Optional[float] = None) -> DistributedContext:
+    """Join the process group of a data-parallel launch, once per process; a :class:`SerialContext` otherwise.
+
+    With ``WORLD_SIZE`` > 1 in the environment (``torchrun``, :func:`launch`), ``torch.distributed`` is initialised
+    from it (``init_method="env://"``) unless that was done already (then the existing group is used). Calling it
+    again returns the same context.
+
+    Args:
+        backend: ``"gloo"`` or ``"nccl"``; default NCCL when CUDA is available, else gloo.
+        timeout_s: Seconds a collective waits for the other ranks (default ``MLPUG_DISTRIBUTED_TIMEOUT_S`` or
+            :data:`DEFAULT_TIMEOUT_S`).
+
+    Raises:
+        ValueError: ``WORLD_SIZE`` or the timeout is invalid.
+        RuntimeError: ``RANK``, ``MASTER_ADDR`` or ``MASTER_PORT`` is missing (a launcher other than torchrun).
+    """
+    global _context
+    if _context is not None:
+        return _context
+    if not dist.is_available():
+        return SerialContext()
+    if not dist.is_initialized():
+        world_size = environment_world_size()
+        if world_size == 1:
+            return SerialContext()
+        missing = [name for name in ("RANK", "MASTER_ADDR", "MASTER_PORT") if name not in os.environ]
+        if missing:
+            raise RuntimeError(
+                f"WORLD_SIZE={world_size} is set, but {missing} not: launch with torchrun --nproc_per_node "
+                f"{world_size} script.py (or mlp.distributed.launch), which sets RANK, LOCAL_RANK, MASTER_ADDR and "
+                "MASTER_PORT, or unset WORLD_SIZE to train in one process"
+            )
+        timeout_s = float(timeout_s or os.environ.get("MLPUG_DISTRIBUTED_TIMEOUT_S") or DEFAULT_TIMEOUT_S)
+        if not timeout_s > 0:
+            raise ValueError(f"timeout_s must be > 0 seconds, got {timeout_s!r}")
+        backend = backend or ("nccl" if torch.cuda.is_available() else "gloo")
+        if backend == "nccl":
+            torch.cuda.set_device(local_device())
+        timeout = datetime.timedelta(seconds=timeout_s)
+        store, rank, world_size = next(dist.rendezvous("env://", timeout=timeout))
+        # After a restart (torchrun --max-restarts) the store may still hold the addresses of the workers of the
+        # attempt before, which the new process group would try to connect to: one key prefix per attempt.
+        attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+        store = dist.PrefixStore(f"mlpug/attempt_{attempt}/", store)
+        dist.init_process_group(backend, store=store, rank=rank, world_size=world_size, timeout=timeout)
+    if dist.get_world_size() == 1:
+        return SerialContext()
+    _context = TorchDistributedContext()
+    mlpug_logging.set_rank(_context.rank, _context.world_size)
+    return _context
+
+
+_context: Optional[DistributedContext] = None
+
+
+class TorchDistributedContext(DistributedContext):
+    """Rank, world size and the collectives of the neutral core on an initialised ``torch.distributed`` group.
+
+    Metric reductions run on the default group, on its device (CUDA for NCCL, CPU for gloo), and return tensors
+    without waiting for them; flags and Python numbers go through a CPU (gloo) group.
+    """
+
+    def __init__(self) -> None:
+        self.rank = dist.get_rank()
+        self.world_size = dist.get_world_size()
+        self.device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else None
+        self._cpu_group = dist.new_group(backend="gloo") if dist.get_backend() != "gloo" else None
+
+    def barrier(self) -> None:
+        dist.barrier(group=self._cpu_group)
+
+    def all_reduce_sum(self, values: Sequence[float]) -> list[float]:
+        tensor = torch.tensor([float(value) for value in values], dtype=torch.float64)
+        dist.all_reduce(tensor, group=self._cpu_group)
+        return tensor.tolist()
+
+    def any_rank(self, flag: bool) -> bool:
+        tensor = torch.tensor([1 if flag else 0], dtype=torch.int32)
+        dist.all_reduce(tensor, group=self._cpu_group)
+        return bool(tensor.item())
+
+    def broadcast_int(self, value: int) -> int:
+        """The primary rank's ``value`` on every rank (e.g. a shuffle seed)."""
+        tensor = torch.tensor([int(value)], dtype=torch.int64)
+        dist.broadcast(tensor, src=0, group=self._cpu_group)
+        return int(tensor.item())
+
+    def all_reduce_weighted(self, pairs: Sequence[tuple[Any, Any]]) -> list[tuple[Any, Any]]:
+        """Per pair ``(sum(value * weight) / sum(weight), sum(weight))`` over the ranks as 0-d float64 tensors:
+        one all-reduce of a stacked tensor, not waited for (NCCL runs it on the device stream)."""
+        if not pairs:
+            return []
+        device = self.device or torch.device("cpu")
+        values = torch.stack([torch.as_tensor(value, device=device).detach().reshape(()) for value, _ in pairs])
+        weights = torch.stack([torch.as_tensor(weight, device=device).detach().reshape(()) for _, weight in pairs])
+        sums = torch.cat([values.to(torch.float64) * weights.to(torch.float64), weights.to(torch.float64)])
+        dist.all_reduce(sums)
+        count = len(pairs)
+        means = sums[:count] / sums[count:]
+        return [(means[index], sums[count + index]) for index in range(count)]
+
+
+class DDPGradientSync(GradientSync):
+    """Gradient synchronisation of ``DistributedDataParallel``: its all-reduce runs in the backward pass of the last
+    chunk of a batch only; the chunks before it accumulate locally under ``no_sync()``.
+
+    Args:
+        model: The ``DistributedDataParallel`` training model.
+    """
+
+    def __init__(self, model: torch.nn.parallel.DistributedDataParallel):
+        self.model = model
+
+    def chunk_context(self, chunk: BatchChunk) -> AbstractContextManager:
+        return nullcontext() if chunk.is_last else self.model.no_sync()
+
+
+class ShardSampler(torch.utils.data.Sampler):
+    """The sample indices ``rank, rank + world_size, ...`` of a map-style dataset of ``num_samples`` samples, in order.
+
+    For evaluation: unlike ``DistributedSampler`` it pads nothing, so over all ranks every sample is evaluated
+    exactly once (shards differ in length by at most one sample).
+    """
+
+    def __init__(self, num_samples: int, rank: int, world_size: int):
+        self.num_samples, self.rank, self.world_size = num_samples, rank, world_size
+
+    def __iter__(self):
+        return iter(range(self.rank, self.num_samples, self.world_size))
+
+    def __len__(self) -> int:
+        return len(range(self.rank, self.num_samples, self.world_size))
+
+
+def _data_loader_arguments(loader: torch.utils.data.DataLoader) -> dict:
+    """The arguments of ``loader`` that a sharded copy keeps (everything but the sampling)."""
+    return {
+        "num_workers": loader.num_workers,
+        "collate_fn": loader.collate_fn,
+        "pin_memory": loader.pin_memory,
+        "timeout": loader.timeout,
+        "worker_init_fn": loader.worker_init_fn,
+        "multiprocessing_context": loader.multiprocessing_context,
+        "generator": loader.generator,
+        "prefetch_factor": loader.prefetch_factor,
+        "persistent_workers": loader.persistent_workers,
+    }
+
+
+def _is_map_style_loader(dataset: Any) -> bool:
+    return isinstance(dataset, torch.utils.data.DataLoader) and not isinstance(
+        dataset.dataset, torch.utils.data.IterableDataset
+    )
+
+
+def shard_training_dataset(dataset: Any, context: TorchDistributedContext) -> Any:
+    """This rank's part of a training ``dataset``; every rank gets the same number of batches.
+
+    * a :class:`mlpug.data.ResumableBatchSampler` (the dataset's or a ``DataLoader``'s ``batch_sampler``) is
+      sharded in place (``set_shard``): global batch ``k`` of the epoch's order is split over the ranks;
+    * a ``DataLoader`` with ``batch_size`` and a sequential or random sampler gets a copy with a
+      ``DistributedSampler`` (shuffling as the original, seed broadcast from the primary rank, padded as
+      ``DistributedSampler`` pads), whose epoch the manager sets every epoch;
+    * a ``DataLoader`` with a ``DistributedSampler`` is used as it is;
+    * anything else is used as it is, with a warning: every rank trains on what it yields.
+    """
+    from mlpug.data import find_resumable
+
+    resumable = find_resumable(dataset)
+    if resumable is not None and callable(getattr(resumable, "set_shard", None)):
+        resumable.set_shard(context.rank, context.world_size)
+        return dataset
+    if _is_map_style_loader(dataset):
+        sampler = dataset.sampler
+        if isinstance(sampler, torch.utils.data.DistributedSampler):
+            return dataset
+        plain = isinstance(sampler, (torch.utils.data.SequentialSampler, torch.utils.data.RandomSampler))
+        if dataset.batch_size is not None and plain:
+            seed = context.broadcast_int(torch.initial_seed() % 2**62)
+            distributed_sampler: torch.utils.data.DistributedSampler = torch.utils.data.DistributedSampler(
+                dataset.dataset,
+                num_replicas=context.world_size,
+                rank=context.rank,
+                shuffle=isinstance(sampler, torch.utils.data.RandomSampler),
+                seed=seed,
+                drop_last=dataset.drop_last,
+            )
+            return torch.utils.data.DataLoader(
+                dataset.dataset,
+                batch_size=dataset.batch_size,
+                sampler=distributed_sampler,
+                drop_last=dataset.drop_last,
+                **_data_loader_arguments(dataset),
+            )
+    _log.warning(
+        f"Data-parallel training on {context.world_size} ranks: the training dataset ({type(dataset).__qualname__}) "
+        "is not a DataLoader over a map-style dataset or a mlp.data resumable dataset, so mlpug cannot shard it; "
+        "every rank trains on what it yields (shard it by rank yourself, and give every rank the same number of "
+        "batches)."
+    )
+    return dataset
+
+
+def shard_evaluation_dataset(dataset: Any, context: TorchDistributedContext) -> Any:
+    """This rank's part of an evaluation ``dataset``, every sample on exactly one rank, unpadded.
+
+    A ``DataLoader`` over a map-style dataset gets a copy with a :class:`ShardSampler` (its order is the
+    original's when that was sequential); a :class:`mlpug.pytorch.data.ResumableArrayBatches` a sharded copy;
+    anything else is evaluated whole on every rank (the reduced means are the same, the work is repeated), with a
+    warning.
+    """
+    shard = getattr(dataset, "shard", None)
+    if callable(shard):
+        return shard(context.rank, context.world_size)
+    if _is_map_style_loader(dataset) and dataset.batch_size is not None:
+        return torch.utils.data.DataLoader(
+            dataset.dataset,
+            batch_size=dataset.batch_size,
+            sampler=ShardSampler(len(dataset.dataset), context.rank, context.world_size),
+            drop_last=False,
+            **_data_loader_arguments(dataset),
+        )
+    _log.warning(
+        f"Data-parallel evaluation on {context.world_size} ranks: the dataset ({type(dataset).__qualname__}) cannot "
+        "be sharded by mlpug, so every rank evaluates all of it (the metrics are right, the work is repeated)."
+    )
+    return dataset
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def _launched(local_rank: int, function: Callable, args: tuple, kwargs: dict, world_size: int, port: int) -> None:
+    os.environ.update(
+        {
+            "RANK": str(local_rank),
+            "LOCAL_RANK": str(local_rank),
+            "WORLD_SIZE": str(world_size),
+            "LOCAL_WORLD_SIZE": str(world_size),
+            "MASTER_ADDR": "127.0.0.1",
+            "MASTER_PORT": str(port),
+        }
+    )
+    function(*args, **kwargs)
+
+
+def launch(function: Callable, *args: Any, num_processes: Optional[int] = None, **kwargs: Any) -> Any:
+    """Run ``function(*args, **kwargs)`` on ``num_processes`` local processes, or in this process when that is 1.
+
+    The spirit of pytorch-quik's ``traverse``: the same training function runs on every GPU of the machine, or,
+    where there is one device (or only the CPU), here, unchanged. Under ``torchrun`` (``WORLD_SIZE`` set) it just
+    calls ``function``: torchrun already started the processes.
+
+    Processes are started with ``torch.multiprocessing.start_processes`` (``spawn``), on the loopback address
+    with a free port; each gets the environment ``torchrun`` would set (``RANK``, ``LOCAL_RANK``, ``WORLD_SIZE``,
+    ``MASTER_ADDR``, ``MASTER_PORT``), so the ``DefaultTrainer`` joins the process group itself. When one process
+    raises, the others are terminated and the error (with the child's traceback) is raised here.
+
+    Args:
+        function: A picklable (module-level) function.
+        num_processes: Processes to start (int >= 1); default the number of CUDA devices, 1 without CUDA.
+
+    Returns:
+        What ``function`` returned when it ran in this process, else None.
+
+    Raises:
+        ValueError: ``num_processes`` is not an int >= 1.
+        torch.multiprocessing.ProcessRaisedException / ProcessExitedException: A process failed.
+    """
+    if "WORLD_SIZE" in os.environ:
+        return function(*args, **kwargs)
+    if num_processes is None:
+        num_processes = max(torch.cuda.device_count(), 1)
+    if isinstance(num_processes, bool) or not isinstance(num_processes, int) or num_processes < 1:
+        raise ValueError(f"num_processes must be an int >= 1, got {num_processes!r}")
+    if num_processes == 1:
+        return function(*args, **kwargs)
+    torch.multiprocessing.start_processes(
+        _launched,
+        args=(function, args, kwargs, num_processes, _free_port()),
+        nprocs=num_processes,
+        join=True,
+        start_method="spawn",
+    )
+    return None

@@ -21,6 +21,7 @@ from typing import Any, NamedTuple, Optional
 
 from mlpug.chunking import BatchChunk, BatchChunking, infer_num_samples
 from mlpug.data import ContinuedDataSource, DataSource
+from mlpug.distributed import DistributedContext, SerialContext
 from mlpug.logs import to_number
 from mlpug.random_state import NumpyRandomState, PythonRandomState, RandomStateProvider
 
@@ -127,6 +128,19 @@ class Trainer(ABC):
         Default: Python's ``random`` and NumPy's global generator; backends add their own.
         """
         return [PythonRandomState(), NumpyRandomState()]
+
+    def distributed_context(self) -> DistributedContext:
+        """The ranks this trainer trains with (the ``TrainingManager``'s and ``MetricEvaluator``'s default).
+
+        Default: the single-process :class:`~mlpug.distributed.SerialContext`; data-parallel backends return theirs.
+        """
+        return SerialContext()
+
+    def evaluation_dataset(self, dataset: Any) -> Any:
+        """The part of an evaluation ``dataset`` this rank evaluates (``TestMetricsLogger`` asks at construction of
+        the manager): every sample on exactly one rank, no padding, so that reduced dataset metrics count every
+        sample once. Default (one process): ``dataset`` itself."""
+        return dataset
 
 
 def name_objects(objects: Any, kind: str, expected_type: type | tuple, single_name: str) -> dict[str, Any]:

@@ -52,7 +52,7 @@ from typing import Any, Optional
 
 from mlpug import data as data_module
 from mlpug import logs as logs_module
-from mlpug.distributed import DistributedContext, SerialContext
+from mlpug.distributed import DistributedContext
 from mlpug.logs import Deferred, MetricValues, to_number
 from mlpug.random_state import capture_random_states, get_random_states, plain_states, set_random_states
 from mlpug.trainers.arguments import check_callbacks, check_num_batches_per_epoch, check_positive_int
@@ -83,7 +83,11 @@ class TrainingManager:
             :func:`mlpug.trainers.callbacks.callback.dispatch_order`).
         training_settings: Passed to the training model as ``evaluate_settings`` in each training step.
         evaluate_settings: Passed to the model when callbacks evaluate it.
-        distributed: Distributed context; default the single-process :class:`SerialContext`.
+        distributed: Distributed context; default the trainer's (``trainer.distributed_context()``: the
+            single-process :class:`SerialContext`, or in data-parallel training the backend's). With several
+            ranks, whether to stop (a stop request or a signal on any rank) is agreed at every batch boundary, so
+            that all ranks leave the loop after the same batch; side effects (console, checkpoint files) are the
+            primary rank's.
         handle_signals: Install SIGINT/SIGTERM handlers during training (main thread only).
         name: Name used in log messages.
         resume_from: The one way to continue a run: a training checkpoint path, ``"latest"`` (the newest training
@@ -140,15 +144,18 @@ class TrainingManager:
         if not isinstance(resume_strict, bool):
             raise TypeError(f"resume_strict must be a bool, got {resume_strict!r:.100}")
         check_positive_int(num_epochs, "num_epochs")
-        num_batches_per_epoch = check_num_batches_per_epoch(training_dataset, num_batches_per_epoch)
         callbacks = check_callbacks(callbacks)
+        # data-parallel: the trainer's source iterates this rank's shard, whose length is the epoch's
+        self._data_source = trainer.training_data_source(training_dataset)
+        training_dataset = self._data_source.dataset
+        num_batches_per_epoch = check_num_batches_per_epoch(training_dataset, num_batches_per_epoch)
 
         self.trainer = trainer
         self.training_dataset = training_dataset
         self.num_epochs = num_epochs
         self.num_batches_per_epoch = num_batches_per_epoch
         self.callbacks = callbacks
-        self.distributed = distributed or SerialContext()
+        self.distributed = distributed or trainer.distributed_context()
         self.handle_signals = handle_signals
         self.name = name
         self.resume_strict = resume_strict
@@ -170,7 +177,6 @@ class TrainingManager:
         self._random_state_providers = trainer.random_state_providers()
         self._pending_random_state: Optional[dict] = None  # restored where it was captured (see _train)
         self._random_before_data: Any = None  # the states this epoch's data iterator was created with (Deferred)
-        self._data_source = trainer.training_data_source(training_dataset)
         self._ordered_callbacks = dispatch_order(callbacks)
         check_resume_from(resume_from, callbacks)
         self._resume_from = resume_from
@@ -417,7 +423,13 @@ class TrainingManager:
         set_random_states(self._random_state_providers, state or {})
 
     def _should_stop(self) -> bool:
-        return self._stop_requested or self._received_signal is not None
+        """Whether to leave the loop now; with several ranks, True on every rank when any rank asks (one
+        collective at every batch boundary: all ranks stop after the same batch)."""
+        stop = self._stop_requested or self._received_signal is not None
+        if self.distributed.world_size > 1 and self.distributed.any_rank(stop):
+            self._stop_requested = self._stop_requested or not stop  # another rank asked: stop here too
+            return True
+        return stop
 
     def _end_training(self, stopped_on_error: bool) -> None:
         interrupted_by = self._received_signal

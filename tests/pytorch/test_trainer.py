@@ -212,20 +212,3 @@ def test_device_placement_moves_batches(monkeypatch):
     trainer.train_on((torch.randn(4, 3), torch.randn(4)))
     batch_moves = [(args, kwargs) for args, kwargs in moved if args and args[0] == torch.device("cpu")]
     assert batch_moves == [((torch.device("cpu"),), {"non_blocking": True})] * 2
-
-
-def test_torchrun_with_several_processes_is_refused_at_trainer_construction(monkeypatch):
-    """The environment of rank 1 of ``torchrun --nproc_per_node 2``. Broken on purpose (no check_single_process in
-    DefaultTrainer.__init__), both ranks would train alone without a word: this test fails."""
-    model = torch.nn.Linear(3, 1)
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
-    for name, value in (("WORLD_SIZE", "2"), ("RANK", "1"), ("LOCAL_RANK", "1")):
-        monkeypatch.setenv(name, value)
-    with pytest.raises(RuntimeError, match=r"started 2 processes \(WORLD_SIZE=2, RANK=1, LOCAL_RANK=1\), but mlpug "
-                       "does not support data-parallel training yet: every process would train alone"):  # fmt: skip
-        mlp.trainers.DefaultTrainer(optimizer, model)
-    monkeypatch.setenv("WORLD_SIZE", "two")
-    with pytest.raises(ValueError, match="WORLD_SIZE is 'two', not an int"):
-        mlp.trainers.DefaultTrainer(optimizer, model)
-    monkeypatch.setenv("WORLD_SIZE", "1")  # torchrun --nproc_per_node 1: one process, fine
-    mlp.trainers.DefaultTrainer(optimizer, model)

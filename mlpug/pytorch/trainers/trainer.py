@@ -26,8 +26,16 @@ from typing import Any, Optional
 import torch
 
 from mlpug.chunking import BatchChunk, ChunkResult
+from mlpug.data import DataSource
+from mlpug.distributed import DistributedContext
 from mlpug.pytorch.chunking import batch_chunker
-from mlpug.pytorch.distributed import check_single_process
+from mlpug.pytorch.distributed import (
+    DDPGradientSync,
+    TorchDistributedContext,
+    init_distributed,
+    shard_evaluation_dataset,
+    shard_training_dataset,
+)
 from mlpug.pytorch.random_state import TorchRandomState
 from mlpug.pytorch.trainers.precision import precision_policy
 from mlpug.random_state import RandomStateProvider
@@ -77,9 +85,15 @@ class DefaultTrainer(_NeutralDefaultTrainer):
     detached tensor), ``num_samples`` summed over the chunks and ``auxiliary_results`` merged over the chunks
     by the rule of :mod:`mlpug.chunking` (the same on every backend).
 
-    Data-parallel training replaces :attr:`gradient_sync` (a :class:`~mlpug.trainers.gradient_sync.GradientSync`),
-    whose ``chunk_context(chunk)`` is entered around each chunk's forward and backward pass, by one that defers
-    the gradient all-reduce to the last chunk.
+    Data-parallel training (``torchrun``, or :func:`mlpug.pytorch.distributed.launch`; see
+    :mod:`mlpug.pytorch.distributed`): the trainer joins the process group at construction
+    (:func:`~mlpug.pytorch.distributed.init_distributed`), wraps the training model in ``DistributedDataParallel``
+    in :meth:`set_training_model` (parameters broadcast from rank 0 there), replaces :attr:`gradient_sync` by a
+    :class:`~mlpug.pytorch.distributed.DDPGradientSync` (gradients all-reduced once per batch, in the last chunk's
+    backward pass), shards the training and evaluation datasets by rank (:meth:`training_data_source`,
+    :meth:`evaluation_dataset`), and the ``StepResult.loss`` of every step is the sample-weighted mean over all
+    ranks (one asynchronous all-reduce), so that every rank decides alike on non-finite losses. Batch sizes are
+    per rank (as in a ``DataLoader`` per process); evaluation runs the unwrapped model (no collective).
 
     The training model, set with :meth:`set_training_model`, is a ``torch.nn.Module`` whose
     ``forward(batch_data, evaluate_settings, inference_mode=None)`` returns the loss (see
@@ -89,8 +103,8 @@ class DefaultTrainer(_NeutralDefaultTrainer):
         TypeError: An optimizer or model component has the wrong type, or ``use_mixed_precision`` is no bool.
         ValueError: ``batch_chunk_size`` is not an int >= 1, or ``autocast_dtype`` is not an accepted name
             (or is given without ``use_mixed_precision=True``).
-        RuntimeError: ``torchrun`` launched several processes (``WORLD_SIZE > 1``): data-parallel training is not
-            supported yet (see :mod:`mlpug.pytorch.distributed`).
+        RuntimeError / ValueError: A launch environment that is incomplete or invalid (``WORLD_SIZE`` set without
+            ``RANK`` / ``MASTER_ADDR`` / ``MASTER_PORT``, or not an int).
     """
 
     optimizer_type = torch.optim.Optimizer
@@ -105,8 +119,9 @@ class DefaultTrainer(_NeutralDefaultTrainer):
         use_mixed_precision: bool = False,
         autocast_dtype: Optional[AutocastDtype] = None,
     ):
-        check_single_process()
         super().__init__(optimizers, model_components)
+        self._distributed = init_distributed()
+        self._evaluation_model: Any = None
         self.device = torch.device(device) if device is not None else None
         self._passes_inference_mode = True
         self.chunking = batch_chunker(batch_chunk_size)
@@ -147,7 +162,38 @@ class DefaultTrainer(_NeutralDefaultTrainer):
                     f"inference_mode=None); it accepts ({', '.join(p.name for p in positional)})"
                 )
             self._passes_inference_mode = len(positional) >= 3
+        self._evaluation_model = training_model
+        if isinstance(self._distributed, TorchDistributedContext):
+            device = self.device if self.device is not None else self._first_parameter_device()
+            training_model = torch.nn.parallel.DistributedDataParallel(
+                training_model, device_ids=[device] if device is not None and device.type == "cuda" else None
+            )
+            self.gradient_sync = DDPGradientSync(training_model)
         self.training_model = training_model
+
+    def _first_parameter_device(self) -> Optional[torch.device]:
+        for module in self.model_components.values():
+            for parameter in module.parameters():
+                return parameter.device
+        return None
+
+    def distributed_context(self) -> DistributedContext:
+        """The process group's ranks under a data-parallel launch, else the single-process context."""
+        return self._distributed
+
+    def training_data_source(self, dataset: Any) -> DataSource:
+        """Data-parallel: this rank's shard of ``dataset`` (see
+        :func:`mlpug.pytorch.distributed.shard_training_dataset`), then as in one process."""
+        if isinstance(self._distributed, TorchDistributedContext):
+            dataset = shard_training_dataset(dataset, self._distributed)
+        return super().training_data_source(dataset)
+
+    def evaluation_dataset(self, dataset: Any) -> Any:
+        """Data-parallel: this rank's unpadded shard (see
+        :func:`mlpug.pytorch.distributed.shard_evaluation_dataset`)."""
+        if isinstance(self._distributed, TorchDistributedContext):
+            return shard_evaluation_dataset(dataset, self._distributed)
+        return dataset
 
     def _is_scalar_loss(self, loss: Any) -> bool:
         return isinstance(loss, torch.Tensor) and loss.numel() == 1
@@ -157,15 +203,16 @@ class DefaultTrainer(_NeutralDefaultTrainer):
         return [*super().random_state_providers(), TorchRandomState()]
 
     def _forward(
-        self, batch: Any, settings: Any, inference_mode: bool, chunk: Optional[BatchChunk] = None
+        self, batch: Any, settings: Any, inference_mode: bool, chunk: Optional[BatchChunk] = None, model: Any = None
     ) -> ModelOutputs:
         if self.device is not None:
             batch = map_tensors(batch, lambda t: t.to(self.device, non_blocking=True))
+        model = model if model is not None else self.training_model
         with self.precision.autocast():
             if self._passes_inference_mode:
-                results = self.training_model(batch, settings, inference_mode)
+                results = model(batch, settings, inference_mode)
             else:
-                results = self.training_model(batch, settings)
+                results = model(batch, settings)
         return self._normalise_outputs(results, batch, chunk)
 
     def train_on(self, batch: Any, training_settings: Any = None) -> StepResult:
@@ -193,11 +240,14 @@ class DefaultTrainer(_NeutralDefaultTrainer):
         result = self.chunking.run(partial(self._chunk_step, training_settings), batch)
         self.gradient_sync.reduce(result.gradients)
         outputs = result.outputs
-        if self.skip_non_finite_steps and not bool(torch.isfinite(outputs.loss).all()):  # waits for the device
+        loss = outputs.loss
+        if self._distributed.world_size > 1:  # the mean over all ranks: the same non-finite decisions everywhere
+            loss = self._distributed.all_reduce_weighted([(loss, outputs.num_samples)])[0][0]
+        if self.skip_non_finite_steps and not bool(torch.isfinite(loss).all()):  # waits for the device
             skipped: Any = True
         else:
             skipped = self.precision.step(self.optimizers)
-        return StepResult(outputs.loss, outputs.num_samples, outputs.auxiliary_results, skipped, self._learning_rate())
+        return StepResult(loss, outputs.num_samples, outputs.auxiliary_results, skipped, self._learning_rate())
 
     def _chunk_step(self, training_settings: Any, chunk: BatchChunk) -> ChunkResult:
         """Forward and backward pass of one chunk (the whole batch without chunking); outputs detached."""
@@ -234,13 +284,13 @@ class DefaultTrainer(_NeutralDefaultTrainer):
         chunked here; the ``MetricEvaluator`` has its own ``batch_chunk_size``.
         """
         self.ensure_ready()
-        model = self.training_model
+        model = self._evaluation_model  # data-parallel: the module inside DDP, whose forward has no collective
         was_training = model.training
         if was_training:
             model.eval()
         try:
             with torch.no_grad():
-                return self._forward(batch, evaluate_settings, inference_mode=inference_mode)
+                return self._forward(batch, evaluate_settings, inference_mode=inference_mode, model=model)
         finally:
             if was_training:
                 model.train()

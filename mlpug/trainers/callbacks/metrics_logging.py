@@ -23,6 +23,12 @@ def _check_evaluator(metric_evaluator: Any) -> None:
         raise TypeError(f"metric_evaluator must be an mlp.evaluation.MetricEvaluator, got {metric_evaluator!r:.200}")
 
 
+def _bind_distributed(metric_evaluator: MetricEvaluator, manager: Any) -> None:
+    """Give an evaluator without a distributed context (no trainer, none given) the manager's."""
+    if not metric_evaluator.has_distributed_context:
+        metric_evaluator.distributed = manager.distributed
+
+
 def _check_window_length(window_length: Optional[int]) -> None:
     if window_length is not None and (
         isinstance(window_length, bool) or not isinstance(window_length, int) or window_length < 1
@@ -140,6 +146,10 @@ class TrainingMetricsLogger(Callback):
         paths = {f"training.{level}.{metric}" for level in ("batch", "window_average") for metric in metrics}
         return frozenset(paths | {"training_params.window_average.duration"})
 
+    def set_training_manager(self, manager: Any) -> None:
+        super().set_training_manager(manager)
+        _bind_distributed(self.metric_evaluator, manager)
+
     def on_training_start(self, num_epochs, num_batches_per_epoch, start_epoch, start_batch, start_update_iter):
         # skip_step: the non-finite values of the skipped batches are left out of the window means
         self._window.skip_non_finite = self.training_manager.non_finite.policy == "skip_step"
@@ -151,7 +161,8 @@ class TrainingMetricsLogger(Callback):
     def on_batch_training_completed(self, training_batch: Any, logs: dict) -> bool:
         current = logs["current"]
         batch_logs = current["training"]["batch"]
-        gathered = self.metric_evaluator.gather(training_batch, self.training_manager.step_result)
+        evaluator = self.metric_evaluator
+        gathered = evaluator.reduce(evaluator.gather(training_batch, self.training_manager.step_result))
         batch_logs.update_deferred(self.metric_evaluator.batch_values(gathered))
         current["training"]["window_average"] = self._window.append(gathered)
         durations, duration = self._durations, current["training_params"]["batch"]["duration"]
@@ -247,6 +258,13 @@ class TestMetricsLogger(Callback):
         metrics = self.metric_evaluator.metric_names
         return frozenset(f"{self.dataset_name}.{level}.{metric}" for level in levels for metric in metrics)
 
+    def set_training_manager(self, manager: Any) -> None:
+        super().set_training_manager(manager)
+        _bind_distributed(self.metric_evaluator, manager)
+        # data-parallel: this rank's shard, every sample on exactly one rank (the trainer's choice)
+        shard = getattr(self.metric_evaluator.trainer, "evaluation_dataset", None)
+        self.dataset = shard(self.dataset) if callable(shard) else self.dataset
+
     def on_training_start(self, num_epochs, num_batches_per_epoch, start_epoch, start_batch, start_update_iter):
         if self._window.length is None:
             self._window.length = num_batches_per_epoch
@@ -262,6 +280,7 @@ class TestMetricsLogger(Callback):
             self._batches = self._cycle()
         with isolated_random_states(self._random_state_providers):  # iter(DataLoader) draws random numbers
             gathered = self.metric_evaluator.evaluate_batch(next(self._batches), self.evaluate_settings)
+        gathered = self.metric_evaluator.reduce(gathered)
         section = self._dataset_logs(logs)
         section["batch"] = self.metric_evaluator.batch_values(gathered)
         section["window_average"] = self._window.append(gathered)

@@ -66,9 +66,9 @@ class MetricEvaluator:
         batch_metric_funcs: Metric name -> function of :class:`MetricInputs`. The loss is always included
             (as ``"loss"``) unless this dict defines ``"loss"`` itself.
         evaluate_settings: Passed to the model when evaluating.
-        distributed: Distributed context used to reduce sums over ranks; default the trainer's
-            (``trainer.distributed_context()``), else single process. The metric loggers give an evaluator without
-            either the manager's.
+        distributed: Distributed context used to reduce sums over ranks. Default: the metric loggers give the
+            evaluator the manager's; used alone, the trainer's (``trainer.distributed_context()``), else single
+            process.
         name: Name used in messages.
         batch_chunk_size: When given (int >= 1), ``evaluate_batch`` evaluates a batch in chunks of at most this
             many samples (see :mod:`mlpug.chunking`), so big batches fit in memory; each metric of the
@@ -122,8 +122,8 @@ class MetricEvaluator:
 
     @property
     def has_distributed_context(self) -> bool:
-        """True when the context was given or comes from the trainer (else the metric loggers set the manager's)."""
-        return self._distributed is not None or callable(getattr(self.trainer, "distributed_context", None))
+        """True when a context was given (or set by a metric logger: the manager's)."""
+        return self._distributed is not None
 
     def reduce(self, gathered: Gathered) -> Gathered:
         """One batch's metric pairs combined over all ranks (:meth:`DistributedContext.all_reduce_weighted`, one
@@ -247,7 +247,10 @@ class MetricEvaluator:
         """
         gathered = [self.evaluate_batch(batch, evaluate_settings) for batch in dataset]
         if self.distributed.world_size > 1:
-            local = self._combine_chunks(gathered) if gathered else {name: (0.0, 0.0) for name in self.metric_names}
+            local = {}
+            for name in self.metric_names:  # this rank's sums as numbers (one vectorised conversion per metric)
+                total, weight = self._weighted_sums([g[name][0] for g in gathered], [g[name][1] for g in gathered])
+                local[name] = (total / weight if weight else 0.0, weight)
             combined = self.reduce(local)
             if not to_number(next(iter(combined.values()))[1]):
                 raise ValueError(f"{self.name}: the dataset to evaluate yielded no batches on any rank")

@@ -346,8 +346,9 @@ def launch(function: Callable, *args: Any, num_processes: Optional[int] = None, 
 
     Processes are started with ``torch.multiprocessing.start_processes`` (``spawn``), on the loopback address
     with a free port; each gets the environment ``torchrun`` would set (``RANK``, ``LOCAL_RANK``, ``WORLD_SIZE``,
-    ``MASTER_ADDR``, ``MASTER_PORT``), so the ``DefaultTrainer`` joins the process group itself. When one process
-    raises, the others are terminated and the error (with the child's traceback) is raised here.
+    ``MASTER_ADDR``, ``MASTER_PORT``), so the ``DefaultTrainer`` joins the process group itself, and, unless set,
+    ``OMP_NUM_THREADS`` = CPU cores / processes. When one process raises, the others are terminated and the error
+    (with the child's traceback) is raised here.
 
     Args:
         function: A picklable (module-level) function.
@@ -368,11 +369,18 @@ def launch(function: Callable, *args: Any, num_processes: Optional[int] = None, 
         raise ValueError(f"num_processes must be an int >= 1, got {num_processes!r}")
     if num_processes == 1:
         return function(*args, **kwargs)
-    torch.multiprocessing.start_processes(
-        _launched,
-        args=(function, args, kwargs, num_processes, _free_port()),
-        nprocs=num_processes,
-        join=True,
-        start_method="spawn",
-    )
+    threads_set = "OMP_NUM_THREADS" in os.environ
+    if not threads_set:  # as torchrun does: the cores shared by the processes, not oversubscribed
+        os.environ["OMP_NUM_THREADS"] = str(max((os.cpu_count() or 1) // num_processes, 1))
+    try:
+        torch.multiprocessing.start_processes(
+            _launched,
+            args=(function, args, kwargs, num_processes, _free_port()),
+            nprocs=num_processes,
+            join=True,
+            start_method="spawn",
+        )
+    finally:
+        if not threads_set:
+            del os.environ["OMP_NUM_THREADS"]
     return None

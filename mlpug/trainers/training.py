@@ -51,6 +51,7 @@ from functools import partial
 from typing import Any, Optional
 
 from mlpug import data as data_module
+from mlpug import logging as mlpug_logging
 from mlpug import logs as logs_module
 from mlpug.distributed import DistributedContext
 from mlpug.logs import Deferred, MetricValues, to_number
@@ -156,6 +157,8 @@ class TrainingManager:
         self.num_batches_per_epoch = num_batches_per_epoch
         self.callbacks = callbacks
         self.distributed = distributed or trainer.distributed_context()
+        if self.distributed.world_size > 1:  # info lines on the primary only, warnings with the rank
+            mlpug_logging.set_rank(self.distributed.rank, self.distributed.world_size)
         self.handle_signals = handle_signals
         self.name = name
         self.resume_strict = resume_strict

@@ -101,6 +101,15 @@ def run_equivalence(variant: str, batch_size: int) -> dict:
     ]
     manager = mlp.trainers.TrainingManager(trainer, training_dataset, num_epochs=1, callbacks=callbacks)
     trainer.set_training_model(TrainModel(model))
+    all_reduces = []
+    if _world_size() > 1:  # count DDP's gradient all-reduces (of its one bucket: the model is small)
+        from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
+
+        def counting_hook(state, bucket):
+            all_reduces.append(bucket.index())
+            return allreduce_hook(None, bucket)
+
+        trainer.training_model.register_comm_hook(None, counting_hook)
     manager.start_training()
     dataset = manager.logs["current"]["validation"]["dataset"]
     return {
@@ -109,6 +118,7 @@ def run_equivalence(variant: str, batch_size: int) -> dict:
         "window_losses": recorder.window_losses,
         "validation": {"loss": dataset["loss"], "mae": dataset["mae"]},
         "num_batches_per_epoch": manager.num_batches_per_epoch,
+        "gradient_all_reduces": len(all_reduces),
     }
 
 

@@ -105,9 +105,13 @@ def test_two_ranks_of_batch_b_train_as_one_process_of_batch_2b(equivalence_runs,
     """2 gloo ranks x 8 samples against 1 process x 16 samples, 6 steps of SGD with momentum: the same weights
     (plain, DataLoader with a DistributedSampler, gradient accumulation in chunks of 3, bf16 autocast), the ranks
     bit-identical to each other, the same logged batch and window losses on both ranks (and as one process), and
-    the validation metrics over 10,001 samples (shards of 5,001 and 5,000) equal to the single-process values."""
+    the validation metrics over 10,001 samples (shards of 5,001 and 5,000) equal to the single-process values.
+    Broken on purpose (no ``no_sync``: DDP all-reduces in every chunk's backward), the accumulation case counts
+    18 gradient all-reduces instead of 6."""
     (rank0, rank1), single = equivalence_runs[variant]
     tolerance = TOLERANCES[variant]
+    # gradients all-reduced once per batch, also with 3 chunks per batch (no_sync for the first two)
+    assert rank0["gradient_all_reduces"] == rank1["gradient_all_reduces"] == 6
     assert rank0["num_batches_per_epoch"] == rank1["num_batches_per_epoch"] == single["num_batches_per_epoch"] == 6
     for name, value in single["weights"].items():
         assert torch.equal(rank0["weights"][name], rank1["weights"][name]), name

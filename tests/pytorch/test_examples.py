@@ -81,3 +81,41 @@ def test_batch_chunk_size_trains_like_whole_batches(fashion_mnist_dir, capsys):
     )
     assert manager.trainer.batch_chunk_size == 16
     assert manager.logs["current"]["validation"]["dataset"]["accuracy"] >= 0.80
+
+
+def _free_port():
+    import socket
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+@pytest.mark.timeout(600)
+@pytest.mark.parametrize("launcher", ["torchrun", "mlpug"])
+def test_the_example_trains_data_parallel_on_two_processes(fashion_mnist_dir, tmp_path, launcher):
+    """README: `torchrun --nproc_per_node 2 train.py --distributed` and `train.py --distributed 2` (mlpug's launcher)
+    train one epoch on 2 gloo processes to the accuracy of one process, print once (the primary), write the
+    checkpoints once."""
+    script = str(ROOT / "examples/fashion_mnist/pytorch/train.py")
+    arguments = ["--num-epochs", "1", "--data-dir", fashion_mnist_dir, "--log-period", "100000"]
+    arguments += ["--checkpoints-path", str(tmp_path)]
+    if launcher == "torchrun":
+        command = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-addr",
+                   "127.0.0.1", "--master-port", str(_free_port()), script, "--distributed", *arguments]  # fmt: skip
+    else:
+        command = [sys.executable, script, "--distributed", "2", *arguments]
+    env = {key: value for key, value in os.environ.items() if key != "OMP_NUM_THREADS"}
+    result = subprocess.run(command, capture_output=True, text=True, timeout=600, env=env)
+    assert result.returncode == 0, result.stdout + result.stderr
+    finals = [line for line in result.stdout.splitlines() if line.startswith("Final validation loss")]
+    assert len(finals) == 1, result.stdout
+    accuracy = float(finals[0].rsplit(" ", 1)[1])
+    assert accuracy >= 0.80
+    assert result.stdout.count("Training completed. All good!") == 1
+    assert result.stdout.count("Computed over dataset:") == 1
+    assert sorted(path.name for path in tmp_path.iterdir()) == [
+        "fashion-mnist-pytorch-best-model-checkpoint.safetensors",
+        "fashion-mnist-pytorch-latest-model-checkpoint.safetensors",
+        "fashion-mnist-pytorch-training-checkpoint.safetensors",
+    ]

@@ -11,6 +11,12 @@ mlpug.checkpointing for the file names). Stop with Ctrl-C or SIGTERM at any mome
 it stopped (also mid-epoch) with:
 
     python examples/fashion_mnist/pytorch/train.py --num-epochs 3 --resume latest
+
+Data-parallel on 2 processes (CPU: gloo; GPUs: NCCL, one GPU per process), either with torchrun or with mlpug's
+launcher; the script is the same as for one process (batch size per process, global batch 2 x 64):
+
+    torchrun --nproc_per_node 2 examples/fashion_mnist/pytorch/train.py --distributed
+    python examples/fashion_mnist/pytorch/train.py --distributed 2
 """
 
 import argparse
@@ -51,6 +57,16 @@ def parse_arguments(argv=None):
         choices=["bfloat16", "float16"],
         help="train with mixed precision: torch.autocast with this dtype (default when given without a value: "
         "bfloat16, which works on CPU; float16 adds loss scaling with a GradScaler)",
+    )
+    parser.add_argument(
+        "--distributed",
+        nargs="?",
+        type=int,
+        const=0,
+        default=None,
+        metavar="N",
+        help="data-parallel training: under torchrun, on its processes; else on N local processes started by "
+        "mlp.distributed.launch (default N: one per GPU, one without GPUs)",
     )
     parser.add_argument(
         "--checkpoints-path", default="checkpoints", help="directory of the checkpoint files (default: checkpoints)"
@@ -102,6 +118,12 @@ def accuracy(inputs):
 
 def main(argv=None):
     args = parse_arguments(argv)
+    if args.distributed is not None:
+        return mlp.distributed.launch(train, args, num_processes=args.distributed or None)
+    return train(args)
+
+
+def train(args):
     torch.manual_seed(args.seed)
     if args.num_threads:
         torch.set_num_threads(args.num_threads)
@@ -152,6 +174,8 @@ def main(argv=None):
     manager.start_training()
 
     validation = manager.logs["current"].get("validation", {}).get("dataset")
+    if not manager.distributed.is_primary:
+        return manager
     if validation is None:  # resumed from a checkpoint of a finished run: nothing left to train
         print(f"Nothing to train: the run already completed {manager.epoch} epoch(s)")
     else:

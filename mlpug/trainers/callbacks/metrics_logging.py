@@ -24,7 +24,7 @@ def _check_evaluator(metric_evaluator: Any) -> None:
 
 
 def _bind_distributed(metric_evaluator: MetricEvaluator, manager: Any) -> None:
-    """Give an evaluator without a distributed context (no trainer, none given) the manager's."""
+    """Give an evaluator without a distributed context of its own the manager's."""
     if not metric_evaluator.has_distributed_context:
         metric_evaluator.distributed = manager.distributed
 

@@ -9,10 +9,16 @@ Every rank must issue the collectives of a run in the same order. The core issue
 rank passes alike, never lazily where a consumer reads a value (consumers such as ``LogProgress`` act on the
 primary rank only):
 
-* after every training step, the batch metrics (``MetricEvaluator.reduce``, from the metric loggers' hooks);
-* at every batch boundary, whether any rank asks to stop (:meth:`DistributedContext.any_rank`: a stop request
-  or a signal), so that all ranks leave the loop after the same batch;
+* once per training step, one :class:`BatchReduction`: the batch loss (for the non-finite loss checks), the batch
+  metrics of the metric loggers (added in their batch-end hooks, which run before those of every other callback)
+  and whether this rank asks to stop (a stop request or a signal), in **one asynchronous collective**. Its values
+  wait for it when first read, where consumers read values anyway; the stop flag is read at the next batch
+  boundary, so a stop takes effect one batch after it was asked for, on every rank at the same batch;
+* at every epoch end, whether any rank asks to stop (:meth:`DistributedContext.any_rank`);
 * once per dataset evaluation, the sums and counts of its metrics.
+
+A tiny blocking all-reduce costs about 2 ms on a 2-core machine running two processes (``benchmarks/ddp.py``),
+more than the step itself, hence one asynchronous collective per step.
 
 A backend that does not support data-parallel training refuses a launch of several processes
 (``mlpug.tensorflow.distributed``) with :func:`several_processes_error`.
@@ -20,8 +26,8 @@ A backend that does not support data-parallel training refuses a launch of sever
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from typing import Any
+from collections.abc import Callable, Sequence
+from typing import Any, Optional
 
 
 class DistributedContext:
@@ -52,20 +58,21 @@ class DistributedContext:
         """True on every rank when ``flag`` is True on at least one rank (e.g. a stop request)."""
         return self.all_reduce_sum([1.0 if flag else 0.0])[0] > 0
 
-    def all_reduce_weighted(self, pairs: Sequence[tuple[Any, Any]]) -> list[tuple[Any, Any]]:
-        """Sample-weighted means over all ranks: per ``(mean_value, weight)`` pair of this rank, the pair
-        ``(sum_r(mean_value_r * weight_r) / sum_r(weight_r), sum_r(weight_r))``, never a mean of means.
-
-        Values and weights may be backend scalars; backends return backend scalars without waiting for the
-        device (one collective for all pairs). This default converts to Python numbers. A total weight of 0
-        gives the mean ``nan``.
-        """
+    def all_reduce_pairs_async(self, pairs: Sequence[tuple[Any, Any]]) -> Callable[[], list[float]]:
+        """One collective issued now for all ``(value, weight)`` pairs (backend scalars or numbers); returns a
+        function that waits for it and gives ``[sum_r(value * weight) for each pair] + [sum_r(weight) for each
+        pair]`` as Python floats. Default: computed now, blocking."""
         from mlpug.logs import to_number
 
         numbers = [(to_number(value), to_number(weight)) for value, weight in pairs]
         sums = self.all_reduce_sum([v * w for v, w in numbers] + [w for _, w in numbers])
-        count = len(numbers)
-        return [(sums[i] / sums[count + i] if sums[count + i] else float("nan"), sums[count + i]) for i in range(count)]
+        return lambda: sums
+
+    def all_reduce_weighted(self, pairs: Sequence[tuple[Any, Any]]) -> list[tuple[float, float]]:
+        """Sample-weighted means over all ranks, now (blocking): per ``(mean_value, weight)`` pair of this rank,
+        ``(sum_r(mean_value_r * weight_r) / sum_r(weight_r), sum_r(weight_r))``, never a mean of means; a total
+        weight of 0 gives the mean ``nan``."""
+        return _means(self.all_reduce_pairs_async(pairs)(), len(pairs))
 
 
 class SerialContext(DistributedContext):
@@ -82,6 +89,86 @@ class SerialContext(DistributedContext):
 
     def all_reduce_weighted(self, pairs: Sequence[tuple[Any, Any]]) -> list[tuple[Any, Any]]:
         return list(pairs)
+
+
+def _means(sums: Sequence[float], count: int) -> list[tuple[float, float]]:
+    return [(sums[i] / sums[count + i] if sums[count + i] else float("nan"), sums[count + i]) for i in range(count)]
+
+
+class BatchReduction:
+    """The one collective of a training step in data-parallel training (see the module docstring).
+
+    The manager creates one per step and adds the batch loss; the metric loggers add their metric pairs
+    (:meth:`add`) in their batch-end hooks; then the manager issues it (:meth:`issue`) with its stop flag, before
+    the batch-end hooks of every other callback. Every rank adds the same pairs in the same order.
+
+    Args:
+        context: The distributed context whose :meth:`DistributedContext.all_reduce_pairs_async` reduces.
+    """
+
+    def __init__(self, context: DistributedContext):
+        self.context = context
+        self._pairs: list = []
+        self._result: Optional[Callable[[], list[float]]] = None
+        self._numbers: Optional[list] = None
+
+    def add(self, pairs: Sequence[tuple[Any, Any]]) -> list[tuple[ReducedValue, ReducedValue]]:
+        """Add this rank's ``(mean_value, weight)`` pairs; return their values over all ranks, ``(mean, total
+        weight)`` as :class:`ReducedValue` s, readable once the reduction is issued.
+
+        Raises:
+            RuntimeError: The reduction was issued already (every rank must add before the manager issues it).
+        """
+        if self._result is not None:
+            raise RuntimeError(
+                "this step's metric reduction was issued already: a callback that reduces batch metrics must do so "
+                "in on_batch_training_completed and set reduces_batch_metrics = True, so that it runs before it"
+            )
+        start = len(self._pairs)
+        self._pairs.extend(pairs)
+        return [(ReducedValue(self, start + i, 0), ReducedValue(self, start + i, 1)) for i in range(len(pairs))]
+
+    def issue(self, stop: bool) -> None:
+        """Issue the collective of everything added, with this rank's stop flag."""
+        self._result = self.context.all_reduce_pairs_async([*self._pairs, (1.0 if stop else 0.0, 1.0)])
+
+    def any_rank_stops(self) -> bool:
+        """Whether any rank asked to stop when the reduction was issued (waits for it)."""
+        return self.value(len(self._pairs), 0) > 0
+
+    def value(self, index: int, part: int) -> float:
+        """Part 0 (mean) or 1 (total weight) of pair ``index`` over all ranks (waits for the collective once).
+
+        Raises:
+            RuntimeError: Read before the reduction was issued.
+        """
+        if self._numbers is None:
+            if self._result is None:
+                raise RuntimeError(
+                    "a value reduced over the ranks was read before this step's reduction was issued (in a hook of a "
+                    "callback with reduces_batch_metrics = True?): read it in a later hook or callback"
+                )
+            self._numbers = _means(self._result(), len(self._pairs) + 1)
+        return self._numbers[index][part]
+
+
+class ReducedValue:
+    """A mean (``part`` 0) or total weight (``part`` 1) over the ranks whose collective may still be running:
+    ``item()`` (what :func:`mlpug.logs.to_number` calls) waits for it and returns a Python float."""
+
+    __slots__ = ("_reduction", "_index", "_part")
+
+    def __init__(self, reduction: BatchReduction, index: int, part: int):
+        self._reduction, self._index, self._part = reduction, index, part
+
+    def item(self) -> float:
+        return self._reduction.value(self._index, self._part)
+
+    def __float__(self) -> float:
+        return self.item()
+
+    def __repr__(self) -> str:
+        return f"ReducedValue({'pending' if self._reduction._numbers is None else self.item()!r})"
 
 
 def several_processes_error(launch: str, single_process: str) -> RuntimeError:

@@ -125,17 +125,19 @@ class MetricEvaluator:
         """True when a context was given (or set by a metric logger: the manager's)."""
         return self._distributed is not None
 
-    def reduce(self, gathered: Gathered) -> Gathered:
-        """One batch's metric pairs combined over all ranks (:meth:`DistributedContext.all_reduce_weighted`, one
-        collective for all metrics); ``gathered`` itself in a single process.
+    def reduce(self, gathered: Gathered, reduction: Any = None) -> Gathered:
+        """One batch's metric pairs combined over all ranks: added to the step's ``reduction`` (a
+        :class:`mlpug.distributed.BatchReduction`: one collective for the whole step, values read lazily), or
+        without one reduced now (blocking); ``gathered`` itself in a single process.
 
         Every rank must call this for the same batches in the same order (the metric loggers do, in their
-        batch-end hooks); the values stay backend scalars (no device wait).
+        batch-end hooks).
         """
         distributed = self.distributed
         if distributed.world_size == 1:
             return gathered
-        reduced = distributed.all_reduce_weighted(list(gathered.values()))
+        pairs = list(gathered.values())
+        reduced = reduction.add(pairs) if reduction is not None else distributed.all_reduce_weighted(pairs)
         return dict(zip(gathered, reduced))
 
     @property

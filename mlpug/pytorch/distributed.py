@@ -9,10 +9,11 @@ where they are issued:
 
 * the gradient all-reduce is DDP's, in the backward pass of the last chunk of a batch (``no_sync`` before it:
   :class:`DDPGradientSync`);
-* the batch loss is reduced in every step (one asynchronous all-reduce of ``[loss * n, n]``), so the non-finite
-  loss policy and ``skip_step`` decide the same on every rank;
-* metrics are reduced as sums and counts (:meth:`TorchDistributedContext.all_reduce_weighted`);
-* stop requests and signals are agreed at every batch boundary on a CPU (gloo) group, so that agreeing never waits
+* the batch loss, the batch metrics (as sums and counts) and the stop flag of every step go in one asynchronous
+  all-reduce (``async_op=True``; :class:`mlpug.distributed.BatchReduction`), read where consumers read values
+  anyway; under ``non_finite_loss="skip_step"`` the trainer also waits for the loss over all ranks before the
+  optimizer step, so that every rank skips the same steps;
+* stop requests at epoch ends and other host values are agreed on a CPU (gloo) group, so that agreeing never waits
   for a GPU.
 
 Failure (see ``docs/distributed.md``): when a rank raises, it runs its end phases (no collective there) and exits
@@ -175,19 +176,21 @@ class TorchDistributedContext(DistributedContext):
         dist.broadcast(tensor, src=0, group=self._cpu_group)
         return int(tensor.item())
 
-    def all_reduce_weighted(self, pairs: Sequence[tuple[Any, Any]]) -> list[tuple[Any, Any]]:
-        """Per pair ``(sum(value * weight) / sum(weight), sum(weight))`` over the ranks as 0-d float64 tensors:
-        one all-reduce of a stacked tensor, not waited for (NCCL runs it on the device stream)."""
-        if not pairs:
-            return []
+    def all_reduce_pairs_async(self, pairs: Sequence[tuple[Any, Any]]) -> Callable[[], list[float]]:
+        """One asynchronous all-reduce (``async_op=True``) of the stacked float64 ``[value * weight..., weight...]``
+        on the default group's device; the returned function waits for it and converts (one device wait)."""
         device = self.device or torch.device("cpu")
         values = torch.stack([torch.as_tensor(value, device=device).detach().reshape(()) for value, _ in pairs])
         weights = torch.stack([torch.as_tensor(weight, device=device).detach().reshape(()) for _, weight in pairs])
-        sums = torch.cat([values.to(torch.float64) * weights.to(torch.float64), weights.to(torch.float64)])
-        dist.all_reduce(sums)
-        count = len(pairs)
-        means = sums[:count] / sums[count:]
-        return [(means[index], sums[count + index]) for index in range(count)]
+        values, weights = values.to(torch.float64), weights.to(torch.float64)
+        sums = torch.cat([values * weights, weights])
+        work = dist.all_reduce(sums, async_op=True)
+
+        def result() -> list[float]:
+            work.wait()
+            return sums.tolist()
+
+        return result
 
 
 class DDPGradientSync(GradientSync):

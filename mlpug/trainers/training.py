@@ -53,7 +53,7 @@ from typing import Any, Optional
 from mlpug import data as data_module
 from mlpug import logging as mlpug_logging
 from mlpug import logs as logs_module
-from mlpug.distributed import DistributedContext
+from mlpug.distributed import BatchReduction, DistributedContext
 from mlpug.logs import Deferred, MetricValues, to_number
 from mlpug.random_state import capture_random_states, get_random_states, plain_states, set_random_states
 from mlpug.trainers.arguments import check_callbacks, check_num_batches_per_epoch, check_positive_int
@@ -112,6 +112,8 @@ class TrainingManager:
         training_error: The exception that ended training (None while it runs or when it ended without one).
         step_result: The :class:`~mlpug.trainers.trainer.StepResult` of the batch being completed (raw model
             outputs: loss, auxiliary results; read them in ``on_batch_training_completed``); never in ``logs``.
+        batch_reduction: With several ranks, the :class:`~mlpug.distributed.BatchReduction` of the batch being
+            completed (the step's one collective; callbacks with ``reduces_batch_metrics`` add to it); else None.
 
     Raises:
         TypeError / ValueError: At construction, for a bad trainer, dataset, epoch/batch count, callback or callback
@@ -171,6 +173,7 @@ class TrainingManager:
         )
 
         self._stop_requested = False
+        self.batch_reduction: Optional[BatchReduction] = None  # several ranks: this step's one collective
         self._received_signal: Optional[int] = None
         self._failed_hook: Optional[str] = None  # the hook that raised, for the failure note
         self.step_result: Optional[StepResult] = None
@@ -294,6 +297,7 @@ class TrainingManager:
             self.set_state(resume_state)
         self.training_error = None
         self._stop_requested, self._received_signal, self._failed_hook = False, None, None
+        self.batch_reduction = None
         stopped_on_error = False
         previous_handlers = (
             install_stop_handlers(lambda: self._received_signal, partial(setattr, self, "_received_signal"))
@@ -362,7 +366,7 @@ class TrainingManager:
             self._dispatch("on_epoch_completed", logs)
             self.epoch, self.batch_step = epoch + 1, 0
             self._dispatch("on_epoch_checkpoint", logs)
-            if self._should_stop():
+            if self._should_stop(epoch_end=True):
                 return
         self.epoch = self.num_epochs
 
@@ -371,8 +375,12 @@ class TrainingManager:
         trainer, training_settings = self.trainer, logs["training_settings"]
         start_hooks = self._hooks["on_batch_training_start"]
         completed_hooks = self._hooks["on_batch_training_completed"]
+        # several ranks: the callbacks that add to the step's reduction first, then it is issued, then the others
+        reducing_hooks = [(c, m) for c, m in completed_hooks if c.reduces_batch_metrics]
+        other_completed_hooks = [(c, m) for c, m in completed_hooks if not c.reduces_batch_metrics]
         checkpoint_hooks = self._hooks["on_batch_checkpoint"]
         epoch, new_current, non_finite = self.epoch, logs_module.new_current, self.non_finite
+        distributed = self.distributed if self.distributed.world_size > 1 else None
         for batch_step in range(self.batch_step, self.num_batches_per_epoch):
             if self._should_stop():
                 return False
@@ -399,11 +407,23 @@ class TrainingManager:
             params["batch_size"] = _deferred_number(result.num_samples)
             params["optimizer_step_skipped"] = _deferred_number(result.optimizer_step_skipped)
             current["training"]["batch"] = MetricValues()
-            non_finite.record(result.loss, self.global_iter, epoch, batch_step)
+            # several ranks: the loss over all ranks, so that every rank finds a non-finite loss at the same batch
+            if distributed is None:
+                non_finite.record(result.loss, self.global_iter, epoch, batch_step)
+            else:  # the loss over all ranks: every rank finds a non-finite loss at the same batch
+                self.batch_reduction = reduction = BatchReduction(distributed)
+                non_finite.record(
+                    reduction.add([(result.loss, result.num_samples)])[0][0], self.global_iter, epoch, batch_step
+                )
             self.global_iter += 1
             self.batch_step = batch_step + 1
-            if completed_hooks:
-                self._call(completed_hooks, "on_batch_training_completed", batch, logs)
+            if distributed is None:
+                if completed_hooks:
+                    self._call(completed_hooks, "on_batch_training_completed", batch, logs)
+            else:
+                self._call(reducing_hooks, "on_batch_training_completed", batch, logs)
+                reduction.issue(self._stop_requested or self._received_signal is not None)
+                self._call(other_completed_hooks, "on_batch_training_completed", batch, logs)
             if checkpoint_hooks:
                 self._call(checkpoint_hooks, "on_batch_checkpoint", logs)
         return True
@@ -425,14 +445,21 @@ class TrainingManager:
         state, self._pending_random_state = self._pending_random_state, None
         set_random_states(self._random_state_providers, state or {})
 
-    def _should_stop(self) -> bool:
-        """Whether to leave the loop now; with several ranks, True on every rank when any rank asks (one
-        collective at every batch boundary: all ranks stop after the same batch)."""
+    def _should_stop(self, epoch_end: bool = False) -> bool:
+        """Whether to leave the loop now. With several ranks, every rank decides alike: at a batch boundary from the
+        stop flags of the step before (in its :class:`~mlpug.distributed.BatchReduction`: a stop takes effect one
+        batch after it was asked for), at an epoch end from an agreement made now."""
         stop = self._stop_requested or self._received_signal is not None
-        if self.distributed.world_size > 1 and self.distributed.any_rank(stop):
-            self._stop_requested = self._stop_requested or not stop  # another rank asked: stop here too
-            return True
-        return stop
+        if self.distributed.world_size == 1:
+            return stop
+        if epoch_end:
+            previous = self.batch_reduction is not None and self.batch_reduction.any_rank_stops()
+            agreed = self.distributed.any_rank(stop or previous)
+        else:
+            agreed = self.batch_reduction is not None and self.batch_reduction.any_rank_stops()
+        if agreed and not stop:
+            self._stop_requested = True  # another rank asked: stop here too
+        return agreed
 
     def _end_training(self, stopped_on_error: bool) -> None:
         interrupted_by = self._received_signal

@@ -24,12 +24,11 @@ def single_process_logging_afterwards():
 
 class FakeRankContext(DistributedContext):
     """Rank ``rank`` of a world of 2 whose other rank holds the same values: sums are doubled; ``stop_from_other``
-    says at which call of ``any_rank`` the other rank asks to stop."""
+    says at which collective the other rank asks to stop (its stop flag, the last value, is 1)."""
 
     def __init__(self, rank, stop_from_other=None):
         self.rank, self.world_size = rank, 2
         self.collectives = []
-        self._any_rank_calls = 0
         self.stop_from_other = stop_from_other
 
     def barrier(self):
@@ -37,12 +36,14 @@ class FakeRankContext(DistributedContext):
 
     def all_reduce_sum(self, values):
         self.collectives.append(("all_reduce_sum", len(values)))
-        return [2 * value for value in values]
+        sums = [2 * value for value in values]
+        if len(self.collectives) == self.stop_from_other:
+            sums[len(values) // 2 - 1] += 1.0  # the other rank's stop flag in a step's reduction
+        return sums
 
     def any_rank(self, flag):
         self.collectives.append("any_rank")
-        self._any_rank_calls += 1
-        return flag or self._any_rank_calls == self.stop_from_other
+        return flag
 
 
 class Reader(Callback):
@@ -74,14 +75,14 @@ def run_rank(rank, stop_from_other=None, num_epochs=2):
 
 def test_every_rank_issues_the_same_collectives_in_the_same_order_whatever_it_reads(capsys):
     """Rank 0 prints and reads every value, rank 1 reads nothing: the same sequence of collectives, at fixed
-    points: per batch the stop agreement, the training metrics and the batch-level test metrics; per epoch end
-    one reduction of the dataset metrics (3 metric pairs as sums and counts) and a stop agreement."""
+    points: per batch one, of the loss, the training metrics, the batch-level test metrics (2 each) and the stop
+    flag (6 pairs as sums and counts); per epoch end one reduction of the dataset metrics and a stop agreement."""
     primary, primary_context = run_rank(0)
     printed = capsys.readouterr().out
     other, other_context = run_rank(1)
     assert "Epoch 1/1\tREADY" in printed and capsys.readouterr().out == ""  # rank 1 prints nothing
     assert primary_context.collectives == other_context.collectives
-    per_batch = ["any_rank", ("all_reduce_sum", 4), ("all_reduce_sum", 4)]  # training and probe: 2 metrics each
+    per_batch = [("all_reduce_sum", 12)]
     per_epoch = per_batch * 3 + [("all_reduce_sum", 4), "any_rank"]  # validation dataset, then the epoch-end stop
     assert primary_context.collectives == per_epoch * 2
     # values reduced as sums and counts: the other rank holds the same values, so the means are this rank's
@@ -91,9 +92,11 @@ def test_every_rank_issues_the_same_collectives_in_the_same_order_whatever_it_re
 
 
 def test_a_stop_asked_by_another_rank_stops_this_rank_after_the_same_batch():
-    """The other rank asks at the 6th agreement (3 batch boundaries and the end of epoch 0, then 2 boundaries of
-    epoch 1: its SIGTERM, or a callback's stop_training): this rank stops there too, after 4 batches."""
-    manager, _ = run_rank(1, stop_from_other=6)
+    """The other rank asks in the reduction of the 4th step (collectives: 3 steps, the dataset metrics and the
+    epoch-end stop agreement of epoch 0, then step 4; its SIGTERM or a callback's stop_training): this rank stops
+    at the next batch boundary too, after 4 batches."""
+    manager, context = run_rank(1, stop_from_other=6)
+    assert context.collectives[5] == ("all_reduce_sum", 12)
     assert manager.global_iter == 4
     assert (manager.epoch, manager.batch_step) == (1, 1)
 

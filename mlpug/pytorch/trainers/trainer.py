@@ -19,6 +19,7 @@ optimizer.step()``.
 from __future__ import annotations
 
 import inspect
+import math
 from collections.abc import Callable, Mapping, Sequence
 from functools import partial
 from typing import Any, Optional
@@ -28,6 +29,7 @@ import torch
 from mlpug.chunking import BatchChunk, ChunkResult
 from mlpug.data import DataSource
 from mlpug.distributed import DistributedContext
+from mlpug.logs import to_number
 from mlpug.pytorch.chunking import batch_chunker
 from mlpug.pytorch.distributed import (
     DDPGradientSync,
@@ -91,9 +93,10 @@ class DefaultTrainer(_NeutralDefaultTrainer):
     in :meth:`set_training_model` (parameters broadcast from rank 0 there), replaces :attr:`gradient_sync` by a
     :class:`~mlpug.pytorch.distributed.DDPGradientSync` (gradients all-reduced once per batch, in the last chunk's
     backward pass), shards the training and evaluation datasets by rank (:meth:`training_data_source`,
-    :meth:`evaluation_dataset`), and the ``StepResult.loss`` of every step is the sample-weighted mean over all
-    ranks (one asynchronous all-reduce), so that every rank decides alike on non-finite losses. Batch sizes are
-    per rank (as in a ``DataLoader`` per process); evaluation runs the unwrapped model (no collective).
+    :meth:`evaluation_dataset`). ``StepResult`` holds this rank's loss and outputs; the manager and the metric
+    loggers reduce them over the ranks. Under ``non_finite_loss="skip_step"`` the trainer waits for the loss over
+    all ranks before the optimizer step, so that every rank skips the same steps. Batch sizes are per rank (as in
+    a ``DataLoader`` per process); evaluation runs the unwrapped model (no collective).
 
     The training model, set with :meth:`set_training_model`, is a ``torch.nn.Module`` whose
     ``forward(batch_data, evaluate_settings, inference_mode=None)`` returns the loss (see
@@ -240,14 +243,18 @@ class DefaultTrainer(_NeutralDefaultTrainer):
         result = self.chunking.run(partial(self._chunk_step, training_settings), batch)
         self.gradient_sync.reduce(result.gradients)
         outputs = result.outputs
-        loss = outputs.loss
-        if self._distributed.world_size > 1:  # the mean over all ranks: the same non-finite decisions everywhere
-            loss = self._distributed.all_reduce_weighted([(loss, outputs.num_samples)])[0][0]
-        if self.skip_non_finite_steps and not bool(torch.isfinite(loss).all()):  # waits for the device
+        if self.skip_non_finite_steps and not self._is_finite(outputs.loss, outputs.num_samples):
             skipped: Any = True
         else:
             skipped = self.precision.step(self.optimizers)
-        return StepResult(loss, outputs.num_samples, outputs.auxiliary_results, skipped, self._learning_rate())
+        return StepResult(outputs.loss, outputs.num_samples, outputs.auxiliary_results, skipped, self._learning_rate())
+
+    def _is_finite(self, loss: torch.Tensor, num_samples: Any) -> bool:
+        """Whether the batch loss is finite: on this rank (waits for the device), or with several ranks over all
+        ranks (waits for an all-reduce too), so that every rank skips the same steps."""
+        if self._distributed.world_size > 1:
+            return math.isfinite(self._distributed.all_reduce_weighted([(loss, num_samples)])[0][0])
+        return bool(torch.isfinite(loss).all())
 
     def _chunk_step(self, training_settings: Any, chunk: BatchChunk) -> ChunkResult:
         """Forward and backward pass of one chunk (the whole batch without chunking); outputs detached."""
@@ -267,7 +274,13 @@ class DefaultTrainer(_NeutralDefaultTrainer):
         first = next((value for value in values if isinstance(value, torch.Tensor)), None)
         device = first.device if first is not None else "cpu"
         stacked = torch.stack(
-            [torch.as_tensor(value, device=device).detach().reshape(()).to(torch.float64) for value in values]
+            [
+                torch.as_tensor(value if isinstance(value, torch.Tensor) else to_number(value), device=device)
+                .detach()
+                .reshape(())
+                .to(torch.float64)
+                for value in values
+            ]
         )
         return (~torch.isfinite(stacked)).nonzero().flatten().tolist()
 

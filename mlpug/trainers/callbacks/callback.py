@@ -62,6 +62,11 @@ class Callback:
         self._log = logging.getLogger(f"mlpug.{type(self).__name__}")
 
     # Producers / consumers of logs sections (dataset names such as "training" or "validation", or "best").
+    reduces_batch_metrics: bool = False
+    """True for a callback that adds batch metrics to the step's reduction over the ranks
+    (``manager.batch_reduction``, see :mod:`mlpug.distributed`) in ``on_batch_training_completed``: that hook runs
+    before the batch-end hooks of all other callbacks."""
+
     @property
     def produces(self) -> frozenset:
         """What this callback writes into ``logs`` (see the class docstring); default nothing."""

@@ -123,6 +123,8 @@ class TrainingMetricsLogger(Callback):
         name: Unique callback name.
     """
 
+    reduces_batch_metrics = True
+
     def __init__(
         self, metric_evaluator: MetricEvaluator, window_length: Optional[int] = None, name: Optional[str] = None
     ):
@@ -162,7 +164,8 @@ class TrainingMetricsLogger(Callback):
         current = logs["current"]
         batch_logs = current["training"]["batch"]
         evaluator = self.metric_evaluator
-        gathered = evaluator.reduce(evaluator.gather(training_batch, self.training_manager.step_result))
+        manager = self.training_manager
+        gathered = evaluator.reduce(evaluator.gather(training_batch, manager.step_result), manager.batch_reduction)
         batch_logs.update_deferred(self.metric_evaluator.batch_values(gathered))
         current["training"]["window_average"] = self._window.append(gathered)
         durations, duration = self._durations, current["training_params"]["batch"]["duration"]
@@ -209,6 +212,7 @@ class TestMetricsLogger(Callback):
     """
 
     __test__ = False  # not a pytest test class
+    reduces_batch_metrics = True  # with batch_level
 
     def __init__(
         self,
@@ -280,7 +284,7 @@ class TestMetricsLogger(Callback):
             self._batches = self._cycle()
         with isolated_random_states(self._random_state_providers):  # iter(DataLoader) draws random numbers
             gathered = self.metric_evaluator.evaluate_batch(next(self._batches), self.evaluate_settings)
-        gathered = self.metric_evaluator.reduce(gathered)
+        gathered = self.metric_evaluator.reduce(gathered, self.training_manager.batch_reduction)
         section = self._dataset_logs(logs)
         section["batch"] = self.metric_evaluator.batch_values(gathered)
         section["window_average"] = self._window.append(gathered)

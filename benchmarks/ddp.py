@@ -1,0 +1,124 @@
+"""Data-parallel training with mlpug on PyTorch: scaling of 1 vs 2 processes, and mlpug DDP vs a hand-written DDP loop.
+
+Job: MLP 784-256-256-10, Adam 1e-3, batch 64 per process, one epoch of the real Fashion-MNIST training set
+(60,000 samples: 938 batches in one process, 469 per rank on two), 1 CPU thread per process, gloo on the loopback
+address. Every variant iterates a pre-built list of this rank's batches (rank ``r`` takes every second batch of the
+one-process order), so data loading costs nothing and only the loop and its communication are compared:
+
+* raw DDP: ``DistributedDataParallel`` and ``zero_grad; loss = ...; backward; step``, the loss accumulated as a
+  tensor and printed every 200 batches (one ``.item()`` per print), as a hand-written loop does;
+* mlpug DDP: ``DefaultTrainer`` + ``TrainingManager`` with ``TrainingMetricsLogger`` and ``LogProgress(log_period=
+  200)`` under the same launch: mlpug adds, per step, the all-reduce of the loss (mean over ranks), of the metric
+  sums and counts, and the stop agreement (a 4-byte all-reduce);
+* mlpug, one process: the same job in one process with 1 and with 2 threads (this machine has 2 cores: two
+  processes of one thread use the same cores as one process of two threads, so that is the honest baseline).
+
+The two DDP variants run side by side in the same two processes, in rotating order within every repetition, with
+the garbage collector as users run it and frozen (see ``timing.py``); rank 0 reports. Target: mlpug DDP / raw DDP
+<= 1.05.
+
+    .venv/bin/python benchmarks/ddp.py --repetitions 7
+"""
+
+import argparse
+import contextlib
+import io
+import json
+import os
+import platform
+import statistics
+import tempfile
+
+import torch
+from overhead_pytorch import LOG_PERIOD, make_batches, make_model, run_mlpug
+from timing import clock, elapsed, interleaved, report
+
+import mlpug.pytorch as mlp
+
+NUM_SAMPLES = 60_000
+
+
+def run_raw_ddp(batches):
+    model, optimizer = make_model()
+    ddp_model = torch.nn.parallel.DistributedDataParallel(model)
+    loss_func = torch.nn.CrossEntropyLoss()
+    start = clock()
+    running_loss, count = torch.zeros(()), 0
+    for step, (images, labels) in enumerate(batches, start=1):
+        optimizer.zero_grad(set_to_none=True)
+        loss = loss_func(ddp_model(images), labels)
+        loss.backward()
+        optimizer.step()
+        running_loss += loss.detach()
+        count += 1
+        if step % LOG_PERIOD == 0:
+            print(f"batch {step}: mean loss {running_loss.item() / count:.3f}")
+            running_loss, count = torch.zeros(()), 0
+    return elapsed(start)
+
+
+def run_mlpug_ddp(batches):
+    return run_mlpug(batches)  # the same code as one process: the trainer finds the process group itself
+
+
+def _worker(args, result_path):
+    torch.set_num_threads(1)
+    mlp.logging.set_level("ERROR")  # a pre-sharded list cannot be sharded: that warning is expected here
+    rank, world_size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    batches = make_batches(args.batch_size)[rank::world_size]  # 469 batches per rank (the last has 32 samples)
+    model, optimizer = make_model()
+    mlp.trainers.DefaultTrainer(optimizer, model)  # joins the process group
+    for warm_up in (run_raw_ddp, run_mlpug_ddp):
+        warm_up(batches[:30])
+    times = interleaved({"raw DDP": run_raw_ddp, "mlpug DDP": run_mlpug_ddp}, batches, args.repetitions)
+    if rank == 0:
+        with open(result_path, "w") as file:
+            json.dump({f"{name}|{mode}": values for (name, mode), values in times.items()}, file)
+
+
+def _single_process(batches, threads, repetitions):
+    torch.set_num_threads(threads)
+    run_mlpug(batches[:30])
+    return [run_mlpug(batches)[0] for _ in range(repetitions)]
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--repetitions", type=int, default=7)
+    parser.add_argument("--batch-size", type=int, default=64)
+    args = parser.parse_args()
+    mlp.logging.set_level("WARNING")
+    with tempfile.TemporaryDirectory() as directory:
+        result_path = os.path.join(directory, "ddp.json")
+        mlp.distributed.launch(_worker, args, result_path, num_processes=2)
+        with open(result_path) as file:
+            raw = json.load(file)
+    times = {tuple(key.split("|")): [tuple(value) for value in values] for key, values in raw.items()}
+    batches = make_batches(args.batch_size)
+    with contextlib.redirect_stdout(io.StringIO()):
+        single = {threads: _single_process(batches, threads, args.repetitions) for threads in (1, 2)}
+    print(
+        f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}, "
+        f"gloo, batch {args.batch_size} per process, {args.repetitions} repetitions"
+    )
+    report(times, [("mlpug DDP", "raw DDP")])
+    print()
+    print("| run | processes x threads | epoch wall median (s) | samples/s | speed-up |")
+    print("|---|---|---|---|---|")
+    base = statistics.median(single[1])
+
+    def users_median(name):
+        return statistics.median(value[0] for value in times[(name, "gc as users run it")])
+
+    rows = [
+        ("mlpug, one process", "1 x 1", base),
+        ("mlpug, one process", "1 x 2", statistics.median(single[2])),
+        ("mlpug DDP (GC as users run it)", "2 x 1", users_median("mlpug DDP")),
+        ("raw DDP (GC as users run it)", "2 x 1", users_median("raw DDP")),
+    ]
+    for name, layout, seconds in rows:
+        print(f"| {name} | {layout} | {seconds:.3f} | {NUM_SAMPLES / seconds:,.0f} | {base / seconds:.2f} |")
+
+
+if __name__ == "__main__":
+    main()

@@ -41,6 +41,7 @@ benchmark: setup data  # results go into benchmarks/RESULTS.md by hand, with com
 	$(PY) benchmarks/checkpoint.py --backend pytorch
 	$(PY) benchmarks/checkpoint.py --backend tensorflow
 	$(PY) benchmarks/memory.py
+	$(PY) benchmarks/ddp.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache

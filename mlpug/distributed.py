@@ -12,8 +12,9 @@ primary rank only):
 * once per training step, one :class:`BatchReduction`: the batch loss (for the non-finite loss checks), the batch
   metrics of the metric loggers (added in their batch-end hooks, which run before those of every other callback)
   and whether this rank asks to stop (a stop request or a signal), in **one asynchronous collective**. Its values
-  wait for it when first read, where consumers read values anyway; the stop flag is read at the next batch
-  boundary, so a stop takes effect one batch after it was asked for, on every rank at the same batch;
+  wait for it when first read, where consumers read values anyway; the stop flag is read two batch
+  boundaries later (its collective ran meanwhile, so reading does not wait): a stop takes effect two batches after
+  it was asked for, on every rank at the same batch;
 * at every epoch end, whether any rank asks to stop (:meth:`DistributedContext.any_rank`);
 * once per dataset evaluation, the sums and counts of its metrics.
 

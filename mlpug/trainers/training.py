@@ -23,6 +23,8 @@ Life cycle (every hook goes to every callback, producers first: see ``dispatch_o
             on_batch_training_failed(exception, logs)            # only when the step raised -> failure path
             [counters advance: global_iter + 1, batch_step + 1]
             on_batch_training_completed(batch, logs)             # metrics are produced and consumed here
+                [several ranks: callbacks with reduces_batch_metrics first, then the step's one collective
+                 (manager.batch_reduction: loss, batch metrics, stop flag) is issued, then the other callbacks]
             on_batch_checkpoint(logs)                            # checkpoint phase: savers write here
         [non-finite losses of the epoch checked (also when consumers read values, and at the end)]
         on_epoch_completed(logs)                                 # only for a completed epoch
@@ -174,6 +176,7 @@ class TrainingManager:
 
         self._stop_requested = False
         self.batch_reduction: Optional[BatchReduction] = None  # several ranks: this step's one collective
+        self._stop_reductions: tuple = (None, None)  # several ranks: the reductions of the last two steps
         self._received_signal: Optional[int] = None
         self._failed_hook: Optional[str] = None  # the hook that raised, for the failure note
         self.step_result: Optional[StepResult] = None
@@ -297,7 +300,7 @@ class TrainingManager:
             self.set_state(resume_state)
         self.training_error = None
         self._stop_requested, self._received_signal, self._failed_hook = False, None, None
-        self.batch_reduction = None
+        self.batch_reduction, self._stop_reductions = None, (None, None)
         stopped_on_error = False
         previous_handlers = (
             install_stop_handlers(lambda: self._received_signal, partial(setattr, self, "_received_signal"))
@@ -412,6 +415,7 @@ class TrainingManager:
                 non_finite.record(result.loss, self.global_iter, epoch, batch_step)
             else:  # the loss over all ranks: every rank finds a non-finite loss at the same batch
                 self.batch_reduction = reduction = BatchReduction(distributed)
+                self._stop_reductions = (self._stop_reductions[1], reduction)
                 non_finite.record(
                     reduction.add([(result.loss, result.num_samples)])[0][0], self.global_iter, epoch, batch_step
                 )
@@ -447,16 +451,18 @@ class TrainingManager:
 
     def _should_stop(self, epoch_end: bool = False) -> bool:
         """Whether to leave the loop now. With several ranks, every rank decides alike: at a batch boundary from the
-        stop flags of the step before (in its :class:`~mlpug.distributed.BatchReduction`: a stop takes effect one
-        batch after it was asked for), at an epoch end from an agreement made now."""
+        stop flags in the :class:`~mlpug.distributed.BatchReduction` of the step before the last one (its collective
+        ran during the last step, so reading it does not wait: a stop takes effect two batches after it was asked
+        for), at an epoch end from an agreement made now."""
         stop = self._stop_requested or self._received_signal is not None
         if self.distributed.world_size == 1:
             return stop
+        older, latest = self._stop_reductions
         if epoch_end:
-            previous = self.batch_reduction is not None and self.batch_reduction.any_rank_stops()
-            agreed = self.distributed.any_rank(stop or previous)
+            asked = any(reduction is not None and reduction.any_rank_stops() for reduction in (older, latest))
+            agreed = self.distributed.any_rank(stop or asked)
         else:
-            agreed = self.batch_reduction is not None and self.batch_reduction.any_rank_stops()
+            agreed = older is not None and older.any_rank_stops()
         if agreed and not stop:
             self._stop_requested = True  # another rank asked: stop here too
         return agreed

@@ -93,12 +93,13 @@ def test_every_rank_issues_the_same_collectives_in_the_same_order_whatever_it_re
 
 def test_a_stop_asked_by_another_rank_stops_this_rank_after_the_same_batch():
     """The other rank asks in the reduction of the 4th step (collectives: 3 steps, the dataset metrics and the
-    epoch-end stop agreement of epoch 0, then step 4; its SIGTERM or a callback's stop_training): this rank stops
-    at the next batch boundary too, after 4 batches."""
+    epoch-end stop agreement of epoch 0, then step 4; its SIGTERM or a callback's stop_training). The flag is
+    read at the boundary after the next step (its collective ran during that step, so reading it does not wait):
+    this rank stops there too, after 5 batches."""
     manager, context = run_rank(1, stop_from_other=6)
     assert context.collectives[5] == ("all_reduce_sum", 12)
-    assert manager.global_iter == 4
-    assert (manager.epoch, manager.batch_step) == (1, 1)
+    assert manager.global_iter == 5
+    assert (manager.epoch, manager.batch_step) == (1, 2)
 
 
 def test_dataset_metrics_are_sums_and_counts_over_the_ranks_never_means_of_means():

@@ -166,9 +166,9 @@ def uninterrupted(tmp_path_factory):
 @pytest.mark.timeout(600)
 def test_sigterm_on_one_rank_stops_every_rank_after_the_same_batch_and_resumes_exactly(tmp_path, uninterrupted):
     """SIGTERM reaches rank 1 only, after global iteration 6 of 24. The ranks agree to stop after the same batch
-    (otherwise rank 0 would wait in the next step's all-reduce until the time-out), the agreement asked for before
-    batch 7 being read before batch 8: rank 1 ends with 143, rank 0 stops early, the primary writes the training
-    checkpoint that continues at batch 8. Resumed on 2 ranks, the final
+    (otherwise rank 0 would wait in the next step's all-reduce until the time-out): the flag goes into the step
+    reduction of batch 7 and is read two batch boundaries later, before batch 9; rank 1 ends with 143, rank 0
+    stops early, the primary writes the training checkpoint that continues at batch 9. Resumed on 2 ranks, the final
     weights equal an uninterrupted 2-rank run bit for bit."""
     results = run_ranks("train", str(tmp_path), "--stop-at", "6", "--stop-how", "TERM", "--stop-rank", "1")
     (code0, output0, _), (code1, output1, _) = results
@@ -176,7 +176,7 @@ def test_sigterm_on_one_rank_stops_every_rank_after_the_same_batch_and_resumes_e
     assert code0 == 0, output0
     assert "Training stopped early" in output0 and "interrupted by signal SIGTERM" in output1
     checkpoint = mlp.load_training_checkpoint(str(tmp_path / "model-training-checkpoint.safetensors"))
-    assert (checkpoint["epoch"], checkpoint["batch_step"], checkpoint["global_iter"]) == (0, 8, 8)
+    assert (checkpoint["epoch"], checkpoint["batch_step"], checkpoint["global_iter"]) == (0, 9, 9)
     _assert_ok(run_ranks("train", str(tmp_path), "--resume"))
     for weights in _final_weights(tmp_path):
         _assert_same_weights(weights, uninterrupted)

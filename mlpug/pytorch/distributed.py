@@ -320,6 +320,32 @@ def shard_evaluation_dataset(dataset: Any, context: TorchDistributedContext) -> 
     return dataset
 
 
+def warn_if_random_states_differ(context: TorchDistributedContext) -> bool:
+    """Warn (on every rank whose state differs) when this rank's torch CPU random state is not rank 0's.
+
+    A training checkpoint holds the primary rank's random states, which every rank restores on resume: exact when
+    the ranks draw alike (the same seed), otherwise the other ranks' streams (e.g. their dropout masks) continue
+    from rank 0's after a resume. Called by the ``DefaultTrainer`` in ``set_training_model`` (every rank; two
+    small collectives).
+
+    Returns:
+        True when some rank's state differs.
+    """
+    import zlib
+
+    own = zlib.crc32(torch.random.get_rng_state().numpy().tobytes())
+    differs = own != context.broadcast_int(own)
+    any_differs = context.any_rank(differs)
+    if differs:
+        _log.warning(
+            f"rank {context.rank}'s torch random state differs from rank 0's (seeded differently?): a training "
+            "checkpoint holds rank 0's random states, which every rank restores, so after a resume this rank's "
+            "random draws (e.g. dropout) do not continue exactly. Seed every rank alike (torch.manual_seed(seed)) "
+            "for an exact resume."
+        )
+    return any_differs
+
+
 def _free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
         probe.bind(("127.0.0.1", 0))

@@ -140,13 +140,17 @@ class StopAt(mlp.callbacks.Callback):
         return {}
 
 
-def run_training(out_dir: str, num_epochs: int, resume: bool, stop: tuple | None = None) -> torch.nn.Module:
+def run_training(
+    out_dir: str, num_epochs: int, resume: bool, stop: tuple | None = None, seed_by_rank: bool = False
+) -> torch.nn.Module:
     """Two epochs of 12 batches of 4 samples per rank with checkpoints in ``out_dir`` (epoch level, or every batch
     for the SIGKILL restart), resumable from the latest training checkpoint."""
     torch.set_num_threads(1)
     inputs, targets = make_data(4 * 12 * _world_size(), seed=4)
     training_dataset = mlp.data.ResumableArrayBatches((inputs, targets), 4, shuffle=True, seed=5)
     model = make_model()
+    if seed_by_rank:
+        torch.manual_seed(int(os.environ.get("RANK", "0")))
     optimizer = torch.optim.Adam(model.parameters(), lr=0.01)
     trainer = mlp.trainers.DefaultTrainer(optimizer, model)
     evaluator = mlp.evaluation.MetricEvaluator(trainer=trainer)
@@ -186,6 +190,7 @@ def main(argv=None) -> None:
     parser.add_argument("--stop-at", type=int, default=None)
     parser.add_argument("--stop-how", choices=["TERM", "KILL", "RAISE"], default="TERM")
     parser.add_argument("--stop-rank", type=int, default=1)
+    parser.add_argument("--seed-by-rank", action="store_true")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
     rank = os.environ.get("RANK", "0")
@@ -194,7 +199,7 @@ def main(argv=None) -> None:
             torch.save(run_equivalence(variant, batch_size=8), os.path.join(args.out_dir, f"{variant}-rank{rank}.pt"))
     else:
         stop = None if args.stop_at is None else (args.stop_at, args.stop_how, args.stop_rank)
-        run_training(args.out_dir, args.num_epochs, args.resume, stop)
+        run_training(args.out_dir, args.num_epochs, args.resume, stop, args.seed_by_rank)
 
 
 if __name__ == "__main__":

@@ -154,10 +154,15 @@ def _assert_same_weights(actual: dict, expected: dict) -> None:
         assert torch.equal(actual[name], value), name
 
 
+RANDOM_STATES_DIFFER = "torch random state differs from rank 0's"
+
+
 @pytest.fixture(scope="module")
 def uninterrupted(tmp_path_factory):
     out = tmp_path_factory.mktemp("ddp-uninterrupted")
-    _assert_ok(run_ranks("train", str(out)))
+    results = run_ranks("train", str(out))
+    _assert_ok(results)
+    assert not any(RANDOM_STATES_DIFFER in output for _, output, _ in results)  # seeded alike: no warning
     weights = _final_weights(out)
     _assert_same_weights(weights[1], weights[0])
     return weights[0]
@@ -213,6 +218,18 @@ def test_when_one_rank_raises_every_rank_exits_within_the_bound(tmp_path):
     assert code1 == 1 and "ValueError: rank 1 fails on purpose at global iteration 3" in output1
     assert code0 == 1, output0
     assert max(seconds0, seconds1) < 60
+
+
+@pytest.mark.timeout(300)
+def test_ranks_seeded_differently_are_warned_about_at_the_start(tmp_path):
+    """A checkpoint holds rank 0's random states, which every rank restores: rank 1, seeded differently, is told
+    at the start that its random draws will not continue exactly after a resume; rank 0 is not."""
+    (code0, output0, _), (code1, output1, _) = run_ranks("train", str(tmp_path), "--num-epochs", "1", "--seed-by-rank")
+    assert code0 == code1 == 0, output0 + output1
+    assert f"[rank 1] WARNING : distributed::warn_if_random_states_differ : rank 1's {RANDOM_STATES_DIFFER}" in (
+        output1
+    )
+    assert RANDOM_STATES_DIFFER not in output0
 
 
 def _return_rank_and_world_size(queue_path):

@@ -37,6 +37,7 @@ from mlpug.pytorch.distributed import (
     init_distributed,
     shard_evaluation_dataset,
     shard_training_dataset,
+    warn_if_random_states_differ,
 )
 from mlpug.pytorch.random_state import TorchRandomState
 from mlpug.pytorch.trainers.precision import precision_policy
@@ -172,6 +173,7 @@ class DefaultTrainer(_NeutralDefaultTrainer):
                 training_model, device_ids=[device] if device is not None and device.type == "cuda" else None
             )
             self.gradient_sync = DDPGradientSync(training_model)
+            warn_if_random_states_differ(self._distributed)
         self.training_model = training_model
 
     def _first_parameter_device(self) -> Optional[torch.device]:

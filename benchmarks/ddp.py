@@ -32,40 +32,29 @@ import statistics
 import tempfile
 
 import torch
-from overhead_pytorch import LOG_PERIOD, make_batches, make_model, run_mlpug
-from timing import clock, elapsed, interleaved, report
+from overhead_pytorch import LOG_PERIOD, make_batches, make_model, run_mlpug, run_raw
+from timing import interleaved, report
 
 import mlpug.pytorch as mlp
 
 NUM_SAMPLES = 60_000
 
 
-def run_raw_ddp(batches, reduce_loss=False):
-    model, optimizer = make_model()
-    ddp_model = torch.nn.parallel.DistributedDataParallel(model)
-    loss_func = torch.nn.CrossEntropyLoss()
-    start = clock()
-    running_loss, count = torch.zeros(()), 0
-    for step, (images, labels) in enumerate(batches, start=1):
-        optimizer.zero_grad(set_to_none=True)
-        loss = loss_func(ddp_model(images), labels)
-        loss.backward()
-        optimizer.step()
-        if reduce_loss:  # the loss over all ranks, as mlpug logs it: one asynchronous all-reduce per step
-            loss = loss.detach().clone()
-            work = torch.distributed.all_reduce(loss, async_op=True)
-            if step % LOG_PERIOD == 0:
-                work.wait()
-        running_loss += loss.detach()
-        count += 1
-        if step % LOG_PERIOD == 0:
-            print(f"batch {step}: mean loss {running_loss.item() / count:.3f}")
-            running_loss, count = torch.zeros(()), 0
-    return elapsed(start)
+def run_raw_ddp(batches):
+    return run_raw(batches, wrap_model=torch.nn.parallel.DistributedDataParallel)
+
+
+def _all_reduced(step, loss):
+    """The loss over all ranks, as mlpug logs it: one asynchronous all-reduce per step, waited for at the prints."""
+    loss = loss.detach().clone()
+    work = torch.distributed.all_reduce(loss, async_op=True)
+    if step % LOG_PERIOD == 0:
+        work.wait()
+    return loss
 
 
 def run_raw_ddp_reduced(batches):
-    return run_raw_ddp(batches, reduce_loss=True)
+    return run_raw(batches, wrap_model=torch.nn.parallel.DistributedDataParallel, reduce_loss=_all_reduced)
 
 
 def run_mlpug_ddp(batches):

@@ -47,16 +47,21 @@ def make_model():
     return model, torch.optim.Adam(model.parameters(), lr=1e-3)
 
 
-def run_raw(batches):
+def run_raw(batches, wrap_model=None, reduce_loss=None):
+    """The hand-written loop; ``wrap_model(model)`` (e.g. DDP) and ``reduce_loss(step, loss)`` (the loss over the
+    ranks) serve ``ddp.py``."""
     model, optimizer = make_model()
+    forward = wrap_model(model) if wrap_model is not None else model
     loss_func = torch.nn.CrossEntropyLoss()
     start = clock()
     running_loss, count = torch.zeros(()), 0
     for step, (images, labels) in enumerate(batches, start=1):
         optimizer.zero_grad(set_to_none=True)
-        loss = loss_func(model(images), labels)
+        loss = loss_func(forward(images), labels)
         loss.backward()
         optimizer.step()
+        if reduce_loss is not None:
+            loss = reduce_loss(step, loss)
         running_loss += loss.detach()
         count += 1
         if step % LOG_PERIOD == 0:

@@ -153,6 +153,34 @@ class BatchReduction:
         return self._numbers[index][part]
 
 
+class StepReductions:
+    """The :class:`BatchReduction` s of a run's training steps and the stop decisions taken from them.
+
+    A batch boundary reads the stop flags of the step before the last one (its collective ran during the last
+    step, so reading does not wait: a stop takes effect two batches after it was asked for, on every rank at the
+    same batch); an epoch end agrees at once (:meth:`DistributedContext.any_rank`).
+    """
+
+    def __init__(self, context: DistributedContext):
+        self.context = context
+        self._older: Optional[BatchReduction] = None
+        self._latest: Optional[BatchReduction] = None
+
+    def new_step(self) -> BatchReduction:
+        """The reduction of the next training step."""
+        self._older, self._latest = self._latest, BatchReduction(self.context)
+        return self._latest
+
+    def any_rank_stops(self, stop: bool, epoch_end: bool = False) -> bool:
+        """Whether every rank leaves the loop now; ``stop``: this rank asks to."""
+        if epoch_end:
+            asked = any(
+                reduction is not None and reduction.any_rank_stops() for reduction in (self._older, self._latest)
+            )
+            return self.context.any_rank(stop or asked)
+        return self._older is not None and self._older.any_rank_stops()
+
+
 class ReducedValue:
     """A mean (``part`` 0) or total weight (``part`` 1) over the ranks whose collective may still be running:
     ``item()`` (what :func:`mlpug.logs.to_number` calls) waits for it and returns a Python float."""

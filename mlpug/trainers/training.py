@@ -55,7 +55,7 @@ from typing import Any, Optional
 from mlpug import data as data_module
 from mlpug import logging as mlpug_logging
 from mlpug import logs as logs_module
-from mlpug.distributed import BatchReduction, DistributedContext
+from mlpug.distributed import BatchReduction, DistributedContext, StepReductions
 from mlpug.logs import Deferred, MetricValues, to_number
 from mlpug.random_state import capture_random_states, get_random_states, plain_states, set_random_states
 from mlpug.trainers.arguments import check_callbacks, check_num_batches_per_epoch, check_positive_int
@@ -176,7 +176,7 @@ class TrainingManager:
 
         self._stop_requested = False
         self.batch_reduction: Optional[BatchReduction] = None  # several ranks: this step's one collective
-        self._stop_reductions: tuple = (None, None)  # several ranks: the reductions of the last two steps
+        self._step_reductions = StepReductions(self.distributed)  # several ranks: the steps' collectives
         self._received_signal: Optional[int] = None
         self._failed_hook: Optional[str] = None  # the hook that raised, for the failure note
         self.step_result: Optional[StepResult] = None
@@ -300,7 +300,7 @@ class TrainingManager:
             self.set_state(resume_state)
         self.training_error = None
         self._stop_requested, self._received_signal, self._failed_hook = False, None, None
-        self.batch_reduction, self._stop_reductions = None, (None, None)
+        self.batch_reduction, self._step_reductions = None, StepReductions(self.distributed)
         stopped_on_error = False
         previous_handlers = (
             install_stop_handlers(lambda: self._received_signal, partial(setattr, self, "_received_signal"))
@@ -414,8 +414,7 @@ class TrainingManager:
             if distributed is None:
                 non_finite.record(result.loss, self.global_iter, epoch, batch_step)
             else:  # the loss over all ranks: every rank finds a non-finite loss at the same batch
-                self.batch_reduction = reduction = BatchReduction(distributed)
-                self._stop_reductions = (self._stop_reductions[1], reduction)
+                self.batch_reduction = reduction = self._step_reductions.new_step()
                 non_finite.record(
                     reduction.add([(result.loss, result.num_samples)])[0][0], self.global_iter, epoch, batch_step
                 )
@@ -450,19 +449,13 @@ class TrainingManager:
         set_random_states(self._random_state_providers, state or {})
 
     def _should_stop(self, epoch_end: bool = False) -> bool:
-        """Whether to leave the loop now. With several ranks, every rank decides alike: at a batch boundary from the
-        stop flags in the :class:`~mlpug.distributed.BatchReduction` of the step before the last one (its collective
-        ran during the last step, so reading it does not wait: a stop takes effect two batches after it was asked
-        for), at an epoch end from an agreement made now."""
+        """Whether to leave the loop now; with several ranks, decided alike on every rank (see
+        :class:`~mlpug.distributed.StepReductions`: at a batch boundary a stop takes effect two batches after it was
+        asked for)."""
         stop = self._stop_requested or self._received_signal is not None
         if self.distributed.world_size == 1:
             return stop
-        older, latest = self._stop_reductions
-        if epoch_end:
-            asked = any(reduction is not None and reduction.any_rank_stops() for reduction in (older, latest))
-            agreed = self.distributed.any_rank(stop or asked)
-        else:
-            agreed = older is not None and older.any_rank_stops()
+        agreed = self._step_reductions.any_rank_stops(stop, epoch_end)
         if agreed and not stop:
             self._stop_requested = True  # another rank asked: stop here too
         return agreed

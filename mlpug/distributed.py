@@ -20,9 +20,6 @@ primary rank only):
 
 A tiny blocking all-reduce costs about 2 ms on a 2-core machine running two processes (``benchmarks/ddp.py``),
 more than the step itself, hence one asynchronous collective per step.
-
-A backend that does not support data-parallel training refuses a launch of several processes
-(``mlpug.tensorflow.distributed``) with :func:`several_processes_error`.
 """
 
 from __future__ import annotations
@@ -198,19 +195,3 @@ class ReducedValue:
 
     def __repr__(self) -> str:
         return f"ReducedValue({'pending' if self._reduction._numbers is None else self.item()!r})"
-
-
-def several_processes_error(launch: str, single_process: str) -> RuntimeError:
-    """The error of a backend whose launcher started several processes, while data-parallel training is not supported.
-
-    Args:
-        launch: What the launcher's environment says, e.g. ``"torchrun started 2 processes (WORLD_SIZE=2, ...)"``.
-        single_process: How to run one process instead, e.g. ``"python script.py"``.
-
-    Returns:
-        A ``RuntimeError`` saying that every process would train alone.
-    """
-    return RuntimeError(
-        f"{launch}, but mlpug does not support data-parallel training yet: every process would train alone on the "
-        f"same data, print the same progress and write the same checkpoint files. Run one process ({single_process})."
-    )

@@ -164,7 +164,10 @@ class ChunkedBatch(_NeutralChunkedBatch):
             summed[index] = gradient
         combined = list(auxiliary_leaves)
         for array, leaf in zip(arrays, tensor_leaves):
-            combined[leaf] = array.concat() if auxiliary_leaves[leaf].shape.rank else array.stack()
+            shape = auxiliary_leaves[leaf].shape
+            combined[leaf] = array.concat() if shape.rank else array.stack()
+            if shape.rank is not None:  # the chunks' shape (unknown to a TensorArray), the number of samples open
+                combined[leaf].set_shape([None, *shape[1:]] if shape.rank else [None])
         auxiliary_results = tf.nest.pack_sequence_as(auxiliary_results, combined)
         return ChunkResult(ModelOutputs(loss_sum, samples_sum, auxiliary_results), summed)
 

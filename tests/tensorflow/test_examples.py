@@ -106,3 +106,27 @@ def test_resume_latest_continues_the_example_exactly(fashion_mnist_dir, tmp_path
     assert first.global_iter == resumed.global_iter // 2 and resumed.global_iter == straight.global_iter
     resumed_weights = resumed.trainer.model_components["model"].get_weights()
     assert all(np.array_equal(a, b) for a, b in zip(straight_weights, resumed_weights))
+
+
+@pytest.mark.timeout(900)
+@pytest.mark.parametrize("distributed", [[], ["2"]], ids=["mirrored", "two_workers"])
+def test_the_example_trains_data_parallel(fashion_mnist_dir, tmp_path, distributed):
+    """README: `train.py --distributed` (MirroredStrategy on 2 logical CPU devices) and `train.py --distributed 2`
+    (MultiWorkerMirroredStrategy on 2 local workers, mlpug's launcher) train one epoch to the accuracy of one
+    device, print once (the primary) and write the checkpoints once."""
+    script = str(ROOT / "examples/fashion_mnist/tensorflow/train.py")
+    arguments = ["--num-epochs", "1", "--data-dir", fashion_mnist_dir, "--log-period", "100000"]
+    arguments += ["--checkpoints-path", str(tmp_path), "--num-threads", "1"]
+    result = subprocess.run(
+        [sys.executable, script, "--distributed", *distributed, *arguments], capture_output=True, text=True, timeout=900
+    )
+    assert result.returncode == 0, result.stdout + result.stderr[-5000:]
+    finals = [line for line in result.stdout.splitlines() if line.startswith("Final validation loss")]
+    assert len(finals) == 1, result.stdout
+    assert float(finals[0].rsplit(" ", 1)[1]) >= 0.80
+    assert result.stdout.count("Training completed. All good!") == 1
+    assert sorted(path.name for path in tmp_path.iterdir()) == [
+        "fashion-mnist-tensorflow-best-model-checkpoint.safetensors",
+        "fashion-mnist-tensorflow-latest-model-checkpoint.safetensors",
+        "fashion-mnist-tensorflow-training-checkpoint.safetensors",
+    ]

@@ -195,10 +195,11 @@ def test_bad_constructor_arguments_are_clear_errors():
         mlp.trainers.DefaultTrainer(torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=0.1), linear)
     with pytest.raises(TypeError, match="model_components"):
         mlp.trainers.DefaultTrainer(tf.keras.optimizers.SGD(0.1), torch.nn.Linear(1, 1))
-    with pytest.raises(NotImplementedError, match="planned"):
-        mlp.trainers.DefaultTrainer(
-            tf.keras.optimizers.SGD(0.1), linear, distribution_strategy=tf.distribute.get_strategy()
-        )
+    # TensorFlow's default strategy is one device, the same as None (other strategies: test_distributed.py)
+    trainer = mlp.trainers.DefaultTrainer(
+        tf.keras.optimizers.SGD(0.1), linear, distribution_strategy=tf.distribute.get_strategy()
+    )
+    assert trainer.strategy is None
     with pytest.raises(TypeError, match="batch_data_signature must be a tf.TensorSpec"):
         mlp.trainers.DefaultTrainer(tf.keras.optimizers.SGD(0.1), linear, batch_data_signature=((None, 3), "float"))
     with pytest.raises(TypeError, match="eager_mode must be a bool"):
@@ -500,15 +501,15 @@ def test_tf_data_of_unknown_length_trains_with_num_batches_per_epoch(kind):
 
 
 def test_tf_config_with_several_workers_is_refused_at_trainer_construction(monkeypatch):
-    """A multi-worker TF_CONFIG. Broken on purpose (no check_single_process in DefaultTrainer.__init__), every
-    worker would train alone without a word: this test fails."""
+    """A multi-worker TF_CONFIG without a MultiWorkerMirroredStrategy. Broken on purpose (no check_cluster in
+    DefaultTrainer.__init__), every worker would train alone without a word: this test fails."""
     import json
 
     linear = tf.keras.layers.Dense(1)
     cluster = {"chief": ["host0:2222"], "worker": ["host1:2222", "host2:2222"]}
     monkeypatch.setenv("TF_CONFIG", json.dumps({"cluster": cluster, "task": {"type": "worker", "index": 0}}))
     with pytest.raises(RuntimeError, match=r"TF_CONFIG describes a cluster of 3 tasks \(chief: 1, worker: 2\), but "
-                       "mlpug does not support data-parallel training yet"):  # fmt: skip
+                       "distribution_strategy is None: every process would train alone"):  # fmt: skip
         mlp.trainers.DefaultTrainer(tf.keras.optimizers.SGD(0.1), linear)
     monkeypatch.setenv("TF_CONFIG", "not json")
     with pytest.raises(ValueError, match="TF_CONFIG is 'not json', not a JSON object with a cluster"):

@@ -11,9 +11,17 @@ mlpug.checkpointing for the file names). Stop with Ctrl-C or SIGTERM at any mome
 it stopped (also mid-epoch) with:
 
     python examples/fashion_mnist/tensorflow/train.py --num-epochs 3 --resume latest
+
+Data-parallel on tf.distribute; the script is the same as for one device (the batch size is per process):
+
+    python examples/fashion_mnist/tensorflow/train.py --distributed       # MirroredStrategy: all GPUs, or 2 CPU devices
+    python examples/fashion_mnist/tensorflow/train.py --distributed 2     # MultiWorkerMirroredStrategy, 2 local workers
+    TF_CONFIG='{"cluster": {"worker": ["host0:2222", "host1:2222"]}, "task": {"type": "worker", "index": 0}}' \
+        python examples/fashion_mnist/tensorflow/train.py --distributed   # one worker of a cluster (on every host)
 """
 
 import argparse
+import contextlib
 import os
 import sys
 
@@ -55,6 +63,17 @@ def parse_arguments(argv=None):
         default=None,
         help="gradient accumulation: process each batch in chunks of at most this many samples "
         "(also used to evaluate the validation batches); default: whole batches",
+    )
+    parser.add_argument(
+        "--distributed",
+        nargs="?",
+        type=int,
+        const=0,
+        default=None,
+        metavar="N",
+        help="data-parallel training: with TF_CONFIG, a MultiWorkerMirroredStrategy over its cluster; else N local "
+        "workers (MultiWorkerMirroredStrategy, started by mlp.distributed.launch), or without N a MirroredStrategy "
+        "over the GPUs (2 logical CPU devices without GPUs)",
     )
     parser.add_argument(
         "--mixed-precision",
@@ -103,30 +122,50 @@ def accuracy(inputs):
     return tf.reduce_mean(tf.cast(predictions == tf.cast(labels, predictions.dtype), tf.float32))
 
 
+def create_strategy(args):
+    """None (one device), or the tf.distribute strategy that ``--distributed`` asks for (before any tensor exists)."""
+    if args.distributed is None:
+        return None
+    if os.environ.get("TF_CONFIG"):
+        return tf.distribute.MultiWorkerMirroredStrategy()
+    if tf.config.list_physical_devices("GPU"):
+        return tf.distribute.MirroredStrategy()
+    return mlp.distributed.mirrored_cpu_strategy(2)
+
+
 def main(argv=None):
     args = parse_arguments(argv)
-    tf.keras.utils.set_random_seed(args.seed)
-    if args.num_threads:
+    if args.distributed:  # N local workers, each running train() with its TF_CONFIG
+        return mlp.distributed.launch(train, args, num_workers=args.distributed)
+    return train(args)
+
+
+def train(args):
+    if args.num_threads:  # before TensorFlow initialises its devices
         tf.config.threading.set_intra_op_parallelism_threads(args.num_threads)
+    strategy = create_strategy(args)
+    tf.keras.utils.set_random_seed(args.seed)
 
     try:
         training_dataset, validation_dataset = create_datasets(args.data_dir, args.batch_size, args.seed)
     except FileNotFoundError as error:
         sys.exit(f"ERROR: {error}")
 
-    classifier = tf.keras.Sequential(
-        [
-            tf.keras.Input(shape=(28, 28)),
-            tf.keras.layers.Flatten(),
-            tf.keras.layers.Dense(256, activation="relu"),
-            tf.keras.layers.Dense(256, activation="relu"),
-            tf.keras.layers.Dense(10),
-        ]
-    )
-    optimizer = tf.keras.optimizers.Adam(learning_rate=args.learning_rate)
+    with strategy.scope() if strategy is not None else contextlib.nullcontext():  # variables mirrored over replicas
+        classifier = tf.keras.Sequential(
+            [
+                tf.keras.Input(shape=(28, 28)),
+                tf.keras.layers.Flatten(),
+                tf.keras.layers.Dense(256, activation="relu"),
+                tf.keras.layers.Dense(256, activation="relu"),
+                tf.keras.layers.Dense(10),
+            ]
+        )
+        optimizer = tf.keras.optimizers.Adam(learning_rate=args.learning_rate)
     trainer = mlp.trainers.DefaultTrainer(
         optimizers=optimizer,
         model_components=classifier,
+        distribution_strategy=strategy,
         eager_mode=args.eager,
         batch_chunk_size=args.batch_chunk_size,
         use_mixed_precision=args.mixed_precision is not None,
@@ -157,6 +196,8 @@ def main(argv=None):
     manager.start_training()
 
     validation = manager.logs["current"].get("validation", {}).get("dataset")
+    if not manager.distributed.is_primary:
+        return manager
     if validation is None:  # resumed from a checkpoint of a finished run: nothing left to train
         print(f"Nothing to train: the run already completed {manager.epoch} epoch(s)")
     else:

@@ -21,6 +21,7 @@ from __future__ import annotations
 import inspect
 import logging
 from collections.abc import Mapping, Sequence
+from contextlib import AbstractContextManager, nullcontext
 from typing import Any, Optional
 
 import numpy as np
@@ -28,11 +29,22 @@ import tensorflow as tf
 
 from mlpug.chunking import BatchChunk, ChunkResult
 from mlpug.data import DataSource
-from mlpug.logs import Deferred
+from mlpug.distributed import DistributedContext
+from mlpug.logs import Deferred, to_number
 from mlpug.random_state import RandomStateProvider
 from mlpug.tensorflow.chunking import batch_chunker
 from mlpug.tensorflow.data import training_data_source
-from mlpug.tensorflow.distributed import check_single_process
+from mlpug.tensorflow.distributed import (
+    check_cluster,
+    check_variables_in_scope,
+    merge_local_results,
+    num_local_replicas,
+    resolve_strategy,
+    shard_evaluation_dataset,
+    shard_training_dataset,
+    split_for_replicas,
+    strategy_context,
+)
 from mlpug.tensorflow.random_state import TensorFlowRandomState
 from mlpug.tensorflow.trainers.compilation import (
     CompiledStep,
@@ -96,7 +108,13 @@ class DefaultTrainer(_NeutralDefaultTrainer):
             reported in a debug log line).
         training_settings_signature: Nested ``tf.TensorSpec`` s of the training settings; without it the
             training settings are a Python constant of the trace.
-        distribution_strategy: Must be None; ``tf.distribute`` strategies are planned (data parallelism issue).
+        distribution_strategy: A ``tf.distribute.MirroredStrategy`` (several devices of one process) or
+            ``MultiWorkerMirroredStrategy`` (several processes, ``TF_CONFIG``) whose scope the model components and
+            optimizers were created in; default None (one device). The batch size stays per process: a mirrored
+            step splits each batch over the local replicas, and several workers train on their shards of the data.
+            Each replica's gradients are weighted by its share of the global batch's samples (rows), so the step
+            is the step of one device on the global batch. See :mod:`mlpug.tensorflow.distributed`. TensorFlow's
+            default strategy (``tf.distribute.get_strategy()`` outside a scope) is the same as None.
         trainable_variables: Which variables each optimizer updates. Default: the trainable variables of all
             model components (one optimizer), or, with several optimizers named like model components, those
             of the component with the optimizer's name. Otherwise a dict optimizer name -> list of variables,
@@ -133,9 +151,11 @@ class DefaultTrainer(_NeutralDefaultTrainer):
             wrong form.
         ValueError: Several optimizers without a way to tell their variables apart, a ``batch_chunk_size`` that
             is not an int >= 1, or a bad ``autocast_dtype``.
-        NotImplementedError: A ``distribution_strategy`` was given.
-        RuntimeError: ``TF_CONFIG`` describes a cluster of several tasks: data-parallel training is not supported
-            yet (see :mod:`mlpug.tensorflow.distributed`).
+        NotImplementedError: A ``distribution_strategy`` other than the two mirrored ones.
+        ValueError: A variable of a built model component or optimizer was created outside the strategy's scope
+            (checked at construction, and after building).
+        RuntimeError: ``TF_CONFIG`` describes a cluster of several tasks but ``distribution_strategy`` is not a
+            ``MultiWorkerMirroredStrategy`` (see :func:`mlpug.tensorflow.distributed.check_cluster`).
     """
 
     optimizer_type = tf.keras.optimizers.Optimizer
@@ -154,21 +174,21 @@ class DefaultTrainer(_NeutralDefaultTrainer):
         use_mixed_precision: bool = False,
         autocast_dtype: Optional[str] = None,
     ):
-        check_single_process()
+        distribution_strategy = resolve_strategy(distribution_strategy)
+        check_cluster(distribution_strategy)
         _check_optimizers(optimizers)
         super().__init__(optimizers, model_components)
+        self.strategy = distribution_strategy
         self.chunking = batch_chunker(batch_chunk_size)
         self.precision: PrecisionPolicy = precision_policy(use_mixed_precision, autocast_dtype)
         self.gradient_sync = GradientSync()
-        self.optimizers = self.precision.prepare_optimizers(self.optimizers)
+        with self._scope():  # a LossScaleOptimizer's variables are mirrored too
+            self.optimizers = self.precision.prepare_optimizers(self.optimizers)
         self.precision.prepare_model(self.model_components.values())
         if not isinstance(eager_mode, bool):
             raise TypeError(f"eager_mode must be a bool, got {eager_mode!r:.100}")
-        if distribution_strategy is not None:
-            raise NotImplementedError(
-                f"distribution_strategy={distribution_strategy!r:.100}: tf.distribute data parallelism is planned "
-                "(see ROADMAP.md, data parallelism) but not supported yet; pass distribution_strategy=None"
-            )
+        self._distributed = strategy_context(distribution_strategy)
+        self._check_variables_in_scope()
         validate_signature(batch_data_signature, "batch_data_signature")
         validate_signature(training_settings_signature, "training_settings_signature")
         if training_settings_signature is not None and batch_data_signature is None:
@@ -197,6 +217,29 @@ class DefaultTrainer(_NeutralDefaultTrainer):
         self._evaluate_steps: dict = {}
 
     # ----- set-up -----
+    def _scope(self) -> AbstractContextManager:
+        """The strategy's scope (variables created in it are mirrored), or a do-nothing context."""
+        return self.strategy.scope() if self.strategy is not None else nullcontext()
+
+    def _check_variables_in_scope(self) -> None:
+        if self.strategy is None:
+            return
+        owners = {f"model component {name!r}": component for name, component in self.model_components.items()}
+        owners.update({f"optimizer {name!r}": optimizer for name, optimizer in self.optimizers.items()})
+        check_variables_in_scope(self.strategy, owners)
+
+    def distributed_context(self) -> DistributedContext:
+        """The workers of a ``MultiWorkerMirroredStrategy`` as ranks (see
+        :class:`mlpug.tensorflow.distributed.StrategyContext`); one rank otherwise."""
+        return self._distributed
+
+    def evaluation_dataset(self, dataset: Any) -> Any:
+        """Several workers: this worker's unpadded shard (see
+        :func:`mlpug.tensorflow.distributed.shard_evaluation_dataset`)."""
+        if self._distributed.world_size > 1:
+            return shard_evaluation_dataset(dataset, self._distributed)
+        return dataset
+
     def set_training_model(self, training_model: tf.keras.layers.Layer) -> None:
         """Set the model that returns the loss for a batch.
 
@@ -255,14 +298,17 @@ class DefaultTrainer(_NeutralDefaultTrainer):
             if batch is None or self.training_model is None:
                 return False
             _log.debug("Building the model components with an eager forward pass (inference mode)")
-            self._forward(batch, settings, inference_mode=True)
+            with self._scope():
+                self._forward(batch, settings, inference_mode=True)
         self._variables = resolve_trainable_variables(
             self.trainable_variables_spec, self.optimizers, self.model_components
         )
         self._flat_variables = [v for variables in self._variables.values() for v in variables]
-        for name, optimizer in self.optimizers.items():
-            if not optimizer.built:
-                optimizer.build(self._variables[name])
+        with self._scope():
+            for name, optimizer in self.optimizers.items():
+                if not optimizer.built:
+                    optimizer.build(self._variables[name])
+        self._check_variables_in_scope()
         self._prepared = True
         if self._pending_state is not None:
             state, self._pending_state = self._pending_state, None
@@ -270,7 +316,10 @@ class DefaultTrainer(_NeutralDefaultTrainer):
         return True
 
     def training_data_source(self, dataset: Any) -> DataSource:
-        """See :func:`mlpug.tensorflow.data.training_data_source` (infinite and reshuffled ``tf.data``)."""
+        """See :func:`mlpug.tensorflow.data.training_data_source` (infinite and reshuffled ``tf.data``); several
+        workers: of this worker's shard (:func:`mlpug.tensorflow.distributed.shard_training_dataset`)."""
+        if self._distributed.world_size > 1:
+            dataset = shard_training_dataset(dataset, self._distributed)
         return training_data_source(dataset)
 
     def random_state_providers(self) -> list[RandomStateProvider]:
@@ -297,6 +346,8 @@ class DefaultTrainer(_NeutralDefaultTrainer):
 
     def _train_step_function(self, batch: Any, training_settings: Any) -> tuple:
         """Forward, backward and optimizer step (see the module docstring); traced unless in eager mode."""
+        if self.strategy is not None:
+            return self._replicated_train_step(batch, training_settings)
         result = self.chunking.run(lambda chunk: self._chunk_step(chunk, training_settings), batch)
         gradients = self.gradient_sync.reduce(result.gradients)
         assert gradients is not None
@@ -318,8 +369,52 @@ class DefaultTrainer(_NeutralDefaultTrainer):
             (None if skipped is False else skipped),
         )
 
-    def _chunk_step(self, chunk: BatchChunk, training_settings: Any) -> ChunkResult:
-        """Forward and backward pass of one chunk (the whole batch without chunking), its loss weighed."""
+    def _replicated_train_step(self, batch: Any, training_settings: Any) -> tuple:
+        """The step under a strategy: every replica's weighted gradients (``strategy.run``), then, unless the
+        global loss is not finite and such steps are skipped (a decision every replica takes alike), the optimizer
+        step in every replica, whose ``apply_gradients`` all-reduces the gradient sums (Keras)."""
+        strategy = self.strategy
+        shares = split_for_replicas(strategy, batch)
+        loss, num_samples, auxiliary_results, gradients, weighted_loss = strategy.run(
+            self._replica_gradients, args=(shares, training_settings)
+        )
+
+        def step() -> Any:
+            skipped = strategy.experimental_local_results(strategy.run(self._replica_apply, args=(gradients,)))
+            return tf.reduce_any(tf.stack(list(skipped)))
+
+        if self.skip_non_finite_steps:  # the global batch's loss, the same decision on every replica
+            global_loss = strategy.reduce(tf.distribute.ReduceOp.SUM, weighted_loss, axis=None)
+            skipped = tf.cond(tf.math.is_finite(global_loss), step, lambda: tf.constant(True))
+        else:
+            skipped = step()
+        loss, num_samples, auxiliary_results = merge_local_results(strategy, loss, num_samples, auxiliary_results)
+        reported = self.precision.uses_loss_scaling or self.skip_non_finite_steps
+        return tf.reshape(loss, []), num_samples, auxiliary_results, skipped if reported else None
+
+    def _replica_gradients(self, batch: Any, training_settings: Any) -> tuple:
+        """One replica's forward and backward passes; its loss weighted by its share of the global batch's rows."""
+        rows = tf.cast(tf.shape(tf.nest.flatten(batch)[0])[0], tf.float32)
+        if self.chunking.batch_chunk_size is not None and num_local_replicas(self.strategy) > 1:
+            tf.debugging.assert_positive(
+                rows, message="with batch_chunk_size under a MirroredStrategy, every batch needs at least as many "
+                "samples as replicas (use drop_last=True, or a batch size that leaves no tiny last batch)",
+            )  # fmt: skip
+        share = tf.math.divide_no_nan(rows, tf.distribute.get_replica_context().all_reduce("sum", rows))
+        result = self.chunking.run(lambda chunk: self._chunk_step(chunk, training_settings, share), batch)
+        gradients = self.gradient_sync.reduce(result.gradients)
+        outputs = result.outputs
+        loss = tf.reshape(outputs.loss, [])
+        return loss, outputs.num_samples, outputs.auxiliary_results, gradients, tf.cast(loss, tf.float32) * share
+
+    def _replica_apply(self, gradients: Sequence[Any]) -> Any:
+        """One replica's optimizer steps; whether they were skipped (float16 loss scaling) as a boolean tensor."""
+        skipped = self.precision.step(self.optimizers, self._pairs_per_optimizer(gradients))
+        return tf.constant(False) if skipped is False else skipped
+
+    def _chunk_step(self, chunk: BatchChunk, training_settings: Any, share: Any = None) -> ChunkResult:
+        """Forward and backward pass of one chunk (the whole batch without chunking), its loss weighed (under a
+        strategy also by the replica's ``share`` of the global batch, in float32)."""
         optimizers = self._optimizer_list
         scaling = self.precision.uses_loss_scaling
         with (
@@ -329,6 +424,8 @@ class DefaultTrainer(_NeutralDefaultTrainer):
             outputs = self._forward(chunk.data, training_settings, False, chunk)
             loss = tf.reshape(outputs.loss, [])
             target = self.chunking.weigh_loss(loss, chunk)
+            if share is not None:
+                target = tf.cast(target, tf.float32) * share
             targets = [self.precision.scale_loss(target, optimizer) for optimizer in optimizers] if scaling else None
         if targets is None:
             gradients = tape.gradient(target, self._flat_variables)
@@ -342,7 +439,8 @@ class DefaultTrainer(_NeutralDefaultTrainer):
         """Positions of the non-finite scalar ``values`` (tensors or numbers): one stacked check, one conversion."""
         if not values:
             return []
-        stacked = tf.stack([tf.cast(tf.reshape(value, []), tf.float64) for value in values])
+        numbers = [value if tf.is_tensor(value) else to_number(value) for value in values]  # reduced values: floats
+        stacked = tf.stack([tf.cast(tf.reshape(value, []), tf.float64) for value in numbers])
         return np.flatnonzero(~tf.math.is_finite(stacked).numpy()).tolist()
 
     def _pairs_per_optimizer(self, gradients: Sequence[Any]) -> dict[str, list]:
@@ -497,7 +595,7 @@ class DefaultTrainer(_NeutralDefaultTrainer):
     def get_learning_rate(self, optimizer_name: Optional[str] = None) -> Optional[float]:
         """Current learning rate of the named (default: first) optimizer, as a float (schedules evaluated)."""
         optimizer = self.optimizers[optimizer_name] if optimizer_name else self._optimizer_list[0]
-        return float(optimizer.learning_rate)
+        return float(tf.convert_to_tensor(optimizer.learning_rate).numpy())  # also a mirrored variable
 
 
 def _check_arrays(what: str, variables: Sequence[Any], values: Sequence[Any]) -> None:

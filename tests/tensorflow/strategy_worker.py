@@ -1,0 +1,219 @@
+"""One process of the TensorFlow data-parallel tests (``tests/tensorflow/test_distributed.py``).
+
+Run as a script by the tests (TensorFlow's devices are configured per process: two logical CPU devices for the
+``MirroredStrategy``, ``TF_CONFIG`` for the workers of a ``MultiWorkerMirroredStrategy``). Only mlpug, numpy and
+TensorFlow are imported: no test helpers.
+
+    strategy_worker.py equivalence single|mirrored|multi_worker OUT_DIR
+    strategy_worker.py train OUT_DIR [--num-epochs E] [--resume] [--stop-at G --stop-how TERM|RAISE --stop-rank R]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import sys
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+import numpy as np  # noqa: E402
+import tensorflow as tf  # noqa: E402
+
+import mlpug.tensorflow as mlp  # noqa: E402
+
+NUM_FEATURES = 8
+VALIDATION_SAMPLES = 10_001
+BATCH_SIZE = 8  # per process: the global batch of the mirrored and single runs, per worker with two workers
+NUM_BATCHES = 6
+
+
+def make_data(num_samples: int, seed: int) -> tuple:
+    generator = np.random.default_rng(seed)
+    inputs = generator.standard_normal((num_samples, NUM_FEATURES)).astype(np.float32)
+    targets = inputs @ np.linspace(-1.0, 1.0, NUM_FEATURES, dtype=np.float32)[:, None]
+    return inputs, targets + 0.1 * generator.standard_normal((num_samples, 1)).astype(np.float32)
+
+
+def make_model() -> tf.keras.Model:
+    tf.keras.utils.set_random_seed(0)
+    return tf.keras.Sequential(
+        [tf.keras.Input((NUM_FEATURES,)), tf.keras.layers.Dense(16, activation="tanh"), tf.keras.layers.Dense(1)]
+    )
+
+
+class TrainModel(tf.keras.Model):
+    def __init__(self, model: tf.keras.Model):
+        super().__init__()
+        self.model = model
+
+    def call(self, batch_data, evaluate_settings=None, inference_mode=None):
+        inputs, targets = batch_data
+        predictions = self.model(inputs, training=not inference_mode)
+        loss = tf.reduce_mean(tf.square(tf.cast(predictions, tf.float32) - tf.cast(targets, tf.float32)))
+        return {"loss": loss, "auxiliary_results": predictions}
+
+
+def mean_absolute_error(inputs):
+    _, targets = inputs.batch
+    return tf.reduce_mean(tf.abs(tf.cast(inputs.auxiliary_results, tf.float32) - tf.cast(targets, tf.float32)))
+
+
+class Recorder(mlp.callbacks.Callback):
+    """Reads the training batch loss and window average of every batch (as a consumer on every rank would)."""
+
+    def __init__(self):
+        super().__init__("Recorder")
+        self.batch_losses, self.window_losses = [], []
+
+    def on_batch_training_completed(self, training_batch, logs):
+        training = logs["current"]["training"]
+        self.batch_losses.append(float(training["batch"]["loss"]))
+        self.window_losses.append(float(training["window_average"]["loss"]))
+        return True
+
+
+EQUIVALENCE_VARIANTS = {
+    # name: (data, DefaultTrainer options)
+    "plain": ("resumable", {}),
+    "tf_data": ("tf_data", {}),
+    "accumulation": ("resumable", {"batch_chunk_size": 3}),
+    "bf16": ("resumable", {"use_mixed_precision": True, "autocast_dtype": "bfloat16"}),
+    "skip_non_finite": ("resumable", {}),
+}
+
+
+def _strategy(kind: str):
+    if kind == "mirrored":
+        return mlp.distributed.mirrored_cpu_strategy(2)
+    if kind == "multi_worker":
+        return tf.distribute.MultiWorkerMirroredStrategy(
+            communication_options=tf.distribute.experimental.CommunicationOptions(timeout_seconds=60)
+        )
+    return None
+
+
+def run_equivalence(kind: str, strategy, variant: str) -> dict:
+    """Train ``NUM_BATCHES`` global batches of 16 samples (shuffled by seed, or in order for ``tf_data``) with SGD
+    and momentum, compiled; return the weights, the logged losses and the validation metrics over 10,001 samples."""
+    data, options = EQUIVALENCE_VARIANTS[variant]
+    workers = 2 if kind == "multi_worker" else 1
+    batch_size = 16 // workers
+    inputs, targets = make_data(16 * NUM_BATCHES, seed=1)
+    if data == "resumable":
+        training_dataset = mlp.data.ResumableArrayBatches((inputs, targets), batch_size, shuffle=True, seed=3)
+    else:
+        training_dataset = tf.data.Dataset.from_tensor_slices((inputs, targets)).batch(batch_size)
+    validation = mlp.data.ResumableArrayBatches(make_data(VALIDATION_SAMPLES, seed=2), 1000, shuffle=False)
+    scope = strategy.scope() if strategy is not None else _NoScope()
+    with scope:
+        model = make_model()
+        optimizer = tf.keras.optimizers.SGD(learning_rate=0.05, momentum=0.9)
+    trainer = mlp.trainers.DefaultTrainer(optimizer, model, distribution_strategy=strategy, **options)
+    evaluator = mlp.evaluation.MetricEvaluator(trainer=trainer, batch_metric_funcs={"mae": mean_absolute_error})
+    recorder = Recorder()
+    callbacks = [
+        mlp.callbacks.TrainingMetricsLogger(evaluator),
+        mlp.callbacks.TestMetricsLogger(validation, "validation", evaluator),
+        recorder,
+    ]
+    non_finite = {"non_finite_loss": "skip_step"} if variant == "skip_non_finite" else {}
+    manager = mlp.trainers.TrainingManager(trainer, training_dataset, num_epochs=1, callbacks=callbacks, **non_finite)
+    trainer.set_training_model(TrainModel(model))
+    manager.start_training()
+    dataset = manager.logs["current"]["validation"]["dataset"]
+    return {
+        "weights": [weight.tolist() for weight in model.get_weights()],
+        "batch_losses": recorder.batch_losses,
+        "window_losses": recorder.window_losses,
+        "validation": {"loss": float(dataset["loss"]), "mae": float(dataset["mae"])},
+        "num_batches_per_epoch": manager.num_batches_per_epoch,
+    }
+
+
+class _NoScope:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exception):
+        return False
+
+
+class StopAt(mlp.callbacks.Callback):
+    """Ends this worker at global iteration ``at``: SIGTERM to itself, or an exception."""
+
+    def __init__(self, at: int, how: str):
+        super().__init__("StopAt")
+        self.at, self.how = at, how
+
+    def on_batch_training_completed(self, training_batch, logs):
+        if logs["current"]["global_iter"] == self.at:
+            if self.how == "RAISE":
+                raise ValueError(f"worker {_rank()} fails on purpose at global iteration {self.at}")
+            os.kill(os.getpid(), getattr(signal, f"SIG{self.how}"))
+        return True
+
+    def get_state(self):
+        return {}
+
+
+def run_training(out_dir: str, strategy, num_epochs: int, resume: bool, stop: tuple | None = None) -> None:
+    """Two epochs of 12 batches of 4 samples per worker with epoch-level checkpoints in ``out_dir``, resumable
+    from the latest training checkpoint; the final weights of every worker saved as JSON."""
+    inputs, targets = make_data(4 * 12 * 2, seed=4)
+    training_dataset = mlp.data.ResumableArrayBatches((inputs, targets), 4, shuffle=True, seed=5)
+    with strategy.scope():
+        model = make_model()
+        optimizer = tf.keras.optimizers.Adam(learning_rate=0.01)
+    trainer = mlp.trainers.DefaultTrainer(optimizer, model, distribution_strategy=strategy)
+    evaluator = mlp.evaluation.MetricEvaluator(trainer=trainer)
+    callbacks = [
+        mlp.callbacks.TrainingMetricsLogger(evaluator),
+        mlp.callbacks.CheckpointManager(
+            checkpoints_path=out_dir, metric_to_monitor="training.window_average.loss", write_in_background=False
+        ),
+    ]
+    if stop is not None and _rank() == stop[2]:
+        callbacks.append(StopAt(stop[0], stop[1]))
+    else:
+        callbacks.append(StopAt(-1, "RAISE"))  # the same callbacks in every checkpoint
+    manager = mlp.trainers.TrainingManager(
+        trainer, training_dataset, num_epochs=num_epochs, callbacks=callbacks, resume_from="latest" if resume else None
+    )
+    trainer.set_training_model(TrainModel(model))
+    manager.start_training()
+    with open(os.path.join(out_dir, f"final-rank{_rank()}.json"), "w") as file:
+        json.dump({"weights": [w.tolist() for w in model.get_weights()], "global_iter": manager.global_iter}, file)
+
+
+def _rank() -> int:
+    config = json.loads(os.environ.get("TF_CONFIG") or "{}")
+    return int(config.get("task", {}).get("index", 0))
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("scenario", choices=["equivalence", "train"])
+    parser.add_argument("kind", choices=["single", "mirrored", "multi_worker"])
+    parser.add_argument("out_dir")
+    parser.add_argument("--num-epochs", type=int, default=2)
+    parser.add_argument("--resume", action="store_true")
+    parser.add_argument("--stop-at", type=int, default=None)
+    parser.add_argument("--stop-how", choices=["TERM", "RAISE"], default="TERM")
+    parser.add_argument("--stop-rank", type=int, default=1)
+    args = parser.parse_args(argv)
+    tf.config.threading.set_intra_op_parallelism_threads(1)
+    tf.config.threading.set_inter_op_parallelism_threads(2)
+    strategy = _strategy(args.kind)
+    if args.scenario == "equivalence":
+        results = {variant: run_equivalence(args.kind, strategy, variant) for variant in EQUIVALENCE_VARIANTS}
+        with open(os.path.join(args.out_dir, f"{args.kind}-rank{_rank()}.json"), "w") as file:
+            json.dump(results, file)
+    else:
+        stop = None if args.stop_at is None else (args.stop_at, args.stop_how, args.stop_rank)
+        run_training(args.out_dir, strategy, args.num_epochs, args.resume, stop)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,240 @@
+"""Data-parallel training on ``tf.distribute``: ``MirroredStrategy`` on 2 logical CPU devices and
+``MultiWorkerMirroredStrategy`` on 2 local workers (loopback address, bounded time-outs), compiled.
+
+Every run is a real process (``tests/tensorflow/strategy_worker.py``): TensorFlow's devices and ``TF_CONFIG`` are
+fixed per process. The reference is the same worker function on one device with the same global batch.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+import mlpug.tensorflow as mlp
+from tests.tensorflow import strategy_worker
+
+WORKER = str(Path(__file__).with_name("strategy_worker.py"))
+ROOT = Path(__file__).resolve().parents[2]
+TIMEOUT_S = 300
+
+
+def _free_ports(count: int) -> list[int]:
+    probes = [socket.socket() for _ in range(count)]
+    for probe in probes:
+        probe.bind(("127.0.0.1", 0))
+    ports = [probe.getsockname()[1] for probe in probes]
+    for probe in probes:
+        probe.close()
+    return ports
+
+
+def run_processes(*args: str, num_workers: int = 1, timeout_s: float = TIMEOUT_S) -> list[tuple[int, str, float]]:
+    """Start the worker script ``num_workers`` times (with a ``TF_CONFIG`` of that many workers when more than
+    one); per process (exit status, output, seconds to exit). A process still running after ``timeout_s`` is
+    killed and the test fails."""
+    addresses = [f"localhost:{port}" for port in _free_ports(num_workers)]
+    start = time.monotonic()
+    processes = []
+    for index in range(num_workers):
+        environment = dict(os.environ, PYTHONPATH=str(ROOT), TF_CPP_MIN_LOG_LEVEL="2")
+        if num_workers > 1:
+            environment["TF_CONFIG"] = json.dumps(
+                {"cluster": {"worker": addresses}, "task": {"type": "worker", "index": index}}
+            )
+        processes.append(
+            subprocess.Popen(
+                [sys.executable, WORKER, *args], env=environment, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                text=True,
+            )
+        )  # fmt: skip
+    results = []
+    try:
+        for process in processes:
+            output, _ = process.communicate(timeout=max(timeout_s - (time.monotonic() - start), 1))
+            results.append((process.returncode, output, time.monotonic() - start))
+    except subprocess.TimeoutExpired:
+        for process in processes:
+            process.kill()
+        outputs = [process.communicate()[0] for process in processes]
+        pytest.fail(f"a process did not end within {timeout_s} s:\n" + "\n".join(outputs))
+    return results
+
+
+def _assert_ok(results):
+    for index, (code, output, _) in enumerate(results):
+        assert code == 0, f"process {index} exited with {code}:\n{output[-6000:]}"
+
+
+@pytest.fixture(scope="module")
+def equivalence_runs(tmp_path_factory):
+    """Per kind (single, mirrored, multi_worker), per process: the results of every variant."""
+    out = tmp_path_factory.mktemp("tf-distributed-equivalence")
+    _assert_ok(run_processes("equivalence", "single", str(out)))
+    _assert_ok(run_processes("equivalence", "mirrored", str(out)))
+    _assert_ok(run_processes("equivalence", "multi_worker", str(out), num_workers=2))
+    return {
+        kind: [json.loads((out / f"{kind}-rank{rank}.json").read_text()) for rank in range(count)]
+        for kind, count in (("single", 1), ("mirrored", 1), ("multi_worker", 2))
+    }
+
+
+# float32: the replicas' weighted gradients summed against one gradient of 16 samples: rounding only.
+# bfloat16 autocast: matmuls in bfloat16 over 8 against 16 rows, so the tolerance is bfloat16's (8 bits of mantissa).
+TOLERANCES = {"plain": 1e-5, "tf_data": 1e-5, "accumulation": 1e-5, "bf16": 2e-2, "skip_non_finite": 1e-5}
+
+
+@pytest.mark.timeout(900)
+@pytest.mark.parametrize("kind", ["mirrored", "multi_worker"])
+@pytest.mark.parametrize("variant", list(strategy_worker.EQUIVALENCE_VARIANTS))
+def test_a_strategy_trains_as_one_device_with_the_same_global_batch(equivalence_runs, kind, variant):
+    """2 replicas (2 logical CPU devices, or 2 worker processes of 8 samples each) against one device with the
+    global batch of 16, compiled: the same weights and logged batch losses (tolerance above), on every worker
+    the same values. Breaks when the replicas' gradients are summed unweighted (2x the step), when a worker
+    trains on all the data, or when the logged loss is one replica's."""
+    (single,) = equivalence_runs["single"]
+    single = single[variant]
+    tolerance = TOLERANCES[variant]
+    runs = [run[variant] for run in equivalence_runs[kind]]
+    for run in runs:
+        assert run["num_batches_per_epoch"] == single["num_batches_per_epoch"] == 6
+        for actual, expected in zip(run["weights"], single["weights"]):
+            np.testing.assert_allclose(actual, expected, rtol=tolerance, atol=tolerance)
+        np.testing.assert_allclose(run["batch_losses"], single["batch_losses"], rtol=tolerance, atol=tolerance)
+        np.testing.assert_allclose(run["window_losses"], single["window_losses"], rtol=tolerance, atol=tolerance)
+    for run in runs[1:]:  # every worker holds and logs the same values
+        assert run["weights"] == runs[0]["weights"]
+        assert run["batch_losses"] == runs[0]["batch_losses"]
+        assert run["validation"] == runs[0]["validation"]
+
+
+@pytest.mark.timeout(900)
+@pytest.mark.parametrize("kind", ["mirrored", "multi_worker"])
+def test_dataset_metrics_over_10001_samples_equal_the_single_device_values(equivalence_runs, kind):
+    """10,001 validation samples (an odd count: one worker's shard is larger) evaluated with the trained weights:
+    loss and MAE equal the single device's. Breaks when the workers' means are averaged (a mean of means: the
+    shards have 5,001 and 5,000 samples) or a sample is counted twice (see the shard test below)."""
+    for variant in ("plain", "accumulation"):
+        expected = equivalence_runs["single"][0][variant]["validation"]
+        for run in equivalence_runs[kind]:
+            actual = run[variant]["validation"]
+            assert actual["loss"] == pytest.approx(expected["loss"], rel=1e-6)
+            assert actual["mae"] == pytest.approx(expected["mae"], rel=1e-6)
+
+
+def _final(directory: Path) -> list[dict]:
+    return [json.loads((directory / f"final-rank{rank}.json").read_text()) for rank in range(2)]
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+    out = tmp_path_factory.mktemp("tf-uninterrupted")
+    _assert_ok(run_processes("train", "multi_worker", str(out), num_workers=2))
+    return _final(out)
+
+
+@pytest.mark.timeout(900)
+def test_sigterm_on_one_worker_stops_every_worker_and_the_resumed_run_ends_as_an_uninterrupted_one(
+    tmp_path, uninterrupted
+):
+    """SIGTERM reaches worker 1 only, after global iteration 5 of 24. The workers agree to stop after the same
+    batch (otherwise worker 0 would wait in the next step's collective until the time-out): the flag goes into the
+    step reduction of batch 6 and is read two batch boundaries later, before batch 8; worker 1 ends with 143,
+    worker 0 stops early, the primary writes the training checkpoint that continues at batch 8. Resumed on 2
+    workers, the final weights equal an uninterrupted 2-worker run (float32 rounding: the same computation, the
+    collectives may sum in another order)."""
+    results = run_processes(
+        "train", "multi_worker", str(tmp_path), "--stop-at", "5", "--stop-how", "TERM", num_workers=2
+    )
+    (code0, output0, _), (code1, output1, _) = results
+    assert code1 == 128 + signal.SIGTERM, output1[-3000:]
+    assert code0 == 0, output0[-3000:]
+    assert "Training stopped early" in output0 and "interrupted by signal SIGTERM" in output1
+    checkpoint = mlp.load_training_checkpoint(str(tmp_path / "model-training-checkpoint.safetensors"))
+    assert (checkpoint["epoch"], checkpoint["batch_step"], checkpoint["global_iter"]) == (0, 8, 8)
+    _assert_ok(run_processes("train", "multi_worker", str(tmp_path), "--resume", num_workers=2))
+    for final, expected in zip(_final(tmp_path), uninterrupted):
+        assert final["global_iter"] == expected["global_iter"] == 24
+        for actual, reference in zip(final["weights"], expected["weights"]):
+            np.testing.assert_allclose(actual, reference, rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.timeout(300)
+def test_when_one_worker_raises_every_worker_exits_within_the_bound(tmp_path):
+    """Worker 1 raises at global iteration 3; worker 0, waiting in a collective, must not hang: both exit with an
+    error within 120 s (the collectives' time-out of the worker script is 60 s), worker 1 reporting the error."""
+    results = run_processes(
+        "train", "multi_worker", str(tmp_path), "--stop-at", "3", "--stop-how", "RAISE", num_workers=2, timeout_s=120
+    )
+    assert all(code != 0 for code, _, _ in results), [output[-3000:] for _, output, _ in results]
+    assert "fails on purpose at global iteration 3" in results[1][1]
+    assert max(seconds for _, _, seconds in results) < 120
+
+
+def test_a_strategy_of_another_kind_or_type_is_refused_at_construction():
+    model = tf.keras.Sequential([tf.keras.Input((2,)), tf.keras.layers.Dense(1)])
+    optimizer = tf.keras.optimizers.SGD()
+    with pytest.raises(TypeError, match="distribution_strategy must be a tf.distribute.MirroredStrategy"):
+        mlp.trainers.DefaultTrainer(optimizer, model, distribution_strategy="mirrored")
+    with pytest.raises(NotImplementedError, match="OneDeviceStrategy; mlpug supports MirroredStrategy"):
+        mlp.trainers.DefaultTrainer(optimizer, model, distribution_strategy=tf.distribute.OneDeviceStrategy("/cpu:0"))
+
+
+def test_variables_created_outside_the_strategy_scope_are_an_early_error():
+    """A built model (or an optimizer) made outside ``strategy.scope()`` has plain variables that the replicas
+    would not share: a ValueError at construction names the component and the variable."""
+    strategy = tf.distribute.MirroredStrategy(["/cpu:0"])
+    model = tf.keras.Sequential([tf.keras.Input((2,)), tf.keras.layers.Dense(1)])
+    with strategy.scope():
+        optimizer = tf.keras.optimizers.SGD()
+    with pytest.raises(ValueError, match=r"model component 'model' has the variable .*kernel.* created outside"):
+        mlp.trainers.DefaultTrainer(optimizer, model, distribution_strategy=strategy)
+    with strategy.scope():
+        model = tf.keras.Sequential([tf.keras.Input((2,)), tf.keras.layers.Dense(1)])
+    with pytest.raises(ValueError, match=r"optimizer 'optimizer' has the variable .* created outside"):
+        mlp.trainers.DefaultTrainer(tf.keras.optimizers.SGD(), model, distribution_strategy=strategy)
+
+
+def _return_value(value):
+    return value
+
+
+def test_launch_runs_in_this_process_for_one_worker_and_refuses_a_bad_count(monkeypatch):
+    monkeypatch.delenv("TF_CONFIG", raising=False)
+    assert mlp.distributed.launch(_return_value, 7, num_workers=1) == 7
+    for bad in (0, -1, 1.5, True):
+        with pytest.raises(ValueError, match="num_workers must be an int >= 1"):
+            mlp.distributed.launch(_return_value, 7, num_workers=bad)
+
+
+def test_evaluation_shards_hold_every_sample_exactly_once():
+    """The shards the trainer evaluates on two workers: array batches split by sample (5,001 + 5,000 of 10,001,
+    unpadded), tf.data pipelines by batch; together every sample once."""
+    from mlpug.distributed import DistributedContext
+    from mlpug.tensorflow.distributed import shard_evaluation_dataset
+
+    def context(rank):
+        shard_context = DistributedContext()
+        shard_context.rank, shard_context.world_size = rank, 2
+        return shard_context
+
+    samples = np.arange(strategy_worker.VALIDATION_SAMPLES)
+    arrays = mlp.data.ResumableArrayBatches((samples,), 1000, shuffle=False)
+    batches = [shard_evaluation_dataset(arrays, context(rank)) for rank in (0, 1)]
+    shards = [np.concatenate([batch[0].numpy() for batch in shard]) for shard in batches]
+    assert (len(shards[0]), len(shards[1])) == (5001, 5000)
+    assert sorted(np.concatenate(shards).tolist()) == samples.tolist()
+    pipeline = tf.data.Dataset.from_tensor_slices(samples).batch(1000)
+    shards = [
+        np.concatenate(list(shard_evaluation_dataset(pipeline, context(rank)).as_numpy_iterator())) for rank in (0, 1)
+    ]
+    assert sorted(np.concatenate(shards).tolist()) == samples.tolist()

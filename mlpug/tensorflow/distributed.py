@@ -11,7 +11,7 @@ script is otherwise the one of a single device. What the trainer then does:
 * **Gradients** of every replica are weighted by ``replica_samples / global_samples`` (one in-graph all-reduce of
   the sample counts per step), so that the sum the Keras optimizer all-reduces in its ``apply_gradients`` is the
   gradient of the global batch's mean loss, also when the replicas' shares differ (an odd last batch).
-* **One process, several workers**: a ``MultiWorkerMirroredStrategy`` with several workers gives the neutral core a
+* **Workers as ranks**: a ``MultiWorkerMirroredStrategy`` with several workers gives the neutral core a
   :class:`StrategyContext` (rank = worker, world size = workers), so that batch and dataset metrics are reduced
   as sums and counts and every worker stops at the same batch, as with PyTorch; a ``MirroredStrategy`` is one
   process (the core sees one rank; the step's outputs are those of all its replicas).
@@ -44,6 +44,7 @@ __all__ = [
     "StrategyContext",
     "check_cluster",
     "check_strategy",
+    "check_strategy_options",
     "check_variables_in_scope",
     "launch",
     "mirrored_cpu_strategy",
@@ -96,6 +97,36 @@ def _cluster_tasks() -> dict[str, int]:
             f"the environment variable TF_CONFIG is {value!r:.200}, not a JSON object with a cluster of job name -> "
             'list of addresses (e.g. {"cluster": {"worker": ["host:port"]}, "task": {"type": "worker", "index": 0}})'
         ) from None
+
+
+def check_strategy_options(strategy: Any, optimizers: dict[str, Any], loss_scaling: bool) -> None:
+    """Refuse what would make a strategy's step differ from one device's step on the global batch.
+
+    Raises:
+        NotImplementedError: float16 loss scaling (Keras' ``LossScaleOptimizer`` decides whether gradients are
+            finite per replica, before its all-reduce: one replica's inf could be applied, or workers could disagree
+            and wait in a collective until the time-out); an optimizer with ``clipnorm`` / ``clipvalue`` /
+            ``global_clipnorm`` (Keras clips every replica's partial gradients before the all-reduce).
+    """
+    if strategy is None:
+        return
+    if loss_scaling:
+        raise NotImplementedError(
+            "use_mixed_precision with autocast_dtype='float16' under a distribution_strategy: Keras' "
+            "LossScaleOptimizer "
+            "checks the gradients for inf/nan per replica before they are all-reduced, so replicas (or workers) could "
+            "take different decisions. Use autocast_dtype='bfloat16' (no loss scaling), or train on one device."
+        )
+    for name, optimizer in optimizers.items():
+        clipping = {key: getattr(optimizer, key, None) for key in ("clipnorm", "clipvalue", "global_clipnorm")}
+        clipping = {key: value for key, value in clipping.items() if value is not None}
+        if clipping:
+            raise NotImplementedError(
+                f"optimizer {name!r} clips gradients ({', '.join(f'{k}={v}' for k, v in clipping.items())}) under a "
+                "distribution_strategy: Keras clips each replica's partial gradients before they are all-reduced, so "
+                "the step would not be the step of one device on the global batch. Create the optimizer without "
+                "clipping."
+            )
 
 
 def check_cluster(strategy: Any) -> None:
@@ -217,8 +248,9 @@ def check_variables_in_scope(strategy: Any, owners: dict[str, Any]) -> None:
                 raise ValueError(
                     f"{owner} has the variable {getattr(variable, 'path', variable.name)!r} created outside the scope "
                     f"of distribution_strategy ({type(strategy).__qualname__}), so it is not mirrored over the "
-                    "replicas. Create the model components and the optimizers under `with strategy.scope():` (Keras "
-                    "models may also be left unbuilt: the trainer builds them in the scope)."
+                    "replicas. Create the model components, the training model and the optimizers under `with "
+                    "strategy.scope():` (a Keras model without an Input that creates its weights on its first call may "
+                    "also be created outside: the trainer builds it in the scope)."
                 )
 
 
@@ -260,6 +292,15 @@ def shard_training_dataset(dataset: Any, context: DistributedContext) -> Any:
         resumable.set_shard(context.rank, context.world_size)
         return dataset
     if isinstance(dataset, tf.data.Dataset):
+        from mlpug.tensorflow.data import _pipeline, _unseeded_shuffles
+
+        if _unseeded_shuffles(_pipeline(dataset)):
+            _log.warning(
+                "Data-parallel training: the training tf.data pipeline shuffles without a seed, so every worker "
+                "shuffles in another order and their shards overlap (some samples are trained on twice per epoch, "
+                "others not at all). Seed it (shuffle(..., seed=...) or keras.utils.set_random_seed(...) before "
+                "building it)."
+            )
         return _batches_per_worker(dataset, context.world_size).shard(context.world_size, context.rank)
     _log.warning(
         f"Data-parallel training on {context.world_size} workers: the training dataset ({type(dataset).__qualname__})"
@@ -328,76 +369,90 @@ def _launched(index: int, addresses: list[str], function: Callable, args: tuple,
     function(*args, **kwargs)
 
 
-def launch(
-    function: Callable, *args: Any, num_workers: Optional[int] = None, timeout_s: Optional[float] = None, **kwargs: Any
-) -> Any:
-    """Run ``function(*args, **kwargs)`` on ``num_workers`` local worker processes, or here when that is 1.
+_GRACE_S = 60.0
 
-    Each worker gets a ``TF_CONFIG`` of a cluster of ``num_workers`` workers on free loopback ports, so that a
-    ``MultiWorkerMirroredStrategy()`` created in ``function`` joins them; under an existing ``TF_CONFIG`` (a
-    cluster manager started the processes) ``function`` just runs. Processes are started with ``spawn``. When one
-    exits with an error, the others are terminated and a ``RuntimeError`` is raised here (each worker printed its
-    own traceback).
+
+def _exit_description(code: Optional[int]) -> str:
+    if code is not None and code < 0:
+        return f"was killed by signal {-code}"
+    if code == 128 + 15:
+        return "stopped on SIGTERM (exit code 143)"
+    return f"exited with code {code} (its traceback is printed above)"
+
+
+def launch(
+    function: Callable,
+    *args: Any,
+    num_processes: Optional[int] = None,
+    timeout_s: Optional[float] = None,
+    **kwargs: Any,
+) -> Any:
+    """Run ``function(*args, **kwargs)`` on ``num_processes`` local worker processes, or here when that is 1.
+
+    The same call as PyTorch's ``mlp.distributed.launch``. Each worker gets a ``TF_CONFIG`` of a cluster of
+    ``num_processes`` workers on free loopback ports, so that a ``MultiWorkerMirroredStrategy()`` created in
+    ``function`` joins them; under an existing ``TF_CONFIG`` (a cluster manager started the processes)
+    ``function`` just runs. Processes are started with ``spawn``. When one exits with an error (or a signal), the
+    others get 60 s to end on their own (their next collective fails; a SIGTERM stop lets the chief write its
+    training checkpoint), then they are terminated, and a ``RuntimeError`` is raised here.
 
     Args:
         function: A picklable (module-level) function.
-        num_workers: Worker processes (int >= 1); default 1.
+        num_processes: Worker processes (int >= 1); default 1.
         timeout_s: Terminate every worker and raise when they run longer (seconds); default no limit.
 
     Returns:
         What ``function`` returned when it ran in this process, else None.
 
     Raises:
-        ValueError: ``num_workers`` is not an int >= 1.
-        RuntimeError: A worker failed (its exit code in the message), or the time-out passed.
+        ValueError: ``num_processes`` is not an int >= 1.
+        RuntimeError: A worker failed (how, in the message), or the time-out passed.
     """
     if os.environ.get("TF_CONFIG"):
         return function(*args, **kwargs)
-    num_workers = 1 if num_workers is None else num_workers
-    if isinstance(num_workers, bool) or not isinstance(num_workers, int) or num_workers < 1:
-        raise ValueError(f"num_workers must be an int >= 1, got {num_workers!r}")
-    if num_workers == 1:
+    num_processes = 1 if num_processes is None else num_processes
+    if isinstance(num_processes, bool) or not isinstance(num_processes, int) or num_processes < 1:
+        raise ValueError(f"num_processes must be an int >= 1, got {num_processes!r}")
+    if num_processes == 1:
         return function(*args, **kwargs)
-    addresses = [f"localhost:{port}" for port in _free_ports(num_workers)]
+    addresses = [f"localhost:{port}" for port in _free_ports(num_processes)]
     spawn = multiprocessing.get_context("spawn")
     workers = [
-        spawn.Process(target=_launched, args=(index, addresses, function, args, kwargs)) for index in range(num_workers)
+        spawn.Process(target=_launched, args=(index, addresses, function, args, kwargs))
+        for index in range(num_processes)
     ]
     for worker in workers:
         worker.start()
     deadline = None if timeout_s is None else time.monotonic() + timeout_s
+    failed_at = None
     try:
         while any(worker.is_alive() for worker in workers):
-            failed = [worker for worker in workers if worker.exitcode not in (None, 0)]
-            if failed:
-                raise RuntimeError(
-                    f"worker {workers.index(failed[0])} of {num_workers} exited with code {failed[0].exitcode}; the "
-                    "others were terminated (its traceback is printed above)"
-                )
+            if failed_at is None and any(worker.exitcode not in (None, 0) for worker in workers):
+                failed_at = time.monotonic()
+            if failed_at is not None and time.monotonic() > failed_at + _GRACE_S:
+                break
             if deadline is not None and time.monotonic() > deadline:
-                raise RuntimeError(f"the {num_workers} workers ran longer than timeout_s={timeout_s} s: terminated")
+                raise RuntimeError(f"the {num_processes} workers ran longer than timeout_s={timeout_s} s: terminated")
             time.sleep(0.1)
-        failed = [worker for worker in workers if worker.exitcode != 0]
-        if failed:
-            raise RuntimeError(
-                f"worker {workers.index(failed[0])} of {num_workers} exited with code {failed[0].exitcode} (its "
-                "traceback is printed above)"
-            )
     finally:
         for worker in workers:
             if worker.is_alive():
                 worker.terminate()
             worker.join(10)
+    failed = [(index, worker.exitcode) for index, worker in enumerate(workers) if worker.exitcode != 0]
+    if failed:
+        index, code = failed[0]
+        raise RuntimeError(f"worker {index} of {num_processes} {_exit_description(code)}")
     return None
 
 
 @tf.autograph.experimental.do_not_convert
-def merge_local_results(strategy: Any, loss: Any, num_samples: Any, auxiliary_results: Any) -> tuple:
+def merge_local_results(strategy: Any, rows: Any, loss: Any, num_samples: Any, auxiliary_results: Any) -> tuple:
     """The outputs of this process's replicas as one batch's: the loss weighted by the replicas' shares of the
-    process's samples, ``num_samples`` summed, auxiliary results merged as chunks are (tensors of rank >= 1
-    concatenated, 0-d tensors stacked; :func:`mlpug.chunking.merge_auxiliary_results`). With one local replica,
-    its outputs as they are. Used inside the compiled step."""
-    from mlpug.chunking import merge_auxiliary_results, sum_values, weighted_sum
+    process's rows (as their gradients are), ``num_samples`` summed, auxiliary results merged as chunks are
+    (tensors of rank >= 1 concatenated, 0-d tensors stacked; :func:`mlpug.chunking.merge_auxiliary_results`).
+    With one local replica, its outputs as they are. Used inside the compiled step."""
+    from mlpug.chunking import merge_auxiliary_results, sum_values
 
     losses = strategy.experimental_local_results(loss)
 
@@ -412,8 +467,12 @@ def merge_local_results(strategy: Any, loss: Any, num_samples: Any, auxiliary_re
     ]
     if len(losses) == 1:
         return losses[0], counts[0], auxiliary[0]
-    total = tf.cast(sum_values(list(counts)), tf.float32)
-    shares = [tf.math.divide_no_nan(tf.cast(count, tf.float32), total) for count in counts]
-    merged_loss = weighted_sum([tf.cast(value, tf.float32) for value in losses], shares)
+    replica_rows = local(rows)
+    total = sum_values(list(replica_rows))
+    shares = [tf.math.divide_no_nan(count, total) for count in replica_rows]
+    # an empty share (a batch with fewer samples than replicas) has a NaN mean loss and weight 0
+    merged_loss = sum_values(
+        [tf.math.multiply_no_nan(tf.cast(value, tf.float32), w) for value, w in zip(losses, shares)]
+    )
     concatenate = lambda arrays: tf.concat(arrays, axis=0)  # noqa: E731
     return merged_loss, sum_values(list(counts)), merge_auxiliary_results(auxiliary, concatenate, tf.stack)

@@ -90,23 +90,41 @@ def equivalence_runs(tmp_path_factory):
 
 # float32: the replicas' weighted gradients summed against one gradient of 16 samples: rounding only.
 # bfloat16 autocast: matmuls in bfloat16 over 8 against 16 rows, so the tolerance is bfloat16's (8 bits of mantissa).
-TOLERANCES = {"plain": 1e-5, "tf_data": 1e-5, "accumulation": 1e-5, "bf16": 2e-2, "skip_non_finite": 1e-5}
+TOLERANCES = {
+    "plain": 1e-5,
+    "tf_data": 1e-5,
+    "accumulation": 1e-5,
+    "bf16": 2e-2,
+    "skip_non_finite": 1e-5,
+    "uneven": 1e-5,
+}
 
 
 @pytest.mark.timeout(900)
-@pytest.mark.parametrize("kind", ["mirrored", "multi_worker"])
-@pytest.mark.parametrize("variant", list(strategy_worker.EQUIVALENCE_VARIANTS))
+@pytest.mark.parametrize(
+    ("kind", "variant"),
+    [
+        (kind, variant)
+        for kind in ("mirrored", "multi_worker")
+        for variant in strategy_worker.EQUIVALENCE_VARIANTS
+        if kind == "mirrored" or variant not in strategy_worker.MIRRORED_ONLY  # workers pad the last global batch
+    ],
+)
 def test_a_strategy_trains_as_one_device_with_the_same_global_batch(equivalence_runs, kind, variant):
     """2 replicas (2 logical CPU devices, or 2 worker processes of 8 samples each) against one device with the
     global batch of 16, compiled: the same weights and logged batch losses (tolerance above), on every worker
-    the same values. Breaks when the replicas' gradients are summed unweighted (2x the step), when a worker
-    trains on all the data, or when the logged loss is one replica's."""
+    the same values. Breaks when the replicas' gradients are summed unweighted (2x the step), weighted 1/2 instead
+    of by their rows (``uneven``: a last batch of 5 split 2 + 3), when a worker trains on all the data, when the
+    logged loss is one replica's, or when the skip of a non-finite batch (a NaN target on one worker) is decided
+    per replica (the replicas' weights would differ, or a worker would wait in a collective)."""
     (single,) = equivalence_runs["single"]
     single = single[variant]
+    if variant == "skip_non_finite":  # the NaN batch was logged and skipped, and the others trained
+        assert sum(np.isnan(single["batch_losses"])) == 1
     tolerance = TOLERANCES[variant]
     runs = [run[variant] for run in equivalence_runs[kind]]
     for run in runs:
-        assert run["num_batches_per_epoch"] == single["num_batches_per_epoch"] == 6
+        assert run["num_batches_per_epoch"] == single["num_batches_per_epoch"] == (7 if variant == "uneven" else 6)
         for actual, expected in zip(run["weights"], single["weights"]):
             np.testing.assert_allclose(actual, expected, rtol=tolerance, atol=tolerance)
         np.testing.assert_allclose(run["batch_losses"], single["batch_losses"], rtol=tolerance, atol=tolerance)
@@ -127,8 +145,9 @@ def test_dataset_metrics_over_10001_samples_equal_the_single_device_values(equiv
         expected = equivalence_runs["single"][0][variant]["validation"]
         for run in equivalence_runs[kind]:
             actual = run[variant]["validation"]
-            assert actual["loss"] == pytest.approx(expected["loss"], rel=1e-6)
-            assert actual["mae"] == pytest.approx(expected["mae"], rel=1e-6)
+            # float32 batch means in another grouping: ~3e-8; a mean of the two shards' means: ~1e-6 (loss)
+            assert actual["loss"] == pytest.approx(expected["loss"], rel=2e-7)
+            assert actual["mae"] == pytest.approx(expected["mae"], rel=2e-7)
 
 
 def _final(directory: Path) -> list[dict]:
@@ -189,6 +208,21 @@ def test_a_strategy_of_another_kind_or_type_is_refused_at_construction():
         mlp.trainers.DefaultTrainer(optimizer, model, distribution_strategy=tf.distribute.OneDeviceStrategy("/cpu:0"))
 
 
+def test_float16_loss_scaling_and_gradient_clipping_under_a_strategy_are_refused_at_construction():
+    """Keras decides inf/nan (LossScaleOptimizer) and clips (clipnorm ...) per replica, before its all-reduce."""
+    strategy = tf.distribute.MirroredStrategy(["/cpu:0"])
+    with strategy.scope():
+        model = tf.keras.Sequential([tf.keras.Input((2,)), tf.keras.layers.Dense(1)])
+        clipping = tf.keras.optimizers.SGD(clipnorm=1.0)
+        plain = tf.keras.optimizers.SGD()
+    with pytest.raises(NotImplementedError, match="optimizer 'optimizer' clips gradients \\(clipnorm=1.0\\)"):
+        mlp.trainers.DefaultTrainer(clipping, model, distribution_strategy=strategy)
+    with pytest.raises(NotImplementedError, match="autocast_dtype='float16' under a distribution_strategy"):
+        mlp.trainers.DefaultTrainer(
+            plain, model, distribution_strategy=strategy, use_mixed_precision=True, autocast_dtype="float16"
+        )
+
+
 def test_variables_created_outside_the_strategy_scope_are_an_early_error():
     """A built model (or an optimizer) made outside ``strategy.scope()`` has plain variables that the replicas
     would not share: a ValueError at construction names the component and the variable."""
@@ -210,10 +244,10 @@ def _return_value(value):
 
 def test_launch_runs_in_this_process_for_one_worker_and_refuses_a_bad_count(monkeypatch):
     monkeypatch.delenv("TF_CONFIG", raising=False)
-    assert mlp.distributed.launch(_return_value, 7, num_workers=1) == 7
+    assert mlp.distributed.launch(_return_value, 7, num_processes=1) == 7
     for bad in (0, -1, 1.5, True):
-        with pytest.raises(ValueError, match="num_workers must be an int >= 1"):
-            mlp.distributed.launch(_return_value, 7, num_workers=bad)
+        with pytest.raises(ValueError, match="num_processes must be an int >= 1"):
+            mlp.distributed.launch(_return_value, 7, num_processes=bad)
 
 
 def test_evaluation_shards_hold_every_sample_exactly_once():

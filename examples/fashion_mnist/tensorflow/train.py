@@ -126,7 +126,7 @@ def create_strategy(args):
     """None (one device), or the tf.distribute strategy that ``--distributed`` asks for (before any tensor exists)."""
     if args.distributed is None:
         return None
-    if os.environ.get("TF_CONFIG"):
+    if os.environ.get("TF_CONFIG") or args.distributed:  # a cluster, or N local workers (N = 1: this process)
         return tf.distribute.MultiWorkerMirroredStrategy()
     if tf.config.list_physical_devices("GPU"):
         return tf.distribute.MirroredStrategy()
@@ -136,7 +136,7 @@ def create_strategy(args):
 def main(argv=None):
     args = parse_arguments(argv)
     if args.distributed:  # N local workers, each running train() with its TF_CONFIG
-        return mlp.distributed.launch(train, args, num_workers=args.distributed)
+        return mlp.distributed.launch(train, args, num_processes=args.distributed)
     return train(args)
 
 

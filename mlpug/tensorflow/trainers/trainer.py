@@ -36,6 +36,7 @@ from mlpug.tensorflow.chunking import batch_chunker
 from mlpug.tensorflow.data import training_data_source
 from mlpug.tensorflow.distributed import (
     check_cluster,
+    check_strategy_options,
     check_variables_in_scope,
     merge_local_results,
     num_local_replicas,
@@ -151,7 +152,9 @@ class DefaultTrainer(_NeutralDefaultTrainer):
             wrong form.
         ValueError: Several optimizers without a way to tell their variables apart, a ``batch_chunk_size`` that
             is not an int >= 1, or a bad ``autocast_dtype``.
-        NotImplementedError: A ``distribution_strategy`` other than the two mirrored ones.
+        NotImplementedError: A ``distribution_strategy`` other than the two mirrored ones; under a strategy, float16
+            loss scaling or an optimizer that clips gradients (see
+            :func:`mlpug.tensorflow.distributed.check_strategy_options`).
         ValueError: A variable of a built model component or optimizer was created outside the strategy's scope
             (checked at construction, and after building).
         RuntimeError: ``TF_CONFIG`` describes a cluster of several tasks but ``distribution_strategy`` is not a
@@ -182,6 +185,7 @@ class DefaultTrainer(_NeutralDefaultTrainer):
         self.chunking = batch_chunker(batch_chunk_size)
         self.precision: PrecisionPolicy = precision_policy(use_mixed_precision, autocast_dtype)
         self.gradient_sync = GradientSync()
+        check_strategy_options(distribution_strategy, self.optimizers, self.precision.uses_loss_scaling)
         with self._scope():  # a LossScaleOptimizer's variables are mirrored too
             self.optimizers = self.precision.prepare_optimizers(self.optimizers)
         self.precision.prepare_model(self.model_components.values())
@@ -226,6 +230,8 @@ class DefaultTrainer(_NeutralDefaultTrainer):
             return
         owners = {f"model component {name!r}": component for name, component in self.model_components.items()}
         owners.update({f"optimizer {name!r}": optimizer for name, optimizer in self.optimizers.items()})
+        if self.training_model is not None:
+            owners["the training model"] = self.training_model
         check_variables_in_scope(self.strategy, owners)
 
     def distributed_context(self) -> DistributedContext:
@@ -375,7 +381,7 @@ class DefaultTrainer(_NeutralDefaultTrainer):
         step in every replica, whose ``apply_gradients`` all-reduces the gradient sums (Keras)."""
         strategy = self.strategy
         shares = split_for_replicas(strategy, batch)
-        loss, num_samples, auxiliary_results, gradients, weighted_loss = strategy.run(
+        rows, loss, num_samples, auxiliary_results, gradients, weighted_loss = strategy.run(
             self._replica_gradients, args=(shares, training_settings)
         )
 
@@ -388,7 +394,7 @@ class DefaultTrainer(_NeutralDefaultTrainer):
             skipped = tf.cond(tf.math.is_finite(global_loss), step, lambda: tf.constant(True))
         else:
             skipped = step()
-        loss, num_samples, auxiliary_results = merge_local_results(strategy, loss, num_samples, auxiliary_results)
+        loss, num_samples, auxiliary_results = merge_local_results(strategy, rows, loss, num_samples, auxiliary_results)
         reported = self.precision.uses_loss_scaling or self.skip_non_finite_steps
         return tf.reshape(loss, []), num_samples, auxiliary_results, skipped if reported else None
 
@@ -405,7 +411,8 @@ class DefaultTrainer(_NeutralDefaultTrainer):
         gradients = self.gradient_sync.reduce(result.gradients)
         outputs = result.outputs
         loss = tf.reshape(outputs.loss, [])
-        return loss, outputs.num_samples, outputs.auxiliary_results, gradients, tf.cast(loss, tf.float32) * share
+        weighted_loss = tf.math.multiply_no_nan(tf.cast(loss, tf.float32), share)  # an empty share: NaN mean, weight 0
+        return rows, loss, outputs.num_samples, outputs.auxiliary_results, gradients, weighted_loss
 
     def _replica_apply(self, gradients: Sequence[Any]) -> Any:
         """One replica's optimizer steps; whether they were skipped (float16 loss scaling) as a boolean tensor."""
@@ -425,7 +432,7 @@ class DefaultTrainer(_NeutralDefaultTrainer):
             loss = tf.reshape(outputs.loss, [])
             target = self.chunking.weigh_loss(loss, chunk)
             if share is not None:
-                target = tf.cast(target, tf.float32) * share
+                target = tf.math.multiply_no_nan(tf.cast(target, tf.float32), share)
             targets = [self.precision.scale_loss(target, optimizer) for optimizer in optimizers] if scaling else None
         if targets is None:
             gradients = tape.gradient(target, self._flat_variables)

@@ -145,3 +145,25 @@ def set_random_states(providers: Sequence[RandomStateProvider], states: Mapping[
             _log.warning(f"The checkpoint holds the random state of {name!r}, which is not in use here; ignored.")
             continue
         provider.set_state(state)
+
+
+def check_seed(seed: Any) -> int:
+    """A seed for :func:`set_python_and_numpy_seed` and the backends' ``set_random_seed``.
+
+    Raises:
+        ValueError: ``seed`` is not an int in ``[0, 2**32)`` (NumPy's range).
+    """
+    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**32:
+        raise ValueError(f"seed must be an int in [0, 2**32), got {seed!r}")
+    return seed
+
+
+def set_python_and_numpy_seed(seed: int) -> None:
+    """Seed Python's ``random`` and NumPy's global generator (``np.random.seed``) with ``seed``.
+
+    Raises:
+        ValueError: See :func:`check_seed`.
+    """
+    check_seed(seed)
+    random.seed(seed)
+    np.random.seed(seed)

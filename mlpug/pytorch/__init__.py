@@ -3,11 +3,14 @@
 ``mlp.trainers`` (``TrainingManager``, ``DefaultTrainer``), ``mlp.evaluation`` (``MetricEvaluator``),
 ``mlp.callbacks`` and ``mlp.logging``: the same names as every other backend; ``mlp.distributed`` (``launch``,
 ``local_device``) for data-parallel training.
+Standard metric functions are ``mlp.metrics`` (``accuracy``, ``top_k_accuracy``); ``mlp.set_random_seed(seed)``
+seeds Python, NumPy and the backend.
 """
 
 from mlpug import logging
-from mlpug.pytorch import callbacks, checkpointing, data, distributed, evaluation, trainers
+from mlpug.pytorch import callbacks, checkpointing, data, distributed, evaluation, metrics, trainers
 from mlpug.pytorch.checkpointing import load_model_checkpoint, load_training_checkpoint
+from mlpug.pytorch.random_state import set_random_seed
 
 __all__ = [
     "callbacks",
@@ -18,5 +21,7 @@ __all__ = [
     "load_model_checkpoint",
     "load_training_checkpoint",
     "logging",
+    "metrics",
+    "set_random_seed",
     "trainers",
 ]

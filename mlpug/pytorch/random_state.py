@@ -11,7 +11,7 @@ from typing import Any, Optional
 
 import torch
 
-from mlpug.random_state import RandomStateProvider
+from mlpug.random_state import RandomStateProvider, set_python_and_numpy_seed
 
 _log = logging.getLogger("mlpug.pytorch.random_state")
 
@@ -51,3 +51,14 @@ class TorchRandomState(RandomStateProvider):
             )
             return
         torch.cuda.set_rng_state_all([torch.tensor(values, dtype=torch.uint8) for values in cuda_states])
+
+
+def set_random_seed(seed: int) -> None:
+    """Seed Python's ``random``, NumPy's global generator and torch (``torch.manual_seed``: the CPU and every CUDA
+    device), so that a run is repeatable (``mlp.set_random_seed``, the same call on every backend).
+
+    Raises:
+        ValueError: ``seed`` is not an int in ``[0, 2**32)``.
+    """
+    set_python_and_numpy_seed(seed)
+    torch.manual_seed(seed)

@@ -4,11 +4,14 @@
 ``mlp.callbacks``, ``mlp.distributed`` (``tf.distribute`` strategies) and ``mlp.logging``: the same
 names as every other backend. Works with TensorFlow 2.21 and
 its bundled Keras 3 (``tf.keras``).
+Standard metric functions are ``mlp.metrics`` (``accuracy``, ``top_k_accuracy``); ``mlp.set_random_seed(seed)``
+seeds Python, NumPy and the backend.
 """
 
 from mlpug import logging
-from mlpug.tensorflow import callbacks, checkpointing, data, distributed, evaluation, trainers
+from mlpug.tensorflow import callbacks, checkpointing, data, distributed, evaluation, metrics, trainers
 from mlpug.tensorflow.checkpointing import load_model_checkpoint, load_training_checkpoint
+from mlpug.tensorflow.random_state import set_random_seed
 
 __all__ = [
     "callbacks",
@@ -19,5 +22,7 @@ __all__ = [
     "load_model_checkpoint",
     "load_training_checkpoint",
     "logging",
+    "metrics",
+    "set_random_seed",
     "trainers",
 ]

@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 import tensorflow as tf
 
-from mlpug.random_state import RandomStateProvider
+from mlpug.random_state import RandomStateProvider, check_seed
 
 
 class TensorFlowRandomState(RandomStateProvider):
@@ -50,3 +50,16 @@ class TensorFlowRandomState(RandomStateProvider):
             tf.random.set_global_generator(tf.random.Generator.from_state(values, saved["algorithm"]))
         else:
             generator.reset(values)
+
+
+def set_random_seed(seed: int) -> None:
+    """Seed Python's ``random``, NumPy, TensorFlow and Keras 3 (``keras.utils.set_random_seed``: Keras
+    initializers and ``keras.random`` follow it, not ``tf.random.set_seed`` alone) and TensorFlow's global
+    ``tf.random.Generator``, so that a run is repeatable (``mlp.set_random_seed``, the same call on every backend).
+
+    Raises:
+        ValueError: ``seed`` is not an int in ``[0, 2**32)``.
+    """
+    check_seed(seed)
+    tf.keras.utils.set_random_seed(seed)
+    tf.random.set_global_generator(tf.random.Generator.from_seed(seed))

@@ -112,3 +112,24 @@ def test_dataset_metrics_are_sums_and_counts_over_the_ranks_never_means_of_means
             return [values[0] + 0.0, values[1] + 3.0]
 
     assert TwoRanks().all_reduce_weighted([(4.0, 1)]) == [(1.0, 4.0)]
+
+
+def test_tensorboard_writes_on_the_primary_rank_only(tmp_path):
+    """Two fake ranks with the same log_dir: only rank 0's events exist; rank 1 issues the same collectives."""
+    from mlpug.trainers.callbacks import Tensorboard
+
+    contexts = []
+    for rank in (0, 1):
+        trainer, _ = make_trainer()
+        contexts.append(FakeRankContext(rank))
+        board = Tensorboard(["training.batch.loss", "validation.dataset.loss"], log_dir=str(tmp_path / str(rank)))
+        evaluator = MetricEvaluator(trainer=trainer)
+        callbacks = [TrainingMetricsLogger(evaluator), TestMetricsLogger(make_batches(3), "validation", evaluator)]
+        manager = TrainingManager(
+            trainer, make_batches(3), num_epochs=1, callbacks=[*callbacks, board], distributed=contexts[-1],
+            handle_signals=False,
+        )  # fmt: skip
+        manager.start_training()
+    assert sorted(path.name for path in (tmp_path / "0").iterdir()) == ["validation-dataset"]  # log_period 50
+    assert not (tmp_path / "1").exists()
+    assert contexts[0].collectives == contexts[1].collectives

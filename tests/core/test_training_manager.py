@@ -463,3 +463,59 @@ def test_a_generator_continues_across_epochs_and_a_resume_skips_what_was_trained
     resumed.set_state(state_after_epoch_0["s"])
     resumed.start_training()
     assert seen == [2, 3, 4, 5]  # a new generator of the same sequence: the 2 batches of epoch 0 are skipped
+
+
+def test_early_stopping_stops_the_fake_backend_after_patience_epochs():
+    """The neutral EarlyStopping on the fake backend: a monitored value that improves twice, then never again;
+    patience 2 stops after epoch 4 of 10, with the normal end of training."""
+    from mlpug.trainers.callbacks import EarlyStopping
+
+    values = [3.0, 2.0, 1.0, 1.5, 1.2, 0.1, 0.1, 0.1, 0.1, 0.1]
+
+    class Scripted(Callback):
+        @property
+        def produces(self):
+            return frozenset({"scripted"})
+
+        def on_epoch_completed(self, logs):
+            logs["current"]["scripted"] = {"dataset": {"loss": values[logs["current"]["epoch"]]}}
+            return True
+
+    recorder, stopping = RecordingCallback(), EarlyStopping("scripted.dataset.loss", patience=2)
+    manager, _ = make_manager([Scripted(), stopping, recorder], num_epochs=10)
+    manager.start_training()
+    assert (stopping.stopped_epoch, stopping.best, manager.epoch) == (4, 1.0, 5)
+    assert recorder.ended_with["stopped_early"] is True
+
+
+def test_tensorboard_on_the_fake_backend_purges_what_a_resumed_run_writes_again(tmp_path):
+    """A run of 2 epochs x 2 batches writes steps 0-3; a run resumed from the state after epoch 0 writes steps 2-3
+    again. TensorBoard's purge marker at the resumed step (SessionLog.START) makes the reader keep each step once,
+    with the resumed run's values; without it, steps 2 and 3 would appear twice."""
+    import copy
+
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from mlpug.trainers.callbacks import Tensorboard
+
+    class Capture(Callback):
+        state = None
+
+        def on_epoch_checkpoint(self, logs):
+            if logs["current"]["epoch"] == 0:
+                Capture.state = copy.deepcopy(self.training_manager.get_state())
+            return True
+
+    def callbacks():
+        evaluator = MetricEvaluator(trainer=trainer)
+        board = Tensorboard("training.batch.loss", log_dir=str(tmp_path), log_period=1)
+        return [TrainingMetricsLogger(metric_evaluator=evaluator), board, Capture()]
+
+    trainer, _ = make_trainer()
+    TrainingManager(trainer, make_batches(2), num_epochs=2, callbacks=callbacks()).start_training()
+    trainer, _ = make_trainer()
+    resumed = TrainingManager(trainer, make_batches(2), num_epochs=2, callbacks=callbacks(), resume_from=Capture.state)
+    resumed.start_training()
+    accumulator = EventAccumulator(str(tmp_path / "training-batch"))
+    accumulator.Reload()
+    assert [event.step for event in accumulator.Scalars("loss")] == [0, 1, 2, 3]

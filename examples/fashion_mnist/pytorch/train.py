@@ -110,12 +110,6 @@ class TrainModel(torch.nn.Module):
         return {"loss": self.loss_func(logits, labels), "auxiliary_results": logits}
 
 
-def accuracy(inputs):
-    """Fraction of correctly classified samples in the batch (weighted by the batch size)."""
-    _, labels = inputs.batch
-    return (inputs.auxiliary_results.argmax(dim=1) == labels).float().mean()
-
-
 def main(argv=None):
     args = parse_arguments(argv)
     if args.distributed is not None:
@@ -124,7 +118,7 @@ def main(argv=None):
 
 
 def train(args):
-    torch.manual_seed(args.seed)
+    mlp.set_random_seed(args.seed)  # Python, NumPy and torch
     if args.num_threads:
         torch.set_num_threads(args.num_threads)
 
@@ -151,7 +145,7 @@ def train(args):
     )
 
     evaluator = mlp.evaluation.MetricEvaluator(
-        trainer=trainer, batch_metric_funcs={"accuracy": accuracy}, batch_chunk_size=args.batch_chunk_size
+        trainer=trainer, batch_metric_funcs={"accuracy": mlp.metrics.accuracy}, batch_chunk_size=args.batch_chunk_size
     )
     callbacks = [
         mlp.callbacks.TrainingMetricsLogger(metric_evaluator=evaluator),

@@ -115,13 +115,6 @@ class TrainModel(tf.keras.Model):
         return {"loss": self.loss_func(labels, logits), "auxiliary_results": logits}
 
 
-def accuracy(inputs):
-    """Fraction of correctly classified samples in the batch (weighted by the batch size)."""
-    _, labels = inputs.batch
-    predictions = tf.argmax(inputs.auxiliary_results, axis=1)
-    return tf.reduce_mean(tf.cast(predictions == tf.cast(labels, predictions.dtype), tf.float32))
-
-
 def create_strategy(args):
     """None (one device), or the tf.distribute strategy that ``--distributed`` asks for (before any tensor exists)."""
     if args.distributed is None:
@@ -144,7 +137,7 @@ def train(args):
     if args.num_threads:  # before TensorFlow initialises its devices
         tf.config.threading.set_intra_op_parallelism_threads(args.num_threads)
     strategy = create_strategy(args)
-    tf.keras.utils.set_random_seed(args.seed)
+    mlp.set_random_seed(args.seed)  # Python, NumPy, TensorFlow and Keras
 
     try:
         training_dataset, validation_dataset = create_datasets(args.data_dir, args.batch_size, args.seed)
@@ -173,7 +166,7 @@ def train(args):
     )
 
     evaluator = mlp.evaluation.MetricEvaluator(
-        trainer=trainer, batch_metric_funcs={"accuracy": accuracy}, batch_chunk_size=args.batch_chunk_size
+        trainer=trainer, batch_metric_funcs={"accuracy": mlp.metrics.accuracy}, batch_chunk_size=args.batch_chunk_size
     )
     callbacks = [
         mlp.callbacks.TrainingMetricsLogger(metric_evaluator=evaluator),

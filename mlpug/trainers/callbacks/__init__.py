@@ -2,7 +2,19 @@
 
 from mlpug.trainers.callbacks.callback import HOOKS, Callback
 from mlpug.trainers.callbacks.checkpoint_manager import CheckpointManager
+from mlpug.trainers.callbacks.early_stopping import EarlyStopping
 from mlpug.trainers.callbacks.log_progress import LogProgress
 from mlpug.trainers.callbacks.metrics_logging import TestMetricsLogger, TrainingMetricsLogger
+from mlpug.trainers.callbacks.tensorboard import AutoTensorboard, Tensorboard
 
-__all__ = ["HOOKS", "Callback", "CheckpointManager", "LogProgress", "TestMetricsLogger", "TrainingMetricsLogger"]
+__all__ = [
+    "HOOKS",
+    "AutoTensorboard",
+    "Callback",
+    "CheckpointManager",
+    "EarlyStopping",
+    "LogProgress",
+    "Tensorboard",
+    "TestMetricsLogger",
+    "TrainingMetricsLogger",
+]

@@ -1,0 +1,68 @@
+"""Standard metric functions under the same names on every backend (``mlp.metrics``).
+
+A metric function takes a :class:`mlpug.evaluation.MetricInputs` and returns a per-batch mean (weighted by
+``num_samples``). The standard ones read the usual classification layout:
+
+* the **logits** ``[B, C]`` (or probabilities) are ``inputs.auxiliary_results``, or its ``"logits"`` entry when the
+  training model returns a dict of auxiliary results;
+* the **labels** are the last item of a ``(features, labels)`` batch, or ``batch["labels"]`` / ``batch["label"]``
+  of a dict batch: class indices ``[B]``, or one-hot / probability rows ``[B, C]`` (their argmax is the class).
+
+Each backend computes them with its own ops (``mlpug.pytorch.metrics``, ``mlpug.tensorflow.metrics``) and returns a
+0-d tensor, so that no value leaves the device before a consumer reads it. This module holds the backend-neutral
+part: where logits and labels are found, and the checks.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+from mlpug.evaluation import MetricInputs
+
+_LAYOUT = (
+    "auxiliary_results = logits [B, C] (or a dict with 'logits') and batch = (features, labels) (or a dict with "
+    "'labels')"
+)
+
+
+def logits_and_labels(inputs: MetricInputs, metric: str) -> tuple[Any, Any]:
+    """The logits ``[B, C]`` and labels (``[B]`` or ``[B, C]``) of ``inputs`` (see the module docstring).
+
+    Raises:
+        TypeError: No logits or labels where the layout says; the message names the metric and what it found.
+    """
+    logits = inputs.auxiliary_results
+    if isinstance(logits, Mapping):
+        logits = logits.get("logits")
+    if logits is None or len(getattr(logits, "shape", ())) != 2:
+        raise TypeError(
+            f"{metric} needs {_LAYOUT}; auxiliary_results is {type(inputs.auxiliary_results).__qualname__}"
+            f"{_shape(logits)}"
+        )
+    batch = inputs.batch
+    if isinstance(batch, Mapping):
+        labels = batch.get("labels", batch.get("label"))
+    elif isinstance(batch, (tuple, list)) and len(batch) >= 2:
+        labels = batch[-1]
+    else:
+        labels = None
+    if labels is None or len(getattr(labels, "shape", ())) not in (1, 2):
+        raise TypeError(f"{metric} needs {_LAYOUT}; the batch is a {type(batch).__qualname__} without such labels")
+    return logits, labels
+
+
+def _shape(value: Any) -> str:
+    shape = getattr(value, "shape", None)
+    return f" of shape {list(shape)}" if shape is not None else ""
+
+
+def check_k(k: Any) -> int:
+    """``k`` of top-k accuracy.
+
+    Raises:
+        ValueError: ``k`` is not an int >= 1.
+    """
+    if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+        raise ValueError(f"k must be an int >= 1, got {k!r}")
+    return k

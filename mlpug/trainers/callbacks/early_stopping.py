@@ -1,0 +1,137 @@
+"""``EarlyStopping``: stop training when a monitored metric has stopped improving (Keras' rule).
+
+After every epoch the value at ``metric_to_monitor`` is compared with the best so far: it improves when it is
+better by more than ``min_delta`` (lower for ``mode="min"``, higher for ``"max"``). After ``patience`` epochs in
+a row without improvement the callback asks the manager to stop (``TrainingManager.stop_training``), so the
+epoch-end checkpoint phase, the final training checkpoint and every end hook still run, as for any early stop.
+This is the rule of ``keras.callbacks.EarlyStopping`` (``patience`` counted in epochs, ``min_delta`` absolute).
+
+Its state (best value, epochs without improvement, the epoch it stopped at) is part of training checkpoints, so
+a resumed run keeps its patience counter; a run resumed after it stopped ends at once, with a message.
+In data-parallel training the monitored dataset metrics are the same on every rank (reduced as sums and counts),
+so every rank takes the same decision.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Literal, Optional
+
+from mlpug.logs import get_value_at, to_number
+from mlpug.trainers.callbacks.callback import Callback, check_log_path
+
+_MISSING = object()
+
+
+class EarlyStopping(Callback):
+    """Stops training after ``patience`` epochs without an improvement of ``metric_to_monitor``.
+
+    Args:
+        metric_to_monitor: Dotted path into ``logs["current"]``, e.g. ``"validation.dataset.loss"``; checked when
+            the ``TrainingManager`` is constructed (a callback must write it). An epoch whose logs do not hold
+            it (e.g. validation every other epoch) neither improves nor counts against the patience.
+        mode: ``"min"`` (default) or ``"max"``: whether lower or higher values are better.
+        patience: Epochs without improvement (int >= 0) after which training stops; 0 and 1 both stop after the
+            first epoch that does not improve (as in Keras).
+        min_delta: The smallest change (float >= 0, in the metric's units) that counts as an improvement.
+        name: The callback's name (key of its state in training checkpoints).
+
+    Raises:
+        ValueError: A bad ``mode``, ``patience`` or ``min_delta``, or an empty ``metric_to_monitor``; at the
+            manager's construction, a ``metric_to_monitor`` that no callback writes.
+        TypeError: ``metric_to_monitor`` is not a str.
+
+    Attributes:
+        best: The best value so far (None before the first epoch with a value).
+        epochs_without_improvement: Consecutive epochs since the last improvement.
+        stopped_epoch: The epoch after which it stopped training, else None.
+    """
+
+    def __init__(
+        self,
+        metric_to_monitor: str = "validation.dataset.loss",
+        mode: Literal["min", "max"] = "min",
+        patience: int = 0,
+        min_delta: float = 0.0,
+        name: Optional[str] = None,
+    ):
+        super().__init__(name)
+        if not isinstance(metric_to_monitor, str):
+            raise TypeError(
+                "metric_to_monitor must be a dotted path str such as 'validation.dataset.loss', got "
+                f"{type(metric_to_monitor).__name__}: {metric_to_monitor!r:.100}"
+            )
+        if not metric_to_monitor:
+            raise ValueError("metric_to_monitor must be a dotted path such as 'validation.dataset.loss', got ''")
+        if mode not in ("min", "max"):
+            raise ValueError(f"mode must be 'min' or 'max', got {mode!r}")
+        if isinstance(patience, bool) or not isinstance(patience, int) or patience < 0:
+            raise ValueError(f"patience must be an int >= 0 (epochs), got {patience!r}")
+        if isinstance(min_delta, bool) or not isinstance(min_delta, (int, float)) or not min_delta >= 0:
+            raise ValueError(f"min_delta must be a number >= 0 (in the metric's units), got {min_delta!r}")
+        self.metric_to_monitor = metric_to_monitor
+        self.mode = mode
+        self.patience = patience
+        self.min_delta = float(min_delta)
+        self.best: Optional[float] = None
+        self.epochs_without_improvement = 0
+        self.stopped_epoch: Optional[int] = None
+
+    def set_training_manager(self, manager: Any) -> bool:
+        """Keep ``manager``; check that a callback writes ``metric_to_monitor``.
+
+        Raises:
+            ValueError: No callback writes ``metric_to_monitor`` (the paths that are written are listed).
+        """
+        check_log_path(self.metric_to_monitor, manager.callbacks, f"{self.name}: metric_to_monitor")
+        return bool(super().set_training_manager(manager))
+
+    def on_training_start(self, num_epochs, num_batches_per_epoch, start_epoch, start_batch, start_update_iter):
+        if self.stopped_epoch is not None:  # resumed from the checkpoint of a run it stopped
+            self._log.info(
+                f"{self.name}: this run stopped early after epoch {self.stopped_epoch} ({self.metric_to_monitor} did "
+                f"not improve for {self.epochs_without_improvement} epochs); nothing more to train"
+            )
+            self.training_manager.stop_training()
+        return True
+
+    def improves(self, value: float) -> bool:
+        """Whether ``value`` is better than the best so far by more than ``min_delta`` (NaN never is)."""
+        if math.isnan(value):
+            return False
+        if self.best is None:
+            return True
+        if self.mode == "min":
+            return value < self.best - self.min_delta
+        return value > self.best + self.min_delta
+
+    def on_epoch_completed(self, logs: dict) -> bool:
+        value = get_value_at(logs["current"], self.metric_to_monitor, _MISSING)
+        if value is _MISSING:
+            return True
+        value = float(to_number(value))
+        if self.improves(value):
+            self.best, self.epochs_without_improvement = value, 0
+            return True
+        self.epochs_without_improvement += 1
+        if self.epochs_without_improvement >= max(self.patience, 1):
+            self.stopped_epoch = logs["current"]["epoch"]
+            self._log.info(
+                f"{self.name}: {self.metric_to_monitor} did not improve on {self.best} ({self.mode}, min_delta "
+                f"{self.min_delta}) for {self.epochs_without_improvement} epoch(s), patience {self.patience}: "
+                f"training stops after epoch {self.stopped_epoch}"
+            )
+            self.training_manager.stop_training()
+        return True
+
+    def get_state(self) -> dict:
+        return {
+            "best": self.best,
+            "epochs_without_improvement": self.epochs_without_improvement,
+            "stopped_epoch": self.stopped_epoch,
+        }
+
+    def set_state(self, state: dict) -> None:
+        self.best = state.get("best")
+        self.epochs_without_improvement = int(state.get("epochs_without_improvement", 0))
+        self.stopped_epoch = state.get("stopped_epoch")

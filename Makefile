@@ -42,6 +42,7 @@ benchmark: setup data  # results go into benchmarks/RESULTS.md by hand, with com
 	$(PY) benchmarks/checkpoint.py --backend tensorflow
 	$(PY) benchmarks/memory.py
 	$(PY) benchmarks/ddp.py
+	$(PY) benchmarks/prefetch.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache

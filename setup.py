@@ -13,6 +13,9 @@ setup(
     extras_require={
         "pytorch": ["torch==2.13.0"],
         "tensorflow": ["tensorflow-cpu==2.21.*"],
-        "dev": ["pytest", "pytest-timeout", "ruff", "tqdm", "tensorboard"],
+        "tensorboard": ["tensorboard"],
+        "history": ["pandas"],
+        "plot": ["pandas", "matplotlib"],
+        "dev": ["pytest", "pytest-timeout", "ruff", "tqdm", "tensorboard", "pandas", "matplotlib"],
     },
 )

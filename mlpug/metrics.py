@@ -15,7 +15,7 @@ part: where logits and labels are found, and the checks.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from mlpug.evaluation import MetricInputs
@@ -66,3 +66,22 @@ def check_k(k: Any) -> int:
     if isinstance(k, bool) or not isinstance(k, int) or k < 1:
         raise ValueError(f"k must be an int >= 1, got {k!r}")
     return k
+
+
+def top_k_metric(k: int, fraction_in_top_k: Callable[[Any, Any, int], Any]) -> Callable[[MetricInputs], Any]:
+    """The metric function ``top_<k>_accuracy`` of a backend: finds logits and labels, checks ``k`` against the
+    number of classes, and returns ``fraction_in_top_k(logits, labels, k)`` (the backend's ops).
+
+    Raises:
+        ValueError: ``k`` is not an int >= 1 (at once); ``k`` exceeds the number of classes (when called).
+    """
+    check_k(k)
+
+    def top_k(inputs: MetricInputs) -> Any:
+        logits, labels = logits_and_labels(inputs, f"top_{k}_accuracy")
+        if k > logits.shape[1]:
+            raise ValueError(f"top_k_accuracy: k={k} exceeds the {logits.shape[1]} classes of the logits")
+        return fraction_in_top_k(logits, labels, k)
+
+    top_k.__name__ = f"top_{k}_accuracy"
+    return top_k

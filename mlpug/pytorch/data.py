@@ -14,8 +14,9 @@ import torch
 
 from mlpug.data import ResumableArrayBatches as _NeutralResumableArrayBatches
 from mlpug.data import ResumableBatchSampler as _NeutralResumableBatchSampler
+from mlpug.prefetch import BackgroundPrefetcher
 
-__all__ = ["ResumableArrayBatches", "ResumableBatchSampler", "resumable_data_loader"]
+__all__ = ["BackgroundPrefetcher", "ResumableArrayBatches", "ResumableBatchSampler", "resumable_data_loader"]
 
 
 class ResumableBatchSampler(_NeutralResumableBatchSampler, torch.utils.data.Sampler):

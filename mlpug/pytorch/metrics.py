@@ -8,7 +8,7 @@ from typing import Any
 import torch
 
 from mlpug.evaluation import MetricInputs
-from mlpug.metrics import check_k, logits_and_labels
+from mlpug.metrics import logits_and_labels, top_k_metric
 
 __all__ = ["accuracy", "top_k_accuracy"]
 
@@ -27,20 +27,16 @@ def accuracy(inputs: MetricInputs) -> torch.Tensor:
     return (logits.argmax(dim=1) == _class_indices(labels).to(logits.device)).float().mean()
 
 
+def _fraction_in_top_k(logits: torch.Tensor, labels: torch.Tensor, k: int) -> torch.Tensor:
+    top = logits.topk(k, dim=1).indices
+    return (top == _class_indices(labels).to(logits.device).unsqueeze(1)).any(dim=1).float().mean()
+
+
 def top_k_accuracy(k: int) -> Callable[[MetricInputs], Any]:
-    """A metric function: the fraction of samples whose label is among the ``k`` highest logits.
+    """A metric function: the fraction of samples whose label is among the ``k`` highest logits (exactly ``k``
+    classes: ``torch.topk``).
 
     Raises:
         ValueError: ``k`` is not an int >= 1 (at once); ``k`` exceeds the number of classes (when called).
     """
-    check_k(k)
-
-    def top_k(inputs: MetricInputs) -> torch.Tensor:
-        logits, labels = logits_and_labels(inputs, f"top_{k}_accuracy")
-        if k > logits.shape[1]:
-            raise ValueError(f"top_k_accuracy: k={k} exceeds the {logits.shape[1]} classes of the logits")
-        top = logits.topk(k, dim=1).indices
-        return (top == _class_indices(labels).to(logits.device).unsqueeze(1)).any(dim=1).float().mean()
-
-    top_k.__name__ = f"top_{k}_accuracy"
-    return top_k
+    return top_k_metric(k, _fraction_in_top_k)

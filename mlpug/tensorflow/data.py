@@ -16,8 +16,9 @@ import tensorflow as tf
 
 from mlpug.data import ContinuedDataSource, DataSource, ReplayedDataSource, ResumableBatchSampler
 from mlpug.data import ResumableArrayBatches as _NeutralResumableArrayBatches
+from mlpug.prefetch import BackgroundPrefetcher
 
-__all__ = ["ResumableArrayBatches", "ResumableBatchSampler", "training_data_source"]
+__all__ = ["BackgroundPrefetcher", "ResumableArrayBatches", "ResumableBatchSampler", "training_data_source"]
 
 _log = logging.getLogger("mlpug.tensorflow.data")
 

@@ -99,17 +99,26 @@ def _cluster_tasks() -> dict[str, int]:
         ) from None
 
 
-def check_strategy_options(strategy: Any, optimizers: dict[str, Any], loss_scaling: bool) -> None:
+def check_strategy_options(
+    strategy: Any, optimizers: dict[str, Any], loss_scaling: bool, clipping: bool = False
+) -> None:
     """Refuse what would make a strategy's step differ from one device's step on the global batch.
 
     Raises:
         NotImplementedError: float16 loss scaling (Keras' ``LossScaleOptimizer`` decides whether gradients are
             finite per replica, before its all-reduce: one replica's inf could be applied, or workers could disagree
             and wait in a collective until the time-out); an optimizer with ``clipnorm`` / ``clipvalue`` /
-            ``global_clipnorm`` (Keras clips every replica's partial gradients before the all-reduce).
+            ``global_clipnorm`` (Keras clips every replica's partial gradients before the all-reduce), or the
+            trainer's own ``clip_gradients_norm`` / ``clip_gradients_value`` (for the same reason).
     """
     if strategy is None:
         return
+    if clipping:
+        raise NotImplementedError(
+            "clip_gradients_norm / clip_gradients_value under a distribution_strategy: each replica holds only its "
+            "partial gradients before the optimizer all-reduces them, so clipping them would not clip the step's "
+            "gradients. Train without clipping, or on one device."
+        )
     if loss_scaling:
         raise NotImplementedError(
             "use_mixed_precision with autocast_dtype='float16' under a distribution_strategy: Keras' "
@@ -118,11 +127,11 @@ def check_strategy_options(strategy: Any, optimizers: dict[str, Any], loss_scali
             "take different decisions. Use autocast_dtype='bfloat16' (no loss scaling), or train on one device."
         )
     for name, optimizer in optimizers.items():
-        clipping = {key: getattr(optimizer, key, None) for key in ("clipnorm", "clipvalue", "global_clipnorm")}
-        clipping = {key: value for key, value in clipping.items() if value is not None}
-        if clipping:
+        clips = {key: getattr(optimizer, key, None) for key in ("clipnorm", "clipvalue", "global_clipnorm")}
+        clips = {key: value for key, value in clips.items() if value is not None}
+        if clips:
             raise NotImplementedError(
-                f"optimizer {name!r} clips gradients ({', '.join(f'{k}={v}' for k, v in clipping.items())}) under a "
+                f"optimizer {name!r} clips gradients ({', '.join(f'{k}={v}' for k, v in clips.items())}) under a "
                 "distribution_strategy: Keras clips each replica's partial gradients before they are all-reduced, so "
                 "the step would not be the step of one device on the global batch. Create the optimizer without "
                 "clipping."

@@ -8,7 +8,7 @@ from typing import Any
 import tensorflow as tf
 
 from mlpug.evaluation import MetricInputs
-from mlpug.metrics import check_k, logits_and_labels
+from mlpug.metrics import logits_and_labels, top_k_metric
 
 __all__ = ["accuracy", "top_k_accuracy"]
 
@@ -29,21 +29,16 @@ def accuracy(inputs: MetricInputs) -> tf.Tensor:
     return tf.reduce_mean(tf.cast(tf.equal(predictions, _class_indices(labels)), tf.float32))
 
 
+def _fraction_in_top_k(logits: Any, labels: Any, k: int) -> tf.Tensor:
+    hits = tf.math.in_top_k(tf.cast(_class_indices(labels), tf.int32), tf.cast(logits, tf.float32), k)
+    return tf.reduce_mean(tf.cast(hits, tf.float32))
+
+
 def top_k_accuracy(k: int) -> Callable[[MetricInputs], Any]:
-    """A metric function: the fraction of samples whose label is among the ``k`` highest logits.
+    """A metric function: the fraction of samples whose label is among the ``k`` highest logits
+    (``tf.math.in_top_k``: classes tied at the k-th place all count).
 
     Raises:
         ValueError: ``k`` is not an int >= 1 (at once); ``k`` exceeds the number of classes (when called).
     """
-    check_k(k)
-
-    def top_k(inputs: MetricInputs) -> tf.Tensor:
-        logits, labels = logits_and_labels(inputs, f"top_{k}_accuracy")
-        if k > logits.shape[1]:
-            raise ValueError(f"top_k_accuracy: k={k} exceeds the {logits.shape[1]} classes of the logits")
-        logits = tf.cast(logits, tf.float32)  # in_top_k needs float32
-        hits = tf.math.in_top_k(tf.cast(_class_indices(labels), tf.int32), logits, k)
-        return tf.reduce_mean(tf.cast(hits, tf.float32))
-
-    top_k.__name__ = f"top_{k}_accuracy"
-    return top_k
+    return top_k_metric(k, _fraction_in_top_k)

@@ -96,6 +96,13 @@ class PyTorchHarness:
     def weights(self, problem: Problem) -> list:
         return [p.detach().numpy().copy() for p in problem.classifier.parameters()]
 
+    def sgd_trainer(self, problem: Problem, learning_rate: float, **kwargs) -> Any:
+        """A DefaultTrainer of the problem's classifier with plain SGD (no momentum), with ``kwargs``."""
+        optimizer = self.torch.optim.SGD(problem.classifier.parameters(), lr=learning_rate)
+        trainer = self.mlp.trainers.DefaultTrainer(optimizer, problem.classifier, **kwargs)
+        trainer.set_training_model(problem.train_model)
+        return trainer
+
     def new_trainer(self, problem: Problem, **kwargs) -> Any:
         """Another DefaultTrainer of the problem's classifier and optimizer, with ``kwargs``."""
         trainer = self.mlp.trainers.DefaultTrainer(problem.optimizer, problem.classifier, **kwargs)
@@ -211,6 +218,13 @@ class TensorFlowHarness:
 
     def weights(self, problem: Problem) -> list:
         return [variable.numpy().copy() for variable in problem.classifier.weights]
+
+    def sgd_trainer(self, problem: Problem, learning_rate: float, **kwargs) -> Any:
+        """A DefaultTrainer of the problem's classifier with plain SGD (no momentum), with ``kwargs``."""
+        optimizer = self.tf.keras.optimizers.SGD(learning_rate=learning_rate)
+        trainer = self.mlp.trainers.DefaultTrainer(optimizer, problem.classifier, eager_mode=self.eager_mode, **kwargs)
+        trainer.set_training_model(problem.train_model)
+        return trainer
 
     def new_trainer(self, problem: Problem, **kwargs) -> Any:
         """Another DefaultTrainer of the problem's classifier and optimizer, with ``kwargs``."""

@@ -15,14 +15,29 @@ import train as fashion_mnist_example  # noqa: E402
 sys.path.pop(0)
 
 
-def test_one_epoch_reaches_80_percent_validation_accuracy(fashion_mnist_dir, capsys):
-    manager = fashion_mnist_example.main(["--num-epochs", "1", "--data-dir", fashion_mnist_dir, "--log-period", "300"])
+def test_one_epoch_reaches_80_percent_validation_accuracy(fashion_mnist_dir, capsys, tmp_path):
+    manager = fashion_mnist_example.main(
+        [
+            "--num-epochs",
+            "1",
+            "--data-dir",
+            fashion_mnist_dir,
+            "--log-period",
+            "300",
+            "--checkpoints-path",
+            str(tmp_path),
+        ]
+    )
     validation = manager.logs["current"]["validation"]["dataset"]
     assert validation["accuracy"] >= 0.80
     assert validation["loss"] < 0.6
     output = capsys.readouterr().out
     assert "Epoch 0/0\tREADY - Duration" in output
     assert "validation     : loss" in output and "Training completed. All good!" in output
+    # the metrics history: printed as a table, saved next to the checkpoints
+    assert "validation.dataset.accuracy" in output and f"{validation['accuracy']:.4f}" in output
+    assert (tmp_path / "fashion-mnist-pytorch-history.csv").read_text().startswith("epoch,global_iter,")
+    assert (tmp_path / "fashion-mnist-pytorch-history.png").read_bytes()[:4] == b"\x89PNG"
 
 
 def test_missing_data_dir_is_a_clear_error(tmp_path):
@@ -116,6 +131,8 @@ def test_the_example_trains_data_parallel_on_two_processes(fashion_mnist_dir, tm
     assert result.stdout.count("Computed over dataset:") == 1
     assert sorted(path.name for path in tmp_path.iterdir()) == [
         "fashion-mnist-pytorch-best-model-checkpoint.safetensors",
+        "fashion-mnist-pytorch-history.csv",
+        "fashion-mnist-pytorch-history.png",
         "fashion-mnist-pytorch-latest-model-checkpoint.safetensors",
         "fashion-mnist-pytorch-training-checkpoint.safetensors",
     ]

@@ -37,6 +37,10 @@ def test_one_epoch_reaches_80_percent_validation_accuracy(fashion_mnist_dir, cap
     output = capsys.readouterr().out
     assert "Epoch 0/0\tREADY - Duration" in output
     assert "validation     : loss" in output and "Training completed. All good!" in output
+    # the metrics history: printed as a table, saved next to the checkpoints
+    assert "validation.dataset.accuracy" in output and f"{validation['accuracy']:.4f}" in output
+    assert (tmp_path / "fashion-mnist-tensorflow-history.csv").read_text().startswith("epoch,global_iter,")
+    assert (tmp_path / "fashion-mnist-tensorflow-history.png").read_bytes()[:4] == b"\x89PNG"
 
 
 def test_bfloat16_with_gradient_accumulation_reaches_80_percent_in_one_epoch(fashion_mnist_dir, capsys, tmp_path):
@@ -127,6 +131,8 @@ def test_the_example_trains_data_parallel(fashion_mnist_dir, tmp_path, distribut
     assert result.stdout.count("Training completed. All good!") == 1
     assert sorted(path.name for path in tmp_path.iterdir()) == [
         "fashion-mnist-tensorflow-best-model-checkpoint.safetensors",
+        "fashion-mnist-tensorflow-history.csv",
+        "fashion-mnist-tensorflow-history.png",
         "fashion-mnist-tensorflow-latest-model-checkpoint.safetensors",
         "fashion-mnist-tensorflow-training-checkpoint.safetensors",
     ]

@@ -168,6 +168,7 @@ def train(args):
     evaluator = mlp.evaluation.MetricEvaluator(
         trainer=trainer, batch_metric_funcs={"accuracy": mlp.metrics.accuracy}, batch_chunk_size=args.batch_chunk_size
     )
+    history = mlp.callbacks.MetricsHistory()  # one row per epoch: printed, and saved as CSV and PNG at the end
     callbacks = [
         mlp.callbacks.TrainingMetricsLogger(metric_evaluator=evaluator),
         mlp.callbacks.TestMetricsLogger(validation_dataset, "validation", metric_evaluator=evaluator),
@@ -178,6 +179,7 @@ def train(args):
             metric_to_monitor="validation.dataset.loss",
             model_hyper_parameters={"hidden_sizes": [256, 256], "learning_rate": args.learning_rate},
         ),
+        history,
     ]
     try:
         manager = mlp.trainers.TrainingManager(
@@ -194,6 +196,9 @@ def train(args):
     if validation is None:  # resumed from a checkpoint of a finished run: nothing left to train
         print(f"Nothing to train: the run already completed {manager.epoch} epoch(s)")
     else:
+        print(history.table())
+        csv_path, png_path = history.save(args.checkpoints_path, "fashion-mnist-tensorflow")
+        print(f"Metrics history: {csv_path}, {png_path}")
         print(f"Final validation loss {validation['loss']:.4f}, accuracy {validation['accuracy']:.4f}")
     return manager
 

@@ -1,12 +1,16 @@
-"""Callbacks for the PyTorch backend: the neutral ones work unchanged."""
+"""Callbacks for the PyTorch backend: the neutral ones work unchanged; ``LRSchedulerWrapper`` steps torch
+schedulers; ``LogCudaMemory`` and ``EmptyCudaCache`` are the CUDA memory tools."""
 
 from mlpug.pytorch.callbacks.checkpoint_manager import CheckpointManager
+from mlpug.pytorch.callbacks.cuda_memory import EmptyCudaCache, LogCudaMemory
+from mlpug.pytorch.callbacks.lr_scheduler import LRSchedulerWrapper
 from mlpug.trainers.callbacks import (
     HOOKS,
     AutoTensorboard,
     Callback,
     EarlyStopping,
     LogProgress,
+    MetricsHistory,
     Tensorboard,
     TestMetricsLogger,
     TrainingMetricsLogger,
@@ -18,7 +22,11 @@ __all__ = [
     "Callback",
     "CheckpointManager",
     "EarlyStopping",
+    "EmptyCudaCache",
     "LogProgress",
+    "LRSchedulerWrapper",
+    "LogCudaMemory",
+    "MetricsHistory",
     "Tensorboard",
     "TestMetricsLogger",
     "TrainingMetricsLogger",

@@ -9,6 +9,7 @@ The step is composed of the neutral step parts (see :mod:`mlpug.trainers.trainer
                             outputs = training_model(chunk.data, ...)
                         precision.scale_loss(chunking.weigh_loss(outputs.loss, chunk)).backward()
     gradient_sync.reduce(None)                             # gradients live on the parameters
+    clip_gradients()                                       # clip_gradients_norm / _value (unscaled first)
     skipped = precision.step(optimizers)                   # GradScaler may skip on inf/nan gradients
     return StepResult(result.outputs..., skipped, learning rate)
 
@@ -40,8 +41,9 @@ from mlpug.pytorch.distributed import (
     warn_if_random_states_differ,
 )
 from mlpug.pytorch.random_state import TorchRandomState
-from mlpug.pytorch.trainers.precision import precision_policy
+from mlpug.pytorch.trainers.precision import FullPrecision, precision_policy
 from mlpug.random_state import RandomStateProvider
+from mlpug.trainers.clipping import validate_clipping
 from mlpug.trainers.gradient_sync import GradientSync
 from mlpug.trainers.precision import AutocastDtype, PrecisionPolicy
 from mlpug.trainers.trainer import DefaultTrainer as _NeutralDefaultTrainer
@@ -80,6 +82,11 @@ class DefaultTrainer(_NeutralDefaultTrainer):
         autocast_dtype: ``"bfloat16"`` (default; works on CPU) or ``"float16"``, which adds loss scaling with a
             ``torch.amp.GradScaler`` (CUDA, and CPU in torch >= 2.3); its state is under ``"grad_scaler"`` in
             :meth:`get_state`. Only with ``use_mixed_precision=True``.
+        clip_gradients_norm: Clip the gradients of each optimizer's parameters to this global L2 norm (float > 0;
+            ``torch.nn.utils.clip_grad_norm_``) between backward and the optimizer step: after the chunks are
+            accumulated and DDP all-reduced them, float16 gradients unscaled first (``GradScaler.unscale_``). See
+            :mod:`mlpug.trainers.clipping` and :meth:`clip_gradients`.
+        clip_gradients_value: Clip every gradient element to ``[-v, v]`` instead (``clip_grad_value_``).
 
     When the scaler skips an optimizer step (inf/nan gradients), the step's ``StepResult.optimizer_step_skipped``
     is True; the ``TrainingManager`` reports it in ``logs``.
@@ -106,7 +113,8 @@ class DefaultTrainer(_NeutralDefaultTrainer):
     Raises:
         TypeError: An optimizer or model component has the wrong type, or ``use_mixed_precision`` is no bool.
         ValueError: ``batch_chunk_size`` is not an int >= 1, or ``autocast_dtype`` is not an accepted name
-            (or is given without ``use_mixed_precision=True``).
+            (or is given without ``use_mixed_precision=True``), or a clipping option is not a number > 0 (or both
+            are given).
         RuntimeError / ValueError: A launch environment that is incomplete or invalid (``WORLD_SIZE`` set without
             ``RANK`` / ``MASTER_ADDR`` / ``MASTER_PORT``, or not an int).
     """
@@ -122,8 +130,13 @@ class DefaultTrainer(_NeutralDefaultTrainer):
         batch_chunk_size: Optional[int] = None,
         use_mixed_precision: bool = False,
         autocast_dtype: Optional[AutocastDtype] = None,
+        clip_gradients_norm: Optional[float] = None,
+        clip_gradients_value: Optional[float] = None,
     ):
         super().__init__(optimizers, model_components)
+        self.clip_gradients_norm, self.clip_gradients_value = validate_clipping(
+            clip_gradients_norm, clip_gradients_value
+        )
         self._distributed = init_distributed()
         self._evaluation_model: Any = None
         self.device = torch.device(device) if device is not None else None
@@ -244,12 +257,31 @@ class DefaultTrainer(_NeutralDefaultTrainer):
             optimizer.zero_grad(set_to_none=True)
         result = self.chunking.run(partial(self._chunk_step, training_settings), batch)
         self.gradient_sync.reduce(result.gradients)
+        self.clip_gradients()
         outputs = result.outputs
         if self.skip_non_finite_steps and not self._is_finite(outputs.loss, outputs.num_samples):
             skipped: Any = True
         else:
             skipped = self.precision.step(self.optimizers)
         return StepResult(outputs.loss, outputs.num_samples, outputs.auxiliary_results, skipped, self._learning_rate())
+
+    def clip_gradients(self) -> None:
+        """Clip the accumulated gradients before the optimizer step (``clip_gradients_norm`` / ``_value``); a hook
+        that subclasses may override (it runs on every rank after DDP's all-reduce, and is a no-op without a
+        clipping option). Under float16 loss scaling every optimizer's gradients are unscaled first
+        (``GradScaler.unscale_``; the scaler's step then does not unscale again). One norm per optimizer, over
+        its parameters."""
+        if self.clip_gradients_norm is None and self.clip_gradients_value is None:
+            return
+        scaler = self.precision.grad_scaler if isinstance(self.precision, FullPrecision) else None
+        for optimizer in self._optimizer_list:
+            if scaler is not None:
+                scaler.unscale_(optimizer)
+            parameters = [p for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+            if self.clip_gradients_norm is not None:
+                torch.nn.utils.clip_grad_norm_(parameters, self.clip_gradients_norm)
+            else:
+                torch.nn.utils.clip_grad_value_(parameters, float(self.clip_gradients_value or 0.0))
 
     def _is_finite(self, loss: torch.Tensor, num_samples: Any) -> bool:
         """Whether the batch loss is finite: on this rank (waits for the device), or with several ranks over all

@@ -1,12 +1,14 @@
 """Callbacks for the TensorFlow backend: the neutral ones work unchanged."""
 
 from mlpug.tensorflow.callbacks.checkpoint_manager import CheckpointManager
+from mlpug.tensorflow.callbacks.lr_scheduler import LRSchedulerWrapper
 from mlpug.trainers.callbacks import (
     HOOKS,
     AutoTensorboard,
     Callback,
     EarlyStopping,
     LogProgress,
+    MetricsHistory,
     Tensorboard,
     TestMetricsLogger,
     TrainingMetricsLogger,
@@ -19,6 +21,8 @@ __all__ = [
     "CheckpointManager",
     "EarlyStopping",
     "LogProgress",
+    "LRSchedulerWrapper",
+    "MetricsHistory",
     "Tensorboard",
     "TestMetricsLogger",
     "TrainingMetricsLogger",

@@ -9,6 +9,7 @@ null objects give the plain step (the same code eager and compiled)::
                         target = precision.scale_loss(chunking.weigh_loss(loss, chunk))   # float16: loss scale
                     gradients = tape.gradient(target, variables)
     gradients = gradient_sync.reduce(result.gradients)                 # once per batch, after the last chunk
+    pairs = clip_gradients(gradients per optimizer)                    # clip_gradients_norm / _value (unscaled)
     skipped = precision.step(optimizers, gradients per optimizer)      # apply_gradients; inf/nan under scaling
 
 Model and optimizer state travel as numpy arrays in plain containers, through public Keras APIs only; the
@@ -64,6 +65,7 @@ from mlpug.tensorflow.trainers.variables import (
     check_trainable_variables_spec,
     resolve_trainable_variables,
 )
+from mlpug.trainers.clipping import validate_clipping
 from mlpug.trainers.gradient_sync import GradientSync
 from mlpug.trainers.precision import PrecisionPolicy
 from mlpug.trainers.trainer import DefaultTrainer as _NeutralDefaultTrainer
@@ -135,6 +137,11 @@ class DefaultTrainer(_NeutralDefaultTrainer):
             step.
         autocast_dtype: ``"bfloat16"`` (default; CPUs and recent GPUs) or ``"float16"`` (GPUs). Only with
             ``use_mixed_precision=True``.
+        clip_gradients_norm: Clip the gradients of each optimizer to this global L2 norm (float > 0;
+            ``tf.clip_by_global_norm``) after accumulation and before they are applied, in the compiled step; with
+            float16 loss scaling in the units of the unscaled gradients. See :mod:`mlpug.trainers.clipping` and
+            :meth:`clip_gradients`. Not under a ``distribution_strategy`` (the replicas' gradients are partial).
+        clip_gradients_value: Clip every gradient element to ``[-v, v]`` instead (``tf.clip_by_value``).
 
     The training model, set with :meth:`set_training_model`, is a ``tf.keras.Model`` (or layer) whose
     ``call(batch_data, evaluate_settings, inference_mode=None)`` returns the loss (see
@@ -176,7 +183,12 @@ class DefaultTrainer(_NeutralDefaultTrainer):
         batch_chunk_size: Optional[int] = None,
         use_mixed_precision: bool = False,
         autocast_dtype: Optional[str] = None,
+        clip_gradients_norm: Optional[float] = None,
+        clip_gradients_value: Optional[float] = None,
     ):
+        self.clip_gradients_norm, self.clip_gradients_value = validate_clipping(
+            clip_gradients_norm, clip_gradients_value
+        )
         distribution_strategy = resolve_strategy(distribution_strategy)
         check_cluster(distribution_strategy)
         _check_optimizers(optimizers)
@@ -185,7 +197,8 @@ class DefaultTrainer(_NeutralDefaultTrainer):
         self.chunking = batch_chunker(batch_chunk_size)
         self.precision: PrecisionPolicy = precision_policy(use_mixed_precision, autocast_dtype)
         self.gradient_sync = GradientSync()
-        check_strategy_options(distribution_strategy, self.optimizers, self.precision.uses_loss_scaling)
+        clipping = self.clip_gradients_norm is not None or self.clip_gradients_value is not None
+        check_strategy_options(distribution_strategy, self.optimizers, self.precision.uses_loss_scaling, clipping)
         with self._scope():  # a LossScaleOptimizer's variables are mirrored too
             self.optimizers = self.precision.prepare_optimizers(self.optimizers)
         self.precision.prepare_model(self.model_components.values())
@@ -357,7 +370,7 @@ class DefaultTrainer(_NeutralDefaultTrainer):
         result = self.chunking.run(lambda chunk: self._chunk_step(chunk, training_settings), batch)
         gradients = self.gradient_sync.reduce(result.gradients)
         assert gradients is not None
-        pairs, outputs = self._pairs_per_optimizer(gradients), result.outputs
+        pairs, outputs = self.clip_gradients(self._pairs_per_optimizer(gradients)), result.outputs
         if self.skip_non_finite_steps:  # decided in the graph: no host wait in a compiled step
 
             def step() -> Any:
@@ -374,6 +387,40 @@ class DefaultTrainer(_NeutralDefaultTrainer):
             outputs.auxiliary_results,
             (None if skipped is False else skipped),
         )
+
+    def clip_gradients(self, pairs: dict[str, list]) -> dict[str, list]:
+        """Clip each optimizer's ``(gradient, variable)`` pairs (``clip_gradients_norm``: ``tf.clip_by_global_norm``
+        over that optimizer's gradients; ``clip_gradients_value``: ``tf.clip_by_value``) before they are applied;
+        part of the traced step, and a hook that subclasses may override. Gradients of a ``LossScaleOptimizer``
+        are divided by its scale before clipping and multiplied by it afterwards (it unscales them itself), so the
+        limits are in the units of the true gradients; inf/nan gradients stay non-finite, and the step is skipped.
+        Without a clipping option the pairs as they are."""
+        if self.clip_gradients_norm is None and self.clip_gradients_value is None:
+            return pairs
+        clipped = {}
+        for name, optimizer_pairs in pairs.items():
+            optimizer = self.optimizers[name]
+            scale = (
+                tf.cast(optimizer.dynamic_scale, tf.float32)
+                if isinstance(optimizer, tf.keras.optimizers.LossScaleOptimizer)
+                else None
+            )
+            indices = [i for i, (gradient, _) in enumerate(optimizer_pairs) if gradient is not None]
+            gradients = [tf.convert_to_tensor(optimizer_pairs[i][0]) for i in indices]
+            if scale is not None:
+                gradients = [gradient / scale for gradient in gradients]
+            if self.clip_gradients_norm is not None:
+                gradients, _ = tf.clip_by_global_norm(gradients, self.clip_gradients_norm)
+            else:
+                value = float(self.clip_gradients_value or 0.0)
+                gradients = [tf.clip_by_value(gradient, -value, value) for gradient in gradients]
+            if scale is not None:
+                gradients = [gradient * scale for gradient in gradients]
+            new_pairs = list(optimizer_pairs)
+            for i, gradient in zip(indices, gradients):
+                new_pairs[i] = (gradient, optimizer_pairs[i][1])
+            clipped[name] = new_pairs
+        return clipped
 
     def _replicated_train_step(self, batch: Any, training_settings: Any) -> tuple:
         """The step under a strategy: every replica's weighted gradients (``strategy.run``), then, unless the

@@ -4,6 +4,7 @@ from mlpug.trainers.callbacks.callback import HOOKS, Callback
 from mlpug.trainers.callbacks.checkpoint_manager import CheckpointManager
 from mlpug.trainers.callbacks.early_stopping import EarlyStopping
 from mlpug.trainers.callbacks.log_progress import LogProgress
+from mlpug.trainers.callbacks.metrics_history import MetricsHistory
 from mlpug.trainers.callbacks.metrics_logging import TestMetricsLogger, TrainingMetricsLogger
 from mlpug.trainers.callbacks.tensorboard import AutoTensorboard, Tensorboard
 
@@ -14,6 +15,7 @@ __all__ = [
     "CheckpointManager",
     "EarlyStopping",
     "LogProgress",
+    "MetricsHistory",
     "Tensorboard",
     "TestMetricsLogger",
     "TrainingMetricsLogger",

@@ -6,7 +6,8 @@ A metric function takes a :class:`mlpug.evaluation.MetricInputs` and returns a p
 * the **logits** ``[B, C]`` (or probabilities) are ``inputs.auxiliary_results``, or its ``"logits"`` entry when the
   training model returns a dict of auxiliary results;
 * the **labels** are the last item of a ``(features, labels)`` batch, or ``batch["labels"]`` / ``batch["label"]``
-  of a dict batch: class indices ``[B]``, or one-hot / probability rows ``[B, C]`` (their argmax is the class).
+  of a dict batch: class indices ``[B]`` or ``[B, 1]``, or one-hot / probability rows ``[B, C]`` (their argmax is
+  the class).
 
 Each backend computes them with its own ops (``mlpug.pytorch.metrics``, ``mlpug.tensorflow.metrics``) and returns a
 0-d tensor, so that no value leaves the device before a consumer reads it. This module holds the backend-neutral
@@ -49,6 +50,13 @@ def logits_and_labels(inputs: MetricInputs, metric: str) -> tuple[Any, Any]:
         labels = None
     if labels is None or len(getattr(labels, "shape", ())) not in (1, 2):
         raise TypeError(f"{metric} needs {_LAYOUT}; the batch is a {type(batch).__qualname__} without such labels")
+    if len(labels.shape) == 2 and labels.shape[1] == 1:  # class indices as a column [B, 1] (common with Keras)
+        labels = labels[:, 0]
+    elif len(labels.shape) == 2 and labels.shape[1] != logits.shape[1]:
+        raise TypeError(
+            f"{metric}: labels of shape {list(labels.shape)} are neither class indices ([B] or [B, 1]) nor one-hot "
+            f"rows of the {logits.shape[1]} classes of the logits {list(logits.shape)}"
+        )
     return logits, labels
 
 

@@ -11,8 +11,11 @@ PIL, file reads, ``time.sleep``-like waits) or when the step runs in native code
   :func:`mlpug.data.find_resumable` object; ``sampler``; ``set_epoch``), so the manager sets the epoch and start
   batch of a resumable dataset before the thread starts iterating, and checkpoints hold its order. Prefetching
   ahead does not move the position, which the manager's counters hold.
-* **Clean shutdown**: the thread stops when the epoch's iterator is exhausted, closed (``close()``) or dropped
-  (the training loop ending early, an exception), and never outlives it by more than one ``put`` time-out (0.1 s).
+* **Clean shutdown**: the thread stops when the epoch's iterator is exhausted, closed (``close()``: the manager
+  closes an epoch's iterator that training leaves early, on a stop, a signal or an error) or dropped, and never
+  outlives it by more than one ``put`` time-out (0.1 s).
+* The **first batch** of every pass is taken on the caller's thread (when ``iter()`` is called), so that an order
+  drawn from the global random generators when iteration starts is drawn where the manager restored them.
 
 A loader that draws from the global random generators (Python ``random``, ``np.random``, ``torch`` without a
 generator) draws them on the thread, interleaved with the training's draws in no fixed order: runs are then not
@@ -30,7 +33,8 @@ from mlpug.data import find_resumable
 
 __all__ = ["BackgroundPrefetcher"]
 
-_ITEM, _END, _ERROR = 0, 1, 2
+_ITEM, _ERROR = 0, 2
+_END: Any = object()  # the end of a pass; also: no first batch pending
 _PUT_TIMEOUT_S = 0.1
 
 
@@ -61,14 +65,26 @@ class _PrefetchIterator:
     def __init__(self, source: Iterator, num_prefetch: int, name: str):
         self._items: queue.Queue = queue.Queue(maxsize=num_prefetch)
         self._stop = threading.Event()
-        self._thread = threading.Thread(target=_fill, args=(source, self._items, self._stop), name=name, daemon=True)
-        self._thread.start()
         self._done = False
+        # The first batch on the caller's thread: an iterable that draws its order from the global generators when
+        # iteration starts (DataLoader(shuffle=True) draws its sampler's seed at the first batch) draws it here,
+        # where the manager restored the random states, not on the thread.
+        try:
+            self._first: Any = next(source)
+        except StopIteration:
+            self._done = True
+            self._first = _END
+        self._thread = threading.Thread(target=_fill, args=(source, self._items, self._stop), name=name, daemon=True)
+        if not self._done:
+            self._thread.start()
 
     def __iter__(self) -> _PrefetchIterator:
         return self
 
     def __next__(self) -> Any:
+        if self._first is not _END:
+            first, self._first = self._first, _END
+            return first
         if self._done:
             raise StopIteration
         kind, value = self._items.get()

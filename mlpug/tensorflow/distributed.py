@@ -99,26 +99,19 @@ def _cluster_tasks() -> dict[str, int]:
         ) from None
 
 
-def check_strategy_options(
-    strategy: Any, optimizers: dict[str, Any], loss_scaling: bool, clipping: bool = False
-) -> None:
+def check_strategy_options(strategy: Any, optimizers: dict[str, Any], loss_scaling: bool) -> None:
     """Refuse what would make a strategy's step differ from one device's step on the global batch.
 
     Raises:
         NotImplementedError: float16 loss scaling (Keras' ``LossScaleOptimizer`` decides whether gradients are
             finite per replica, before its all-reduce: one replica's inf could be applied, or workers could disagree
             and wait in a collective until the time-out); an optimizer with ``clipnorm`` / ``clipvalue`` /
-            ``global_clipnorm`` (Keras clips every replica's partial gradients before the all-reduce), or the
-            trainer's own ``clip_gradients_norm`` / ``clip_gradients_value`` (for the same reason).
+            ``global_clipnorm`` (Keras clips every replica's partial gradients before the all-reduce; the trainer's
+            own ``clip_gradients_norm`` / ``clip_gradients_value`` clip the all-reduced ones).
     """
     if strategy is None:
         return
-    if clipping:
-        raise NotImplementedError(
-            "clip_gradients_norm / clip_gradients_value under a distribution_strategy: each replica holds only its "
-            "partial gradients before the optimizer all-reduces them, so clipping them would not clip the step's "
-            "gradients. Train without clipping, or on one device."
-        )
+
     if loss_scaling:
         raise NotImplementedError(
             "use_mixed_precision with autocast_dtype='float16' under a distribution_strategy: Keras' "

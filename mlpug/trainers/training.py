@@ -358,8 +358,13 @@ class TrainingManager:
             data = self._data_source.epoch_iterator(epoch, self.batch_step, self.num_batches_per_epoch)
             if resuming_mid_epoch:
                 self._restore_random_state()
-            epoch_completed = self._train_epoch(data, logs)
+            try:
+                epoch_completed = self._train_epoch(data, logs)
+            except BaseException:
+                _close(data)  # e.g. a prefetching iterator's thread; the error keeps this frame (and data) alive
+                raise
             if not epoch_completed:
+                _close(data)
                 return
             params = logs["current"]["training_params"]["epoch"]
             params["duration"] = time.perf_counter() - epoch_start_time
@@ -540,6 +545,14 @@ class TrainingManager:
 def _add_note(error: BaseException, note: str) -> None:
     if hasattr(error, "add_note") and note not in getattr(error, "__notes__", ()):
         error.add_note(note)
+
+
+def _close(iterator: Any) -> None:
+    """Close an epoch's iterator that training leaves early (stop, signal, error), when it can be closed (a
+    generator, a prefetching iterator, ...): threads and files behind it end now, not when it is collected."""
+    close = getattr(iterator, "close", None)
+    if callable(close):
+        close()
 
 
 def _deferred_number(value: Any) -> Any:

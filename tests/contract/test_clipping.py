@@ -70,3 +70,26 @@ def test_bad_clipping_options_are_errors_at_construction(harness):
             harness.sgd_trainer(problem, 1.0, clip_gradients_norm=bad)
     with pytest.raises(ValueError, match="give clip_gradients_norm or clip_gradients_value, not both"):
         harness.sgd_trainer(problem, 1.0, clip_gradients_norm=1.0, clip_gradients_value=1.0)
+
+
+@pytest.mark.parametrize("clipping", [{"clip_gradients_norm": 0.1}, {"clip_gradients_value": 0.01}])
+def test_under_float16_an_overflowing_batch_is_still_skipped_and_the_next_one_trains(harness, clipping):
+    """An inf feature makes the gradients non-finite: clipping must not make them finite (clip_by_value would turn
+    inf into +-v), so the loss scaler skips the step and the weights stay; the next batch steps normally (PyTorch:
+    unscale_ only before a step; also with non_finite_loss="skip_step", which decides before clipping)."""
+    problem = harness.make_problem(num_batches=2, batch_size=12)
+    features, labels = (np.asarray(harness.to_numpy(part)).copy() for part in next(iter(problem.training_batches)))
+    bad_features = features.copy()
+    bad_features[0, 0] = np.inf
+    bad = next(iter(harness.batches(bad_features, labels, len(labels))))
+    good = next(iter(harness.batches(features, labels, len(labels))))
+    trainer = harness.sgd_trainer(problem, 1.0, use_mixed_precision=True, autocast_dtype="float16", **clipping)
+    problem.train_model = harness.nan_propagating_model(problem)
+    trainer.set_training_model(problem.train_model)
+    before = harness.weights(problem)
+    assert bool(harness.to_numpy(trainer.train_on(bad).optimizer_step_skipped))
+    assert all(np.array_equal(a, b) for a, b in zip(before, harness.weights(problem)))
+    trainer.skip_non_finite_steps = True
+    assert bool(harness.to_numpy(trainer.train_on(bad).optimizer_step_skipped))
+    assert not bool(harness.to_numpy(trainer.train_on(good).optimizer_step_skipped))
+    assert not all(np.array_equal(a, b) for a, b in zip(before, harness.weights(problem)))

@@ -85,6 +85,7 @@ def test_training_stops_after_patience_epochs_without_improvement_and_ends_norma
         "best": 0.8,
         "epochs_without_improvement": 2,
         "stopped_epoch": 3,
+        "last_epoch": 3,
     }
 
 

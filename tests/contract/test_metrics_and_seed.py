@@ -92,3 +92,12 @@ def test_set_random_seed_repeats_every_stream(harness):
     for bad in (-1, 2**32, 1.5, "3", True):
         with pytest.raises(ValueError, match=r"seed must be an int in \[0, 2\*\*32\)"):
             mlp.set_random_seed(bad)
+
+
+def test_labels_as_a_column_are_class_indices_and_other_shapes_are_refused(harness):
+    mlp = harness.mlp
+    column = LABELS.reshape(-1, 1)
+    assert value(harness, mlp.metrics.accuracy(inputs(harness, labels=column))) == pytest.approx(0.75)
+    assert value(harness, mlp.metrics.top_k_accuracy(2)(inputs(harness, labels=column))) == pytest.approx(1.0)
+    with pytest.raises(TypeError, match=r"labels of shape \[4, 2\] are neither class indices .* 3 classes"):
+        mlp.metrics.accuracy(inputs(harness, labels=np.zeros((4, 2), dtype=np.float32)))

@@ -64,6 +64,12 @@ def test_plot_writes_a_png_with_one_panel_per_metric_and_a_curve_per_dataset(har
     path = history.plot(str(tmp_path / "plots" / "history.png"))
     with open(path, "rb") as file:
         assert file.read(8) == b"\x89PNG\r\n\x1a\n"
+    drawn = {axis.get_title(): axis for axis in history.last_figure.axes}  # what the figure holds
+    assert sorted(drawn) == ["accuracy", "loss"]
+    lines = {line.get_label(): line for line in drawn["loss"].get_lines()}
+    assert sorted(lines) == ["training.window_average", "validation.dataset"]
+    assert list(lines["validation.dataset"].get_ydata()) == curves["loss"]["validation.dataset"][1]
+    assert list(lines["validation.dataset"].get_xdata()) == [0, 1, 2]
 
 
 def test_a_resumed_run_keeps_the_rows_of_the_epochs_before(harness, tmp_path):

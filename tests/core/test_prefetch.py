@@ -133,3 +133,36 @@ def test_through_the_manager_training_and_a_mid_epoch_resume_are_exact(caplog):
     assert resumed == plain
     assert "skipped by loading and dropping them" not in caplog.text
     assert wait_for_no_threads() == []
+
+
+def test_an_error_in_the_training_loop_leaves_no_thread_behind():
+    """A callback raises mid-epoch: the manager closes the epoch's prefetching iterator, although the error's
+    traceback keeps its frames (and the iterator) alive."""
+
+    class Fail(Callback):
+        def on_batch_training_completed(self, training_batch, logs):
+            if logs["current"]["global_iter"] == 2:
+                raise RuntimeError("callback fails on purpose")
+            return True
+
+    trainer, _ = make_trainer()
+    manager = TrainingManager(trainer, BackgroundPrefetcher(SlowBatches(50, delay_s=0.0)), callbacks=[Fail("Fail")])
+    with pytest.raises(RuntimeError, match="callback fails on purpose"):
+        manager.start_training()
+    assert wait_for_no_threads() == []
+
+
+def test_the_first_batch_of_a_pass_is_taken_on_the_callers_thread():
+    class Threads:
+        def __init__(self):
+            self.loaded_on = []
+
+        def __iter__(self):
+            for batch in make_batches(3):
+                self.loaded_on.append(threading.current_thread().name)
+                yield batch
+
+    source = Threads()
+    assert list(BackgroundPrefetcher(source)) == make_batches(3)
+    assert source.loaded_on[0] == threading.current_thread().name
+    assert source.loaded_on[1:] == ["mlpug-prefetch", "mlpug-prefetch"]

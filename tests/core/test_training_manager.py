@@ -519,3 +519,29 @@ def test_tensorboard_on_the_fake_backend_purges_what_a_resumed_run_writes_again(
     accumulator = EventAccumulator(str(tmp_path / "training-batch"))
     accumulator.Reload()
     assert [event.step for event in accumulator.Scalars("loss")] == [0, 1, 2, 3]
+
+
+def test_tensorboard_imports_no_backend(tmp_path):
+    """A run of the fake backend with Tensorboard, in a fresh process: neither torch nor tensorflow is imported
+    (TensorBoard's own EventFileWriter would import TensorFlow whenever it is installed)."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = f"""
+import sys
+from mlpug.evaluation import MetricEvaluator
+from mlpug.trainers.callbacks import Tensorboard, TrainingMetricsLogger
+from mlpug.trainers.training import TrainingManager
+from tests.core.fake_backend import make_batches, make_trainer
+trainer, _ = make_trainer()
+board = Tensorboard("training.batch.loss", log_dir={str(tmp_path)!r}, log_period=1)
+logger = TrainingMetricsLogger(MetricEvaluator(trainer=trainer))
+TrainingManager(trainer, make_batches(3), callbacks=[logger, board]).start_training()
+print("backends:", sorted(name for name in ("torch", "tensorflow") if name in sys.modules))
+"""
+    root = Path(__file__).resolve().parents[2]
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120, cwd=root)
+    assert result.returncode == 0, result.stderr
+    assert "backends: []" in result.stdout
+    assert list((tmp_path / "training-batch").iterdir())

@@ -72,6 +72,8 @@ EQUIVALENCE_VARIANTS = {
     "data_loader": ("data_loader", {}),
     "accumulation": ("resumable", {"batch_chunk_size": 3}),
     "bf16": ("resumable", {"use_mixed_precision": True, "autocast_dtype": "bfloat16"}),
+    # clipped after the all-reduce of the accumulated gradients (per rank before it, the step would differ)
+    "clipping": ("resumable", {"batch_chunk_size": 3, "clip_gradients_norm": 0.05}),
 }
 
 

@@ -83,6 +83,7 @@ EQUIVALENCE_VARIANTS = {
     "bf16": ("resumable", {"use_mixed_precision": True, "autocast_dtype": "bfloat16"}),
     "skip_non_finite": ("resumable", {}),  # one sample's target is NaN: its batch is skipped everywhere
     "uneven": ("resumable", {}),  # 101 samples: a last batch of 5, split 2 + 3 by a MirroredStrategy
+    "clipping": ("resumable", {"batch_chunk_size": 3, "clip_gradients_norm": 0.05}),  # of the all-reduced gradients
 }
 MIRRORED_ONLY = {"uneven"}  # several workers pad the last global batch (as on PyTorch): another step than one device's
 

@@ -97,6 +97,7 @@ TOLERANCES = {
     "bf16": 2e-2,
     "skip_non_finite": 1e-5,
     "uneven": 1e-5,
+    "clipping": 1e-5,
 }
 
 
@@ -121,6 +122,8 @@ def test_a_strategy_trains_as_one_device_with_the_same_global_batch(equivalence_
     single = single[variant]
     if variant == "skip_non_finite":  # the NaN batch was logged and skipped, and the others trained
         assert sum(np.isnan(single["batch_losses"])) == 1
+    if variant == "clipping":  # the clipping was active: another model than without it
+        assert not np.allclose(single["weights"][0], equivalence_runs["single"][0]["plain"]["weights"][0], atol=1e-3)
     tolerance = TOLERANCES[variant]
     runs = [run[variant] for run in equivalence_runs[kind]]
     for run in runs:

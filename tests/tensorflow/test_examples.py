@@ -29,6 +29,14 @@ def test_one_epoch_reaches_80_percent_validation_accuracy(fashion_mnist_dir, cap
             "300",
             "--checkpoints-path",
             str(tmp_path),
+            "--tensorboard-dir",
+            str(tmp_path / "tb"),
+            "--lr-schedule",
+            "cosine",
+            "--clip-grad-norm",
+            "1.0",
+            "--early-stopping-patience",
+            "1",
         ]
     )
     validation = manager.logs["current"]["validation"]["dataset"]
@@ -41,6 +49,9 @@ def test_one_epoch_reaches_80_percent_validation_accuracy(fashion_mnist_dir, cap
     assert "validation.dataset.accuracy" in output and f"{validation['accuracy']:.4f}" in output
     assert (tmp_path / "fashion-mnist-tensorflow-history.csv").read_text().startswith("epoch,global_iter,")
     assert (tmp_path / "fashion-mnist-tensorflow-history.png").read_bytes()[:4] == b"\x89PNG"
+    # --tensorboard-dir, --lr-schedule cosine (warm-up, then decay: the last batch's rate is far below the peak)
+    assert {path.name for path in (tmp_path / "tb").iterdir()} >= {"training-batch", "validation-dataset"}
+    assert manager.logs["current"]["training_params"]["batch"]["lr"] < 1e-4
 
 
 def test_bfloat16_with_gradient_accumulation_reaches_80_percent_in_one_epoch(fashion_mnist_dir, capsys, tmp_path):

@@ -5,6 +5,8 @@ over the whole test set at every epoch end.
 
     python examples/fashion_mnist/pytorch/train.py --num-epochs 1
     python examples/fashion_mnist/pytorch/train.py --num-epochs 1 --mixed-precision bfloat16 --batch-chunk-size 16
+    python examples/fashion_mnist/pytorch/train.py --num-epochs 5 --lr-schedule cosine --clip-grad-norm 1.0 \\
+        --early-stopping-patience 2 --tensorboard-dir runs        # then: tensorboard --logdir runs
 
 Checkpoints go to ``--checkpoints-path`` (best model by validation loss, latest model, training checkpoint; see
 mlpug.checkpointing for the file names). Stop with Ctrl-C or SIGTERM at any moment and continue exactly where
@@ -41,6 +43,22 @@ def parse_arguments(argv=None):
     )
     parser.add_argument("--log-period", type=int, default=200, help="print progress every this many batches")
     parser.add_argument("--seed", type=int, default=0, help="random seed")
+    parser.add_argument(
+        "--tensorboard-dir", default=None, help="write every training and validation metric to TensorBoard here"
+    )
+    parser.add_argument(
+        "--lr-schedule",
+        choices=["constant", "cosine"],
+        default="constant",
+        help="learning rate schedule: constant, or cosine decay after a linear warm-up over the first 5%% of the steps",
+    )
+    parser.add_argument(
+        "--early-stopping-patience",
+        type=int,
+        default=None,
+        help="stop after this many epochs without a lower validation loss (default: train all epochs)",
+    )
+    parser.add_argument("--clip-grad-norm", type=float, default=None, help="clip the gradients to this global L2 norm")
     parser.add_argument("--num-threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     parser.add_argument(
         "--batch-chunk-size",
@@ -110,6 +128,30 @@ class TrainModel(torch.nn.Module):
         return {"loss": self.loss_func(logits, labels), "auxiliary_results": logits}
 
 
+def optional_callbacks(args, optimizer, trainer, training_dataset):
+    """TensorBoard, the learning rate schedule and early stopping, as the flags ask."""
+    callbacks = []
+    if args.tensorboard_dir:
+        callbacks += [
+            mlp.callbacks.AutoTensorboard(name, log_dir=args.tensorboard_dir) for name in ("training", "validation")
+        ]
+    if args.lr_schedule == "cosine":  # torch's own schedulers: linear warm-up, then cosine decay, stepped per batch
+        steps = args.num_epochs * -(-len(training_dataset) // trainer.distributed_context().world_size)
+        warm_up = max(steps // 20, 1)
+        schedule = torch.optim.lr_scheduler.SequentialLR(
+            optimizer,
+            [
+                torch.optim.lr_scheduler.LinearLR(optimizer, start_factor=0.1, total_iters=warm_up),
+                torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(steps - warm_up, 1)),
+            ],
+            milestones=[warm_up],
+        )
+        callbacks.append(mlp.callbacks.LRSchedulerWrapper(schedule))
+    if args.early_stopping_patience is not None:
+        callbacks.append(mlp.callbacks.EarlyStopping("validation.dataset.loss", patience=args.early_stopping_patience))
+    return callbacks
+
+
 def main(argv=None):
     args = parse_arguments(argv)
     if args.distributed is not None:
@@ -142,6 +184,7 @@ def train(args):
         batch_chunk_size=args.batch_chunk_size,
         use_mixed_precision=args.mixed_precision is not None,
         autocast_dtype=args.mixed_precision,
+        clip_gradients_norm=args.clip_grad_norm,
     )
 
     evaluator = mlp.evaluation.MetricEvaluator(
@@ -159,6 +202,7 @@ def train(args):
             model_hyper_parameters={"hidden_sizes": [256, 256], "learning_rate": args.learning_rate},
         ),
         history,
+        *optional_callbacks(args, optimizer, trainer, training_dataset),
     ]
     try:
         manager = mlp.trainers.TrainingManager(

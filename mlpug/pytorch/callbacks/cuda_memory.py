@@ -34,8 +34,9 @@ def _check_period(value: Any, argument: str, allow_none: bool = False) -> None:
 class LogCudaMemory(Callback):
     """Writes the CUDA memory of this rank's device into ``logs.current.cuda_memory.batch`` every ``log_period``
     batches and into ``logs.current.cuda_memory.epoch`` at every epoch end: ``allocated_bytes``,
-    ``reserved_bytes``, ``max_allocated_bytes`` and ``max_reserved_bytes`` (bytes, ints; the peaks since the
-    start of training, or of the epoch for the ``epoch`` level, via ``torch.cuda.reset_peak_memory_stats``).
+    ``reserved_bytes``, ``max_allocated_bytes`` and ``max_reserved_bytes`` (bytes, ints; the peaks since the start
+    of the current epoch: they are reset with ``torch.cuda.reset_peak_memory_stats`` at the start of training and
+    after every epoch-level write).
     ``Tensorboard("cuda_memory.batch.allocated_bytes")`` or ``LogProgress`` can then show them.
 
     Args:

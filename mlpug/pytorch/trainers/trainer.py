@@ -41,7 +41,7 @@ from mlpug.pytorch.distributed import (
     warn_if_random_states_differ,
 )
 from mlpug.pytorch.random_state import TorchRandomState
-from mlpug.pytorch.trainers.precision import FullPrecision, precision_policy
+from mlpug.pytorch.trainers.precision import precision_policy
 from mlpug.random_state import RandomStateProvider
 from mlpug.trainers.clipping import validate_clipping
 from mlpug.trainers.gradient_sync import GradientSync
@@ -257,11 +257,11 @@ class DefaultTrainer(_NeutralDefaultTrainer):
             optimizer.zero_grad(set_to_none=True)
         result = self.chunking.run(partial(self._chunk_step, training_settings), batch)
         self.gradient_sync.reduce(result.gradients)
-        self.clip_gradients()
         outputs = result.outputs
         if self.skip_non_finite_steps and not self._is_finite(outputs.loss, outputs.num_samples):
             skipped: Any = True
         else:
+            self.clip_gradients()  # only before a step: GradScaler.unscale_ must be followed by scaler.step
             skipped = self.precision.step(self.optimizers)
         return StepResult(outputs.loss, outputs.num_samples, outputs.auxiliary_results, skipped, self._learning_rate())
 
@@ -273,7 +273,7 @@ class DefaultTrainer(_NeutralDefaultTrainer):
         its parameters."""
         if self.clip_gradients_norm is None and self.clip_gradients_value is None:
             return
-        scaler = self.precision.grad_scaler if isinstance(self.precision, FullPrecision) else None
+        scaler = getattr(self.precision, "grad_scaler", None)
         for optimizer in self._optimizer_list:
             if scaler is not None:
                 scaler.unscale_(optimizer)

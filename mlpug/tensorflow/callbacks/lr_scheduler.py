@@ -43,7 +43,10 @@ class LRSchedulerWrapper(_NeutralLRSchedulerWrapper):
         name: Optional[str] = None,
     ):
         if isinstance(schedulers, (list, tuple)):
-            raise TypeError("schedulers must be one schedule or a dict optimizer name -> schedule on TensorFlow")
+            raise TypeError(
+                "schedulers must be one schedule or a dict optimizer name -> schedule on TensorFlow, got a list: "
+                f"{schedulers!r:.200}"
+            )
         if metric_to_monitor is not None:
             raise ValueError(
                 f"metric_to_monitor={metric_to_monitor!r}: the TensorFlow LRSchedulerWrapper applies schedules of the "
@@ -86,7 +89,8 @@ class LRSchedulerWrapper(_NeutralLRSchedulerWrapper):
     def _apply(self) -> None:
         trainer = self.training_manager.trainer
         for name, schedule in self.schedulers.items():
-            learning_rate = float(tf.convert_to_tensor(schedule(self.steps)).numpy())
+            with tf.device("/CPU:0"):  # a schedule's ops on the host: no wait for the training device
+                learning_rate = float(tf.convert_to_tensor(schedule(self.steps)).numpy())
             optimizer_name = self._optimizer_name(name) or next(iter(trainer.optimizers))
             trainer.set_learning_rate(learning_rate, optimizer_name)
 

@@ -140,7 +140,8 @@ class DefaultTrainer(_NeutralDefaultTrainer):
         clip_gradients_norm: Clip the gradients of each optimizer to this global L2 norm (float > 0;
             ``tf.clip_by_global_norm``) after accumulation and before they are applied, in the compiled step; with
             float16 loss scaling in the units of the unscaled gradients. See :mod:`mlpug.trainers.clipping` and
-            :meth:`clip_gradients`. Not under a ``distribution_strategy`` (the replicas' gradients are partial).
+            :meth:`clip_gradients`. Under a ``distribution_strategy`` the replicas' partial gradients are all-reduced
+            first, clipped, and passed on as ``1 / replicas`` each (one more all-reduce per step).
         clip_gradients_value: Clip every gradient element to ``[-v, v]`` instead (``tf.clip_by_value``).
 
     The training model, set with :meth:`set_training_model`, is a ``tf.keras.Model`` (or layer) whose
@@ -197,8 +198,7 @@ class DefaultTrainer(_NeutralDefaultTrainer):
         self.chunking = batch_chunker(batch_chunk_size)
         self.precision: PrecisionPolicy = precision_policy(use_mixed_precision, autocast_dtype)
         self.gradient_sync = GradientSync()
-        clipping = self.clip_gradients_norm is not None or self.clip_gradients_value is not None
-        check_strategy_options(distribution_strategy, self.optimizers, self.precision.uses_loss_scaling, clipping)
+        check_strategy_options(distribution_strategy, self.optimizers, self.precision.uses_loss_scaling)
         with self._scope():  # a LossScaleOptimizer's variables are mirrored too
             self.optimizers = self.precision.prepare_optimizers(self.optimizers)
         self.precision.prepare_model(self.model_components.values())
@@ -411,9 +411,12 @@ class DefaultTrainer(_NeutralDefaultTrainer):
                 gradients = [gradient / scale for gradient in gradients]
             if self.clip_gradients_norm is not None:
                 gradients, _ = tf.clip_by_global_norm(gradients, self.clip_gradients_norm)
-            else:
+            else:  # clip_by_value would turn inf into +-v: non-finite gradients stay as they are (a skipped step)
                 value = float(self.clip_gradients_value or 0.0)
-                gradients = [tf.clip_by_value(gradient, -value, value) for gradient in gradients]
+                finite = tf.reduce_all([tf.reduce_all(tf.math.is_finite(gradient)) for gradient in gradients])
+                gradients = [
+                    tf.where(finite, tf.clip_by_value(gradient, -value, value), gradient) for gradient in gradients
+                ]
             if scale is not None:
                 gradients = [gradient * scale for gradient in gradients]
             new_pairs = list(optimizer_pairs)
@@ -456,10 +459,33 @@ class DefaultTrainer(_NeutralDefaultTrainer):
         share = tf.math.divide_no_nan(rows, tf.distribute.get_replica_context().all_reduce("sum", rows))
         result = self.chunking.run(lambda chunk: self._chunk_step(chunk, training_settings, share), batch)
         gradients = self.gradient_sync.reduce(result.gradients)
+        assert gradients is not None
+        if self.clip_gradients_norm is not None or self.clip_gradients_value is not None:
+            gradients = self._clip_replica_gradients(gradients)
         outputs = result.outputs
         loss = tf.reshape(outputs.loss, [])
         weighted_loss = tf.math.multiply_no_nan(tf.cast(loss, tf.float32), share)  # an empty share: NaN mean, weight 0
         return rows, loss, outputs.num_samples, outputs.auxiliary_results, gradients, weighted_loss
+
+    def _clip_replica_gradients(self, gradients: Sequence[Any]) -> list:
+        """Clipping under a strategy: a replica holds only its part of the step's gradient (the Keras optimizer
+        sums the parts in ``apply_gradients``), so the parts are all-reduced here first (one more all-reduce of
+        the gradients per step), clipped as on one device (:meth:`clip_gradients`), and each replica passes
+        ``1 / num_replicas`` of the clipped gradient on, whose sum is the clipped gradient (exact for a power of
+        two replicas, else to float32 rounding)."""
+        context = tf.distribute.get_replica_context()
+        present = [index for index, gradient in enumerate(gradients) if gradient is not None]
+        summed = context.all_reduce("sum", [tf.convert_to_tensor(gradients[i]) for i in present])
+        full = list(gradients)
+        for index, gradient in zip(present, summed):
+            full[index] = gradient
+        pairs = self.clip_gradients(self._pairs_per_optimizer(full))
+        replicas = tf.cast(self.strategy.num_replicas_in_sync, tf.float32)
+        return [
+            None if gradient is None else gradient / replicas
+            for optimizer in pairs.values()
+            for gradient, _ in optimizer
+        ]
 
     def _replica_apply(self, gradients: Sequence[Any]) -> Any:
         """One replica's optimizer steps; whether they were skipped (float16 loss scaling) as a boolean tensor."""
@@ -626,9 +652,12 @@ class DefaultTrainer(_NeutralDefaultTrainer):
             ValueError: Unknown ``optimizer_name``.
             TypeError: The optimizer was created with a learning rate schedule (Keras cannot set it then).
         """
-        for optimizer in self._selected_optimizers(optimizer_name):
+        selected = self._selected_optimizers(optimizer_name)
+        for optimizer in selected:
             optimizer.learning_rate = learning_rate
-        self._logged_learning_rate = None
+        # the logged value is the first optimizer's: known now, so not read back from the variable every step
+        if any(optimizer is self._optimizer_list[0] for optimizer in selected):
+            self._logged_learning_rate = float(learning_rate)
 
     def _learning_rate_for_logs(self) -> Any:
         """The first optimizer's learning rate for ``logs``, with no TensorFlow operation per step.

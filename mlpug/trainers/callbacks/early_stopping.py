@@ -76,6 +76,7 @@ class EarlyStopping(Callback):
         self.best: Optional[float] = None
         self.epochs_without_improvement = 0
         self.stopped_epoch: Optional[int] = None
+        self._last_epoch: Optional[int] = None
 
     def set_training_manager(self, manager: Any) -> bool:
         """Keep ``manager``; check that a callback writes ``metric_to_monitor``.
@@ -106,16 +107,18 @@ class EarlyStopping(Callback):
         return value > self.best + self.min_delta
 
     def on_epoch_completed(self, logs: dict) -> bool:
+        epoch = logs["current"]["epoch"]
         value = get_value_at(logs["current"], self.metric_to_monitor, _MISSING)
-        if value is _MISSING:
+        if value is _MISSING or value is None or epoch == self._last_epoch:  # a repeated epoch end counts once
             return True
+        self._last_epoch = epoch
         value = float(to_number(value))
         if self.improves(value):
             self.best, self.epochs_without_improvement = value, 0
             return True
         self.epochs_without_improvement += 1
         if self.epochs_without_improvement >= max(self.patience, 1):
-            self.stopped_epoch = logs["current"]["epoch"]
+            self.stopped_epoch = epoch
             self._log.info(
                 f"{self.name}: {self.metric_to_monitor} did not improve on {self.best} ({self.mode}, min_delta "
                 f"{self.min_delta}) for {self.epochs_without_improvement} epoch(s), patience {self.patience}: "
@@ -129,9 +132,11 @@ class EarlyStopping(Callback):
             "best": self.best,
             "epochs_without_improvement": self.epochs_without_improvement,
             "stopped_epoch": self.stopped_epoch,
+            "last_epoch": self._last_epoch,
         }
 
     def set_state(self, state: dict) -> None:
         self.best = state.get("best")
         self.epochs_without_improvement = int(state.get("epochs_without_improvement", 0))
         self.stopped_epoch = state.get("stopped_epoch")
+        self._last_epoch = state.get("last_epoch")

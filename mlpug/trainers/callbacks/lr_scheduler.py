@@ -4,8 +4,9 @@ The wrapper steps its schedulers after every optimizer step (``batch_level=True`
 epoch (``batch_level=False``), in the batch-end / epoch-end hooks, so that the learning rate logged for a batch
 (``logs.current.training_params.batch.lr``) is the one that batch was trained with. A step that the optimizer did
 not take (float16 loss scaling found inf/nan gradients, or ``non_finite_loss="skip_step"``) does not step the
-schedule. With ``metric_to_monitor`` the schedulers are stepped with the value at that path (e.g.
-``validation.dataset.loss`` for PyTorch's ``ReduceLROnPlateau``), at the epoch end.
+schedule; telling it reads the step's skipped flag (a host wait per step) only where a step can be skipped
+(elsewhere the flag is the constant False). With ``metric_to_monitor`` the schedulers are stepped with the value at
+that path (e.g. ``validation.dataset.loss`` for PyTorch's ``ReduceLROnPlateau``), at the epoch end.
 
 The schedulers' states are part of training checkpoints (``get_state``), so a resumed run continues its schedule
 exactly. What a scheduler is depends on the backend (``mlpug.pytorch.callbacks.LRSchedulerWrapper``:
@@ -77,6 +78,7 @@ class LRSchedulerWrapper(Callback):
                 f"metric_to_monitor={metric_to_monitor!r} is read at the end of an epoch: pass batch_level=False"
             )
         self.schedulers = named_schedulers(schedulers)
+        self._last_epoch: Optional[int] = None
         self.batch_level = batch_level
         self.metric_to_monitor = metric_to_monitor
         for scheduler_name, scheduler in self.schedulers.items():
@@ -125,8 +127,10 @@ class LRSchedulerWrapper(Callback):
         return True
 
     def on_epoch_completed(self, logs: dict) -> bool:
-        if self.batch_level:
+        epoch = logs["current"]["epoch"]
+        if self.batch_level or epoch == self._last_epoch:  # an epoch end repeated after a failed hook: once only
             return True
+        self._last_epoch = epoch
         metric = None
         if self.metric_to_monitor is not None:
             value = get_value_at(logs["current"], self.metric_to_monitor, _MISSING)

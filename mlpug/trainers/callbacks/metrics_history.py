@@ -83,7 +83,10 @@ class MetricsHistory(Callback):
             value = get_value_at(current, path, _MISSING)
             number = None if value is _MISSING or value is None else to_number(value)
             row[path] = float(number) if isinstance(number, (int, float)) and not isinstance(number, bool) else None
-        self.rows.append(row)
+        if self.rows and self.rows[-1]["epoch"] == row["epoch"]:  # an epoch end repeated after a failed hook
+            self.rows[-1] = row
+        else:
+            self.rows.append(row)
         return True
 
     # ----- state -----
@@ -143,15 +146,15 @@ class MetricsHistory(Callback):
             ValueError: There is nothing to plot yet (no completed epoch with metrics).
         """
         _require("matplotlib", "plot")
-        import matplotlib
-
-        matplotlib.use("Agg")  # files only: no display needed
-        import matplotlib.pyplot as plt
+        from matplotlib.backends.backend_agg import FigureCanvasAgg
+        from matplotlib.figure import Figure
 
         plots = self.curves()
         if not plots:
             raise ValueError("MetricsHistory.plot: no epoch with metrics yet; train at least one epoch first")
-        figure, axes = plt.subplots(1, len(plots), figsize=(5 * len(plots), 4), squeeze=False)
+        figure = Figure(figsize=(5 * len(plots), 4))  # no pyplot: the user's matplotlib backend is left alone
+        FigureCanvasAgg(figure)
+        axes = figure.subplots(1, len(plots), squeeze=False)
         for axis, (metric, curves) in zip(axes[0], sorted(plots.items())):
             for label, (epochs, values) in sorted(curves.items()):
                 axis.plot(epochs, values, marker="o", label=label)
@@ -159,10 +162,9 @@ class MetricsHistory(Callback):
             axis.set_xlabel("epoch")
             axis.legend()
         figure.tight_layout()
-        directory = os.path.dirname(os.path.abspath(path))
-        os.makedirs(directory, exist_ok=True)
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
         figure.savefig(path, format="png")
-        plt.close(figure)
+        self.last_figure = figure  # what was drawn (axes, lines), e.g. for tests
         return path
 
     def table(self, float_format: str = "{:.4f}") -> str:

@@ -1,13 +1,14 @@
 """``Tensorboard`` and ``AutoTensorboard``: metrics from ``logs`` into TensorBoard event files, backend-free.
 
-Events are written with TensorBoard's own event writer (``tensorboard.summary.writer.event_file_writer``), which
-needs neither PyTorch nor TensorFlow. A metric at the dotted path ``<section>.<level>.<name...>`` of
-``logs["current"]`` (e.g. ``validation.dataset.loss``, ``training.window_average.loss``,
-``training_params.batch.lr``) goes to the **run** ``<section>-<level>`` under the **tag** ``<name>`` (nested names
-joined by ``/``), so that a metric and its averages overlay in one chart: ``loss`` of the runs
-``training-batch``, ``training-window_average``, ``validation-dataset``, ... (the names of mlpug's original
-``Tensorboard`` callbacks). Steps are ``logs.current.global_iter`` (0-based index of the last trained batch), for
-batch and epoch-level values alike, so that every chart has the same x axis.
+Events are written with TensorBoard's own record writer (``tensorboard.summary.writer.record_writer``, the TFRecord
+framing with TensorBoard's CRC) into ``events.out.tfevents.*`` files, which needs neither PyTorch nor TensorFlow
+(TensorBoard's ``EventFileWriter`` would import TensorFlow whenever it is installed). A metric at the dotted path
+``<section>.<level>.<name...>`` of ``logs["current"]`` (e.g. ``validation.dataset.loss``,
+``training.window_average.loss``, ``training_params.batch.lr``) goes to the **run** ``<section>-<level>`` under the
+**tag** ``<name>`` (nested names joined by ``/``), so that a metric and its averages overlay in one chart: ``loss``
+of the runs ``training-batch``, ``training-window_average``, ``validation-dataset``, ... (the names of mlpug's
+original ``Tensorboard`` callbacks). Steps are ``logs.current.global_iter`` (0-based index of the last trained
+batch), for batch and epoch-level values alike, so that every chart has the same x axis.
 
 Values of the levels ``batch`` and ``window_average`` are written every ``log_period`` batches (reading them is
 a device wait at that batch, as for ``LogProgress``); the others (``dataset``, ``epoch``) at every epoch end where
@@ -50,12 +51,46 @@ def run_and_tag(path: str) -> tuple[str, str]:
 def _require_tensorboard() -> None:
     """Raise a clear ``ImportError`` at construction when the ``tensorboard`` package is missing."""
     try:
-        import tensorboard.summary.writer.event_file_writer  # noqa: F401
+        import tensorboard.summary.writer.record_writer  # noqa: F401
     except ImportError as error:
         raise ImportError(
             f"mlpug's Tensorboard callbacks write with the tensorboard package, which is not importable ({error}); "
             "install it: pip install tensorboard"
         ) from error
+
+
+class _EventFile:
+    """One ``events.out.tfevents.<time>.<host>.<pid>.<n>`` file of a run directory, written synchronously through
+    TensorBoard's ``RecordWriter``; flushed when ``flush_period_s`` passed since the last flush, and by
+    :meth:`flush`."""
+
+    _counter = 0
+
+    def __init__(self, directory: str, flush_period_s: float):
+        import socket
+
+        from tensorboard.compat.proto import event_pb2
+        from tensorboard.summary.writer.record_writer import RecordWriter
+
+        os.makedirs(directory, exist_ok=True)
+        _EventFile._counter += 1
+        name = f"events.out.tfevents.{int(time.time())}.{socket.gethostname()}.{os.getpid()}.{_EventFile._counter}"
+        self._file = open(os.path.join(directory, name), "wb")
+        self._writer = RecordWriter(self._file)
+        self._flush_period_s, self._last_flush = flush_period_s, time.monotonic()
+        self.add_event(event_pb2.Event(wall_time=time.time(), file_version="brain.Event:2"))
+
+    def add_event(self, event: Any) -> None:
+        self._writer.write(event.SerializeToString())
+        if time.monotonic() - self._last_flush >= self._flush_period_s:
+            self.flush()
+
+    def flush(self) -> None:
+        self._writer.flush()
+        self._last_flush = time.monotonic()
+
+    def close(self) -> None:
+        self._writer.close()
 
 
 class Tensorboard(Callback):
@@ -139,11 +174,7 @@ class Tensorboard(Callback):
     def _writer(self, run: str) -> Any:
         writer = self._writers.get(run)
         if writer is None:
-            from tensorboard.summary.writer.event_file_writer import EventFileWriter
-
-            writer = self._writers[run] = EventFileWriter(
-                os.path.join(str(self.log_dir), run), flush_secs=self.flush_period_s
-            )
+            writer = self._writers[run] = _EventFile(os.path.join(str(self.log_dir), run), self.flush_period_s)
             if self._resumed_at is not None:
                 self._purge_after(writer, self._resumed_at)
         return writer
@@ -191,6 +222,19 @@ class Tensorboard(Callback):
             self._write(logs["current"], batch_level=False)
         return True
 
+    def _flush(self) -> None:
+        for writer in self._writers.values():
+            writer.flush()
+
+    def on_epoch_checkpoint(self, logs: dict) -> bool:
+        """Flush, so that a checkpoint never holds a later step than the event files on disk."""
+        self._flush()
+        return True
+
+    def on_training_checkpoint(self, stopped_early: bool, stopped_on_error: bool, interrupted: bool) -> bool:
+        self._flush()
+        return True
+
     def on_training_ended(self, stopped_early, stopped_on_error, interrupted, callback_calls_success) -> bool:
         for writer in self._writers.values():
             writer.close()
@@ -218,8 +262,10 @@ class AutoTensorboard(Tensorboard):
         flush_period_s: float = 10.0,
         name: Optional[str] = None,
     ):
-        if not isinstance(dataset_name, str) or not dataset_name:
-            raise TypeError(f"dataset_name must be a non-empty str such as 'validation', got {dataset_name!r:.100}")
+        if not isinstance(dataset_name, str):
+            raise TypeError(f"dataset_name must be a str such as 'validation', got {dataset_name!r:.100}")
+        if not dataset_name:
+            raise ValueError("dataset_name must be a non-empty str such as 'validation', got ''")
         Callback.__init__(self, name or f"AutoTensorboard[{dataset_name}]")
         _require_tensorboard()
         self.dataset_name = dataset_name

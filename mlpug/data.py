@@ -378,3 +378,11 @@ def check_data_state(dataset: Any, state: dict, source: str = "the checkpoint") 
         raise ValueError(
             f"{source}: the training data order {saved!r} differs from this dataset's {resumable.get_state()!r}"
         )
+
+
+def close_iterator(iterator: Any) -> None:
+    """Close an epoch's iterator that training leaves early (stop, signal, error), when it can be closed (a
+    generator, a prefetching iterator, ...): threads and files behind it end now, not when it is collected."""
+    close = getattr(iterator, "close", None)
+    if callable(close):
+        close()

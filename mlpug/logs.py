@@ -43,6 +43,7 @@ Readers always see Python numbers (or ``None``).
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Mapping
+from functools import partial
 from typing import Any
 
 _MISSING = object()
@@ -216,3 +217,11 @@ def new_current(epoch: int, batch_step: int, global_iter: int) -> dict:
         "training_params": {"batch": MetricValues(), "window_average": MetricValues(), "epoch": MetricValues()},
         "is_best": False,
     }
+
+
+def deferred_number(value: Any) -> Any:
+    """``value`` itself when it is a Python number, None or already deferred; else a :class:`Deferred` converting
+    it when read."""
+    if value is None or type(value) in (int, float, bool, Deferred):
+        return value
+    return Deferred(partial(to_number, value))

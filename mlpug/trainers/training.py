@@ -56,7 +56,7 @@ from mlpug import data as data_module
 from mlpug import logging as mlpug_logging
 from mlpug import logs as logs_module
 from mlpug.distributed import BatchReduction, DistributedContext, StepReductions
-from mlpug.logs import Deferred, MetricValues, to_number
+from mlpug.logs import Deferred, MetricValues
 from mlpug.random_state import capture_random_states, get_random_states, plain_states, set_random_states
 from mlpug.trainers.arguments import check_callbacks, check_num_batches_per_epoch, check_positive_int
 from mlpug.trainers.callbacks.callback import HOOKS, Callback, dispatch_order
@@ -361,14 +361,16 @@ class TrainingManager:
             try:
                 epoch_completed = self._train_epoch(data, logs)
             except BaseException:
-                _close(data)  # e.g. a prefetching iterator's thread; the error keeps this frame (and data) alive
+                data_module.close_iterator(
+                    data
+                )  # e.g. a prefetching iterator's thread; the error keeps this frame (and data) alive
                 raise
             if not epoch_completed:
-                _close(data)
+                data_module.close_iterator(data)
                 return
             params = logs["current"]["training_params"]["epoch"]
             params["duration"] = time.perf_counter() - epoch_start_time
-            params["lr"] = _deferred_number(self.step_result.learning_rate if self.step_result else None)
+            params["lr"] = logs_module.deferred_number(self.step_result.learning_rate if self.step_result else None)
             self.check_finite()
             # a failing epoch-end hook leaves the epoch unfinished: an emergency checkpoint resumes at its end
             self._dispatch("on_epoch_completed", logs)
@@ -411,9 +413,9 @@ class TrainingManager:
                 raise
             params = current["training_params"]["batch"]
             params["duration"] = time.perf_counter() - start_time
-            params["lr"] = _deferred_number(result.learning_rate)
-            params["batch_size"] = _deferred_number(result.num_samples)
-            params["optimizer_step_skipped"] = _deferred_number(result.optimizer_step_skipped)
+            params["lr"] = logs_module.deferred_number(result.learning_rate)
+            params["batch_size"] = logs_module.deferred_number(result.num_samples)
+            params["optimizer_step_skipped"] = logs_module.deferred_number(result.optimizer_step_skipped)
             current["training"]["batch"] = MetricValues()
             # several ranks: the loss over all ranks, so that every rank finds a non-finite loss at the same batch
             if distributed is None:
@@ -545,19 +547,3 @@ class TrainingManager:
 def _add_note(error: BaseException, note: str) -> None:
     if hasattr(error, "add_note") and note not in getattr(error, "__notes__", ()):
         error.add_note(note)
-
-
-def _close(iterator: Any) -> None:
-    """Close an epoch's iterator that training leaves early (stop, signal, error), when it can be closed (a
-    generator, a prefetching iterator, ...): threads and files behind it end now, not when it is collected."""
-    close = getattr(iterator, "close", None)
-    if callable(close):
-        close()
-
-
-def _deferred_number(value: Any) -> Any:
-    """``value`` itself when it is a Python number, None or already deferred; else a :class:`Deferred` converting
-    it when read."""
-    if value is None or type(value) in (int, float, bool, Deferred):
-        return value
-    return Deferred(partial(to_number, value))

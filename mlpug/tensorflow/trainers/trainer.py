@@ -19,9 +19,8 @@ states of the Keras seed generators (dropout masks) travel with them (see
 
 from __future__ import annotations
 
-import inspect
 import logging
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from contextlib import AbstractContextManager, nullcontext
 from typing import Any, Optional
 
@@ -39,15 +38,19 @@ from mlpug.tensorflow.distributed import (
     check_cluster,
     check_strategy_options,
     check_variables_in_scope,
-    merge_local_results,
-    num_local_replicas,
     resolve_strategy,
     shard_evaluation_dataset,
     shard_training_dataset,
-    split_for_replicas,
     strategy_context,
 )
 from mlpug.tensorflow.random_state import TensorFlowRandomState
+from mlpug.tensorflow.trainers.checks import (
+    call_argument_names,
+    check_arrays,
+    check_optimizers,
+    is_built,
+    type_name,
+)
 from mlpug.tensorflow.trainers.compilation import (
     CompiledStep,
     EagerStep,
@@ -55,6 +58,7 @@ from mlpug.tensorflow.trainers.compilation import (
     validate_signature,
 )
 from mlpug.tensorflow.trainers.precision import precision_policy
+from mlpug.tensorflow.trainers.replicated import ReplicatedStep
 from mlpug.tensorflow.trainers.seed_generators import (
     find_seed_generator_variables,
     get_seed_generator_states,
@@ -74,27 +78,7 @@ from mlpug.trainers.trainer import ModelOutputs, StepResult
 _log = logging.getLogger("mlpug.tensorflow.DefaultTrainer")
 
 
-def _type_name(value: Any) -> str:
-    return f"{type(value).__module__}.{type(value).__qualname__}"
-
-
-def _check_optimizers(optimizers: Any) -> None:
-    items = optimizers.values() if isinstance(optimizers, Mapping) else optimizers
-    items = items if isinstance(items, (list, tuple)) or isinstance(optimizers, Mapping) else [optimizers]
-    for optimizer in items:
-        if not isinstance(optimizer, tf.keras.optimizers.Optimizer):
-            raise TypeError(
-                "optimizers must be Keras 3 optimizers (tf.keras.optimizers.Optimizer, e.g. "
-                "tf.keras.optimizers.Adam()), a list or a dict of them; "
-                f"got a {_type_name(optimizer)}: {optimizer!r:.200}"
-            )
-
-
-def _is_built(layer: Any) -> bool:
-    return bool(getattr(layer, "built", True))
-
-
-class DefaultTrainer(_NeutralDefaultTrainer):
+class DefaultTrainer(ReplicatedStep, _NeutralDefaultTrainer):
     """Trains a Keras training model with ``tf.GradientTape``, eagerly or compiled with ``tf.function``.
 
     Args:
@@ -192,7 +176,7 @@ class DefaultTrainer(_NeutralDefaultTrainer):
         )
         distribution_strategy = resolve_strategy(distribution_strategy)
         check_cluster(distribution_strategy)
-        _check_optimizers(optimizers)
+        check_optimizers(optimizers)
         super().__init__(optimizers, model_components)
         self.strategy = distribution_strategy
         self.chunking = batch_chunker(batch_chunk_size)
@@ -269,29 +253,9 @@ class DefaultTrainer(_NeutralDefaultTrainer):
         if not isinstance(training_model, tf.keras.layers.Layer):
             raise TypeError(
                 "training_model must be a tf.keras.Model whose call(batch_data, evaluate_settings, "
-                f"inference_mode=None) returns the loss; got a {_type_name(training_model)}"
+                f"inference_mode=None) returns the loss; got a {type_name(training_model)}"
             )
-        name = type(training_model).__qualname__
-        parameters = [
-            p
-            for p in inspect.signature(training_model.call).parameters.values()
-            if p.name != "training" and p.kind not in (p.VAR_KEYWORD,)
-        ]
-        expected = "call(self, batch_data, evaluate_settings, inference_mode=None)"
-        if any(p.kind in (p.VAR_POSITIONAL, p.POSITIONAL_ONLY) for p in parameters):
-            raise TypeError(
-                f"{name}.call must name its parameters, as in {expected} (Keras 3 accepts only tensors as positional "
-                f"arguments, so mlpug passes evaluate_settings and inference_mode by name); it has "
-                f"({', '.join(str(p) for p in parameters)})"
-            )
-        positional = [p for p in parameters if p.kind is p.POSITIONAL_OR_KEYWORD]
-        if len(positional) < 2:
-            raise TypeError(
-                f"{name}.call must accept (batch_data, evaluate_settings, inference_mode=None), as in {expected}; "
-                f"it accepts ({', '.join(p.name for p in positional)})"
-            )
-        self._settings_arg = positional[1].name
-        self._inference_arg = positional[2].name if len(positional) >= 3 else None
+        self._settings_arg, self._inference_arg = call_argument_names(training_model)
         self.precision.prepare_model([training_model])
         self.training_model = training_model
 
@@ -308,7 +272,7 @@ class DefaultTrainer(_NeutralDefaultTrainer):
         """
         if self._prepared:
             return True
-        if not all(_is_built(component) for component in self.model_components.values()):
+        if not all(is_built(component) for component in self.model_components.values()):
             if batch is None and self.batch_data_signature is not None:
                 batch = tf.nest.map_structure(
                     lambda spec: tf.zeros([d if d is not None else 1 for d in spec.shape], spec.dtype),
@@ -387,110 +351,6 @@ class DefaultTrainer(_NeutralDefaultTrainer):
             outputs.auxiliary_results,
             (None if skipped is False else skipped),
         )
-
-    def clip_gradients(self, pairs: dict[str, list]) -> dict[str, list]:
-        """Clip each optimizer's ``(gradient, variable)`` pairs (``clip_gradients_norm``: ``tf.clip_by_global_norm``
-        over that optimizer's gradients; ``clip_gradients_value``: ``tf.clip_by_value``) before they are applied;
-        part of the traced step, and a hook that subclasses may override. Gradients of a ``LossScaleOptimizer``
-        are divided by its scale before clipping and multiplied by it afterwards (it unscales them itself), so the
-        limits are in the units of the true gradients; inf/nan gradients stay non-finite, and the step is skipped.
-        Without a clipping option the pairs as they are."""
-        if self.clip_gradients_norm is None and self.clip_gradients_value is None:
-            return pairs
-        clipped = {}
-        for name, optimizer_pairs in pairs.items():
-            optimizer = self.optimizers[name]
-            scale = (
-                tf.cast(optimizer.dynamic_scale, tf.float32)
-                if isinstance(optimizer, tf.keras.optimizers.LossScaleOptimizer)
-                else None
-            )
-            indices = [i for i, (gradient, _) in enumerate(optimizer_pairs) if gradient is not None]
-            gradients = [tf.convert_to_tensor(optimizer_pairs[i][0]) for i in indices]
-            if scale is not None:
-                gradients = [gradient / scale for gradient in gradients]
-            if self.clip_gradients_norm is not None:
-                gradients, _ = tf.clip_by_global_norm(gradients, self.clip_gradients_norm)
-            else:  # clip_by_value would turn inf into +-v: non-finite gradients stay as they are (a skipped step)
-                value = float(self.clip_gradients_value or 0.0)
-                finite = tf.reduce_all([tf.reduce_all(tf.math.is_finite(gradient)) for gradient in gradients])
-                gradients = [
-                    tf.where(finite, tf.clip_by_value(gradient, -value, value), gradient) for gradient in gradients
-                ]
-            if scale is not None:
-                gradients = [gradient * scale for gradient in gradients]
-            new_pairs = list(optimizer_pairs)
-            for i, gradient in zip(indices, gradients):
-                new_pairs[i] = (gradient, optimizer_pairs[i][1])
-            clipped[name] = new_pairs
-        return clipped
-
-    def _replicated_train_step(self, batch: Any, training_settings: Any) -> tuple:
-        """The step under a strategy: every replica's weighted gradients (``strategy.run``), then, unless the
-        global loss is not finite and such steps are skipped (a decision every replica takes alike), the optimizer
-        step in every replica, whose ``apply_gradients`` all-reduces the gradient sums (Keras)."""
-        strategy = self.strategy
-        shares = split_for_replicas(strategy, batch)
-        rows, loss, num_samples, auxiliary_results, gradients, weighted_loss = strategy.run(
-            self._replica_gradients, args=(shares, training_settings)
-        )
-
-        def step() -> Any:
-            skipped = strategy.experimental_local_results(strategy.run(self._replica_apply, args=(gradients,)))
-            return tf.reduce_any(tf.stack(list(skipped)))
-
-        if self.skip_non_finite_steps:  # the global batch's loss, the same decision on every replica
-            global_loss = strategy.reduce(tf.distribute.ReduceOp.SUM, weighted_loss, axis=None)
-            skipped = tf.cond(tf.math.is_finite(global_loss), step, lambda: tf.constant(True))
-        else:
-            skipped = step()
-        loss, num_samples, auxiliary_results = merge_local_results(strategy, rows, loss, num_samples, auxiliary_results)
-        reported = self.precision.uses_loss_scaling or self.skip_non_finite_steps
-        return tf.reshape(loss, []), num_samples, auxiliary_results, skipped if reported else None
-
-    def _replica_gradients(self, batch: Any, training_settings: Any) -> tuple:
-        """One replica's forward and backward passes; its loss weighted by its share of the global batch's rows."""
-        rows = tf.cast(tf.shape(tf.nest.flatten(batch)[0])[0], tf.float32)
-        if self.chunking.batch_chunk_size is not None and num_local_replicas(self.strategy) > 1:
-            tf.debugging.assert_positive(
-                rows, message="with batch_chunk_size under a MirroredStrategy, every batch needs at least as many "
-                "samples as replicas (use drop_last=True, or a batch size that leaves no tiny last batch)",
-            )  # fmt: skip
-        share = tf.math.divide_no_nan(rows, tf.distribute.get_replica_context().all_reduce("sum", rows))
-        result = self.chunking.run(lambda chunk: self._chunk_step(chunk, training_settings, share), batch)
-        gradients = self.gradient_sync.reduce(result.gradients)
-        assert gradients is not None
-        if self.clip_gradients_norm is not None or self.clip_gradients_value is not None:
-            gradients = self._clip_replica_gradients(gradients)
-        outputs = result.outputs
-        loss = tf.reshape(outputs.loss, [])
-        weighted_loss = tf.math.multiply_no_nan(tf.cast(loss, tf.float32), share)  # an empty share: NaN mean, weight 0
-        return rows, loss, outputs.num_samples, outputs.auxiliary_results, gradients, weighted_loss
-
-    def _clip_replica_gradients(self, gradients: Sequence[Any]) -> list:
-        """Clipping under a strategy: a replica holds only its part of the step's gradient (the Keras optimizer
-        sums the parts in ``apply_gradients``), so the parts are all-reduced here first (one more all-reduce of
-        the gradients per step), clipped as on one device (:meth:`clip_gradients`), and each replica passes
-        ``1 / num_replicas`` of the clipped gradient on, whose sum is the clipped gradient (exact for a power of
-        two replicas, else to float32 rounding)."""
-        context = tf.distribute.get_replica_context()
-        present = [index for index, gradient in enumerate(gradients) if gradient is not None]
-        summed = context.all_reduce("sum", [tf.convert_to_tensor(gradients[i]) for i in present])
-        full = list(gradients)
-        for index, gradient in zip(present, summed):
-            full[index] = gradient
-        pairs = self.clip_gradients(self._pairs_per_optimizer(full))
-        replicas = tf.cast(self.strategy.num_replicas_in_sync, tf.float32)
-        return [
-            None if gradient is None else gradient / replicas
-            for optimizer in pairs.values()
-            for gradient, _ in optimizer
-        ]
-
-    def _replica_apply(self, gradients: Sequence[Any]) -> Any:
-        """One replica's optimizer steps; whether they were skipped (float16 loss scaling) as a boolean tensor."""
-        skipped = self.precision.step(self.optimizers, self._pairs_per_optimizer(gradients))
-        return tf.constant(False) if skipped is False else skipped
 
     def _chunk_step(self, chunk: BatchChunk, training_settings: Any, share: Any = None) -> ChunkResult:
         """Forward and backward pass of one chunk (the whole batch without chunking), its loss weighed (under a
@@ -634,11 +494,11 @@ class DefaultTrainer(_NeutralDefaultTrainer):
     def _load_state(self, state: dict) -> None:
         for name, component in self.model_components.items():
             weights = state["model_components"][name]
-            _check_arrays(f"model component {name!r}", component.weights, weights)
+            check_arrays(f"model component {name!r}", component.weights, weights)
             component.set_weights(weights)
         for name, optimizer in self.optimizers.items():
             values = state["optimizers"][name]
-            _check_arrays(f"optimizer {name!r}", optimizer.variables, values)
+            check_arrays(f"optimizer {name!r}", optimizer.variables, values)
             for variable, value in zip(optimizer.variables, values):
                 variable.assign(value)
         if state.get("seed_generators") is not None:
@@ -679,14 +539,3 @@ class DefaultTrainer(_NeutralDefaultTrainer):
         """Current learning rate of the named (default: first) optimizer, as a float (schedules evaluated)."""
         optimizer = self.optimizers[optimizer_name] if optimizer_name else self._optimizer_list[0]
         return float(tf.convert_to_tensor(optimizer.learning_rate).numpy())  # also a mirrored variable
-
-
-def _check_arrays(what: str, variables: Sequence[Any], values: Sequence[Any]) -> None:
-    if len(values) != len(variables):
-        raise ValueError(f"state of {what} has {len(values)} arrays, but it has {len(variables)} variables")
-    for index, (variable, value) in enumerate(zip(variables, values)):
-        if tuple(np.shape(value)) != tuple(variable.shape):
-            raise ValueError(
-                f"state of {what}: array {index} has shape {tuple(np.shape(value))}, but variable "
-                f"{getattr(variable, 'path', index)!r} has shape {tuple(variable.shape)}"
-            )

@@ -14,6 +14,7 @@ setup(
         "pytorch": ["torch==2.13.0"],
         "tensorflow": ["tensorflow-cpu==2.21.*"],
         "tensorboard": ["tensorboard"],
+        "progress": ["tqdm"],
         "history": ["pandas"],
         "plot": ["pandas", "matplotlib"],
         "dev": ["pytest", "pytest-timeout", "ruff", "tqdm", "tensorboard", "pandas", "matplotlib"],

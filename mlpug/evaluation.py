@@ -179,19 +179,24 @@ class MetricEvaluator:
         if hasattr(error, "add_note"):  # Python >= 3.11
             error.add_note(note)
 
-    def evaluate_batch(self, batch: Any, evaluate_settings: Any = None) -> Gathered:
+    def evaluate_batch(self, batch: Any, evaluate_settings: Any = None, model: Any = None) -> Gathered:
         """Evaluate the model on ``batch`` (inference mode) and gather its metrics, chunk by chunk when
         ``batch_chunk_size`` is set.
+
+        Args:
+            model: What evaluates the batch (its ``evaluate_loss``): default the trainer; an
+                :class:`~mlpug.trainers.snapshot.EvaluationSnapshot` evaluates a frozen copy of the weights.
 
         Raises:
             TypeError / ValueError: With ``batch_chunk_size``, the batch cannot be split into chunks.
         """
         if self.trainer is None:
             raise RuntimeError(f"{self.name}: evaluating batches needs a trainer; pass MetricEvaluator(trainer=...)")
+        model = self.trainer if model is None else model
         settings = self.evaluate_settings if evaluate_settings is None else evaluate_settings
         size = self._batch_chunk_size
         chunks = [batch] if size is None else [chunk.data for chunk in split_batch(batch, size)]
-        gathered_chunks = [self.gather(chunk, self.trainer.evaluate_loss(chunk, settings)) for chunk in chunks]
+        gathered_chunks = [self.gather(chunk, model.evaluate_loss(chunk, settings)) for chunk in chunks]
         return self._combine_chunks(gathered_chunks)
 
     def _combine_chunks(self, gathered_chunks: Sequence[Gathered]) -> Gathered:
@@ -242,24 +247,52 @@ class MetricEvaluator:
 
         In data-parallel training ``dataset`` is this rank's shard (see ``Trainer.evaluation_dataset``; shards may
         differ in length, even be empty): its batches are combined on this rank, then over all ranks with one
-        collective, called here on every rank, so that every rank gets the values of the whole dataset.
+        collective, called here on every rank, so that every rank gets the values of the whole dataset. This is
+        :meth:`evaluate_on_rank` followed by :meth:`combine_ranks`, the two halves that asynchronous evaluation
+        runs on its worker thread and on the training thread.
 
         Raises:
             ValueError: The dataset (over all ranks) yielded no batches.
         """
-        gathered = [self.evaluate_batch(batch, evaluate_settings) for batch in dataset]
+        return self.combine_ranks(self.evaluate_on_rank(dataset, evaluate_settings))
+
+    def evaluate_on_rank(self, dataset: Iterable, evaluate_settings: Any = None, model: Any = None) -> Any:
+        """This rank's part of :meth:`evaluate_dataset`, without any collective (so it may run on another thread).
+
+        Args:
+            model: See :meth:`evaluate_batch`.
+
+        Returns:
+            One process: the deferred dataset values (:class:`~mlpug.logs.MetricValues`). Several ranks: this
+            rank's ``{metric: (mean, weight)}`` as Python floats, for :meth:`combine_ranks`.
+
+        Raises:
+            ValueError: One process: the dataset yielded no batches.
+        """
+        gathered = [self.evaluate_batch(batch, evaluate_settings, model) for batch in dataset]
         if self.distributed.world_size > 1:
             local = {}
             for name in self.metric_names:  # this rank's sums as numbers (one vectorised conversion per metric)
                 total, weight = self._weighted_sums([g[name][0] for g in gathered], [g[name][1] for g in gathered])
                 local[name] = (total / weight if weight else 0.0, weight)
-            combined = self.reduce(local)
-            if not to_number(next(iter(combined.values()))[1]):
-                raise ValueError(f"{self.name}: the dataset to evaluate yielded no batches on any rank")
-            gathered = [combined]
+            return local
         if not gathered:
             raise ValueError(f"{self.name}: the dataset to evaluate yielded no batches")
         return self.combined_values(gathered)
+
+    def combine_ranks(self, rank_result: Any) -> MetricValues:
+        """The dataset values from what :meth:`evaluate_on_rank` returned: with several ranks one collective (every
+        rank calls this at the same point), else ``rank_result`` itself.
+
+        Raises:
+            ValueError: The dataset yielded no batches on any rank.
+        """
+        if self.distributed.world_size == 1:
+            return rank_result
+        combined = self.reduce(rank_result)
+        if not to_number(next(iter(combined.values()))[1]):
+            raise ValueError(f"{self.name}: the dataset to evaluate yielded no batches on any rank")
+        return self.combined_values([combined])
 
     def _mean_over(
         self, gathered_batches: Sequence[Gathered], metric_name: str, skip_non_finite: bool = False

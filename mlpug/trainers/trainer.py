@@ -142,6 +142,18 @@ class Trainer(ABC):
         sample once. Default (one process): ``dataset`` itself."""
         return dataset
 
+    def evaluation_snapshot(self) -> Any:
+        """A new :class:`mlpug.trainers.snapshot.EvaluationSnapshot` of this trainer's model, for asynchronous
+        evaluation (one per evaluation that can be pending at a time; call when the model is built).
+
+        Raises:
+            NotImplementedError: This trainer cannot evaluate a copy of its model on another thread.
+        """
+        raise NotImplementedError(
+            f"{type(self).__qualname__} has no evaluation_snapshot(): asynchronous evaluation (run_async=True) "
+            "needs a trainer that can copy its model; evaluate synchronously (run_async=False)"
+        )
+
 
 def name_objects(objects: Any, kind: str, expected_type: type | tuple, single_name: str) -> dict[str, Any]:
     """Normalise one object, a list or a dict of objects into a dict keyed by name.

@@ -8,8 +8,10 @@ that counts how often it is converted to a Python number, to prove the loop does
 from __future__ import annotations
 
 import math
+import time
 from typing import Any, Optional
 
+from mlpug.trainers.snapshot import EvaluationSnapshot
 from mlpug.trainers.trainer import DefaultTrainer, ModelOutputs, StepResult
 
 
@@ -60,6 +62,10 @@ class TrainModel:
 class FakeTrainer(DefaultTrainer):
     optimizer_type = SGD
     model_component_type = LinearModel
+    snapshot_delay_s = 0.0  # FakeSnapshot: seconds per evaluated batch
+
+    def evaluation_snapshot(self) -> "FakeSnapshot":
+        return FakeSnapshot(self)
 
     def set_training_model(self, training_model: Any) -> None:
         if not callable(training_model):
@@ -123,3 +129,29 @@ def make_trainer(fail_at_call: Optional[int] = None):
     trainer = FakeTrainer(optimizers=SGD(0.1), model_components=model)
     trainer.set_training_model(TrainModel(model, fail_at_call))
     return trainer, model
+
+
+class FakeSnapshot(EvaluationSnapshot):
+    """A copy of the fake trainer's linear models, evaluated with its own ``TrainModel``."""
+
+    def __init__(self, trainer: "FakeTrainer"):
+        self.trainer = trainer
+        self.models = {name: LinearModel() for name in trainer.model_components}
+        self.train_model = TrainModel(next(iter(self.models.values())))
+        self.delay_s = trainer.snapshot_delay_s  # seconds per evaluated batch (to test late results)
+
+    def capture(self) -> None:
+        for name, model in self.trainer.model_components.items():
+            self.models[name].w, self.models[name].b = model.w, model.b
+
+    def evaluate_loss(self, batch, evaluate_settings=None, inference_mode=True) -> ModelOutputs:
+        if self.delay_s:
+            time.sleep(self.delay_s)
+        return self.trainer._normalise_outputs(self.train_model(batch, evaluate_settings, inference_mode), batch)
+
+    def model_components_state(self) -> dict:
+        return {name: {"w": m.w, "b": m.b} for name, m in self.models.items()}
+
+    def set_model_components_state(self, model_components: dict) -> None:
+        for name, model in self.models.items():
+            model.w, model.b = model_components[name]["w"], model_components[name]["b"]

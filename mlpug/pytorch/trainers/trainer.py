@@ -42,6 +42,7 @@ from mlpug.pytorch.distributed import (
 )
 from mlpug.pytorch.random_state import TorchRandomState
 from mlpug.pytorch.trainers.precision import precision_policy
+from mlpug.pytorch.trainers.snapshot import TorchEvaluationSnapshot
 from mlpug.random_state import RandomStateProvider
 from mlpug.trainers.clipping import validate_clipping
 from mlpug.trainers.gradient_sync import GradientSync
@@ -212,6 +213,12 @@ class DefaultTrainer(_NeutralDefaultTrainer):
         if isinstance(self._distributed, TorchDistributedContext):
             return shard_evaluation_dataset(dataset, self._distributed)
         return dataset
+
+    def evaluation_snapshot(self) -> TorchEvaluationSnapshot:
+        """A frozen copy of the training model for asynchronous evaluation (see
+        :class:`~mlpug.pytorch.trainers.snapshot.TorchEvaluationSnapshot`)."""
+        self.ensure_ready()
+        return TorchEvaluationSnapshot(self)
 
     def _is_scalar_loss(self, loss: Any) -> bool:
         return isinstance(loss, torch.Tensor) and loss.numel() == 1

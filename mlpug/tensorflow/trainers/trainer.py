@@ -44,19 +44,8 @@ from mlpug.tensorflow.distributed import (
     strategy_context,
 )
 from mlpug.tensorflow.random_state import TensorFlowRandomState
-from mlpug.tensorflow.trainers.checks import (
-    call_argument_names,
-    check_arrays,
-    check_optimizers,
-    is_built,
-    type_name,
-)
-from mlpug.tensorflow.trainers.compilation import (
-    CompiledStep,
-    EagerStep,
-    check_batch_signature,
-    validate_signature,
-)
+from mlpug.tensorflow.trainers.checks import call_argument_names, check_arrays, check_optimizers, is_built, type_name
+from mlpug.tensorflow.trainers.compilation import CompiledStep, EagerStep, check_batch_signature, validate_signature
 from mlpug.tensorflow.trainers.precision import precision_policy
 from mlpug.tensorflow.trainers.replicated import ReplicatedStep
 from mlpug.tensorflow.trainers.seed_generators import (
@@ -64,6 +53,7 @@ from mlpug.tensorflow.trainers.seed_generators import (
     get_seed_generator_states,
     set_seed_generator_states,
 )
+from mlpug.tensorflow.trainers.snapshot import KerasEvaluationSnapshot
 from mlpug.tensorflow.trainers.variables import (
     TrainableVariables,
     check_trainable_variables_spec,
@@ -318,6 +308,17 @@ class DefaultTrainer(ReplicatedStep, _NeutralDefaultTrainer):
             kwargs[self._inference_arg] = inference_mode
         results = self.training_model(batch, training=not inference_mode, **kwargs)
         return self._normalise_outputs(results, batch, chunk)
+
+    def evaluation_snapshot(self) -> KerasEvaluationSnapshot:
+        """A frozen copy of the weights for asynchronous evaluation (:class:`KerasEvaluationSnapshot`).
+
+        Raises:
+            RuntimeError: The model is not built yet (no batch seen and no ``batch_data_signature``)."""
+        self.ensure_ready()
+        if not self._build():
+            raise RuntimeError("asynchronous evaluation needs a built model: train a batch first, or pass "
+                               "DefaultTrainer(batch_data_signature=...)")  # fmt: skip
+        return KerasEvaluationSnapshot(self)
 
     def _is_scalar_loss(self, loss: Any) -> bool:
         return tf.is_tensor(loss) and loss.shape.num_elements() == 1

@@ -6,6 +6,7 @@ from mlpug.trainers.callbacks.early_stopping import EarlyStopping
 from mlpug.trainers.callbacks.log_progress import LogProgress
 from mlpug.trainers.callbacks.metrics_history import MetricsHistory
 from mlpug.trainers.callbacks.metrics_logging import TestMetricsLogger, TrainingMetricsLogger
+from mlpug.trainers.callbacks.progress_bar import ProgressBar
 from mlpug.trainers.callbacks.tensorboard import AutoTensorboard, Tensorboard
 
 __all__ = [
@@ -16,6 +17,7 @@ __all__ = [
     "EarlyStopping",
     "LogProgress",
     "MetricsHistory",
+    "ProgressBar",
     "Tensorboard",
     "TestMetricsLogger",
     "TrainingMetricsLogger",

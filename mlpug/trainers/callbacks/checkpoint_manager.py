@@ -23,6 +23,7 @@ from mlpug.checkpointing import (
     remove_stale_temporary_files,
 )
 from mlpug.logs import get_value_at, resolve
+from mlpug.trainers.callbacks.best_of_results import BestOfResults
 from mlpug.trainers.callbacks.callback import Callback, check_log_path
 from mlpug.trainers.non_finite import NonFiniteLossError
 from mlpug.trainers.resume import TrainingStateLoader
@@ -48,7 +49,7 @@ def _check_directory_path(path: str) -> None:
         )
 
 
-class CheckpointManager(Callback, TrainingStateLoader):
+class CheckpointManager(BestOfResults, Callback, TrainingStateLoader):
     """Decides the best model, saves model checkpoints and training checkpoints, and loads them to resume.
 
     At every *period* (a batch when ``batch_level``, else an epoch; counted 1-based from the start of the run):
@@ -64,6 +65,10 @@ class CheckpointManager(Callback, TrainingStateLoader):
       the *training checkpoint*; every ``archive_last_model_checkpoint_every`` periods the latest model
       checkpoint is also archived under a name with the epoch or batch count (``keep_last`` limits how many
       archives are kept).
+    * a metric evaluated asynchronously (``TestMetricsLogger(..., run_async=True)``) is compared when its results
+      land (at epoch ends, and at the end of training), each on its own; ``logs["best"]`` then has the position of
+      the evaluated weights (and ``landed_at``), and the best model checkpoint holds the evaluated snapshot's
+      weights (see :mod:`mlpug.trainers.callbacks.best_of_results`).
 
     When training ends (``on_training_checkpoint``), a training checkpoint is written if the last one is older
     than the last batch; when it ends by SIGINT/SIGTERM (``interrupted``) this is the training checkpoint to
@@ -227,6 +232,7 @@ class CheckpointManager(Callback, TrainingStateLoader):
         """
         if self.metric_to_monitor is not None:
             check_log_path(self.metric_to_monitor, manager.callbacks, f"{self.name}: metric_to_monitor")
+        self._find_async_source(manager.callbacks)
         super().set_training_manager(manager)
         return True
 
@@ -238,7 +244,7 @@ class CheckpointManager(Callback, TrainingStateLoader):
         return True
 
     def on_batch_training_completed(self, training_batch: Any, logs: dict) -> bool:
-        if self.batch_level:
+        if self.batch_level and not self.monitors_async_results:
             self._decide_best(logs, logs["current"]["global_iter"] + 1)
         return True
 
@@ -248,7 +254,9 @@ class CheckpointManager(Callback, TrainingStateLoader):
         return True
 
     def on_epoch_completed(self, logs: dict) -> bool:
-        if not self.batch_level:
+        if self.monitors_async_results:
+            self._decide_on_landed_results(logs)
+        elif not self.batch_level:
             self._decide_best(logs, logs["current"]["epoch"] + 1)
         return True
 
@@ -260,6 +268,8 @@ class CheckpointManager(Callback, TrainingStateLoader):
     def on_training_checkpoint(self, stopped_early: bool, stopped_on_error: bool, interrupted: bool) -> bool:
         manager = self.training_manager
         # A failed background write must not stop the checkpoint written now: note it, write, then report it.
+        if self.monitors_async_results and manager is not None and not stopped_on_error:
+            self._decide_on_landed_results(manager.logs)  # the results that landed at the end of training
         write_error = self._wait_for_background_write()
         if self._is_primary() and manager is not None:
             if self._improved:  # decided in a hook of this period, whose checkpoint phase never came (an error)

@@ -8,6 +8,7 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Optional
 
+from mlpug.trainers.callbacks.async_evaluation import split_landed
 from mlpug.trainers.callbacks.callback import Callback
 
 _SECTIONS = (("batch", "Batch"), ("window_average", "Moving average"), ("dataset", "Computed over dataset"))
@@ -118,16 +119,40 @@ class LogProgress(Callback):
             f"Epoch {current['epoch']}/{logs['final_epoch']}\tREADY - Duration {format_duration(duration)}"
             f" - ETA {format_duration(self._eta(current['global_iter'] + 1))}",
         ]
+        view, results = split_landed(self.training_manager, current) if self.training_manager else (current, [])
         for section, title in _SECTIONS[1:]:
-            rows = self._rows(current, section)
+            rows = self._rows(view, section)
+            if section == "dataset":
+                rows += self._result_rows(results, current["epoch"])
             if rows:
                 lines += [f"{title}:", *rows, ""]
         self.write("\n".join(lines) + "\n")
         return True
 
-    def _rows(self, current: dict, section: str) -> list:
+    def _result_rows(self, results: list, epoch: int) -> list:
+        """Rows of dataset results; one of the weights of another epoch (asynchronous evaluation) names it."""
         rows = []
-        for set_name in self.set_names:
+        for result in results:
+            if result.dataset_name in self.set_names:
+                label = (
+                    result.dataset_name if result.epoch == epoch else f"{result.dataset_name} (epoch {result.epoch})"
+                )
+                rows += self._rows({label: {"dataset": result.values}}, "dataset", [label])
+        return rows
+
+    def on_training_checkpoint(self, stopped_early: bool, stopped_on_error: bool, interrupted: bool) -> bool:
+        """Prints the results that landed at the end of training (asynchronous evaluation)."""
+        manager = self.training_manager
+        if manager is None or not self._is_primary():
+            return True
+        rows = self._result_rows(split_landed(manager, manager.logs["current"])[1], -1)
+        if rows:
+            self.write("\n".join([_RULE, "Computed over dataset (landed at the end of training):", *rows, ""]) + "\n")
+        return True
+
+    def _rows(self, current: dict, section: str, set_names: Optional[Sequence[str]] = None) -> list:
+        rows = []
+        for set_name in self.set_names if set_names is None else set_names:
             values = current.get(set_name, {}).get(section)
             if not values:
                 continue

@@ -15,12 +15,18 @@ from collections.abc import Sequence
 from typing import Any, Optional
 
 from mlpug.logs import get_value_at, iter_paths, to_number
+from mlpug.trainers.callbacks.async_evaluation import split_landed
 from mlpug.trainers.callbacks.callback import Callback, check_log_path
 
 __all__ = ["MetricsHistory"]
 
 EPOCH_LEVELS = ("dataset", "window_average", "epoch")
 _MISSING = object()
+
+
+def _float_or_none(value: Any) -> Optional[float]:
+    number = None if value is _MISSING or value is None else to_number(value)
+    return float(number) if isinstance(number, (int, float)) and not isinstance(number, bool) else None
 
 
 def _require(module: str, purpose: str) -> Any:
@@ -77,16 +83,32 @@ class MetricsHistory(Callback):
         return [path for path in iter_paths(current) if path.count(".") >= 2 and path.split(".")[1] in EPOCH_LEVELS]
 
     def on_epoch_completed(self, logs: dict) -> bool:
-        current = logs["current"]
+        current, results = split_landed(self.training_manager, logs["current"])
         row: dict[str, Any] = {"epoch": current["epoch"], "global_iter": current["global_iter"]}
         for path in self._paths(current):
-            value = get_value_at(current, path, _MISSING)
-            number = None if value is _MISSING or value is None else to_number(value)
-            row[path] = float(number) if isinstance(number, (int, float)) and not isinstance(number, bool) else None
+            row[path] = _float_or_none(get_value_at(current, path, _MISSING))
         if self.rows and self.rows[-1]["epoch"] == row["epoch"]:  # an epoch end repeated after a failed hook
             self.rows[-1] = row
         else:
             self.rows.append(row)
+        self._record_results(results)
+        return True
+
+    def _record_results(self, results: list) -> None:
+        """Dataset results in the rows of the epochs whose weights they evaluated (asynchronous ones land late)."""
+        rows = {row["epoch"]: row for row in self.rows}
+        for result in results:
+            row = rows.get(result.epoch)
+            if row is None:
+                continue
+            for metric, value in result.values.items():
+                path = f"{result.dataset_name}.dataset.{metric}"
+                if self.metric_paths is None or path in self.metric_paths:
+                    row[path] = _float_or_none(value)
+
+    def on_training_checkpoint(self, stopped_early: bool, stopped_on_error: bool, interrupted: bool) -> bool:
+        """Results that landed at the end of training (asynchronous evaluation) go into their epochs' rows."""
+        self._record_results(split_landed(self.training_manager, self.training_manager.logs["current"])[1])
         return True
 
     # ----- state -----

@@ -15,6 +15,7 @@ from mlpug.data import known_length
 from mlpug.evaluation import MetricEvaluator
 from mlpug.logs import MetricValues, to_number
 from mlpug.random_state import isolated_random_states
+from mlpug.trainers.callbacks.async_evaluation import AsyncEvaluation, EvaluationResult, Overflow
 from mlpug.trainers.callbacks.callback import Callback
 
 
@@ -195,6 +196,13 @@ class TestMetricsLogger(Callback):
       (cycling through it) and writes ``logs.current.<name>.batch.<metric>`` and the sliding-window
       average ``logs.current.<name>.window_average.<metric>``.
 
+    Dataset-level results are tagged with the position of the weights they evaluated,
+    ``logs.current.<name>.evaluated_at`` (``epoch``, ``batch_step``, ``global_iter``), and listed for consumers as
+    :class:`~mlpug.trainers.callbacks.async_evaluation.EvaluationResult` s (:attr:`landed_results`). With
+    ``run_async=True`` the epoch's evaluation runs on a worker thread, on a frozen copy of the weights, while
+    the next epoch trains, and its result lands at a later epoch end (see
+    :mod:`mlpug.trainers.callbacks.async_evaluation` for the queue, the overflow policy, checkpoints and ranks).
+
     Args:
         dataset: Iterable of batches; not empty (``len() == 0`` is refused).
         name: Dataset name, the key in ``logs.current`` (``"training"`` writes the training set's dataset metrics).
@@ -203,12 +211,19 @@ class TestMetricsLogger(Callback):
         window_length: Sliding window for ``batch_level=True``; default one epoch of training batches.
         evaluate_settings: Passed to the model; default the evaluator's.
         callback_name: Unique callback name; default ``f"TestMetricsLogger[{name}]"``.
+        run_async: Evaluate the dataset asynchronously (dataset level only).
+        max_pending: With ``run_async``: evaluations queued or running at most (>= 1).
+        overflow: With ``run_async``: at a trigger with ``max_pending`` evaluations pending, ``"wait"`` for the
+            oldest (default) or ``"skip"`` this evaluation (a warning says which epoch).
+        num_threads: With ``run_async``: intra-op threads of the evaluation thread (PyTorch); None leaves them.
 
     Raises:
         TypeError: ``dataset`` is not iterable, ``name`` not a non-empty str, or ``metric_evaluator`` not a
             MetricEvaluator.
-        ValueError: ``dataset`` is empty (its ``len()`` is 0), the evaluator has no trainer, or a bad
-            ``window_length``.
+        ValueError: ``dataset`` is empty (its ``len()`` is 0), the evaluator has no trainer, a bad
+            ``window_length``, ``run_async`` with ``batch_level``, or a bad ``max_pending`` / ``overflow`` /
+            ``num_threads``.
+        NotImplementedError: ``run_async`` with a trainer that cannot copy its model (at ``on_training_start``).
     """
 
     __test__ = False  # not a pytest test class
@@ -223,7 +238,18 @@ class TestMetricsLogger(Callback):
         window_length: Optional[int] = None,
         evaluate_settings: Any = None,
         callback_name: Optional[str] = None,
+        run_async: bool = False,
+        max_pending: int = 1,
+        overflow: Overflow = "wait",
+        num_threads: Optional[int] = None,
     ):
+        if not isinstance(run_async, bool):
+            raise TypeError(f"run_async must be a bool, got {run_async!r:.100}")
+        if run_async and batch_level:
+            raise ValueError(
+                "run_async=True evaluates whole datasets in the background; batch_level=True evaluates one batch "
+                "after every training batch and cannot: pass batch_level=False"
+            )
         if not hasattr(dataset, "__iter__"):
             raise TypeError(f"dataset must be an iterable of batches, got {type(dataset).__qualname__}")
         if not isinstance(name, str) or not name:
@@ -249,6 +275,9 @@ class TestMetricsLogger(Callback):
         self._batches: Optional[Iterator] = None
         self._position = 0
         self._random_state_providers: list = []  # the trainer's, set at on_training_start
+        self.run_async = run_async
+        self._async = AsyncEvaluation(name, max_pending, overflow, num_threads) if run_async else None
+        self.landed_results: list = []  # EvaluationResults that landed in the hook being dispatched
 
     @property
     def produces(self) -> frozenset:
@@ -260,7 +289,10 @@ class TestMetricsLogger(Callback):
         ``<name>.window_average.<metric>``."""
         levels = ("batch", "window_average") if self.batch_level else ("dataset",)
         metrics = self.metric_evaluator.metric_names
-        return frozenset(f"{self.dataset_name}.{level}.{metric}" for level in levels for metric in metrics)
+        paths = {f"{self.dataset_name}.{level}.{metric}" for level in levels for metric in metrics}
+        if not self.batch_level:
+            paths |= {f"{self.dataset_name}.evaluated_at.{key}" for key in ("epoch", "batch_step", "global_iter")}
+        return frozenset(paths)
 
     def set_training_manager(self, manager: Any) -> None:
         super().set_training_manager(manager)
@@ -273,12 +305,18 @@ class TestMetricsLogger(Callback):
         if self._window.length is None:
             self._window.length = num_batches_per_epoch
         self._random_state_providers = self.metric_evaluator.trainer.random_state_providers()
+        if self._async is not None:
+            self._async.start(self.metric_evaluator, self.dataset, self.evaluate_settings, self._random_state_providers)
 
     def _dataset_logs(self, logs: dict) -> dict:
         return logs["current"].setdefault(self.dataset_name, {})
 
     def on_batch_training_completed(self, training_batch: Any, logs: dict) -> bool:
         if not self.batch_level:
+            if self._async is not None:
+                self._clear_landed()
+                self._async.raise_worker_error()  # a failed evaluation surfaces at the next batch boundary
+                self._async.resubmit_restored()  # resumed with pending evaluations: redo them (the model is built)
             return True
         if self._batches is None:
             self._batches = self._cycle()
@@ -306,18 +344,65 @@ class TestMetricsLogger(Callback):
             self._position = 0
 
     def get_state(self) -> dict:
-        """Batch level: the sliding window and the position in the evaluation dataset; dataset level: nothing."""
-        return {"window": self._window.get_state(), "position": self._position} if self.batch_level else {}
+        """Batch level: the sliding window and the position in the evaluation dataset; asynchronous: the
+        evaluations not landed yet, with their weights (see :mod:`~mlpug.trainers.callbacks.async_evaluation`);
+        else nothing."""
+        if self.batch_level:
+            return {"window": self._window.get_state(), "position": self._position}
+        return self._async.get_state() if self._async is not None else {}
 
     def set_state(self, state: dict) -> None:
         if self.batch_level:
             self._window.set_state(state["window"])
             self._position, self._batches = state["position"], None
+        elif self._async is not None:
+            self._async.set_state(state)
+
+    def on_epoch_start(self, logs: dict) -> bool:
+        self._clear_landed()
+        return True
+
+    def _clear_landed(self) -> None:
+        self.landed_results = []
+        if self._async is not None:
+            self._async.release_landed()
+
+    def _land(self, logs: dict, results: list) -> None:
+        """Write landed results into ``logs.current`` (the newest) and :attr:`landed_results` (all)."""
+        self.landed_results = [*self.landed_results, *results]
+        if results:
+            section = self._dataset_logs(logs)
+            section["dataset"], section["evaluated_at"] = results[-1].values, results[-1].evaluated_at
 
     def on_epoch_completed(self, logs: dict) -> bool:
         if self.batch_level:
             return True
-        with isolated_random_states(self._random_state_providers):
-            values = self.metric_evaluator.evaluate_dataset(self.dataset, self.evaluate_settings)
-        self._dataset_logs(logs)["dataset"] = values
+        self._clear_landed()
+        current = logs["current"]
+        position = (current["epoch"], current["batch_step"], current["global_iter"])
+        if self._async is None:
+            with isolated_random_states(self._random_state_providers):
+                values = self.metric_evaluator.evaluate_dataset(self.dataset, self.evaluate_settings)
+            self._land(logs, [EvaluationResult(self.dataset_name, values, *position)])
+            return True
+        distributed = self.training_manager.distributed
+        self._async.resubmit_restored()
+        self._land(logs, self._async.land_finished(distributed))
+        _, results = self._async.trigger(position, distributed)
+        self._land(logs, results)
+        if current["epoch"] == logs["final_epoch"]:  # nothing left to train: the last results land now
+            self._land(logs, self._async.land_all(distributed))
+        return True
+
+    def on_training_checkpoint(self, stopped_early: bool, stopped_on_error: bool, interrupted: bool) -> bool:
+        """Asynchronous: everything pending lands before the training checkpoint (a stop, a SIGTERM); after an
+        error nothing is waited for (the emergency checkpoint holds the pending evaluations)."""
+        if self._async is not None and not stopped_on_error:
+            self._clear_landed()
+            self._land(self.training_manager.logs, self._async.land_all(self.training_manager.distributed))
+        return True
+
+    def on_training_ended(self, stopped_early, stopped_on_error, interrupted, callback_calls_success) -> bool:
+        if self._async is not None:
+            self._async.close(wait_for_pending=not stopped_on_error)
         return True

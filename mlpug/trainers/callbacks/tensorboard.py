@@ -25,6 +25,7 @@ from collections.abc import Iterable, Sequence
 from typing import Any, Optional
 
 from mlpug.logs import get_value_at, iter_paths, to_number
+from mlpug.trainers.callbacks.async_evaluation import split_landed
 from mlpug.trainers.callbacks.callback import Callback, check_log_path
 
 __all__ = ["AutoTensorboard", "Tensorboard", "run_and_tag"]
@@ -219,8 +220,15 @@ class Tensorboard(Callback):
 
     def on_epoch_completed(self, logs: dict) -> bool:
         if self._is_primary():
-            self._write(logs["current"], batch_level=False)
+            current, results = split_landed(self.training_manager, logs["current"])
+            self._write(current, batch_level=False)
+            self._write_results(results)
         return True
+
+    def _write_results(self, results: list) -> None:
+        """Dataset results at the step of the weights they evaluated (asynchronous ones land later)."""
+        for result in results:
+            self._write({result.dataset_name: {"dataset": result.values}, "global_iter": result.global_iter}, False)
 
     def _flush(self) -> None:
         for writer in self._writers.values():
@@ -232,6 +240,8 @@ class Tensorboard(Callback):
         return True
 
     def on_training_checkpoint(self, stopped_early: bool, stopped_on_error: bool, interrupted: bool) -> bool:
+        if self._is_primary() and self.training_manager is not None:  # results that landed at the end
+            self._write_results(split_landed(self.training_manager, self.training_manager.logs["current"])[1])
         self._flush()
         return True
 
@@ -300,6 +310,8 @@ class AutoTensorboard(Tensorboard):
                 paths.extend(
                     path
                     for path in iter_paths(node, f"{section}.")
-                    if path.count(".") >= 2 and (path.split(".")[1] in BATCH_LEVELS) == batch_level
+                    if path.count(".") >= 2
+                    and path.split(".")[1] != "evaluated_at"  # the position of a result, not a metric
+                    and (path.split(".")[1] in BATCH_LEVELS) == batch_level
                 )
         return paths

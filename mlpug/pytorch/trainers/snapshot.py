@@ -1,0 +1,83 @@
+"""PyTorch :class:`~mlpug.trainers.snapshot.EvaluationSnapshot`: a deep copy of the training model whose
+parameters and buffers are overwritten in place (``Tensor.copy_``) at every capture."""
+
+from __future__ import annotations
+
+import copy
+import itertools
+from typing import Any
+
+import torch
+
+from mlpug.trainers.snapshot import EvaluationSnapshot
+from mlpug.trainers.trainer import ModelOutputs
+
+
+def _tensors(module: torch.nn.Module) -> list:
+    return list(itertools.chain(module.parameters(), module.buffers()))
+
+
+class TorchEvaluationSnapshot(EvaluationSnapshot):
+    """A frozen copy of a PyTorch ``DefaultTrainer``'s training model (the module inside DDP).
+
+    The copy is made once, with ``copy.deepcopy`` of the training model and the model components together (so
+    components inside the training model are the copy's own); it is in eval mode and has no gradients. Its
+    tensors are on the same devices as the live ones.
+
+    Args:
+        trainer: A ``mlpug.pytorch`` ``DefaultTrainer`` with its training model set.
+
+    Raises:
+        TypeError: The training model cannot be deep-copied (the message says what to change).
+    """
+
+    def __init__(self, trainer: Any):
+        self._trainer = trainer
+        live_model = trainer._evaluation_model
+        memo: dict = {}
+        try:
+            self._model = copy.deepcopy(live_model, memo)
+            self._components = copy.deepcopy(dict(trainer.model_components), memo)
+        except Exception as error:
+            raise TypeError(
+                f"run_async=True evaluates a copy of the training model, but copy.deepcopy of "
+                f"{type(live_model).__qualname__} failed ({type(error).__name__}: {error}); keep objects that "
+                "cannot be copied (open files, locks, data loaders) out of the training model"
+            ) from error
+        self._model.eval()
+        self._model.requires_grad_(False)
+        for component in self._components.values():
+            component.requires_grad_(False)
+        pairs, seen = [], set()
+        live = [live_model, *trainer.model_components.values()]
+        copies = [self._model, *self._components.values()]
+        for live_module, copied_module in zip(live, copies):
+            for source, target in zip(_tensors(live_module), _tensors(copied_module)):
+                if id(source) not in seen:
+                    seen.add(id(source))
+                    pairs.append((target, source))
+        self._targets = [target for target, _ in pairs]
+        self._sources = [source for _, source in pairs]
+
+    def capture(self) -> None:
+        """Copy every parameter and buffer of the live model into the copy (queued on the device; no wait)."""
+        with torch.no_grad():
+            torch._foreach_copy_(self._targets, self._sources)
+
+    def evaluate_loss(self, batch: Any, evaluate_settings: Any = None, inference_mode: bool = True) -> ModelOutputs:
+        """``Trainer.evaluate_loss`` on the copy: ``torch.no_grad()``, the trainer's device and autocast."""
+        with torch.no_grad():
+            return self._trainer._forward(batch, evaluate_settings, inference_mode=inference_mode, model=self._model)
+
+    def model_components_state(self) -> dict:
+        return {name: module.state_dict() for name, module in self._components.items()}
+
+    def set_model_components_state(self, model_components: dict) -> None:
+        for name, module in self._components.items():
+            module.load_state_dict(model_components[name])
+
+    def configure_thread(self, num_threads: Any) -> None:
+        """``torch.set_num_threads(num_threads)`` on the worker thread (OpenMP keeps a thread count per thread,
+        so the training thread keeps its own)."""
+        if num_threads is not None:
+            torch.set_num_threads(num_threads)

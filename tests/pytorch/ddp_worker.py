@@ -13,6 +13,8 @@ import argparse
 import os
 import signal
 import sys
+import threading
+import time
 
 import torch
 
@@ -124,6 +126,53 @@ def run_equivalence(variant: str, batch_size: int) -> dict:
     }
 
 
+def slow_mean_absolute_error(inputs):
+    """``mean_absolute_error``, 0.1 s slower per batch on rank 1's evaluation thread: the ranks finish an
+    asynchronous evaluation at different times (their landing must still be agreed)."""
+    if os.environ.get("RANK") == "1" and threading.current_thread() is not threading.main_thread():
+        time.sleep(0.1)
+    return mean_absolute_error(inputs)
+
+
+def run_async_validation(batch_size: int) -> dict:
+    """3 epochs of 6 batches, validated over 10,001 samples every epoch, synchronously and then asynchronously
+    (``max_pending=2``, rank 1 slower); per mode the validation rows of ``MetricsHistory`` and, asynchronously,
+    the epochs whose results landed at each epoch end."""
+    results = {}
+    for run_async in (False, True):
+        inputs, targets = make_data(batch_size * 6 * _world_size(), seed=1)
+        training_dataset = mlp.data.ResumableArrayBatches((inputs, targets), batch_size, shuffle=True, seed=3)
+        validation = torch.utils.data.DataLoader(
+            torch.utils.data.TensorDataset(*make_data(VALIDATION_SAMPLES, seed=2)), batch_size=1000
+        )
+        model = make_model()
+        trainer = mlp.trainers.DefaultTrainer(torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9), model)
+        evaluator = mlp.evaluation.MetricEvaluator(
+            trainer=trainer, batch_metric_funcs={"mae": slow_mean_absolute_error}
+        )
+        history, landed = mlp.callbacks.MetricsHistory(), []
+
+        class Landed(mlp.callbacks.Callback):
+            def on_epoch_completed(self, logs):
+                landed.append([r.epoch for r in mlp.callbacks.landed_results(self.training_manager, "validation")])
+                return True
+
+        logger = mlp.callbacks.TestMetricsLogger(
+            validation,
+            "validation",
+            evaluator,
+            run_async=run_async,
+            max_pending=2,
+        )
+        callbacks = [mlp.callbacks.TrainingMetricsLogger(evaluator), logger, history, Landed("Landed")]
+        manager = mlp.trainers.TrainingManager(trainer, training_dataset, num_epochs=3, callbacks=callbacks)
+        trainer.set_training_model(TrainModel(model))
+        manager.start_training()
+        rows = [(row["validation.dataset.loss"], row["validation.dataset.mae"]) for row in history.rows]
+        results["async" if run_async else "sync"] = {"rows": rows, "landed": landed}
+    return results
+
+
 class StopAt(mlp.callbacks.Callback):
     """Ends this rank at global iteration ``at``: SIGTERM or SIGKILL to itself, or an exception."""
 
@@ -199,6 +248,7 @@ def main(argv=None) -> None:
     if args.scenario == "equivalence":
         for variant in EQUIVALENCE_VARIANTS:
             torch.save(run_equivalence(variant, batch_size=8), os.path.join(args.out_dir, f"{variant}-rank{rank}.pt"))
+        torch.save(run_async_validation(batch_size=8), os.path.join(args.out_dir, f"async-rank{rank}.pt"))
     else:
         stop = None if args.stop_at is None else (args.stop_at, args.stop_how, args.stop_rank)
         run_training(args.out_dir, args.num_epochs, args.resume, stop, args.seed_by_rank)

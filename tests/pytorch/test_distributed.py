@@ -85,13 +85,30 @@ def equivalence_runs(tmp_path_factory):
     out = tmp_path_factory.mktemp("ddp-equivalence")
     _assert_ok(run_ranks("equivalence", str(out)))
     torch.set_num_threads(1)
-    return {
+    runs = {
         variant: (
             [torch.load(out / f"{variant}-rank{rank}.pt") for rank in range(2)],
             ddp_worker.run_equivalence(variant, batch_size=16),  # one process, batch 2b, the same samples
         )
         for variant in ddp_worker.EQUIVALENCE_VARIANTS
     }
+    runs["async"] = ([torch.load(out / f"async-rank{rank}.pt") for rank in range(2)], None)
+    return runs
+
+
+def test_two_ranks_with_asynchronous_validation_give_the_synchronous_dataset_metrics(equivalence_runs):
+    """3 epochs on 2 ranks, validated over 10,001 samples every epoch: asynchronously (each rank evaluates its
+    shard of a snapshot on a worker thread, rank 1 slower, up to 2 evaluations pending) the dataset metrics equal
+    the synchronous ones exactly, on both ranks, and both ranks land the same results at the same epoch ends
+    (agreed, although rank 1 finishes later)."""
+    (rank0, rank1), _ = equivalence_runs["async"]
+    for rank in (rank0, rank1):
+        assert rank["async"]["rows"] == rank["sync"]["rows"]
+        assert all(value is not None for row in rank["async"]["rows"] for value in row)
+    assert rank0["async"] == rank1["async"]
+    landed = rank0["async"]["landed"]
+    assert sum(landed, []) == [0, 1, 2] and landed[-1][-1] == 2  # in order, the last at the last epoch end
+    assert rank0["sync"]["landed"] == [[0], [1], [2]]
 
 
 # float32 all-reduce (sum of two gradients / 2) against one gradient of 16 samples: rounding only.

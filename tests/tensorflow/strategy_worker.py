@@ -16,6 +16,8 @@ import json
 import os
 import signal
 import sys
+import threading
+import time
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
@@ -185,6 +187,51 @@ def run_training(out_dir: str, strategy, num_epochs: int, resume: bool, stop: tu
         json.dump({"weights": [w.tolist() for w in model.get_weights()], "global_iter": manager.global_iter}, file)
 
 
+def slow_mean_absolute_error(inputs):
+    """``mean_absolute_error``, 0.1 s slower per batch on worker 1's evaluation thread: the workers finish an
+    asynchronous evaluation at different times (their landing must still be agreed)."""
+    if _rank() == 1 and threading.current_thread() is not threading.main_thread():
+        time.sleep(0.1)
+    return mean_absolute_error(inputs)
+
+
+def run_async_validation(kind: str, strategy) -> dict:
+    """3 epochs of ``NUM_BATCHES`` batches, validated over 10,001 samples every epoch, synchronously and then
+    asynchronously (``max_pending=2``, worker 1 slower); per mode the validation rows of ``MetricsHistory`` and the
+    epochs whose results landed at each epoch end."""
+    workers = 2 if kind == "multi_worker" else 1
+    results = {}
+    for run_async in (False, True):
+        inputs, targets = make_data(16 * NUM_BATCHES, seed=1)
+        training_dataset = mlp.data.ResumableArrayBatches((inputs, targets), 16 // workers, shuffle=True, seed=3)
+        validation = mlp.data.ResumableArrayBatches(make_data(VALIDATION_SAMPLES, seed=2), 1000, shuffle=False)
+        scope = strategy.scope() if strategy is not None else contextlib.nullcontext()
+        with scope:
+            model = make_model()
+            optimizer = tf.keras.optimizers.SGD(learning_rate=0.05, momentum=0.9)
+        trainer = mlp.trainers.DefaultTrainer(optimizer, model, distribution_strategy=strategy)
+        evaluator = mlp.evaluation.MetricEvaluator(
+            trainer=trainer, batch_metric_funcs={"mae": slow_mean_absolute_error}
+        )
+        history, landed = mlp.callbacks.MetricsHistory(), []
+
+        class Landed(mlp.callbacks.Callback):
+            def on_epoch_completed(self, logs):
+                landed.append([r.epoch for r in mlp.callbacks.landed_results(self.training_manager, "validation")])
+                return True
+
+        logger = mlp.callbacks.TestMetricsLogger(
+            validation, "validation", evaluator, run_async=run_async, max_pending=2
+        )
+        callbacks = [mlp.callbacks.TrainingMetricsLogger(evaluator), logger, history, Landed("Landed")]
+        manager = mlp.trainers.TrainingManager(trainer, training_dataset, num_epochs=3, callbacks=callbacks)
+        trainer.set_training_model(TrainModel(model))
+        manager.start_training()
+        rows = [(row["validation.dataset.loss"], row["validation.dataset.mae"]) for row in history.rows]
+        results["async" if run_async else "sync"] = {"rows": rows, "landed": landed}
+    return results
+
+
 def _rank() -> int:
     config = json.loads(os.environ.get("TF_CONFIG") or "{}")
     return int(config.get("task", {}).get("index", 0))
@@ -207,6 +254,7 @@ def main(argv=None) -> None:
     if args.scenario == "equivalence":
         variants = [v for v in EQUIVALENCE_VARIANTS if args.kind != "multi_worker" or v not in MIRRORED_ONLY]
         results = {variant: run_equivalence(args.kind, strategy, variant) for variant in variants}
+        results["async_validation"] = run_async_validation(args.kind, strategy)
         with open(os.path.join(args.out_dir, f"{args.kind}-rank{_rank()}.json"), "w") as file:
             json.dump(results, file)
     else:

@@ -140,6 +140,21 @@ def test_a_strategy_trains_as_one_device_with_the_same_global_batch(equivalence_
 
 @pytest.mark.timeout(900)
 @pytest.mark.parametrize("kind", ["mirrored", "multi_worker"])
+def test_asynchronous_validation_gives_the_synchronous_dataset_metrics_under_a_strategy(equivalence_runs, kind):
+    """3 epochs validated over 10,001 samples every epoch: asynchronously (a snapshot evaluated on a worker thread,
+    up to 2 pending; with 2 workers each evaluates its shard, worker 1 slower) the dataset metrics equal the
+    synchronous ones exactly, on every worker, and every worker lands the same results at the same epoch ends."""
+    runs = [results["async_validation"] for results in equivalence_runs[kind]]
+    for run in runs:
+        assert run["async"]["rows"] == run["sync"]["rows"]
+        assert all(value is not None for row in run["async"]["rows"] for value in row)
+        assert sum(run["async"]["landed"], []) == [0, 1, 2] and run["async"]["landed"][-1][-1] == 2
+        assert run["sync"]["landed"] == [[0], [1], [2]]
+    assert all(run == runs[0] for run in runs)
+
+
+@pytest.mark.timeout(900)
+@pytest.mark.parametrize("kind", ["mirrored", "multi_worker"])
 def test_dataset_metrics_over_10001_samples_equal_the_single_device_values(equivalence_runs, kind):
     """10,001 validation samples (an odd count: one worker's shard is larger) evaluated with the trained weights:
     loss and MAE equal the single device's. Breaks when the workers' means are averaged (a mean of means: the

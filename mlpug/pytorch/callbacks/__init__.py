@@ -9,12 +9,14 @@ from mlpug.trainers.callbacks import (
     AutoTensorboard,
     Callback,
     EarlyStopping,
+    EvaluationResult,
     LogProgress,
     MetricsHistory,
     ProgressBar,
     Tensorboard,
     TestMetricsLogger,
     TrainingMetricsLogger,
+    landed_results,
 )
 
 __all__ = [
@@ -23,6 +25,7 @@ __all__ = [
     "Callback",
     "CheckpointManager",
     "EarlyStopping",
+    "EvaluationResult",
     "EmptyCudaCache",
     "LogProgress",
     "LRSchedulerWrapper",
@@ -32,4 +35,5 @@ __all__ = [
     "Tensorboard",
     "TestMetricsLogger",
     "TrainingMetricsLogger",
+    "landed_results",
 ]

@@ -7,12 +7,14 @@ from mlpug.trainers.callbacks import (
     AutoTensorboard,
     Callback,
     EarlyStopping,
+    EvaluationResult,
     LogProgress,
     MetricsHistory,
     ProgressBar,
     Tensorboard,
     TestMetricsLogger,
     TrainingMetricsLogger,
+    landed_results,
 )
 
 __all__ = [
@@ -21,6 +23,7 @@ __all__ = [
     "Callback",
     "CheckpointManager",
     "EarlyStopping",
+    "EvaluationResult",
     "LogProgress",
     "LRSchedulerWrapper",
     "MetricsHistory",
@@ -28,4 +31,5 @@ __all__ = [
     "Tensorboard",
     "TestMetricsLogger",
     "TrainingMetricsLogger",
+    "landed_results",
 ]

@@ -1,5 +1,6 @@
 """Neutral callbacks. Backends re-export these (and add their own) as ``mlp.callbacks``."""
 
+from mlpug.trainers.callbacks.async_evaluation import EvaluationResult, landed_results
 from mlpug.trainers.callbacks.callback import HOOKS, Callback
 from mlpug.trainers.callbacks.checkpoint_manager import CheckpointManager
 from mlpug.trainers.callbacks.early_stopping import EarlyStopping
@@ -15,10 +16,12 @@ __all__ = [
     "Callback",
     "CheckpointManager",
     "EarlyStopping",
+    "EvaluationResult",
     "LogProgress",
     "MetricsHistory",
     "ProgressBar",
     "Tensorboard",
     "TestMetricsLogger",
     "TrainingMetricsLogger",
+    "landed_results",
 ]

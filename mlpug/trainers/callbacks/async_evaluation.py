@@ -18,7 +18,8 @@ them it keeps the best model of the *evaluated* weights without a round trip thr
   each one (the ``CheckpointManager``'s best model, ``MetricsHistory``, TensorBoard, ``LogProgress``).
 * **Bounded queue**: at most ``max_pending`` evaluations are queued or running. At a trigger with a full queue,
   ``overflow="wait"`` (default) waits for the oldest to finish and lands it; ``overflow="skip"`` skips this
-  trigger's evaluation (with a warning naming the epoch), so training never waits.
+  trigger's evaluation (with a warning naming the epoch), so training never waits; the last epoch's evaluation
+  is never skipped (nothing is left to train).
 * **End of training**: everything pending is waited for and lands in ``on_training_checkpoint`` (before the
   training checkpoint of a stop or a SIGTERM, and before ``on_training_ended``). After an error the pending
   evaluations are not waited for: the emergency checkpoint holds them and a resume redoes them.
@@ -179,8 +180,12 @@ class AsyncEvaluation:
             self._error_raised = True
             raise self._error
 
-    def trigger(self, position: tuple, distributed: Any) -> tuple[bool, list]:
+    def trigger(self, position: tuple, distributed: Any, last: bool = False) -> tuple[bool, list]:
         """Start the evaluation of the weights of now (``position``: epoch, batch step, global iteration).
+
+        Args:
+            last: The last trigger of the run (no training left to keep going): a full queue is waited for, also
+                with ``overflow="skip"``, so the final weights are always evaluated.
 
         Returns:
             ``(started, results)``: whether it started (False: skipped by ``overflow="skip"``) and the results that
@@ -189,7 +194,7 @@ class AsyncEvaluation:
         self.resubmit_restored()
         results: list = []
         if len(self._pending) >= self.max_pending:
-            if self.overflow == "skip":
+            if self.overflow == "skip" and not last:
                 _log.warning(
                     f"{self.dataset_name}: {len(self._pending)} asynchronous evaluation(s) still pending "
                     f"(max_pending={self.max_pending}, overflow='skip'): the evaluation of epoch {position[0]} is "

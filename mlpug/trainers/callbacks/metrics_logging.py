@@ -388,9 +388,10 @@ class TestMetricsLogger(Callback):
         distributed = self.training_manager.distributed
         self._async.resubmit_restored()
         self._land(logs, self._async.land_finished(distributed))
-        _, results = self._async.trigger(position, distributed)
+        last = current["epoch"] == logs["final_epoch"]
+        _, results = self._async.trigger(position, distributed, last)
         self._land(logs, results)
-        if current["epoch"] == logs["final_epoch"]:  # nothing left to train: the last results land now
+        if last:  # nothing left to train: the last results land now
             self._land(logs, self._async.land_all(distributed))
         return True
 

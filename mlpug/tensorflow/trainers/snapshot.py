@@ -3,14 +3,13 @@ evaluated with Keras' ``stateless_call``.
 
 ``capture`` reads every variable (``tf.identity``): TensorFlow copies a variable's buffer before updating it
 while a tensor read from it is alive, so the read values stay those of the capture, and nothing is copied until
-the optimizer next updates a variable. ``evaluate_loss`` runs ``training_model.stateless_call(values, ...)``, whose
-variable scope (``keras.StatelessScope``) is thread-local: the worker thread sees the snapshot, the training thread
-keeps the live variables.
+the optimizer next updates a variable. ``evaluate_loss`` runs the trainer's forward pass in a
+``tf.keras.StatelessScope`` that maps the variables to those values (what Keras' ``stateless_call`` does); the
+scope is thread-local, so the worker thread sees the snapshot and the training thread the live variables.
 """
 
 from __future__ import annotations
 
-import inspect
 from typing import Any
 
 import numpy as np
@@ -22,10 +21,12 @@ from mlpug.trainers.trainer import ModelOutputs
 
 
 class KerasEvaluationSnapshot(EvaluationSnapshot):
-    """A frozen copy of the weights of a TensorFlow ``DefaultTrainer``'s training model (a built Keras layer).
+    """A frozen copy of the weights of a TensorFlow ``DefaultTrainer``'s model (built Keras layers).
 
-    Compiled with ``tf.function`` (``reduce_retracing``; one function per value of the evaluate settings) unless
-    the trainer is in eager mode.
+    The snapshot holds the values of every variable of the model components and of the training model (each
+    once). ``evaluate_loss`` runs the trainer's own forward pass inside ``tf.keras.StatelessScope`` mapping those
+    variables to the values, compiled with ``tf.function`` (``reduce_retracing``; one function per value of the
+    evaluate settings) unless the trainer is in eager mode.
 
     Args:
         trainer: A ``mlpug.tensorflow`` ``DefaultTrainer`` that is built (it has trained or evaluated a batch).
@@ -33,41 +34,29 @@ class KerasEvaluationSnapshot(EvaluationSnapshot):
 
     def __init__(self, trainer: Any):
         self._trainer = trainer
-        model = trainer.training_model
-        self._trainable = list(model.trainable_variables)
-        self._non_trainable = list(model.non_trainable_variables)
-        self._variables = [*self._trainable, *self._non_trainable]
-        index = {id(variable): i for i, variable in enumerate(self._variables)}
-        self._component_indices = {}
-        for name, component in trainer.model_components.items():
-            missing = [v.path for v in component.weights if id(v) not in index]
-            if missing:
-                raise ValueError(
-                    f"run_async=True: model component {name!r} has weights the training model does not use "
-                    f"({missing[:3]}); the snapshot holds the training model's variables"
-                )
-            self._component_indices[name] = [index[id(v)] for v in component.weights]
+        variables: list = []
+        index: dict = {}
+        for layer in [*trainer.model_components.values(), trainer.training_model]:
+            for variable in layer.variables:
+                if id(variable) not in index:
+                    index[id(variable)] = len(variables)
+                    variables.append(variable)
+        self._variables = variables
+        self._component_indices = {
+            name: [index[id(v)] for v in component.weights] for name, component in trainer.model_components.items()
+        }
         self._values: list = []
         self._functions: dict = {}
-        # stateless_call calls call() itself (not __call__, which drops a `training` that call() does not take)
-        self._passes_training = "training" in inspect.signature(model.call).parameters
 
     def capture(self) -> None:
         self._values = [tf.identity(variable) for variable in self._variables]
 
     def _evaluate(self, values: list, batch: Any, settings: Any, inference_mode: bool) -> tuple:
-        trainer = self._trainer
-        kwargs = {trainer._settings_arg: settings}
-        if trainer._inference_arg is not None:
-            kwargs[trainer._inference_arg] = inference_mode
-        if self._passes_training:
-            kwargs["training"] = not inference_mode
-        trainable, non_trainable = values[: len(self._trainable)], values[len(self._trainable) :]
-        results, _ = trainer.training_model.stateless_call(trainable, non_trainable, batch, **kwargs)
-        outputs = trainer._normalise_outputs(results, batch)
-        return tf.reshape(outputs.loss, []), outputs.num_samples, outputs.auxiliary_results
+        with tf.keras.StatelessScope(state_mapping=list(zip(self._variables, values))):
+            return self._trainer._evaluate_step_function(batch, settings, inference_mode)
 
     def evaluate_loss(self, batch: Any, evaluate_settings: Any = None, inference_mode: bool = True) -> ModelOutputs:
+        """``Trainer.evaluate_loss`` of the snapshot's values: the trainer's forward pass, the same settings."""
         if self._trainer.eager_mode:
             return ModelOutputs(*self._evaluate(self._values, batch, evaluate_settings, bool(inference_mode)))
         key = (_frozen(evaluate_settings), bool(inference_mode))
@@ -87,7 +76,8 @@ class KerasEvaluationSnapshot(EvaluationSnapshot):
         }
 
     def set_model_components_state(self, model_components: dict) -> None:
-        """Component weights from arrays; the training model's other variables are read from the live model."""
+        """Component weights from arrays; the other variables (the training model's own) are read from the live
+        model."""
         values = [tf.identity(variable) for variable in self._variables]
         for name, indices in self._component_indices.items():
             for i, array in zip(indices, model_components[name]):

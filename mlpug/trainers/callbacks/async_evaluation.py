@@ -88,6 +88,15 @@ def landed_results(manager: Any, dataset_name: str) -> list:
     return list(source.landed_results) if source is not None else []
 
 
+def evaluated_epoch(current: dict, metric_path: str) -> int:
+    """The epoch whose weights the value at ``metric_path`` (in ``logs.current``) belongs to: its section's
+    ``evaluated_at`` epoch when there is one (dataset results, which land late when asynchronous), else the
+    current epoch. Epoch-level consumers (``EarlyStopping``, LR on plateau) count each result once by it."""
+    section = current.get(metric_path.split(".", 1)[0])
+    tag = section.get("evaluated_at") if isinstance(section, dict) else None
+    return tag["epoch"] if tag else current["epoch"]
+
+
 def result_source(callbacks: Iterable, dataset_name: str) -> Any:
     """The callback among ``callbacks`` that produces the dataset metrics of ``dataset_name`` as
     :class:`EvaluationResult` s (a ``TestMetricsLogger`` at dataset level), or None."""

@@ -18,6 +18,7 @@ import math
 from typing import Any, Literal, Optional
 
 from mlpug.logs import get_value_at, to_number
+from mlpug.trainers.callbacks.async_evaluation import evaluated_epoch
 from mlpug.trainers.callbacks.callback import Callback, check_log_path
 
 _MISSING = object()
@@ -107,7 +108,8 @@ class EarlyStopping(Callback):
         return value > self.best + self.min_delta
 
     def on_epoch_completed(self, logs: dict) -> bool:
-        epoch = logs["current"]["epoch"]
+        # the epoch whose weights the value belongs to: asynchronous results land later, tagged (evaluated_at)
+        epoch = evaluated_epoch(logs["current"], self.metric_to_monitor)
         value = get_value_at(logs["current"], self.metric_to_monitor, _MISSING)
         if value is _MISSING or value is None or epoch == self._last_epoch:  # a repeated epoch end counts once
             return True
@@ -118,11 +120,11 @@ class EarlyStopping(Callback):
             return True
         self.epochs_without_improvement += 1
         if self.epochs_without_improvement >= max(self.patience, 1):
-            self.stopped_epoch = epoch
+            self.stopped_epoch = logs["current"]["epoch"]
             self._log.info(
                 f"{self.name}: {self.metric_to_monitor} did not improve on {self.best} ({self.mode}, min_delta "
-                f"{self.min_delta}) for {self.epochs_without_improvement} epoch(s), patience {self.patience}: "
-                f"training stops after epoch {self.stopped_epoch}"
+                f"{self.min_delta}) for {self.epochs_without_improvement} epoch(s) (up to the result of epoch "
+                f"{epoch}), patience {self.patience}: training stops after epoch {logs['current']['epoch']}"
             )
             self.training_manager.stop_training()
         return True

@@ -21,6 +21,7 @@ from collections.abc import Mapping
 from typing import Any, Optional
 
 from mlpug.logs import get_value_at, to_number
+from mlpug.trainers.callbacks.async_evaluation import evaluated_epoch
 from mlpug.trainers.callbacks.callback import Callback, check_log_path
 
 _MISSING = object()
@@ -128,6 +129,8 @@ class LRSchedulerWrapper(Callback):
 
     def on_epoch_completed(self, logs: dict) -> bool:
         epoch = logs["current"]["epoch"]
+        if self.metric_to_monitor is not None:  # the epoch of the monitored result (asynchronous: landed late)
+            epoch = evaluated_epoch(logs["current"], self.metric_to_monitor)
         if self.batch_level or epoch == self._last_epoch:  # an epoch end repeated after a failed hook: once only
             return True
         self._last_epoch = epoch

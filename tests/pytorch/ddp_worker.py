@@ -153,7 +153,7 @@ def run_async_validation(batch_size: int) -> dict:
         history, landed = mlp.callbacks.MetricsHistory(), []
 
         class Landed(mlp.callbacks.Callback):
-            def on_epoch_completed(self, logs):
+            def on_epoch_completed(self, logs, landed=landed):
                 landed.append([r.epoch for r in mlp.callbacks.landed_results(self.training_manager, "validation")])
                 return True
 

@@ -47,6 +47,14 @@ def parse_arguments(argv=None):
         "(default $MLPUG_FASHION_MNIST_DIR or /usr/share/datasets/fashion-mnist)",
     )
     parser.add_argument("--log-period", type=int, default=200, help="print progress every this many batches")
+    parser.add_argument(
+        "--progress", choices=["log", "bar"], default="log", help="progress as log blocks, or a tqdm bar per epoch"
+    )
+    parser.add_argument(
+        "--async-eval",
+        action="store_true",
+        help="validate each epoch on a worker thread (1 intra-op thread) while the next epoch trains",
+    )
     parser.add_argument("--seed", type=int, default=0, help="random seed")
     parser.add_argument(
         "--tensorboard-dir", default=None, help="write every training and validation metric to TensorBoard here"
@@ -210,8 +218,16 @@ def train(args):
     history = mlp.callbacks.MetricsHistory()  # one row per epoch: printed, and saved as CSV and PNG at the end
     callbacks = [
         mlp.callbacks.TrainingMetricsLogger(metric_evaluator=evaluator),
-        mlp.callbacks.TestMetricsLogger(validation_dataset, "validation", metric_evaluator=evaluator),
-        mlp.callbacks.LogProgress(log_period=args.log_period, set_names=["training", "validation"]),
+        mlp.callbacks.TestMetricsLogger(
+            validation_dataset,
+            "validation",
+            metric_evaluator=evaluator,
+            run_async=args.async_eval,
+            num_threads=1 if args.async_eval else None,
+        ),
+        mlp.callbacks.ProgressBar("FashionMNIST")
+        if args.progress == "bar"
+        else mlp.callbacks.LogProgress(log_period=args.log_period, set_names=["training", "validation"]),
         mlp.callbacks.CheckpointManager(
             checkpoints_path=args.checkpoints_path,
             base_checkpoint_filename="fashion-mnist-tensorflow",

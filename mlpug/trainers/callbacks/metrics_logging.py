@@ -398,8 +398,8 @@ class TestMetricsLogger(Callback):
     def on_training_checkpoint(self, stopped_early: bool, stopped_on_error: bool, interrupted: bool) -> bool:
         """Asynchronous: everything pending lands before the training checkpoint (a stop, a SIGTERM); after an
         error nothing is waited for (the emergency checkpoint holds the pending evaluations)."""
+        self._clear_landed()  # results of the last epoch end were consumed there
         if self._async is not None and not stopped_on_error:
-            self._clear_landed()
             self._land(self.training_manager.logs, self._async.land_all(self.training_manager.distributed))
         return True
 

@@ -1,5 +1,8 @@
 """The TensorFlow backend: ``import mlpug.tensorflow as mlp``.
 
+``mlp.Trainer(model, loss_func, optimizer, metrics=...).train(train_dataset, validation_dataset, ...)`` is the
+one-call API (:mod:`mlpug.trainers.one_call`), built from the parts below.
+
 ``mlp.trainers`` (``TrainingManager``, ``DefaultTrainer``), ``mlp.evaluation`` (``MetricEvaluator``),
 ``mlp.callbacks``, ``mlp.distributed`` (``tf.distribute`` strategies) and ``mlp.logging``: the same
 names as every other backend. Works with TensorFlow 2.21 and
@@ -11,9 +14,11 @@ seeds Python, NumPy and the backend.
 from mlpug import logging
 from mlpug.tensorflow import callbacks, checkpointing, data, distributed, evaluation, metrics, trainers
 from mlpug.tensorflow.checkpointing import load_model_checkpoint, load_training_checkpoint
+from mlpug.tensorflow.one_call import Trainer
 from mlpug.tensorflow.random_state import set_random_seed
 
 __all__ = [
+    "Trainer",
     "callbacks",
     "checkpointing",
     "data",

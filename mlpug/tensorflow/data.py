@@ -40,7 +40,7 @@ class ResumableArrayBatches(_NeutralResumableArrayBatches):
         super().__init__(arrays, batch_size, shuffle=shuffle, seed=seed, drop_last=drop_last, convert=convert)
 
 
-def _pipeline(dataset: tf.data.Dataset) -> list:
+def pipeline_stages(dataset: tf.data.Dataset) -> list:
     """``dataset`` and every dataset it is built from (through the private ``_inputs()`` of tf.data)."""
     found, pending = [], [dataset]
     while pending:
@@ -74,7 +74,7 @@ def training_data_source(dataset: Any) -> DataSource:
     """
     if not isinstance(dataset, tf.data.Dataset):
         return DataSource(dataset)
-    pipeline = _pipeline(dataset)
+    pipeline = pipeline_stages(dataset)
     if _unseeded_shuffles(pipeline):
         _log.warning(
             "The training tf.data pipeline shuffles without a seed, so its order differs in every process: resuming "

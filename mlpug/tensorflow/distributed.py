@@ -294,9 +294,9 @@ def shard_training_dataset(dataset: Any, context: DistributedContext) -> Any:
         resumable.set_shard(context.rank, context.world_size)
         return dataset
     if isinstance(dataset, tf.data.Dataset):
-        from mlpug.tensorflow.data import _pipeline, _unseeded_shuffles
+        from mlpug.tensorflow.data import _unseeded_shuffles, pipeline_stages
 
-        if _unseeded_shuffles(_pipeline(dataset)):
+        if _unseeded_shuffles(pipeline_stages(dataset)):
             _log.warning(
                 "Data-parallel training: the training tf.data pipeline shuffles without a seed, so every worker "
                 "shuffles in another order and their shards overlap (some samples are trained on twice per epoch, "

@@ -137,6 +137,14 @@ class PyTorchHarness:
     def to_numpy(self, value: Any) -> Any:
         return value.detach().numpy() if isinstance(value, self.torch.Tensor) else value
 
+    def loss_function(self) -> Any:
+        """The problem's loss for ``mlp.Trainer``: ``loss(logits, labels)`` (torch's order)."""
+        return self.torch.nn.CrossEntropyLoss()
+
+    def trainer_options(self) -> dict:
+        """``DefaultTrainer`` options of this harness (for ``mlp.Trainer``)."""
+        return {}
+
     def nan_propagating_model(self, problem: Problem) -> Any:
         """The problem's loss plus ``0 * mean(features)``: NaN features give a NaN loss on every backend."""
         torch, classifier = self.torch, problem.classifier
@@ -264,6 +272,14 @@ class TensorFlowHarness:
 
     def to_numpy(self, value: Any) -> Any:
         return value.numpy() if self.tf.is_tensor(value) else value
+
+    def loss_function(self) -> Any:
+        """The problem's loss for ``mlp.Trainer``: ``loss(labels, logits)`` (Keras' order)."""
+        return self.tf.keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+
+    def trainer_options(self) -> dict:
+        """``DefaultTrainer`` options of this harness (for ``mlp.Trainer``)."""
+        return {"eager_mode": self.eager_mode}
 
     def nan_propagating_model(self, problem: Problem) -> Any:
         """The problem's loss plus ``0 * mean(features)``: NaN features give a NaN loss on every backend (Keras'

@@ -1,0 +1,69 @@
+"""The one-call API on TensorFlow: ``mlp.Trainer(model, loss_func, optimizer).train(train_dataset, ...)``.
+
+See :class:`mlpug.trainers.one_call.OneCallTrainer` for the arguments; here the backend's parts: the training model
+(``loss_func(targets, outputs)``, Keras' order) and ``tf.data.Dataset`` s of samples batched here.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, ClassVar, Optional
+
+import tensorflow as tf
+
+import mlpug.tensorflow as backend
+from mlpug.tensorflow.data import pipeline_stages
+from mlpug.trainers.one_call import OneCallTrainer, split_batch
+
+__all__ = ["Trainer"]
+
+_SHUFFLE_BUFFER = 1 << 16  # samples; a smaller dataset is shuffled as a whole
+
+
+class LossModel(tf.keras.Model):
+    """Turns an ``(inputs, targets)`` batch into ``{"loss": loss_func(targets, model(inputs)), "auxiliary_results":
+    model(inputs)}``: the training model of :class:`Trainer`. ``model`` is called with ``training=not inference_mode``.
+
+    Args:
+        model: Maps ``inputs`` to outputs (e.g. logits ``[B, C]``).
+        loss_func: ``loss_func(targets, outputs)``, a 0-d mean loss (a ``keras.losses`` object or function).
+    """
+
+    def __init__(self, model: tf.keras.Model, loss_func: Callable[[Any, Any], Any]):
+        super().__init__()
+        self.model = model
+        self.loss_func = loss_func
+
+    def call(self, batch_data: Any, evaluate_settings: Any = None, inference_mode: Optional[bool] = None) -> dict:
+        inputs, targets = split_batch(batch_data)
+        outputs = self.model(inputs, training=not inference_mode)
+        return {"loss": self.loss_func(targets, outputs), "auxiliary_results": outputs}
+
+
+def _has_batch_stage(dataset: tf.data.Dataset) -> bool:
+    """True when the pipeline batches (``batch``, ``padded_batch``, ``ragged_batch``, ...) at some stage."""
+    return any("Batch" in type(stage).__name__ for stage in pipeline_stages(dataset))
+
+
+class Trainer(OneCallTrainer):
+    __doc__ = (OneCallTrainer.__doc__ or "") + (
+        "\n    TensorFlow: ``loss_func(targets, outputs)``; a ``tf.data.Dataset`` of samples (no ``batch`` stage in\n"
+        "    its pipeline) with a batch size is batched here (training: ``shuffle(seed=seed)`` first, reshuffled\n"
+        "    every epoch); one with a ``batch`` stage is used as it is. Give ``distribution_strategy=`` (and\n"
+        "    build the model and optimizer in its scope) to train data-parallel.\n"
+    )
+
+    backend: ClassVar[Any] = backend
+
+    def _training_model(self, model: Any, loss_func: Callable) -> Any:
+        return LossModel(model, loss_func)
+
+    def _batches(
+        self, dataset: Any, argument: str, batch_size: Optional[int], samples_batch_size: Optional[int], shuffle: bool,
+        seed: int,
+    ) -> Any:  # fmt: skip
+        if isinstance(dataset, tf.data.Dataset) and batch_size is not None and not _has_batch_stage(dataset):
+            if shuffle:
+                dataset = dataset.shuffle(_SHUFFLE_BUFFER, seed=seed, reshuffle_each_iteration=True)
+            return dataset.batch(batch_size)
+        return super()._batches(dataset, argument, batch_size, samples_batch_size, shuffle, seed)

@@ -1,0 +1,119 @@
+"""Contract tests of the one-call API ``mlp.Trainer`` on every backend: the same weights and rows as the full API,
+checkpoints and exact resume through it, and early, named errors."""
+
+import numpy as np
+import pytest
+
+from tests.contract.backends import make_numpy_data
+
+BATCH_SIZE, NUM_EPOCHS = 8, 2
+NON_TIMING = ("validation.dataset.loss", "validation.dataset.accuracy", "training.window_average.loss")
+
+
+def arrays(seed, num_samples=4 * BATCH_SIZE + 3):  # a short last batch
+    return make_numpy_data(num_samples, seed)
+
+
+def one_call(harness, problem, **train_options):
+    mlp = problem.mlp
+    trainer = mlp.Trainer(
+        problem.classifier,
+        harness.loss_function(),
+        problem.optimizer,
+        metrics={"accuracy": mlp.metrics.accuracy},
+        **harness.trainer_options(),
+    )
+    options = {"num_epochs": NUM_EPOCHS, "batch_size": BATCH_SIZE, "seed": 3, "progress": None, **train_options}
+    return trainer, trainer.train(arrays(0), arrays(1), **options)
+
+
+def full_api(harness, problem):
+    """What ``mlp.Trainer.train`` stands for, written out with the parts (the README's full API)."""
+    mlp = problem.mlp
+    evaluator = mlp.evaluation.MetricEvaluator(
+        trainer=problem.trainer, batch_metric_funcs={"accuracy": mlp.metrics.accuracy}
+    )
+    training = mlp.data.ResumableArrayBatches(arrays(0), BATCH_SIZE, shuffle=True, seed=3)
+    validation = mlp.data.ResumableArrayBatches(arrays(1), BATCH_SIZE, shuffle=False)
+    history = mlp.callbacks.MetricsHistory()
+    callbacks = [
+        mlp.callbacks.TrainingMetricsLogger(metric_evaluator=evaluator),
+        mlp.callbacks.TestMetricsLogger(validation, "validation", metric_evaluator=evaluator),
+        history,
+    ]
+    mlp.trainers.TrainingManager(problem.trainer, training, num_epochs=NUM_EPOCHS, callbacks=callbacks).start_training()
+    return history
+
+
+def rows(history):
+    return [[row[path] for path in NON_TIMING] for row in history.rows]
+
+
+def test_the_one_call_api_gives_the_weights_and_rows_of_the_full_api(harness):
+    written_out = harness.make_problem(seed=5)
+    history = full_api(harness, written_out)
+    one = harness.make_problem(seed=5)
+    trainer, one_history = one_call(harness, one)
+    assert len(one_history.rows) == NUM_EPOCHS and trainer.manager.global_iter == NUM_EPOCHS * 5
+    for a, b in zip(harness.weights(written_out), harness.weights(one)):
+        np.testing.assert_array_equal(a, b)
+    assert rows(one_history) == rows(history)
+    assert all(0.0 <= row["validation.dataset.accuracy"] <= 1.0 for row in one_history.rows)
+
+
+def test_checkpoints_and_an_exact_resume_pass_through(harness, tmp_path):
+    straight = harness.make_problem(seed=6)
+    one_call(harness, straight, checkpoints_path=str(tmp_path / "straight"))
+
+    interrupted = harness.make_problem(seed=6)
+    mlp = interrupted.mlp
+
+    class StopAfterFirstEpoch(mlp.callbacks.Callback):
+        def on_epoch_completed(self, logs):
+            self.training_manager.stop_training()
+            return True
+
+    path = str(tmp_path / "interrupted")
+    trainer, _ = one_call(harness, interrupted, checkpoints_path=path, callbacks=[StopAfterFirstEpoch("stop")])
+    assert trainer.manager.epoch == 1
+    resumed = harness.make_problem(seed=99)  # other initial weights: all of them must come from the checkpoint
+    trainer, history = one_call(harness, resumed, checkpoints_path=path, resume_from="latest", resume_strict=False)
+    assert trainer.manager.global_iter == NUM_EPOCHS * 5 and [row["epoch"] for row in history.rows] == [0, 1]
+    for a, b in zip(harness.weights(straight), harness.weights(resumed)):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_batches_made_elsewhere_are_used_as_they_are(harness):
+    problem = harness.make_problem(seed=7)
+    mlp = problem.mlp
+    trainer = mlp.Trainer(problem.classifier, harness.loss_function(), problem.optimizer, **harness.trainer_options())
+    # training samples batched here, validation batches made by the user: batch_size applies to the first only
+    history = trainer.train(arrays(0), problem.validation_batches, num_epochs=1, batch_size=BATCH_SIZE, progress=None)
+    assert list(history.rows[0]) >= ["epoch"] and "validation.dataset.loss" in history.rows[0]
+    history = trainer.train(problem.training_batches, num_epochs=1, progress=None)
+    assert trainer.manager.global_iter == len(list(problem.training_batches))
+
+
+def test_bad_arguments_are_named_before_anything_trains(harness):
+    problem = harness.make_problem(seed=8)
+    mlp = problem.mlp
+    before = harness.weights(problem)
+    with pytest.raises(TypeError, match="loss_func must be callable"):
+        mlp.Trainer(problem.classifier, "cross-entropy", problem.optimizer)
+    with pytest.raises(TypeError, match="metrics must map names"):
+        mlp.Trainer(problem.classifier, harness.loss_function(), problem.optimizer, metrics={"accuracy": 1})
+    with pytest.raises(TypeError, match="batch_chunk"):  # the DefaultTrainer's own check, at construction
+        mlp.Trainer(problem.classifier, harness.loss_function(), problem.optimizer, batch_chunk="8")
+    trainer = mlp.Trainer(problem.classifier, harness.loss_function(), problem.optimizer, **harness.trainer_options())
+    with pytest.raises(ValueError, match=r"train_dataset \(.*\) already yields batches, so batch_size=8"):
+        trainer.train(problem.training_batches, batch_size=8)
+    with pytest.raises(ValueError, match="progress must be 'bar', 'log' or None, got 'tqdm'"):
+        trainer.train(arrays(0), progress="tqdm")
+    with pytest.raises(ValueError, match="batch_size must be an int >= 1, got 0"):
+        trainer.train(arrays(0), batch_size=0)
+    with pytest.raises(ValueError, match="num_epochs"):
+        trainer.train(arrays(0), num_epochs=0)
+    with pytest.raises(TypeError, match="train_dataset must be a tuple of arrays"):
+        trainer.train(42)
+    for a, b in zip(before, harness.weights(problem)):
+        np.testing.assert_array_equal(a, b)

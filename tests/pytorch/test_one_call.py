@@ -1,0 +1,47 @@
+"""PyTorch specifics of the one-call API ``mlp.Trainer``: map-style datasets and the quickstart example."""
+
+import runpy
+from pathlib import Path
+
+import pytest
+import torch
+
+import mlpug.pytorch as mlp
+from tests.contract.backends import make_numpy_data
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def train(dataset, batch_size=8, num_epochs=2, **options):
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(6, 16), torch.nn.ReLU(), torch.nn.Linear(16, 3))
+    trainer = mlp.Trainer(model, torch.nn.CrossEntropyLoss(), torch.optim.Adam(model.parameters(), lr=0.01))
+    trainer.train(dataset, num_epochs=num_epochs, batch_size=batch_size, seed=4, progress=None, **options)
+    return [p.detach().clone() for p in model.parameters()]
+
+
+def test_a_map_style_dataset_is_batched_in_the_order_of_the_same_arrays():
+    features, labels = (torch.from_numpy(a) for a in make_numpy_data(37, seed=0))
+    from_arrays = train((features, labels))
+    from_dataset = train(torch.utils.data.TensorDataset(features, labels))
+    assert all(torch.equal(a, b) for a, b in zip(from_arrays, from_dataset))
+    assert not all(torch.equal(a, b) for a, b in zip(from_arrays, train((features, labels), shuffle=False)))
+
+
+def test_batches_that_are_not_pairs_are_a_clear_error():
+    features, labels = (torch.from_numpy(a) for a in make_numpy_data(16, seed=0))
+    with pytest.raises(TypeError, match=r"needs batches \(inputs, targets\), got a tuple of 3 items"):
+        train((features, labels, labels))
+
+
+@pytest.mark.timeout(600)
+def test_the_quickstart_reaches_85_percent_validation_accuracy_in_3_epochs(fashion_mnist_dir, tmp_path, monkeypatch):
+    monkeypatch.setenv("MLPUG_FASHION_MNIST_DIR", fashion_mnist_dir)
+    monkeypatch.chdir(tmp_path)
+    names = runpy.run_path(str(ROOT / "examples/quickstart/pytorch/train.py"), run_name="__main__")
+    rows = names["history"].rows
+    assert len(rows) == 3 and rows[-1]["validation.dataset.accuracy"] >= 0.85
+    assert {p.name for p in (tmp_path / "checkpoints").iterdir()} >= {
+        "model-best-model-checkpoint.safetensors",
+        "model-training-checkpoint.safetensors",
+    }

@@ -1,0 +1,46 @@
+"""TensorFlow specifics of the one-call API ``mlp.Trainer``: tf.data datasets and the quickstart example."""
+
+import runpy
+from pathlib import Path
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+import mlpug.tensorflow as mlp
+from tests.contract.backends import make_numpy_data
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def train(dataset, batch_size=8, **options):
+    tf.keras.utils.set_random_seed(0)
+    model = tf.keras.Sequential(
+        [tf.keras.Input(shape=(6,)), tf.keras.layers.Dense(16, activation="relu"), tf.keras.layers.Dense(3)]
+    )
+    loss_func = tf.keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+    trainer = mlp.Trainer(model, loss_func, tf.keras.optimizers.Adam(learning_rate=0.01))
+    trainer.train(dataset, num_epochs=2, batch_size=batch_size, seed=4, progress=None, **options)
+    return [variable.numpy() for variable in model.weights]
+
+
+def test_a_dataset_of_samples_is_batched_and_a_batched_one_is_used_as_it_is():
+    features, labels = make_numpy_data(37, seed=0)
+    samples = tf.data.Dataset.from_tensor_slices((features, labels))
+    from_arrays = train((features, labels), shuffle=False)
+    for a, b in zip(from_arrays, train(samples, shuffle=False)):
+        np.testing.assert_array_equal(a, b)
+    for a, b in zip(from_arrays, train(samples.batch(8), batch_size=None)):
+        np.testing.assert_array_equal(a, b)
+    with pytest.raises(ValueError, match=r"already yields batches, so batch_size=8"):
+        train(samples.batch(8).prefetch(1))
+
+
+@pytest.mark.timeout(600)
+def test_the_quickstart_reaches_85_percent_validation_accuracy_in_3_epochs(fashion_mnist_dir, tmp_path, monkeypatch):
+    monkeypatch.setenv("MLPUG_FASHION_MNIST_DIR", fashion_mnist_dir)
+    monkeypatch.chdir(tmp_path)
+    names = runpy.run_path(str(ROOT / "examples/quickstart/tensorflow/train.py"), run_name="__main__")
+    rows = names["history"].rows
+    assert len(rows) == 3 and rows[-1]["validation.dataset.accuracy"] >= 0.85
+    assert (tmp_path / "checkpoints" / "model-best-model-checkpoint.safetensors").exists()

@@ -1,6 +1,9 @@
 """PyTorch specifics of the one-call API ``mlp.Trainer``: map-style datasets and the quickstart example."""
 
+import os
 import runpy
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -45,3 +48,21 @@ def test_the_quickstart_reaches_85_percent_validation_accuracy_in_3_epochs(fashi
         "model-best-model-checkpoint.safetensors",
         "model-training-checkpoint.safetensors",
     }
+
+
+@pytest.mark.timeout(300)
+def test_the_one_call_api_trains_data_parallel_on_two_processes(tmp_path):
+    """The same script on 2 gloo ranks: each trains its half of every epoch (4 of 8 batches), the ranks end with the
+    same weights and the same validation loss, and the checkpoints are written once."""
+    env = {key: value for key, value in os.environ.items() if key not in ("OMP_NUM_THREADS", "WORLD_SIZE")}
+    script = str(Path(__file__).parent / "scripts" / "one_call_ddp.py")
+    result = subprocess.run(
+        [sys.executable, script, str(tmp_path)], capture_output=True, text=True, timeout=240, env=env
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    ranks = [torch.load(tmp_path / f"rank{rank}.pt") for rank in (0, 1)]
+    assert [r["world_size"] for r in ranks] == [2, 2] and [r["global_iter"] for r in ranks] == [8, 8]
+    assert all(torch.equal(a, b) for a, b in zip(ranks[0]["weights"], ranks[1]["weights"]))
+    assert ranks[0]["validation_loss"] == ranks[1]["validation_loss"]
+    assert result.stdout.count("Training completed. All good!") == 1
+    assert len(list((tmp_path / "checkpoints").iterdir())) == 3

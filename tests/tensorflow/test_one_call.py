@@ -1,6 +1,9 @@
 """TensorFlow specifics of the one-call API ``mlp.Trainer``: tf.data datasets and the quickstart example."""
 
+import json
 import runpy
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -44,3 +47,15 @@ def test_the_quickstart_reaches_85_percent_validation_accuracy_in_3_epochs(fashi
     rows = names["history"].rows
     assert len(rows) == 3 and rows[-1]["validation.dataset.accuracy"] >= 0.85
     assert (tmp_path / "checkpoints" / "model-best-model-checkpoint.safetensors").exists()
+
+
+@pytest.mark.timeout(300)
+def test_a_distribution_strategy_passes_through_and_trains_like_one_device():
+    """MirroredStrategy over 2 logical CPUs (its own process: the devices are set before TF starts): the global batch
+    of 16 is split over the replicas, so the run follows the one-device run up to the order of the float sums."""
+    script = str(Path(__file__).parent / "scripts" / "one_call_mirrored.py")
+    result = subprocess.run([sys.executable, script], capture_output=True, text=True, timeout=240)
+    assert result.returncode == 0, result.stdout + result.stderr
+    measured = json.loads(result.stdout.strip().splitlines()[-1])
+    assert measured["iters"] == [8, 8] and measured["difference"] < 1e-3
+    assert measured["losses"][0] == pytest.approx(measured["losses"][1], rel=1e-4)

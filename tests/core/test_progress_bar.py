@@ -87,3 +87,18 @@ def test_bad_arguments_are_refused():
         ProgressBar(refresh_period=0)
     with pytest.raises(ValueError, match="metrics"):
         ProgressBar(metrics={"Acc": "validation.dataset.accuracy"})
+
+
+def test_a_terminal_without_tqdm_is_refused_at_construction(monkeypatch):
+    import importlib.util
+    import io
+
+    class Terminal(io.StringIO):
+        def isatty(self):
+            return True
+
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "tqdm" else real_find_spec(name))
+    with pytest.raises(ModuleNotFoundError, match=r"pip install tqdm \(or mlpug\[progress\]\), or use LogProgress"):
+        ProgressBar(file=Terminal())
+    ProgressBar(file=io.StringIO())  # off a terminal no bar is drawn: tqdm is not needed

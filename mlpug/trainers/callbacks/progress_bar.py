@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import math
 import sys
 import time
@@ -42,7 +43,8 @@ class ProgressBar(Callback):
     Raises:
         ValueError: A bad ``metrics`` entry or ``refresh_period``, or (at the manager's construction) a path that
             no callback writes.
-        ModuleNotFoundError: ``file`` is a terminal and tqdm is not installed (``pip install tqdm``).
+        ModuleNotFoundError: At construction, ``file`` is a terminal and tqdm is not installed
+            (``pip install tqdm`` or the extra ``mlpug[progress]``).
     """
 
     def __init__(
@@ -62,6 +64,12 @@ class ProgressBar(Callback):
                     f"metrics[{label!r}] must be (dotted path, 'min' | 'max'), e.g. "
                     f"('validation.dataset.accuracy', 'max'); got {entry!r}"
                 )
+        output = file if file is not None else sys.stdout
+        if output.isatty() and importlib.util.find_spec("tqdm") is None:
+            raise ModuleNotFoundError(
+                "ProgressBar draws its bar with tqdm, which is not installed: pip install tqdm (or mlpug[progress]), "
+                "or use LogProgress"
+            )
         super().__init__(callback_name)
         self.display_name = name
         self._explicit_metrics = metrics is not None

@@ -7,7 +7,7 @@ DATA_DIR := /usr/share/datasets/fashion-mnist
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 PYTEST_ARGS ?=
 
-.PHONY: setup data demo test lint benchmark package package-check clean
+.PHONY: setup data demo test lint benchmark package package-check clean benchmark-peers docs
 
 setup: $(VENV)/.installed
 
@@ -63,3 +63,24 @@ package-check: package data
 
 clean:
 	rm -rf $(VENV) $(WHEEL_VENV) .pytest_cache dist build
+
+# mlpug beside Lightning, Ignite, accelerate, pytorch-accelerated and Keras 3 (issue 13): the peers are not
+# dependencies of mlpug, so they get their own venv; torch stays pinned by requirements/constraints.txt.
+PEERS_VENV := .venv-peers
+PEERS_PY := $(PEERS_VENV)/bin/python
+PEERS_ROUNDS ?= 10
+
+$(PEERS_VENV)/.installed: requirements/constraints.txt requirements/dev.txt benchmarks/peers/requirements.txt pyproject.toml
+	$(PYTHON) -m venv $(PEERS_VENV)
+	$(PEERS_PY) -m pip install -c requirements/constraints.txt -r requirements/dev.txt -r benchmarks/peers/requirements.txt
+	$(PEERS_PY) -m pip install --no-deps -e .
+	touch $@
+
+benchmark-peers: $(PEERS_VENV)/.installed data  # writes benchmarks/peers/results.md and results.json
+	$(PEERS_PY) benchmarks/peers/run.py --rounds $(PEERS_ROUNDS)
+
+# The user guide (mkdocs + mkdocstrings, settings in mkdocs.yml) into site/, warnings as errors; every python block
+# of its pages runs in tests/docs/test_snippets.py. NO_MKDOCS_2_WARNING silences mkdocs-material's banner.
+docs: setup
+	$(PY) -m pip install -c requirements/constraints.txt -r requirements/docs.txt
+	NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs build --strict --site-dir site

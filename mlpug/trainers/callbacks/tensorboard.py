@@ -260,7 +260,9 @@ class AutoTensorboard(Tensorboard):
     Args:
         dataset_name: The section, e.g. ``"training"`` or ``"validation"``; checked at the manager's construction
             (a callback must produce it).
-        log_dir, log_period, flush_period_s: As for :class:`Tensorboard`.
+        log_dir: As for :class:`Tensorboard`.
+        log_period: As for :class:`Tensorboard`.
+        flush_period_s: As for :class:`Tensorboard`.
         name: The callback's name; default ``AutoTensorboard[<dataset_name>]``.
     """
 

@@ -54,8 +54,10 @@ WHEEL_VENV := .venv-wheel
 package-check: package data
 	rm -rf $(WHEEL_VENV)
 	$(PYTHON) -m venv $(WHEEL_VENV)
+	$(PY) tests/wheel_check.py files "$$(ls dist/mlpug-*.whl)"
 	$(WHEEL_VENV)/bin/pip install -q -c requirements/constraints.txt "$$(ls dist/mlpug-*.whl)[pytorch]"
 	cd "$$(mktemp -d)" && cp $(CURDIR)/examples/hello_world/pytorch/train.py hello_world.py && \
+	cp $(CURDIR)/tests/wheel_check.py . && $(CURDIR)/$(WHEEL_VENV)/bin/python wheel_check.py run && \
 	$(CURDIR)/$(WHEEL_VENV)/bin/python -c "import mlpug.pytorch as m; assert '$(WHEEL_VENV)/' in m.__file__, m.__file__" && \
 	{ $(CURDIR)/$(WHEEL_VENV)/bin/python hello_world.py > hello_world.log 2>&1 || { cat hello_world.log; exit 1; }; } && \
 	tail -n 4 hello_world.log && grep -q "Training completed. All good" hello_world.log && \

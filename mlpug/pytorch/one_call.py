@@ -41,7 +41,9 @@ class LossModel(torch.nn.Module):
 class Trainer(OneCallTrainer):
     __doc__ = (OneCallTrainer.__doc__ or "") + (
         "\n    PyTorch: ``loss_func(outputs, targets)``; a map-style ``torch.utils.data.Dataset`` is batched by\n"
-        "    ``mlp.data.resumable_data_loader``. Under ``torchrun`` (or ``mlp.distributed.launch``) every process\n"
+        "    ``mlp.data.resumable_data_loader`` (validation: a ``DataLoader`` in order); an ``IterableDataset`` must\n"
+        "    come in a ``DataLoader``. Batches go to the model's device (``device=`` overrides). Under ``torchrun``\n"
+        "    (or ``mlp.distributed.launch``) every process\n"
         "    runs the same script and trains its shard with DistributedDataParallel.\n"
     )
 
@@ -50,13 +52,28 @@ class Trainer(OneCallTrainer):
     def _training_model(self, model: Any, loss_func: Callable) -> Any:
         return LossModel(model, loss_func)
 
+    def _trainer_options(self, model: Any, options: dict) -> dict:
+        """Batches follow the model: without ``device=``, the device of its first parameter when that is not the
+        CPU (the model stays where you put it, e.g. ``model.cuda()``)."""
+        if "device" not in options:
+            parameter = next(iter(model.parameters()), None) if isinstance(model, torch.nn.Module) else None
+            if parameter is not None and parameter.device.type != "cpu":
+                options = {**options, "device": parameter.device}
+        return options
+
     def _batches(
-        self, dataset: Any, argument: str, batch_size: Optional[int], samples_batch_size: Optional[int], shuffle: bool,
-        seed: int,
+        self, dataset: Any, argument: str, given_batch_size: Optional[int], batch_size: Optional[int], training: bool,
+        shuffle: bool, seed: int,
     ) -> Any:  # fmt: skip
-        is_map_style = isinstance(dataset, torch.utils.data.Dataset) and hasattr(dataset, "__len__")
-        if is_map_style and not isinstance(dataset, torch.utils.data.IterableDataset):
-            return backend.data.resumable_data_loader(
-                dataset, samples_batch_size or DEFAULT_BATCH_SIZE, shuffle=shuffle, seed=seed
+        if isinstance(dataset, torch.utils.data.IterableDataset):
+            raise TypeError(
+                f"{argument} is an IterableDataset ({type(dataset).__qualname__}): mlp.Trainer batches only map-style "
+                "datasets (len() and indexing, in a resumable order); wrap it in torch.utils.data.DataLoader(dataset, "
+                "batch_size=...) and pass the DataLoader"
             )
-        return super()._batches(dataset, argument, batch_size, samples_batch_size, shuffle, seed)
+        if isinstance(dataset, torch.utils.data.Dataset) and hasattr(dataset, "__len__"):
+            size = batch_size or DEFAULT_BATCH_SIZE
+            if training:
+                return backend.data.resumable_data_loader(dataset, size, shuffle=shuffle, seed=seed)
+            return torch.utils.data.DataLoader(dataset, batch_size=size, shuffle=False)  # shardable over ranks
+        return super()._batches(dataset, argument, given_batch_size, batch_size, training, shuffle, seed)

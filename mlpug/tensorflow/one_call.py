@@ -13,11 +13,13 @@ import tensorflow as tf
 
 import mlpug.tensorflow as backend
 from mlpug.tensorflow.data import pipeline_stages
-from mlpug.trainers.one_call import OneCallTrainer, split_batch
+from mlpug.trainers.one_call import DEFAULT_BATCH_SIZE, OneCallTrainer, split_batch
 
 __all__ = ["Trainer"]
 
-_SHUFFLE_BUFFER = 1 << 16  # samples; a smaller dataset is shuffled as a whole
+#: Samples in the shuffle buffer of a ``tf.data.Dataset`` of samples (as in the tf.data guide); a smaller dataset is
+#: shuffled as a whole. For another buffer, shuffle and batch the dataset yourself.
+SHUFFLE_BUFFER_SIZE = 10_000
 
 
 class LossModel(tf.keras.Model):
@@ -41,15 +43,23 @@ class LossModel(tf.keras.Model):
 
 
 def _has_batch_stage(dataset: tf.data.Dataset) -> bool:
-    """True when the pipeline batches (``batch``, ``padded_batch``, ``ragged_batch``, ...) at some stage."""
-    return any("Batch" in type(stage).__name__ for stage in pipeline_stages(dataset))
+    """True when the pipeline's output is batched: going from the output towards the sources, a ``batch`` stage
+    (``batch``, ``padded_batch``, ``ragged_batch``, ...) comes before any ``unbatch``. Pipelines that batch in a
+    Python generator (``from_generator``) are not recognised: give them without ``batch_size``."""
+    for stage in pipeline_stages(dataset):
+        name = type(stage).__name__
+        if "Unbatch" in name:
+            return False
+        if "Batch" in name:
+            return True
+    return False
 
 
 class Trainer(OneCallTrainer):
     __doc__ = (OneCallTrainer.__doc__ or "") + (
-        "\n    TensorFlow: ``loss_func(targets, outputs)``; a ``tf.data.Dataset`` of samples (no ``batch`` stage in\n"
-        "    its pipeline) with a batch size is batched here (training: ``shuffle(seed=seed)`` first, reshuffled\n"
-        "    every epoch); one with a ``batch`` stage is used as it is. Give ``distribution_strategy=`` (and\n"
+        "\n    TensorFlow: ``loss_func(targets, outputs)``; a ``tf.data.Dataset`` of samples (no ``batch`` stage at\n"
+        "    its output) is batched here (training: ``shuffle(SHUFFLE_BUFFER_SIZE, seed=seed)`` first, reshuffled\n"
+        "    every epoch); a batched one is used as it is. Give ``distribution_strategy=`` (and\n"
         "    build the model and optimizer in its scope) to train data-parallel.\n"
     )
 
@@ -59,11 +69,11 @@ class Trainer(OneCallTrainer):
         return LossModel(model, loss_func)
 
     def _batches(
-        self, dataset: Any, argument: str, batch_size: Optional[int], samples_batch_size: Optional[int], shuffle: bool,
-        seed: int,
+        self, dataset: Any, argument: str, given_batch_size: Optional[int], batch_size: Optional[int], training: bool,
+        shuffle: bool, seed: int,
     ) -> Any:  # fmt: skip
-        if isinstance(dataset, tf.data.Dataset) and batch_size is not None and not _has_batch_stage(dataset):
-            if shuffle:
-                dataset = dataset.shuffle(_SHUFFLE_BUFFER, seed=seed, reshuffle_each_iteration=True)
-            return dataset.batch(batch_size)
-        return super()._batches(dataset, argument, batch_size, samples_batch_size, shuffle, seed)
+        if isinstance(dataset, tf.data.Dataset) and not _has_batch_stage(dataset):
+            if training and shuffle:
+                dataset = dataset.shuffle(SHUFFLE_BUFFER_SIZE, seed=seed, reshuffle_each_iteration=True)
+            return dataset.batch(batch_size or DEFAULT_BATCH_SIZE)
+        return super()._batches(dataset, argument, given_batch_size, batch_size, training, shuffle, seed)

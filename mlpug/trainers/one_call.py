@@ -68,6 +68,11 @@ class OneCallTrainer:
             raise TypeError("OneCallTrainer is the neutral base: use a backend's mlp.Trainer (e.g. mlpug.pytorch)")
         if not callable(loss_func):
             raise TypeError(f"loss_func must be callable (e.g. a loss module or function), got {loss_func!r:.200}")
+        if metrics is not None and not isinstance(metrics, Mapping):
+            raise TypeError(
+                "metrics must map names to metric functions, e.g. {'accuracy': mlp.metrics.accuracy}; got "
+                f"{metrics!r:.200}"
+            )
         metrics = dict(metrics or {})
         bad = {name: func for name, func in metrics.items() if not isinstance(name, str) or not callable(func)}
         if bad:
@@ -77,7 +82,7 @@ class OneCallTrainer:
         self.model, self.loss_func, self.optimizer, self.metrics = model, loss_func, optimizer, metrics
         self.batch_chunk_size = trainer_options.get("batch_chunk_size")
         self.trainer = self.backend.trainers.DefaultTrainer(
-            optimizers=optimizer, model_components=model, **trainer_options
+            optimizers=optimizer, model_components=model, **self._trainer_options(model, trainer_options)
         )
         self.training_model = self._training_model(model, loss_func)
         self.manager: Any = None
@@ -138,12 +143,18 @@ class OneCallTrainer:
             **manager_options: Passed to the ``TrainingManager`` unchanged (``resume_from``, ``non_finite_loss``,
                 ``num_batches_per_epoch``, ``handle_signals``, ...).
 
+        Every call trains anew from the model's current weights: epochs count from 0 (the shuffle order of epoch
+        0 again), with a new history and a new "best" record; to continue a run, resume it from its training
+        checkpoint (``checkpoints_path`` and ``resume_from="latest"``).
+
         Returns:
             The ``MetricsHistory``: ``.rows``, ``.table()``, ``.to_dataframe()``, ``.save(directory, name)``.
 
         Raises:
             TypeError / ValueError: A bad argument, named, before anything trains (including the parts' own
-                checks at the manager's construction).
+                checks at the manager's construction); an option whose part is not built (e.g.
+                ``metric_to_monitor`` without ``checkpoints_path``). Batches that are not ``(inputs, targets)``
+                pairs are found at the first step (a ``TypeError``).
         """
         if progress not in _PROGRESS:
             raise ValueError(f"progress must be 'bar', 'log' or None, got {progress!r}")
@@ -151,8 +162,20 @@ class OneCallTrainer:
             check_positive_int(batch_size, "batch_size")
         if validation_batch_size is not None:
             check_positive_int(validation_batch_size, "validation_batch_size")
+        _check_prerequisites(
+            {"validation_dataset": validation_dataset, "checkpoints_path": checkpoints_path},
+            validation_batch_size=(validation_batch_size, None, "validation_dataset"),
+            run_async_validation=(run_async_validation, False, "validation_dataset"),
+            metric_to_monitor=(metric_to_monitor, None, "checkpoints_path"),
+            checkpoint_name=(checkpoint_name, "model", "checkpoints_path"),
+            resume_from=(
+                resume_from if isinstance(resume_from := manager_options.get("resume_from"), str) else None,
+                None,
+                "checkpoints_path",
+            ),
+        )
         mlp = self.backend
-        training_batches = self._batches(train_dataset, "train_dataset", batch_size, batch_size, shuffle, seed)
+        training_batches = self._batches(train_dataset, "train_dataset", batch_size, batch_size, True, shuffle, seed)
         evaluator = mlp.evaluation.MetricEvaluator(
             trainer=self.trainer, batch_metric_funcs=self.metrics, batch_chunk_size=self.batch_chunk_size
         )
@@ -161,7 +184,7 @@ class OneCallTrainer:
         if validation_dataset is not None:
             validation_batches = self._batches(
                 validation_dataset, "validation_dataset", validation_batch_size, validation_batch_size or batch_size,
-                False, seed,
+                False, False, seed,
             )  # fmt: skip
             standard.append(
                 mlp.callbacks.TestMetricsLogger(
@@ -199,32 +222,57 @@ class OneCallTrainer:
         return history
 
     def _batches(
-        self, dataset: Any, argument: str, batch_size: Optional[int], samples_batch_size: Optional[int], shuffle: bool,
-        seed: int,
+        self, dataset: Any, argument: str, given_batch_size: Optional[int], batch_size: Optional[int], training: bool,
+        shuffle: bool, seed: int,
     ) -> Any:  # fmt: skip
         """``dataset`` as an iterable of batches (see :meth:`train`); backends add their dataset types.
 
-        ``batch_size`` is the one given for this dataset (an error for data that is batched already),
-        ``samples_batch_size`` the one for samples batched here (default 32)."""
-        if isinstance(dataset, (tuple, list)) and dataset and all(hasattr(item, "shape") for item in dataset):
-            return self.backend.data.ResumableArrayBatches(
-                tuple(dataset), samples_batch_size or DEFAULT_BATCH_SIZE, shuffle=shuffle, seed=seed
-            )
+        Args:
+            given_batch_size: The batch size given for this dataset: an error for data that is batched already.
+            batch_size: Samples per batch for data batched here (None: ``DEFAULT_BATCH_SIZE``).
+            training: The training set (shuffled with ``shuffle``, ``seed``) or an evaluation set (in order).
+        """
+        if isinstance(dataset, (tuple, list)) and dataset and hasattr(dataset[0], "shape"):
+            if len(dataset) != 2 or not hasattr(dataset[1], "shape"):
+                kinds = [type(item).__qualname__ for item in dataset]
+                raise TypeError(f"{argument} must be two arrays (inputs, targets), got a {len(dataset)}-tuple {kinds}")
+            try:
+                return self.backend.data.ResumableArrayBatches(
+                    tuple(dataset), batch_size or DEFAULT_BATCH_SIZE, shuffle=training and shuffle, seed=seed
+                )
+            except ValueError as error:
+                raise ValueError(f"{argument}: {error}") from None
         if not hasattr(dataset, "__iter__"):
             raise TypeError(
                 f"{argument} must be a tuple of arrays (inputs, targets), a dataset or an iterable of batches, got "
                 f"{type(dataset).__qualname__}"
             )
-        if batch_size is not None:
+        if given_batch_size is not None:
             raise ValueError(
-                f"{argument} ({type(dataset).__qualname__}) already yields batches, so batch_size={batch_size} cannot "
-                "apply: set the batch size where the batches are made, or pass the samples (arrays or a dataset)"
+                f"{argument} ({type(dataset).__qualname__}) already yields batches, so batch_size={given_batch_size} "
+                "cannot apply: set the batch size where the batches are made, or pass the samples (arrays or a "
+                "dataset)"
             )
         return dataset
+
+    def _trainer_options(self, model: Any, options: dict) -> dict:
+        """The ``DefaultTrainer`` options: the given ones, with the backend's defaults for the one-call API."""
+        return options
 
     def _training_model(self, model: Any, loss_func: Callable) -> Any:
         """The backend training model: ``{"loss": ..., "auxiliary_results": outputs}`` of a batch."""
         raise NotImplementedError
+
+
+def _check_prerequisites(present: Mapping[str, Any], **options: tuple) -> None:
+    """Raise when an option is set whose part is not built: ``name=(value, default, needed argument)``.
+
+    Raises:
+        ValueError: Names the option, its value and the argument it needs.
+    """
+    for name, (value, default, needed) in options.items():
+        if value != default and present[needed] is None:
+            raise ValueError(f"{name}={value!r} needs {needed}= (without it there is nothing it applies to)")
 
 
 def split_batch(batch: Any) -> tuple[Any, Any]:

@@ -69,15 +69,20 @@ def test_checkpoints_and_an_exact_resume_pass_through(harness, tmp_path):
     mlp = interrupted.mlp
 
     class StopAfterFirstEpoch(mlp.callbacks.Callback):
+        stop = True
+
         def on_epoch_completed(self, logs):
-            self.training_manager.stop_training()
+            if self.stop:
+                self.training_manager.stop_training()
             return True
 
     path = str(tmp_path / "interrupted")
     trainer, _ = one_call(harness, interrupted, checkpoints_path=path, callbacks=[StopAfterFirstEpoch("stop")])
     assert trainer.manager.epoch == 1
     resumed = harness.make_problem(seed=99)  # other initial weights: all of them must come from the checkpoint
-    trainer, history = one_call(harness, resumed, checkpoints_path=path, resume_from="latest", resume_strict=False)
+    going_on = StopAfterFirstEpoch("stop")  # the same callbacks (a strict resume checks their names), not stopping
+    going_on.stop = False
+    trainer, history = one_call(harness, resumed, checkpoints_path=path, resume_from="latest", callbacks=[going_on])
     assert trainer.manager.global_iter == NUM_EPOCHS * 5 and [row["epoch"] for row in history.rows] == [0, 1]
     for a, b in zip(harness.weights(straight), harness.weights(resumed)):
         np.testing.assert_array_equal(a, b)
@@ -89,7 +94,7 @@ def test_batches_made_elsewhere_are_used_as_they_are(harness):
     trainer = mlp.Trainer(problem.classifier, harness.loss_function(), problem.optimizer, **harness.trainer_options())
     # training samples batched here, validation batches made by the user: batch_size applies to the first only
     history = trainer.train(arrays(0), problem.validation_batches, num_epochs=1, batch_size=BATCH_SIZE, progress=None)
-    assert list(history.rows[0]) >= ["epoch"] and "validation.dataset.loss" in history.rows[0]
+    assert "epoch" in history.rows[0] and "validation.dataset.loss" in history.rows[0]
     history = trainer.train(problem.training_batches, num_epochs=1, progress=None)
     assert trainer.manager.global_iter == len(list(problem.training_batches))
 
@@ -115,5 +120,31 @@ def test_bad_arguments_are_named_before_anything_trains(harness):
         trainer.train(arrays(0), num_epochs=0)
     with pytest.raises(TypeError, match="train_dataset must be a tuple of arrays"):
         trainer.train(42)
+    features, labels = arrays(0)
+    with pytest.raises(TypeError, match=r"train_dataset must be two arrays \(inputs, targets\), got a 3-tuple"):
+        trainer.train((features, labels, labels))
+    with pytest.raises(ValueError, match="train_dataset: arrays must all have the same number of samples"):
+        trainer.train((features, labels[:-1]))
+    with pytest.raises(ValueError, match=r"validation_batch_size=16 needs validation_dataset="):
+        trainer.train(arrays(0), validation_batch_size=16)
+    with pytest.raises(ValueError, match=r"metric_to_monitor='validation.dataset.accuracy' needs checkpoints_path="):
+        trainer.train(arrays(0), arrays(1), metric_to_monitor="validation.dataset.accuracy")
+    with pytest.raises(ValueError, match=r"resume_from='latest' needs checkpoints_path="):
+        trainer.train(arrays(0), resume_from="latest")
+    with pytest.raises(TypeError, match=r"metrics must map names to metric functions, e.g. \{'accuracy'"):
+        mlp.Trainer(problem.classifier, harness.loss_function(), problem.optimizer, metrics=[mlp.metrics.accuracy])
     for a, b in zip(before, harness.weights(problem)):
         np.testing.assert_array_equal(a, b)
+
+
+def test_the_default_progress_bar_writes_one_line_per_epoch_off_a_terminal(harness, capsys):
+    problem = harness.make_problem(seed=9)
+    mlp = problem.mlp
+    trainer = mlp.Trainer(
+        problem.classifier, harness.loss_function(), problem.optimizer, metrics={"accuracy": mlp.metrics.accuracy},
+        **harness.trainer_options(),
+    )  # fmt: skip
+    trainer.train(arrays(0), arrays(1), num_epochs=2, batch_size=BATCH_SIZE)
+    lines = [line for line in capsys.readouterr().out.splitlines() if "| Epoch: " in line]
+    assert [line.split("| Epoch: ")[1].split(" ")[0] for line in lines] == ["1/2", "2/2"]
+    assert all("Acc: " in line and "Loss: " in line and "5/5 batches" in line for line in lines), lines

@@ -99,6 +99,8 @@ def test_a_terminal_without_tqdm_is_refused_at_construction(monkeypatch):
 
     real_find_spec = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "tqdm" else real_find_spec(name))
-    with pytest.raises(ModuleNotFoundError, match=r"pip install tqdm \(or mlpug\[progress\]\), or use LogProgress"):
+    with pytest.raises(
+        ModuleNotFoundError, match=r"pip install tqdm \(a dependency of the mlpug package\), or use LogProgress"
+    ):
         ProgressBar(file=Terminal())
     ProgressBar(file=io.StringIO())  # off a terminal no bar is drawn: tqdm is not needed

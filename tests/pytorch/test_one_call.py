@@ -31,10 +31,14 @@ def test_a_map_style_dataset_is_batched_in_the_order_of_the_same_arrays():
     assert not all(torch.equal(a, b) for a, b in zip(from_arrays, train((features, labels), shuffle=False)))
 
 
-def test_batches_that_are_not_pairs_are_a_clear_error():
-    features, labels = (torch.from_numpy(a) for a in make_numpy_data(16, seed=0))
-    with pytest.raises(TypeError, match=r"needs batches \(inputs, targets\), got a tuple of 3 items"):
-        train((features, labels, labels))
+def test_an_iterable_dataset_must_come_in_a_data_loader():
+    class Samples(torch.utils.data.IterableDataset):
+        def __iter__(self):
+            return iter([(torch.zeros(6), torch.tensor(0))] * 4)
+
+    with pytest.raises(TypeError, match=r"train_dataset is an IterableDataset \(.*Samples\).*DataLoader\(dataset"):
+        train(Samples())
+    train(torch.utils.data.DataLoader(Samples(), batch_size=2), batch_size=None, num_batches_per_epoch=2)
 
 
 @pytest.mark.timeout(600)
@@ -53,7 +57,8 @@ def test_the_quickstart_reaches_85_percent_validation_accuracy_in_3_epochs(fashi
 @pytest.mark.timeout(300)
 def test_the_one_call_api_trains_data_parallel_on_two_processes(tmp_path):
     """The same script on 2 gloo ranks: each trains its half of every epoch (4 of 8 batches), the ranks end with the
-    same weights and the same validation loss, and the checkpoints are written once."""
+    same weights and the same validation losses (arrays, and a torch Dataset sharded over the ranks), the primary
+    prints, and the checkpoint files are there."""
     env = {key: value for key, value in os.environ.items() if key not in ("OMP_NUM_THREADS", "WORLD_SIZE")}
     script = str(Path(__file__).parent / "scripts" / "one_call_ddp.py")
     result = subprocess.run(
@@ -64,5 +69,7 @@ def test_the_one_call_api_trains_data_parallel_on_two_processes(tmp_path):
     assert [r["world_size"] for r in ranks] == [2, 2] and [r["global_iter"] for r in ranks] == [8, 8]
     assert all(torch.equal(a, b) for a, b in zip(ranks[0]["weights"], ranks[1]["weights"]))
     assert ranks[0]["validation_loss"] == ranks[1]["validation_loss"]
-    assert result.stdout.count("Training completed. All good!") == 1
+    assert ranks[0]["dataset_validation_loss"] == pytest.approx(ranks[0]["validation_loss"], rel=1e-6)
+    assert "cannot be sharded" not in result.stdout + result.stderr  # every validation sample on one rank
+    assert result.stdout.count("Training completed. All good!") == 2  # once per run, on the primary
     assert len(list((tmp_path / "checkpoints").iterdir())) == 3

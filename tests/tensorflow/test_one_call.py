@@ -27,16 +27,41 @@ def train(dataset, batch_size=8, **options):
     return [variable.numpy() for variable in model.weights]
 
 
+def assert_same(weights, others):
+    for a, b in zip(weights, others):
+        np.testing.assert_array_equal(a, b)
+
+
 def test_a_dataset_of_samples_is_batched_and_a_batched_one_is_used_as_it_is():
     features, labels = make_numpy_data(37, seed=0)
     samples = tf.data.Dataset.from_tensor_slices((features, labels))
     from_arrays = train((features, labels), shuffle=False)
-    for a, b in zip(from_arrays, train(samples, shuffle=False)):
-        np.testing.assert_array_equal(a, b)
-    for a, b in zip(from_arrays, train(samples.batch(8), batch_size=None)):
-        np.testing.assert_array_equal(a, b)
+    assert_same(from_arrays, train(samples, shuffle=False))
+    assert_same(from_arrays, train(samples.batch(8), batch_size=None))
+    unbatched = samples.batch(5).unbatch()  # samples again (of unknown cardinality)
+    assert_same(from_arrays, train(unbatched, shuffle=False, num_batches_per_epoch=5))
+    assert_same(
+        train((features, labels), batch_size=None, shuffle=False), train(samples, batch_size=None, shuffle=False)
+    )
     with pytest.raises(ValueError, match=r"already yields batches, so batch_size=8"):
         train(samples.batch(8).prefetch(1))
+
+
+def test_the_shuffle_of_a_dataset_of_samples_depends_on_the_seed_only():
+    samples = tf.data.Dataset.from_tensor_slices(make_numpy_data(37, seed=0))
+    shuffled = train(samples)
+    assert_same(shuffled, train(samples))
+    assert not all(np.array_equal(a, b) for a, b in zip(shuffled, train(samples, shuffle=False)))
+
+
+def test_a_validation_dataset_of_samples_is_batched_with_the_training_batch_size():
+    validation = tf.data.Dataset.from_tensor_slices(make_numpy_data(20, seed=1))
+    tf.keras.utils.set_random_seed(0)
+    model = tf.keras.Sequential([tf.keras.Input(shape=(6,)), tf.keras.layers.Dense(3)])
+    loss_func = tf.keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+    trainer = mlp.Trainer(model, loss_func, tf.keras.optimizers.Adam())
+    history = trainer.train(make_numpy_data(16, seed=0), validation, batch_size=8, progress=None)
+    assert np.isfinite(history.rows[0]["validation.dataset.loss"])
 
 
 @pytest.mark.timeout(600)

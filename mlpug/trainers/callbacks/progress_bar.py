@@ -44,7 +44,7 @@ class ProgressBar(Callback):
         ValueError: A bad ``metrics`` entry or ``refresh_period``, or (at the manager's construction) a path that
             no callback writes.
         ModuleNotFoundError: At construction, ``file`` is a terminal and tqdm is not installed
-            (``pip install tqdm`` or the extra ``mlpug[progress]``).
+            (``pip install tqdm``; a dependency of the mlpug package).
     """
 
     def __init__(
@@ -67,8 +67,8 @@ class ProgressBar(Callback):
         output = file if file is not None else sys.stdout
         if output.isatty() and importlib.util.find_spec("tqdm") is None:
             raise ModuleNotFoundError(
-                "ProgressBar draws its bar with tqdm, which is not installed: pip install tqdm (or mlpug[progress]), "
-                "or use LogProgress"
+                "ProgressBar draws its bar with tqdm, which is not installed: pip install tqdm (a dependency of the "
+                "mlpug package), or use LogProgress"
             )
         super().__init__(callback_name)
         self.display_name = name

@@ -22,6 +22,10 @@ def train(out_dir):
         (inputs[:64], targets[:64]), (inputs[64:], targets[64:]), num_epochs=2, batch_size=8, progress="log",
         checkpoints_path=os.path.join(out_dir, "checkpoints"),
     )  # fmt: skip
+    validation_set = torch.utils.data.TensorDataset(inputs[64:], targets[64:])  # a map-style validation dataset
+    evaluated = mlp.Trainer(model, torch.nn.CrossEntropyLoss(), torch.optim.SGD(model.parameters(), lr=0.0)).train(
+        (inputs[:64], targets[:64]), validation_set, num_epochs=1, batch_size=8, progress="log"
+    )  # lr 0: the same weights, evaluated on the shards of the torch Dataset
     distributed = trainer.manager.distributed
     torch.save(
         {
@@ -29,6 +33,7 @@ def train(out_dir):
             "global_iter": trainer.manager.global_iter,
             "weights": [p.detach().clone() for p in model.parameters()],
             "validation_loss": history.rows[-1]["validation.dataset.loss"],
+            "dataset_validation_loss": evaluated.rows[-1]["validation.dataset.loss"],
         },
         os.path.join(out_dir, f"rank{distributed.rank}.pt"),
     )

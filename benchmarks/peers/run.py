@@ -1,0 +1,221 @@
+"""mlpug beside the well-known trainers (issue 13): one Fashion-MNIST epoch in every framework, as ratios to a raw
+loop of the same process.
+
+Job: MLP 784-256-256-10, Adam lr 1e-3, batch 64, one epoch of the real Fashion-MNIST training set (938 batches),
+1 thread; afterwards (not timed) the training-set loss and the test accuracy (10k test images) of the trained
+model as a correctness check. Every framework runs in a "lean" configuration (as few callbacks and as little
+logging as it allows) and a "default" one (what a new user gets); what each runs is in the table and in the
+docstrings of the process scripts. This driver runs three processes one after the other (Keras fixes its
+backend at import, and frameworks of one backend must share a process to be compared in interleaved rounds):
+
+(a) ``torch_peers.py``: raw PyTorch loop (floor), mlpug, Lightning, Ignite, accelerate, pytorch-accelerated;
+(b) ``keras_torch.py``: raw PyTorch loop (floor), Keras 3 with the torch backend;
+(c) ``tensorflow_peers.py``: raw ``tf.function`` loop (floor), mlpug's TensorFlow backend, Keras 3 (``tf.keras``).
+
+In every process all variants run once per round, in rotating order; round 0 is cold and left out; the figure of
+a variant is the median and the range (min - max) over the rounds of (its epoch time / the floor's epoch time in
+the same round). Ratios of separate processes are not comparable on a noisy machine; within one they are.
+Writes ``results.md`` and ``results.json`` beside this file (command, date, machine, package versions).
+
+    make benchmark-peers                                   # sets up .venv-peers and the data, then runs this
+    .venv-peers/bin/python benchmarks/peers/run.py --rounds 10
+    .venv-peers/bin/python benchmarks/peers/run.py --rounds 1 --max-batches 50 --out-dir /tmp/peers  # smoke test
+"""
+
+import argparse
+import json
+import os
+import platform
+import shlex
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import common
+
+HERE = Path(__file__).resolve().parent
+PROCESSES = {
+    "pytorch": ("torch_peers.py", {}),
+    "keras-torch": ("keras_torch.py", {"KERAS_BACKEND": "torch"}),
+    "tensorflow": ("tensorflow_peers.py", {}),
+}
+
+
+def machine():
+    model = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    memory = None
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemTotal:"):
+                memory = f"{int(line.split()[1]) / 2**20:.1f} GiB"
+    except OSError:
+        pass
+    return {
+        "cpu": model,
+        "cores": os.cpu_count(),
+        "memory": memory,
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+    }
+
+
+def git_commit():
+    try:
+        commit = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], cwd=HERE, capture_output=True, text=True, check=True
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"], cwd=HERE, capture_output=True, text=True
+        ).stdout.strip()
+        return commit + (" (with uncommitted changes)" if dirty else "")
+    except (OSError, subprocess.CalledProcessError):
+        return None
+
+
+def run_process(name, rounds, max_batches, only, work_dir):
+    script, env = PROCESSES[name]
+    out = work_dir / f"{name}.json"
+    command = [sys.executable, str(HERE / script), "--rounds", str(rounds), "--out", str(out)]
+    if max_batches is not None:
+        command += ["--max-batches", str(max_batches)]
+    if only:
+        command += ["--only", only]
+    start = time.perf_counter()
+    subprocess.run(command, env={**os.environ, **env}, check=True)
+    result = json.loads(out.read_text())
+    result["process_seconds"] = time.perf_counter() - start
+    return result
+
+
+def fmt(value, digits=3):
+    return "-" if value is None else f"{value:.{digits}f}"
+
+
+def mlpug_default(process):
+    return next((r for r in process["rows"] if r["framework"].startswith("mlpug") and r["config"] == "default"), None)
+
+
+def checks(processes):
+    """The questions of issue 13, answered from the median ratios: is mlpug's default within 1.05x of the floor,
+    and ahead of (a lower median ratio than) every peer's default configuration? Keras on the torch backend has
+    no mlpug of its own process; it is compared with mlpug's PyTorch process (the same raw PyTorch floor, but
+    another process: less comparable)."""
+    lines = []
+    by_name = {p["process"]: p for p in processes}
+    for process in processes:
+        mlpug = mlpug_default(process)
+        if mlpug is not None:
+            within = "yes" if mlpug["ratio_median"] <= 1.05 else "no"
+            lines.append(
+                f"- {process['process']}: {mlpug['framework']} default / floor {mlpug['ratio_median']:.3f} "
+                f"[{mlpug['ratio_min']:.3f} - {mlpug['ratio_max']:.3f}]: within 1.05x: **{within}**"
+            )
+    for process in processes:
+        reference, where = mlpug_default(process), ""
+        if reference is None and "PyTorch" in by_name and process["process"].startswith("Keras (torch"):
+            reference, where = mlpug_default(by_name["PyTorch"]), " (of the PyTorch process)"
+        if reference is None:
+            continue
+        for row in process["rows"]:
+            if row["config"] != "default" or row["framework"].startswith("mlpug"):
+                continue
+            ahead = "yes" if reference["ratio_median"] < row["ratio_median"] else "no"
+            lines.append(
+                f"- {row['framework']} default {row['ratio_median']:.3f} vs {reference['framework']} default "
+                f"{reference['ratio_median']:.3f}{where}: mlpug ahead: **{ahead}**"
+            )
+    return lines
+
+
+def markdown(result):
+    lines = [
+        "# mlpug beside the well-known trainers: one Fashion-MNIST epoch (issue 13)",
+        "",
+        "Generated by `benchmarks/peers/run.py` (see its docstring for the job and the method).",
+        "",
+        f"- command: `{result['command']}`",
+        f"- date: {result['date']}; total {result['seconds'] / 60:.1f} min",
+        f"- machine: {result['machine']['cpu']}, {result['machine']['cores']} cores, {result['machine']['memory']}, "
+        f"{result['machine']['platform']}, Python {result['machine']['python']}",
+        f"- load average before: {', '.join(f'{x:.2f}' for x in result['load_average_before'])}; after: "
+        f"{', '.join(f'{x:.2f}' for x in result['load_average_after'])}",
+        "- versions: " + ", ".join(f"{k} {v}" for k, v in result["versions"].items()),
+        f"- mlpug commit: {result['mlpug_commit']}",
+        f"- rounds: 1 cold (left out) + {result['rounds']}; ratio = epoch wall time / the floor's in the same round "
+        "of the same process; median [min - max] over the rounds; the CPU-time ratio is the same with the process's "
+        "CPU time (less affected by other processes taking the core; more than the wall time where a framework "
+        "runs threads of its own)",
+        "",
+        "| process | framework | config | what runs | epoch s, median | ratio to floor, median [min - max] | "
+        "CPU-time ratio, median [min - max] | setup s, median | train loss | test acc |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for process in result["processes"]:
+        for row in process["rows"]:
+            setup = sorted(row["setup_s"])[len(row["setup_s"]) // 2] if row["setup_s"] else None
+            lines.append(
+                f"| {process['process']} | {row['framework']} | {row['config']} | {row['what']} | "
+                f"{row['wall_median_s']:.3f} | {row['ratio_median']:.3f} [{row['ratio_min']:.3f} - "
+                f"{row['ratio_max']:.3f}] | {row['cpu_ratio_median']:.3f} [{row['cpu_ratio_min']:.3f} - "
+                f"{row['cpu_ratio_max']:.3f}] | {fmt(setup)} | "
+                f"{fmt(row['train_loss'], 4)} | {fmt(row['test_accuracy'], 4)} |"
+            )
+    lines += ["", "Checks (median ratios):", ""] + checks(result["processes"])
+    lines += [
+        "",
+        "Processes: " + "; ".join(f"{p['process']} {p['process_seconds']:.0f} s" for p in result["processes"]),
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--rounds", type=int, default=10, help="rounds after the cold round 0, in every process")
+    parser.add_argument(
+        "--processes", default=",".join(PROCESSES), help="comma-separated subset of " + ", ".join(PROCESSES)
+    )
+    parser.add_argument("--max-batches", type=int, help="train on the first N batches only (smoke tests)")
+    parser.add_argument("--only", help="comma-separated framework names beside the floors (smoke tests)")
+    parser.add_argument("--out-dir", type=Path, default=HERE, help="where results.md and results.json go")
+    args = parser.parse_args()
+    names = [name.strip() for name in args.processes.split(",") if name.strip()]
+    unknown = set(names) - set(PROCESSES)
+    if unknown:
+        parser.error(f"unknown processes {sorted(unknown)}; choose from {list(PROCESSES)}")
+
+    start = time.perf_counter()
+    result = {
+        "command": shlex.join([os.path.relpath(sys.executable)] + [os.path.relpath(sys.argv[0])] + sys.argv[1:]),
+        "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
+        "machine": machine(),
+        "versions": common.versions(),
+        "mlpug_commit": git_commit(),
+        "rounds": args.rounds,
+        "max_batches": args.max_batches,
+        "load_average_before": os.getloadavg(),
+        "processes": [],
+    }
+    with tempfile.TemporaryDirectory(prefix="mlpug-peers-") as work_dir:
+        for index, name in enumerate(names, start=1):
+            common.progress(f"[{index}/{len(names)}] {name} ({time.perf_counter() - start:.0f} s so far)")
+            result["processes"].append(run_process(name, args.rounds, args.max_batches, args.only, Path(work_dir)))
+    result["load_average_after"] = os.getloadavg()
+    result["seconds"] = time.perf_counter() - start
+    args.out_dir.mkdir(parents=True, exist_ok=True)
+    (args.out_dir / "results.json").write_text(json.dumps(result, indent=1) + "\n")
+    (args.out_dir / "results.md").write_text(markdown(result))
+    common.progress(f"done in {result['seconds'] / 60:.1f} min: {args.out_dir / 'results.md'}")
+    sys.stdout.write(markdown(result))
+
+
+if __name__ == "__main__":
+    main()

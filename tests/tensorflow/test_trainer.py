@@ -553,3 +553,13 @@ def test_no_host_transfer_per_step_when_nothing_reads(monkeypatch, eager_mode):
     mlp.trainers.TrainingManager(trainer, data, num_epochs=1, callbacks=callbacks).start_training()
     transfers = [after - before for before, after in zip([0, *per_batch], per_batch)]
     assert [count > 0 for count in transfers] == [False] * 4 + [True] + [False] * 4 + [True], transfers
+
+
+def test_non_finite_indices_of_scalars_of_one_dtype_and_of_mixed_ones():
+    trainer, _ = make()
+    nan, inf = float("nan"), float("inf")
+    same = [tf.constant(1.0), tf.constant(nan), tf.constant(2.0), tf.constant(-inf)]
+    assert trainer.non_finite_indices(same) == [1, 3]
+    mixed = [tf.constant([1.0]), tf.constant(inf, tf.float16), 3.0, nan, tf.constant(0.5, tf.float64)]
+    assert trainer.non_finite_indices(mixed) == [1, 3]
+    assert trainer.non_finite_indices([]) == []

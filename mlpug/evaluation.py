@@ -269,7 +269,7 @@ class MetricEvaluator:
         Raises:
             ValueError: One process: the dataset yielded no batches.
         """
-        gathered = [self.evaluate_batch(batch, evaluate_settings, model) for batch in dataset]
+        gathered = self._evaluate_batches(dataset, evaluate_settings, model)
         if self.distributed.world_size > 1:
             local = {}
             for name in self.metric_names:  # this rank's sums as numbers (one vectorised conversion per metric)
@@ -279,6 +279,28 @@ class MetricEvaluator:
         if not gathered:
             raise ValueError(f"{self.name}: the dataset to evaluate yielded no batches")
         return self.combined_values(gathered)
+
+    def _evaluate_batches(self, dataset: Iterable, evaluate_settings: Any, model: Any) -> list[Gathered]:
+        """What :meth:`gather` returns for every batch of ``dataset``; the batches go to the model's
+        ``evaluate_losses`` ``trainer.evaluation_batches_per_call`` at a time (one compiled call each on
+        TensorFlow), or one by one through :meth:`evaluate_batch` with ``batch_chunk_size``."""
+        per_call = getattr(self.trainer, "evaluation_batches_per_call", 1)
+        if per_call == 1 or self._batch_chunk_size is not None:
+            return [self.evaluate_batch(batch, evaluate_settings, model) for batch in dataset]
+        if self.trainer is None:
+            raise RuntimeError(f"{self.name}: evaluating batches needs a trainer; pass MetricEvaluator(trainer=...)")
+        model = self.trainer if model is None else model
+        settings = self.evaluate_settings if evaluate_settings is None else evaluate_settings
+        gathered: list[Gathered] = []
+        batches: list = []
+        for batch in dataset:
+            batches.append(batch)
+            if len(batches) == per_call:
+                gathered.extend(map(self.gather, batches, model.evaluate_losses(batches, settings)))
+                batches = []
+        if batches:
+            gathered.extend(map(self.gather, batches, model.evaluate_losses(batches, settings)))
+        return gathered
 
     def combine_ranks(self, rank_result: Any) -> MetricValues:
         """The dataset values from what :meth:`evaluate_on_rank` returned: with several ranks one collective (every

@@ -18,6 +18,9 @@ inter-op thread; measured: a private tf.data thread pool of 1 thread was no fast
 * Keras lean: ``model.compile(optimizer, loss)`` then ``model.fit(dataset, epochs=1, verbose=0)``; default: the
   same with the default ``verbose="auto"`` (the progress bar). ``jit_compile="auto"`` resolves to no XLA on a
   CPU-only machine; ``steps_per_execution=1`` (the default).
+* K=32: several steps per compiled call, mlpug ``DefaultTrainer(steps_per_execution=32)`` with the standard
+  callbacks (every batch hook still runs for every batch) and Keras ``model.compile(steps_per_execution=32)`` with
+  its default progress bar (Keras calls its batch callbacks once per 32 steps).
 
 Timed: the call that trains (first trace included for every variant, as in ``overhead_tensorflow.py``).
 
@@ -94,10 +97,12 @@ def raw_floor(data):
 
 
 def mlpug_variants(data):
-    def make(standard_callbacks):
+    def make(standard_callbacks, steps_per_execution=1):
         def setup():
             model, optimizer = make_model()
-            trainer = mlp.trainers.DefaultTrainer(optimizers=optimizer, model_components=model)
+            trainer = mlp.trainers.DefaultTrainer(
+                optimizers=optimizer, model_components=model, steps_per_execution=steps_per_execution
+            )
             evaluator = mlp.evaluation.MetricEvaluator(trainer=trainer)
             callbacks = []
             if standard_callbacks:
@@ -119,14 +124,20 @@ def mlpug_variants(data):
             "standard callbacks: TrainingMetricsLogger + LogProgress(log_period=200)",
             make(True),
         ),
+        Variant(
+            "mlpug (TF)",
+            "default, K=32",
+            "standard callbacks, DefaultTrainer(steps_per_execution=32)",
+            make(True, steps_per_execution=32),
+        ),
     ]
 
 
 def keras_variants(data):
-    def make(fit_kwargs):
+    def make(fit_kwargs, steps_per_execution=1):
         def setup():
             model, optimizer = make_model()
-            model.compile(optimizer=optimizer, loss=LOSS)
+            model.compile(optimizer=optimizer, loss=LOSS, steps_per_execution=steps_per_execution)
             dataset = data.dataset()
             return Run(lambda: model.fit(dataset, epochs=1, **fit_kwargs), lambda: data.evaluate(model))
 
@@ -135,6 +146,12 @@ def keras_variants(data):
     return [
         Variant("Keras (TF)", "lean", "model.fit(verbose=0)", make({"verbose": 0})),
         Variant("Keras (TF)", "default", 'model.fit() (verbose="auto": progress bar)', make({})),
+        Variant(
+            "Keras (TF)",
+            "default, K=32",
+            'model.compile(steps_per_execution=32); model.fit() (verbose="auto")',
+            make({}, steps_per_execution=32),
+        ),
     ]
 
 

@@ -17,6 +17,7 @@ snapshots with ``Trainer.evaluation_snapshot()``:
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Sequence
 from typing import Any
 
 from mlpug.trainers.trainer import ModelOutputs
@@ -38,6 +39,12 @@ class EvaluationSnapshot(ABC):
     def evaluate_loss(self, batch: Any, evaluate_settings: Any = None, inference_mode: bool = True) -> ModelOutputs:
         """Evaluate the snapshot on ``batch`` like ``Trainer.evaluate_loss`` evaluates the live model: same
         settings, mixed precision and device placement, so the same weights give the same numbers."""
+
+    def evaluate_losses(
+        self, batches: Sequence[Any], evaluate_settings: Any = None, inference_mode: bool = True
+    ) -> list[ModelOutputs]:
+        """:meth:`evaluate_loss` for each of ``batches``, in order (as ``Trainer.evaluate_losses``)."""
+        return [self.evaluate_loss(batch, evaluate_settings, inference_mode) for batch in batches]
 
     @abstractmethod
     def model_components_state(self) -> dict:

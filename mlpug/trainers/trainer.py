@@ -72,6 +72,12 @@ class Trainer(ABC):
     """
 
     skip_non_finite_steps: bool = False
+    steps_per_execution: int = 1
+    """How many optimisation steps :meth:`train_on_batches` runs per call at most (1: one ``train_on`` per batch).
+    The manager gives it up to this many batches of an epoch at a time, fewer where a callback needs the model
+    sooner (see :meth:`mlpug.trainers.callbacks.callback.Callback.batches_until_model_access`)."""
+    evaluation_batches_per_call: int = 1
+    """How many batches the ``MetricEvaluator`` hands :meth:`evaluate_losses` at a time in a dataset evaluation."""
 
     @abstractmethod
     def set_training_model(self, training_model: Any) -> None:
@@ -81,9 +87,25 @@ class Trainer(ABC):
     def train_on(self, batch: Any, training_settings: Any = None) -> StepResult:
         """Run one optimisation step on ``batch``; return its :class:`StepResult` without waiting for the device."""
 
+    def train_on_batches(self, batches: Sequence[Any], training_settings: Any = None) -> list[StepResult]:
+        """One optimisation step per batch of ``batches``, in order; the results of the steps, one per batch.
+
+        The manager calls this instead of :meth:`train_on` when :attr:`steps_per_execution` > 1. Default: one
+        ``train_on`` call per batch; backends that compile several steps into one call override it (TensorFlow:
+        a ``tf.while_loop`` inside one ``tf.function``), with the same results as ``train_on`` batch by batch.
+        """
+        return [self.train_on(batch, training_settings) for batch in batches]
+
     @abstractmethod
     def evaluate_loss(self, batch: Any, evaluate_settings: Any = None, inference_mode: bool = True) -> ModelOutputs:
         """Evaluate the model on ``batch`` without updating anything (evaluation mode, no gradients)."""
+
+    def evaluate_losses(
+        self, batches: Sequence[Any], evaluate_settings: Any = None, inference_mode: bool = True
+    ) -> list[ModelOutputs]:
+        """:meth:`evaluate_loss` for each of ``batches``, in order. The ``MetricEvaluator`` evaluates datasets in
+        blocks of batches through this; backends that compile a block into one call override it (TensorFlow)."""
+        return [self.evaluate_loss(batch, evaluate_settings, inference_mode) for batch in batches]
 
     @abstractmethod
     def get_state(self) -> dict:

@@ -33,6 +33,14 @@ Life cycle (every hook goes to every callback, producers first: see ``dispatch_o
     on_training_checkpoint(stopped_early, stopped_on_error, interrupted)                    # ALWAYS
     on_training_ended(stopped_early, stopped_on_error, interrupted, callback_calls_success)  # ALWAYS
 
+Several steps per call (``trainer.steps_per_execution`` > 1, TensorFlow's ``DefaultTrainer(steps_per_execution=K)``):
+the batch loop takes up to K batches at a time (never past the epoch's end, nor past the batch at which a callback
+needs the model: ``Callback.batches_until_model_access``, e.g. a batch-level checkpoint), calls
+``on_batch_training_start`` for each, trains them with one ``trainer.train_on_batches(batches, ...)`` call, then
+runs the rest of the loop body above (counters, ``on_batch_training_completed``, ``on_batch_checkpoint``) for each
+batch in order with its own ``StepResult``. A stop request or a signal takes effect at the end of a call; a hook
+that fails inside a call leaves the counters after the call (the model has trained all of its batches).
+
 The checkpoint phases follow the batch-end / epoch-end hooks of *all* callbacks, so what a checkpoint holds
 never depends on where a callback stands in the list; ``get_state()`` there is the position of the next batch.
 
@@ -328,6 +336,7 @@ class TrainingManager:
     # ----- the loop -----
     def _train(self) -> None:
         logs = self.logs
+        self._warn_if_steps_per_call_limited()
         self._dispatch(
             "on_training_start",
             self.num_epochs,
@@ -382,61 +391,156 @@ class TrainingManager:
 
     def _train_epoch(self, data: Any, logs: dict) -> bool:
         """Train the batches of one epoch; return False when stopped before its end."""
+        if self.trainer.steps_per_execution > 1:
+            return self._train_epoch_in_calls(data, logs)
         trainer, training_settings = self.trainer, logs["training_settings"]
-        start_hooks = self._hooks["on_batch_training_start"]
-        completed_hooks = self._hooks["on_batch_training_completed"]
-        # several ranks: the callbacks that add to the step's reduction first, then it is issued, then the others
-        reducing_hooks = [(c, m) for c, m in completed_hooks if c.reduces_batch_metrics]
-        other_completed_hooks = [(c, m) for c, m in completed_hooks if not c.reduces_batch_metrics]
-        checkpoint_hooks = self._hooks["on_batch_checkpoint"]
-        epoch, new_current, non_finite = self.epoch, logs_module.new_current, self.non_finite
-        distributed = self.distributed if self.distributed.world_size > 1 else None
+        hooks = self._batch_hooks()
+        start_hooks = hooks[0]
+        epoch, new_current = self.epoch, logs_module.new_current
         for batch_step in range(self.batch_step, self.num_batches_per_epoch):
             if self._should_stop():
                 return False
             self.batch_step = batch_step
-            try:
-                batch = next(data)
-            except StopIteration:
-                raise RuntimeError(
-                    f"training_dataset ran out after {batch_step} batches in epoch {epoch}, but "
-                    f"num_batches_per_epoch is {self.num_batches_per_epoch}"
-                ) from None
+            batch = self._next_batch(data, batch_step)
             logs["current"] = current = new_current(epoch, batch_step, self.global_iter)
             if start_hooks:
                 self._call(start_hooks, "on_batch_training_start", batch, logs)
             start_time = time.perf_counter()
             try:
-                self.step_result = result = trainer.train_on(batch, training_settings)
+                result = trainer.train_on(batch, training_settings)
             except Exception as error:
                 self._dispatch_failure(error, logs)
                 raise
-            params = current["training_params"]["batch"]
-            params["duration"] = time.perf_counter() - start_time
-            params["lr"] = logs_module.deferred_number(result.learning_rate)
-            params["batch_size"] = logs_module.deferred_number(result.num_samples)
-            params["optimizer_step_skipped"] = logs_module.deferred_number(result.optimizer_step_skipped)
-            current["training"]["batch"] = MetricValues()
-            # several ranks: the loss over all ranks, so that every rank finds a non-finite loss at the same batch
-            if distributed is None:
-                non_finite.record(result.loss, self.global_iter, epoch, batch_step)
-            else:  # the loss over all ranks: every rank finds a non-finite loss at the same batch
-                self.batch_reduction = reduction = self._step_reductions.new_step()
-                non_finite.record(
-                    reduction.add([(result.loss, result.num_samples)])[0][0], self.global_iter, epoch, batch_step
-                )
-            self.global_iter += 1
-            self.batch_step = batch_step + 1
-            if distributed is None:
-                if completed_hooks:
-                    self._call(completed_hooks, "on_batch_training_completed", batch, logs)
-            else:
-                self._call(reducing_hooks, "on_batch_training_completed", batch, logs)
-                reduction.issue(self._stop_requested or self._received_signal is not None)
-                self._call(other_completed_hooks, "on_batch_training_completed", batch, logs)
-            if checkpoint_hooks:
-                self._call(checkpoint_hooks, "on_batch_checkpoint", logs)
+            self._complete_batch(batch, result, current, time.perf_counter() - start_time, hooks)
         return True
+
+    def _train_epoch_in_calls(self, data: Any, logs: dict) -> bool:
+        """:meth:`_train_epoch` with several optimisation steps per trainer call (``steps_per_execution``).
+
+        Each call trains up to ``steps_per_execution`` batches, never past the epoch's end nor past a batch at
+        which a callback needs the model (``Callback.batches_until_model_access``); the batch hooks then run for
+        every batch of the call, in order, as after one step per call (``on_batch_training_start`` for all of them
+        before the call). A stop request or a signal takes effect at the end of a call. Each batch's logged
+        duration is the call's duration divided by its batches.
+        """
+        trainer, training_settings = self.trainer, logs["training_settings"]
+        hooks = self._batch_hooks()
+        start_hooks = hooks[0]
+        epoch, new_current = self.epoch, logs_module.new_current
+        batch_step = self.batch_step
+        while batch_step < self.num_batches_per_epoch:
+            if self._should_stop():
+                return False
+            self.batch_step = batch_step
+            size = self._batches_per_call(batch_step)
+            batches = [self._next_batch(data, batch_step + index) for index in range(size)]
+            currents = []
+            for index, batch in enumerate(batches):
+                logs["current"] = current = new_current(epoch, batch_step + index, self.global_iter + index)
+                currents.append(current)
+                if start_hooks:
+                    self._call(start_hooks, "on_batch_training_start", batch, logs)
+            start_time = time.perf_counter()
+            try:
+                results = trainer.train_on_batches(batches, training_settings)
+            except Exception as error:
+                self._dispatch_failure(error, logs)
+                raise
+            duration = (time.perf_counter() - start_time) / size
+            end_step, end_iter = batch_step + size, self.global_iter + size
+            try:
+                for batch, result, current in zip(batches, results, currents):
+                    logs["current"] = current
+                    self._complete_batch(batch, result, current, duration, hooks)
+            except BaseException:
+                # the model has trained every batch of the call: a checkpoint of the failure resumes after them
+                self.batch_step, self.global_iter = end_step, end_iter
+                raise
+            batch_step = end_step
+        return True
+
+    def _batch_hooks(self) -> tuple:
+        """``(start, completed, reducing completed, other completed, checkpoint)`` bound hooks of a batch; with
+        several ranks the callbacks that add to the step's reduction come first, then it is issued, then the
+        others."""
+        completed_hooks = self._hooks["on_batch_training_completed"]
+        return (
+            self._hooks["on_batch_training_start"],
+            completed_hooks,
+            [(c, m) for c, m in completed_hooks if c.reduces_batch_metrics],
+            [(c, m) for c, m in completed_hooks if not c.reduces_batch_metrics],
+            self._hooks["on_batch_checkpoint"],
+        )
+
+    def _next_batch(self, data: Any, batch_step: int) -> Any:
+        try:
+            return next(data)
+        except StopIteration:
+            raise RuntimeError(
+                f"training_dataset ran out after {batch_step} batches in epoch {self.epoch}, but "
+                f"num_batches_per_epoch is {self.num_batches_per_epoch}"
+            ) from None
+
+    def _batches_per_call(self, batch_step: int) -> int:
+        """How many batches the next call trains: ``steps_per_execution`` at most, up to the epoch's end and to
+        the first batch at which a callback needs the model (the same on every rank)."""
+        size = min(self.trainer.steps_per_execution, self.num_batches_per_epoch - batch_step)
+        for callback in self.callbacks:
+            needed = callback.batches_until_model_access(self.global_iter)
+            if needed is not None:
+                size = min(size, needed)
+        return max(size, 1)
+
+    def _warn_if_steps_per_call_limited(self) -> None:
+        """One warning per callback that needs the model after every batch, so that ``steps_per_execution`` > 1
+        has no effect."""
+        steps = self.trainer.steps_per_execution
+        if steps == 1:
+            return
+        every_batch = [
+            callback.name
+            for callback in self.callbacks
+            if callback.batches_until_model_access(self.global_iter) == 1
+            and callback.batches_until_model_access(self.global_iter + 1) == 1
+        ]
+        if every_batch:
+            _log.warning(
+                f"steps_per_execution={steps} has no effect: callbacks {every_batch} need the model after every "
+                "batch (they act before a step, or read or change the model, the optimizer or the learning rate in "
+                "a batch hook; see Callback.batches_until_model_access), so training runs one step per call"
+            )
+
+    def _complete_batch(self, batch: Any, result: StepResult, current: dict, duration: float, hooks: tuple) -> None:
+        """After a batch's step: its ``training_params``, the non-finite record, the counters, then its
+        batch-end and checkpoint hooks."""
+        self.step_result = result
+        _, completed_hooks, reducing_hooks, other_completed_hooks, checkpoint_hooks = hooks
+        epoch, batch_step, logs = self.epoch, self.batch_step, self.logs
+        params = current["training_params"]["batch"]
+        params["duration"] = duration
+        params["lr"] = logs_module.deferred_number(result.learning_rate)
+        params["batch_size"] = logs_module.deferred_number(result.num_samples)
+        params["optimizer_step_skipped"] = logs_module.deferred_number(result.optimizer_step_skipped)
+        current["training"]["batch"] = MetricValues()
+        distributed = self.distributed.world_size > 1
+        if not distributed:
+            self.non_finite.record(result.loss, self.global_iter, epoch, batch_step)
+        else:  # the loss over all ranks: every rank finds a non-finite loss at the same batch
+            self.batch_reduction = reduction = self._step_reductions.new_step()
+            self.non_finite.record(
+                reduction.add([(result.loss, result.num_samples)])[0][0], self.global_iter, epoch, batch_step
+            )
+        self.global_iter += 1
+        self.batch_step = batch_step + 1
+        if not distributed:
+            if completed_hooks:
+                self._call(completed_hooks, "on_batch_training_completed", batch, logs)
+        else:
+            self._call(reducing_hooks, "on_batch_training_completed", batch, logs)
+            reduction.issue(self._stop_requested or self._received_signal is not None)
+            self._call(other_completed_hooks, "on_batch_training_completed", batch, logs)
+        if checkpoint_hooks:
+            self._call(checkpoint_hooks, "on_batch_checkpoint", logs)
 
     def _failure_position(self) -> str:
         """Where training failed: the batch (epoch, batch step, global iteration) whose data, step or hook raised,

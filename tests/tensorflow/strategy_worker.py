@@ -86,6 +86,8 @@ EQUIVALENCE_VARIANTS = {
     "skip_non_finite": ("resumable", {}),  # one sample's target is NaN: its batch is skipped everywhere
     "uneven": ("resumable", {}),  # 101 samples: a last batch of 5, split 2 + 3 by a MirroredStrategy
     "clipping": ("resumable", {"batch_chunk_size": 3, "clip_gradients_norm": 0.05}),  # of the all-reduced gradients
+    # 4 steps per call (calls of 4 and 2 batches), with accumulation: as "accumulation" with one step per call
+    "steps_per_execution": ("resumable", {"batch_chunk_size": 3, "steps_per_execution": 4}),
 }
 MIRRORED_ONLY = {"uneven"}  # several workers pad the last global batch (as on PyTorch): another step than one device's
 

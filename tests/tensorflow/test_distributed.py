@@ -98,6 +98,7 @@ TOLERANCES = {
     "skip_non_finite": 1e-5,
     "uneven": 1e-5,
     "clipping": 1e-5,
+    "steps_per_execution": 1e-5,
 }
 
 
@@ -117,11 +118,17 @@ def test_a_strategy_trains_as_one_device_with_the_same_global_batch(equivalence_
     the same values. Breaks when the replicas' gradients are summed unweighted (2x the step), weighted 1/2 instead
     of by their rows (``uneven``: a last batch of 5 split 2 + 3), when a worker trains on all the data, when the
     logged loss is one replica's, or when the skip of a non-finite batch (a NaN target on one worker) is decided
-    per replica (the replicas' weights would differ, or a worker would wait in a collective)."""
+    per replica (the replicas' weights would differ, or a worker would wait in a collective). With 4 steps per call
+    (``steps_per_execution``, the replicated step inside a ``tf.while_loop``) one device gives exactly the values
+    of one step per call."""
     (single,) = equivalence_runs["single"]
     single = single[variant]
     if variant == "skip_non_finite":  # the NaN batch was logged and skipped, and the others trained
         assert sum(np.isnan(single["batch_losses"])) == 1
+    if variant == "steps_per_execution":  # one device: 4 steps per call give what one step per call gives, bit for bit
+        accumulation = equivalence_runs["single"][0]["accumulation"]
+        assert (single["weights"], single["batch_losses"]) == (accumulation["weights"], accumulation["batch_losses"])
+        assert single["validation"] == accumulation["validation"]  # evaluated 4 batches per call
     if variant == "clipping":  # the clipping was active: another model than without it
         assert not np.allclose(single["weights"][0], equivalence_runs["single"][0]["plain"]["weights"][0], atol=1e-3)
     tolerance = TOLERANCES[variant]

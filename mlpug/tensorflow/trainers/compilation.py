@@ -15,7 +15,7 @@ A step function has the form ``step(batch, settings)``. :class:`CompiledStep` co
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Optional
 
 import numpy as np
@@ -106,6 +106,76 @@ def check_batch_signature(batch: Any, signature: Any, argument_name: str = "batc
         )
 
 
+def stack_batches(batches: Sequence[Any]) -> Any:
+    """One batch structure whose arrays have a new leading dimension: the batches, in order (``np.stack`` for numpy
+    arrays, ``tf.stack`` for tensors); the batches must have the same structure, shapes and dtypes."""
+    return tf.nest.map_structure(
+        lambda *arrays: np.stack(arrays) if isinstance(arrays[0], np.ndarray) else tf.stack(arrays), *batches
+    )
+
+
+def same_shape_runs(batches: Sequence[Any]) -> list[list]:
+    """``batches`` split into runs of consecutive batches whose arrays have the same shapes and dtypes (so each
+    run can be stacked), in order; e.g. full batches and the short last batch of an epoch form two runs."""
+    runs: list[list] = []
+    previous = None
+    for batch in batches:
+        key = tuple((tuple(leaf.shape), leaf.dtype) for leaf in tf.nest.flatten(batch))
+        if runs and key == previous:
+            runs[-1].append(batch)
+        else:
+            runs.append([batch])
+        previous = key
+    return runs
+
+
+def run_stacked(step: Callable[..., Any], stacked_batches: Any, *args: Any) -> Any:
+    """Inside a traced function: ``step(batch_i, *args)`` for every batch of ``stacked_batches`` (leading
+    dimension: the batches), one after the other in a ``tf.while_loop`` (``parallel_iterations=1``, so stateful
+    steps run in order); returns the structure of one step's outputs with every tensor stacked along a new
+    leading dimension (Python numbers as tensors, as ``tf.function`` returns them; None as it is). The first batch
+    runs before the loop: its outputs give the dtypes and shapes of the ``tf.TensorArray`` s that collect the others.
+    """
+    count = tf.shape(tf.nest.flatten(stacked_batches)[0])[0]
+
+    def batch_at(index: Any) -> Any:
+        return tf.nest.map_structure(lambda stacked: stacked[index], stacked_batches)
+
+    def outputs_at(index: Any) -> list:  # a tf.function returns Python numbers as tensors: stack them too
+        outputs = tf.nest.flatten(step(batch_at(index), *args))
+        return [value if value is None else tf.convert_to_tensor(value) for value in outputs]
+
+    first = step(batch_at(0), *args)
+    flat: list[Any] = [value if value is None else tf.convert_to_tensor(value) for value in tf.nest.flatten(first)]
+    positions = [position for position, value in enumerate(flat) if value is not None]
+    arrays = tuple(
+        tf.TensorArray(flat[i].dtype, size=count, element_shape=flat[i].shape).write(0, flat[i]) for i in positions
+    )
+
+    def body(index: Any, arrays: tuple) -> tuple:
+        outputs = outputs_at(index)
+        return index + 1, tuple(array.write(index, outputs[i]) for array, i in zip(arrays, positions))
+
+    _, arrays = tf.while_loop(lambda index, _: index < count, body, (tf.constant(1), arrays), parallel_iterations=1)
+    for array, position in zip(arrays, positions):
+        flat[position] = array.stack()
+    return tf.nest.pack_sequence_as(first, flat)
+
+
+def unstack_outputs(outputs: Any, count: int) -> list:
+    """The ``count`` per-batch output structures of :func:`run_stacked`'s result (one ``tf.unstack`` per tensor)."""
+    flat = tf.nest.flatten(outputs)
+    columns = [tf.unstack(value, num=count) if tf.is_tensor(value) else [value] * count for value in flat]
+    return [tf.nest.pack_sequence_as(outputs, [column[index] for column in columns]) for index in range(count)]
+
+
+def stacked_signature(signature: Any) -> Any:
+    """``signature`` (nested ``tf.TensorSpec`` s of a batch, or None) with a leading ``None`` dimension added."""
+    if signature is None:
+        return None
+    return tf.nest.map_structure(lambda spec: tf.TensorSpec([None, *spec.shape], spec.dtype, spec.name), signature)
+
+
 class EagerStep:
     """Null object of :class:`CompiledStep`: calls ``step(batch, settings)`` eagerly, Python line by line."""
 
@@ -146,6 +216,8 @@ class CompiledStep:
         batch_data_signature: Nested ``tf.TensorSpec`` s of a batch, or None to trace without one.
         settings_signature: Nested ``tf.TensorSpec`` s of the settings (only used with a batch signature);
             None makes the settings a Python constant of the trace.
+        relax_leading_dimension: Without a signature, trace the first call with its leading dimension left open
+            (``None``), so that calls with another number of stacked batches reuse that trace.
 
     Attributes:
         num_traces: How often the step function was traced so far (1 after the first call).
@@ -157,12 +229,15 @@ class CompiledStep:
         name: str,
         batch_data_signature: Any = None,
         settings_signature: Any = None,
+        relax_leading_dimension: bool = False,
     ):
         self.step = step
         self.name = name
         self.batch_data_signature = batch_data_signature
         self.settings_signature = settings_signature
         self.num_traces = 0
+        # without a signature: the first trace leaves the leading dimension open (stacked batches: their number)
+        self._relax_first_trace = relax_leading_dimension and batch_data_signature is None
         self._per_settings: dict = {}
         if batch_data_signature is None:
             self._function = tf.function(self._traced, reduce_retracing=True)
@@ -206,6 +281,10 @@ class CompiledStep:
         return entry[0]
 
     def __call__(self, batch: Any, settings: Any) -> Any:
+        if self._relax_first_trace:
+            self._relax_first_trace = False
+            relaxed = tf.nest.map_structure(lambda leaf: tf.TensorSpec([None, *leaf.shape[1:]], leaf.dtype), batch)
+            self._function.get_concrete_function(relaxed, settings)  # later calls of any length dispatch to it
         try:
             if self._function is None:
                 return self._for_settings(settings)(batch)

@@ -67,6 +67,30 @@ class Callback:
     (``manager.batch_reduction``, see :mod:`mlpug.distributed`) in ``on_batch_training_completed``: that hook runs
     before the batch-end hooks of all other callbacks."""
 
+    def batches_until_model_access(self, global_iter: int) -> Optional[int]:
+        """For trainers that run several optimisation steps per call (``steps_per_execution``): how many of the
+        next batches may be trained in one call before this callback's batch hooks need the model.
+
+        With several steps per call the manager calls every batch-level hook for every batch after the call
+        returns, with that batch's :class:`~mlpug.trainers.trainer.StepResult` and ``logs``, but the model,
+        the optimizers and the learning rate are then those after the call's last step. A callback whose batch
+        hook reads or changes them (writes a checkpoint, evaluates the model, steps a learning rate schedule)
+        returns ``n``: its hooks of the batch with global iteration ``global_iter + n - 1`` need the state after
+        exactly that batch, so the manager ends the call there (``n >= 1``; 1: after every batch, which means one
+        step per call). Every rank must return the same value.
+
+        Args:
+            global_iter: The global iteration (0-based) of the next batch to train.
+
+        Returns:
+            None (default) when the batch hooks read only the step results and ``logs``; 1 when the callback
+            overrides ``on_batch_training_start`` or ``on_batch_checkpoint`` (acting before a step, or on the model
+            after every step) and does not override this method.
+        """
+        if self.overrides("on_batch_training_start") or self.overrides("on_batch_checkpoint"):
+            return 1
+        return None
+
     @property
     def produces(self) -> frozenset:
         """What this callback writes into ``logs`` (see the class docstring); default nothing."""

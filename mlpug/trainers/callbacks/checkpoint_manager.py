@@ -243,6 +243,17 @@ class CheckpointManager(BestOfResults, Callback, TrainingStateLoader):
             remove_stale_temporary_files(self.file_names.directory, self.file_names.base_name)
         return True
 
+    def batches_until_model_access(self, global_iter: int) -> Optional[int]:
+        """Batch level: the batches up to the next period whose checkpoint phase may write the model (a latest
+        checkpoint every ``create_checkpoint_every`` periods, a best model checkpoint at a check of the monitored
+        metric every ``metric_monitor_period`` periods); epoch level: None (epoch ends end every call)."""
+        if not self.batch_level:
+            return None
+        periods = [self.create_checkpoint_every]
+        if self.metric_to_monitor is not None and not self.monitors_async_results:
+            periods.append(self.metric_monitor_period)
+        return min(period - global_iter % period for period in periods)  # period count global_iter + n
+
     def on_batch_training_completed(self, training_batch: Any, logs: dict) -> bool:
         if self.batch_level and not self.monitors_async_results:
             self._decide_best(logs, logs["current"]["global_iter"] + 1)

@@ -122,6 +122,12 @@ class LRSchedulerWrapper(Callback):
         for scheduler_name, scheduler in self.schedulers.items():
             self.step_scheduler(scheduler_name, scheduler, metric)
 
+    def batches_until_model_access(self, global_iter: int) -> Optional[int]:
+        """Batch level: 1 (the schedulers step after every batch, before the next step); epoch level: None. For a
+        per-step schedule with several steps per call, give the optimizer a schedule of its own backend instead
+        (e.g. a ``tf.keras.optimizers.schedules.LearningRateSchedule``), which runs inside the compiled step."""
+        return 1 if self.batch_level else None
+
     def on_batch_training_completed(self, training_batch: Any, logs: dict) -> bool:
         if self.batch_level and self._optimizer_stepped():
             self._step_all(None)

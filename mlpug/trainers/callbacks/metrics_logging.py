@@ -311,6 +311,11 @@ class TestMetricsLogger(Callback):
     def _dataset_logs(self, logs: dict) -> dict:
         return logs["current"].setdefault(self.dataset_name, {})
 
+    def batches_until_model_access(self, global_iter: int) -> Optional[int]:
+        """Batch level: 1 (a batch of the dataset is evaluated on the model after every training batch); else
+        None (the dataset is evaluated at epoch ends)."""
+        return 1 if self.batch_level else None
+
     def on_batch_training_completed(self, training_batch: Any, logs: dict) -> bool:
         if not self.batch_level:
             if self._async is not None:

@@ -145,6 +145,11 @@ class PyTorchHarness:
         """``DefaultTrainer`` options of this harness (for ``mlp.Trainer``)."""
         return {}
 
+    def apply_one_call_defaults(self, problem: Problem) -> None:
+        """What ``mlp.Trainer`` changes in the problem's optimizer, done by hand for the full API: torch's fused
+        implementation (``fused=True``, :func:`mlpug.pytorch.one_call.use_fused_implementation`)."""
+        assert self.mlp.one_call.use_fused_implementation(problem.optimizer)
+
     def nan_propagating_model(self, problem: Problem) -> Any:
         """The problem's loss plus ``0 * mean(features)``: NaN features give a NaN loss on every backend."""
         torch, classifier = self.torch, problem.classifier
@@ -280,6 +285,9 @@ class TensorFlowHarness:
     def trainer_options(self) -> dict:
         """``DefaultTrainer`` options of this harness (for ``mlp.Trainer``)."""
         return {"eager_mode": self.eager_mode}
+
+    def apply_one_call_defaults(self, problem: Problem) -> None:
+        """What ``mlp.Trainer`` changes in the problem's optimizer, done by hand for the full API: nothing."""
 
     def nan_propagating_model(self, problem: Problem) -> Any:
         """The problem's loss plus ``0 * mean(features)``: NaN features give a NaN loss on every backend (Keras'

@@ -76,6 +76,8 @@ EQUIVALENCE_VARIANTS = {
     "bf16": ("resumable", {"use_mixed_precision": True, "autocast_dtype": "bfloat16"}),
     # clipped after the all-reduce of the accumulated gradients (per rank before it, the step would differ)
     "clipping": ("resumable", {"batch_chunk_size": 3, "clip_gradients_norm": 0.05}),
+    # torch.compile of the DDP model's forward (aot_eager: Dynamo's DDP graph split, no code generation), chunked
+    "compiled": ("resumable", {"batch_chunk_size": 3, "compile_step": {"backend": "aot_eager"}}),
 }
 
 

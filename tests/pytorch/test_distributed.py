@@ -113,7 +113,9 @@ def test_two_ranks_with_asynchronous_validation_give_the_synchronous_dataset_met
 
 # float32 all-reduce (sum of two gradients / 2) against one gradient of 16 samples: rounding only.
 # bfloat16 autocast: matmuls in bfloat16 of 8 against 16 rows, so the tolerance is bfloat16's (8 bits of mantissa).
+# compiled (aot_eager): the same graphs' decompositions round a few operations differently.
 TOLERANCES = {"plain": 1e-5, "data_loader": 1e-5, "accumulation": 1e-5, "bf16": 2e-2, "clipping": 1e-5}
+TOLERANCES["compiled"] = 1e-5
 
 
 @pytest.mark.timeout(600)
@@ -121,7 +123,7 @@ TOLERANCES = {"plain": 1e-5, "data_loader": 1e-5, "accumulation": 1e-5, "bf16": 
 def test_two_ranks_of_batch_b_train_as_one_process_of_batch_2b(equivalence_runs, variant):
     """2 gloo ranks x 8 samples against 1 process x 16 samples, 6 steps of SGD with momentum: the same weights
     (plain, DataLoader with a DistributedSampler, gradient accumulation in chunks of 3, bf16 autocast, clipping
-    by norm after the all-reduce of the accumulated gradients), the ranks
+    by norm after the all-reduce of the accumulated gradients, the compiled step with chunks of 3), the ranks
     bit-identical to each other, the same logged batch and window losses on both ranks (and as one process), and
     the validation metrics over 10,001 samples (shards of 5,001 and 5,000) equal to the single-process values.
     Broken on purpose (no ``no_sync``: DDP all-reduces in every chunk's backward), the accumulation case counts

@@ -136,6 +136,28 @@ def test_injected_inf_gradient_skips_the_step_lowers_the_scale_and_is_logged():
     assert optimizer.state_dict()["state"][0]["step"].item() == 3  # Adam counted only the steps taken
 
 
+@pytest.mark.parametrize("clip", [None, 1.0])
+def test_a_fused_optimizer_skips_in_its_kernel_and_the_skip_is_reported(clip):
+    """``Adam(fused=True)``: the scaler hands ``found_inf`` to the fused kernel and always calls ``step()``, which
+    then skips inside the kernel; the trainer reports that skip (a lazy 0-d tensor), also after clipping's
+    ``unscale_``, and the next good step is reported as taken."""
+    classifier = make_classifier()
+    optimizer = torch.optim.Adam(classifier.parameters(), lr=0.01, fused=True)
+    trainer = mlp.trainers.DefaultTrainer(
+        optimizer, classifier, use_mixed_precision=True, autocast_dtype="float16", clip_gradients_norm=clip
+    )
+    trainer.set_training_model(TrainModel(classifier))
+    first, second = make_batches(2)
+    handle = classifier[2].bias.register_hook(lambda grad: grad * float("nan"))
+    before = [p.detach().clone() for p in classifier.parameters()]
+    skipped = trainer.train_on(first).optimizer_step_skipped
+    handle.remove()
+    assert bool(skipped) and all(torch.equal(b, p) for b, p in zip(before, classifier.parameters()))
+    assert trainer.precision.grad_scaler.get_scale() == 2.0**15
+    assert not bool(trainer.train_on(second).optimizer_step_skipped)
+    assert not all(torch.equal(b, p) for b, p in zip(before, classifier.parameters()))
+
+
 def test_grad_scaler_state_round_trip():
     trainer, classifier, _ = make_trainer(use_mixed_precision=True, autocast_dtype="float16")
     handle = classifier[2].bias.register_hook(lambda grad: grad * float("nan"))

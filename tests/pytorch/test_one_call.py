@@ -1,5 +1,6 @@
 """PyTorch specifics of the one-call API ``mlp.Trainer``: map-style datasets and the quickstart example."""
 
+import logging
 import os
 import runpy
 import subprocess
@@ -73,3 +74,60 @@ def test_the_one_call_api_trains_data_parallel_on_two_processes(tmp_path):
     assert "cannot be sharded" not in result.stdout + result.stderr  # every validation sample on one rank
     assert result.stdout.count("Training completed. All good!") == 2  # once per run, on the primary
     assert len(list((tmp_path / "checkpoints").iterdir())) == 3
+
+
+def _one_call_trainer(optimizer_factory, **options):
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(6, 16), torch.nn.ReLU(), torch.nn.Linear(16, 3))
+    return mlp.Trainer(model, torch.nn.CrossEntropyLoss(), optimizer_factory(model.parameters()), **options)
+
+
+def test_the_optimizer_steps_fused_where_torch_has_it_and_the_user_left_it_open(caplog):
+    """Adam with ``fused`` unset becomes ``fused=True`` (one info line); an explicit ``fused=False``, ``foreach=True``,
+    an optimizer without a fused implementation, one that already stepped, and ``fused_optimizer=False`` stay as
+    they are. The fused run trains to the weights of the default implementation within float rounding."""
+    mlpug_logger = logging.getLogger("mlpug")
+    mlpug_logger.propagate = True
+    try:
+        with caplog.at_level(logging.INFO, logger="mlpug"):
+            fused = _one_call_trainer(lambda p: torch.optim.Adam(p, lr=0.01))
+    finally:
+        mlpug_logger.propagate = False
+    assert fused.optimizer.param_groups[0]["fused"] is True
+    assert "optimizer (Adam) steps with torch's fused implementation" in caplog.text
+    assert _one_call_trainer(lambda p: torch.optim.Adam(p, lr=0.01, fused=False)).optimizer.defaults["fused"] is False
+    assert _one_call_trainer(lambda p: torch.optim.Adam(p, foreach=True)).optimizer.param_groups[0]["fused"] is None
+    assert "fused" not in _one_call_trainer(lambda p: torch.optim.RMSprop(p)).optimizer.param_groups[0]
+    kept = _one_call_trainer(lambda p: torch.optim.Adam(p, lr=0.01), fused_optimizer=False)
+    assert kept.optimizer.param_groups[0]["fused"] is None
+    stepped = torch.optim.SGD([torch.nn.Parameter(torch.ones(2))], lr=0.1, momentum=0.9)
+    stepped.param_groups[0]["params"][0].grad = torch.ones(2)
+    stepped.step()
+    assert not mlp.one_call.use_fused_implementation(stepped) and stepped.param_groups[0]["fused"] is None
+    with pytest.raises(TypeError, match="fused_optimizer must be True or False, got 'yes'"):
+        _one_call_trainer(lambda p: torch.optim.Adam(p), fused_optimizer="yes")
+
+    data = tuple(torch.from_numpy(a) for a in make_numpy_data(37, seed=0))
+    for trainer in (fused, kept):
+        trainer.train(data, num_epochs=2, batch_size=8, seed=4, progress=None)
+    for a, b in zip(fused.model.parameters(), kept.model.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)  # 10 Adam steps of lr 0.01: rounding only
+
+
+def test_a_tensor_dataset_is_sliced_like_its_arrays():
+    """A ``TensorDataset`` of (inputs, targets) is batched as arrays (no per-sample collation); other datasets go
+    through the resumable DataLoader."""
+    features, labels = (torch.from_numpy(a) for a in make_numpy_data(37, seed=0))
+    trainer = _one_call_trainer(lambda p: torch.optim.Adam(p, lr=0.01))
+    trainer.train(torch.utils.data.TensorDataset(features, labels), num_epochs=1, batch_size=8, progress=None)
+    assert isinstance(trainer.manager.training_dataset, mlp.data.ResumableArrayBatches)
+
+    class Samples(torch.utils.data.Dataset):
+        def __len__(self):
+            return 37
+
+        def __getitem__(self, index):
+            return features[index], labels[index]
+
+    trainer.train(Samples(), num_epochs=1, batch_size=8, progress=None)
+    assert isinstance(trainer.manager.training_dataset, torch.utils.data.DataLoader)

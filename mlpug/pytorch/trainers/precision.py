@@ -57,6 +57,7 @@ class MixedPrecision(FullPrecision):
         if self.autocast_dtype == "float16":
             self.grad_scaler = grad_scaler if grad_scaler is not None else torch.amp.GradScaler(device_type)
         self._stepped: set = set()
+        self._found_inf: list = []
         self._hooked: set = set()
 
     @property
@@ -75,24 +76,38 @@ class MixedPrecision(FullPrecision):
         """Step every optimizer through the scaler (float16) and update the scale.
 
         Returns:
-            True when the scaler skipped the step of at least one optimizer (inf/nan gradients). The scaler
-            itself synchronises with the device to decide; no extra synchronisation is added.
+            Whether the scaler skipped the step of at least one optimizer (inf/nan gradients): a bool, or, when an
+            optimizer has a fused implementation that skips inside its kernel (``fused=True``: the scaler always
+            calls its ``step`` and hands it the ``found_inf`` tensor), a 0-d bool tensor read lazily. The scaler
+            itself synchronises with the device to decide for the other optimizers; no extra synchronisation is
+            added.
         """
         scaler = self.grad_scaler
         if scaler is None:
             return super().step(optimizers)
         self._stepped.clear()
+        self._found_inf.clear()
         for optimizer in optimizers.values():
             self._watch(optimizer)
             scaler.step(optimizer)
         scaler.update()
-        return len(self._stepped) < len(optimizers)
+        skipped = len(self._stepped) < len(optimizers)
+        if skipped or not self._found_inf:
+            return skipped
+        return torch.stack([found.reshape(()) for found in self._found_inf]).sum() > 0
 
     def _watch(self, optimizer: torch.optim.Optimizer) -> None:
-        """Record, with a public step post-hook, that ``optimizer.step()`` really ran (the scaler may skip it)."""
+        """Record, with public step hooks, that ``optimizer.step()`` really ran (the scaler may skip it) and the
+        ``found_inf`` tensor the scaler hands to an optimizer that skips in its own kernel (a fused one)."""
         if id(optimizer) not in self._hooked:
+            optimizer.register_step_pre_hook(self._record_found_inf)
             optimizer.register_step_post_hook(lambda opt, args, kwargs: self._stepped.add(id(opt)))
             self._hooked.add(id(optimizer))
+
+    def _record_found_inf(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+        found_inf = getattr(optimizer, "found_inf", None)  # set by GradScaler.step for the length of the step
+        if isinstance(found_inf, torch.Tensor):
+            self._found_inf.append(found_inf)
 
     def get_state(self) -> dict:
         """``{"grad_scaler": scaler.state_dict()}`` for float16, else ``{}``."""

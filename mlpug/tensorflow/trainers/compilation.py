@@ -135,17 +135,21 @@ def run_stacked(step: Callable[..., Any], stacked_batches: Any, *args: Any) -> A
     steps run in order); returns the structure of one step's outputs with every tensor stacked along a new
     leading dimension (Python numbers as tensors, as ``tf.function`` returns them; None as it is). The first batch
     runs before the loop: its outputs give the dtypes and shapes of the ``tf.TensorArray`` s that collect the others.
+    ``step`` is traced once, as a ``tf.function`` of its own that both the first batch and the loop body call (the
+    runtime inlines the call), so a stacked trace costs about one trace of the step, not two.
     """
     count = tf.shape(tf.nest.flatten(stacked_batches)[0])[0]
 
     def batch_at(index: Any) -> Any:
         return tf.nest.map_structure(lambda stacked: stacked[index], stacked_batches)
 
+    traced_step = tf.function(lambda batch: step(batch, *args))
+
     def outputs_at(index: Any) -> list:  # a tf.function returns Python numbers as tensors: stack them too
-        outputs = tf.nest.flatten(step(batch_at(index), *args))
+        outputs = tf.nest.flatten(traced_step(batch_at(index)))
         return [value if value is None else tf.convert_to_tensor(value) for value in outputs]
 
-    first = step(batch_at(0), *args)
+    first = traced_step(batch_at(0))
     flat: list[Any] = [value if value is None else tf.convert_to_tensor(value) for value in tf.nest.flatten(first)]
     positions = [position for position, value in enumerate(flat) if value is not None]
     arrays = tuple(
@@ -207,6 +211,13 @@ def _frozen(value: Any) -> Any:
         return ("id", id(value))
 
 
+def _relaxed_shape(shape: Any) -> list:
+    """The shape of a stacked batch tensor with its first two dimensions (batches, samples) open: ``[None, None,
+    ...]`` (``[None]`` for a stack of scalars)."""
+    dimensions = list(shape)
+    return [None] * min(len(dimensions), 2) + dimensions[2:]
+
+
 class CompiledStep:
     """``step(batch, settings)`` compiled with ``tf.function`` (see the module docstring for tracing rules).
 
@@ -216,8 +227,10 @@ class CompiledStep:
         batch_data_signature: Nested ``tf.TensorSpec`` s of a batch, or None to trace without one.
         settings_signature: Nested ``tf.TensorSpec`` s of the settings (only used with a batch signature);
             None makes the settings a Python constant of the trace.
-        relax_leading_dimension: Without a signature, trace the first call with its leading dimension left open
-            (``None``), so that calls with another number of stacked batches reuse that trace.
+        relax_leading_dimension: Without a signature, trace the first call of stacked batches with their two
+            leading dimensions left open (``None``: the number of batches and the samples per batch, as a
+            ``batch_data_signature`` with a ``None`` batch dimension would), so that calls with another number of
+            batches, or of the short last batch stacked alone, reuse that trace.
 
     Attributes:
         num_traces: How often the step function was traced so far (1 after the first call).
@@ -283,7 +296,7 @@ class CompiledStep:
     def __call__(self, batch: Any, settings: Any) -> Any:
         if self._relax_first_trace:
             self._relax_first_trace = False
-            relaxed = tf.nest.map_structure(lambda leaf: tf.TensorSpec([None, *leaf.shape[1:]], leaf.dtype), batch)
+            relaxed = tf.nest.map_structure(lambda leaf: tf.TensorSpec(_relaxed_shape(leaf.shape), leaf.dtype), batch)
             self._function.get_concrete_function(relaxed, settings)  # later calls of any length dispatch to it
         try:
             if self._function is None:

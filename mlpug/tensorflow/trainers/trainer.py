@@ -137,7 +137,10 @@ class DefaultTrainer(ReplicatedStep, _NeutralDefaultTrainer):
             outputs. The weights and per-batch losses are those of one step per call (bit-identical on CPU,
             tested). It saves TensorFlow's per-call dispatch (about 0.1-0.3 ms per step on CPU, see
             ``benchmarks/RESULTS.md``) and costs one stacking copy of the batches. Consecutive batches of other
-            shapes (the short last batch) are stacked apart. Eager mode runs one step per call.
+            shapes (the short last batch) are stacked apart, through the same trace: without a
+            ``batch_data_signature`` the first call is traced with the number of batches and the samples per
+            batch left open (``None``), so the model must accept a ``None`` batch dimension, as with a signature
+            of ``shape=(None, ...)``. Eager mode runs one step per call.
         evaluation_batches_per_call: Batches that :meth:`evaluate_losses` (dataset evaluation through the
             ``MetricEvaluator``) stacks into one compiled call, the same way (int >= 1); default
             ``steps_per_execution``.
@@ -466,8 +469,8 @@ class DefaultTrainer(ReplicatedStep, _NeutralDefaultTrainer):
     def train_on_batches(self, batches: Sequence[Any], training_settings: Any = None) -> list[StepResult]:
         """One optimisation step per batch, several in one compiled call (``steps_per_execution``, see the class
         docstring): consecutive batches of the same shapes are stacked and trained in a ``tf.while_loop``; a batch
-        of its own shape (the short last batch) by :meth:`train_on`. Eager mode, or one batch: :meth:`train_on`
-        per batch.
+        of its own shape (the short last batch) is stacked alone, through the same trace (its sample dimension is
+        open). Eager mode, or one batch: :meth:`train_on` per batch.
 
         Returns:
             One :class:`StepResult` per batch, in order, as :meth:`train_on` returns them.
@@ -483,9 +486,6 @@ class DefaultTrainer(ReplicatedStep, _NeutralDefaultTrainer):
             self._build(batches[0], training_settings)
         results: list[StepResult] = []
         for run in same_shape_runs(batches):
-            if len(run) == 1:
-                results.append(self.train_on(run[0], training_settings))
-                continue
             outputs = self._call_stacked(self._train_steps, run, training_settings)
             learning_rate = self._learning_rate_for_logs()
             for loss, num_samples, auxiliary_results, skipped in unstack_outputs(outputs, len(run)):
@@ -533,9 +533,6 @@ class DefaultTrainer(ReplicatedStep, _NeutralDefaultTrainer):
         for run in same_shape_runs(batches):
             for start in range(0, len(run), per_call):
                 part = run[start : start + per_call]
-                if len(part) == 1:
-                    outputs.append(self.evaluate_loss(part[0], evaluate_settings, inference_mode))
-                    continue
                 stacked = self._call_stacked(step, part, evaluate_settings)
                 outputs.extend(ModelOutputs(*output) for output in unstack_outputs(stacked, len(part)))
         return outputs

@@ -36,6 +36,7 @@ lint: setup  # style (ruff) and types (mypy, pinned in requirements/dev.txt, set
 
 benchmark: setup data  # results go into benchmarks/RESULTS.md by hand, with command and machine
 	$(PY) benchmarks/overhead_pytorch.py
+	$(PY) benchmarks/fast_path_pytorch.py
 	$(PY) benchmarks/overhead_tensorflow.py
 	$(PY) benchmarks/step_cost.py
 	$(PY) benchmarks/checkpoint.py --backend pytorch

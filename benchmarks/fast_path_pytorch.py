@@ -36,6 +36,7 @@ import platform
 import statistics
 
 import torch
+from overhead_pytorch import TrainModel
 from timing import GC_MODES, clock, elapsed, interleaved, report
 
 import mlpug.pytorch as mlp
@@ -97,17 +98,6 @@ def run_floor(data):
     )
     hand_written_loop(model, optimizer, batches)
     return elapsed(start)
-
-
-class TrainModel(torch.nn.Module):
-    def __init__(self, classifier):
-        super().__init__()
-        self.classifier = classifier
-        self.loss_func = torch.nn.CrossEntropyLoss()
-
-    def forward(self, batch_data, evaluate_settings, inference_mode=None):
-        images, labels = batch_data
-        return self.loss_func(self.classifier(images), labels)
 
 
 class StepClock(mlp.callbacks.Callback):

@@ -23,32 +23,44 @@ __all__ = ["Trainer", "use_fused_implementation"]
 _log = logging.getLogger("mlpug.pytorch.Trainer")
 
 
-def use_fused_implementation(optimizer: torch.optim.Optimizer) -> bool:
+def use_fused_implementation(optimizer: torch.optim.Optimizer, model: Optional[torch.nn.Module] = None) -> bool:
     """Switch ``optimizer`` to torch's fused implementation (``fused=True``) where the user left it open and torch
     supports it; return whether it was switched.
 
     Switched only when all of these hold, so that nothing the user chose changes: the optimizer class has a fused
     implementation (``"fused"`` in its ``defaults``: ``Adam``, ``AdamW``, ``SGD``, ``Adagrad``), it has no state
-    yet (it never stepped), and in every parameter group ``fused`` is None (not chosen), ``foreach`` is not True,
-    ``differentiable`` is False and every parameter is a floating point tensor on a device with fused kernels
-    (``cpu``, ``cuda``, ...). The fused implementation runs the same algorithm, over all parameters in one kernel
-    per step (on a CPU, for an MLP of 270k parameters, an Adam step takes about a fifth of the time); its float
-    rounding differs (about 1e-7 relative per step), so weights differ from the default implementation's at that
-    level.
+    yet (it never stepped), in every parameter group ``fused`` and ``foreach`` are None (not chosen) and
+    ``differentiable`` is False, every parameter is a floating point tensor on a device with fused kernels
+    (``cpu``, ``cuda``, ...), and ``model`` (when given) has no module with ``sparse=True`` (an
+    ``nn.Embedding`` / ``nn.EmbeddingBag`` with sparse gradients, which the fused kernels refuse). The fused
+    implementation runs the same algorithm, over all parameters in one kernel per step (on a CPU, for an MLP of
+    270k parameters, an Adam step takes about a fifth of the time); its float rounding differs (about 1e-7
+    relative per step), so weights differ from the default implementation's at that level.
+
+    The switch does what ``fused=True`` at construction does: ``fused`` in every parameter group and in
+    ``defaults``, and the optimizer marked as one that handles float16 loss scaling in its kernel
+    (``_step_supports_amp_scaling``: ``GradScaler.step`` then hands it the scale and ``found_inf`` instead of
+    unscaling and checking on the host), as torch's constructors set it (torch 2.13).
 
     Args:
-        optimizer: A ``torch.optim.Optimizer``; its parameter groups are changed in place.
+        optimizer: A ``torch.optim.Optimizer``; changed in place.
+        model: The model whose parameters it steps, checked for sparse-gradient modules; None: not checked.
     """
     if "fused" not in optimizer.defaults or optimizer.state:
         return False
+    if model is not None and any(getattr(module, "sparse", False) is True for module in model.modules()):
+        return False
     supported = set(_get_fused_kernels_supported_devices())
     for group in optimizer.param_groups:
-        if group.get("fused") is not None or group.get("foreach") or group.get("differentiable"):
+        if group.get("fused") is not None or group.get("foreach") is not None or group.get("differentiable"):
             return False
         if not all(p.device.type in supported and torch.is_floating_point(p) for p in group["params"]):
             return False
     for group in optimizer.param_groups:
         group["fused"] = True
+    optimizer.defaults["fused"] = True
+    optimizer._step_supports_amp_scaling = True  # type: ignore[attr-defined]
+    optimizer._need_device_dtype_check_for_fused = True  # type: ignore[attr-defined]
     return True
 
 
@@ -106,7 +118,7 @@ class Trainer(OneCallTrainer):
         super().__init__(model, loss_func, optimizer, metrics, **trainer_options)
         if fused_optimizer:
             for name, torch_optimizer in self.trainer.optimizers.items():
-                if use_fused_implementation(torch_optimizer):
+                if use_fused_implementation(torch_optimizer, model if isinstance(model, torch.nn.Module) else None):
                     _log.info(
                         f"{name} ({type(torch_optimizer).__qualname__}) steps with torch's fused implementation "
                         "(fused=True; same algorithm, float rounding differs); fused_optimizer=False keeps it as given"

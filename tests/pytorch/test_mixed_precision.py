@@ -136,13 +136,21 @@ def test_injected_inf_gradient_skips_the_step_lowers_the_scale_and_is_logged():
     assert optimizer.state_dict()["state"][0]["step"].item() == 3  # Adam counted only the steps taken
 
 
+@pytest.mark.parametrize("made", ["fused_at_construction", "switched_by_the_one_call_api"])
 @pytest.mark.parametrize("clip", [None, 1.0])
-def test_a_fused_optimizer_skips_in_its_kernel_and_the_skip_is_reported(clip):
-    """``Adam(fused=True)``: the scaler hands ``found_inf`` to the fused kernel and always calls ``step()``, which
-    then skips inside the kernel; the trainer reports that skip (a lazy 0-d tensor), also after clipping's
-    ``unscale_``, and the next good step is reported as taken."""
+def test_a_fused_optimizer_skips_in_its_kernel_and_the_skip_is_reported(clip, made):
+    """``Adam(fused=True)``, or an ``Adam`` switched by ``use_fused_implementation`` (what ``mlp.Trainer`` does):
+    the scaler hands ``found_inf`` to the fused kernel and always calls ``step()``, which then skips inside the
+    kernel; the trainer reports that skip (a lazy 0-d tensor), also after clipping's ``unscale_``, and the next
+    good step is reported as taken."""
     classifier = make_classifier()
-    optimizer = torch.optim.Adam(classifier.parameters(), lr=0.01, fused=True)
+    if made == "fused_at_construction":
+        optimizer = torch.optim.Adam(classifier.parameters(), lr=0.01, fused=True)
+    else:
+        optimizer = torch.optim.Adam(classifier.parameters(), lr=0.01)
+        assert mlp.one_call.use_fused_implementation(optimizer, classifier)
+    found_infs = []
+    optimizer.register_step_pre_hook(lambda opt, args, kwargs: found_infs.append(getattr(opt, "found_inf", None)))
     trainer = mlp.trainers.DefaultTrainer(
         optimizer, classifier, use_mixed_precision=True, autocast_dtype="float16", clip_gradients_norm=clip
     )
@@ -156,6 +164,7 @@ def test_a_fused_optimizer_skips_in_its_kernel_and_the_skip_is_reported(clip):
     assert trainer.precision.grad_scaler.get_scale() == 2.0**15
     assert not bool(trainer.train_on(second).optimizer_step_skipped)
     assert not all(torch.equal(b, p) for b, p in zip(before, classifier.parameters()))
+    assert len(found_infs) == 2 and all(isinstance(f, torch.Tensor) for f in found_infs)  # stepped in the kernel
 
 
 def test_grad_scaler_state_round_trip():

@@ -97,6 +97,7 @@ def test_the_optimizer_steps_fused_where_torch_has_it_and_the_user_left_it_open(
     assert "optimizer (Adam) steps with torch's fused implementation" in caplog.text
     assert _one_call_trainer(lambda p: torch.optim.Adam(p, lr=0.01, fused=False)).optimizer.defaults["fused"] is False
     assert _one_call_trainer(lambda p: torch.optim.Adam(p, foreach=True)).optimizer.param_groups[0]["fused"] is None
+    assert _one_call_trainer(lambda p: torch.optim.Adam(p, foreach=False)).optimizer.param_groups[0]["fused"] is None
     assert "fused" not in _one_call_trainer(lambda p: torch.optim.RMSprop(p)).optimizer.param_groups[0]
     kept = _one_call_trainer(lambda p: torch.optim.Adam(p, lr=0.01), fused_optimizer=False)
     assert kept.optimizer.param_groups[0]["fused"] is None
@@ -131,3 +132,16 @@ def test_a_tensor_dataset_is_sliced_like_its_arrays():
 
     trainer.train(Samples(), num_epochs=1, batch_size=8, progress=None)
     assert isinstance(trainer.manager.training_dataset, torch.utils.data.DataLoader)
+
+
+def test_a_model_with_sparse_gradients_keeps_its_optimizer_and_trains():
+    """``nn.Embedding(sparse=True)`` gives sparse gradients, which torch's fused SGD and Adagrad refuse at the first
+    step: the one-call API leaves such a model's optimizer as it is, and it trains."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Embedding(20, 4, sparse=True), torch.nn.Flatten(), torch.nn.Linear(8, 3))
+    trainer = mlp.Trainer(model, torch.nn.CrossEntropyLoss(), torch.optim.SGD(model.parameters(), lr=0.1))
+    assert trainer.optimizer.param_groups[0]["fused"] is None
+    tokens = torch.randint(0, 20, (24, 2))
+    before = model[0].weight.detach().clone()
+    trainer.train((tokens, tokens[:, 0] % 3), num_epochs=1, batch_size=8, progress=None)
+    assert not torch.equal(before, model[0].weight)

@@ -13,6 +13,7 @@ import pytest
 import tensorflow as tf
 
 import mlpug.tensorflow as mlp
+from mlpug.tensorflow.trainers.compilation import run_stacked
 from mlpug.trainers.non_finite import NonFiniteLossError
 
 NUM_SAMPLES, BATCH_SIZE = 11 * 8 + 3, 8  # 12 batches per epoch, the last of 3 samples
@@ -101,7 +102,8 @@ def test_four_steps_per_call_train_exactly_as_one_with_dropout_and_a_short_last_
     several = train(4, data)
     assert len(several[2].losses) == 2 * 12
     assert_same_run(single, several)
-    assert several[0]._train_steps.num_traces == 1  # calls of 4 batches; the short last batch by train_on
+    assert several[0]._train_steps.num_traces == 1  # calls of 4 batches, the last with the short last batch
+    assert several[0]._train_step.num_traces == 0  # which is stacked alone through the same trace
 
 
 @pytest.mark.parametrize(
@@ -179,7 +181,21 @@ def test_dataset_evaluation_in_stacked_calls_gives_the_values_of_single_batches(
         result = evaluator.evaluate_dataset(batches("tf_data"))  # 12 batches: calls of 4, 4, 3 and the short one
         values.append({name: float(value) for name, value in result.items()})
     assert values[0] == values[1]
-    assert several._evaluate_steps[(True, True)].num_traces == 1
+    assert several._evaluate_steps[(True, True)].num_traces == 1  # the short batch, stacked alone, too
+    assert (True, False) not in several._evaluate_steps  # no single-batch evaluation step was made
+
+
+def test_a_legacy_random_op_in_the_step_draws_anew_for_every_stacked_batch():
+    """The step runs from one call site in the loop (no batch before it), so a stateful random op is one op: eight
+    batches in two calls of four draw eight different values, the second call going on from the first."""
+    tf.random.set_seed(1)
+
+    @tf.function
+    def four_steps(batches):
+        return run_stacked(lambda batch: tf.random.uniform([]) + 0.0 * tf.reduce_sum(batch), batches)
+
+    draws = np.concatenate([four_steps(tf.zeros([4, 2])).numpy(), four_steps(tf.zeros([4, 2])).numpy()])
+    assert len(set(draws.tolist())) == 8
 
 
 def test_bad_steps_per_execution_is_refused_at_construction():

@@ -133,10 +133,11 @@ def run_stacked(step: Callable[..., Any], stacked_batches: Any, *args: Any) -> A
     """Inside a traced function: ``step(batch_i, *args)`` for every batch of ``stacked_batches`` (leading
     dimension: the batches), one after the other in a ``tf.while_loop`` (``parallel_iterations=1``, so stateful
     steps run in order); returns the structure of one step's outputs with every tensor stacked along a new
-    leading dimension (Python numbers as tensors, as ``tf.function`` returns them; None as it is). The first batch
-    runs before the loop: its outputs give the dtypes and shapes of the ``tf.TensorArray`` s that collect the others.
-    ``step`` is traced once, as a ``tf.function`` of its own that both the first batch and the loop body call (the
-    runtime inlines the call), so a stacked trace costs about one trace of the step, not two.
+    leading dimension (Python numbers as tensors, as ``tf.function`` returns them; None as it is). ``step`` is
+    traced once, as a ``tf.function`` of its own (the runtime inlines its call), for the spec of one batch: the
+    outputs of that trace give the dtypes and shapes of the ``tf.TensorArray`` s that collect the outputs, and the
+    loop body is its only call site, so a stateful op of the step (a legacy random op such as
+    ``tf.random.uniform``) is one op that runs once per batch and draws anew for every batch.
     """
     count = tf.shape(tf.nest.flatten(stacked_batches)[0])[0]
 
@@ -144,26 +145,26 @@ def run_stacked(step: Callable[..., Any], stacked_batches: Any, *args: Any) -> A
         return tf.nest.map_structure(lambda stacked: stacked[index], stacked_batches)
 
     traced_step = tf.function(lambda batch: step(batch, *args))
+    batch_spec = tf.nest.map_structure(lambda stacked: tf.TensorSpec(stacked.shape[1:], stacked.dtype), stacked_batches)
+    structure = traced_step.get_concrete_function(batch_spec).structured_outputs
+    specs: list[Any] = [
+        value if value is None or tf.is_tensor(value) else tf.convert_to_tensor(value)
+        for value in tf.nest.flatten(structure)
+    ]
+    positions = [position for position, value in enumerate(specs) if value is not None]
+    arrays = tuple(tf.TensorArray(specs[i].dtype, size=count, element_shape=specs[i].shape) for i in positions)
 
-    def outputs_at(index: Any) -> list:  # a tf.function returns Python numbers as tensors: stack them too
-        outputs = tf.nest.flatten(traced_step(batch_at(index)))
-        return [value if value is None else tf.convert_to_tensor(value) for value in outputs]
-
-    first = traced_step(batch_at(0))
-    flat: list[Any] = [value if value is None else tf.convert_to_tensor(value) for value in tf.nest.flatten(first)]
-    positions = [position for position, value in enumerate(flat) if value is not None]
-    arrays = tuple(
-        tf.TensorArray(flat[i].dtype, size=count, element_shape=flat[i].shape).write(0, flat[i]) for i in positions
-    )
-
-    def body(index: Any, arrays: tuple) -> tuple:
-        outputs = outputs_at(index)
+    def body(index: Any, arrays: tuple) -> tuple:  # a tf.function returns Python numbers as tensors: stack them too
+        outputs = [value if value is None else tf.convert_to_tensor(value) for value in tf.nest.flatten(
+            traced_step(batch_at(index))
+        )]  # fmt: skip
         return index + 1, tuple(array.write(index, outputs[i]) for array, i in zip(arrays, positions))
 
-    _, arrays = tf.while_loop(lambda index, _: index < count, body, (tf.constant(1), arrays), parallel_iterations=1)
+    _, arrays = tf.while_loop(lambda index, _: index < count, body, (tf.constant(0), arrays), parallel_iterations=1)
+    flat: list[Any] = list(specs)
     for array, position in zip(arrays, positions):
         flat[position] = array.stack()
-    return tf.nest.pack_sequence_as(first, flat)
+    return tf.nest.pack_sequence_as(structure, flat)
 
 
 def unstack_outputs(outputs: Any, count: int) -> list:

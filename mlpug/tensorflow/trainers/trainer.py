@@ -140,7 +140,12 @@ class DefaultTrainer(ReplicatedStep, _NeutralDefaultTrainer):
             shapes (the short last batch) are stacked apart, through the same trace: without a
             ``batch_data_signature`` the first call is traced with the number of batches and the samples per
             batch left open (``None``), so the model must accept a ``None`` batch dimension, as with a signature
-            of ``shape=(None, ...)``. Eager mode runs one step per call.
+            of ``shape=(None, ...)``. A call of one batch (the short last batch alone, or every call
+            where a callback needs the model after every batch) runs :meth:`train_on`, a trace of its own. Random
+            draws: Keras layers (``Dropout``, ...: ``SeedGenerator`` variables) draw exactly as with one step per
+            call; TensorFlow's legacy stateful random ops in the model's own code (``tf.random.uniform``,
+            ``tf.nn.dropout``) draw anew for every batch, but not the values of one step per call (another graph
+            gives them other op seeds). Eager mode runs one step per call.
         evaluation_batches_per_call: Batches that :meth:`evaluate_losses` (dataset evaluation through the
             ``MetricEvaluator``) stacks into one compiled call, the same way (int >= 1); default
             ``steps_per_execution``.

@@ -129,6 +129,12 @@ def same_shape_runs(batches: Sequence[Any]) -> list[list]:
     return runs
 
 
+def _as_tensors(values: Sequence[Any]) -> list:
+    """``values`` with Python numbers as tensors (as a ``tf.function`` returns them, so they stack too); tensors
+    and None as they are."""
+    return [value if value is None else tf.convert_to_tensor(value) for value in values]
+
+
 def run_stacked(step: Callable[..., Any], stacked_batches: Any, *args: Any) -> Any:
     """Inside a traced function: ``step(batch_i, *args)`` for every batch of ``stacked_batches`` (leading
     dimension: the batches), one after the other in a ``tf.while_loop`` (``parallel_iterations=1``, so stateful
@@ -147,17 +153,12 @@ def run_stacked(step: Callable[..., Any], stacked_batches: Any, *args: Any) -> A
     traced_step = tf.function(lambda batch: step(batch, *args))
     batch_spec = tf.nest.map_structure(lambda stacked: tf.TensorSpec(stacked.shape[1:], stacked.dtype), stacked_batches)
     structure = traced_step.get_concrete_function(batch_spec).structured_outputs
-    specs: list[Any] = [
-        value if value is None or tf.is_tensor(value) else tf.convert_to_tensor(value)
-        for value in tf.nest.flatten(structure)
-    ]
+    specs = _as_tensors(tf.nest.flatten(structure))
     positions = [position for position, value in enumerate(specs) if value is not None]
     arrays = tuple(tf.TensorArray(specs[i].dtype, size=count, element_shape=specs[i].shape) for i in positions)
 
-    def body(index: Any, arrays: tuple) -> tuple:  # a tf.function returns Python numbers as tensors: stack them too
-        outputs = [value if value is None else tf.convert_to_tensor(value) for value in tf.nest.flatten(
-            traced_step(batch_at(index))
-        )]  # fmt: skip
+    def body(index: Any, arrays: tuple) -> tuple:
+        outputs = _as_tensors(tf.nest.flatten(traced_step(batch_at(index))))
         return index + 1, tuple(array.write(index, outputs[i]) for array, i in zip(arrays, positions))
 
     _, arrays = tf.while_loop(lambda index, _: index < count, body, (tf.constant(0), arrays), parallel_iterations=1)

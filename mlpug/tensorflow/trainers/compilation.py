@@ -9,6 +9,16 @@ A step function has the form ``step(batch, settings)``. :class:`CompiledStep` co
   shape (e.g. the smaller last batch of an epoch) causes one more trace with the differing dimensions relaxed
   to ``None``, which then serves every batch size. Every retrace is reported in a debug log line.
 
+Dispatch: calling a ``tf.function`` builds the trace type of every argument and looks it up among the traces
+(hundreds of microseconds per call on a slow CPU); calling the traced ``ConcreteFunction`` directly only binds
+the arguments to its input types, which raises ``TypeError`` when they do not fit. So :class:`CompiledStep`
+keeps the concrete function that ``tf.function`` chose for the last batch and calls it directly while batches
+fit it, falling back to the ``tf.function`` (which retraces where needed) when they do not. It keeps a concrete
+function only where every batch that fits it would also be dispatched to it by ``tf.function``: a trace with
+fully defined shapes, or the only trace (e.g. one with a signature). So the graph that runs for a batch is the
+same either way (with the short last batch: the full-batch trace for full batches, as ``tf.function`` would
+choose). Measured: ``benchmarks/step_overhead_tensorflow.py``.
+
 :class:`EagerStep` is the null object: it calls the step function as it is.
 """
 
@@ -195,6 +205,7 @@ class EagerStep:
 
 
 _MANY_SETTINGS_TRACES = 8
+_MAX_CONCRETE_MISSES = 8
 
 
 def _frozen(value: Any) -> Any:
@@ -254,6 +265,8 @@ class CompiledStep:
         # without a signature: the first trace leaves the leading dimension open (stacked batches: their number)
         self._relax_first_trace = relax_leading_dimension and batch_data_signature is None
         self._per_settings: dict = {}
+        self._concrete: Any = None  # the ConcreteFunction called directly while batches fit it (module docstring)
+        self._concrete_misses = 0  # consecutive batches that did not fit it; at _MAX_CONCRETE_MISSES: give up
         if batch_data_signature is None:
             self._function = tf.function(self._traced, reduce_retracing=True)
         elif settings_signature is not None:
@@ -278,15 +291,17 @@ class CompiledStep:
             )
 
     def _for_settings(self, settings: Any) -> Callable[[Any], Any]:
-        """The step traced for the current *value* of ``settings`` (a trace constant): a changed value, also
-        one changed in place, gets its own trace, as in the retracing mode without a batch signature."""
+        """The step (a ConcreteFunction) traced for the current *value* of ``settings`` (a trace constant): a
+        changed value, also one changed in place, gets its own trace, as in the retracing mode without a batch
+        signature."""
         key = _frozen(settings)
         entry = self._per_settings.get(key)
         if entry is None:
             function = tf.function(
                 lambda batch: self._traced(batch, settings), input_signature=(self.batch_data_signature,)
             )
-            entry = self._per_settings[key] = (function, settings)  # keep settings alive: an id in a key stays unique
+            concrete = function.get_concrete_function()  # its only trace: called directly (module docstring)
+            entry = self._per_settings[key] = (concrete, settings)  # keep settings alive: an id in a key stays unique
             if len(self._per_settings) == _MANY_SETTINGS_TRACES:
                 _log.warning(
                     f"{self.name}: traced for {_MANY_SETTINGS_TRACES} different settings values; settings are "
@@ -296,6 +311,15 @@ class CompiledStep:
         return entry[0]
 
     def __call__(self, batch: Any, settings: Any) -> Any:
+        concrete = self._concrete
+        if concrete is not None:
+            try:
+                result = concrete(batch, settings)
+            except TypeError:  # the arguments do not bind to its input types (a traced graph raises no TypeError)
+                self._concrete_misses += 1
+            else:
+                self._concrete_misses = 0
+                return result
         if self._relax_first_trace:
             self._relax_first_trace = False
             relaxed = tf.nest.map_structure(lambda leaf: tf.TensorSpec(_relaxed_shape(leaf.shape), leaf.dtype), batch)
@@ -303,8 +327,28 @@ class CompiledStep:
         try:
             if self._function is None:
                 return self._for_settings(settings)(batch)
-            return self._function(batch, settings)
+            result = self._function(batch, settings)
         except (TypeError, ValueError):
             if self.batch_data_signature is not None and signature_mismatch(batch, self.batch_data_signature):
                 check_batch_signature(batch, self.batch_data_signature)  # raises the clear error
             raise
+        self._keep_concrete(batch, settings)
+        return result
+
+    def _keep_concrete(self, batch: Any, settings: Any) -> None:
+        """Keep the concrete function ``tf.function`` just dispatched ``batch`` to, for direct calls, where every
+        batch that binds to it would be dispatched to it too (see the module docstring)."""
+        if self._concrete_misses >= _MAX_CONCRETE_MISSES:
+            if self._concrete is not None:
+                _log.debug(f"{self.name}: batches keep changing their types; dispatching through tf.function")
+            self._concrete = None
+            return
+        concrete = self._function.get_concrete_function(batch, settings)  # a lookup: no new trace
+        specs = tf.nest.flatten(concrete.structured_input_signature, expand_composites=False)
+        fully_defined = all(  # Python constants are matched by value; composite specs (ragged, sparse) not kept
+            isinstance(spec, tf.TensorSpec) and spec.shape.is_fully_defined()
+            for spec in specs
+            if isinstance(spec, tf.TypeSpec)
+        )
+        if fully_defined or self._function.experimental_get_tracing_count() == 1:
+            self._concrete = concrete

@@ -1,0 +1,123 @@
+"""CompiledStep's direct dispatch to the kept ConcreteFunction: which batches take it, and that the graph that
+runs (hence every number) is the one ``tf.function`` itself would have chosen."""
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+import mlpug.tensorflow as mlp
+from mlpug.tensorflow.trainers import compilation
+from tests.tensorflow.test_trainer import SIGNATURE, batch, make
+
+
+class CountingFunction:
+    """Stands in for the ``tf.function`` of a CompiledStep: counts the calls that go through it."""
+
+    def __init__(self, function):
+        self.function, self.calls = function, 0
+
+    def __call__(self, *args):
+        self.calls += 1
+        return self.function(*args)
+
+    def __getattr__(self, name):
+        return getattr(self.function, name)
+
+
+def counted(trainer):
+    step = trainer._train_step
+    step._function = CountingFunction(step._function)
+    return step
+
+
+def kept_shape(step):
+    return step._concrete.structured_input_signature[0][0][0].shape.as_list()
+
+
+def test_full_batches_skip_the_tf_function_and_run_the_full_batch_trace():
+    trainer, _ = make()
+    step = counted(trainer)
+    for size in (8, 8, 8, 3, 8, 8, 3, 8):
+        trainer.train_on(batch(size, seed=size))
+    # through tf.function: the first batch (traces) and both short ones (do not fit the kept trace)
+    assert step._function.calls == 3
+    assert step.num_traces == 2  # the full-batch trace and the relaxed one for the short batch
+    assert kept_shape(step) == [8, 3]  # full batches keep running the trace tf.function picks for them
+
+
+def test_direct_dispatch_gives_the_same_weights_and_losses_as_tf_function(monkeypatch):
+    sizes = (8, 8, 3, 8, 3, 5, 8, 8)
+
+    def run():
+        trainer, model = make()
+        losses = [float(trainer.train_on(batch(size, seed=i)).loss) for i, size in enumerate(sizes)]
+        return losses, [w.copy() for w in model.linear.get_weights()], trainer._train_step
+
+    direct_losses, direct_weights, direct_step = run()
+    monkeypatch.setattr(compilation, "_MAX_CONCRETE_MISSES", 0)  # never keep one: every call via tf.function
+    plain_losses, plain_weights, plain_step = run()
+    assert direct_step._concrete is not None and plain_step._concrete is None
+    assert direct_losses == plain_losses
+    assert all(np.array_equal(a, b) for a, b in zip(direct_weights, plain_weights))
+
+
+def test_batches_that_keep_changing_shape_go_back_to_tf_function():
+    trainer, _ = make()
+    step = counted(trainer)
+    trainer.train_on(batch(8))
+    sizes = list(range(9, 9 + compilation._MAX_CONCRETE_MISSES))
+    for size in sizes:
+        trainer.train_on(batch(size))
+    assert step._concrete is None  # given up: no failed bind per batch from now on
+    calls = step._function.calls
+    trainer.train_on(batch(8))
+    assert step._function.calls == calls + 1
+    assert step.num_traces == 2  # reduce_retracing: the relaxed trace serves every size
+
+
+def test_with_a_signature_every_batch_size_takes_the_one_trace_directly():
+    trainer, _ = make(batch_data_signature=SIGNATURE)  # settings without a signature: one trace per value
+    for size in (8, 3, 5, 8):
+        trainer.train_on(batch(size))
+    step = trainer._train_step
+    assert step.num_traces == 1
+    assert isinstance(step._for_settings(None), tf.types.experimental.ConcreteFunction)
+
+    settings_signature = {"scale": tf.TensorSpec((), tf.float32)}
+    trainer, _ = make(batch_data_signature=SIGNATURE, training_settings_signature=settings_signature)
+    step = counted(trainer)
+    for size in (8, 3, 5, 8):
+        trainer.train_on(batch(size), {"scale": tf.constant(float(size))})
+    assert step._function.calls == 1 and step.num_traces == 1
+    assert kept_shape(step) == [None, 3]
+
+
+def test_settings_of_another_value_leave_the_kept_trace_for_their_own():
+    """Settings are trace constants: a batch with other settings does not bind to the kept trace."""
+
+    class ScaledLoss(tf.keras.Model):
+        def __init__(self, model):
+            super().__init__()
+            self.model = model
+
+        def call(self, batch_data, evaluate_settings, inference_mode=None):
+            x, y = batch_data
+            return tf.reduce_mean((self.model(x)[:, 0] - y) ** 2) * evaluate_settings["scale"]
+
+    model = tf.keras.Sequential([tf.keras.Input(shape=(3,)), tf.keras.layers.Dense(1, kernel_initializer="ones")])
+    trainer = mlp.trainers.DefaultTrainer(tf.keras.optimizers.SGD(0.0), model)
+    trainer.set_training_model(ScaledLoss(model))
+    step = counted(trainer)
+    ones = (np.ones((4, 3), np.float32), np.zeros(4, np.float32))
+    losses = [float(trainer.train_on(ones, {"scale": scale}).loss) for scale in (1.0, 1.0, 10.0, 10.0, 1.0)]
+    assert losses == pytest.approx([9.0, 9.0, 90.0, 90.0, 9.0])
+    assert step._function.calls == 3  # the first call and every change of the settings' value
+    assert step.num_traces == 2
+
+
+def test_evaluation_step_dispatches_directly_too():
+    trainer, _ = make()
+    for size in (8, 8, 8):
+        trainer.evaluate_loss(batch(size, seed=size))
+    (evaluate_step,) = trainer._evaluate_steps.values()
+    assert evaluate_step._concrete is not None and evaluate_step.num_traces == 1

@@ -38,6 +38,7 @@ benchmark: setup data  # results go into benchmarks/RESULTS.md by hand, with com
 	$(PY) benchmarks/overhead_pytorch.py
 	$(PY) benchmarks/fast_path_pytorch.py
 	$(PY) benchmarks/overhead_tensorflow.py
+	$(PY) benchmarks/step_overhead_tensorflow.py
 	$(PY) benchmarks/step_cost.py
 	$(PY) benchmarks/checkpoint.py --backend pytorch
 	$(PY) benchmarks/checkpoint.py --backend tensorflow

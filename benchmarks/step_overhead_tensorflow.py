@@ -26,7 +26,7 @@ Per block the three run one after the other, in an order that rotates from block
 the summed time and microseconds per step; for mlpug against each raw loop: the ratio of the summed times, a
 bootstrap 95 % interval of it (blocks resampled) and the median of the per-block ratios.
 
-    .venv/bin/python benchmarks/step_overhead_tensorflow.py --epochs 4 --blocks-per-epoch 10
+    .venv/bin/python benchmarks/step_overhead_tensorflow.py --epochs 6 --blocks-per-epoch 47
 """
 
 import argparse
@@ -144,8 +144,8 @@ def bootstrap_ratio(raw, mlpug, resamples=5000, seed=0):
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--epochs", type=int, default=4, help="timed epochs (after one untimed warm-up block)")
-    parser.add_argument("--blocks-per-epoch", type=int, default=10)
+    parser.add_argument("--epochs", type=int, default=6, help="timed epochs (after the untimed traces)")
+    parser.add_argument("--blocks-per-epoch", type=int, default=47, help="47: blocks of 20 batches")
     args = parser.parse_args()
     tf.config.threading.set_intra_op_parallelism_threads(1)
     tf.config.threading.set_inter_op_parallelism_threads(1)

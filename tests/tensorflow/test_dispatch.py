@@ -31,7 +31,8 @@ def counted(trainer):
 
 
 def kept_shape(step):
-    return step._concrete.structured_input_signature[0][0][0].shape.as_list()
+    ((batch_spec, _settings),) = step._concrete.structured_input_signature[0]  # traced as f((batch, settings))
+    return batch_spec[0].shape.as_list()
 
 
 def test_full_batches_skip_the_tf_function_and_run_the_full_batch_trace():
@@ -121,3 +122,45 @@ def test_evaluation_step_dispatches_directly_too():
         trainer.evaluate_loss(batch(size, seed=size))
     (evaluate_step,) = trainer._evaluate_steps.values()
     assert evaluate_step._concrete is not None and evaluate_step.num_traces == 1
+
+
+def per_sample_sum(batch, settings):
+    """Uses the static batch size where the trace has one: a graph traced for another size gives another number."""
+    samples = batch.shape[0] or tf.cast(tf.shape(batch)[0], tf.float32)
+    return tf.reduce_sum(batch) / samples * settings
+
+
+def test_a_single_tensor_of_another_shape_is_not_run_through_the_kept_trace():
+    """A concrete function whose arguments do not bind retries them as flat tensors, unchecked: the step's
+    arguments are packed in one tuple so that this retry never applies."""
+    step = compilation.CompiledStep(per_sample_sum, "test step")
+    one = tf.constant(1.0)
+    values = [float(step(tf.ones(shape), one)) for shape in ([8, 3], [8, 3], [3, 3], [8, 3], [3, 3])]
+    assert values == [3.0] * 5  # sum / samples: 3 for every size
+    assert step.num_traces == 2 and kept_shape_of(step) == [8, 3]
+
+
+def kept_shape_of(step):
+    ((batch_spec, _settings),) = step._concrete.structured_input_signature[0]
+    return batch_spec.shape.as_list()
+
+
+@pytest.mark.parametrize("settings_signature", [None, tf.TensorSpec((), tf.float32)])
+def test_with_a_signature_a_tensor_of_another_shape_or_dtype_is_a_clear_error(settings_signature):
+    signature = tf.TensorSpec((None, 3), tf.float32)
+    step = compilation.CompiledStep(per_sample_sum, "test step", signature, settings_signature)
+    settings = tf.constant(1.0) if settings_signature is not None else 1.0
+    assert float(step(tf.ones([4, 3]), settings)) == 3.0
+    for bad in (tf.ones([4, 5]), tf.ones([4, 3], tf.float64)):
+        with pytest.raises(ValueError, match="does not match batch_data_signature"):
+            step(bad, settings)
+    assert step.num_traces == 1
+
+
+def test_numpy_batches_of_another_dtype_get_their_own_trace_as_with_tf_function():
+    step = compilation.CompiledStep(lambda batch, settings: tf.reduce_sum(batch[0]), "test step")
+    first = step((np.ones((4, 3), np.float32),), None)
+    second = step((np.ones((4, 3), np.float32),), None)  # through the kept trace
+    wider = step((np.ones((4, 3), np.float64),), None)  # binding would cast it to float32
+    assert (first.dtype, second.dtype, wider.dtype) == (tf.float32, tf.float32, tf.float64)
+    assert step.num_traces == 2

@@ -17,7 +17,11 @@ fit it, falling back to the ``tf.function`` (which retraces where needed) when t
 function only where every batch that fits it would also be dispatched to it by ``tf.function``: a trace with
 fully defined shapes, or the only trace (e.g. one with a signature). So the graph that runs for a batch is the
 same either way (with the short last batch: the full-batch trace for full batches, as ``tf.function`` would
-choose). Measured: ``benchmarks/step_overhead_tensorflow.py``.
+choose). Two details keep it so: the traced function takes its arguments packed in one tuple, since a concrete
+function whose arguments do not bind retries them as a flat list of tensors and would then run a single tensor
+of another shape through the graph unchecked; and without a signature, NumPy arrays and scalars in the batch and
+the settings are converted to tensors first (``tf.function`` traces them by their own dtype, while binding would
+cast them to the trace's). Measured: ``benchmarks/step_overhead_tensorflow.py``.
 
 :class:`EagerStep` is the null object: it calls the step function as it is.
 """
@@ -224,6 +228,18 @@ def _frozen(value: Any) -> Any:
         return ("id", id(value))
 
 
+def _numpy_as_tensors(value: Any) -> tuple[Any, bool]:
+    """``value`` with its NumPy arrays and scalars converted to tensors of their own dtype, and whether that was
+    possible (``tf.nest`` refuses some structures, e.g. a dict whose keys cannot be sorted)."""
+    try:
+        converted = tf.nest.map_structure(
+            lambda leaf: tf.convert_to_tensor(leaf) if isinstance(leaf, (np.ndarray, np.generic)) else leaf, value
+        )
+    except (TypeError, ValueError):
+        return value, False
+    return converted, True
+
+
 def _relaxed_shape(shape: Any) -> list:
     """The shape of a stacked batch tensor with its first two dimensions (batches, samples) open: ``[None, None,
     ...]`` (``[None]`` for a stack of scalars)."""
@@ -267,14 +283,16 @@ class CompiledStep:
         self._per_settings: dict = {}
         self._concrete: Any = None  # the ConcreteFunction called directly while batches fit it (module docstring)
         self._concrete_misses = 0  # consecutive batches that did not fit it; at _MAX_CONCRETE_MISSES: give up
+        # the traced function takes (batch, settings) as one tuple (see the module docstring)
         if batch_data_signature is None:
             self._function = tf.function(self._traced, reduce_retracing=True)
         elif settings_signature is not None:
-            self._function = tf.function(self._traced, input_signature=(batch_data_signature, settings_signature))
+            self._function = tf.function(self._traced, input_signature=((batch_data_signature, settings_signature),))
         else:
             self._function = None  # one tf.function per settings object, see _for_settings
 
-    def _traced(self, batch: Any, settings: Any) -> Any:
+    def _traced(self, arguments: tuple) -> Any:
+        batch, settings = arguments
         self._log_trace(batch)
         return self.step(batch, settings)
 
@@ -298,9 +316,10 @@ class CompiledStep:
         entry = self._per_settings.get(key)
         if entry is None:
             function = tf.function(
-                lambda batch: self._traced(batch, settings), input_signature=(self.batch_data_signature,)
+                lambda arguments: self._traced((arguments[0], settings)),
+                input_signature=((self.batch_data_signature,),),
             )
-            concrete = function.get_concrete_function()  # its only trace: called directly (module docstring)
+            concrete = function.get_concrete_function()  # its only trace: called directly, as concrete((batch,))
             entry = self._per_settings[key] = (concrete, settings)  # keep settings alive: an id in a key stays unique
             if len(self._per_settings) == _MANY_SETTINGS_TRACES:
                 _log.warning(
@@ -311,11 +330,17 @@ class CompiledStep:
         return entry[0]
 
     def __call__(self, batch: Any, settings: Any) -> Any:
+        given_batch = batch
+        direct = True  # whether the kept concrete function may be called (see the module docstring)
+        if self.batch_data_signature is None:
+            batch, direct = _numpy_as_tensors(batch)
+            if settings is not None and direct:
+                settings, direct = _numpy_as_tensors(settings)
         concrete = self._concrete
-        if concrete is not None:
+        if concrete is not None and direct:
             try:
-                result = concrete(batch, settings)
-            except TypeError:  # the arguments do not bind to its input types (a traced graph raises no TypeError)
+                result = concrete((batch, settings))
+            except TypeError:  # the arguments do not bind to its input types; nothing ran
                 self._concrete_misses += 1
             else:
                 self._concrete_misses = 0
@@ -323,27 +348,28 @@ class CompiledStep:
         if self._relax_first_trace:
             self._relax_first_trace = False
             relaxed = tf.nest.map_structure(lambda leaf: tf.TensorSpec(_relaxed_shape(leaf.shape), leaf.dtype), batch)
-            self._function.get_concrete_function(relaxed, settings)  # later calls of any length dispatch to it
+            self._function.get_concrete_function((relaxed, settings))  # later calls of any length dispatch to it
         try:
             if self._function is None:
-                return self._for_settings(settings)(batch)
-            result = self._function(batch, settings)
+                return self._for_settings(settings)((batch,))
+            result = self._function((batch, settings))
         except (TypeError, ValueError):
-            if self.batch_data_signature is not None and signature_mismatch(batch, self.batch_data_signature):
-                check_batch_signature(batch, self.batch_data_signature)  # raises the clear error
+            if self.batch_data_signature is not None and signature_mismatch(given_batch, self.batch_data_signature):
+                check_batch_signature(given_batch, self.batch_data_signature)  # raises the clear error
             raise
-        self._keep_concrete(batch, settings)
+        if direct:
+            self._keep_concrete((batch, settings))
         return result
 
-    def _keep_concrete(self, batch: Any, settings: Any) -> None:
-        """Keep the concrete function ``tf.function`` just dispatched ``batch`` to, for direct calls, where every
-        batch that binds to it would be dispatched to it too (see the module docstring)."""
+    def _keep_concrete(self, arguments: tuple) -> None:
+        """Keep the concrete function ``tf.function`` just dispatched ``(batch, settings)`` to, for direct calls,
+        where every batch that binds to it would be dispatched to it too (see the module docstring)."""
         if self._concrete_misses >= _MAX_CONCRETE_MISSES:
             if self._concrete is not None:
                 _log.debug(f"{self.name}: batches keep changing their types; dispatching through tf.function")
             self._concrete = None
             return
-        concrete = self._function.get_concrete_function(batch, settings)  # a lookup: no new trace
+        concrete = self._function.get_concrete_function(arguments)  # normally a lookup, no new trace
         specs = tf.nest.flatten(concrete.structured_input_signature, expand_composites=False)
         fully_defined = all(  # Python constants are matched by value; composite specs (ragged, sparse) not kept
             isinstance(spec, tf.TensorSpec) and spec.shape.is_fully_defined()

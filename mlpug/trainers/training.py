@@ -67,16 +67,18 @@ from mlpug.distributed import BatchReduction, DistributedContext, StepReductions
 from mlpug.logs import Deferred, MetricValues
 from mlpug.random_state import capture_random_states, get_random_states, plain_states, set_random_states
 from mlpug.trainers.arguments import check_callbacks, check_num_batches_per_epoch, check_positive_int
-from mlpug.trainers.callbacks.callback import HOOKS, Callback, dispatch_order
-from mlpug.trainers.non_finite import NonFiniteLossError, NonFiniteLossPolicy, NonFiniteLossTracker
+from mlpug.trainers.callbacks.callback import Callback, dispatch_order
+from mlpug.trainers.hook_dispatch import HookDispatch, add_note
+from mlpug.trainers.non_finite import NonFiniteLossPolicy, NonFiniteLossTracker
 from mlpug.trainers.resume import ResumeFrom, check_resume_from, load_resume_state
 from mlpug.trainers.signals import install_stop_handlers, restore_handlers
+from mlpug.trainers.steps_per_call import StepsPerCall
 from mlpug.trainers.trainer import StepResult, Trainer
 
 _log = logging.getLogger("mlpug.TrainingManager")
 
 
-class TrainingManager:
+class TrainingManager(StepsPerCall, HookDispatch):
     """Runs the training loop and dispatches the hooks of the callbacks (see the module docstring).
 
     Args:
@@ -321,7 +323,7 @@ class TrainingManager:
         except BaseException as error:
             stopped_on_error = True
             self.training_error = error
-            _add_note(error, f"mlpug: training failed {self._failure_position()}")
+            add_note(error, f"mlpug: training failed {self._failure_position()}")
             raise
         finally:
             try:
@@ -414,64 +416,6 @@ class TrainingManager:
             self._complete_batch(batch, result, current, time.perf_counter() - start_time, hooks)
         return True
 
-    def _train_epoch_in_calls(self, data: Any, logs: dict) -> bool:
-        """:meth:`_train_epoch` with several optimisation steps per trainer call (``steps_per_execution``).
-
-        Each call trains up to ``steps_per_execution`` batches, never past the epoch's end nor past a batch at
-        which a callback needs the model (``Callback.batches_until_model_access``); the batch hooks then run for
-        every batch of the call, in order, as after one step per call (``on_batch_training_start`` for all of them
-        before the call). A stop request or a signal takes effect at the end of a call. Each batch's logged
-        duration is the call's duration divided by its batches.
-        """
-        trainer, training_settings = self.trainer, logs["training_settings"]
-        hooks = self._batch_hooks()
-        start_hooks = hooks[0]
-        epoch, new_current = self.epoch, logs_module.new_current
-        batch_step = self.batch_step
-        while batch_step < self.num_batches_per_epoch:
-            if self._should_stop():
-                return False
-            self.batch_step = batch_step
-            size = self._batches_per_call(batch_step)
-            batches = [self._next_batch(data, batch_step + index) for index in range(size)]
-            currents = []
-            for index, batch in enumerate(batches):
-                logs["current"] = current = new_current(epoch, batch_step + index, self.global_iter + index)
-                currents.append(current)
-                if start_hooks:
-                    self._call(start_hooks, "on_batch_training_start", batch, logs)
-            start_time = time.perf_counter()
-            try:
-                results = trainer.train_on_batches(batches, training_settings)
-            except Exception as error:
-                self._dispatch_failure(error, logs)
-                raise
-            duration = (time.perf_counter() - start_time) / size
-            end_step, end_iter = batch_step + size, self.global_iter + size
-            try:
-                for batch, result, current in zip(batches, results, currents):
-                    logs["current"] = current
-                    self._complete_batch(batch, result, current, duration, hooks)
-            except BaseException:
-                # the model has trained every batch of the call: a checkpoint of the failure resumes after them
-                self.batch_step, self.global_iter = end_step, end_iter
-                raise
-            batch_step = end_step
-        return True
-
-    def _batch_hooks(self) -> tuple:
-        """``(start, completed, reducing completed, other completed, checkpoint)`` bound hooks of a batch; with
-        several ranks the callbacks that add to the step's reduction come first, then it is issued, then the
-        others."""
-        completed_hooks = self._hooks["on_batch_training_completed"]
-        return (
-            self._hooks["on_batch_training_start"],
-            completed_hooks,
-            [(c, m) for c, m in completed_hooks if c.reduces_batch_metrics],
-            [(c, m) for c, m in completed_hooks if not c.reduces_batch_metrics],
-            self._hooks["on_batch_checkpoint"],
-        )
-
     def _next_batch(self, data: Any, batch_step: int) -> Any:
         try:
             return next(data)
@@ -480,35 +424,6 @@ class TrainingManager:
                 f"training_dataset ran out after {batch_step} batches in epoch {self.epoch}, but "
                 f"num_batches_per_epoch is {self.num_batches_per_epoch}"
             ) from None
-
-    def _batches_per_call(self, batch_step: int) -> int:
-        """How many batches the next call trains: ``steps_per_execution`` at most, up to the epoch's end and to
-        the first batch at which a callback needs the model (the same on every rank)."""
-        size = min(self.trainer.steps_per_execution, self.num_batches_per_epoch - batch_step)
-        for callback in self.callbacks:
-            needed = callback.batches_until_model_access(self.global_iter)
-            if needed is not None:
-                size = min(size, needed)
-        return max(size, 1)
-
-    def _warn_if_steps_per_call_limited(self) -> None:
-        """One warning per callback that needs the model after every batch, so that ``steps_per_execution`` > 1
-        has no effect."""
-        steps = self.trainer.steps_per_execution
-        if steps == 1:
-            return
-        every_batch = [
-            callback.name
-            for callback in self.callbacks
-            if callback.batches_until_model_access(self.global_iter) == 1
-            and callback.batches_until_model_access(self.global_iter + 1) == 1
-        ]
-        if every_batch:
-            _log.warning(
-                f"steps_per_execution={steps} has no effect: callbacks {every_batch} need the model after every "
-                "batch (they act before a step, or read or change the model, the optimizer or the learning rate in "
-                "a batch hook; see Callback.batches_until_model_access), so training runs one step per call"
-            )
 
     def _complete_batch(self, batch: Any, result: StepResult, current: dict, duration: float, hooks: tuple) -> None:
         """After a batch's step: its ``training_params``, the non-finite record, the counters, then its
@@ -591,63 +506,3 @@ class TrainingManager:
             _log.warning("Training completed, but one or more callback calls reported a problem; see the log.")
         if errors and not stopped_on_error:
             raise errors[0]
-
-    # ----- hooks -----
-    def _call_all(self, hook: str, errors: list, *args: Any) -> None:
-        """Call an end-phase ``hook`` on every callback even when some raise; their errors go to ``errors``."""
-        for callback, method in self._hooks[hook]:
-            try:
-                if method(*args) is False:
-                    self._report_problem(callback, hook)
-            except Exception as error:
-                _log.exception(f"{callback.name}.{hook} raised")
-                errors.append(error)
-
-    def _build_dispatch_table(self) -> dict:
-        """Per hook, the bound methods of the callbacks that implement it (base no-ops are skipped), in
-        dispatch order."""
-        return {
-            hook: [(cb, getattr(cb, hook)) for cb in self._ordered_callbacks if cb.overrides(hook)]
-            for hook in HOOKS
-            if hook != "set_training_manager"
-        }
-
-    def _dispatch(self, hook: str, *args: Any) -> None:
-        """Call ``hook`` on every callback that implements it, in dispatch order (producers first).
-
-        Raises:
-            ValueError: ``hook`` is not one of ``HOOKS``.
-        """
-        if hook not in self._hooks:
-            raise ValueError(f"unknown hook {hook!r}; hooks are: {', '.join(HOOKS)}")
-        self._call(self._hooks[hook], hook, *args)
-
-    def _call(self, bound_hooks: list, hook: str, *args: Any) -> None:
-        for callback, method in bound_hooks:
-            try:
-                result = method(*args)
-            except Exception as error:
-                self._failed_hook = hook
-                if not isinstance(
-                    error, NonFiniteLossError
-                ):  # found by the check the callback asked for, not its fault
-                    _add_note(error, f"mlpug: raised by callback {callback.name!r} in {hook}")
-                raise
-            if result is False:
-                self._report_problem(callback, hook)
-
-    def _dispatch_failure(self, error: BaseException, logs: dict) -> None:
-        for callback, method in self._hooks["on_batch_training_failed"]:
-            try:
-                method(error, logs)
-            except Exception:
-                _log.exception(f"{callback.name}.on_batch_training_failed raised while handling a failed step")
-
-    def _report_problem(self, callback: Callback, hook: str) -> None:
-        self.logs["cb_calls_success"] = False
-        _log.warning(f"Callback {callback.name!r} reported a problem in {hook} (returned False); training goes on.")
-
-
-def _add_note(error: BaseException, note: str) -> None:
-    if hasattr(error, "add_note") and note not in getattr(error, "__notes__", ()):
-        error.add_note(note)

@@ -44,26 +44,20 @@ from mlpug.tensorflow.distributed import (
     strategy_context,
 )
 from mlpug.tensorflow.random_state import TensorFlowRandomState
-from mlpug.tensorflow.trainers.checks import call_argument_names, check_arrays, check_optimizers, is_built, type_name
+from mlpug.tensorflow.trainers.checks import call_argument_names, check_optimizers, is_built, type_name
 from mlpug.tensorflow.trainers.compilation import (
     CompiledStep,
     EagerStep,
     check_batch_signature,
     run_stacked,
-    same_shape_runs,
-    stack_batches,
     stacked_signature,
-    unstack_outputs,
     validate_signature,
 )
 from mlpug.tensorflow.trainers.precision import precision_policy
 from mlpug.tensorflow.trainers.replicated import ReplicatedStep
-from mlpug.tensorflow.trainers.seed_generators import (
-    find_seed_generator_variables,
-    get_seed_generator_states,
-    set_seed_generator_states,
-)
 from mlpug.tensorflow.trainers.snapshot import KerasEvaluationSnapshot
+from mlpug.tensorflow.trainers.stacked import StackedCalls
+from mlpug.tensorflow.trainers.state import KerasTrainerState
 from mlpug.tensorflow.trainers.variables import (
     TrainableVariables,
     check_trainable_variables_spec,
@@ -73,13 +67,12 @@ from mlpug.trainers.arguments import check_positive_int
 from mlpug.trainers.clipping import validate_clipping
 from mlpug.trainers.gradient_sync import GradientSync
 from mlpug.trainers.precision import PrecisionPolicy
-from mlpug.trainers.trainer import DefaultTrainer as _NeutralDefaultTrainer
 from mlpug.trainers.trainer import ModelOutputs, StepResult
 
 _log = logging.getLogger("mlpug.tensorflow.DefaultTrainer")
 
 
-class DefaultTrainer(ReplicatedStep, _NeutralDefaultTrainer):
+class DefaultTrainer(ReplicatedStep, KerasTrainerState, StackedCalls):
     """Trains a Keras training model with ``tf.GradientTape``, eagerly or compiled with ``tf.function``.
 
     Args:
@@ -471,45 +464,6 @@ class DefaultTrainer(ReplicatedStep, _NeutralDefaultTrainer):
             loss, num_samples, auxiliary_results, False if skipped is None else skipped, self._learning_rate_for_logs()
         )
 
-    def train_on_batches(self, batches: Sequence[Any], training_settings: Any = None) -> list[StepResult]:
-        """One optimisation step per batch, several in one compiled call (``steps_per_execution``, see the class
-        docstring): consecutive batches of the same shapes are stacked and trained in a ``tf.while_loop``; a batch
-        of its own shape (the short last batch) is stacked alone, through the same trace (its sample dimension is
-        open). Eager mode, or one batch: :meth:`train_on` per batch.
-
-        Returns:
-            One :class:`StepResult` per batch, in order, as :meth:`train_on` returns them.
-
-        Raises:
-            ValueError: A batch does not match ``batch_data_signature`` (the message names it).
-        """
-        if self._train_steps is None or len(batches) == 1:
-            return super().train_on_batches(batches, training_settings)
-        self.ensure_ready()
-        if not self._prepared:
-            check_batch_signature(batches[0], self.batch_data_signature)
-            self._build(batches[0], training_settings)
-        results: list[StepResult] = []
-        for run in same_shape_runs(batches):
-            outputs = self._call_stacked(self._train_steps, run, training_settings)
-            learning_rate = self._learning_rate_for_logs()
-            for loss, num_samples, auxiliary_results, skipped in unstack_outputs(outputs, len(run)):
-                results.append(
-                    StepResult(
-                        loss, num_samples, auxiliary_results, False if skipped is None else skipped, learning_rate
-                    )
-                )
-        return results
-
-    def _call_stacked(self, step: Any, batches: list, settings: Any) -> Any:
-        """``step`` on the stacked ``batches``; a batch that does not match ``batch_data_signature`` is named."""
-        try:
-            return step(stack_batches(batches), settings)
-        except (TypeError, ValueError):
-            for batch in batches:
-                check_batch_signature(batch, self.batch_data_signature)
-            raise
-
     def evaluate_loss(self, batch: Any, evaluate_settings: Any = None, inference_mode: bool = True) -> ModelOutputs:
         """Evaluate the training model on ``batch`` without gradients (``training=False`` when ``inference_mode``).
 
@@ -521,26 +475,6 @@ class DefaultTrainer(ReplicatedStep, _NeutralDefaultTrainer):
             self._build(batch, evaluate_settings)
         loss, num_samples, auxiliary_results = step(batch, evaluate_settings)
         return ModelOutputs(loss, num_samples, auxiliary_results)
-
-    def evaluate_losses(
-        self, batches: Sequence[Any], evaluate_settings: Any = None, inference_mode: bool = True
-    ) -> list[ModelOutputs]:
-        """:meth:`evaluate_loss` of each batch, ``evaluation_batches_per_call`` of them per compiled call when more
-        than one (stacked and evaluated in a ``tf.while_loop``, as :meth:`train_on_batches`); the same values."""
-        if self.eager_mode or self.evaluation_batches_per_call == 1 or len(batches) < 2:
-            return super().evaluate_losses(batches, evaluate_settings, inference_mode)
-        self.ensure_ready()
-        if not self._prepared:
-            self._build(batches[0], evaluate_settings)
-        step = self._evaluate_step(bool(inference_mode), stacked=True)
-        outputs: list[ModelOutputs] = []
-        per_call = self.evaluation_batches_per_call
-        for run in same_shape_runs(batches):
-            for start in range(0, len(run), per_call):
-                part = run[start : start + per_call]
-                stacked = self._call_stacked(step, part, evaluate_settings)
-                outputs.extend(ModelOutputs(*output) for output in unstack_outputs(stacked, len(part)))
-        return outputs
 
     def _evaluate_step(self, inference_mode: bool, stacked: bool) -> EagerStep | CompiledStep:
         """The evaluation step for ``inference_mode``, of one batch or of stacked batches; made once."""
@@ -564,68 +498,6 @@ class DefaultTrainer(ReplicatedStep, _NeutralDefaultTrainer):
                 step = CompiledStep(evaluate, name, self.batch_data_signature)
             self._evaluate_steps[key] = step
         return step
-
-    # ----- state -----
-    def get_state(self) -> dict:
-        """Weights, optimizer variables and seed generator states as numpy arrays (copies, made once).
-
-        Returns:
-            ``{"model_components": {name: [np.ndarray, ...]}, "optimizers": {name: [np.ndarray, ...]},
-            "seed_generators": [np.ndarray, ...]}``: per component its ``get_weights()`` (trainable and
-            non-trainable, in Keras' order); per optimizer the values of ``optimizer.variables`` (iteration
-            count, learning rate, slots, in creation order); the states (int64, shape ``(2,)``) of the Keras seed
-            generators of the model components and then of the training model (``Dropout`` etc.; each once, in
-            the order of ``.variables``), which ``get_weights()`` leaves out. When the trainer cannot be built
-            yet (see :meth:`_build`), a state given to :meth:`set_state` and not applied yet is returned, else
-            what exists so far.
-        """
-        self._build()
-        if self._pending_state is not None:
-            return self._pending_state
-        return {
-            "model_components": {name: component.get_weights() for name, component in self.model_components.items()},
-            "optimizers": {
-                name: [np.asarray(variable.numpy()) for variable in optimizer.variables]
-                for name, optimizer in self.optimizers.items()
-            },
-            "seed_generators": get_seed_generator_states(self._seed_generator_variables()),
-        }
-
-    def _seed_generator_variables(self) -> list:
-        """The seed generator state variables of the model components, then of the training model."""
-        return find_seed_generator_variables([*self.model_components.values(), self.training_model])
-
-    def set_state(self, state: dict) -> None:
-        """Restore what :meth:`get_state` returned.
-
-        Unbuilt model components are built first (from ``batch_data_signature`` when given); when they cannot be
-        built without data, the state is kept and applied right after building, before the first update. A
-        state without ``"seed_generators"`` (taken before they were part of it) leaves the seed generators as
-        they are.
-
-        Raises:
-            ValueError: Names, numbers of arrays or shapes in ``state`` do not match the trainer's (raised when
-                the state is applied: at once, or on building when it is pending).
-        """
-        self._check_state_names(state)
-        if self._build():
-            self._load_state(state)
-        else:
-            _log.debug("Model not built yet: the state is applied when it is built (before the first update)")
-            self._pending_state = state
-
-    def _load_state(self, state: dict) -> None:
-        for name, component in self.model_components.items():
-            weights = state["model_components"][name]
-            check_arrays(f"model component {name!r}", component.weights, weights)
-            component.set_weights(weights)
-        for name, optimizer in self.optimizers.items():
-            values = state["optimizers"][name]
-            check_arrays(f"optimizer {name!r}", optimizer.variables, values)
-            for variable, value in zip(optimizer.variables, values):
-                variable.assign(value)
-        if state.get("seed_generators") is not None:
-            set_seed_generator_states(self._seed_generator_variables(), state["seed_generators"])
 
     # ----- learning rate -----
     def set_learning_rate(self, learning_rate: float, optimizer_name: Optional[str] = None) -> None:

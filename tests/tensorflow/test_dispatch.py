@@ -30,9 +30,15 @@ def counted(trainer):
     return step
 
 
+def kept_batch_spec(step):
+    """The batch part of the kept concrete function's input signature (traced as ``f((batch, settings))``)."""
+    ((batch_spec, _settings),) = step._concrete.structured_input_signature[0]
+    return batch_spec
+
+
 def kept_shape(step):
-    ((batch_spec, _settings),) = step._concrete.structured_input_signature[0]  # traced as f((batch, settings))
-    return batch_spec[0].shape.as_list()
+    """The shape of the first tensor of a kept ``(x, y)`` batch."""
+    return kept_batch_spec(step)[0].shape.as_list()
 
 
 def test_full_batches_skip_the_tf_function_and_run_the_full_batch_trace():
@@ -137,12 +143,7 @@ def test_a_single_tensor_of_another_shape_is_not_run_through_the_kept_trace():
     one = tf.constant(1.0)
     values = [float(step(tf.ones(shape), one)) for shape in ([8, 3], [8, 3], [3, 3], [8, 3], [3, 3])]
     assert values == [3.0] * 5  # sum / samples: 3 for every size
-    assert step.num_traces == 2 and kept_shape_of(step) == [8, 3]
-
-
-def kept_shape_of(step):
-    ((batch_spec, _settings),) = step._concrete.structured_input_signature[0]
-    return batch_spec.shape.as_list()
+    assert step.num_traces == 2 and kept_batch_spec(step).shape.as_list() == [8, 3]
 
 
 @pytest.mark.parametrize("settings_signature", [None, tf.TensorSpec((), tf.float32)])
@@ -164,3 +165,17 @@ def test_numpy_batches_of_another_dtype_get_their_own_trace_as_with_tf_function(
     wider = step((np.ones((4, 3), np.float64),), None)  # binding would cast it to float32
     assert (first.dtype, second.dtype, wider.dtype) == (tf.float32, tf.float32, tf.float64)
     assert step.num_traces == 2
+
+
+def test_numpy_strings_in_the_settings_stay_python_constants_as_with_tf_function():
+    seen = []
+
+    def step(batch, settings):
+        seen.append(type(settings["mode"]))
+        return tf.reduce_sum(batch) * (2.0 if settings["mode"] == "double" else 1.0)
+
+    compiled = compilation.CompiledStep(step, "test step")
+    ones = np.ones((2, 2), np.float32)
+    values = [float(compiled(ones, {"mode": np.str_(mode)})) for mode in ("double", "double", "single")]
+    assert values == [8.0, 8.0, 4.0]
+    assert seen == [np.str_, np.str_]  # one trace per value, the step seeing the constant

@@ -228,17 +228,20 @@ def _frozen(value: Any) -> Any:
         return ("id", id(value))
 
 
+def _is_numpy(leaf: Any) -> bool:
+    """A NumPy array or scalar that ``tf.function`` traces as a tensor (``np.str_`` is a Python constant to it)."""
+    return isinstance(leaf, (np.ndarray, np.generic)) and not isinstance(leaf, str)
+
+
 def _numpy_as_tensors(value: Any) -> tuple[Any, bool]:
     """``value`` with its NumPy arrays and scalars converted to tensors of their own dtype, and whether that was
     possible (``tf.nest`` refuses some structures, e.g. a dict whose keys cannot be sorted). A structure without
     NumPy leaves is returned as it is (one walk over its leaves, a few microseconds)."""
     try:
         leaves = tf.nest.flatten(value)
-        if not any(isinstance(leaf, (np.ndarray, np.generic)) for leaf in leaves):
+        if not any(_is_numpy(leaf) for leaf in leaves):
             return value, True
-        converted = [
-            tf.convert_to_tensor(leaf) if isinstance(leaf, (np.ndarray, np.generic)) else leaf for leaf in leaves
-        ]
+        converted = [tf.convert_to_tensor(leaf) if _is_numpy(leaf) else leaf for leaf in leaves]
         return tf.nest.pack_sequence_as(value, converted), True
     except (TypeError, ValueError):
         return value, False

@@ -33,8 +33,8 @@ class StackedCalls(NeutralDefaultTrainer):
     _learning_rate_for_logs: Any  # () -> the learning rate for logs
 
     def train_on_batches(self, batches: Sequence[Any], training_settings: Any = None) -> list[StepResult]:
-        """One optimisation step per batch, several in one compiled call (``steps_per_execution``, see the class
-        docstring): consecutive batches of the same shapes are stacked and trained in a ``tf.while_loop``; a batch
+        """One optimisation step per batch, several in one compiled call (``steps_per_execution``, see the
+        ``DefaultTrainer`` docstring): consecutive batches of the same shapes are stacked and trained in a ``tf.while_loop``; a batch
         of its own shape (the short last batch) is stacked alone, through the same trace (its sample dimension is
         open). Eager mode, or one batch: :meth:`train_on` per batch.
 

@@ -34,9 +34,9 @@ class StackedCalls(NeutralDefaultTrainer):
 
     def train_on_batches(self, batches: Sequence[Any], training_settings: Any = None) -> list[StepResult]:
         """One optimisation step per batch, several in one compiled call (``steps_per_execution``, see the
-        ``DefaultTrainer`` docstring): consecutive batches of the same shapes are stacked and trained in a ``tf.while_loop``; a batch
-        of its own shape (the short last batch) is stacked alone, through the same trace (its sample dimension is
-        open). Eager mode, or one batch: :meth:`train_on` per batch.
+        ``DefaultTrainer`` docstring): consecutive batches of the same shapes are stacked and trained in a
+        ``tf.while_loop``; a batch of its own shape (the short last batch) is stacked alone, through the same trace
+        (its sample dimension is open). Eager mode, or one batch: :meth:`train_on` per batch.
 
         Returns:
             One :class:`StepResult` per batch, in order, as :meth:`train_on` returns them.

@@ -37,12 +37,18 @@ LOG_PERIOD = 200
 LOSS = tf.keras.losses.SparseCategoricalCrossentropy(from_logits=True)
 
 
-def make_batches(batch_size):
+def training_arrays():
+    """The Fashion-MNIST training set as float32 images (N, 784) in [0, 1] and int64 labels (N,), in the fixed
+    permutation of ``np.random.default_rng(0)`` that every TensorFlow benchmark trains in."""
     data = load_fashion_mnist()
     images = (data.train_images.astype(np.float32) / 255.0).reshape(-1, 784)
     labels = data.train_labels.astype(np.int64)
     order = np.random.default_rng(0).permutation(len(labels))
-    images, labels = images[order], labels[order]
+    return images[order], labels[order]
+
+
+def make_batches(batch_size):
+    images, labels = training_arrays()
     return [
         (tf.constant(images[i : i + batch_size]), tf.constant(labels[i : i + batch_size]))
         for i in range(0, len(labels), batch_size)

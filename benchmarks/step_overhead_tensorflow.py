@@ -43,21 +43,16 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
-from overhead_tensorflow import LOG_PERIOD, LOSS, TrainModel, make_model  # noqa: E402
+from overhead_tensorflow import LOG_PERIOD, LOSS, TrainModel, make_model, training_arrays  # noqa: E402
 
 import mlpug.tensorflow as mlp  # noqa: E402
-from mlpug.datasets.fashion_mnist import load_fashion_mnist  # noqa: E402
 
 BATCH_SIZE = 64
 
 
 def make_blocks(blocks_per_epoch):
     """The peers' training set order, cut into ``blocks_per_epoch`` ``tf.data`` pipelines of whole batches."""
-    data = load_fashion_mnist()
-    images = (data.train_images.astype(np.float32) / 255.0).reshape(-1, 784)
-    labels = data.train_labels.astype(np.int64)
-    order = np.random.default_rng(0).permutation(len(labels))
-    images, labels = images[order], labels[order]
+    images, labels = training_arrays()
     num_batches = -(-len(labels) // BATCH_SIZE)
     edges = np.linspace(0, num_batches, blocks_per_epoch + 1).round().astype(int) * BATCH_SIZE
     return [

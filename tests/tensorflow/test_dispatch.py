@@ -7,7 +7,7 @@ import tensorflow as tf
 
 import mlpug.tensorflow as mlp
 from mlpug.tensorflow.trainers import compilation
-from tests.tensorflow.test_trainer import SIGNATURE, batch, make
+from tests.tensorflow.test_trainer import SIGNATURE, ScaledLoss, batch, make
 
 
 class CountingFunction:
@@ -101,15 +101,6 @@ def test_with_a_signature_every_batch_size_takes_the_one_trace_directly():
 
 def test_settings_of_another_value_leave_the_kept_trace_for_their_own():
     """Settings are trace constants: a batch with other settings does not bind to the kept trace."""
-
-    class ScaledLoss(tf.keras.Model):
-        def __init__(self, model):
-            super().__init__()
-            self.model = model
-
-        def call(self, batch_data, evaluate_settings, inference_mode=None):
-            x, y = batch_data
-            return tf.reduce_mean((self.model(x)[:, 0] - y) ** 2) * evaluate_settings["scale"]
 
     model = tf.keras.Sequential([tf.keras.Input(shape=(3,)), tf.keras.layers.Dense(1, kernel_initializer="ones")])
     trainer = mlp.trainers.DefaultTrainer(tf.keras.optimizers.SGD(0.0), model)

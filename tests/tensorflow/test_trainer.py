@@ -34,6 +34,18 @@ class Model(tf.keras.Model):
         }[self.form]()
 
 
+class ScaledLoss(tf.keras.Model):
+    """Mean squared error times ``evaluate_settings["scale"]`` (a trace constant unless a settings signature)."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def call(self, batch_data, evaluate_settings, inference_mode=None):
+        x, y = batch_data
+        return tf.reduce_mean((self.model(x)[:, 0] - y) ** 2) * evaluate_settings["scale"]
+
+
 def batch(num_samples=4, seed=0):
     rng = np.random.default_rng(seed)
     return rng.normal(size=(num_samples, 3)).astype(np.float32), rng.normal(size=num_samples).astype(np.float32)
@@ -412,15 +424,6 @@ def test_metric_evaluator_weighted_sums_in_one_conversion():
 @pytest.mark.parametrize("with_signature", [False, True])
 def test_settings_changed_in_place_reach_the_compiled_step(with_signature):
     """Settings are trace constants: a changed value (also changed in place) must retrace, not be ignored."""
-
-    class ScaledLoss(tf.keras.Model):
-        def __init__(self, model):
-            super().__init__()
-            self.model = model
-
-        def call(self, batch_data, evaluate_settings, inference_mode=None):
-            x, y = batch_data
-            return tf.reduce_mean((self.model(x)[:, 0] - y) ** 2) * evaluate_settings["scale"]
 
     signature = (tf.TensorSpec((None, 3), tf.float32), tf.TensorSpec((None,), tf.float32)) if with_signature else None
     model = tf.keras.Sequential([tf.keras.Input(shape=(3,)), tf.keras.layers.Dense(1, kernel_initializer="ones")])

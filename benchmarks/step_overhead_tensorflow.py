@@ -43,7 +43,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
-from overhead_tensorflow import LOG_PERIOD, LOSS, TrainModel, make_model, training_arrays  # noqa: E402
+from overhead_tensorflow import LOG_PERIOD, TrainModel, make_model, raw_train_step, training_arrays  # noqa: E402
 
 import mlpug.tensorflow as mlp  # noqa: E402
 
@@ -68,16 +68,7 @@ class Raw:
     def __init__(self):
         model, optimizer = make_model()
         optimizer.build(model.trainable_variables)
-
-        @tf.function(reduce_retracing=True)
-        def train_step(images, labels):
-            with tf.GradientTape() as tape:
-                loss = LOSS(labels, model(images, training=True))
-            gradients = tape.gradient(loss, model.trainable_variables)
-            optimizer.apply_gradients(zip(gradients, model.trainable_variables))
-            return loss
-
-        self.model, self.train_step = model, train_step
+        self.model, self.train_step = model, raw_train_step(model, optimizer)
         self.step, self.running_loss, self.count = 0, tf.zeros(()), 0
 
     def train(self, dataset):

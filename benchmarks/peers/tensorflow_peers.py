@@ -35,7 +35,7 @@ import common  # noqa: E402
 import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 from common import BATCH_SIZE, LOG_PERIOD, Run, Variant  # noqa: E402
-from overhead_tensorflow import LOSS, TrainModel, make_model  # noqa: E402
+from overhead_tensorflow import LOSS, TrainModel, make_model, raw_train_step  # noqa: E402
 
 import mlpug.tensorflow as mlp  # noqa: E402
 from mlpug.datasets.fashion_mnist import load_fashion_mnist  # noqa: E402
@@ -68,14 +68,7 @@ def raw_floor(data):
         model, optimizer = make_model()
         optimizer.build(model.trainable_variables)  # as mlpug's DefaultTrainer: no variables created in the trace
         dataset = data.dataset()
-
-        @tf.function(reduce_retracing=True)
-        def train_step(images, labels):
-            with tf.GradientTape() as tape:
-                loss = LOSS(labels, model(images, training=True))
-            gradients = tape.gradient(loss, model.trainable_variables)
-            optimizer.apply_gradients(zip(gradients, model.trainable_variables))
-            return loss
+        train_step = raw_train_step(model, optimizer)
 
         def train():
             running_loss, count = tf.zeros(()), 0

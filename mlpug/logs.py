@@ -9,6 +9,8 @@ Schema (keys are snake_case; durations are in seconds)::
         "final_epoch": int,           # num_epochs - 1
         "final_batch_step": int,      # num_batches_per_epoch - 1
         "cb_calls_success": bool,     # False once any callback reported a non-fatal problem
+        "resumed_mid_epoch": bool,    # True while training an epoch it continues mid-way (after a resume or a
+                                      # stop inside it): on_epoch_start then sees the restored callback states
         "training_settings": Any,     # passed to the training model as ``evaluate_settings`` during training
         "evaluate_settings": Any,     # passed to the model when evaluating
         "best": dict,                 # plain copy of ``current`` at the last improvement (owned by the
@@ -42,7 +44,8 @@ Readers always see Python numbers (or ``None``).
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Mapping
+import difflib
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from functools import partial
 from typing import Any
 
@@ -170,9 +173,75 @@ def get_value_at(logs: Mapping, path: str, default: Any = _MISSING) -> Any:
             continue
         if default is not _MISSING:
             return default
-        available = ", ".join(sorted(iter_paths(logs))) or "(none)"
-        raise KeyError(f"logs path {path!r} does not exist (missing key {key!r}). Available paths: {available}")
+        paths = sorted(iter_paths(logs))
+        raise KeyError(
+            f"logs path {path!r} does not exist (missing key {key!r}).{did_you_mean(path, paths)} Available paths: "
+            f"{', '.join(paths) or '(none)'}"
+        )
     return node
+
+
+KERAS_LOG_NAMES = {"lr": "training_params.batch.lr", "learning_rate": "training_params.batch.lr"}
+"""Keras log names whose ``logs["current"]`` path is not found by the rule of :func:`keras_equivalents`."""
+
+
+def keras_equivalents(name: str) -> list[str]:
+    """The ``logs["current"]`` paths that a Keras log name means, most likely first.
+
+    ``val_<metric>`` is a metric of the validation dataset (``validation.dataset.<metric>``, or with a batch-level
+    ``TestMetricsLogger`` ``validation.window_average.<metric>`` / ``validation.batch.<metric>``); any other name
+    without a dot is a training metric (``training.window_average.<metric>``, the sliding average closest to Keras'
+    running epoch average, then ``training.dataset.<metric>`` and ``training.batch.<metric>``); see also
+    :data:`KERAS_LOG_NAMES`. A dotted path gets none.
+    """
+    if "." in name or not name:
+        return []
+    if name in KERAS_LOG_NAMES:
+        return [KERAS_LOG_NAMES[name]]
+    if name.startswith("val_") and len(name) > 4:
+        return [f"validation.{kind}.{name[4:]}" for kind in ("dataset", "window_average", "batch")]
+    return [f"training.{kind}.{name}" for kind in ("window_average", "dataset", "batch")]
+
+
+def did_you_mean(path: str, known: Iterable[str], open_sections: Iterable[str] = ()) -> str:
+    """A sentence for an error about a missing log path: the paths of ``known`` that ``path`` may have meant.
+
+    First the paths a Keras name means (:func:`keras_equivalents`, e.g. ``val_loss`` -> ``validation.dataset.loss``)
+    or a path spelled like the first of them (``val_acc`` -> ``validation.dataset.accuracy``), then paths that are
+    spelled like ``path`` (``difflib``); at most three.
+
+    Args:
+        path: The dotted path that is not there.
+        known: The paths that exist (or are written).
+        open_sections: Sections under which any path may exist (a Keras equivalent there counts as known).
+
+    Returns:
+        ``" Did you mean 'a' or 'b'?"``; for a Keras name whose paths nobody writes, a sentence saying which path
+        it means; else ``""``.
+    """
+    known, open_sections = sorted(set(known)), set(open_sections)
+    equivalents = keras_equivalents(path)
+    found = [item for item in equivalents if item in known]
+    if not found:  # under a section that may hold anything, the most likely one
+        found = [item for item in equivalents if item.split(".", 1)[0] in open_sections][:1]
+    close = difflib.get_close_matches(path, known, n=2, cutoff=0.6)
+    if equivalents and not found:  # e.g. val_acc -> validation.dataset.accuracy
+        prefix, metric = equivalents[0].rsplit(".", 1)
+        close = [
+            item
+            for item in known
+            if item.rsplit(".", 1)[0] == prefix
+            and (
+                item.rsplit(".", 1)[1].startswith(metric)
+                or difflib.SequenceMatcher(None, metric, item.rsplit(".", 1)[1]).ratio() >= 0.75
+            )
+        ][:1] + close
+    suggestions = list(dict.fromkeys(found + close))[:3]
+    if suggestions:
+        return f" Did you mean {' or '.join(map(repr, suggestions))}?"
+    if equivalents and (path.startswith("val_") or path == "loss" or path in KERAS_LOG_NAMES):
+        return f" (The Keras name {path!r} is {equivalents[0]!r} in mlpug's logs; nothing writes it here.)"
+    return ""
 
 
 def set_value_at(logs: dict, path: str, value: Any) -> None:
@@ -200,6 +269,7 @@ def new_logs(final_epoch: int, final_batch_step: int, training_settings: Any, ev
         "final_epoch": final_epoch,
         "final_batch_step": final_batch_step,
         "cb_calls_success": True,
+        "resumed_mid_epoch": False,
         "training_settings": training_settings,
         "evaluate_settings": evaluate_settings,
         "best": {},

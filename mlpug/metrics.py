@@ -11,15 +11,19 @@ A metric function takes a :class:`mlpug.evaluation.MetricInputs` and returns a p
 
 Each backend computes them with its own ops (``mlpug.pytorch.metrics``, ``mlpug.tensorflow.metrics``) and returns a
 0-d tensor, so that no value leaves the device before a consumer reads it. This module holds the backend-neutral
-part: where logits and labels are found, and the checks.
+part: where logits and labels are found, and the checks, including the first-batch check of any metric function
+(:func:`metric_functions_check`).
 """
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable, Mapping
-from typing import Any
+from typing import Any, Optional
 
-from mlpug.evaluation import MetricInputs
+from mlpug.evaluation import MetricEvaluator, MetricInputs, loss_metric
+from mlpug.trainers.hook_dispatch import add_note
+from mlpug.trainers.trainer import FirstBatchCheck, ModelOutputs
 
 _LAYOUT = (
     "auxiliary_results = logits [B, C] (or a dict with 'logits') and batch = (features, labels) (or a dict with "
@@ -93,3 +97,61 @@ def top_k_metric(k: int, fraction_in_top_k: Callable[[Any, Any, int], Any]) -> C
 
     top_k.__name__ = f"top_{k}_accuracy"
     return top_k
+
+
+METRIC_FUNCTION_FORM = (
+    "one argument, an mlp.evaluation.MetricInputs (batch, loss, num_samples, auxiliary_results), returning the "
+    "batch's mean value (or (mean value, weight))"
+)
+
+
+def check_metric_signature(metric_name: str, func: Callable) -> None:
+    """Raise when ``func`` cannot be called with one positional argument, as every metric function is.
+
+    Functions whose signature Python cannot read (some builtins) pass; they fail when called.
+
+    Raises:
+        TypeError: Names the metric, its signature and the form it needs, e.g. for ``f(y_true, y_pred)``.
+    """
+    try:
+        signature = inspect.signature(func)
+    except (TypeError, ValueError):
+        return
+    try:
+        signature.bind(None)
+    except TypeError:
+        function = getattr(func, "__qualname__", type(func).__qualname__)
+        raise TypeError(
+            f"metric function {metric_name!r} is {function}{signature}, but metric functions take "
+            f"{METRIC_FUNCTION_FORM}; a function of (targets, outputs) on (inputs, targets) batches is wrapped as "
+            f"{{{metric_name!r}: lambda inputs: {function}(inputs.batch[1], inputs.auxiliary_results)}}"
+        ) from None
+
+
+def metric_functions_check(evaluator: MetricEvaluator) -> Optional[FirstBatchCheck]:
+    """The first-batch check (:meth:`mlpug.trainers.trainer.Trainer.add_first_batch_check`) of ``evaluator``'s metric
+    functions, or None when it has only the loss: every function is called once on the first training batch's
+    outputs, before its optimizer step, so that a metric that cannot run fails before anything trains (otherwise
+    it would fail after the first step). ``TrainingMetricsLogger`` adds it at every training start.
+
+    The check raises :func:`check_metric_signature`'s ``TypeError`` for a function of another signature, or what a
+    metric function raised, with notes naming the metric and the check.
+    """
+    functions = {name: func for name, func in evaluator.batch_metric_funcs.items() if func is not loss_metric}
+    if not functions:
+        return None
+
+    def check(batch: Any, outputs: ModelOutputs) -> None:
+        for name, func in functions.items():
+            check_metric_signature(name, func)
+        try:
+            evaluator.gather(batch, outputs)
+        except Exception as error:
+            add_note(
+                error,
+                "mlpug: in the first-batch check of the metric functions, called once on the outputs of the first "
+                f"training batch before any optimizer step; metric functions take {METRIC_FUNCTION_FORM}",
+            )
+            raise
+
+    return check

@@ -17,14 +17,19 @@ import errno
 import os
 import shutil
 from collections.abc import Callable
-from typing import BinaryIO
+from typing import BinaryIO, Optional
 
 
 class CheckpointWriteError(OSError):
     """A checkpoint file could not be written; the file at that path is unchanged (a previous checkpoint is kept).
 
     Its ``errno`` is that of the cause (``errno.ENOSPC`` for a full disk, None when unknown); the cause is chained.
+
+    Attributes:
+        path: The file that could not be written (None when not known).
     """
+
+    path: Optional[str] = None
 
 
 def write_error(path: str, error: OSError) -> CheckpointWriteError:
@@ -43,7 +48,9 @@ def write_error(path: str, error: OSError) -> CheckpointWriteError:
     else:
         reason = error.strerror or str(error) or type(error).__name__
     message = f"cannot write checkpoint file {path}: {reason} (the file at that path is unchanged)"
-    return CheckpointWriteError(error.errno, message) if error.errno is not None else CheckpointWriteError(message)
+    result = CheckpointWriteError(error.errno, message) if error.errno is not None else CheckpointWriteError(message)
+    result.path = path
+    return result
 
 
 def fsync_directory(directory: str) -> None:

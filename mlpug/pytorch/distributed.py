@@ -20,15 +20,28 @@ Failure (see ``docs/distributed.md``): when a rank raises, it runs its end phase
 with the error; the other ranks' next collective fails as soon as its process is gone (gloo: "Connection closed by
 peer", within a second) or, where the engine does not notice (NCCL), when the process group ``timeout`` ends, unless
 the launcher (``torchrun``'s agent, :func:`launch`) stops them first: it does as soon as a process exits with an
-error.
+error, and names the process that failed first.
+
+Exit: a process group that :func:`init_distributed` created is destroyed when the interpreter exits (an ``atexit``
+handler), on every rank, after a success, a stop or an error; until then the script may go on using it after
+training. Python has joined the non-daemon threads by then (mlpug's asynchronous evaluation worker and background
+checkpoint writer; neither issues a collective). Unless the process ends with an uncaught error, every rank first
+waits for the others, at most :data:`EXIT_BARRIER_TIMEOUT_S` seconds; after an error it destroys the group at once,
+so that the other ranks' collectives fail at once. A group the script created, or destroyed itself, is left alone.
 """
 
 from __future__ import annotations
 
+import atexit
 import datetime
 import logging
+import multiprocessing.connection
 import os
+import pickle
+import signal
 import socket
+import sys
+import time
 from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager, nullcontext
 from typing import Any, Optional
@@ -55,6 +68,9 @@ _log = logging.getLogger("mlpug.pytorch.distributed")
 
 DEFAULT_TIMEOUT_S = 300.0
 """Seconds a collective waits for the other ranks before it raises (``MLPUG_DISTRIBUTED_TIMEOUT_S`` overrides)."""
+
+EXIT_BARRIER_TIMEOUT_S = 60.0
+"""Seconds a rank waits at exit for the other ranks before it destroys the process group mlpug created."""
 
 
 def environment_world_size() -> int:
@@ -93,8 +109,9 @@ def init_distributed(backend: Optional[str] = None, timeout_s: Optional[float] =
     """Join the process group of a data-parallel launch, once per process; a :class:`SerialContext` otherwise.
 
     With ``WORLD_SIZE`` > 1 in the environment (``torchrun``, :func:`launch`), ``torch.distributed`` is initialised
-    from it (``init_method="env://"``) unless that was done already (then the existing group is used). Calling it
-    again returns the same context.
+    from it (``init_method="env://"``) unless that was done already (then the existing group is used, and left to
+    the script). Calling it again returns the same context. A group created here is destroyed at interpreter exit
+    (see the module docstring), not before: the script may use it after training.
 
     Args:
         backend: ``"gloo"`` or ``"nccl"``; default NCCL when CUDA is available, else gloo.
@@ -105,7 +122,7 @@ def init_distributed(backend: Optional[str] = None, timeout_s: Optional[float] =
         ValueError: ``WORLD_SIZE`` or the timeout is invalid.
         RuntimeError: ``RANK``, ``MASTER_ADDR`` or ``MASTER_PORT`` is missing (a launcher other than torchrun).
     """
-    global _context
+    global _context, _created_group
     if _context is not None:
         return _context
     if not dist.is_available():
@@ -134,6 +151,8 @@ def init_distributed(backend: Optional[str] = None, timeout_s: Optional[float] =
         attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
         store = dist.PrefixStore(f"mlpug/attempt_{attempt}/", store)
         dist.init_process_group(backend, store=store, rank=rank, world_size=world_size, timeout=timeout)
+        _created_group = dist.group.WORLD
+        atexit.register(_tear_down_at_exit)
     if dist.get_world_size() == 1:
         return SerialContext()
     _context = TorchDistributedContext()
@@ -142,6 +161,35 @@ def init_distributed(backend: Optional[str] = None, timeout_s: Optional[float] =
 
 
 _context: Optional[DistributedContext] = None
+_created_group: Optional[Any] = None
+"""The default process group when :func:`init_distributed` created it (mlpug tears it down at exit), else None."""
+_ending_with_error = False
+"""Set by :func:`launch`'s processes when the function raised (Python sets ``sys.last_value`` only for an error
+that reached the top level)."""
+
+
+def _tear_down_at_exit() -> None:
+    """Destroy the process group mlpug created, if it is still the default group, after the other ranks arrived
+    (a barrier of at most :data:`EXIT_BARRIER_TIMEOUT_S`, skipped when this process ends with an error)."""
+    global _context, _created_group
+    group, _created_group = _created_group, None
+    if group is None or not dist.is_initialized() or dist.group.WORLD is not group:
+        return  # destroyed by the script (which may have created a group of its own since)
+    failed = _ending_with_error or getattr(sys, "last_value", None) is not None
+    if not failed and isinstance(_context, TorchDistributedContext):
+        try:
+            _context.exit_barrier(EXIT_BARRIER_TIMEOUT_S)
+        except Exception as error:  # a rank ended earlier or is still busy: tear down without it
+            reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+            _log.warning(
+                f"at exit, not every rank arrived within {EXIT_BARRIER_TIMEOUT_S:g} s ({reason}); destroying the "
+                "process group without them"
+            )
+    try:
+        dist.destroy_process_group()
+    except Exception as error:
+        _log.warning(f"at exit, destroying the process group failed: {type(error).__name__}: {error}")
+    _context = None
 
 
 class TorchDistributedContext(DistributedContext):
@@ -159,6 +207,15 @@ class TorchDistributedContext(DistributedContext):
 
     def barrier(self) -> None:
         dist.barrier(group=self._cpu_group)
+
+    def exit_barrier(self, timeout_s: float) -> None:
+        """Wait until every rank arrives here, at most ``timeout_s`` seconds (on the CPU group).
+
+        Raises:
+            RuntimeError: A rank did not arrive in time, or its process is gone.
+        """
+        timeout = datetime.timedelta(seconds=timeout_s)
+        dist.monitored_barrier(group=self._cpu_group, timeout=timeout, wait_all_ranks=True)
 
     def all_reduce_sum(self, values: Sequence[float]) -> list[float]:
         tensor = torch.tensor([float(value) for value in values], dtype=torch.float64)
@@ -352,7 +409,10 @@ def _free_port() -> int:
         return probe.getsockname()[1]
 
 
-def _launched(local_rank: int, function: Callable, args: tuple, kwargs: dict, world_size: int, port: int) -> None:
+def _launched(
+    local_rank: int, function: Callable, args: tuple, kwargs: dict, world_size: int, port: int, raised_at: Any
+) -> None:
+    global _ending_with_error
     os.environ.update(
         {
             "RANK": str(local_rank),
@@ -363,7 +423,103 @@ def _launched(local_rank: int, function: Callable, args: tuple, kwargs: dict, wo
             "MASTER_PORT": str(port),
         }
     )
-    function(*args, **kwargs)
+    try:
+        function(*args, **kwargs)
+    except Exception:
+        _ending_with_error = True
+        raised_at[local_rank] = time.monotonic()
+        raise
+
+
+def _first_failure(raised_at: Sequence[float], seen: Sequence[int]) -> int:
+    """The process that failed first: the one whose failure the others' failures followed.
+
+    A process that ended without raising (killed by a signal, crashed, ``sys.exit``) comes first: the others'
+    collectives fail because it is gone. Among processes that raised, the earliest to raise.
+
+    Args:
+        raised_at: Per process, ``time.monotonic()`` when its function raised, 0 when it did not.
+        seen: The processes that ended with a non-zero exit code when the launcher first looked (at least one).
+
+    Returns:
+        The index of a process in ``seen``, or one that raised before any in ``seen`` ended.
+    """
+    candidates = set(seen) | {index for index, moment in enumerate(raised_at) if moment > 0}
+    return min(candidates, key=lambda index: (raised_at[index] > 0, raised_at[index], index))
+
+
+def _exit_description(code: Optional[int]) -> str:
+    if code is None:
+        return "was still running"
+    if code < 0:
+        try:
+            return f"was killed by signal {signal.Signals(-code).name}"
+        except ValueError:
+            return f"was killed by signal {-code}"
+    return f"exited with code {code}"
+
+
+def _join(context: Any, raised_at: Any) -> None:
+    """Wait for the processes of ``context``; when one fails, terminate the others and raise for the process that
+    failed first (:func:`_first_failure`), naming how the others ended."""
+    processes = context.processes
+    sentinels = {process.sentinel: index for index, process in enumerate(processes)}
+    seen: list[int] = []
+    while sentinels and not seen:
+        for sentinel in multiprocessing.connection.wait(list(sentinels)):
+            index = sentinels.pop(sentinel)
+            processes[index].join()
+            if processes[index].exitcode != 0:
+                seen.append(index)
+    if not seen:
+        return
+    first = _first_failure(list(raised_at), seen)
+    terminated = [index for index, process in enumerate(processes) if process.is_alive()]
+    for index in terminated:
+        processes[index].terminate()
+    deadline = time.monotonic() + 30.0
+    for index in terminated:
+        processes[index].join(max(deadline - time.monotonic(), 0.0))
+        if processes[index].is_alive():
+            processes[index].kill()
+            processes[index].join()
+    others = []
+    for index, process in enumerate(processes):
+        if index == first or process.exitcode == 0:
+            continue
+        error = _raised_error(context.error_files[index])
+        how = f"raised {error}" if error else _exit_description(process.exitcode)
+        others.append(f"process {index} {how}" + (" (terminated by the launcher)" if index in terminated else ""))
+    after = f"\n-- after it: {'; '.join(others)}" if others else ""
+    code = processes[first].exitcode
+    trace = _raised_error(context.error_files[first], whole=True)
+    if trace:
+        message = f"\n\n-- Process {first:d} of {len(processes)} failed first, with the following error:\n{trace}"
+        raise torch.multiprocessing.ProcessRaisedException(message + after, first, processes[first].pid)
+    signal_name = None
+    if code is not None and code < 0:
+        try:
+            signal_name = signal.Signals(-code).name
+        except ValueError:
+            signal_name = str(-code)
+    raise torch.multiprocessing.ProcessExitedException(
+        f"process {first:d} of {len(processes)} failed first: it {_exit_description(code)}{after}",
+        error_index=first,
+        error_pid=processes[first].pid,
+        exit_code=code,
+        signal_name=signal_name,
+    )
+
+
+def _raised_error(error_file: str, whole: bool = False) -> str:
+    """What a process's function raised (torch's ``start_processes`` writes its traceback to ``error_file``): the
+    last line of the traceback, or all of it; empty when it did not raise."""
+    if not os.access(error_file, os.R_OK):
+        return ""
+    with open(error_file, "rb") as file:  # the pickled str of traceback.format_exc(), written by our own child
+        trace = pickle.load(file)
+    lines = str(trace).strip().splitlines()
+    return str(trace) if whole else (lines[-1] if lines else "")
 
 
 def launch(function: Callable, *args: Any, num_processes: Optional[int] = None, **kwargs: Any) -> Any:
@@ -376,8 +532,9 @@ def launch(function: Callable, *args: Any, num_processes: Optional[int] = None, 
     Processes are started with ``torch.multiprocessing.start_processes`` (``spawn``), on the loopback address
     with a free port; each gets the environment ``torchrun`` would set (``RANK``, ``LOCAL_RANK``, ``WORLD_SIZE``,
     ``MASTER_ADDR``, ``MASTER_PORT``), so the ``DefaultTrainer`` joins the process group itself, and, unless set,
-    ``OMP_NUM_THREADS`` = CPU cores / processes. When one process raises, the others are terminated and the error
-    (with the child's traceback) is raised here.
+    ``OMP_NUM_THREADS`` = CPU cores / processes. When one process fails (raises, is killed, exits with a non-zero
+    code), the others are terminated and the failure of the process that failed first (not one whose collective
+    failed because a peer was gone) is raised here, with the child's traceback and how the others ended.
 
     Args:
         function: A picklable (module-level) function.
@@ -388,7 +545,8 @@ def launch(function: Callable, *args: Any, num_processes: Optional[int] = None, 
 
     Raises:
         ValueError: ``num_processes`` is not an int >= 1.
-        torch.multiprocessing.ProcessRaisedException / ProcessExitedException: A process failed.
+        torch.multiprocessing.ProcessRaisedException / ProcessExitedException: A process failed (``error_index``:
+            the one that failed first; the message says how the others ended).
     """
     if "WORLD_SIZE" in os.environ:
         return function(*args, **kwargs)
@@ -401,14 +559,16 @@ def launch(function: Callable, *args: Any, num_processes: Optional[int] = None, 
     threads_set = "OMP_NUM_THREADS" in os.environ
     if not threads_set:  # as torchrun does: the cores shared by the processes, not oversubscribed
         os.environ["OMP_NUM_THREADS"] = str(max((os.cpu_count() or 1) // num_processes, 1))
+    raised_at = torch.multiprocessing.get_context("spawn").Array("d", num_processes, lock=False)
     try:
-        torch.multiprocessing.start_processes(
+        context = torch.multiprocessing.start_processes(
             _launched,
-            args=(function, args, kwargs, num_processes, _free_port()),
+            args=(function, args, kwargs, num_processes, _free_port(), raised_at),
             nprocs=num_processes,
-            join=True,
+            join=False,
             start_method="spawn",
         )
+        _join(context, raised_at)
     finally:
         if not threads_set:
             del os.environ["OMP_NUM_THREADS"]

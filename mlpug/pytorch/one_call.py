@@ -16,7 +16,14 @@ import torch
 from torch.optim.optimizer import _get_fused_kernels_supported_devices
 
 import mlpug.pytorch as backend
-from mlpug.trainers.one_call import DEFAULT_BATCH_SIZE, OneCallTrainer, split_batch
+from mlpug.trainers.one_call import (
+    DEFAULT_BATCH_SIZE,
+    OneCallTrainer,
+    check_targets_fit,
+    raise_loss_func_error,
+    split_batch,
+)
+from mlpug.trainers.trainer import ModelOutputs
 
 __all__ = ["Trainer", "use_fused_implementation"]
 
@@ -81,7 +88,41 @@ class LossModel(torch.nn.Module):
     def forward(self, batch_data: Any, evaluate_settings: Any = None, inference_mode: Optional[bool] = None) -> dict:
         inputs, targets = split_batch(batch_data)
         outputs = self.model(inputs)
-        return {"loss": self.loss_func(outputs, targets), "auxiliary_results": outputs}
+        try:
+            loss = self.loss_func(outputs, targets)
+        except Exception as error:
+            raise_loss_func_error(error, outputs, targets, "loss_func(outputs, targets)")
+        return {"loss": loss, "auxiliary_results": outputs}
+
+    def check_targets(self, batch: Any, outputs: ModelOutputs) -> None:
+        """The first-batch check of ``allow_broadcast=False`` (:func:`mlpug.trainers.one_call.check_targets_fit`) on
+        the detached model outputs of ``batch``, the targets moved to their device.
+
+        Raises:
+            ValueError: The outputs and targets broadcast against each other in ``loss_func``.
+        """
+        predictions, targets = outputs.auxiliary_results, split_batch(batch)[1]
+        if not isinstance(predictions, torch.Tensor) or not hasattr(targets, "shape"):
+            return
+        targets = torch.as_tensor(targets, device=predictions.device)
+        made_up = (made_up_values(predictions), made_up_values(targets, descending=True))
+
+        def loss(use_made_up: bool, shape: Optional[list]) -> float:
+            outputs, values = made_up if use_made_up else (predictions, targets)
+            with torch.no_grad():
+                return float(self.loss_func(outputs, values if shape is None else values.reshape(shape)))
+
+        check_targets_fit(list(predictions.shape), list(targets.shape), loss)
+
+
+def made_up_values(like: torch.Tensor, descending: bool = False) -> torch.Tensor:
+    """Distinct values of ``like``'s shape, dtype and device for :func:`~mlpug.trainers.one_call.check_targets_fit`:
+    from 0.1 to 0.9 (or back), or alternating 0 and 1 for an integer or bool dtype."""
+    if like.dtype.is_floating_point or like.dtype.is_complex:
+        values = torch.linspace(0.9, 0.1, like.numel()) if descending else torch.linspace(0.1, 0.9, like.numel())
+    else:
+        values = (torch.arange(like.numel()) + int(descending)) % 2
+    return values.reshape(like.shape).to(device=like.device, dtype=like.dtype)
 
 
 class Trainer(OneCallTrainer):

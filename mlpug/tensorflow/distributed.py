@@ -10,7 +10,9 @@ script is otherwise the one of a single device. What the trainer then does:
   data (:func:`shard_training_dataset`), so a step's global batch is the batch size times the number of workers.
 * **Gradients** of every replica are weighted by ``replica_samples / global_samples`` (one in-graph all-reduce of
   the sample counts per step), so that the sum the Keras optimizer all-reduces in its ``apply_gradients`` is the
-  gradient of the global batch's mean loss, also when the replicas' shares differ (an odd last batch).
+  gradient of the global batch's mean loss, also when the replicas' shares differ (an odd last batch). The weighted
+  loss is the replica's mean loss: Keras 3's ``1 / replicas`` scaling of a Keras loss object in a replica context
+  is found before the first step and undone (:mod:`mlpug.tensorflow.trainers.replica_loss`).
 * **Workers as ranks**: a ``MultiWorkerMirroredStrategy`` with several workers gives the neutral core a
   :class:`StrategyContext` (rank = worker, world size = workers), so that batch and dataset metrics are reduced
   as sums and counts and every worker stops at the same batch, as with PyTorch; a ``MirroredStrategy`` is one
@@ -175,9 +177,11 @@ class StrategyContext(DistributedContext):
 
     Rank 0 is the chief (``TF_CONFIG`` task ``chief``, else worker 0); collectives are ``strategy.reduce`` sums
     of float64 vectors (about 12 ms each with two workers on 2 cores), issued by every worker in the same order.
+    Without a cluster (``MultiWorkerMirroredStrategy()`` without ``TF_CONFIG``: the resolver has no task) the
+    process is the only worker: rank 0 of a world size of 1.
 
     Args:
-        strategy: A ``MultiWorkerMirroredStrategy`` whose cluster has several workers.
+        strategy: A ``MultiWorkerMirroredStrategy``.
     """
 
     def __init__(self, strategy: tf.distribute.MultiWorkerMirroredStrategy):
@@ -185,8 +189,11 @@ class StrategyContext(DistributedContext):
         resolver = strategy.cluster_resolver
         jobs = resolver.cluster_spec().as_dict()
         chiefs = len(jobs.get("chief", []))
-        self.world_size = chiefs + len(jobs.get("worker", []))
-        self.rank = resolver.task_id + (chiefs if resolver.task_type == "worker" else 0)
+        if resolver.task_type is None or resolver.task_id is None:  # no TF_CONFIG: one local worker
+            self.world_size, self.rank = 1, 0
+        else:
+            self.world_size = chiefs + len(jobs.get("worker", []))
+            self.rank = resolver.task_id + (chiefs if resolver.task_type == "worker" else 0)
         self._local = num_local_replicas(strategy)
 
     def all_reduce_sum(self, values: Sequence[float]) -> list[float]:

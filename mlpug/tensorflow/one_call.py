@@ -9,11 +9,20 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any, ClassVar, Optional
 
+import numpy as np
 import tensorflow as tf
 
 import mlpug.tensorflow as backend
 from mlpug.tensorflow.data import pipeline_stages
-from mlpug.trainers.one_call import DEFAULT_BATCH_SIZE, OneCallTrainer, split_batch
+from mlpug.tensorflow.trainers.replica_loss import keras_replica_scale
+from mlpug.trainers.one_call import (
+    DEFAULT_BATCH_SIZE,
+    OneCallTrainer,
+    check_targets_fit,
+    raise_loss_func_error,
+    split_batch,
+)
+from mlpug.trainers.trainer import ModelOutputs
 
 __all__ = ["Trainer"]
 
@@ -22,9 +31,18 @@ __all__ = ["Trainer"]
 SHUFFLE_BUFFER_SIZE = 10_000
 
 
+#: The reductions of a ``keras.losses.Loss`` whose mean Keras 3 scales by ``1 / num_replicas_in_sync`` under a
+#: strategy (``keras.src.losses.loss.reduce_values``).
+KERAS_SCALED_REDUCTIONS = ("sum_over_batch_size", "mean", "mean_with_sample_weight")
+
+
 class LossModel(tf.keras.Model):
     """Turns an ``(inputs, targets)`` batch into ``{"loss": loss_func(targets, model(inputs)), "auxiliary_results":
     model(inputs)}``: the training model of :class:`Trainer`. ``model`` is called with ``training=not inference_mode``.
+
+    The loss is the mean over the batch's samples also under a ``tf.distribute`` strategy: for a ``keras.losses.Loss``
+    object with a mean reduction (decided here, at construction) Keras' scaling by ``1 / num_replicas_in_sync`` in
+    a replica context is divided out again (see :mod:`mlpug.tensorflow.trainers.replica_loss`).
 
     Args:
         model: Maps ``inputs`` to outputs (e.g. logits ``[B, C]``).
@@ -35,11 +53,57 @@ class LossModel(tf.keras.Model):
         super().__init__()
         self.model = model
         self.loss_func = loss_func
+        self.scaled_by_keras = (
+            isinstance(loss_func, tf.keras.losses.Loss) and loss_func.reduction in KERAS_SCALED_REDUCTIONS
+        )
 
     def call(self, batch_data: Any, evaluate_settings: Any = None, inference_mode: Optional[bool] = None) -> dict:
         inputs, targets = split_batch(batch_data)
         outputs = self.model(inputs, training=not inference_mode)
-        return {"loss": self.loss_func(targets, outputs), "auxiliary_results": outputs}
+        try:
+            loss = self.loss_func(targets, outputs)
+        except Exception as error:
+            raise_loss_func_error(error, outputs, targets, "loss_func(targets, outputs)")
+        if self.scaled_by_keras:  # a Python decision at trace time: no op without a strategy
+            scale = keras_replica_scale(tf.distribute.get_strategy().num_replicas_in_sync, loss.dtype)
+            if scale != 1.0:
+                loss = loss / tf.cast(scale, loss.dtype)
+        return {"loss": loss, "auxiliary_results": outputs}
+
+    def check_targets(self, batch: Any, outputs: ModelOutputs) -> None:
+        """The first-batch check of ``allow_broadcast=False`` (:func:`mlpug.trainers.one_call.check_targets_fit`) on
+        the model outputs of ``batch`` (eager tensors: see ``DefaultTrainer._check_first_batch``).
+
+        Raises:
+            ValueError: The outputs and targets broadcast against each other in ``loss_func``.
+        """
+        predictions, targets = outputs.auxiliary_results, split_batch(batch)[1]
+        if not tf.is_tensor(predictions) or not hasattr(targets, "shape"):
+            return
+        reshape = tf.reshape if tf.is_tensor(targets) else np.reshape  # the targets' own type, as loss_func got them
+        made_up_targets = made_up_values(np.shape(targets), tf.as_dtype(targets.dtype), descending=True)
+        made_up = (
+            tf.constant(made_up_values(predictions.shape, predictions.dtype)),
+            tf.constant(made_up_targets) if tf.is_tensor(targets) else made_up_targets,
+        )
+
+        def loss(use_made_up: bool, shape: Optional[list]) -> float:
+            outputs, values = made_up if use_made_up else (predictions, targets)
+            return float(self.loss_func(values if shape is None else reshape(values, shape), outputs))
+
+        check_targets_fit(predictions.shape.as_list(), [None if d is None else int(d) for d in targets.shape], loss)
+
+
+def made_up_values(shape: Any, dtype: tf.DType, descending: bool = False) -> np.ndarray:
+    """Distinct values of ``shape`` and ``dtype`` for :func:`~mlpug.trainers.one_call.check_targets_fit`: from 0.1
+    to 0.9 (or back), or alternating 0 and 1 for an integer or bool dtype."""
+    size = int(np.prod(shape))
+    values: np.ndarray
+    if dtype.is_floating or dtype.is_complex:
+        values = np.linspace(0.9, 0.1, size) if descending else np.linspace(0.1, 0.9, size)
+    else:
+        values = (np.arange(size) + int(descending)) % 2
+    return values.reshape(tuple(shape)).astype(dtype.as_numpy_dtype)
 
 
 def _has_batch_stage(dataset: tf.data.Dataset) -> bool:

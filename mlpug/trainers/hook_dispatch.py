@@ -12,7 +12,7 @@ import logging
 from typing import Any
 
 from mlpug.trainers.callbacks.callback import HOOKS, Callback
-from mlpug.trainers.non_finite import NonFiniteLossError
+from mlpug.trainers.non_finite import NonFiniteLossError, NonFiniteWeightsError
 
 _log = logging.getLogger("mlpug.TrainingManager")
 
@@ -75,7 +75,7 @@ class HookDispatch:
             except Exception as error:
                 self._failed_hook = hook
                 if not isinstance(
-                    error, NonFiniteLossError
+                    error, (NonFiniteLossError, NonFiniteWeightsError)
                 ):  # found by the check the callback asked for, not its fault
                     add_note(error, f"mlpug: raised by callback {callback.name!r} in {hook}")
                 raise

@@ -1,6 +1,7 @@
-"""The non-finite loss policy: a NaN or infinite training loss never makes a successful run.
+"""The non-finite policies: a NaN or infinite training loss, trainable weight or monitored metric never makes a
+successful run.
 
-Policies (``TrainingManager(non_finite_loss=...)``):
+Loss policies (``TrainingManager(non_finite_loss=...)``):
 
 * ``"raise"`` (default): training ends with a :class:`NonFiniteLossError` naming the first global iteration
   whose loss was not finite; the failure path runs (``stopped_on_error=True``), the process exits non-zero, and
@@ -18,23 +19,52 @@ at every epoch end, at the end of training, and after ``max_pending`` unchecked 
 the pending tensors hold). Whatever the policy, no model or training checkpoint holds non-finite weights
 (the CheckpointManager refuses to write one and keeps the last good file), and "best" never points at a
 non-finite value.
+
+Weight policies (``TrainingManager(non_finite_weights=..., check_weights_every=...)``): the loss can stay finite
+while the weights are not (one NaN input whose row a ReLU or a ``where`` hides from the loss still makes the
+gradient NaN), so the trainable weights are checked too (:meth:`mlpug.trainers.trainer.Trainer.non_finite_weights`,
+one device wait per check, never one per step), where they are read anyway: before every checkpoint write (the
+CheckpointManager, on every rank), at every epoch end, at the end of training, and after ``check_weights_every``
+training steps without a check (default 1000, the bound of the loss checks; None: only at those points).
+
+* ``"raise"`` (default): training ends with a :class:`NonFiniteWeightsError` naming the first check that found
+  them (the global iteration, epoch and batch step of the last step before it, and the previous check that found
+  them finite) and which weights; the failure path runs and no checkpoint is written from that state.
+* ``"warn"``: one warning at the first check that finds them, training goes on, and the end of training says
+  so (never "All good"): for a model whose non-finite weights are deliberate or unused.
+
+Metric policy (``CheckpointManager(non_finite_metric=...)``): a monitored metric that is NaN or infinite can never
+be the best, so the best model checkpoint would silently never be written; ``"raise"`` (default) ends training with
+a :class:`NonFiniteMetricError` naming the metric and its epoch, ``"warn"`` logs a warning and goes on. A dataset
+metric (``TestMetricsLogger``) that is not finite is logged as a warning naming it and its epoch, monitored or not.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Callable, Sequence
-from typing import Any, Literal, get_args
+from typing import Any, Literal, Optional, get_args
 
 from mlpug.logs import to_number
 
 NonFiniteLossPolicy = Literal["raise", "skip_step", "warn"]
 NON_FINITE_LOSS_POLICIES = get_args(NonFiniteLossPolicy)
+NonFiniteWeightsPolicy = Literal["raise", "warn"]
+NON_FINITE_WEIGHTS_POLICIES = get_args(NonFiniteWeightsPolicy)
+NonFiniteMetricPolicy = Literal["raise", "warn"]
+NON_FINITE_METRIC_POLICIES = get_args(NonFiniteMetricPolicy)
+DEFAULT_CHECK_WEIGHTS_EVERY = 1000
+"""Training steps between two checks of the weights when no checkpoint or epoch end checks them sooner."""
 
 _log = logging.getLogger("mlpug.non_finite")
 
 
-class NonFiniteLossError(FloatingPointError):
+class NonFiniteError(FloatingPointError):
+    """Base of the errors of the non-finite policies (loss, weights, monitored metric)."""
+
+
+class NonFiniteLossError(NonFiniteError):
     """The training loss was NaN or infinite.
 
     Attributes:
@@ -47,11 +77,81 @@ class NonFiniteLossError(FloatingPointError):
     def __init__(self, global_iter: int, epoch: int, batch_step: int, value: float):
         super().__init__(
             f"the training loss is {value} at global iteration {global_iter} (epoch {epoch}, batch step {batch_step}); "
-            "training stopped and no checkpoint was written from this state (the last good one is kept). Lower the "
-            "learning rate, check the data of that batch, or pass TrainingManager(non_finite_loss='skip_step' or "
+            "training stopped and no checkpoint was written from this state (an earlier one, if any, is kept). Lower "
+            "the learning rate, check the data of that batch, or pass TrainingManager(non_finite_loss='skip_step' or "
             "'warn')"
         )
         self.global_iter, self.epoch, self.batch_step, self.value = global_iter, epoch, batch_step, value
+
+
+class NonFiniteWeightsError(NonFiniteError):
+    """Trainable weights held NaN or infinite values at a check (see the module docstring).
+
+    Attributes:
+        names: The non-finite trainable weights, as :meth:`~mlpug.trainers.trainer.Trainer.non_finite_weights`
+            names them.
+        global_iter: 0-based global iteration of the last step before the check that found them (-1: before the
+            first step of the run).
+        epoch: Its 0-based epoch.
+        batch_step: Its 0-based batch step in that epoch.
+        last_finite_iter: The same position of the previous check, which found every weight finite; None when
+            there was none in this run.
+    """
+
+    def __init__(
+        self, names: Sequence[str], global_iter: int, epoch: int, batch_step: int, last_finite_iter: Optional[int]
+    ):
+        self.names = list(names)
+        self.global_iter, self.epoch, self.batch_step = global_iter, epoch, batch_step
+        self.last_finite_iter = last_finite_iter
+        shown = ", ".join(self.names[:10]) + (f" and {len(self.names) - 10} more" if len(self.names) > 10 else "")
+        where = (
+            f"after global iteration {global_iter} (epoch {epoch}, batch step {batch_step})"
+            if global_iter >= 0
+            else "before the first training step of this run"
+        )
+        since = (
+            f"the previous check, after global iteration {last_finite_iter}, found every weight finite"
+            if last_finite_iter is not None
+            else "no earlier check in this run"
+        )
+        self.finding = f"the trainable weights hold NaN or infinite values {where}: {shown} ({since})"
+        super().__init__(
+            f"{self.finding}. Training stopped and no "
+            "checkpoint was written from this state (an earlier one, if any, is kept). The loss may have stayed "
+            "finite: a NaN input whose row the model hides from the loss (a ReLU, a where) still makes the gradient "
+            "NaN. Check the data and the learning rate, clip the gradients; TrainingManager(check_weights_every=n) "
+            "finds it within n steps"
+        )
+
+
+class NonFiniteMetricError(NonFiniteError):
+    """The metric a ``CheckpointManager`` monitors was NaN or infinite (``non_finite_metric="raise"``).
+
+    Attributes:
+        metric: The dotted path of the metric in ``logs["current"]``.
+        value: Its value (``nan``, ``inf`` or ``-inf``).
+        epoch: 0-based epoch of the weights it was computed from.
+        global_iter: 0-based global iteration of the last step before it was computed.
+    """
+
+    def __init__(self, metric: str, value: float, epoch: int, global_iter: int, owner: str = "CheckpointManager"):
+        self.metric, self.value, self.epoch, self.global_iter = metric, value, epoch, global_iter
+        section = metric.split(".", 1)[0]
+        self.finding = (
+            f"{owner}: the monitored metric {metric!r} is {value} at epoch {epoch} (global iteration {global_iter})"
+        )
+        super().__init__(
+            f"{self.finding}; a non-finite value is never the best, so no best model checkpoint would be written "
+            f"for it. Check the {section!r} data (NaN or infinite inputs or targets) and the model, or pass "
+            "CheckpointManager(non_finite_metric='warn') to go on with a warning"
+        )
+
+
+def _validate_policy(policy: Any, accepted: tuple, argument: str) -> Any:
+    if policy not in accepted:
+        raise ValueError(f"{argument} must be one of {list(accepted)}, got {policy!r:.100}")
+    return policy
 
 
 def validate_non_finite_loss_policy(policy: Any) -> NonFiniteLossPolicy:
@@ -60,9 +160,25 @@ def validate_non_finite_loss_policy(policy: Any) -> NonFiniteLossPolicy:
     Raises:
         ValueError: It is not; the message lists the accepted values.
     """
-    if policy not in NON_FINITE_LOSS_POLICIES:
-        raise ValueError(f"non_finite_loss must be one of {list(NON_FINITE_LOSS_POLICIES)}, got {policy!r:.100}")
-    return policy
+    return _validate_policy(policy, NON_FINITE_LOSS_POLICIES, "non_finite_loss")
+
+
+def validate_non_finite_weights_policy(policy: Any) -> NonFiniteWeightsPolicy:
+    """Return ``policy`` when it is one of :data:`NON_FINITE_WEIGHTS_POLICIES`.
+
+    Raises:
+        ValueError: It is not; the message lists the accepted values.
+    """
+    return _validate_policy(policy, NON_FINITE_WEIGHTS_POLICIES, "non_finite_weights")
+
+
+def validate_non_finite_metric_policy(policy: Any) -> NonFiniteMetricPolicy:
+    """Return ``policy`` when it is one of :data:`NON_FINITE_METRIC_POLICIES`.
+
+    Raises:
+        ValueError: It is not; the message lists the accepted values.
+    """
+    return _validate_policy(policy, NON_FINITE_METRIC_POLICIES, "non_finite_metric")
 
 
 NonFiniteIndices = Callable[[Sequence[Any]], list]
@@ -122,3 +238,73 @@ class NonFiniteLossTracker:
             f"iteration {global_iter} (epoch {epoch}, batch step {batch_step}); {what} "
             f"(non_finite_loss={self.policy!r}; {self.num_non_finite} such steps so far)."
         )
+
+
+class NonFiniteWeightsCheck:
+    """Checks the trainable weights with the trainer's one-wait check, at the points the manager chooses (see the
+    module docstring); two checks at the same global iteration are one.
+
+    Args:
+        policy: ``"raise"`` or ``"warn"``.
+        non_finite_weights: The trainer's check (``Trainer.non_finite_weights``): names of the non-finite weights.
+        every: Check as well when this many training steps passed since the last check (int >= 1), or None.
+
+    Attributes:
+        first_found: The first :class:`NonFiniteWeightsError` (``"warn"``: training went on), or None.
+        names: What the latest check found (empty: every weight was finite).
+
+    Raises:
+        ValueError: A bad ``policy`` or ``every``.
+    """
+
+    def __init__(
+        self,
+        policy: NonFiniteWeightsPolicy,
+        non_finite_weights: Callable[[], list],
+        every: Optional[int] = DEFAULT_CHECK_WEIGHTS_EVERY,
+    ):
+        self.policy = validate_non_finite_weights_policy(policy)
+        if every is not None and (isinstance(every, bool) or not isinstance(every, int) or every < 1):
+            raise ValueError(f"check_weights_every must be an int >= 1 (training steps) or None, got {every!r:.100}")
+        self.non_finite_weights = non_finite_weights
+        self.every = every
+        self.first_found: Optional[NonFiniteWeightsError] = None
+        self.names: list = []
+        self._checked_at: Optional[int] = None  # the number of trained steps at the latest check
+        self._last_finite_iter: Optional[int] = None
+
+    def next_check(self, num_steps: int) -> float:
+        """After a check at ``num_steps`` trained steps: the step count at which the next check is due when nothing
+        checks sooner (``every`` steps later; ``inf``: never)."""
+        return math.inf if self.every is None else num_steps + self.every
+
+    def forget(self) -> None:
+        """Check again at the next call even at the same step count (the weights may have been set)."""
+        self._checked_at = None
+
+    def check(self, num_steps: int, epoch: int, batch_step: int) -> None:
+        """Check the weights after ``num_steps`` training steps (one device wait, none when already checked there).
+
+        Args:
+            num_steps: Steps trained so far (the manager's ``global_iter``).
+            epoch / batch_step: Position of the last of those steps.
+
+        Raises:
+            NonFiniteWeightsError: Non-finite weights and the policy is ``"raise"``.
+        """
+        if num_steps != self._checked_at:
+            self.names = list(self.non_finite_weights())
+            self._checked_at = num_steps
+            if not self.names:
+                self._last_finite_iter = num_steps - 1
+                return
+        elif not self.names:
+            return
+        error = NonFiniteWeightsError(self.names, num_steps - 1, epoch, batch_step, self._last_finite_iter)
+        if self.policy == "raise":
+            raise error
+        if self.first_found is None:
+            self.first_found = error
+            _log.warning(
+                f"{error.finding[0].upper()}{error.finding[1:]}; training goes on (non_finite_weights='warn')."
+            )

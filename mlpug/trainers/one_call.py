@@ -9,14 +9,23 @@ objects by hand (``examples/fashion_mnist``) without touching the model: the fac
 
 Each backend subclasses :class:`OneCallTrainer` (``mlpug.pytorch.Trainer``, ``mlpug.tensorflow.Trainer``) with its
 modules, its loss-argument order and the datasets it batches.
+
+First-batch checks: before the first optimizer step of every :meth:`OneCallTrainer.train` call, the first batch's
+outputs are checked against its targets (:func:`check_targets_fit`, unless ``allow_broadcast=True``) and every metric
+function is called once on them (:func:`mlpug.metrics.metric_functions_check`), through
+:meth:`mlpug.trainers.trainer.Trainer.add_first_batch_check`; an error in ``loss_func`` names the types and shapes
+of the outputs and targets it got (:func:`raise_loss_func_error`).
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any, ClassVar, Literal, Optional
+from typing import Any, ClassVar, Literal, NoReturn, Optional
 
 from mlpug.trainers.arguments import check_positive_int
+from mlpug.trainers.hook_dispatch import add_note
+from mlpug.trainers.trainer import describe_value
 
 Progress = Optional[Literal["bar", "log"]]
 _PROGRESS = ("bar", "log", None)
@@ -36,7 +45,13 @@ class OneCallTrainer:
         metrics: Batch metric functions by name (e.g. ``{"accuracy": mlp.metrics.accuracy}``), each of a
             :class:`~mlpug.evaluation.MetricInputs` whose ``auxiliary_results`` are the model's outputs; they are
             logged for training (batch and moving average) and for the validation set (whole dataset). The loss is
-            always logged.
+            always logged. Each is called once on the first batch's outputs before the first optimizer step, so
+            that one of another signature (e.g. ``f(y_true, y_pred)``) fails before anything trains.
+        allow_broadcast: Keyword only. False (default): before the first optimizer step, the first batch's outputs
+            and targets are checked; when their shapes differ such that ``loss_func`` broadcasts them against each
+            other (outputs ``[B, 1]`` and targets ``[B]`` give ``[B, B]``: every output compared with every target)
+            and the loss changes when the targets take the outputs' shape, training ends with a ``ValueError``
+            naming both shapes and the fix. True: no such check, for a loss that broadcasts on purpose.
         **trainer_options: Passed to the backend ``DefaultTrainer`` unchanged (``batch_chunk_size`` for gradient
             accumulation, also used by the evaluator; ``use_mixed_precision``, ``autocast_dtype``,
             ``clip_gradients_norm``, ``clip_gradients_value``; PyTorch ``device``; TensorFlow
@@ -49,7 +64,8 @@ class OneCallTrainer:
         history: The ``MetricsHistory`` of the last :meth:`train` call (None before).
 
     Raises:
-        TypeError: ``loss_func`` is not callable, or ``metrics`` is not a mapping of str to callables.
+        TypeError: ``loss_func`` is not callable, ``metrics`` is not a mapping of str to callables, or
+            ``allow_broadcast`` is not a bool.
         Any error of the ``DefaultTrainer`` for a bad ``optimizer``, ``model`` or option, with its message.
     """
 
@@ -62,6 +78,8 @@ class OneCallTrainer:
         loss_func: Callable[[Any, Any], Any],
         optimizer: Any,
         metrics: Optional[Mapping[str, Callable]] = None,
+        *,
+        allow_broadcast: bool = False,
         **trainer_options: Any,
     ):
         if self.backend is None:
@@ -79,6 +97,9 @@ class OneCallTrainer:
             raise TypeError(f"metrics must map names (str) to metric functions, got {bad!r:.200}")
         if "loss" in metrics:
             raise ValueError("metrics: 'loss' is always logged (the model's loss); give the metric another name")
+        if not isinstance(allow_broadcast, bool):
+            raise TypeError(f"allow_broadcast must be True or False, got {allow_broadcast!r:.100}")
+        self.allow_broadcast = allow_broadcast
         self.model, self.loss_func, self.optimizer, self.metrics = model, loss_func, optimizer, metrics
         self.batch_chunk_size = trainer_options.get("batch_chunk_size")
         self.trainer = self.backend.trainers.DefaultTrainer(
@@ -155,6 +176,9 @@ class OneCallTrainer:
                 checks at the manager's construction); an option whose part is not built (e.g.
                 ``metric_to_monitor`` without ``checkpoints_path``). Batches that are not ``(inputs, targets)``
                 pairs are found at the first step (a ``TypeError``).
+            ValueError / TypeError: A first-batch check failed, before any optimizer step: outputs and targets that
+                broadcast in ``loss_func`` (see ``allow_broadcast``), a metric function that cannot run on the
+                outputs, a training model return value without a scalar loss.
         """
         if progress not in _PROGRESS:
             raise ValueError(f"progress must be 'bar', 'log' or None, got {progress!r}")
@@ -217,6 +241,8 @@ class OneCallTrainer:
             **manager_options,
         )
         self.trainer.set_training_model(self.training_model)
+        if not self.allow_broadcast:
+            self.trainer.add_first_batch_check(self.training_model.check_targets)
         self.manager, self.history = manager, history
         manager.start_training()
         return history
@@ -260,7 +286,8 @@ class OneCallTrainer:
         return options
 
     def _training_model(self, model: Any, loss_func: Callable) -> Any:
-        """The backend training model: ``{"loss": ..., "auxiliary_results": outputs}`` of a batch."""
+        """The backend training model: ``{"loss": ..., "auxiliary_results": outputs}`` of a batch, with a method
+        ``check_targets(batch, outputs)``, the first-batch check of :func:`check_targets_fit`."""
         raise NotImplementedError
 
 
@@ -288,3 +315,98 @@ def split_batch(batch: Any) -> tuple[Any, Any]:
         f"{type(batch).__qualname__}{f' of {len(batch)} items' if isinstance(batch, (tuple, list)) else ''}; with "
         "other batches, write the training model yourself (mlp.trainers.DefaultTrainer.set_training_model)"
     )
+
+
+def broadcast_shape(first: Sequence[int], second: Sequence[int]) -> Optional[list[int]]:
+    """The shape that arrays of shapes ``first`` and ``second`` broadcast to (NumPy's rules), or None when they do
+    not broadcast."""
+    result = []
+    for index in range(1, max(len(first), len(second)) + 1):
+        a = first[-index] if index <= len(first) else 1
+        b = second[-index] if index <= len(second) else 1
+        if a != b and 1 not in (a, b):
+            return None
+        result.append(max(a, b) if 1 in (a, b) else a)
+    return result[::-1]
+
+
+def check_targets_fit(
+    outputs_shape: Sequence[Any], targets_shape: Sequence[Any], loss: Callable[[bool, Optional[list]], float]
+) -> None:
+    """The first-batch check of ``allow_broadcast=False``: raise when the model's outputs and the targets broadcast
+    against each other in ``loss_func`` and that changes the loss.
+
+    Suspect are shapes that differ, hold as many elements and broadcast to a shape larger than both (outputs
+    ``[B, 1]`` and targets ``[B]`` give ``[B, B]``). Then ``loss_func`` is called again with the targets reshaped to
+    the outputs' shape: on the first batch, and (where that gives the same loss: constant outputs, e.g. of a model
+    initialised with zeros, or constant targets) on made-up distinct values of the same shapes and dtypes. When the
+    loss differs (relative 1e-5), ``loss_func`` compared every output with every target. A loss that aligns the
+    shapes itself (Keras losses) gives the same value, and passes; so do class indices ``[B]`` against logits
+    ``[B, C]`` (other numbers of elements).
+
+    Args:
+        outputs_shape: Shape of the model's outputs for the first batch (known dimensions).
+        targets_shape: Shape of its targets.
+        loss: ``loss(made_up, shape)``: the loss (a float) of the first batch (``made_up`` False) or of made-up
+            distinct values of the same shapes (True), with the targets as given (``shape`` None) or reshaped to
+            ``shape``; it may raise (then that comparison is left out).
+
+    Raises:
+        ValueError: Names both shapes, the broadcast shape, both losses, the fix and ``allow_broadcast=True``.
+    """
+    outputs_shape, targets_shape = list(outputs_shape), list(targets_shape)
+    if None in outputs_shape or None in targets_shape or outputs_shape == targets_shape:
+        return
+    combined = broadcast_shape(outputs_shape, targets_shape)
+    if combined is None or combined in (outputs_shape, targets_shape):
+        return
+    if math.prod(outputs_shape) != math.prod(targets_shape):
+        return
+    for made_up in (False, True):
+        try:  # reshaped first: a loss that refuses targets of the outputs' shape leaves nothing to compare
+            aligned, given = float(loss(made_up, outputs_shape)), float(loss(made_up, None))
+        except Exception:
+            continue
+        if math.isfinite(given) and math.isfinite(aligned) and not math.isclose(given, aligned, rel_tol=1e-5):
+            break
+    else:
+        return
+    if outputs_shape == [*targets_shape, 1]:
+        fix = f"give targets of shape {outputs_shape} (e.g. targets[..., None]) or a model whose outputs are "
+        fix += str(targets_shape)
+    elif targets_shape == [*outputs_shape, 1]:
+        fix = (
+            f"give targets of shape {outputs_shape} (e.g. targets[..., 0]) or a model whose outputs are {targets_shape}"
+        )
+    else:
+        fix = f"give targets of the outputs' shape {outputs_shape}"
+    values = "made-up values of these shapes" if made_up else "the first batch"
+    raise ValueError(
+        f"mlp.Trainer: the model's outputs have shape {outputs_shape} and the targets {targets_shape}; in loss_func "
+        f"they broadcast to {combined}, comparing every output with every target, which trains a wrong model (the "
+        f"loss of {values} is {given:.6g}, with the targets reshaped to {outputs_shape} {aligned:.6g}). Fix: {fix}; "
+        "or, when the broadcast is meant, mlp.Trainer(..., allow_broadcast=True). Checked before the first optimizer "
+        "step."
+    )
+
+
+def raise_loss_func_error(error: Exception, outputs: Any, targets: Any, call: str) -> NoReturn:
+    """Raise what ``loss_func`` raised with what it got and what it must return: a ``TypeError`` from ``error`` when
+    the model's outputs are no tensor (a tuple, a dict: the usual cause), else ``error`` with a note.
+
+    Raises:
+        TypeError / the type of ``error``: Names the types and shapes of the outputs and targets (see
+            :func:`mlpug.trainers.trainer.describe_value`).
+    """
+    note = (
+        f"mlpug: raised by {call} of mlp.Trainer, with the model's outputs {describe_value(outputs)} and the targets "
+        f"{describe_value(targets)}; loss_func gets model(inputs) as the model returns it and must return the "
+        "batch's scalar mean loss"
+    )
+    if hasattr(outputs, "shape"):
+        add_note(error, note)
+        raise error
+    raise TypeError(
+        f"{note}: for a model that returns a tuple or a dict, give a loss_func that takes it, or make the model "
+        f"return one tensor (e.g. the logits [B, C]). loss_func raised {type(error).__name__}: {error}"
+    ) from error

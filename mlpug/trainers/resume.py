@@ -9,10 +9,14 @@ that is already loaded (a dict) needs no loader.
 Modes: an explicit path is strict (a missing file is an error at construction); ``"latest"`` resumes from the
 newest training checkpoint when there is one and otherwise starts fresh (the loader logs one info line), so one
 command works for the first start and every restart of a preempted machine.
+
+Before any of a state is applied, ``TrainingManager.set_state`` checks that its counters are one position of the run
+(:func:`check_counters`), so that an edited or foreign file cannot resume to the end after 0 batches.
 """
 
 from __future__ import annotations
 
+import numbers
 import os
 from abc import ABC, abstractmethod
 from collections.abc import Mapping, Sequence
@@ -87,6 +91,51 @@ def check_resume_from(resume_from: ResumeFrom, callbacks: Sequence[Any]) -> None
     loader = _require_loader(resume_from, callbacks)
     if resume_from != "latest":
         loader.resolve_training_checkpoint(resume_from)
+
+
+def check_counters(state: Mapping[str, Any], num_epochs: int, num_batches_per_epoch: int, source: str) -> None:
+    """Check that the counters of a training state are one position of this run, before any of the state is applied.
+
+    ``epoch``, ``batch_step`` and ``global_iter`` must be ints >= 0 with ``epoch <= num_epochs``,
+    ``batch_step <= num_batches_per_epoch`` (a checkpoint written after an epoch's last batch, before its end hooks,
+    has ``batch_step == num_batches_per_epoch``), ``batch_step == 0`` at ``epoch == num_epochs`` (a finished run), and
+    ``global_iter == epoch * num_batches_per_epoch + batch_step`` (the batches trained so far; the state's
+    ``num_batches_per_epoch`` is this run's, checked before). A resume from anything else would train another
+    number of batches than the run had left, or none, and overwrite the good training checkpoint.
+
+    Args:
+        state: A training state (``TrainingManager.get_state()``, e.g. loaded from a file).
+        num_epochs: The resuming manager's ``num_epochs``.
+        num_batches_per_epoch: The resuming manager's ``num_batches_per_epoch``.
+        source: The file (or what else ``state`` is) for the message.
+
+    Raises:
+        ValueError: Naming ``source``, the counters and what they should be.
+    """
+    counters: dict[str, Any] = {key: state.get(key) for key in ("epoch", "batch_step", "global_iter")}
+    values = ", ".join(f"{key}={value!r:.40}" for key, value in counters.items())
+    for key, value in counters.items():
+        if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 0:
+            raise ValueError(f"{source}: the training state's {key} is {value!r:.100}, not an int >= 0 ({values})")
+    epoch, batch_step, global_iter = (int(counters[key]) for key in ("epoch", "batch_step", "global_iter"))
+    run = f"num_epochs={num_epochs}, num_batches_per_epoch={num_batches_per_epoch}"
+    problem = None
+    if epoch > num_epochs:
+        problem = f"epoch {epoch} is past the last epoch of this run ({run})"
+    elif batch_step > num_batches_per_epoch:
+        problem = f"batch_step {batch_step} is past the end of an epoch ({run})"
+    elif epoch == num_epochs and batch_step != 0:
+        problem = f"epoch {epoch} is the end of this run ({run}), where batch_step is 0"
+    elif global_iter != epoch * num_batches_per_epoch + batch_step:
+        problem = (
+            f"global_iter should be epoch * num_batches_per_epoch + batch_step = "
+            f"{epoch * num_batches_per_epoch + batch_step} ({run})"
+        )
+    if problem is not None:
+        raise ValueError(
+            f"{source}: the training state's counters do not fit together: {values}: {problem}; the file is not a "
+            "training checkpoint of this run (or was edited); resume from another one"
+        )
 
 
 def load_resume_state(resume_from: ResumeFrom, callbacks: Sequence[Any]) -> Optional[dict]:

@@ -35,6 +35,8 @@ class StepsPerCall:
     _dispatch_failure: Any  # (error, logs)
     _next_batch: Any  # (data iterator, batch step) -> batch
     _should_stop: Any  # () -> bool
+    _next_weights_check: float  # the step count after which the weights are checked (check_weights_every)
+    _check_finite_in_loop: Any  # () -> None: the losses and weights checked, by the loop
 
     def _train_epoch_in_calls(self, data: Any, logs: dict) -> bool:
         """:meth:`_train_epoch` with several optimisation steps per trainer call (``steps_per_execution``).
@@ -79,6 +81,8 @@ class StepsPerCall:
                 self.batch_step, self.global_iter = end_step, end_iter
                 raise
             batch_step = end_step
+            if self.global_iter >= self._next_weights_check:  # after the call: the weights of its last step
+                self._check_finite_in_loop()
         return True
 
     def _batches_per_call(self, batch_step: int) -> int:

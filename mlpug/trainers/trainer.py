@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import math
 from abc import ABC, abstractmethod
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any, NamedTuple, Optional
 
 from mlpug.chunking import BatchChunk, BatchChunking, infer_num_samples
@@ -38,6 +38,11 @@ class ModelOutputs(NamedTuple):
     loss: Any
     num_samples: Any
     auxiliary_results: Any = None
+
+
+FirstBatchCheck = Callable[[Any, ModelOutputs], None]
+"""A check of the first training batch: ``check(batch, outputs)`` raises when the outputs show a mistake (see
+:meth:`Trainer.add_first_batch_check`)."""
 
 
 class StepResult(NamedTuple):
@@ -78,6 +83,7 @@ class Trainer(ABC):
     sooner (see :meth:`mlpug.trainers.callbacks.callback.Callback.batches_until_model_access`)."""
     evaluation_batches_per_call: int = 1
     """How many batches the ``MetricEvaluator`` hands :meth:`evaluate_losses` at a time in a dataset evaluation."""
+    _first_batch_checks: tuple = ()  # see add_first_batch_check; backends run them with _run_first_batch_checks
 
     @abstractmethod
     def set_training_model(self, training_model: Any) -> None:
@@ -134,6 +140,39 @@ class Trainer(ABC):
         """
         return [index for index, value in enumerate(values) if not math.isfinite(to_number(value))]
 
+    def add_first_batch_check(self, check: FirstBatchCheck) -> None:
+        """Have ``check(batch, outputs)`` called once, on the next batch this trainer trains, before any gradient of
+        it is applied: a check that raises ends training with no optimizer step taken.
+
+        ``batch`` is the batch (its first chunk under gradient accumulation) as the data produced it, ``outputs``
+        the :class:`ModelOutputs` of a forward pass of it, with eager, detached values: of the training step's own
+        forward where the backend runs it eagerly (PyTorch), else of one extra forward pass in inference mode
+        before the compiled step (TensorFlow, where the step's tensors are symbolic). Checks run in the order they
+        were added; then they are dropped, so no step after the first pays for them. The one-call API checks its
+        outputs against the targets here, and ``TrainingMetricsLogger`` its metric functions (see the README,
+        "First-batch checks").
+        """
+        self._first_batch_checks = (*self._first_batch_checks, check)
+
+    def _run_first_batch_checks(self, batch: Any, outputs: ModelOutputs) -> None:
+        """Call the checks of :meth:`add_first_batch_check` on ``outputs`` of ``batch`` and drop them."""
+        checks, self._first_batch_checks = self._first_batch_checks, ()
+        for check in checks:
+            check(batch, outputs)
+
+    @abstractmethod
+    def non_finite_weights(self) -> list[str]:
+        """Names of the trainable weights that hold a NaN or an infinite value (empty when all are finite).
+
+        One device wait for all of them (never one per weight); the manager calls it where the weights are read
+        anyway, never per step (see :mod:`mlpug.trainers.non_finite`). Weights that do not exist yet (a model not
+        built) are not listed. With replicated weights (data-parallel) this rank's copy is checked, which every rank
+        holds alike.
+
+        Returns:
+            ``"<model component name>.<weight name>"`` per non-finite weight, in the order of the components.
+        """
+
     def training_data_source(self, dataset: Any) -> DataSource:
         """How the manager iterates the training ``dataset`` every epoch (:class:`mlpug.data.DataSource`): an
         iterator (``iter(dataset) is dataset``, e.g. a generator) continues across epochs and a resume skips the
@@ -175,6 +214,35 @@ class Trainer(ABC):
             f"{type(self).__qualname__} has no evaluation_snapshot(): asynchronous evaluation (run_async=True) "
             "needs a trainer that can copy its model; evaluate synchronously (run_async=False)"
         )
+
+
+RETURN_FORMS = (
+    "loss, (loss,), (loss, auxiliary_results), (loss, num_samples, auxiliary_results) or a dict with the key 'loss' "
+    "(and optionally 'num_samples', 'auxiliary_results')"
+)
+"""The return forms of a training model, as error messages list them (see :class:`DefaultTrainer`)."""
+
+
+def describe_value(value: Any, max_items: int = 8) -> str:
+    """What ``value`` is, for error messages: arrays and tensors as ``Tensor[4, 1] float32`` (type name, shape,
+    dtype), tuples, lists and dicts with their items (the first ``max_items``), anything else by type and value."""
+    if isinstance(value, Mapping):
+        items = [f"{key!r}: {describe_value(item, max_items)}" for key, item in list(value.items())[:max_items]]
+        return f"{type(value).__name__} {{{', '.join(items)}{', ...' if len(value) > max_items else ''}}}"
+    if isinstance(value, (tuple, list)):
+        items = [describe_value(item, max_items) for item in value[:max_items]]
+        more = ", ..." if len(value) > max_items else ""
+        return f"{type(value).__name__} of {len(value)} ({', '.join(items)}{more})"
+    shape = getattr(value, "shape", None)
+    if shape is not None:
+        try:
+            dims = str(list(shape))
+        except (TypeError, ValueError):  # a TensorShape of unknown rank
+            dims = "[unknown rank]"
+        dtype = getattr(value, "dtype", None)
+        dtype_name = getattr(dtype, "name", None) or str(dtype).removeprefix("torch.")
+        return f"{type(value).__name__}{dims} {dtype_name}"
+    return f"{type(value).__qualname__} {value!r:.80}"
 
 
 def name_objects(objects: Any, kind: str, expected_type: type | tuple, single_name: str) -> dict[str, Any]:
@@ -305,15 +373,16 @@ class DefaultTrainer(Trainer, ABC):
                 (loss,), num_samples, auxiliary_results = results, None, None
             else:
                 raise ValueError(
-                    f"The training model returned a tuple of {len(results)} items; expected (loss,), "
-                    "(loss, auxiliary_results) or (loss, num_samples, auxiliary_results)"
+                    f"The training model returned a tuple of {len(results)} items: {describe_value(results)}; "
+                    f"expected {RETURN_FORMS}"
                 )
         else:
             loss, num_samples, auxiliary_results = results, None, None
         if loss is None or not self._is_scalar_loss(loss):
             raise TypeError(
-                "The training model must return a scalar loss tensor (alone, in a tuple or as dict['loss']); "
-                f"got {type(loss).__module__}.{type(loss).__qualname__}: {loss!r:.200}"
+                "The training model must return a scalar loss tensor (the mean over the batch's samples), as "
+                f"{RETURN_FORMS}; got {type(loss).__module__}.{type(loss).__qualname__} as the loss: "
+                f"{describe_value(loss)}, in {describe_value(results)}{self._loss_hint(results, loss)}"
             )
         chunk_rows = None if chunk is None else chunk.num_samples
         if num_samples is None:
@@ -329,6 +398,24 @@ class DefaultTrainer(Trainer, ABC):
                 "batch_chunk_size."
             )
         return ModelOutputs(loss, num_samples, auxiliary_results)
+
+    def _loss_hint(self, results: Any, loss: Any) -> str:
+        """What would be right, for the message of a return value without a scalar loss (may be empty)."""
+        if isinstance(results, (tuple, list)):
+            scalars = [index for index, item in enumerate(results) if index and self._is_scalar_loss(item)]
+            if scalars:
+                return (
+                    f"; item {scalars[0]} is a scalar: the loss comes first, e.g. return (loss, logits), or return "
+                    "{'loss': loss, 'auxiliary_results': logits}"
+                )
+            if isinstance(results, list):
+                return "; a list is none of these forms: return a tuple or a dict"
+        if getattr(loss, "ndim", None):  # a tensor of one or more dimensions (None: unknown rank)
+            return (
+                "; a loss per sample (or per element) must be reduced to its mean over the batch, e.g. loss.mean() "
+                "or a loss function with reduction='mean'"
+            )
+        return ""
 
     @abstractmethod
     def _is_scalar_loss(self, loss: Any) -> bool:

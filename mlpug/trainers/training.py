@@ -11,7 +11,8 @@ Life cycle (every hook goes to every callback, producers first: see ``dispatch_o
     on_training_start(num_epochs, num_batches_per_epoch, start_epoch, start_batch, start_update_iter)
     for epoch in range(start_epoch, num_epochs):
         [resumed run at an epoch start: random states restored here]
-        on_epoch_start(logs)
+        logs["resumed_mid_epoch"] = batch_step > 0               # True only in an epoch continued mid-way
+        on_epoch_start(logs)                                     # also for an epoch continued mid-way (see below)
         [random states saved; a resumed run mid-epoch sets those the original run had here]
         data_iterator = data_source.epoch_iterator(epoch, start_batch if first epoch else 0, num_batches_per_epoch)
         [resumed run mid-epoch: random states restored here]
@@ -41,6 +42,13 @@ runs the rest of the loop body above (counters, ``on_batch_training_completed``,
 batch in order with its own ``StepResult``. A stop request or a signal takes effect at the end of a call; a hook
 that fails inside a call leaves the counters after the call (the model has trained all of its batches).
 
+Resuming mid-epoch (``resume_from`` / :meth:`~TrainingManager.set_state` of a checkpoint written inside an epoch, or
+``start_training`` again after a stop inside one): ``on_epoch_start`` runs for the continued epoch as for every other
+epoch that this run trains in (so that per-epoch set-up such as a progress bar or a timer happens), with
+``logs["resumed_mid_epoch"]`` True and ``logs["current"]["batch_step"]`` the first batch still to train; a callback
+with a per-epoch accumulator that ``set_state`` restored skips its reset then. ``on_epoch_completed`` runs once
+for every epoch, also for one continued mid-way.
+
 The checkpoint phases follow the batch-end / epoch-end hooks of *all* callbacks, so what a checkpoint holds
 never depends on where a callback stands in the list; ``get_state()`` there is the position of the next batch.
 
@@ -69,8 +77,14 @@ from mlpug.random_state import capture_random_states, get_random_states, plain_s
 from mlpug.trainers.arguments import check_callbacks, check_num_batches_per_epoch, check_positive_int
 from mlpug.trainers.callbacks.callback import Callback, dispatch_order
 from mlpug.trainers.hook_dispatch import HookDispatch, add_note
-from mlpug.trainers.non_finite import NonFiniteLossPolicy, NonFiniteLossTracker
-from mlpug.trainers.resume import ResumeFrom, check_resume_from, load_resume_state
+from mlpug.trainers.non_finite import (
+    DEFAULT_CHECK_WEIGHTS_EVERY,
+    NonFiniteLossPolicy,
+    NonFiniteLossTracker,
+    NonFiniteWeightsCheck,
+    NonFiniteWeightsPolicy,
+)
+from mlpug.trainers.resume import ResumeFrom, check_counters, check_resume_from, load_resume_state
 from mlpug.trainers.signals import install_stop_handlers, restore_handlers
 from mlpug.trainers.steps_per_call import StepsPerCall
 from mlpug.trainers.trainer import StepResult, Trainer
@@ -119,6 +133,13 @@ class TrainingManager(StepsPerCall, HookDispatch):
             :class:`~mlpug.trainers.non_finite.NonFiniteLossError` naming the first such iteration),
             ``"skip_step"`` (its optimizer step is skipped) or ``"warn"``. Checked without a device wait per step
             (see :mod:`mlpug.trainers.non_finite`); no checkpoint ever holds non-finite weights.
+        non_finite_weights: What NaN or infinite trainable weights do (the loss may stay finite): ``"raise"``
+            (default: training ends with a :class:`~mlpug.trainers.non_finite.NonFiniteWeightsError` naming the first
+            check that found them and the weights) or ``"warn"`` (one warning; the end of training says so). Checked
+            with one device wait per check before every checkpoint write, at every epoch end, at the end of training
+            and after ``check_weights_every`` steps without a check, never per step.
+        check_weights_every: Also check the weights when this many training steps passed since their last check
+            (an int >= 1, default 1000), or None (only at checkpoint writes, epoch ends and the end).
 
     Attributes:
         training_error: The exception that ended training (None while it runs or when it ended without one).
@@ -149,6 +170,8 @@ class TrainingManager(StepsPerCall, HookDispatch):
         resume_from: ResumeFrom = None,
         non_finite_loss: NonFiniteLossPolicy = "raise",
         resume_strict: bool = True,
+        non_finite_weights: NonFiniteWeightsPolicy = "raise",
+        check_weights_every: Optional[int] = DEFAULT_CHECK_WEIGHTS_EVERY,
     ):
         if not isinstance(trainer, Trainer):
             raise TypeError(
@@ -193,6 +216,8 @@ class TrainingManager(StepsPerCall, HookDispatch):
         self.training_error: Optional[BaseException] = None
         self.non_finite = NonFiniteLossTracker(non_finite_loss, trainer.non_finite_indices)
         trainer.skip_non_finite_steps = non_finite_loss == "skip_step"
+        self.weights_check = NonFiniteWeightsCheck(non_finite_weights, trainer.non_finite_weights, check_weights_every)
+        self._next_weights_check = self.weights_check.next_check(0)  # steps after which the periodic check is due
         self._random_state_providers = trainer.random_state_providers()
         self._pending_random_state: Optional[dict] = None  # restored where it was captured (see _train)
         self._random_before_data: Any = None  # the states this epoch's data iterator was created with (Deferred)
@@ -208,16 +233,38 @@ class TrainingManager(StepsPerCall, HookDispatch):
         """Ask training to stop: the current batch finishes, then the normal end hooks run."""
         self._stop_requested = True
 
-    def check_finite(self) -> None:
-        """Check the training losses of the steps since the last check, with one device wait for all of them.
+    def check_finite(self, weights: bool = False) -> None:
+        """Check the training losses of the steps since the last check, with one device wait for all of them; with
+        ``weights`` then the trainable weights as well (one more device wait; none when they were checked at this
+        step already).
 
         Consumers call this where they read values anyway (``LogProgress`` at its log period, the
-        ``CheckpointManager`` before it writes); the manager calls it at every epoch end and at the end of training.
+        ``CheckpointManager`` before it writes, with ``weights``); the manager calls it with ``weights`` at every
+        epoch end, at the end of training and after ``check_weights_every`` steps without a check.
 
         Raises:
             NonFiniteLossError: A loss was NaN or infinite and the policy is ``"raise"``.
+            NonFiniteWeightsError: ``weights`` and a trainable weight is NaN or infinite, with the policy ``"raise"``.
         """
         self.non_finite.check()
+        if weights:
+            self.weights_check.check(self.global_iter, *self._last_step_position())
+            self._next_weights_check = self.weights_check.next_check(self.global_iter)
+
+    def _last_step_position(self) -> tuple:
+        """``(epoch, batch_step)`` of the last step trained (the counters point at the next one)."""
+        if self.batch_step > 0:
+            return self.epoch, self.batch_step - 1
+        return self.epoch - 1, self.num_batches_per_epoch - 1
+
+    def _check_finite_in_loop(self) -> None:
+        """:meth:`check_finite` with the weights, called by the loop itself (not by a hook): a failure note then
+        names the check."""
+        try:
+            self.check_finite(weights=True)
+        except BaseException:
+            self._failed_hook = "check_finite"
+            raise
 
     def get_state(self) -> dict:
         """Everything needed to continue training: the content of a training checkpoint.
@@ -256,8 +303,9 @@ class TrainingManager(StepsPerCall, HookDispatch):
 
         Raises:
             ValueError: Naming the checkpoint file when known: callback names differ (with ``resume_strict``), the
-                number of batches per epoch or the data order differs, or the trainer state does not fit the model
-                components / optimizers (e.g. another layer shape).
+                number of batches per epoch or the data order differs, the counters do not fit together or this run
+                (see :func:`~mlpug.trainers.resume.check_counters`: e.g. an epoch past ``num_epochs``), or the trainer
+                state does not fit the model components / optimizers (e.g. another layer shape).
         """
         source = (state.get("mlpug") or {}).get("path", "the training state")
         saved, present = set(state.get("callbacks", {})), {c.name for c in self.callbacks}
@@ -272,6 +320,7 @@ class TrainingManager(StepsPerCall, HookDispatch):
                 f"{source} was saved with num_batches_per_epoch={state['num_batches_per_epoch']}, this manager has "
                 f"{self.num_batches_per_epoch}; the saved batch position would mean another place in the data"
             )
+        check_counters(state, self.num_epochs, self.num_batches_per_epoch, str(source))
         data_module.check_data_state(self.training_dataset, state.get("data") or {}, str(source))
         if "trainer" in state:
             try:
@@ -317,9 +366,11 @@ class TrainingManager(StepsPerCall, HookDispatch):
             if self.handle_signals
             else {}
         )
+        self.weights_check.forget()  # set_state may have set other weights at the same step count
+        self._next_weights_check = self.weights_check.next_check(self.global_iter)
         try:
             self._train()
-            self.check_finite()
+            self._check_finite_in_loop()  # no run ends normally with non-finite weights (policy "raise")
         except BaseException as error:
             stopped_on_error = True
             self.training_error = error
@@ -356,6 +407,9 @@ class TrainingManager(StepsPerCall, HookDispatch):
             # numbers), mid-epoch (captured in a batch checkpoint phase) after both.
             if self._pending_random_state is not None and self.batch_step == 0:
                 self._restore_random_state()
+            # An epoch that training continues mid-way (a resume, or start_training after a stop) gets its
+            # on_epoch_start too, told so: a callback keeps the per-epoch state that set_state restored.
+            logs["resumed_mid_epoch"] = self.batch_step > 0
             self._dispatch("on_epoch_start", logs)
             # The states with which this epoch's data iterator is created (a shuffled DataLoader draws its order
             # then): saved in checkpoints, so that a mid-epoch resume creates the same iterator, then skips.
@@ -382,7 +436,7 @@ class TrainingManager(StepsPerCall, HookDispatch):
             params = logs["current"]["training_params"]["epoch"]
             params["duration"] = time.perf_counter() - epoch_start_time
             params["lr"] = logs_module.deferred_number(self.step_result.learning_rate if self.step_result else None)
-            self.check_finite()
+            self._check_finite_in_loop()
             # a failing epoch-end hook leaves the epoch unfinished: an emergency checkpoint resumes at its end
             self._dispatch("on_epoch_completed", logs)
             self.epoch, self.batch_step = epoch + 1, 0
@@ -414,6 +468,8 @@ class TrainingManager(StepsPerCall, HookDispatch):
                 self._dispatch_failure(error, logs)
                 raise
             self._complete_batch(batch, result, current, time.perf_counter() - start_time, hooks)
+            if self.global_iter >= self._next_weights_check:
+                self._check_finite_in_loop()
         return True
 
     def _next_batch(self, data: Any, batch_step: int) -> Any:
@@ -461,6 +517,14 @@ class TrainingManager(StepsPerCall, HookDispatch):
         """Where training failed: the batch (epoch, batch step, global iteration) whose data, step or hook raised,
         or the end of the epoch whose epoch-end hooks raised."""
         hook, logs = self._failed_hook, self.logs
+        if hook == "check_finite":  # the loop's own check of the losses and weights
+            if self.global_iter == 0:
+                return "at the check of the weights before the first training step"
+            epoch, batch_step = self._last_step_position()
+            return (
+                f"at the check of the losses and weights after global iteration {self.global_iter - 1} (epoch "
+                f"{epoch}, batch step {batch_step})"
+            )
         if hook in ("on_epoch_completed", "on_epoch_checkpoint"):
             return f"at the end of epoch {logs['epoch']}"
         if hook in ("on_batch_training_completed", "on_batch_checkpoint"):  # the counters point at the next batch
@@ -494,12 +558,25 @@ class TrainingManager(StepsPerCall, HookDispatch):
         self._call_all("on_training_checkpoint", errors, stopped_early, stopped_on_error, interrupted)
         success = self.logs["cb_calls_success"]
         self._call_all("on_training_ended", errors, stopped_early, stopped_on_error, interrupted, success)
+        # non_finite_weights="warn": the final weights (checked at the end) are not finite; never "All good"
+        non_finite_weights = [] if stopped_on_error else self.weights_check.names
+        if non_finite_weights:
+            first = self.weights_check.first_found
+            _log.warning(
+                f"Training ended with non-finite trainable weights ({len(non_finite_weights)}: "
+                f"{', '.join(non_finite_weights[:10])}{' ...' if len(non_finite_weights) > 10 else ''}); "
+                f"first found: {first.finding if first is not None else 'at the end'} (non_finite_weights='warn')."
+            )
         if stopped_on_error:
             _log.error("Training ended on an error.")
+        elif errors:
+            _log.error(f"Training ended, but {len(errors)} end hook(s) raised (see above); raising the first.")
         elif interrupted_by is not None:
             _log.warning(f"Training interrupted by signal {signal.Signals(interrupted_by).name}; ended cleanly.")
         elif stopped_early:
             _log.info("Training stopped early.")
+        elif non_finite_weights:
+            _log.warning("Training completed, but the trainable weights are not finite (see above).")
         elif self.logs["cb_calls_success"]:
             _log.info("Training completed. All good! ❤️")
         else:

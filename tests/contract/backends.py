@@ -162,6 +162,20 @@ class PyTorchHarness:
 
         return NanPropagatingModel()
 
+    def nan_gradient_model(self, problem: Problem) -> Any:
+        """The problem's classifier with the non-finite rows of its hidden layer replaced by 0 (as a model that masks
+        bad rows): NaN features give a finite loss, but the first layer's weight gets a NaN gradient."""
+        torch, classifier = self.torch, problem.classifier
+
+        class NanGradientModel(torch.nn.Module):
+            def forward(self, batch_data, evaluate_settings, inference_mode=None):
+                features, labels = batch_data
+                hidden = classifier[1](classifier[0](features))
+                hidden = torch.where(torch.isfinite(hidden), hidden, torch.zeros_like(hidden))
+                return torch.nn.functional.cross_entropy(classifier[2](hidden), labels)
+
+        return NanGradientModel()
+
 
 class TensorFlowHarness:
     """The same problem with ``mlpug.tensorflow``: compiled steps (``tf.function``) fed by ``tf.data.Dataset`` s."""
@@ -302,6 +316,21 @@ class TensorFlowHarness:
                 return loss + 0.0 * tf.reduce_mean(tf.cast(features, loss.dtype))
 
         return NanPropagatingModel()
+
+    def nan_gradient_model(self, problem: Problem) -> Any:
+        """The problem's classifier with the non-finite rows of its hidden layer replaced by 0 (as a model that masks
+        bad rows): NaN features give a finite loss, but the first layer's kernel gets a NaN gradient."""
+        tf, classifier = self.tf, problem.classifier
+        loss_function = tf.keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+
+        class NanGradientModel(tf.keras.Model):
+            def call(self, batch_data, evaluate_settings, inference_mode=None):
+                features, labels = batch_data
+                hidden = classifier.layers[0](features)
+                hidden = tf.where(tf.math.is_finite(hidden), hidden, tf.zeros_like(hidden))
+                return loss_function(labels, classifier.layers[1](hidden))
+
+        return NanGradientModel()
 
 
 class TensorFlowEagerHarness(TensorFlowHarness):

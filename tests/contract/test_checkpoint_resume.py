@@ -423,3 +423,71 @@ def test_resume_modes_latest_starts_fresh_and_non_strict_resume(harness, straigh
     manager.start_training()
     assert added.count == NUM_EPOCHS * worker.NUM_BATCHES - 4 and manager.global_iter == NUM_EPOCHS * worker.NUM_BATCHES
     assert np.array_equal(added.losses, straight_run["losses"][4:, 0])
+
+
+def test_a_failed_background_write_is_logged_at_once_and_raised_at_the_next_batch_boundary(
+    harness, tmp_path, monkeypatch
+):
+    """Issue 25 item 5, on the backend's saver: the training checkpoint of epoch 0 meets a full disk in the background
+    writer. It is logged at once (ERROR, the file and the period) and raised after the first batch of epoch 1, with a
+    note naming the period that failed. Broken on purpose (the old writer), it surfaces at the end of epoch 1, after a
+    whole epoch trained on top of it, logged only then: this test fails."""
+    import errno
+    import logging
+    import threading
+
+    import safetensors.numpy
+    import safetensors.torch
+
+    from mlpug.checkpointing import CheckpointWriteError
+
+    module = safetensors.torch if harness.name == "pytorch" else safetensors.numpy
+    save_file, failed = module.save_file, []
+
+    def full_disk_once(tensors, filename, metadata=None):
+        if "training-checkpoint" in os.path.basename(filename) and not failed:
+            failed.append(filename)
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return save_file(tensors, filename, metadata=metadata)
+
+    monkeypatch.setattr(module, "save_file", full_disk_once)
+    problem, num_batches = harness.make_problem(num_batches=3), 3
+    mlp, errors_before_batch_3 = problem.mlp, []
+
+    class Errors(logging.Handler):
+        def __init__(self):
+            super().__init__(logging.ERROR)
+            self.records = []
+
+        def emit(self, record):
+            self.records.append(record.getMessage())
+
+    handler = Errors()
+
+    class WaitForTheFailedWrite(mlp.callbacks.Callback):
+        def on_batch_training_start(self, training_batch, logs):
+            if logs["current"]["global_iter"] == num_batches:
+                for thread in threading.enumerate():
+                    if thread.name == "mlpug-checkpoint-writer":
+                        thread.join(timeout=60)
+                errors_before_batch_3.extend(handler.records)
+
+    checkpoint_manager = mlp.callbacks.CheckpointManager(checkpoints_path=str(tmp_path), metric_to_monitor=None)
+    callbacks = [checkpoint_manager, WaitForTheFailedWrite()]
+    manager = mlp.trainers.TrainingManager(problem.trainer, problem.training_batches, num_epochs=3, callbacks=callbacks)
+    logging.getLogger("mlpug").addHandler(handler)
+    try:
+        with pytest.raises(CheckpointWriteError) as raised:
+            manager.start_training()
+    finally:
+        logging.getLogger("mlpug").removeHandler(handler)
+    training_file = checkpoint_manager.file_names.training
+    assert raised.value.errno == errno.ENOSPC and manager.global_iter == num_batches + 1
+    period = f"the end of epoch 0 (global iteration {num_batches - 1})"
+    assert f"mlpug: raised by the background write of {training_file}, the checkpoint of {period}" in (
+        raised.value.__notes__
+    )
+    assert len(errors_before_batch_3) == 1
+    assert f"Writing the checkpoint of {period} failed in the background ({training_file})" in errors_before_batch_3[0]
+    state = mlp.load_training_checkpoint(checkpoint_manager.file_names.emergency_training)
+    assert (state["epoch"], state["batch_step"], state["global_iter"]) == (1, 1, num_batches + 1)

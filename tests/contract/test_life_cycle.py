@@ -68,6 +68,7 @@ def test_logs_keys_and_value_types(harness):
         "final_epoch",
         "final_batch_step",
         "cb_calls_success",
+        "resumed_mid_epoch",
         "training_settings",
         "evaluate_settings",
         "best",

@@ -149,3 +149,58 @@ def test_the_default_progress_bar_writes_one_line_per_epoch_off_a_terminal(harne
     lines = [line for line in capsys.readouterr().out.splitlines() if "| Epoch: " in line]
     assert [line.split("| Epoch: ")[1].split(" ")[0] for line in lines] == ["1/2", "2/2"]
     assert all("Acc: " in line and "Loss: " in line and "5/5 batches" in line for line in lines), lines
+
+
+# ----- first-batch checks: one batch, no optimizer step -----
+
+
+def mae(y_true, y_pred):  # a metric of the Keras / scikit-learn form: not an mlpug metric function
+    return abs(y_true - y_pred).mean()
+
+
+def test_a_metric_of_another_signature_fails_before_the_first_step_in_the_one_call_and_the_full_api(harness):
+    one = harness.make_problem(seed=7)
+    before = harness.weights(one)
+    trainer = one.mlp.Trainer(
+        one.classifier, harness.loss_function(), one.optimizer, metrics={"mae": mae}, **harness.trainer_options()
+    )
+    expected = r"metric function 'mae' is mae\(y_true, y_pred\), but metric functions take one argument, an "
+    with pytest.raises(TypeError, match=expected + r".*\{'mae': lambda inputs: mae\(inputs.batch\[1\]"):
+        trainer.train(arrays(0), batch_size=BATCH_SIZE, progress=None)
+    assert trainer.manager.global_iter == 0
+    for a, b in zip(before, harness.weights(one)):
+        np.testing.assert_array_equal(a, b)
+
+    full = harness.make_problem(seed=7)
+    mlp = full.mlp
+    logger = mlp.callbacks.TrainingMetricsLogger(mlp.evaluation.MetricEvaluator(batch_metric_funcs={"mae": mae}))
+    manager = mlp.trainers.TrainingManager(full.trainer, full.training_batches, callbacks=[logger])
+    with pytest.raises(TypeError, match=expected):
+        manager.start_training()
+    assert manager.global_iter == 0
+    for a, b in zip(before, harness.weights(full)):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_metric_functions_run_once_on_the_first_batch_before_its_step_and_errors_say_so(harness):
+    problem = harness.make_problem(seed=8)
+    mlp, calls = problem.mlp, []
+
+    def fails_on_first_call(inputs):
+        calls.append(harness.weights(problem))
+        if len(calls) == 1:
+            raise ValueError("cannot compute this metric")
+        return problem.accuracy(inputs)
+
+    evaluator = mlp.evaluation.MetricEvaluator(batch_metric_funcs={"metric": fails_on_first_call})
+    manager = mlp.trainers.TrainingManager(
+        problem.trainer, problem.training_batches, callbacks=[mlp.callbacks.TrainingMetricsLogger(evaluator)]
+    )
+    with pytest.raises(ValueError, match="cannot compute this metric") as raised:
+        manager.start_training()
+    assert "first-batch check of the metric functions" in "\n".join(raised.value.__notes__)
+    manager.start_training()  # a new start checks again (the second call passes), then trains all batches
+    num_batches = len(problem.training_batches)
+    assert len(calls) == 2 + num_batches and manager.global_iter == num_batches
+    for a, b in zip(calls[0], calls[1]):  # both checks saw the initial weights: no step before either
+        np.testing.assert_array_equal(a, b)

@@ -78,6 +78,8 @@ class FakeTrainer(DefaultTrainer):
     def train_on(self, batch, training_settings=None) -> StepResult:
         self.ensure_ready()
         outputs = self._normalise_outputs(self.training_model(batch, training_settings, False), batch)
+        if self._first_batch_checks:  # before the update, as a real backend before backward
+            self._run_first_batch_checks(batch, outputs)
         grad_w, grad_b = outputs.auxiliary_results["grads"]
         optimizer = next(iter(self.optimizers.values()))
         model = next(iter(self.model_components.values()))
@@ -89,6 +91,18 @@ class FakeTrainer(DefaultTrainer):
         """Vectorised like a real backend's: one conversion (one "device wait") for all values."""
         FakeScalar.conversions += 1
         return [i for i, value in enumerate(values) if not math.isfinite(getattr(value, "value", value))]
+
+    weight_checks = 0  # calls of non_finite_weights (each one "device wait"), counted over all instances
+
+    def non_finite_weights(self) -> list:
+        """``"<component>.w"`` / ``"<component>.b"`` of the weights that are NaN or infinite (one "device wait")."""
+        FakeTrainer.weight_checks += 1
+        return [
+            f"{name}.{weight}"
+            for name, model in self.model_components.items()
+            for weight in ("w", "b")
+            if not math.isfinite(getattr(model, weight))
+        ]
 
     def evaluate_loss(self, batch, evaluate_settings=None, inference_mode=True) -> ModelOutputs:
         self.ensure_ready()

@@ -1,6 +1,7 @@
 """CheckpointManager, crash-safe files and resume on the pure-Python fake backend (NumPy-format saver)."""
 
 import collections
+import errno
 import json
 import logging
 import os
@@ -8,6 +9,7 @@ import pickle
 import random
 import signal
 import struct
+import threading
 
 import numpy as np
 import pytest
@@ -17,6 +19,7 @@ import safetensors.numpy
 from mlpug.checkpointing import (
     CheckpointError,
     CheckpointFileNames,
+    CheckpointWriteError,
     NumpyCheckpointSaver,
     atomic_write,
     make_header,
@@ -280,7 +283,8 @@ def test_monitored_metric_that_no_callback_writes_fails_at_construction_listing_
     with pytest.raises(
         ValueError,
         match=f"metric_to_monitor '{metric}' is not written into logs\\['current'\\]: "
-        f"{reason}. Paths that are written: .*training\\.batch\\.loss, training\\.window_average\\.loss",
+        f"{reason}\\.( Did you mean [^?]*\\?)? Paths that are written: .*training\\.batch\\.loss, "
+        "training\\.window_average\\.loss",
     ):
         build(tmp_path, metric_to_monitor=metric)
 
@@ -344,8 +348,9 @@ def test_improvement_mode_and_threshold(tmp_path, mode, threshold, values, best_
                 assert logs["best"]["validation"]["dataset"]["loss"] == values[logs["epoch"]]
 
     checkpoint_manager = CheckpointManager(
-        NumpyCheckpointSaver(), str(tmp_path), metric_opt_mode=mode, improvement_threshold=threshold
-    )
+        NumpyCheckpointSaver(), str(tmp_path), metric_opt_mode=mode, improvement_threshold=threshold,
+        non_finite_metric="warn",  # a NaN is never best, and with "warn" training goes on
+    )  # fmt: skip
     callbacks = [ScriptedMetric(values), checkpoint_manager, SeeBest()]
     manager = TrainingManager(trainer, make_data(), num_epochs=len(values), callbacks=callbacks)
     manager.start_training()
@@ -764,3 +769,197 @@ def test_a_save_fsyncs_the_file_then_renames_it_then_fsyncs_the_directory(tmp_pa
     NumpyCheckpointSaver().save({"mlpug": make_header("model", "numpy"), "x": np.ones(3)}, path)
     temporary = files.temporary_path(path)
     assert events == [("fsync", temporary), ("replace", temporary, path), ("fsync", str(tmp_path))]
+
+
+# ----- failed background writes, unwritable directories, counters, metric names (issue 25) -----
+class _CaptureMlpugLogs(logging.Handler):
+    """The records of the ``mlpug`` loggers (which do not propagate), in order, while installed."""
+
+    def __init__(self):
+        super().__init__(logging.DEBUG)
+        self.records = []
+
+    def emit(self, record):
+        self.records.append(record)
+
+    def __enter__(self):
+        logging.getLogger("mlpug").addHandler(self)
+        return self
+
+    def __exit__(self, *exc_info):
+        logging.getLogger("mlpug").removeHandler(self)
+
+    def errors(self):
+        return [record for record in self.records if record.levelno >= logging.ERROR]
+
+
+class FullDiskOnceSaver(NumpyCheckpointSaver):
+    """Writing the first file whose name holds ``fail_on`` fails as on a full disk (OSError ENOSPC)."""
+
+    def __init__(self, fail_on="training-checkpoint"):
+        super().__init__()
+        self.fail_on, self.failed = fail_on, 0
+
+    def save_arrays(self, arrays, metadata, path):
+        if self.fail_on in os.path.basename(path) and not self.failed:
+            self.failed += 1
+            raise OSError(errno.ENOSPC, "No space left on device")
+        super().save_arrays(arrays, metadata, path)
+
+
+def _join_the_writer_thread():
+    """Wait until the background writer thread (of whatever mlpug version) has finished its job."""
+    for thread in threading.enumerate():
+        if thread.name == "mlpug-checkpoint-writer":
+            thread.join(timeout=30)
+
+
+def test_a_failed_background_write_is_logged_at_once_and_raised_at_the_next_batch_boundary(tmp_path):
+    """Issue 25 item 5: the epoch-0 training checkpoint cannot be written (full disk). The failure is logged when it
+    happens (ERROR, naming the file and the period), and raised at the first batch boundary after it, with a note
+    naming the period that failed to write; the emergency checkpoint is written. Broken on purpose (the old writer:
+    error kept until the next write), nothing is logged until the end of epoch 1, where the error is raised after a
+    whole epoch trained on top of it, named as a failure "at the end of epoch 1": this test fails."""
+    logs_when_training_went_on = []
+
+    class WaitForTheFailedWrite(Callback):
+        def on_batch_training_start(self, training_batch, logs):
+            if logs["current"]["global_iter"] == NUM_BATCHES:  # the first batch after the epoch-0 write
+                _join_the_writer_thread()
+                logs_when_training_went_on.extend(capture.errors())
+
+    trainer, _ = make_trainer()
+    checkpoint_manager = CheckpointManager(FullDiskOnceSaver(), str(tmp_path), metric_to_monitor=None)
+    callbacks = [TrainingMetricsLogger(MetricEvaluator(trainer=trainer)), checkpoint_manager, WaitForTheFailedWrite()]
+    manager = TrainingManager(trainer, make_data(), num_epochs=3, callbacks=callbacks)
+    training_file = checkpoint_manager.file_names.training
+    with _CaptureMlpugLogs() as capture, pytest.raises(CheckpointWriteError) as raised:
+        manager.start_training()
+    assert raised.value.errno == errno.ENOSPC and raised.value.path == training_file
+    assert manager.global_iter == NUM_BATCHES + 1  # raised after the one batch in progress, not a whole epoch later
+    period = f"the end of epoch 0 (global iteration {NUM_BATCHES - 1})"
+    assert f"mlpug: raised by the background write of {training_file}, the checkpoint of {period}" in (
+        raised.value.__notes__
+    )
+    assert len(logs_when_training_went_on) == 1  # logged before training went on, once
+    message = logs_when_training_went_on[0].getMessage()
+    assert f"Writing the checkpoint of {period} failed in the background ({training_file})" in message
+    assert "no space left on device" in message
+    assert [record.getMessage() for record in capture.errors()].count(message) == 1  # not logged a second time
+    emergency = NumpyCheckpointSaver().load(checkpoint_manager.file_names.emergency_training, kind="training")
+    assert (emergency["epoch"], emergency["batch_step"], emergency["global_iter"]) == (1, 1, NUM_BATCHES + 1)
+
+
+def test_a_failed_background_write_at_batch_level_names_the_batch(tmp_path):
+    """Batch-level periods every 2 batches: the write after batch 1 fails and is raised after batch 2, the note
+    naming batch 1. Broken on purpose (the old writer), it is raised at the next write (after batch 3) and names no
+    period: this test fails."""
+
+    class WaitForTheFailedWrite(Callback):
+        def on_batch_training_start(self, training_batch, logs):
+            if logs["current"]["global_iter"] == 2:
+                _join_the_writer_thread()
+
+    manager, checkpoint_manager = _manager_with_saver(tmp_path, FullDiskOnceSaver(), 2, [WaitForTheFailedWrite()])
+    with pytest.raises(CheckpointWriteError) as raised:
+        manager.start_training()
+    assert manager.global_iter == 3
+    notes = raised.value.__notes__
+    assert any("the checkpoint of epoch 0, batch step 1 (global iteration 1)" in note for note in notes)
+
+
+def test_the_batch_boundary_check_of_a_failed_write_reads_one_attribute(tmp_path):
+    """The check that runs at every batch boundary is a plain attribute read (no lock, no call, no wait)."""
+    checkpoint_manager = CheckpointManager(NumpyCheckpointSaver(), str(tmp_path), metric_to_monitor=None)
+    assert checkpoint_manager._writer.failed is False
+    checkpoint_manager._writer.submit(lambda: None)
+    checkpoint_manager._writer.wait()
+    assert "failed" in vars(checkpoint_manager._writer)  # an instance attribute, not a property
+
+
+@pytest.mark.parametrize("missing", [False, True], ids=["existing", "to_be_created"])
+def test_a_checkpoints_path_that_cannot_be_written_fails_at_construction(tmp_path, monkeypatch, missing):
+    """Issue 25 item 8: an unwritable directory (no permission, a read-only file system; simulated with os.access, as
+    the tests run as root) fails at construction naming checkpoints_path and the directory. Broken on purpose (no
+    access check), construction passes and training fails in on_training_start: this test fails."""
+    unwritable = tmp_path / "read-only"
+    unwritable.mkdir()
+    real_access = os.access
+
+    def access(path, mode, **kwargs):
+        if os.path.abspath(path) == str(unwritable) and mode & os.W_OK:
+            return False
+        return real_access(path, mode, **kwargs)
+
+    monkeypatch.setattr(os, "access", access)
+    path = str(unwritable / "run-1") if missing else str(unwritable)
+    where = f"would be created in {unwritable}, a directory" if missing else "is a directory"
+    with pytest.raises(ValueError, match=f"checkpoints_path '{path}' {where} that this process cannot write to"):
+        CheckpointManager(NumpyCheckpointSaver(), path, metric_to_monitor=None)
+    CheckpointManager(NumpyCheckpointSaver(), str(tmp_path / "writable"), metric_to_monitor=None)
+
+
+def test_a_failed_emergency_checkpoint_is_one_line_and_the_original_error_is_raised(tmp_path):
+    """Issue 25 item 8: the step fails, and the emergency checkpoint into the same (full) directory fails too: one
+    ERROR line says so, without a traceback, and the step's error is raised. Broken on purpose (the emergency write
+    unguarded), the hook's error is logged with its whole traceback: this test fails."""
+    trainer, _ = make_trainer(fail_at_call=2)
+    checkpoint_manager = CheckpointManager(
+        FullDiskOnceSaver(fail_on="emergency"), str(tmp_path), metric_to_monitor=None, batch_level=True
+    )
+    manager = TrainingManager(trainer, make_data(), num_epochs=1, callbacks=[checkpoint_manager])
+    with _CaptureMlpugLogs() as capture, pytest.raises(FloatingPointError):
+        manager.start_training()
+    assert not [record for record in capture.records if record.exc_info]  # no traceback buries the error
+    emergency = checkpoint_manager.file_names.emergency_training
+    lines = [record.getMessage() for record in capture.errors() if "could not be written" in record.getMessage()]
+    assert lines == [
+        "The emergency training checkpoint could not be written either: CheckpointWriteError: [Errno 28] cannot write "
+        f"checkpoint file {emergency}: no space left on device; free disk space, or give a checkpoints_path on "
+        "another disk (the file at that path is unchanged)"
+    ]
+
+
+def test_a_training_state_with_inconsistent_counters_fails_to_resume_and_keeps_the_good_checkpoint(tmp_path):
+    """Issue 25 item 8: a valid file whose counters do not fit together (epoch 10**9, global_iter 8) is refused by
+    resume, naming the file and the values, and the good training checkpoint stays. Broken on purpose (no
+    check_counters in set_state), the resume trains 0 batches, ends "All good" and overwrites the good training
+    checkpoint: this test fails."""
+    first, *_ = build(tmp_path, num_epochs=1)
+    first.start_training()
+    good = tmp_path / "model-training-checkpoint.safetensors"
+    state = NumpyCheckpointSaver().load(str(good), kind="training")
+    state.update(epoch=10**9, global_iter=8)
+    bad = str(tmp_path / "edited-training-checkpoint.safetensors")
+    NumpyCheckpointSaver().save(state, bad)
+    good_bytes = good.read_bytes()
+    manager, *_ = build(tmp_path, num_epochs=3, resume_from=bad)
+    with pytest.raises(
+        ValueError,
+        match=f"{bad}: the training state's counters do not fit together: epoch=1000000000, batch_step=0, "
+        "global_iter=8: epoch 1000000000 is past the last epoch of this run \\(num_epochs=3, ",
+    ):
+        manager.start_training()
+    assert good.read_bytes() == good_bytes
+
+
+def test_a_keras_name_or_a_typo_of_the_monitored_metric_gets_a_suggestion(tmp_path):
+    """Issue 25 item 8: val_loss (the Keras name) and a typo get "Did you mean 'validation.dataset.loss'?" next to the
+    list of paths. Broken on purpose (no did_you_mean in check_log_path), only the list: this test fails."""
+    trainer, _ = make_trainer()
+    for metric in ("val_loss", "validation.dataset.los", "valdation.dataset.loss"):
+        callbacks = [
+            TrainingMetricsLogger(MetricEvaluator(trainer=trainer)),
+            TestMetricsLogger(make_data(), "validation", MetricEvaluator(trainer=trainer)),
+            CheckpointManager(NumpyCheckpointSaver(), str(tmp_path), metric_to_monitor=metric),
+        ]
+        with pytest.raises(
+            ValueError, match=f"metric_to_monitor '{metric}' is not written .* Did you mean 'validation.dataset.loss'"
+        ):
+            TrainingManager(trainer, make_data(), callbacks=callbacks)
+    callbacks = [
+        TrainingMetricsLogger(MetricEvaluator(trainer=trainer)),
+        CheckpointManager(NumpyCheckpointSaver(), str(tmp_path), metric_to_monitor="loss"),
+    ]
+    with pytest.raises(ValueError, match="Did you mean 'training.window_average.loss' or 'training.batch.loss'\\?"):
+        TrainingManager(trainer, make_data(), callbacks=callbacks)

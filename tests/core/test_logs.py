@@ -1,6 +1,6 @@
 import pytest
 
-from mlpug.logs import Deferred, MetricValues, get_value_at, resolve, set_value_at
+from mlpug.logs import Deferred, MetricValues, did_you_mean, get_value_at, resolve, set_value_at
 
 
 def test_deferred_values_are_computed_once_on_first_read():
@@ -44,6 +44,31 @@ def test_unknown_dotted_path_lists_available_paths():
     message = str(raised.value)
     assert "'current.validation.dataset.loss' does not exist (missing key 'validation')" in message
     assert "Available paths: current.epoch, current.training.batch.loss" in message
+
+
+@pytest.mark.parametrize(
+    "path,suggestion",
+    [
+        ("val_loss", "Did you mean 'validation.dataset.loss'?"),
+        ("val_acc", "Did you mean 'validation.dataset.accuracy'?"),
+        ("loss", "Did you mean 'training.window_average.loss' or 'training.batch.loss'?"),
+        ("validation.dataset.los", "Did you mean 'validation.dataset.loss'"),
+        ("lr", "Did you mean 'training_params.batch.lr'?"),
+    ],
+)
+def test_a_missing_path_suggests_the_keras_equivalent_or_a_close_spelling(path, suggestion):
+    """Issue 25 item 8. Broken on purpose (no did_you_mean in get_value_at), only the list of paths: this test fails."""
+    current = {
+        "training": {"batch": MetricValues(loss=1.0), "window_average": MetricValues(loss=1.0)},
+        "validation": {"dataset": MetricValues(loss=1.0, accuracy=0.5)},
+        "training_params": {"batch": MetricValues(lr=0.1)},
+    }
+    with pytest.raises(KeyError) as raised:
+        get_value_at(current, path)
+    message = str(raised.value)
+    assert suggestion in message and message.index(suggestion) < message.index("Available paths")
+    assert did_you_mean("epoch_count_of_nothing", ["training.batch.loss"]) == ""
+    assert "The Keras name 'val_loss' is 'validation.dataset.loss'" in did_you_mean("val_loss", ["training.batch.loss"])
 
 
 def test_resolve_makes_plain_copy():

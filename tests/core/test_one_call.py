@@ -9,7 +9,7 @@ import pytest
 import mlpug.data
 import mlpug.evaluation
 import mlpug.trainers.callbacks
-from mlpug.trainers.one_call import OneCallTrainer, split_batch
+from mlpug.trainers.one_call import OneCallTrainer, check_targets_fit, split_batch
 from mlpug.trainers.training import TrainingManager
 from tests.core.fake_backend import SGD, FakeScalar, FakeTrainer, LinearModel
 
@@ -29,7 +29,22 @@ class FakeLossModel:
         outputs = self.model.w * inputs + self.model.b
         errors = outputs - targets
         grads = (float(np.mean(2 * errors * inputs)), float(np.mean(2 * errors)))
-        return {"loss": FakeScalar(self.loss_func(outputs, targets)), "auxiliary_results": {"grads": grads}}
+        return {
+            "loss": FakeScalar(self.loss_func(outputs, targets)),
+            "auxiliary_results": {"grads": grads, "outputs": outputs},
+        }
+
+    def check_targets(self, batch, outputs):
+        predictions, targets = outputs.auxiliary_results["outputs"], np.asarray(split_batch(batch)[1])
+
+        def loss(made_up, shape):
+            outputs, values = (predictions, targets)
+            if made_up:
+                outputs = np.linspace(0.1, 0.9, outputs.size).reshape(outputs.shape)
+                values = np.linspace(0.9, 0.1, values.size).reshape(values.shape)
+            return self.loss_func(outputs, values if shape is None else values.reshape(shape))
+
+        check_targets_fit(predictions.shape, targets.shape, loss)
 
 
 class FakeOneCall(OneCallTrainer):
@@ -106,3 +121,70 @@ def test_the_neutral_base_and_a_loss_named_metric_are_refused():
         OneCallTrainer(LinearModel(), squared_error, SGD(0.1))
     with pytest.raises(ValueError, match="'loss' is always logged"):
         FakeOneCall(LinearModel(), squared_error, SGD(0.1), metrics={"loss": squared_error})
+
+
+# ----- first-batch checks: before the first optimizer step -----
+
+
+def test_targets_that_broadcast_against_the_outputs_stop_training_before_the_first_step():
+    inputs, targets = samples()
+    model = LinearModel()
+    trainer = FakeOneCall(model, squared_error, SGD(0.1))
+    with pytest.raises(ValueError, match=r"outputs have shape \[4\] and the targets \[4, 1\]; in loss_func they "
+                       r"broadcast to \[4, 4\].*targets\[\.\.\., 0\].*allow_broadcast=True"):  # fmt: skip
+        trainer.train((inputs, targets[:, None]), batch_size=4, progress=None)
+    assert (model.w, model.b) == (0.0, 0.0) and trainer.manager.global_iter == 0  # no step
+    FakeOneCall(model, squared_error, SGD(0.1), allow_broadcast=True).train(
+        (inputs, targets[:, None]), batch_size=4, progress=None
+    )
+    assert model.w != 0.0  # deliberately allowed
+
+    def aligned_squared_error(outputs, targets):  # as Keras losses: the targets take the outputs' shape
+        return squared_error(outputs, np.reshape(targets, np.shape(outputs)))
+
+    model = LinearModel()
+    FakeOneCall(model, aligned_squared_error, SGD(0.1)).train((inputs, targets[:, None]), batch_size=4, progress=None)
+    assert model.w != 0.0  # no false alarm
+    with pytest.raises(TypeError, match="allow_broadcast must be True or False, got 'yes'"):
+        FakeOneCall(LinearModel(), squared_error, SGD(0.1), allow_broadcast="yes")
+
+
+def test_a_metric_of_another_signature_fails_before_the_first_step_with_the_expected_one():
+    def mae(y_true, y_pred):
+        return float(np.mean(np.abs(y_true - y_pred)))
+
+    model = LinearModel()
+    trainer = FakeOneCall(model, squared_error, SGD(0.1), metrics={"mae": mae})
+    with pytest.raises(TypeError, match=r"metric function 'mae' is .*mae\(y_true, y_pred\), but metric functions take "
+                       r"one argument, an mlp.evaluation.MetricInputs.*lambda inputs"):  # fmt: skip
+        trainer.train(samples(), batch_size=4, progress=None)
+    assert (model.w, model.b) == (0.0, 0.0)
+
+
+def test_metric_functions_are_called_once_on_the_first_batch_before_its_step_at_every_training_start():
+    model = LinearModel()
+    seen = []
+
+    def weight_when_called(inputs):
+        seen.append(model.w)
+        return FakeScalar(0.0)
+
+    trainer = FakeOneCall(model, squared_error, SGD(0.1), metrics={"w": weight_when_called})
+    trainer.train(samples(), batch_size=4, progress=None)  # 6 batches
+    assert len(seen) == 1 + 6 and seen[0] == 0.0 != seen[1]  # the check before the first step, then after each
+    first_run_end = model.w
+    trainer.train(samples(), batch_size=4, progress=None)
+    assert len(seen) == 2 * (1 + 6) and seen[7] == first_run_end != seen[8]
+
+
+def test_a_metric_that_cannot_run_on_the_outputs_fails_before_the_first_step_with_notes():
+    def needs_logits(inputs):
+        return inputs.auxiliary_results["logits"]
+
+    model = LinearModel()
+    trainer = FakeOneCall(model, squared_error, SGD(0.1), metrics={"needs_logits": needs_logits})
+    with pytest.raises(KeyError) as raised:
+        trainer.train(samples(), batch_size=4, progress=None)
+    notes = "\n".join(raised.value.__notes__)
+    assert "metric function 'needs_logits'" in notes and "before any optimizer step" in notes
+    assert (model.w, model.b) == (0.0, 0.0)

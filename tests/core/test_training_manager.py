@@ -545,3 +545,101 @@ print("backends:", sorted(name for name in ("torch", "tensorflow") if name in sy
     assert result.returncode == 0, result.stderr
     assert "backends: []" in result.stdout
     assert list((tmp_path / "training-batch").iterdir())
+
+
+class BatchesThisEpoch(Callback):
+    """A per-epoch accumulator with a state: the batches trained in the current epoch, reset at an epoch start unless
+    training continues the epoch mid-way (``logs["resumed_mid_epoch"]``)."""
+
+    def __init__(self):
+        super().__init__("BatchesThisEpoch")
+        self.count, self.per_epoch, self.epoch_starts = 0, [], []
+
+    def on_epoch_start(self, logs):
+        self.epoch_starts.append((logs["epoch"], logs["current"]["batch_step"], logs["resumed_mid_epoch"]))
+        if not logs["resumed_mid_epoch"]:
+            self.count = 0
+
+    def on_batch_training_completed(self, training_batch, logs):
+        self.count += 1
+
+    def on_epoch_completed(self, logs):
+        self.per_epoch.append(self.count)
+
+    def get_state(self):
+        return {"count": self.count}
+
+    def set_state(self, state):
+        self.count = state["count"]
+
+
+def test_a_mid_epoch_resume_calls_on_epoch_start_told_so_and_keeps_the_restored_accumulator():
+    """Issue 25 item 8: a mid-epoch resume calls on_epoch_start for the resumed epoch (per-epoch set-up such as a
+    progress bar happens), with logs["resumed_mid_epoch"] True, so the accumulator that set_state restored is kept.
+    Broken on purpose (no resumed_mid_epoch in the loop), the hook cannot tell and the test fails (KeyError)."""
+    straight = BatchesThisEpoch()
+    make_manager([straight], num_epochs=2, num_batches=3)[0].start_training()
+    assert straight.per_epoch == [3, 3]
+    assert straight.epoch_starts == [(0, 0, False), (1, 0, False)]
+
+    first = BatchesThisEpoch()
+    stopper = RecordingCallback(actions={("on_batch_training_completed", 0): lambda m: m.stop_training()})
+    first_manager, _ = make_manager([first, stopper], num_epochs=2, num_batches=3)
+    first_manager.start_training()
+    state = first_manager.get_state()
+    assert (state["epoch"], state["batch_step"], state["callbacks"]["BatchesThisEpoch"]) == (0, 1, {"count": 1})
+
+    resumed = BatchesThisEpoch()
+    resumed_manager, _ = make_manager([resumed, RecordingCallback()], num_epochs=2, num_batches=3)
+    resumed_manager.set_state(state)
+    resumed_manager.start_training()
+    assert resumed.epoch_starts == [(0, 1, True), (1, 0, False)]
+    assert resumed.per_epoch == straight.per_epoch
+    assert resumed_manager.logs["resumed_mid_epoch"] is False  # only during the continued epoch
+
+    first_manager.start_training()  # the same manager continues after its stop: the same rule
+    assert first.epoch_starts == [(0, 0, False), (0, 1, True), (1, 0, False)]
+    assert first.per_epoch == straight.per_epoch
+
+
+@pytest.mark.parametrize(
+    "counters,problem",
+    [
+        ((10**9, 0, 8), "epoch 1000000000 is past the last epoch of this run \\(num_epochs=2, num_batches_per_epoch=3"),
+        ((1, 0, 8), "global_iter should be epoch \\* num_batches_per_epoch \\+ batch_step = 3"),
+        ((0, 4, 4), "batch_step 4 is past the end of an epoch"),
+        ((2, 1, 7), "epoch 2 is the end of this run \\(.*\\), where batch_step is 0"),
+    ],
+)
+def test_set_state_checks_the_counters_together(counters, problem):
+    """Issue 25 item 8: counters that do not fit together (or this run) are refused, naming the file and the values,
+    before anything is applied. Broken on purpose (the counters checked one by one), they are accepted."""
+    manager, _ = make_manager([RecordingCallback()], num_epochs=2, num_batches=3)
+    state = manager.get_state()
+    state["mlpug"] = {"path": "/runs/model-training-checkpoint.safetensors"}
+    state["epoch"], state["batch_step"], state["global_iter"] = counters
+    values = "epoch={}, batch_step={}, global_iter={}".format(*counters)
+    with pytest.raises(
+        ValueError,
+        match=f"/runs/model-training-checkpoint.safetensors: the training state's counters do not fit together: "
+        f"{values}: {problem}",
+    ):
+        manager.set_state(state)
+    assert (manager.epoch, manager.batch_step, manager.global_iter) == (0, 0, 0)
+    # every position a run saves is accepted: after an epoch's last batch before its end hooks (batch_step ==
+    # num_batches_per_epoch), a finished run, mid-epoch
+    for position in [(0, 3, 3), (2, 0, 6), (1, 2, 5)]:
+        state["epoch"], state["batch_step"], state["global_iter"] = position
+        manager.set_state(state)
+        assert (manager.epoch, manager.batch_step, manager.global_iter) == position
+
+
+@pytest.mark.parametrize("key,value", [("epoch", -1), ("batch_step", 1.0), ("global_iter", True)])
+def test_set_state_refuses_counters_that_are_not_ints_at_least_0(key, value):
+    """A training state given as a dict to set_state (not through a file's checks) with a counter that is not an
+    int >= 0. Broken on purpose (no check_counters), it is applied."""
+    manager, _ = make_manager([RecordingCallback()], num_epochs=2, num_batches=3)
+    state = manager.get_state()
+    state[key] = value
+    with pytest.raises(ValueError, match=f"the training state's {key} is {value!r}, not an int >= 0"):
+        manager.set_state(state)

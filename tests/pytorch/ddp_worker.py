@@ -5,11 +5,16 @@ reference runs the same functions in the test process). Only mlpug and torch are
 
     ddp_worker.py equivalence OUT_DIR
     ddp_worker.py train OUT_DIR [--num-epochs E] [--resume] [--stop-at G --stop-how TERM|KILL|RAISE --stop-rank R]
+    ddp_worker.py uneven OUT_DIR
+
+Every rank prints at its very end (an ``atexit`` handler registered before mlpug creates the process group, so it
+runs after mlpug's) whether the process group is still initialised: :data:`EXIT_TRACE`.
 """
 
 from __future__ import annotations
 
 import argparse
+import atexit
 import os
 import signal
 import sys
@@ -22,6 +27,7 @@ import mlpug.pytorch as mlp
 
 NUM_FEATURES = 8
 VALIDATION_SAMPLES = 10_001
+EXIT_TRACE = "process group at interpreter exit: "
 
 
 def make_data(num_samples: int, seed: int) -> tuple:
@@ -230,13 +236,84 @@ def run_training(
     return model
 
 
+# Per-sample errors (prediction - target) of the uneven run: rank 0 trains on sample 0 alone, rank 1 on samples 1-3;
+# the 3 validation samples are sharded [0, 2] and [1]. A mean of the per-rank means differs from the mean over the
+# samples: training (9 + 1 / 3) / 2 = 4.67 instead of (9 + 1) / 4 = 2.5, validation (2.5 + 0) / 2 = 1.25 instead
+# of 5 / 3.
+UNEVEN_TRAINING_ERRORS = (3.0, 1.0, 0.0, 0.0)
+UNEVEN_VALIDATION_ERRORS = (2.0, 0.0, 1.0)
+
+
+def uneven_data(errors: tuple) -> tuple:
+    """Inputs and targets whose error under :func:`make_model` is ``errors``, per sample (exactly: the targets are the
+    predictions minus the errors)."""
+    inputs = torch.randn(len(errors), NUM_FEATURES, generator=torch.Generator().manual_seed(6))
+    with torch.no_grad():
+        targets = make_model()(inputs) - torch.tensor(errors).unsqueeze(1)
+    return inputs, targets
+
+
+def run_uneven(out_dir: str) -> dict:
+    """One step on batches of different sizes per rank (1 and 3 samples, pre-sharded: mlpug trains them as given)
+    at learning rate 0, then the validation over 3 samples (shards of 2 and 1); the logged values and, after
+    training, one all-reduce of the script's own on mlpug's process group (which must still be there)."""
+    rank = int(os.environ["RANK"])
+    inputs, targets = uneven_data(UNEVEN_TRAINING_ERRORS)
+    shard = slice(0, 1) if rank == 0 else slice(1, None)
+    training_batches = [(inputs[shard], targets[shard])]
+    validation = torch.utils.data.DataLoader(
+        torch.utils.data.TensorDataset(*uneven_data(UNEVEN_VALIDATION_ERRORS)), batch_size=2
+    )
+    model = make_model()
+    trainer = mlp.trainers.DefaultTrainer(torch.optim.SGD(model.parameters(), lr=0.0), model)
+    evaluator = mlp.evaluation.MetricEvaluator(trainer=trainer, batch_metric_funcs={"mae": mean_absolute_error})
+    recorder = Recorder()
+    callbacks = [
+        mlp.callbacks.TrainingMetricsLogger(evaluator),
+        mlp.callbacks.TestMetricsLogger(validation, "validation", evaluator),
+        recorder,
+    ]
+    manager = mlp.trainers.TrainingManager(trainer, training_batches, num_epochs=1, callbacks=callbacks)
+    trainer.set_training_model(TrainModel(model))
+    manager.start_training()
+    samples = torch.tensor([float(len(training_batches[0][0]))])
+    torch.distributed.all_reduce(samples)  # the script goes on using the group after training
+    dataset = manager.logs["current"]["validation"]["dataset"]
+    return {
+        "batch_losses": recorder.batch_losses,
+        "validation": {"loss": dataset["loss"], "mae": dataset["mae"]},
+        "samples_after_training": samples.item(),
+    }
+
+
+def fail_on_rank_1(how: str) -> None:
+    """For ``mlp.distributed.launch`` on 2 processes: rank 1 fails (``how``: ``"KILL"``: SIGKILL to itself;
+    ``"RAISE"``: raises, and its interpreter then takes 3 s more to end) while rank 0 waits in an all-reduce, which
+    fails as soon as rank 1's process group is gone: rank 0 ends with an error too, before rank 1 has ended."""
+    rank = int(os.environ["RANK"])
+    if rank == 1 and how == "RAISE":
+        atexit.register(time.sleep, 3)  # registered before mlpug's handler: runs after it destroyed the group
+    context = mlp.distributed.init_distributed()
+    context.barrier()
+    if rank == 1:
+        if how == "KILL":
+            os.kill(os.getpid(), signal.SIGKILL)
+        raise ValueError("rank 1 fails on purpose")
+    context.all_reduce_sum([1.0])
+
+
+def _trace_process_group_at_exit() -> None:
+    state = "still initialised" if torch.distributed.is_initialized() else "destroyed"
+    print(f"rank {os.environ.get('RANK', '0')}: {EXIT_TRACE}{state}", flush=True)
+
+
 def _world_size() -> int:
     return int(os.environ.get("WORLD_SIZE", "1"))
 
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("scenario", choices=["equivalence", "train"])
+    parser.add_argument("scenario", choices=["equivalence", "train", "uneven"])
     parser.add_argument("out_dir")
     parser.add_argument("--num-epochs", type=int, default=2)
     parser.add_argument("--resume", action="store_true")
@@ -245,9 +322,12 @@ def main(argv=None) -> None:
     parser.add_argument("--stop-rank", type=int, default=1)
     parser.add_argument("--seed-by-rank", action="store_true")
     args = parser.parse_args(argv)
+    atexit.register(_trace_process_group_at_exit)  # before mlpug's handler is registered: runs after it
     torch.set_num_threads(1)
     rank = os.environ.get("RANK", "0")
-    if args.scenario == "equivalence":
+    if args.scenario == "uneven":
+        torch.save(run_uneven(args.out_dir), os.path.join(args.out_dir, f"uneven-rank{rank}.pt"))
+    elif args.scenario == "equivalence":
         for variant in EQUIVALENCE_VARIANTS:
             torch.save(run_equivalence(variant, batch_size=8), os.path.join(args.out_dir, f"{variant}-rank{rank}.pt"))
         torch.save(run_async_validation(batch_size=8), os.path.join(args.out_dir, f"async-rank{rank}.pt"))

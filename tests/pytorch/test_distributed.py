@@ -80,6 +80,14 @@ def _assert_ok(results):
         assert code == 0, f"rank {rank} exited with {code}:\n{output}"
 
 
+def _assert_process_group_destroyed_at_exit(results, ranks=(0, 1)):
+    """mlpug destroyed the process group it created before the interpreter's own teardown (the worker's trace runs
+    after mlpug's exit handler)."""
+    for rank in ranks:
+        output = results[rank][1]
+        assert f"rank {rank}: {ddp_worker.EXIT_TRACE}destroyed" in output, output
+
+
 @pytest.fixture(scope="module")
 def equivalence_runs(tmp_path_factory):
     out = tmp_path_factory.mktemp("ddp-equivalence")
@@ -168,6 +176,30 @@ def test_dataset_metrics_count_every_sample_once_on_two_ranks(equivalence_runs):
     assert rank0["validation"]["loss"] == pytest.approx(single["validation"]["loss"], rel=1e-5)
 
 
+@pytest.mark.timeout(300)
+def test_uneven_shards_are_reduced_as_sample_weighted_means_and_the_group_outlives_training(tmp_path):
+    """Batches of 1 and 3 samples on the two ranks (lr 0, so the model stays the reference model) and validation
+    shards of 2 and 1 samples: the logged batch loss, the validation loss and the mae are the means over the samples
+    of all ranks, never a mean of the ranks' means (chosen to differ here: 4.67 instead of 2.5 for the batch loss,
+    1.25 instead of 1.67 for the validation loss). The script's own all-reduce after training still has mlpug's
+    process group; the group is destroyed at exit, and both ranks exit 0."""
+    results = run_ranks("uneven", str(tmp_path), timeout_s=120)
+    _assert_ok(results)
+    _assert_process_group_destroyed_at_exit(results)
+    assert not any("at exit, not every rank arrived" in output for _, output, _ in results)  # both met at exit
+    training = torch.tensor(ddp_worker.UNEVEN_TRAINING_ERRORS)
+    validation = torch.tensor(ddp_worker.UNEVEN_VALIDATION_ERRORS)
+    expected_loss = float(training.pow(2).mean())
+    mean_of_means = (float(training[:1].pow(2).mean()) + float(training[1:].pow(2).mean())) / 2
+    assert abs(mean_of_means - expected_loss) > 1  # the data tells the two apart
+    for rank in range(2):
+        run = torch.load(tmp_path / f"uneven-rank{rank}.pt")
+        assert run["batch_losses"] == [pytest.approx(expected_loss, rel=1e-6)]
+        assert run["validation"]["loss"] == pytest.approx(float(validation.pow(2).mean()), rel=1e-6)
+        assert run["validation"]["mae"] == pytest.approx(float(validation.abs().mean()), rel=1e-6)
+        assert run["samples_after_training"] == len(training)
+
+
 def _final_weights(directory: Path) -> list[dict]:
     return [torch.load(directory / f"final-rank{rank}.pt") for rank in range(2)]
 
@@ -185,6 +217,7 @@ def uninterrupted(tmp_path_factory):
     out = tmp_path_factory.mktemp("ddp-uninterrupted")
     results = run_ranks("train", str(out))
     _assert_ok(results)
+    _assert_process_group_destroyed_at_exit(results)  # after a success
     assert not any(RANDOM_STATES_DIFFER in output for _, output, _ in results)  # seeded alike: no warning
     weights = _final_weights(out)
     _assert_same_weights(weights[1], weights[0])
@@ -196,12 +229,13 @@ def test_sigterm_on_one_rank_stops_every_rank_after_the_same_batch_and_resumes_e
     """SIGTERM reaches rank 1 only, after global iteration 6 of 24. The ranks agree to stop after the same batch
     (otherwise rank 0 would wait in the next step's all-reduce until the time-out): the flag goes into the step
     reduction of batch 7 and is read two batch boundaries later, before batch 9; rank 1 ends with 143, rank 0
-    stops early, the primary writes the training checkpoint that continues at batch 9. Resumed on 2 ranks, the final
-    weights equal an uninterrupted 2-rank run bit for bit."""
+    stops early, the primary writes the training checkpoint that continues at batch 9; both destroy the process
+    group at exit. Resumed on 2 ranks, the final weights equal an uninterrupted 2-rank run bit for bit."""
     results = run_ranks("train", str(tmp_path), "--stop-at", "6", "--stop-how", "TERM", "--stop-rank", "1")
     (code0, output0, _), (code1, output1, _) = results
     assert code1 == 128 + signal.SIGTERM, output1
     assert code0 == 0, output0
+    _assert_process_group_destroyed_at_exit(results)  # after a stop
     assert "Training stopped early" in output0 and "interrupted by signal SIGTERM" in output1
     checkpoint = mlp.load_training_checkpoint(str(tmp_path / "model-training-checkpoint.safetensors"))
     assert (checkpoint["epoch"], checkpoint["batch_step"], checkpoint["global_iter"]) == (0, 9, 9)
@@ -235,12 +269,15 @@ def test_torchrun_restart_after_a_sigkilled_worker_ends_where_an_uninterrupted_r
 def test_when_one_rank_raises_every_rank_exits_within_the_bound(tmp_path):
     """Rank 1 raises at global iteration 3, without a launcher that would stop rank 0 for it. Rank 1 reports
     the original error; rank 0, waiting in a collective, fails as soon as rank 1's process is gone (gloo:
-    connection closed) instead of waiting for the process-group time-out. Both have exited within 60 s."""
+    connection closed) instead of waiting for the process-group time-out. Both have exited within 60 s, each after
+    destroying the process group (without waiting for the other at exit)."""
     results = run_ranks("train", str(tmp_path), "--stop-at", "3", "--stop-how", "RAISE", timeout_s=60)
     (code0, output0, seconds0), (code1, output1, seconds1) = results
     assert code1 == 1 and "ValueError: rank 1 fails on purpose at global iteration 3" in output1
     assert code0 == 1, output0
     assert max(seconds0, seconds1) < 60
+    _assert_process_group_destroyed_at_exit(results)  # after an error
+    assert "at exit, not every rank arrived" not in output0 + output1
 
 
 @pytest.mark.timeout(300)
@@ -273,6 +310,44 @@ def test_launch_runs_in_this_process_for_one_and_refuses_a_bad_count(monkeypatch
     for bad in (0, 2.0, True):
         with pytest.raises(ValueError, match=f"num_processes must be an int >= 1, got {bad!r}"):
             launch(_return_rank_and_world_size, None, num_processes=bad)
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("how", ["KILL", "RAISE"])
+def test_launch_names_the_process_that_failed_first(monkeypatch, how):
+    """Rank 1 fails (SIGKILL; or raises and its interpreter takes 3 s more to end) while rank 0 waits in an
+    all-reduce, which then fails: ``launch`` names process 1 and what it did, and how process 0 ended after it. When
+    rank 1 raised, rank 0 ends first, with an error (torch's own join named the first process it saw end: 0)."""
+    from mlpug.pytorch.distributed import launch
+
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    monkeypatch.setenv("MLPUG_DISTRIBUTED_TIMEOUT_S", "60")
+    monkeypatch.setenv("PYTHONPATH", str(ROOT))
+    expected = (
+        torch.multiprocessing.ProcessExitedException if how == "KILL" else torch.multiprocessing.ProcessRaisedException
+    )
+    with pytest.raises(expected) as raised:
+        launch(ddp_worker.fail_on_rank_1, how, num_processes=2)
+    assert raised.value.error_index == 1
+    message = str(raised.value)
+    if how == "KILL":  # process 0 raised, or was terminated by the launcher before it noticed
+        assert message.startswith("process 1 of 2 failed first: it was killed by signal SIGKILL"), message
+        assert "-- after it: process 0 " in message, message
+    else:
+        assert "Process 1 of 2 failed first, with the following error" in message, message
+        assert "ValueError: rank 1 fails on purpose" in message
+        assert "-- after it: process 0 raised RuntimeError" in message, message
+
+
+def test_the_first_failure_is_a_process_gone_without_raising_else_the_earliest_to_raise():
+    """What ``launch`` names: a process that ended without raising (a signal, a crash) among those seen ending,
+    else the one that raised first, also when its own end was not seen yet."""
+    from mlpug.pytorch.distributed import _first_failure
+
+    assert _first_failure([5.0, 0.0], seen=[0, 1]) == 1  # 1 was killed; 0's collective failed after
+    assert _first_failure([5.0, 3.0], seen=[0]) == 1  # 1 raised first, its exit is slow
+    assert _first_failure([0.0, 0.0, 0.0], seen=[2]) == 2
+    assert _first_failure([2.0, 3.0], seen=[0, 1]) == 0
 
 
 def test_an_incomplete_launch_environment_is_an_early_error(monkeypatch):

@@ -7,6 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -145,3 +146,104 @@ def test_a_model_with_sparse_gradients_keeps_its_optimizer_and_trains():
     before = model[0].weight.detach().clone()
     trainer.train((tokens, tokens[:, 0] % 3), num_epochs=1, batch_size=8, progress=None)
     assert not torch.equal(before, model[0].weight)
+
+
+# ----- first-batch checks: one batch, no optimizer step -----
+
+
+def regression(num_samples=40):
+    features = np.random.default_rng(0).normal(size=(num_samples, 3)).astype(np.float32)
+    return torch.from_numpy(features), torch.from_numpy(features @ np.array([1.0, 2.0, 3.0], np.float32))
+
+
+def regression_trainer(model=None, loss_func=None, **options):
+    torch.manual_seed(0)
+    model = model if model is not None else torch.nn.Linear(3, 1)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.05)
+    return model, mlp.Trainer(model, loss_func or torch.nn.MSELoss(), optimizer, **options)
+
+
+def parameters(model):
+    return [p.detach().clone() for p in model.parameters()]
+
+
+def assert_unchanged(before, model):
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
+
+
+@pytest.mark.filterwarnings("ignore:Using a target size")  # torch's own broadcast warning
+def test_targets_that_broadcast_against_the_outputs_fail_before_the_first_step():
+    features, targets = regression()
+    model, trainer = regression_trainer()
+    before = parameters(model)
+    expected = (
+        r"outputs have shape \[8, 1\] and the targets \[8\]; in loss_func they broadcast to \[8, 8\].*"
+        r"the loss of the first batch is .*targets\[\.\.\., None\].*allow_broadcast=True"
+    )
+    with pytest.raises(ValueError, match=expected):
+        trainer.train((features, targets), batch_size=8, progress=None)
+    assert_unchanged(before, model)
+    zeros = torch.nn.Linear(3, 1)
+    torch.nn.init.zeros_(zeros.weight)  # constant outputs: the first batch's loss is the same both ways
+    with pytest.raises(ValueError, match=r"broadcast to \[8, 8\].*the loss of made-up values of these shapes"):
+        regression_trainer(zeros)[1].train((features, targets), batch_size=8, progress=None)
+    # the fixes train: targets of the outputs' shape, or the broadcast allowed on purpose
+    regression_trainer()[1].train((features, targets[:, None]), batch_size=8, progress=None)
+    model, allowed = regression_trainer(allow_broadcast=True)
+    allowed.train((features, targets), batch_size=8, progress=None)
+    assert not all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
+    # class indices [B] against logits [B, C] are no broadcast, also where B == C
+    classes = torch.from_numpy(np.arange(40) % 8)
+    regression_trainer(torch.nn.Linear(3, 8), torch.nn.CrossEntropyLoss())[1].train(
+        (features, classes), batch_size=8, progress=None
+    )
+
+
+def test_a_model_that_returns_a_tuple_gets_an_error_naming_what_it_returned():
+    class OutputsAndFeatures(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.linear = torch.nn.Linear(3, 1)
+
+        def forward(self, features):
+            return self.linear(features), features
+
+    features, targets = regression()
+    model, trainer = regression_trainer(OutputsAndFeatures())
+    before = parameters(model)
+    expected = (
+        r"raised by loss_func\(outputs, targets\) of mlp.Trainer, with the model's outputs tuple of 2 "
+        r"\(Tensor\[8, 1\] float32, Tensor\[8, 3\] float32\) and the targets Tensor\[8, 1\] float32.*"
+        r"make the model return one tensor.*'tuple' object has no attribute 'size'"
+    )
+    with pytest.raises(TypeError, match=expected):
+        trainer.train((features, targets[:, None]), batch_size=8, progress=None)
+    assert_unchanged(before, model)
+
+
+def test_a_loss_per_sample_gets_an_error_naming_its_shape_and_the_fix():
+    features, targets = regression()
+    model, trainer = regression_trainer(loss_func=torch.nn.MSELoss(reduction="none"))
+    before = parameters(model)
+    expected = (
+        r"must return a scalar loss tensor .*got torch.Tensor as the loss: Tensor\[8, 1\] float32.*reduction='mean'"
+    )
+    with pytest.raises(TypeError, match=expected):
+        trainer.train((features, targets[:, None]), batch_size=8, progress=None)
+    assert_unchanged(before, model)
+
+
+def test_metric_functions_fail_before_the_first_step():
+    def mae(y_true, y_pred):
+        return (y_true - y_pred).abs().mean()
+
+    features, targets = regression()
+    for metrics, error, expected in (
+        ({"mae": mae}, TypeError, r"metric function 'mae' is .*mae\(y_true, y_pred\), but metric functions take"),
+        ({"top_5": mlp.metrics.top_k_accuracy(5)}, ValueError, r"k=5 exceeds the 1 classes of the logits"),
+    ):
+        model, trainer = regression_trainer(metrics=metrics)
+        before = parameters(model)
+        with pytest.raises(error, match=expected):
+            trainer.train((features, targets[:, None]), batch_size=8, progress=None)
+        assert_unchanged(before, model)

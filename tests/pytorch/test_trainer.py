@@ -30,6 +30,8 @@ class Model(torch.nn.Module):
             "no_loss": {"predictions": predictions},
             "none": None,
             "vector": (predictions - y) ** 2,
+            "tuple4": (loss, 4, predictions, y),
+            "swapped": (predictions, loss),
         }[self.form]
 
 
@@ -70,6 +72,32 @@ def test_model_without_loss_is_a_clear_error(form, error, match):
     trainer, _ = make(form)
     with pytest.raises(error, match=match):
         trainer.train_on(BATCH)
+
+
+@pytest.mark.parametrize(
+    "form,error,match",
+    [
+        (
+            "tuple4",
+            ValueError,
+            r"returned a tuple of 4 items: tuple of 4 \(Tensor\[\] float32, int 4, Tensor\[4\] float32, Tensor\[4\] "
+            r"float32\); expected loss, \(loss,\), \(loss, auxiliary_results\), \(loss, num_samples, auxiliary_",
+        ),
+        (
+            "swapped",
+            TypeError,
+            r"got torch.Tensor as the loss: Tensor\[4\] float32, in tuple of 2 \(Tensor\[4\] float32, Tensor\[\] "
+            r"float32\); item 1 is a scalar: the loss comes first",
+        ),
+        ("vector", TypeError, r"as the loss: Tensor\[4\] float32.*must be reduced to its mean over the batch"),
+    ],
+)
+def test_a_return_value_without_a_scalar_loss_names_its_types_and_shapes_before_any_step(form, error, match):
+    trainer, model = make(form)
+    before = [p.detach().clone() for p in model.parameters()]
+    with pytest.raises(error, match=match):
+        trainer.train_on(BATCH)
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
 
 
 def test_train_and_eval_modes_and_no_grad_in_evaluation():

@@ -4,7 +4,8 @@ Run as a script by the tests (TensorFlow's devices are configured per process: t
 ``MirroredStrategy``, ``TF_CONFIG`` for the workers of a ``MultiWorkerMirroredStrategy``). Only mlpug, numpy and
 TensorFlow are imported: no test helpers.
 
-    strategy_worker.py equivalence single|mirrored|multi_worker OUT_DIR
+    strategy_worker.py equivalence single|mirrored|multi_worker OUT_DIR [--variants NAME ...]
+    strategy_worker.py mixed_loss mirrored|multi_worker OUT_DIR
     strategy_worker.py train OUT_DIR [--num-epochs E] [--resume] [--stop-at G --stop-how TERM|RAISE --stop-rank R]
 """
 
@@ -47,13 +48,19 @@ def make_model() -> tf.keras.Model:
 
 
 class TrainModel(tf.keras.Model):
-    def __init__(self, model: tf.keras.Model):
+    """The mean squared error: hand-written (``tf.reduce_mean``), or with ``loss_func`` (e.g. a Keras loss object,
+    which Keras 3 scales by 1 / replicas in a replica context)."""
+
+    def __init__(self, model: tf.keras.Model, loss_func=None):
         super().__init__()
         self.model = model
+        self.loss_func = loss_func
 
     def call(self, batch_data, evaluate_settings=None, inference_mode=None):
         inputs, targets = batch_data
         predictions = self.model(inputs, training=not inference_mode)
+        if self.loss_func is not None:
+            return {"loss": self.loss_func(targets, predictions), "auxiliary_results": predictions}
         loss = tf.reduce_mean(tf.square(tf.cast(predictions, tf.float32) - tf.cast(targets, tf.float32)))
         return {"loss": loss, "auxiliary_results": predictions}
 
@@ -73,7 +80,8 @@ class Recorder(mlp.callbacks.Callback):
     def on_batch_training_completed(self, training_batch, logs):
         training = logs["current"]["training"]
         self.batch_losses.append(float(training["batch"]["loss"]))
-        self.window_losses.append(float(training["window_average"]["loss"]))
+        window = training["window_average"]["loss"]  # None while the window holds skipped batches only
+        self.window_losses.append(float("nan") if window is None else float(window))
         return True
 
 
@@ -88,7 +96,22 @@ EQUIVALENCE_VARIANTS = {
     "clipping": ("resumable", {"batch_chunk_size": 3, "clip_gradients_norm": 0.05}),  # of the all-reduced gradients
     # 4 steps per call (calls of 4 and 2 batches), with accumulation: as "accumulation" with one step per call
     "steps_per_execution": ("resumable", {"batch_chunk_size": 3, "steps_per_execution": 4}),
+    # the loss of tf.keras.losses.MeanSquaredError(), which Keras 3 scales by 1 / replicas in a replica context
+    "keras_loss": ("resumable", {}),
+    "keras_loss_sum_over_batch": ("tf_data", {"batch_chunk_size": 3}),  # the reduction named, with chunks
+    # NaN targets in rows 0 and 8 (the probed shares of the first batch: replica 0's, and worker 0's and 1's) make
+    # the first batch's loss NaN (skipped): the probe decides nothing, the second batch decides, the step is retraced
+    "keras_loss_first_batch_nan": ("tf_data", {}),
+    # trained and validated inside `with strategy.scope():`, where Keras scales the loss object too
+    "keras_loss_in_scope": ("resumable", {}),
 }
+KERAS_LOSSES = {
+    "keras_loss": lambda: tf.keras.losses.MeanSquaredError(),
+    "keras_loss_sum_over_batch": lambda: tf.keras.losses.MeanSquaredError(reduction="sum_over_batch_size"),
+    "keras_loss_first_batch_nan": lambda: tf.keras.losses.MeanSquaredError(),
+    "keras_loss_in_scope": lambda: tf.keras.losses.MeanSquaredError(),
+}
+SKIPPING_VARIANTS = ("skip_non_finite", "keras_loss_first_batch_nan")  # trained with non_finite_loss="skip_step"
 MIRRORED_ONLY = {"uneven"}  # several workers pad the last global batch (as on PyTorch): another step than one device's
 
 
@@ -111,6 +134,8 @@ def run_equivalence(kind: str, strategy, variant: str) -> dict:
     inputs, targets = make_data(16 * NUM_BATCHES + (5 if variant == "uneven" else 0), seed=1)
     if variant == "skip_non_finite":
         targets[7] = np.nan
+    if variant == "keras_loss_first_batch_nan":
+        targets[[0, 8]] = np.nan
     if data == "resumable":
         training_dataset = mlp.data.ResumableArrayBatches((inputs, targets), batch_size, shuffle=True, seed=3)
     else:
@@ -128,10 +153,13 @@ def run_equivalence(kind: str, strategy, variant: str) -> dict:
         mlp.callbacks.TestMetricsLogger(validation, "validation", evaluator),
         recorder,
     ]
-    non_finite = {"non_finite_loss": "skip_step"} if variant == "skip_non_finite" else {}
+    non_finite = {"non_finite_loss": "skip_step"} if variant in SKIPPING_VARIANTS else {}
     manager = mlp.trainers.TrainingManager(trainer, training_dataset, num_epochs=1, callbacks=callbacks, **non_finite)
-    trainer.set_training_model(TrainModel(model))
-    manager.start_training()
+    loss_func = KERAS_LOSSES[variant]() if variant in KERAS_LOSSES else None
+    trainer.set_training_model(TrainModel(model, loss_func))
+    in_scope = variant == "keras_loss_in_scope" and strategy is not None
+    with strategy.scope() if in_scope else contextlib.nullcontext():
+        manager.start_training()
     dataset = manager.logs["current"]["validation"]["dataset"]
     return {
         "weights": [weight.tolist() for weight in model.get_weights()],
@@ -234,6 +262,39 @@ def run_async_validation(kind: str, strategy) -> dict:
     return results
 
 
+class MixedLoss(tf.keras.Model):
+    """A Keras loss object (scaled by 1 / replicas in a replica context) plus a hand-written mean (not scaled)."""
+
+    def __init__(self, model: tf.keras.Model):
+        super().__init__()
+        self.model = model
+        self.loss_func = tf.keras.losses.MeanSquaredError()
+
+    def call(self, batch_data, evaluate_settings=None, inference_mode=None):
+        inputs, targets = batch_data
+        predictions = self.model(inputs, training=not inference_mode)
+        return self.loss_func(targets, predictions) + tf.reduce_mean(tf.abs(predictions - targets))
+
+
+def run_mixed_loss(kind: str, strategy) -> dict:
+    """Train on a loss that mixes a Keras loss object and a hand-written mean: the error raised (on every worker)
+    and how many optimizer steps ran."""
+    workers = 2 if kind == "multi_worker" else 1
+    inputs, targets = make_data(16 * NUM_BATCHES, seed=1)
+    training_dataset = mlp.data.ResumableArrayBatches((inputs, targets), 16 // workers, shuffle=True, seed=3)
+    with strategy.scope():
+        model = make_model()
+        optimizer = tf.keras.optimizers.SGD(learning_rate=0.05)
+    trainer = mlp.trainers.DefaultTrainer(optimizer, model, distribution_strategy=strategy)
+    manager = mlp.trainers.TrainingManager(trainer, training_dataset, num_epochs=1)
+    trainer.set_training_model(MixedLoss(model))
+    try:
+        manager.start_training()
+    except ValueError as error:
+        return {"error": str(error), "iterations": int(optimizer.iterations.numpy())}
+    return {"error": None, "iterations": int(optimizer.iterations.numpy())}
+
+
 def _rank() -> int:
     config = json.loads(os.environ.get("TF_CONFIG") or "{}")
     return int(config.get("task", {}).get("index", 0))
@@ -241,7 +302,7 @@ def _rank() -> int:
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("scenario", choices=["equivalence", "train"])
+    parser.add_argument("scenario", choices=["equivalence", "train", "mixed_loss"])
     parser.add_argument("kind", choices=["single", "mirrored", "multi_worker"])
     parser.add_argument("out_dir")
     parser.add_argument("--num-epochs", type=int, default=2)
@@ -249,16 +310,22 @@ def main(argv=None) -> None:
     parser.add_argument("--stop-at", type=int, default=None)
     parser.add_argument("--stop-how", choices=["TERM", "RAISE"], default="TERM")
     parser.add_argument("--stop-rank", type=int, default=1)
+    parser.add_argument("--variants", nargs="*", default=None, help="equivalence: only these (default: all)")
     args = parser.parse_args(argv)
     tf.config.threading.set_intra_op_parallelism_threads(1)
     tf.config.threading.set_inter_op_parallelism_threads(2)
     strategy = _strategy(args.kind)
     if args.scenario == "equivalence":
         variants = [v for v in EQUIVALENCE_VARIANTS if args.kind != "multi_worker" or v not in MIRRORED_ONLY]
+        variants = [v for v in variants if args.variants is None or v in args.variants]
         results = {variant: run_equivalence(args.kind, strategy, variant) for variant in variants}
-        results["async_validation"] = run_async_validation(args.kind, strategy)
+        if args.variants is None or "async_validation" in args.variants:
+            results["async_validation"] = run_async_validation(args.kind, strategy)
         with open(os.path.join(args.out_dir, f"{args.kind}-rank{_rank()}.json"), "w") as file:
             json.dump(results, file)
+    elif args.scenario == "mixed_loss":
+        with open(os.path.join(args.out_dir, f"mixed-{args.kind}-rank{_rank()}.json"), "w") as file:
+            json.dump(run_mixed_loss(args.kind, strategy), file)
     else:
         stop = None if args.stop_at is None else (args.stop_at, args.stop_how, args.stop_rank)
         run_training(args.out_dir, strategy, args.num_epochs, args.resume, stop)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -99,6 +100,10 @@ TOLERANCES = {
     "uneven": 1e-5,
     "clipping": 1e-5,
     "steps_per_execution": 1e-5,
+    "keras_loss": 1e-5,
+    "keras_loss_sum_over_batch": 1e-5,
+    "keras_loss_first_batch_nan": 1e-5,
+    "keras_loss_in_scope": 1e-5,
 }
 
 
@@ -120,10 +125,16 @@ def test_a_strategy_trains_as_one_device_with_the_same_global_batch(equivalence_
     logged loss is one replica's, or when the skip of a non-finite batch (a NaN target on one worker) is decided
     per replica (the replicas' weights would differ, or a worker would wait in a collective). With 4 steps per call
     (``steps_per_execution``, the replicated step inside a ``tf.while_loop``) one device gives exactly the values
-    of one step per call."""
+    of one step per call. With a Keras loss object (``keras_loss*``: ``tf.keras.losses.MeanSquaredError()``, also
+    with chunks), which Keras 3 scales by 1 / replicas in a replica context, the same values: broke (weights and
+    logged losses those of 1/2 the loss) while mlpug did not undo that scaling; ``keras_loss_first_batch_nan``: the
+    probe of the first batch sees NaN (no verdict, the step is skipped), the second batch decides and the step is
+    traced anew; ``keras_loss_in_scope``: trained and validated inside ``with strategy.scope():``, where Keras
+    scales the loss object in the evaluation step too. With a Keras loss object the validation loss is the single
+    device's too (it was 1/2 of it inside the scope)."""
     (single,) = equivalence_runs["single"]
     single = single[variant]
-    if variant == "skip_non_finite":  # the NaN batch was logged and skipped, and the others trained
+    if variant in strategy_worker.SKIPPING_VARIANTS:  # the NaN batch was logged and skipped, and the others trained
         assert sum(np.isnan(single["batch_losses"])) == 1
     if variant == "steps_per_execution":  # one device: 4 steps per call give what one step per call gives, bit for bit
         accumulation = equivalence_runs["single"][0]["accumulation"]
@@ -139,6 +150,8 @@ def test_a_strategy_trains_as_one_device_with_the_same_global_batch(equivalence_
             np.testing.assert_allclose(actual, expected, rtol=tolerance, atol=tolerance)
         np.testing.assert_allclose(run["batch_losses"], single["batch_losses"], rtol=tolerance, atol=tolerance)
         np.testing.assert_allclose(run["window_losses"], single["window_losses"], rtol=tolerance, atol=tolerance)
+        if variant.startswith("keras_loss"):
+            assert run["validation"]["loss"] == pytest.approx(single["validation"]["loss"], rel=1e-5)
     for run in runs[1:]:  # every worker holds and logs the same values
         assert run["weights"] == runs[0]["weights"]
         assert run["batch_losses"] == runs[0]["batch_losses"]
@@ -297,3 +310,48 @@ def test_evaluation_shards_hold_every_sample_exactly_once():
         np.concatenate(list(shard_evaluation_dataset(pipeline, context(rank)).as_numpy_iterator())) for rank in (0, 1)
     ]
     assert sorted(np.concatenate(shards).tolist()) == samples.tolist()
+
+
+@pytest.mark.timeout(600)
+def test_a_loss_that_mixes_a_keras_loss_object_and_a_hand_written_mean_is_an_error_on_every_worker(tmp_path):
+    """A Keras loss object (scaled by 1 / replicas in a replica context) plus a ``tf.reduce_mean`` term (not scaled)
+    cannot be turned into the replica's mean: a ValueError before the first optimizer step, on every worker (none
+    waits in a collective), that gives the values and says what to write. Trained silently with the wrong loss
+    before."""
+    _assert_ok(run_processes("mixed_loss", "mirrored", str(tmp_path)))
+    _assert_ok(run_processes("mixed_loss", "multi_worker", str(tmp_path), num_workers=2))
+    for name, count in (("mirrored", 1), ("multi_worker", 2)):
+        for rank in range(count):
+            result = json.loads((tmp_path / f"mixed-{name}-rank{rank}.json").read_text())
+            assert result["iterations"] == 0
+            error = result["error"]
+            strategy = "MirroredStrategy" if name == "mirrored" else "MultiWorkerMirroredStrategy"
+            assert error.startswith(f"Under the {strategy} (2 replicas in sync) the training model's loss"), error
+            assert f"{count} in another ratio" in error and "reduction=None" in error and "tf.reduce_mean" in error
+
+
+GUIDE = ROOT / "docs" / "guide" / "distributed.md"
+
+
+@pytest.mark.timeout(300)
+def test_the_guide_example_logs_the_training_loss_of_one_device(tmp_path):
+    """The TensorFlow example of ``docs/guide/distributed.md`` (a ``SparseCategoricalCrossentropy`` loss object
+    under a MirroredStrategy of 2 CPU devices, Adam), run as written and then once more with TensorFlow's default
+    strategy (one device): ``LogProgress`` prints the same training and validation losses. Broke while Keras' 1 /
+    replicas scaling of the loss object was not undone (the strategy's training losses were half the others)."""
+    blocks = re.findall(r"```python\n(.*?)```", GUIDE.read_text(), re.S)
+    (example,) = [block for block in blocks if "mirrored_cpu_strategy(2)" in block]
+    assert example.rstrip().splitlines()[-1].startswith("train(strategy)")
+    script = tmp_path / "guide_example.py"
+    script.write_text(example + "\nprint('=== one device ===', flush=True)\ntrain(tf.distribute.get_strategy())\n")
+    environment = dict(os.environ, PYTHONPATH=str(ROOT), TF_CPP_MIN_LOG_LEVEL="2", PYTHONUNBUFFERED="1")
+    environment.pop("TF_CONFIG", None)
+    result = subprocess.run(
+        [sys.executable, str(script)], cwd=tmp_path, env=environment, stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT, text=True, timeout=240,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stdout[-6000:]
+    mirrored, one_device = result.stdout.split("=== one device ===")
+    losses = [re.findall(r"^(training|validation) +: loss +([-\d.]*\d)", part, re.M) for part in (mirrored, one_device)]
+    assert len(losses[0]) == 12 and any(kind == "training" for kind, _ in losses[0]), result.stdout[-3000:]
+    assert losses[0] == losses[1]

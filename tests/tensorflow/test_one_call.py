@@ -84,3 +84,91 @@ def test_a_distribution_strategy_passes_through_and_trains_like_one_device():
     measured = json.loads(result.stdout.strip().splitlines()[-1])
     assert measured["iters"] == [8, 8] and measured["difference"] < 1e-3
     assert measured["losses"][0] == pytest.approx(measured["losses"][1], rel=1e-4)
+
+
+# ----- first-batch checks: one batch, no optimizer step -----
+
+
+def regression(num_samples=40):
+    features = np.random.default_rng(0).normal(size=(num_samples, 3)).astype(np.float32)
+    return features, features @ np.array([1.0, 2.0, 3.0], np.float32)
+
+
+def mean_squared_error(targets, outputs):  # written by hand: broadcasts [B] against [B, 1]
+    return tf.reduce_mean((targets - outputs) ** 2)
+
+
+def regression_trainer(model=None, loss_func=mean_squared_error, **options):
+    tf.keras.utils.set_random_seed(0)
+    model = model if model is not None else tf.keras.Sequential([tf.keras.Input(shape=(3,)), tf.keras.layers.Dense(1)])
+    return model, mlp.Trainer(model, loss_func, tf.keras.optimizers.SGD(learning_rate=0.05), **options)
+
+
+def assert_unchanged(before, model):
+    assert_same(before, [variable.numpy() for variable in model.weights])
+
+
+@pytest.mark.parametrize("options", [{}, {"steps_per_execution": 4}, {"eager_mode": True}])
+def test_targets_that_broadcast_against_the_outputs_fail_before_the_first_step(options):
+    features, targets = regression()
+    model, trainer = regression_trainer(**options)
+    before = [variable.numpy() for variable in model.weights]
+    expected = (
+        r"outputs have shape \[8, 1\] and the targets \[8\]; in loss_func they broadcast to \[8, 8\].*"
+        r"targets\[\.\.\., None\].*allow_broadcast=True"
+    )
+    with pytest.raises(ValueError, match=expected):
+        trainer.train((features, targets), batch_size=8, progress=None)
+    assert_unchanged(before, model)
+    # the fixes train: targets of the outputs' shape, or the broadcast allowed on purpose
+    regression_trainer(**options)[1].train((features, targets[:, None]), batch_size=8, progress=None)
+    model, allowed = regression_trainer(allow_broadcast=True, **options)
+    allowed.train((features, targets), batch_size=8, progress=None)
+    assert not all(np.array_equal(a, v.numpy()) for a, v in zip(before, model.weights))
+    # no false alarm: a Keras loss aligns [B] with [B, 1] itself; class indices [B] or [B, 1] against logits [B, C]
+    model, keras_loss = regression_trainer(loss_func=tf.keras.losses.MeanSquaredError(), **options)
+    keras_loss.train((features, targets), batch_size=8, progress=None)
+    assert not all(np.array_equal(a, v.numpy()) for a, v in zip(before, model.weights))
+    classifier = tf.keras.Sequential([tf.keras.Input(shape=(3,)), tf.keras.layers.Dense(8)])
+    loss_func = tf.keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+    for classes in (np.arange(40) % 8, (np.arange(40) % 8)[:, None]):
+        regression_trainer(classifier, loss_func, **options)[1].train((features, classes), batch_size=8, progress=None)
+
+
+def test_a_model_that_returns_a_tuple_gets_an_error_naming_what_it_returned():
+    class OutputsAndFeatures(tf.keras.Model):
+        def __init__(self):
+            super().__init__()
+            self.dense = tf.keras.layers.Dense(1)
+
+        def call(self, features, training=None):
+            return self.dense(features), features
+
+    features, targets = regression()
+    model, trainer = regression_trainer(OutputsAndFeatures())
+    model(features[:1])  # built, so that its weights can be compared
+    before = [variable.numpy() for variable in model.weights]
+    expected = (
+        r"raised by loss_func\(targets, outputs\) of mlp.Trainer, with the model's outputs tuple of 2 "
+        r"\(\w*Tensor\[8, 1\] float32, \w*Tensor\[8, 3\] float32\) and the targets \w+\[8, 1\] float32.*"
+        r"make the model return one tensor"
+    )
+    with pytest.raises(TypeError, match=expected):
+        trainer.train((features, targets[:, None]), batch_size=8, progress=None)
+    assert_unchanged(before, model)
+
+
+def test_metric_functions_fail_before_the_first_step():
+    def mae(y_true, y_pred):
+        return tf.reduce_mean(tf.abs(y_true - y_pred))
+
+    features, targets = regression()
+    for metrics, error, expected in (
+        ({"mae": mae}, TypeError, r"metric function 'mae' is .*mae\(y_true, y_pred\), but metric functions take"),
+        ({"top_5": mlp.metrics.top_k_accuracy(5)}, ValueError, r"k=5 exceeds the 1 classes of the logits"),
+    ):
+        model, trainer = regression_trainer(metrics=metrics)
+        before = [variable.numpy() for variable in model.weights]
+        with pytest.raises(error, match=expected):
+            trainer.train((features, targets[:, None]), batch_size=8, progress=None)
+        assert_unchanged(before, model)

@@ -31,6 +31,8 @@ class Model(tf.keras.Model):
             "dict": lambda: {"loss": loss, "num_samples": 7, "auxiliary_results": predictions},
             "no_loss": lambda: {"predictions": predictions},
             "vector": lambda: (predictions - y) ** 2,
+            "tuple4": lambda: (loss, 4, predictions, y),
+            "swapped": lambda: (predictions, loss),
         }[self.form]()
 
 
@@ -88,6 +90,40 @@ def test_model_without_scalar_loss_is_a_clear_error(form, error, match):
     trainer, _ = make(form)
     with pytest.raises(error, match=match):
         trainer.train_on(batch())
+
+
+@pytest.mark.parametrize("eager_mode", [False, True])
+@pytest.mark.parametrize(
+    "form,error,match",
+    [
+        (
+            "tuple4",
+            ValueError,
+            r"returned a tuple of 4 items: tuple of 4 \(\w*Tensor\[\] float32, int 4, \w*Tensor\[(4|None)\] float32, "
+            r"\w*Tensor\[(4|None)\] float32\); expected loss, \(loss,\), \(loss, auxiliary_results\)",
+        ),
+        (
+            "swapped",
+            TypeError,
+            r"as the loss: \w*Tensor\[(4|None)\] float32, in tuple of 2 \(\w*Tensor\[(4|None)\] float32, \w*Tensor\[\] "
+            r"float32\); item 1 is a scalar: the loss comes first",
+        ),
+        (
+            "vector",
+            TypeError,
+            r"as the loss: \w*Tensor\[(4|None)\] float32.*must be reduced to its mean over the batch",
+        ),
+    ],
+)
+def test_a_return_value_without_a_scalar_loss_names_its_types_and_shapes_before_any_step(
+    form, error, match, eager_mode
+):
+    trainer, model = make(form, eager_mode=eager_mode)
+    before = [w.copy() for w in model.get_weights()]
+    with pytest.raises(error, match=match):
+        trainer.train_on(batch())
+    for a, b in zip(before, model.get_weights()):
+        np.testing.assert_array_equal(a, b)
 
 
 @pytest.mark.parametrize("eager_mode", [False, True])
@@ -566,3 +602,64 @@ def test_non_finite_indices_of_scalars_of_one_dtype_and_of_mixed_ones():
     mixed = [tf.constant([1.0]), tf.constant(inf, tf.float16), 3.0, nan, tf.constant(0.5, tf.float64)]
     assert trainer.non_finite_indices(mixed) == [1, 3]
     assert trainer.non_finite_indices([]) == []
+
+
+def test_a_multi_worker_strategy_without_tf_config_is_one_worker_and_trains_as_one_device(monkeypatch):
+    """``tf.distribute.MultiWorkerMirroredStrategy()`` without ``TF_CONFIG`` (one worker, e.g. on a laptop): rank 0
+    of a world of 1 worker, and 3 steps give the weights and losses of the same steps without a strategy. Broke at
+    construction with ``TypeError: unsupported operand type(s) for +: 'NoneType' and 'int'`` (the resolver's
+    task id is None without a cluster)."""
+    monkeypatch.delenv("TF_CONFIG", raising=False)
+    strategy = tf.distribute.MultiWorkerMirroredStrategy()
+    results = {}
+    for name, scope in (("multi_worker", strategy.scope()), ("one_device", tf.name_scope("one_device"))):
+        tf.keras.utils.set_random_seed(0)
+        with scope:
+            linear = tf.keras.layers.Dense(1)
+            linear.build((None, 3))
+            optimizer = tf.keras.optimizers.SGD(learning_rate=0.1)
+        trainer = mlp.trainers.DefaultTrainer(
+            optimizer, linear, distribution_strategy=strategy if name == "multi_worker" else None
+        )
+        context = trainer.distributed_context()
+        assert (context.rank, context.world_size, context.is_primary) == (0, 1, True)
+        trainer.set_training_model(Model("loss", linear))
+        losses = [float(trainer.train_on(batch(4, seed)).loss) for seed in range(3)]
+        results[name] = (losses, [weight.copy() for weight in linear.get_weights()])
+    np.testing.assert_allclose(results["multi_worker"][0], results["one_device"][0], rtol=1e-6)
+    for actual, expected in zip(results["multi_worker"][1], results["one_device"][1]):
+        np.testing.assert_allclose(actual, expected, rtol=1e-6, atol=1e-7)
+
+
+def test_a_batch_dtype_that_changes_is_a_warning_that_names_the_step_and_both_batch_specs(caplog):
+    """Batches whose input dtype changes (float32, float64, float16, bfloat16), then a batch of another size: each
+    new dtype compiles the train step again, and mlpug's warning (at trace time, nothing per step) names the step,
+    the batch spec before and after and what to do (cast the inputs, or batch_data_signature); TensorFlow's own
+    warning about retracing ``CompiledStep._traced`` (a name the user cannot act on, counted over every step of the
+    process) is not issued."""
+    trainer, _ = make()
+    tensorflow_records: list = []
+    handler = logging.Handler()
+    handler.emit = tensorflow_records.append  # type: ignore[method-assign]
+    tensorflow_logger = logging.getLogger("tensorflow")
+    tensorflow_logger.addHandler(handler)
+    dtypes = [np.float32, np.float64, np.float16, tf.bfloat16.as_numpy_dtype]
+    try:
+        with caplog.at_level(logging.WARNING, logger="mlpug"):
+            for dtype in dtypes:
+                x, y = batch(4)
+                trainer.train_on((x.astype(dtype), y))
+            trainer.train_on(batch(5))
+    finally:
+        tensorflow_logger.removeHandler(handler)
+    assert trainer._train_step.num_traces == 5
+    warnings = [record.getMessage() for record in caplog.records if record.levelno == logging.WARNING]
+    changed = [message for message in warnings if "dtypes or structure changed" in message]
+    assert len(changed) == 3, warnings
+    assert changed[0].startswith(
+        "train step: compiled again (trace 2) because the batch's dtypes or structure changed: "
+        "('float32[4, 3]', 'float32[4]') before, now ('float64[4, 3]', 'float32[4]')"
+    )
+    assert all("tf.cast" in message and "batch_data_signature" in message for message in changed)
+    assert any("train step: compiled 5 times" in message for message in warnings), warnings
+    assert not [r.getMessage() for r in tensorflow_records if "_traced" in r.getMessage()]

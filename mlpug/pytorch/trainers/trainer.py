@@ -7,6 +7,7 @@ The step is composed of the neutral step parts (see :mod:`mlpug.trainers.trainer
         chunk_step: with gradient_sync.chunk_context(chunk):      # GradientSync (null); no_sync under DDP
                         with precision.autocast():                # FullPrecision (null) or MixedPrecision
                             outputs = training_model(chunk.data, ...)
+                        [first chunk after add_first_batch_check: the first-batch checks on outputs]
                         precision.scale_loss(chunking.weigh_loss(outputs.loss, chunk)).backward()
     gradient_sync.reduce(None)                             # gradients live on the parameters
     clip_gradients()                                       # clip_gradients_norm / _value (unscaled first)
@@ -68,6 +69,13 @@ def map_tensors(value: Any, func: Callable[[torch.Tensor], Any]) -> Any:
     if isinstance(value, (list, tuple)):
         return type(value)(map_tensors(item, func) for item in value)
     return value
+
+
+def _detached(outputs: ModelOutputs) -> ModelOutputs:
+    """``outputs`` with the loss and every tensor of the auxiliary results detached."""
+    return ModelOutputs(
+        outputs.loss.detach(), outputs.num_samples, map_tensors(outputs.auxiliary_results, torch.Tensor.detach)
+    )
 
 
 class DefaultTrainer(_NeutralDefaultTrainer):
@@ -359,12 +367,16 @@ class DefaultTrainer(_NeutralDefaultTrainer):
         """Forward and backward pass of one chunk (the whole batch without chunking); outputs detached."""
         with self.gradient_sync.chunk_context(chunk):
             outputs = self._forward(chunk.data, training_settings, False, chunk, run=self._training_forward)
+            if self._first_batch_checks:  # the first chunk trained after add_first_batch_check: before its backward
+                self._check_first_batch(chunk.data, outputs)
             self.precision.scale_loss(self.chunking.weigh_loss(outputs.loss, chunk)).backward()
-        return ChunkResult(
-            ModelOutputs(
-                outputs.loss.detach(), outputs.num_samples, map_tensors(outputs.auxiliary_results, torch.Tensor.detach)
-            )
-        )
+        return ChunkResult(_detached(outputs))
+
+    def _check_first_batch(self, batch: Any, outputs: ModelOutputs) -> None:
+        """The first-batch checks (:meth:`add_first_batch_check`) on the detached outputs of the step's own forward
+        pass, without gradient recording."""
+        with torch.no_grad():
+            self._run_first_batch_checks(batch, _detached(outputs))
 
     def non_finite_indices(self, values: Sequence[Any]) -> list[int]:
         """Positions of the non-finite scalar ``values`` (tensors or numbers): one stacked check, one device wait."""
@@ -382,6 +394,26 @@ class DefaultTrainer(_NeutralDefaultTrainer):
             ]
         )
         return (~torch.isfinite(stacked)).nonzero().flatten().tolist()
+
+    def non_finite_weights(self) -> list[str]:
+        """``"<component>.<parameter>"`` of the trainable parameters (``requires_grad``) of the model components
+        that hold NaN / inf: one ``isfinite(...).all()`` per parameter on its device, one transfer per device
+        (data-parallel: this rank's replica, the same on every rank)."""
+        named = [
+            (f"{component}.{name}", parameter)
+            for component, module in self.model_components.items()
+            for name, parameter in module.named_parameters()
+            if parameter.requires_grad and not isinstance(parameter, torch.nn.parameter.UninitializedParameter)
+        ]
+        flags: dict = {}  # device -> [(index, finite flag)]
+        with torch.no_grad():
+            for index, (_, parameter) in enumerate(named):
+                flags.setdefault(parameter.device, []).append((index, torch.isfinite(parameter).all()))
+            bad: list[int] = []
+            for entries in flags.values():
+                finite = torch.stack([flag for _, flag in entries]).cpu().tolist()
+                bad.extend(index for (index, _), is_finite in zip(entries, finite) if not is_finite)
+        return [named[index][0] for index in sorted(bad)]
 
     def _learning_rate(self) -> Any:
         """``lr`` of the first optimizer's first parameter group: a float, or (a tensor learning rate, which

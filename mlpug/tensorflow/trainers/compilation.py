@@ -7,7 +7,10 @@ A step function has the form ``step(batch, settings)``. :class:`CompiledStep` co
   trace (one trace per distinct settings object);
 * without a signature it is traced with ``reduce_retracing=True``: after the first trace, a batch of another
   shape (e.g. the smaller last batch of an epoch) causes one more trace with the differing dimensions relaxed
-  to ``None``, which then serves every batch size. Every retrace is reported in a debug log line.
+  to ``None``, which then serves every batch size. Every retrace is reported in a debug log line; a retrace for
+  batch dtypes (or a structure) no trace had before, and the 5th trace, in a warning that names the step, the batch
+  specs and what to do (at trace time: nothing per step). TensorFlow's own frequent-retracing warning is turned off
+  for these functions: it names ``CompiledStep._traced`` and counts the traces of every step of the process together.
 
 Dispatch: calling a ``tf.function`` builds the trace type of every argument and looks it up among the traces
 (hundreds of microseconds per call on a slow CPU); calling the traced ``ConcreteFunction`` directly only binds
@@ -209,6 +212,24 @@ class EagerStep:
 
 
 _MANY_SETTINGS_TRACES = 8
+_MANY_TRACES = 5  # as TensorFlow's frequent-retracing warning
+_MAX_TYPE_WARNINGS = 3
+
+
+def _batch_types(batch: Any) -> str:
+    """The structure and dtypes of ``batch`` without shapes, e.g. ``"('float64', 'int32')"``."""
+
+    def dtype(leaf: Any) -> str:
+        if hasattr(leaf, "dtype"):
+            return tf.as_dtype(leaf.dtype).name
+        return type(leaf).__qualname__
+
+    try:
+        return str(tf.nest.map_structure(dtype, batch))
+    except Exception:  # pragma: no cover - describing must never fail
+        return type(batch).__qualname__
+
+
 _MAX_CONCRETE_MISSES = 8
 
 
@@ -290,6 +311,9 @@ class CompiledStep:
         self._per_settings: dict = {}
         self._concrete: Any = None  # the ConcreteFunction called directly while batches fit it (module docstring)
         self._concrete_misses = 0  # consecutive batches that did not fit it; at _MAX_CONCRETE_MISSES: give up
+        self._traced_types: list[str] = []  # the batch types (structure and dtypes) of the traces so far
+        self._last_traced = ""  # the batch spec of the latest trace
+        self._type_warnings = 0
         # the traced function takes (batch, settings) as one tuple (see the module docstring)
         if batch_data_signature is None:
             self._function = tf.function(self._traced, reduce_retracing=True)
@@ -297,6 +321,10 @@ class CompiledStep:
             self._function = tf.function(self._traced, input_signature=((batch_data_signature, settings_signature),))
         else:
             self._function = None  # one tf.function per settings object, see _for_settings
+        if self._function is not None:
+            # TensorFlow's own warning names `CompiledStep._traced` and counts the traces of every CompiledStep of
+            # the process together (one key per Python function); _log_trace warns per step instead, at trace time
+            self._function._omit_frequent_tracing_warning = True
 
     def _traced(self, arguments: tuple) -> Any:
         batch, settings = arguments
@@ -305,15 +333,40 @@ class CompiledStep:
 
     @tf.autograph.experimental.do_not_convert
     def _log_trace(self, batch: Any) -> None:
-        """Count the trace and log it (runs only while tracing); not converted by AutoGraph."""
+        """Count the trace and log it (runs only while tracing, never per step); not converted by AutoGraph.
+
+        A retrace for batch types (structure, dtypes) that no earlier trace had is a warning naming the step and
+        both batch specs (the first ``_MAX_TYPE_WARNINGS`` times); so is the ``_MANY_TRACES``-th trace (batches of
+        other shapes, or settings of other values); other retraces are debug lines."""
         self.num_traces += 1
+        types, spec = _batch_types(batch), describe_structure(batch)
         if self.num_traces == 1:
-            _log.debug(f"{self.name}: tracing for batch {describe_structure(batch)}")
+            _log.debug(f"{self.name}: tracing for batch {spec}")
+        elif types not in self._traced_types and self._type_warnings < _MAX_TYPE_WARNINGS:
+            self._type_warnings += 1
+            _log.warning(
+                f"{self.name}: compiled again (trace {self.num_traces}) because the batch's dtypes or structure "
+                f"changed: {self._last_traced} before, now {spec}. Every new combination of dtypes "
+                "compiles the step anew (and keeps one more graph). Give every batch the same dtypes (cast the "
+                "inputs in the data pipeline, e.g. dataset.map(lambda x, y: (tf.cast(x, tf.float32), y)), or "
+                "x.astype(np.float32)), or give the trainer batch_data_signature=(tf.TensorSpec(...), ...): one "
+                "trace, and a batch that does not match it is an error naming the item."
+                + (" Further changes are logged at debug level." if self._type_warnings == _MAX_TYPE_WARNINGS else "")
+            )
+        elif self.num_traces == _MANY_TRACES:
+            _log.warning(
+                f"{self.name}: compiled {self.num_traces} times, the latest for batch {spec}: "
+                "batches of other shapes, or settings of other values (constants of a trace), compile the step "
+                "anew. Give the trainer batch_data_signature (and training_settings_signature) to compile it once."
+            )
         else:
             _log.debug(
-                f"{self.name}: retracing (trace {self.num_traces}) for batch {describe_structure(batch)}; "
+                f"{self.name}: retracing (trace {self.num_traces}) for batch {spec}; "
                 "give batch_data_signature to trace only once"
             )
+        if types not in self._traced_types:
+            self._traced_types.append(types)
+        self._last_traced = spec
 
     def _for_settings(self, settings: Any) -> Callable[[Any], Any]:
         """The step (a ConcreteFunction) traced for the current *value* of ``settings`` (a trace constant): a

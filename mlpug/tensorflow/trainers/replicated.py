@@ -1,11 +1,13 @@
 """The parts of the TensorFlow step that a ``tf.distribute`` strategy and gradient clipping add (a mixin of the
 TensorFlow ``DefaultTrainer``, which holds the state they use: ``strategy``, ``chunking``, ``precision``,
-``optimizers``, the clipping options and ``skip_non_finite_steps``).
+``optimizers``, the clipping options, ``skip_non_finite_steps`` and ``replica_loss``).
 
 Under a strategy the step is (see :mod:`mlpug.tensorflow.distributed`)::
 
+    before the first step: _settle_replica_loss(batch)                   # Keras' 1 / replicas of a loss object?
     shares = split_for_replicas(strategy, batch)
-    per replica: rows, loss, ..., gradients = _replica_gradients(share)   # loss weighted by rows / global rows
+    per replica: rows, loss, ..., gradients = _replica_gradients(share)   # loss (Keras' scaling undone: times
+                 replica_loss.factor) weighted by rows / global rows
                  (clipping: gradients all-reduced, clipped, passed on as 1 / replicas)
     skipped = strategy.run(_replica_apply, gradients)                     # Keras all-reduces the sum
               (skip_step: only when the global loss is finite, decided in the cross-replica context)
@@ -19,6 +21,7 @@ from typing import Any
 import tensorflow as tf
 
 from mlpug.tensorflow.distributed import merge_local_results, num_local_replicas, split_for_replicas
+from mlpug.tensorflow.trainers.replica_loss import ReplicaLossScaling, probe_batch
 
 
 class ReplicatedStep:
@@ -33,8 +36,32 @@ class ReplicatedStep:
     clip_gradients_norm: Any
     clip_gradients_value: Any
     skip_non_finite_steps: bool
+    replica_loss: ReplicaLossScaling
+    _replica_loss_pending: bool
+    _distributed: Any  # the DistributedContext of the workers
     _chunk_step: Any  # (chunk, training_settings, share) -> ChunkResult
     _pairs_per_optimizer: Any  # (gradients) -> {optimizer name: [(gradient, variable), ...]}
+    _forward: Any  # (batch, settings, inference_mode) -> ModelOutputs
+    _make_train_steps: Any  # () -> None: the training steps made anew (traced again)
+
+    def _settle_replica_loss(self, batch: Any, training_settings: Any) -> None:
+        """Before a training step under a strategy, until decided: whether the training model's loss comes scaled
+        by Keras for the replicas (:meth:`ReplicaLossScaling.settle`, on the first replica's share of ``batch``,
+        on every worker; one collective with several workers); the training steps are made anew when the
+        factor changes after one was traced.
+
+        Raises:
+            ValueError: The loss is neither the replica's mean nor Keras' scaling of it (see
+                :mod:`mlpug.tensorflow.trainers.replica_loss`).
+        """
+        probe = probe_batch(batch, num_local_replicas(self.strategy), self.chunking.batch_chunk_size)
+
+        def loss_of() -> Any:
+            return self._forward(probe, training_settings, inference_mode=True).loss
+
+        if self.replica_loss.settle(loss_of, self._distributed):
+            self._make_train_steps()
+        self._replica_loss_pending = not self.replica_loss.settled
 
     def clip_gradients(self, pairs: dict[str, list]) -> dict[str, list]:
         """Clip each optimizer's ``(gradient, variable)`` pairs (``clip_gradients_norm``: ``tf.clip_by_global_norm``

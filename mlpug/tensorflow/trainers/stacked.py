@@ -29,6 +29,9 @@ class StackedCalls(NeutralDefaultTrainer):
     _prepared: bool
     _train_steps: Optional[CompiledStep]  # the stacked training step (None: eager, or steps_per_execution == 1)
     _build: Any  # (batch, settings) -> bool: builds the models and optimizers from a first batch
+    _replica_loss_pending: bool  # whether Keras' replica scaling of the loss is still to be probed
+    _settle_replica_loss: Any  # (batch, settings) -> None: the probe, before a training step
+    _check_first_batch: Any  # (batch, settings) -> None: the first-batch checks, before the first step
     _evaluate_step: Any  # (inference_mode, stacked) -> the evaluation step
     _learning_rate_for_logs: Any  # () -> the learning rate for logs
 
@@ -42,7 +45,8 @@ class StackedCalls(NeutralDefaultTrainer):
             One :class:`StepResult` per batch, in order, as :meth:`train_on` returns them.
 
         Raises:
-            ValueError: A batch does not match ``batch_data_signature`` (the message names it).
+            ValueError: A batch does not match ``batch_data_signature`` (the message names it), or the loss mixes
+                terms that Keras scales for the replicas with others (see ``train_on``).
         """
         if self._train_steps is None or len(batches) == 1:
             return super().train_on_batches(batches, training_settings)
@@ -50,6 +54,10 @@ class StackedCalls(NeutralDefaultTrainer):
         if not self._prepared:
             check_batch_signature(batches[0], self.batch_data_signature)
             self._build(batches[0], training_settings)
+        if self._replica_loss_pending:
+            self._settle_replica_loss(batches[0], training_settings)
+        if self._first_batch_checks:
+            self._check_first_batch(batches[0], training_settings)
         results: list[StepResult] = []
         for run in same_shape_runs(batches):
             outputs = self._call_stacked(self._train_steps, run, training_settings)

@@ -54,6 +54,7 @@ from mlpug.tensorflow.trainers.compilation import (
     validate_signature,
 )
 from mlpug.tensorflow.trainers.precision import precision_policy
+from mlpug.tensorflow.trainers.replica_loss import ReplicaLossScaling
 from mlpug.tensorflow.trainers.replicated import ReplicatedStep
 from mlpug.tensorflow.trainers.snapshot import KerasEvaluationSnapshot
 from mlpug.tensorflow.trainers.stacked import StackedCalls
@@ -94,8 +95,12 @@ class DefaultTrainer(ReplicatedStep, KerasTrainerState, StackedCalls):
             optimizers were created in; default None (one device). The batch size stays per process: a mirrored
             step splits each batch over the local replicas, and several workers train on their shards of the data.
             Each replica's gradients are weighted by its share of the global batch's samples (rows), so the step
-            is the step of one device on the global batch. See :mod:`mlpug.tensorflow.distributed`. TensorFlow's
-            default strategy (``tf.distribute.get_strategy()`` outside a scope) is the same as None.
+            is the step of one device on the global batch. See :mod:`mlpug.tensorflow.distributed`. The training
+            model's loss must be the mean over the replica's samples; Keras 3's scaling of a Keras loss object by
+            ``1 / num_replicas_in_sync`` is found before the first training step and undone (see
+            :mod:`mlpug.tensorflow.trainers.replica_loss`). TensorFlow's default strategy
+            (``tf.distribute.get_strategy()`` outside a scope) is the same as None; a ``MultiWorkerMirroredStrategy()``
+            without ``TF_CONFIG`` is one worker.
         trainable_variables: Which variables each optimizer updates. Default: the trainable variables of all
             model components (one optimizer), or, with several optimizers named like model components, those
             of the component with the optimizer's name. Otherwise a dict optimizer name -> list of variables,
@@ -152,6 +157,11 @@ class DefaultTrainer(ReplicatedStep, KerasTrainerState, StackedCalls):
     Unbuilt models are built before the first step by one eager forward pass (inference mode) on the first
     batch, and unbuilt optimizers with ``optimizer.build(variables)``, so that no variable is created inside a
     compiled step.
+
+    First-batch checks (:meth:`add_first_batch_check`: the one-call API's, ``TrainingMetricsLogger``'s) run on the
+    outputs of one more eager forward pass of the next batch in inference mode, before its (compiled) step: the
+    step's own tensors are symbolic. It changes no variable and draws from no seed generator; without pending
+    checks there is no such pass.
 
     Raises:
         TypeError: An optimizer is not a Keras 3 optimizer, a model component is not a Keras layer, a signature
@@ -232,23 +242,30 @@ class DefaultTrainer(ReplicatedStep, KerasTrainerState, StackedCalls):
         self._pending_state: Optional[dict] = None
         self._prepared = False
         self._logged_learning_rate: Optional[float] = None
+        self.replica_loss = ReplicaLossScaling(distribution_strategy)  # Keras' 1 / replicas of a loss, undone
+        self._replica_loss_pending = not self.replica_loss.settled  # probed before the first training step
         self._train_step: EagerStep | CompiledStep
-        if eager_mode:
+        self._train_steps: Optional[CompiledStep] = None
+        self._make_train_steps()
+        self._evaluate_steps: dict = {}  # (inference_mode, stacked) -> EagerStep | CompiledStep
+
+    def _make_train_steps(self) -> None:
+        """The training step (eager or compiled) and, with ``steps_per_execution > 1``, the stacked one; made anew
+        (traced again) when a constant of their traces changes (``replica_loss.factor``)."""
+        if self.eager_mode:
             self._train_step = EagerStep(self._train_step_function, "train step")
         else:
             self._train_step = CompiledStep(
-                self._train_step_function, "train step", batch_data_signature, training_settings_signature
+                self._train_step_function, "train step", self.batch_data_signature, self.training_settings_signature
             )
-        self._train_steps: Optional[CompiledStep] = None
-        if not eager_mode and self.steps_per_execution > 1:
+        if not self.eager_mode and self.steps_per_execution > 1:
             self._train_steps = CompiledStep(
                 lambda batches, settings: run_stacked(self._train_step_function, batches, settings),
                 f"train step x{self.steps_per_execution} (steps_per_execution)",
-                stacked_signature(batch_data_signature),
-                training_settings_signature,
+                stacked_signature(self.batch_data_signature),
+                self.training_settings_signature,
                 relax_leading_dimension=True,
             )
-        self._evaluate_steps: dict = {}  # (inference_mode, stacked) -> EagerStep | CompiledStep
 
     # ----- set-up -----
     def _scope(self) -> AbstractContextManager:
@@ -407,6 +424,8 @@ class DefaultTrainer(ReplicatedStep, KerasTrainerState, StackedCalls):
         ):
             outputs = self._forward(chunk.data, training_settings, False, chunk)
             loss = tf.reshape(outputs.loss, [])
+            if share is not None:  # a replica's mean loss, also when Keras scaled it by 1 / replicas
+                loss = self.replica_loss.unscaled(loss)
             target = self.chunking.weigh_loss(loss, chunk)
             if share is not None:
                 target = tf.math.multiply_no_nan(tf.cast(target, tf.float32), share)
@@ -430,6 +449,24 @@ class DefaultTrainer(ReplicatedStep, KerasTrainerState, StackedCalls):
             stacked = tf.stack([tf.cast(tf.reshape(value, []), tf.float64) for value in numbers])
         return np.flatnonzero(~tf.math.is_finite(stacked).numpy()).tolist()
 
+    def non_finite_weights(self) -> list[str]:
+        """``"<component>.<variable path>"`` of the trainable variables that hold NaN / inf: those of the model
+        components, then any other variable the optimizers update; one stacked check, one conversion. Under a
+        strategy a mirrored variable is read as its local copy, which every replica holds alike. A model not built
+        yet has none."""
+        named, seen = [], set()
+        for component_name, component in self.model_components.items():
+            for variable in component.trainable_variables:
+                if id(variable) not in seen:
+                    seen.add(id(variable))
+                    named.append((f"{component_name}.{getattr(variable, 'path', None) or variable.name}", variable))
+        named.extend((getattr(v, "path", None) or v.name, v) for v in self._flat_variables if id(v) not in seen)
+        named = [(name, variable) for name, variable in named if tf.as_dtype(variable.dtype).is_floating]
+        if not named:
+            return []
+        finite = tf.stack([tf.reduce_all(tf.math.is_finite(variable)) for _, variable in named]).numpy()
+        return [name for (name, _), is_finite in zip(named, finite) if not is_finite]
+
     def _pairs_per_optimizer(self, gradients: Sequence[Any]) -> dict[str, list]:
         """The flat gradient list as ``(gradient, variable)`` pairs per optimizer name, for ``precision.step``."""
         pairs, start = {}, 0
@@ -440,7 +477,10 @@ class DefaultTrainer(ReplicatedStep, KerasTrainerState, StackedCalls):
 
     def _evaluate_step_function(self, batch: Any, evaluate_settings: Any, inference_mode: bool) -> tuple:
         outputs = self._forward(batch, evaluate_settings, inference_mode=inference_mode)
-        return tf.reshape(outputs.loss, []), outputs.num_samples, outputs.auxiliary_results
+        loss = tf.reshape(outputs.loss, [])
+        if self.strategy is not None and tf.distribute.has_strategy():  # called in a strategy's scope (trace time)
+            loss = self.replica_loss.unscaled_in_scope(loss)
+        return loss, outputs.num_samples, outputs.auxiliary_results
 
     def train_on(self, batch: Any, training_settings: Any = None) -> StepResult:
         """One optimisation step on ``batch`` (a tensor, numpy array, or tuple/list/dict of them).
@@ -453,16 +493,30 @@ class DefaultTrainer(ReplicatedStep, KerasTrainerState, StackedCalls):
 
         Raises:
             ValueError: The batch does not match ``batch_data_signature`` (checked on the first batch, and
-                whenever the compiled step rejects a batch).
+                whenever the compiled step rejects a batch); under a strategy, before the first step on every
+                worker: the loss mixes terms that Keras scales by ``1 / replicas`` with terms it does not (see
+                :mod:`mlpug.tensorflow.trainers.replica_loss`).
         """
         self.ensure_ready()
         if not self._prepared:
             check_batch_signature(batch, self.batch_data_signature)
             self._build(batch, training_settings)
+        if self._replica_loss_pending:
+            self._settle_replica_loss(batch, training_settings)
+        if self._first_batch_checks:
+            self._check_first_batch(batch, training_settings)
         loss, num_samples, auxiliary_results, skipped = self._train_step(batch, training_settings)
         return StepResult(
             loss, num_samples, auxiliary_results, False if skipped is None else skipped, self._learning_rate_for_logs()
         )
+
+    def _check_first_batch(self, batch: Any, training_settings: Any) -> None:
+        """The first-batch checks (:meth:`add_first_batch_check`) before the first step, on the outputs of one eager
+        forward pass of ``batch`` in inference mode (a compiled step's tensors are symbolic): like the forward pass
+        that builds a model, it changes no variable and draws from no seed generator."""
+        with self._scope():
+            outputs = self._forward(batch, training_settings, inference_mode=True)
+        self._run_first_batch_checks(batch, outputs)
 
     def evaluate_loss(self, batch: Any, evaluate_settings: Any = None, inference_mode: bool = True) -> ModelOutputs:
         """Evaluate the training model on ``batch`` without gradients (``training=False`` when ``inference_mode``).

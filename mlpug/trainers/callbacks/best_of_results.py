@@ -4,7 +4,9 @@ With a monitored metric evaluated asynchronously (``TestMetricsLogger(..., run_a
 later epoch ends, tagged with the position of the weights they evaluated. The best decision is made on each
 landed result (:func:`~mlpug.trainers.callbacks.async_evaluation.landed_results`), in the hook where it lands,
 and the best model checkpoint is written at once from the **evaluated snapshot's** weights (copied to host memory
-in the hook, written in the background), not from the live weights, which have trained on since.
+in the hook, written in the background), not from the live weights, which have trained on since. A non-finite
+result is handled by the ``CheckpointManager``'s ``non_finite_metric`` policy where it lands, naming the epoch of the
+evaluated weights.
 """
 
 from __future__ import annotations
@@ -38,7 +40,9 @@ class BestOfResults:
         current = logs["current"]
         for result in landed_results(self.training_manager, section):  # type: ignore[attr-defined]
             view = self._result_view(current, result)
-            if not self._is_improvement(get_value_at(view, metric, None)):  # type: ignore[attr-defined]
+            value = get_value_at(view, metric, None)
+            self._check_finite_value(value, view)  # type: ignore[attr-defined]  # non_finite_metric, at its epoch
+            if not self._is_improvement(value):  # type: ignore[attr-defined]
                 continue
             current["is_best"] = True
             self.best_logs = logs["best"] = resolve(view)

@@ -10,7 +10,7 @@ import logging
 from collections.abc import Sequence
 from typing import Any, Optional
 
-from mlpug.logs import MANAGER_LOG_PATHS
+from mlpug.logs import MANAGER_LOG_PATHS, did_you_mean
 
 HOOKS = (
     "set_training_manager",
@@ -178,7 +178,8 @@ def check_log_path(path: str, callbacks: Sequence[Callback], argument: str) -> N
         argument: What names ``path`` in the message, e.g. ``"CheckpointManager: metric_to_monitor"``.
 
     Raises:
-        ValueError: Nothing writes ``path``; the message lists the paths that are written.
+        ValueError: Nothing writes ``path``; the message suggests the paths it may mean (a Keras name such as
+            ``val_loss``, or a typo: see :func:`mlpug.logs.did_you_mean`) and lists the paths that are written.
     """
     section = path.split(".", 1)[0]
     declared = set(MANAGER_LOG_PATHS)
@@ -197,8 +198,9 @@ def check_log_path(path: str, callbacks: Sequence[Callback], argument: str) -> N
     else:
         reason = f"no callback produces {section!r}"
     anything_under = f"; and anything under {sorted(open_sections)}" if open_sections else ""
+    suggestion = did_you_mean(path, declared, open_sections)
     raise ValueError(
-        f"{argument} {path!r} is not written into logs['current']: {reason}. Paths that are written: "
+        f"{argument} {path!r} is not written into logs['current']: {reason}.{suggestion} Paths that are written: "
         f"{', '.join(sorted(declared))}{anything_under}. A callback of your own that writes it declares its section in "
         f"produces (e.g. produces = frozenset({{{section!r}}})), and may declare its paths in log_paths."
     )

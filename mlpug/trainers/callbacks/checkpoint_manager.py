@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 import os
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any, Literal, Optional
 
 from mlpug.checkpointing import (
@@ -25,7 +25,15 @@ from mlpug.checkpointing import (
 from mlpug.logs import get_value_at, resolve
 from mlpug.trainers.callbacks.best_of_results import BestOfResults
 from mlpug.trainers.callbacks.callback import Callback, check_log_path
-from mlpug.trainers.non_finite import NonFiniteLossError
+from mlpug.trainers.hook_dispatch import add_note
+from mlpug.trainers.non_finite import (
+    NonFiniteError,
+    NonFiniteLossError,
+    NonFiniteMetricError,
+    NonFiniteMetricPolicy,
+    NonFiniteWeightsError,
+    validate_non_finite_metric_policy,
+)
 from mlpug.trainers.resume import TrainingStateLoader
 
 
@@ -37,15 +45,23 @@ def _check_period(value: Any, name: str, allow_none: bool = False) -> None:
 
 
 def _check_directory_path(path: str) -> None:
-    """Raise when ``path`` cannot be a directory: it, or the nearest of its parents that exists, is not one."""
+    """Raise when ``path`` cannot be the checkpoint directory: it, or the nearest of its parents that exists, is not
+    a directory, or this process cannot write into it (no permission, a read-only file system)."""
     existing = os.path.abspath(path)
     while not os.path.exists(existing) and os.path.dirname(existing) != existing:
         existing = os.path.dirname(existing)
+    is_path = existing == os.path.abspath(path)
     if not os.path.isdir(existing):
-        where = "is an existing file" if existing == os.path.abspath(path) else f"is inside the file {existing}"
+        where = "is an existing file" if is_path else f"is inside the file {existing}"
         raise ValueError(
             f"checkpoints_path {path!r} {where}, not a directory; give the directory for the checkpoint files "
             "(it is created when missing)"
+        )
+    if not os.access(existing, os.W_OK | os.X_OK, effective_ids=os.access in os.supports_effective_ids):
+        where = "is a directory" if is_path else f"would be created in {existing}, a directory"
+        raise ValueError(
+            f"checkpoints_path {path!r} {where} that this process cannot write to (no write permission, or a "
+            "read-only file system); give a directory for the checkpoint files that it can write to"
         )
 
 
@@ -73,10 +89,12 @@ class CheckpointManager(BestOfResults, Callback, TrainingStateLoader):
     When training ends (``on_training_checkpoint``), a training checkpoint is written if the last one is older
     than the last batch; when it ends by SIGINT/SIGTERM (``interrupted``) this is the training checkpoint to
     resume from, and when it ends on an error an *emergency training checkpoint* is written to its own file
-    (the regular one keeps the last consistent state). With ``write_in_background`` the state is copied
+    (the regular one keeps the last consistent state; when it cannot be written either, one error line says so
+    and the error that ended training stays the one raised). With ``write_in_background`` the state is copied
     (snapshot) in the training thread and the files are written by a background thread; training waits only
-    for the copy, and for the previous write when it is still running. Every write is crash-safe
-    (:func:`mlpug.checkpointing.atomic_write_path`).
+    for the copy, and for the previous write when it is still running. A background write that fails is logged
+    at once and raised at the next batch boundary (the checkpoint-phase hook reads a flag the writer thread sets:
+    no cost per batch). Every write is crash-safe (:func:`mlpug.checkpointing.atomic_write_path`).
 
     As a :class:`~mlpug.trainers.resume.TrainingStateLoader` it resolves ``TrainingManager(resume_from=...)``:
     ``"latest"`` is its training checkpoint file, or a fresh start (one info line) when there is none yet.
@@ -97,14 +115,24 @@ class CheckpointManager(BestOfResults, Callback, TrainingStateLoader):
             archives nothing.
         keep_last: Keep only this many most recent archived model checkpoints; None keeps all.
         model_hyper_parameters: Plain dict saved in every model checkpoint (e.g. layer sizes).
-        write_in_background: Write files in a background thread after a snapshot copy.
+        write_in_background: Write files in a background thread after a snapshot copy. A background write that
+            fails (a full disk, a read-only remount) is logged at once (ERROR, naming the file and the period) and
+            its error is raised in the training loop at the next batch boundary, with a note naming that period.
         name: Unique callback name.
+        non_finite_metric: What a NaN or infinite value of ``metric_to_monitor`` does (it can never be the best,
+            so no best model checkpoint would be written for it): ``"raise"`` (default: training ends with a
+            :class:`~mlpug.trainers.non_finite.NonFiniteMetricError` naming the metric and its epoch) or ``"warn"``
+            (a warning at the first such value, at every epoch-level one, and a summary at the end; training goes
+            on). A non-finite loss or non-finite weights found at that point are raised as such instead. A metric of
+            the ``training`` set under ``TrainingManager(non_finite_loss="skip_step" / "warn")`` only warns (that
+            policy decides about non-finite training batches).
 
     Raises:
         TypeError: ``saver`` is not a CheckpointSaver, a path is not a str, or the hyper-parameters are not
             plain containers.
         ValueError: A bad mode, period, threshold or ``keep_last``, or a ``checkpoints_path`` that is (or is
-            inside) an existing file.
+            inside) an existing file, or that this process cannot write to (the directory, or the nearest existing
+            parent it would be created in: no write permission, a read-only file system).
     """
 
     def __init__(
@@ -123,6 +151,7 @@ class CheckpointManager(BestOfResults, Callback, TrainingStateLoader):
         model_hyper_parameters: Optional[Mapping] = None,
         write_in_background: bool = True,
         name: Optional[str] = None,
+        non_finite_metric: NonFiniteMetricPolicy = "raise",
     ):
         if not isinstance(saver, CheckpointSaver):
             raise TypeError(f"saver must be an mlpug.checkpointing.CheckpointSaver, got {saver!r:.200}")
@@ -173,6 +202,8 @@ class CheckpointManager(BestOfResults, Callback, TrainingStateLoader):
         self.keep_last = keep_last
         self.model_hyper_parameters = hyper_parameters
         self.write_in_background = write_in_background
+        self.non_finite_metric = validate_non_finite_metric_policy(non_finite_metric)
+        self._num_non_finite_values = 0  # non-finite monitored values so far (non_finite_metric="warn")
         self._writer = BackgroundWriter()
 
         # state (saved in training checkpoints)
@@ -260,6 +291,14 @@ class CheckpointManager(BestOfResults, Callback, TrainingStateLoader):
         return True
 
     def on_batch_checkpoint(self, logs: dict) -> bool:
+        """Batch level: this batch's period. Every batch: raises the error of a background write that failed (it
+        was logged when it happened), so that no more than the batch in progress trains on top of it.
+
+        Raises:
+            Exception: What the failed background write raised, with a note naming the file and its period.
+        """
+        if self._writer.failed:  # a plain attribute the writer thread sets: nothing to wait for per batch
+            self._writer.wait()
         if self.batch_level:
             self._on_period(logs, logs["current"]["global_iter"] + 1)
         return True
@@ -272,6 +311,8 @@ class CheckpointManager(BestOfResults, Callback, TrainingStateLoader):
         return True
 
     def on_epoch_checkpoint(self, logs: dict) -> bool:
+        if self._writer.failed:
+            self._writer.wait()  # raises (see on_batch_checkpoint)
         if not self.batch_level:
             self._on_period(logs, logs["current"]["epoch"] + 1)
         return True
@@ -279,8 +320,12 @@ class CheckpointManager(BestOfResults, Callback, TrainingStateLoader):
     def on_training_checkpoint(self, stopped_early: bool, stopped_on_error: bool, interrupted: bool) -> bool:
         manager = self.training_manager
         # A failed background write must not stop the checkpoint written now: note it, write, then report it.
+        metric_error: Optional[NonFiniteError] = None
         if self.monitors_async_results and manager is not None and not stopped_on_error:
-            self._decide_on_landed_results(manager.logs)  # the results that landed at the end of training
+            try:
+                self._decide_on_landed_results(manager.logs)  # the results that landed at the end of training
+            except NonFiniteError as error:  # non_finite_metric="raise": raised after the training checkpoint
+                metric_error = error
         write_error = self._wait_for_background_write()
         if self._is_primary() and manager is not None:
             if self._improved:  # decided in a hook of this period, whose checkpoint phase never came (an error)
@@ -288,33 +333,68 @@ class CheckpointManager(BestOfResults, Callback, TrainingStateLoader):
                 best_checkpoint = self._model_checkpoint(self._snapshot_model_components(), manager.logs)
                 self._write(lambda: self._save_if_finite(best_checkpoint, self.file_names.best_model), background=False)
             state = manager.get_state()
-            if isinstance(manager.training_error, NonFiniteLossError):
+            training_error = manager.training_error
+            if isinstance(training_error, (NonFiniteLossError, NonFiniteWeightsError)):
+                what = "a non-finite loss" if isinstance(training_error, NonFiniteLossError) else "non-finite weights"
                 self._log.error(
-                    "Training stopped on a non-finite loss: no emergency training checkpoint is written from this "
-                    f"state; the last good training checkpoint is {self.file_names.training}"
+                    f"Training stopped on {what}: no emergency training checkpoint is written from this state; "
+                    f"{self._last_good_training_checkpoint()}"
                 )
             elif stopped_on_error:
                 self._log.error(
                     f"Training failed; writing emergency training checkpoint {self.file_names.emergency_training}"
                 )
-                self._save_training_checkpoint(self.file_names.emergency_training, state)
+                try:
+                    self._save_training_checkpoint(self.file_names.emergency_training, state)
+                except Exception as error:  # one line: the error that ended training is the one to read
+                    self._log.error(
+                        f"The emergency training checkpoint could not be written either: {type(error).__name__}: "
+                        f"{error}"
+                    )
             elif self._last_saved_position != _position(state):
                 if interrupted:
                     self._log.warning(f"Interrupted; writing training checkpoint {self.file_names.training}")
                 self._save_training_checkpoint(self.file_names.training, state)
-        if write_error is not None:
+        if write_error is not None and not stopped_on_error:  # after an error it was logged; that error is raised
             raise write_error
+        if metric_error is not None:
+            raise metric_error
         return True
 
     def _wait_for_background_write(self) -> Optional[BaseException]:
-        """Wait for the background write; return (and log) its error, forgetting the position it claimed."""
+        """Wait for the background write; return its error (logged when it happened), forgetting the position it
+        claimed."""
         try:
             self._writer.wait()
         except Exception as error:
-            self._log.error(f"A background checkpoint write failed: {type(error).__name__}: {error}")
             self._last_saved_position = None  # that checkpoint may not be on disk
             return error
         return None
+
+    def _report_failed_write(self, period: str, files: list) -> Callable[[BaseException], None]:
+        """The ``on_error`` of a background write of ``files`` in ``period``: logs the failure at once (ERROR, in the
+        writer thread) and notes the file and the period on the error, which the training loop raises at the next
+        batch boundary (:meth:`on_batch_checkpoint`)."""
+
+        def report(error: BaseException) -> None:
+            self._last_saved_position = None  # that checkpoint may not be on disk
+            file = getattr(error, "path", None) or ", ".join(files)
+            self._log.error(
+                f"Writing the checkpoint of {period} failed in the background ({file}): {type(error).__name__}: "
+                f"{error}. Training stops with this error at the next batch boundary (or at its end)."
+            )
+            add_note(error, f"mlpug: raised by the background write of {file}, the checkpoint of {period}")
+
+        return report
+
+    def _period_name(self, logs: dict) -> str:
+        """The period whose checkpoint phase runs now, for messages."""
+        current = logs["current"]
+        if self.batch_level:
+            where = f"epoch {current['epoch']}, batch step {current['batch_step']}"
+        else:
+            where = f"the end of epoch {current['epoch']}"
+        return f"{where} (global iteration {current['global_iter']})"
 
     # ----- periods -----
     def _decide_best(self, logs: dict, period_count: int) -> None:
@@ -327,9 +407,13 @@ class CheckpointManager(BestOfResults, Callback, TrainingStateLoader):
     def _on_period(self, logs: dict, period_count: int) -> None:
         improved, self._improved = self._improved, False
         save_latest = period_count % self.create_checkpoint_every == 0
-        if not self._is_primary() or not (improved or save_latest):
+        if not (improved or save_latest):
             return
-        self.training_manager.check_finite()  # the values are read now anyway; never save from a non-finite state
+        # The values and weights are read now anyway: never save from a non-finite state. On every rank, so that
+        # every rank stops at the same period.
+        self.training_manager.check_finite(weights=True)
+        if not self._is_primary():
+            return
         # One snapshot per period, taken after the previous write finished (a saver may reuse its buffers);
         # then one background job writes every file of this period.
         self._writer.wait()
@@ -347,13 +431,15 @@ class CheckpointManager(BestOfResults, Callback, TrainingStateLoader):
             trainer_state = manager_state["trainer"]
         else:
             manager_state, trainer_state = None, self._snapshot_model_components()
-        jobs = []
+        jobs, files = [], []
         if improved:
             best_checkpoint = self._model_checkpoint(trainer_state, logs)
             jobs.append(lambda: self._save_if_finite(best_checkpoint, self.file_names.best_model))
+            files.append(self.file_names.best_model)
         if manager_state is not None:
             jobs.append(self._latest_job(manager_state, logs, archive_path))
-        self._write(lambda: [job() for job in jobs])
+            files += [self.file_names.latest_model, *([archive_path] if archive_path else []), self.file_names.training]
+        self._write(lambda: [job() for job in jobs], on_error=self._report_failed_write(self._period_name(logs), files))
 
     def _snapshot_model_components(self) -> dict:
         """A snapshot of only the model components (what a best model checkpoint holds), in the buffers that a
@@ -387,11 +473,47 @@ class CheckpointManager(BestOfResults, Callback, TrainingStateLoader):
                 f"{self.name}: the monitored metric {self.metric_to_monitor!r} must be a number, got "
                 f"{type(value).__qualname__}: {value!r:.100}"
             )
+        self._check_finite_value(value, current)
         if not self._is_improvement(value):
             return False
         current["is_best"] = True
         self.best_logs = logs["best"] = resolve(current)
         return True
+
+    def _check_finite_value(self, value: Any, current: Mapping) -> None:
+        """Apply ``non_finite_metric`` to a NaN / inf monitored ``value`` of the weights at ``current``'s position
+        (every rank alike: the values are reduced). A non-finite loss or non-finite weights are named first.
+
+        Raises:
+            NonFiniteLossError / NonFiniteWeightsError: Found by the manager's check (their policy ``"raise"``).
+            NonFiniteMetricError: ``non_finite_metric="raise"``.
+        """
+        if not isinstance(value, (int, float)) or math.isfinite(value):
+            return
+        manager = self.training_manager
+        manager.check_finite(weights=True)
+        assert self.metric_to_monitor is not None
+        error = NonFiniteMetricError(self.metric_to_monitor, value, current["epoch"], current["global_iter"], self.name)
+        training_policy = self.metric_to_monitor.split(".", 1)[0] == "training" and manager.non_finite.policy
+        if self.non_finite_metric == "raise" and training_policy in (False, "raise"):
+            raise error
+        self._num_non_finite_values += 1
+        if self._num_non_finite_values == 1 or not self.batch_level:
+            policy = f"non_finite_loss={training_policy!r}" if training_policy else "non_finite_metric='warn'"
+            self._log.warning(f"{error.finding}; it is not a candidate for the best model ({policy}).")
+
+    def _last_good_training_checkpoint(self) -> str:
+        """Which training checkpoint a restart would continue from, for messages."""
+        path = self.file_names.training
+        if self._last_saved_position is not None:
+            epoch, batch_step, global_iter = self._last_saved_position
+            return (
+                f"the last good training checkpoint is {path} (written in this run, resuming at epoch {epoch}, "
+                f"batch step {batch_step}, global iteration {global_iter})"
+            )
+        if os.path.exists(path):
+            return f"the training checkpoint on disk, {path}, is kept (written before; resume_from='latest' loads it)"
+        return f"no training checkpoint was written yet ({path} does not exist): a restart starts from the beginning"
 
     # ----- writing -----
     def _model_checkpoint(self, trainer_state: dict, logs: dict) -> dict:
@@ -461,10 +583,12 @@ class CheckpointManager(BestOfResults, Callback, TrainingStateLoader):
         self.saver.save(checkpoint, path)
         return True
 
-    def _write(self, job, background: Optional[bool] = None) -> None:
+    def _write(
+        self, job, background: Optional[bool] = None, on_error: Optional[Callable[[BaseException], None]] = None
+    ) -> None:
         background = self.write_in_background if background is None else background
         if background:
-            self._writer.submit(job)
+            self._writer.submit(job, on_error)
         else:
             self._writer.wait()
             job()
@@ -507,9 +631,16 @@ class CheckpointManager(BestOfResults, Callback, TrainingStateLoader):
             )
 
     def on_training_ended(self, stopped_early, stopped_on_error, interrupted, callback_calls_success) -> bool:
-        """Removes this run's own temporary files (left by a write that failed); every write has finished."""
+        """Removes this run's own temporary files (left by a write that failed); every write has finished. Warns
+        once more when the monitored metric was not finite (``non_finite_metric="warn"``)."""
         if self._is_primary():
             remove_stale_temporary_files(self.file_names.directory, self.file_names.base_name, including_own=True)
+        if self._num_non_finite_values:
+            best = f"the best is {self.best_value} (epoch {self.best_epoch})" if self.best_logs else "no best model"
+            self._log.warning(
+                f"{self.name}: the monitored metric {self.metric_to_monitor!r} was not finite at "
+                f"{self._num_non_finite_values} check(s) of this run; {best}"
+            )
         return True
 
     # ----- resuming (TrainingStateLoader) -----

@@ -3,20 +3,28 @@
 They are producers (``produces`` names their dataset): every hook reaches them before the callbacks that
 read their values, wherever they stand in the list. They declare the paths they write (``log_paths``: dataset
 name, level and metric names), so that a consumer's path (e.g. ``metric_to_monitor``) is checked at construction.
+A dataset result (``TestMetricsLogger``, synchronous or asynchronous) with a NaN or infinite metric is logged as a
+warning naming the metric and the epoch of the evaluated weights, where it lands.
 """
 
 from __future__ import annotations
 
 import collections
+import math
 from collections.abc import Iterable, Iterator, Sequence
 from typing import Any, Optional
 
 from mlpug.data import known_length
 from mlpug.evaluation import MetricEvaluator
 from mlpug.logs import MetricValues, to_number
+from mlpug.metrics import metric_functions_check
 from mlpug.random_state import isolated_random_states
 from mlpug.trainers.callbacks.async_evaluation import AsyncEvaluation, EvaluationResult, Overflow
 from mlpug.trainers.callbacks.callback import Callback
+
+
+def _not_finite(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not math.isfinite(value)
 
 
 def _check_evaluator(metric_evaluator: Any) -> None:
@@ -118,6 +126,10 @@ class TrainingMetricsLogger(Callback):
     and ``logs.current.training_params.window_average.duration`` (seconds per batch), computed from the
     manager's ``step_result``. Values are deferred: a tensor becomes a number only when a consumer reads it.
 
+    At every training start it has its metric functions called once on the first batch's outputs, before that
+    batch's optimizer step (:func:`mlpug.metrics.metric_functions_check` through the trainer's
+    ``add_first_batch_check``), so that a metric that cannot run fails before anything trains.
+
     Args:
         metric_evaluator: Computes the metrics from the model outputs of the training step.
         window_length: Number of recent batches averaged (sample weighted); default one epoch's batches.
@@ -156,6 +168,9 @@ class TrainingMetricsLogger(Callback):
     def on_training_start(self, num_epochs, num_batches_per_epoch, start_epoch, start_batch, start_update_iter):
         # skip_step: the non-finite values of the skipped batches are left out of the window means
         self._window.skip_non_finite = self.training_manager.non_finite.policy == "skip_step"
+        check = metric_functions_check(self.metric_evaluator)
+        if check is not None:  # every metric function once on the first batch's outputs, before its optimizer step
+            self.training_manager.trainer.add_first_batch_check(check)
         if self._window.length is None:
             self._window.length = num_batches_per_epoch
             self._durations = collections.deque(self._durations, maxlen=num_batches_per_epoch)
@@ -373,11 +388,26 @@ class TestMetricsLogger(Callback):
             self._async.release_landed()
 
     def _land(self, logs: dict, results: list) -> None:
-        """Write landed results into ``logs.current`` (the newest) and :attr:`landed_results` (all)."""
+        """Write landed results into ``logs.current`` (the newest) and :attr:`landed_results` (all); warn about
+        non-finite ones."""
+        self._warn_if_not_finite(results)
         self.landed_results = [*self.landed_results, *results]
         if results:
             section = self._dataset_logs(logs)
             section["dataset"], section["evaluated_at"] = results[-1].values, results[-1].evaluated_at
+
+    def _warn_if_not_finite(self, results: list) -> None:
+        """One WARNING per result with NaN / inf dataset metrics, naming them and the epoch of the evaluated weights
+        (the values are read here, once: the evaluation has waited for the device already)."""
+        for result in results:
+            values = [(name, to_number(value)) for name, value in result.values.items()]
+            bad = [f"{self.dataset_name}.dataset.{name} = {value}" for name, value in values if _not_finite(value)]
+            if bad:
+                self._log.warning(
+                    f"{self.name}: not finite for the weights of epoch {result.epoch} (global iteration "
+                    f"{result.global_iter}): {', '.join(bad)}. Check the {self.dataset_name!r} data (NaN or infinite "
+                    "inputs or targets) and the model; a non-finite value never counts as the best."
+                )
 
     def on_epoch_completed(self, logs: dict) -> bool:
         if self.batch_level:

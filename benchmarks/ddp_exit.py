@@ -7,14 +7,14 @@ interpreter exit, when a process group is left to the interpreter's teardown ins
 
 Every run is one of two kinds, alternating: plain (synchronous validation) and asynchronous validation
 (``run_async=True``: a worker thread evaluates), with a ``CheckpointManager`` writing in the background. Each rank
-trains a tiny MLP (2 epochs of 3 batches of 4 samples per rank), writes ``done-rank<k>`` and returns, rank 1
-``--rank1-delay-s`` later than rank 0 (ranks never end at the same moment; a gap makes the abort more frequent);
+trains a tiny MLP (2 epochs of 3 batches of 4 samples per rank), writes ``done-rank<k>`` and returns (rank 1
+``--rank1-delay-s`` later than rank 0; default at once, as after a real training, where the ranks end together);
 nothing is called after training: mlpug tears down the process group it created at exit. Processes are started
 with the environment ``torchrun`` sets (``--launcher env``, cheap) or by ``torchrun`` itself (``--launcher
 torchrun``); a run still going after ``--timeout-s`` is killed and counted as hung.
 
-``--without-teardown`` unregisters mlpug's exit handler in the workers, which measures the behaviour before it
-(the process group left to the interpreter's teardown).
+``--without-teardown`` unregisters mlpug's exit handler in the workers (and drops mlpug's reference to the group),
+which measures the behaviour before it: the process group left to the interpreter's teardown.
 
     .venv/bin/python benchmarks/ddp_exit.py --runs 40
     .venv/bin/python benchmarks/ddp_exit.py --runs 40 --without-teardown
@@ -63,6 +63,7 @@ def _worker(out_dir: str, run_async: bool, without_teardown: bool, rank1_delay_s
         from mlpug.pytorch import distributed
 
         atexit.unregister(distributed._tear_down_at_exit)
+        distributed._created_group = None  # and no reference of mlpug's to the group: as before the handler existed
     evaluator = mlp.evaluation.MetricEvaluator(trainer=trainer)
     validation = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(inputs, targets), batch_size=8)
     callbacks = [
@@ -143,7 +144,7 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=40)
     parser.add_argument("--launcher", choices=["env", "torchrun"], default="env")
     parser.add_argument("--timeout-s", type=float, default=60.0, help="per run")
-    parser.add_argument("--rank1-delay-s", type=float, default=1.0, help="rank 1 ends this much later")
+    parser.add_argument("--rank1-delay-s", type=float, default=0.0, help="rank 1 ends this much later")
     parser.add_argument("--without-teardown", action="store_true", help="unregister mlpug's exit handler")
     parser.add_argument("--worker", metavar="OUT_DIR", help=argparse.SUPPRESS)
     parser.add_argument("--async", dest="run_async", action="store_true", help=argparse.SUPPRESS)

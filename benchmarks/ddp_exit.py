@@ -14,10 +14,13 @@ with the environment ``torchrun`` sets (``--launcher env``, cheap) or by ``torch
 torchrun``); a run still going after ``--timeout-s`` is killed and counted as hung.
 
 ``--without-teardown`` unregisters mlpug's exit handler in the workers (and drops mlpug's reference to the group),
-which measures the behaviour before it: the process group left to the interpreter's teardown.
+which measures the behaviour before it: the process group left to the interpreter's teardown. ``--plain-torch``
+runs the same check without mlpug (``init_process_group("gloo")``, one all-reduce, ``destroy_process_group()``
+before exiting unless ``--without-teardown``): the abort is torch's, and more frequent there.
 
     .venv/bin/python benchmarks/ddp_exit.py --runs 40
     .venv/bin/python benchmarks/ddp_exit.py --runs 40 --without-teardown
+    .venv/bin/python benchmarks/ddp_exit.py --runs 20 --plain-torch --rank1-delay-s 0.1 [--without-teardown]
 """
 
 from __future__ import annotations
@@ -80,6 +83,18 @@ def _worker(out_dir: str, run_async: bool, without_teardown: bool, rank1_delay_s
         time.sleep(rank1_delay_s)
 
 
+def _plain_worker(without_teardown: bool, rank1_delay_s: float) -> None:
+    import torch
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo")
+    dist.all_reduce(torch.ones(1))
+    if os.environ["RANK"] == "1":
+        time.sleep(rank1_delay_s)
+    if not without_teardown:
+        dist.destroy_process_group()
+
+
 def _free_port() -> int:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
@@ -91,6 +106,7 @@ def _commands(launcher: str, out_dir: str, run_async: bool, args: argparse.Names
     worker = [__file__, "--worker", out_dir, "--rank1-delay-s", str(args.rank1_delay_s)]
     worker += ["--async"] if run_async else []
     worker += ["--without-teardown"] if args.without_teardown else []
+    worker += ["--plain-torch"] if args.plain_torch else []
     environment = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
     port = str(_free_port())
     if launcher == "torchrun":
@@ -128,7 +144,7 @@ def _run_once(launcher: str, run_async: bool, args: argparse.Namespace) -> dict:
                 output, _ = process.communicate()
             codes.append(process.returncode)
             outputs.append(output)
-        finished = all(Path(out_dir, f"done-rank{rank}").exists() for rank in range(2))
+        finished = args.plain_torch or all(Path(out_dir, f"done-rank{rank}").exists() for rank in range(2))
         return {
             "codes": codes,
             "finished": finished,
@@ -146,9 +162,13 @@ def main() -> None:
     parser.add_argument("--timeout-s", type=float, default=60.0, help="per run")
     parser.add_argument("--rank1-delay-s", type=float, default=0.0, help="rank 1 ends this much later")
     parser.add_argument("--without-teardown", action="store_true", help="unregister mlpug's exit handler")
+    parser.add_argument("--plain-torch", action="store_true", help="torch.distributed alone, without mlpug")
     parser.add_argument("--worker", metavar="OUT_DIR", help=argparse.SUPPRESS)
     parser.add_argument("--async", dest="run_async", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.worker and args.plain_torch:
+        _plain_worker(args.without_teardown, args.rank1_delay_s)
+        return
     if args.worker:
         _worker(args.worker, args.run_async, args.without_teardown, args.rank1_delay_s)
         return
@@ -157,7 +177,8 @@ def main() -> None:
     print(
         f"command: {' '.join([Path(sys.executable).name, *sys.argv])}\n"
         f"machine: {platform.machine()}, {os.cpu_count()} CPUs, Python {platform.python_version()}, torch "
-        f"{torch.__version__}, launcher {args.launcher}, rank 1 ends {args.rank1_delay_s:g} s later",
+        f"{torch.__version__}, launcher {args.launcher}, rank 1 ends {args.rank1_delay_s:g} s later"
+        + (", plain torch" if args.plain_torch else ""),
         flush=True,
     )
     failed, hung, aborted, unfinished = [], 0, 0, 0
@@ -169,7 +190,7 @@ def main() -> None:
         unfinished += not result["finished"]
         if any(code != 0 for code in result["codes"]):
             failed.append(index)
-            kind = "async" if index % 2 else "plain"
+            kind = "torch alone" if args.plain_torch else "async" if index % 2 else "plain"
             print(f"run {index} ({kind}): exit codes {result['codes']}, finished={result['finished']}", flush=True)
             print("    " + "\n    ".join(result["output"].strip().splitlines()[-6:]), flush=True)
         if (index + 1) % 10 == 0:

@@ -19,6 +19,7 @@ import mlpug.pytorch as backend
 from mlpug.trainers.one_call import (
     DEFAULT_BATCH_SIZE,
     OneCallTrainer,
+    Reshaped,
     check_targets_fit,
     raise_loss_func_error,
     split_batch,
@@ -107,10 +108,14 @@ class LossModel(torch.nn.Module):
         targets = torch.as_tensor(targets, device=predictions.device)
         made_up = (made_up_values(predictions), made_up_values(targets, descending=True))
 
-        def loss(use_made_up: bool, shape: Optional[list]) -> float:
+        def loss(use_made_up: bool, reshaped: Reshaped) -> float:
             outputs, values = made_up if use_made_up else (predictions, targets)
+            if reshaped == "targets":
+                values = values.reshape(outputs.shape)
+            elif reshaped == "outputs":
+                outputs = outputs.reshape(values.shape)
             with torch.no_grad():
-                return float(self.loss_func(outputs, values if shape is None else values.reshape(shape)))
+                return float(self.loss_func(outputs, values))
 
         check_targets_fit(list(predictions.shape), list(targets.shape), loss)
 

@@ -18,6 +18,7 @@ from mlpug.tensorflow.trainers.replica_loss import keras_replica_scale
 from mlpug.trainers.one_call import (
     DEFAULT_BATCH_SIZE,
     OneCallTrainer,
+    Reshaped,
     check_targets_fit,
     raise_loss_func_error,
     split_batch,
@@ -87,11 +88,18 @@ class LossModel(tf.keras.Model):
             tf.constant(made_up_targets) if tf.is_tensor(targets) else made_up_targets,
         )
 
-        def loss(use_made_up: bool, shape: Optional[list]) -> float:
-            outputs, values = made_up if use_made_up else (predictions, targets)
-            return float(self.loss_func(values if shape is None else reshape(values, shape), outputs))
+        outputs_shape = predictions.shape.as_list()
+        targets_shape = [None if d is None else int(d) for d in targets.shape]
 
-        check_targets_fit(predictions.shape.as_list(), [None if d is None else int(d) for d in targets.shape], loss)
+        def loss(use_made_up: bool, reshaped: Reshaped) -> float:  # called only where both shapes are known
+            outputs, values = made_up if use_made_up else (predictions, targets)
+            if reshaped == "targets":
+                values = reshape(values, outputs_shape)
+            elif reshaped == "outputs":
+                outputs = tf.reshape(outputs, targets_shape)
+            return float(self.loss_func(values, outputs))
+
+        check_targets_fit(outputs_shape, targets_shape, loss)
 
 
 def made_up_values(shape: Any, dtype: tf.DType, descending: bool = False) -> np.ndarray:

@@ -20,6 +20,7 @@ of the outputs and targets it got (:func:`raise_loss_func_error`).
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, ClassVar, Literal, NoReturn, Optional
 
@@ -50,8 +51,9 @@ class OneCallTrainer:
         allow_broadcast: Keyword only. False (default): before the first optimizer step, the first batch's outputs
             and targets are checked; when their shapes differ such that ``loss_func`` broadcasts them against each
             other (outputs ``[B, 1]`` and targets ``[B]`` give ``[B, B]``: every output compared with every target)
-            and the loss changes when the targets take the outputs' shape, training ends with a ``ValueError``
-            naming both shapes and the fix. True: no such check, for a loss that broadcasts on purpose.
+            and the loss differs from both aligned ones (the targets reshaped to the outputs' shape, the outputs to
+            the targets'), training ends with a ``ValueError`` naming both shapes and the fix. A loss that aligns
+            them itself, either way, passes. True: no such check, for a loss that broadcasts on purpose.
         **trainer_options: Passed to the backend ``DefaultTrainer`` unchanged (``batch_chunk_size`` for gradient
             accumulation, also used by the evaluator; ``use_mixed_precision``, ``autocast_dtype``,
             ``clip_gradients_norm``, ``clip_gradients_value``; PyTorch ``device``; TensorFlow
@@ -330,29 +332,39 @@ def broadcast_shape(first: Sequence[int], second: Sequence[int]) -> Optional[lis
     return result[::-1]
 
 
+#: What :func:`check_targets_fit` asks its ``loss`` callable to reshape: nothing (None, the arguments as given),
+#: ``"targets"`` (to the outputs' shape) or ``"outputs"`` (to the targets' shape).
+Reshaped = Optional[Literal["targets", "outputs"]]
+
+
 def check_targets_fit(
-    outputs_shape: Sequence[Any], targets_shape: Sequence[Any], loss: Callable[[bool, Optional[list]], float]
+    outputs_shape: Sequence[Any], targets_shape: Sequence[Any], loss: Callable[[bool, Reshaped], float]
 ) -> None:
     """The first-batch check of ``allow_broadcast=False``: raise when the model's outputs and the targets broadcast
     against each other in ``loss_func`` and that changes the loss.
 
     Suspect are shapes that differ, hold as many elements and broadcast to a shape larger than both (outputs
-    ``[B, 1]`` and targets ``[B]`` give ``[B, B]``). Then ``loss_func`` is called again with the targets reshaped to
-    the outputs' shape: on the first batch, and (where that gives the same loss: constant outputs, e.g. of a model
-    initialised with zeros, or constant targets) on made-up distinct values of the same shapes and dtypes. When the
-    loss differs (relative 1e-5), ``loss_func`` compared every output with every target. A loss that aligns the
-    shapes itself (Keras losses) gives the same value, and passes; so do class indices ``[B]`` against logits
-    ``[B, C]`` (other numbers of elements).
+    ``[B, 1]`` and targets ``[B]`` give ``[B, B]``). Then ``loss_func`` is called again twice, aligned both ways:
+    with the targets reshaped to the outputs' shape and with the outputs reshaped to the targets' shape; on the first
+    batch, and (where that gives the same losses: constant outputs, e.g. of a model initialised with zeros, or
+    constant targets) on made-up distinct values of the same shapes and dtypes. When the loss as given differs
+    (relative 1e-5) from the loss of both alignments, ``loss_func`` compared every output with every target. A loss
+    that aligns the shapes itself gives the value of one of them and passes, whichever side it reshapes (Keras losses
+    reshape the targets, ``mse_loss(outputs.squeeze(-1), targets)`` the outputs); so do class indices ``[B]``
+    against logits ``[B, C]`` (other numbers of elements). Warnings raised during these calls (torch's broadcast
+    ``UserWarning``) are silenced: the calls are the check's, not the user's.
 
     Args:
         outputs_shape: Shape of the model's outputs for the first batch (known dimensions).
         targets_shape: Shape of its targets.
-        loss: ``loss(made_up, shape)``: the loss (a float) of the first batch (``made_up`` False) or of made-up
-            distinct values of the same shapes (True), with the targets as given (``shape`` None) or reshaped to
-            ``shape``; it may raise (then that comparison is left out).
+        loss: ``loss(made_up, reshaped)``: the loss (a float) of the first batch (``made_up`` False) or of made-up
+            distinct values of the same shapes (True), with the arguments as given (``reshaped`` None), the targets
+            reshaped to the outputs' shape (``"targets"``) or the outputs reshaped to the targets' shape
+            (``"outputs"``); it may raise (then that comparison is left out).
 
     Raises:
-        ValueError: Names both shapes, the broadcast shape, both losses, the fix and ``allow_broadcast=True``.
+        ValueError: Names both shapes, the broadcast shape, the losses, the fix (each alignment ``loss_func``
+            accepted) and ``allow_broadcast=True``.
     """
     outputs_shape, targets_shape = list(outputs_shape), list(targets_shape)
     if None in outputs_shape or None in targets_shape or outputs_shape == targets_shape:
@@ -363,31 +375,51 @@ def check_targets_fit(
     if math.prod(outputs_shape) != math.prod(targets_shape):
         return
     for made_up in (False, True):
-        try:  # reshaped first: a loss that refuses targets of the outputs' shape leaves nothing to compare
-            aligned, given = float(loss(made_up, outputs_shape)), float(loss(made_up, None))
-        except Exception:
-            continue
-        if math.isfinite(given) and math.isfinite(aligned) and not math.isclose(given, aligned, rel_tol=1e-5):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            given = _finite_loss(loss, made_up, None)
+            tried = {reshaped: _finite_loss(loss, made_up, reshaped) for reshaped in ("targets", "outputs")}
+        aligned = {reshaped: value for reshaped, value in tried.items() if value is not None}
+        if given is not None and aligned and not any(math.isclose(given, v, rel_tol=1e-5) for v in aligned.values()):
             break
     else:
         return
-    if outputs_shape == [*targets_shape, 1]:
-        fix = f"give targets of shape {outputs_shape} (e.g. targets[..., None]) or a model whose outputs are "
-        fix += str(targets_shape)
-    elif targets_shape == [*outputs_shape, 1]:
-        fix = (
-            f"give targets of shape {outputs_shape} (e.g. targets[..., 0]) or a model whose outputs are {targets_shape}"
-        )
-    else:
-        fix = f"give targets of the outputs' shape {outputs_shape}"
+    shapes = {"targets": outputs_shape, "outputs": targets_shape}
+    losses = ", ".join(
+        f"with the {reshaped} reshaped to {shapes[reshaped]} {value:.6g}" for reshaped, value in aligned.items()
+    )
+    ways = " or ".join(
+        f"the {reshaped} to {shapes[reshaped]}{_reshape_example(reshaped, outputs_shape, targets_shape)}"
+        for reshaped in aligned
+    )
     values = "made-up values of these shapes" if made_up else "the first batch"
     raise ValueError(
         f"mlp.Trainer: the model's outputs have shape {outputs_shape} and the targets {targets_shape}; in loss_func "
         f"they broadcast to {combined}, comparing every output with every target, which trains a wrong model (the "
-        f"loss of {values} is {given:.6g}, with the targets reshaped to {outputs_shape} {aligned:.6g}). Fix: {fix}; "
-        "or, when the broadcast is meant, mlp.Trainer(..., allow_broadcast=True). Checked before the first optimizer "
-        "step."
+        f"loss of {values} is {given:.6g}; {losses}). Fix: reshape one to the other's shape, in loss_func or in "
+        f"the data: {ways}; or, when the broadcast is meant, mlp.Trainer(..., allow_broadcast=True). Checked before "
+        "the first optimizer step."
     )
+
+
+def _finite_loss(loss: Callable[[bool, Reshaped], float], made_up: bool, reshaped: Reshaped) -> Optional[float]:
+    """``loss(made_up, reshaped)`` as a float, or None where it raises or is not finite (nothing to compare)."""
+    try:
+        value = float(loss(made_up, reshaped))
+    except Exception:
+        return None
+    return value if math.isfinite(value) else None
+
+
+def _reshape_example(reshaped: str, outputs_shape: list, targets_shape: list) -> str:
+    """An expression that reshapes ``reshaped`` ("targets" or "outputs") to the other's shape, as `` (e.g. ...)``
+    where one dimension of size 1 is added or removed at the end, else ``""``."""
+    to_shape, from_shape = (outputs_shape, targets_shape) if reshaped == "targets" else (targets_shape, outputs_shape)
+    if to_shape == [*from_shape, 1]:
+        return f" (e.g. {reshaped}[..., None])"
+    if from_shape == [*to_shape, 1]:
+        return f" (e.g. {reshaped}[..., 0])"
+    return ""
 
 
 def raise_loss_func_error(error: Exception, outputs: Any, targets: Any, call: str) -> NoReturn:

@@ -868,6 +868,35 @@ def test_a_failed_background_write_at_batch_level_names_the_batch(tmp_path):
     assert any("the checkpoint of epoch 0, batch step 1 (global iteration 1)" in note for note in notes)
 
 
+def test_a_failed_background_best_model_write_of_an_asynchronous_result_is_logged_at_once_naming_it(tmp_path):
+    """Asynchronous validation: the best model checkpoint of the epoch-0 weights, written in the background where
+    their result lands, cannot be written (full disk). Like every other background write, the failure is logged
+    when it happens (ERROR, naming the file and the evaluated weights' period) and the raised error has a note
+    naming them. Broken on purpose (the best-of write submitted without ``on_error``), no such line is logged and no
+    note names the file: this test fails."""
+    trainer, _ = make_trainer()
+    checkpoint_manager = CheckpointManager(FullDiskOnceSaver(fail_on="best-model"), str(tmp_path))
+    callbacks = [
+        TrainingMetricsLogger(MetricEvaluator(trainer=trainer)),
+        TestMetricsLogger(make_data(seed=1), "validation", MetricEvaluator(trainer=trainer), run_async=True),
+        checkpoint_manager,
+    ]
+    manager = TrainingManager(trainer, make_data(), num_epochs=3, callbacks=callbacks)
+    best_file = checkpoint_manager.file_names.best_model
+    with _CaptureMlpugLogs() as capture, pytest.raises(CheckpointWriteError) as raised:
+        manager.start_training()
+    assert raised.value.errno == errno.ENOSPC and raised.value.path == best_file
+    period = f"the end of epoch 0 (global iteration {NUM_BATCHES - 1})"  # of the evaluated weights
+    assert f"mlpug: raised by the background write of {best_file}, the checkpoint of {period}" in (
+        raised.value.__notes__
+    )
+    messages = [record.getMessage() for record in capture.errors()]
+    failed = [m for m in messages if f"Writing the checkpoint of {period} failed in the background ({best_file})" in m]
+    assert len(failed) == 1 and "no space left on device" in failed[0]
+    assert messages.index(failed[0]) < next(i for i, m in enumerate(messages) if "emergency" in m)  # logged at once
+    assert checkpoint_manager._last_saved_position is not None  # the training checkpoint written before stays good
+
+
 def test_the_batch_boundary_check_of_a_failed_write_reads_one_attribute(tmp_path):
     """The check that runs at every batch boundary is a plain attribute read (no lock, no call, no wait)."""
     checkpoint_manager = CheckpointManager(NumpyCheckpointSaver(), str(tmp_path), metric_to_monitor=None)

@@ -2,6 +2,7 @@
 
 import itertools
 import logging
+import math
 import signal
 
 import pytest
@@ -486,6 +487,47 @@ def test_early_stopping_stops_the_fake_backend_after_patience_epochs():
     manager.start_training()
     assert (stopping.stopped_epoch, stopping.best, manager.epoch) == (4, 1.0, 5)
     assert recorder.ended_with["stopped_early"] is True
+
+
+@pytest.mark.parametrize(
+    "mode, values, best, non_finite_epochs",
+    [
+        ("min", [math.nan] * 4, None, [0, 1]),  # never a finite value: stops after patience, loudly
+        ("min", [1.0, math.nan, 0.5, math.nan, math.nan, 0.1], 0.5, [1, 3, 4]),
+        ("max", [1.0, math.inf, 2.0, math.inf, math.inf, 9.0], 2.0, [1, 3, 4]),  # inf is not the best in mode max
+        ("min", [1.0, -math.inf, 0.5, -math.inf, -math.inf, 0.1], 0.5, [1, 3, 4]),  # nor -inf in mode min
+    ],
+    ids=["nan_only", "nan", "inf_max", "minus_inf_min"],
+)
+def test_early_stopping_warns_at_every_non_finite_value_and_never_counts_it_as_an_improvement(
+    caplog, mode, values, best, non_finite_epochs
+):
+    """Issue 25 (no silent wrong result): a NaN / inf monitored value logs a WARNING naming the metric, the epoch and
+    the value, and is never an improvement (it counts against the patience, 2 here). Broken on purpose (NaN silently
+    never improves, inf is the best in mode max), there is no warning, inf becomes the best: this test fails."""
+    from mlpug.trainers.callbacks import EarlyStopping
+
+    class Scripted(Callback):
+        @property
+        def produces(self):
+            return frozenset({"scripted"})
+
+        def on_epoch_completed(self, logs):
+            logs["current"]["scripted"] = {"dataset": {"loss": values[logs["current"]["epoch"]]}}
+            return True
+
+    stopping = EarlyStopping("scripted.dataset.loss", mode=mode, patience=2)
+    manager, _ = make_manager([Scripted(), stopping], num_epochs=len(values))
+    with caplog.at_level(logging.INFO, logger="mlpug"):  # pytest attaches its handler to the "mlpug" logger too
+        manager.start_training()
+    assert (stopping.best, stopping.stopped_epoch) == (best, non_finite_epochs[-1])
+    warnings = [record.getMessage() for record in caplog.records if record.levelno == logging.WARNING]
+    assert len(warnings) == len(non_finite_epochs)
+    for epoch, warning in zip(non_finite_epochs, warnings):
+        value = values[epoch]
+        assert f"'scripted.dataset.loss' is {value} at epoch {epoch}" in warning, warning
+        assert "never an improvement" in warning
+    assert "did not improve on None" not in caplog.text
 
 
 def test_tensorboard_on_the_fake_backend_purges_what_a_resumed_run_writes_again(tmp_path):

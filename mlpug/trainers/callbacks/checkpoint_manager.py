@@ -374,10 +374,12 @@ class CheckpointManager(BestOfResults, Callback, TrainingStateLoader):
     def _report_failed_write(self, period: str, files: list) -> Callable[[BaseException], None]:
         """The ``on_error`` of a background write of ``files`` in ``period``: logs the failure at once (ERROR, in the
         writer thread) and notes the file and the period on the error, which the training loop raises at the next
-        batch boundary (:meth:`on_batch_checkpoint`)."""
+        batch boundary (:meth:`on_batch_checkpoint`). When ``files`` hold the training checkpoint, its position is
+        forgotten (it may not be on disk); a failed best model checkpoint alone leaves the last training checkpoint."""
 
         def report(error: BaseException) -> None:
-            self._last_saved_position = None  # that checkpoint may not be on disk
+            if self.file_names.training in files:
+                self._last_saved_position = None  # that checkpoint may not be on disk
             file = getattr(error, "path", None) or ", ".join(files)
             self._log.error(
                 f"Writing the checkpoint of {period} failed in the background ({file}): {type(error).__name__}: "

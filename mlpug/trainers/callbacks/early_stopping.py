@@ -5,6 +5,8 @@ better by more than ``min_delta`` (lower for ``mode="min"``, higher for ``"max"`
 a row without improvement the callback asks the manager to stop (``TrainingManager.stop_training``), so the
 epoch-end checkpoint phase, the final training checkpoint and every end hook still run, as for any early stop.
 This is the rule of ``keras.callbacks.EarlyStopping`` (``patience`` counted in epochs, ``min_delta`` absolute).
+A NaN or infinite value is never an improvement (not even ``inf`` in mode ``"max"``): it counts against the
+patience, and each one is logged as a WARNING naming the metric, the epoch and the value.
 
 Its state (best value, epochs without improvement, the epoch it stopped at) is part of training checkpoints, so
 a resumed run keeps its patience counter; a run resumed after it stopped ends at once, with a message.
@@ -30,7 +32,8 @@ class EarlyStopping(Callback):
     Args:
         metric_to_monitor: Dotted path into ``logs["current"]``, e.g. ``"validation.dataset.loss"``; checked when
             the ``TrainingManager`` is constructed (a callback must write it). An epoch whose logs do not hold
-            it (e.g. validation every other epoch) neither improves nor counts against the patience.
+            it (e.g. validation every other epoch) neither improves nor counts against the patience. A NaN or
+            infinite value is never an improvement (it counts against the patience) and logs a WARNING.
         mode: ``"min"`` (default) or ``"max"``: whether lower or higher values are better.
         patience: Epochs without improvement (int >= 0) after which training stops; 0 and 1 both stop after the
             first epoch that does not improve (as in Keras).
@@ -98,8 +101,8 @@ class EarlyStopping(Callback):
         return True
 
     def improves(self, value: float) -> bool:
-        """Whether ``value`` is better than the best so far by more than ``min_delta`` (NaN never is)."""
-        if math.isnan(value):
+        """Whether ``value`` is better than the best so far by more than ``min_delta`` (NaN / inf never is)."""
+        if not math.isfinite(value):
             return False
         if self.best is None:
             return True
@@ -115,14 +118,21 @@ class EarlyStopping(Callback):
             return True
         self._last_epoch = epoch
         value = float(to_number(value))
+        if not math.isfinite(value):
+            self._log.warning(
+                f"{self.name}: the monitored metric {self.metric_to_monitor!r} is {value} at epoch {epoch}; a "
+                f"non-finite value is never an improvement, it counts against the patience "
+                f"({self.epochs_without_improvement + 1} epoch(s) without improvement, patience {self.patience})"
+            )
         if self.improves(value):
             self.best, self.epochs_without_improvement = value, 0
             return True
         self.epochs_without_improvement += 1
         if self.epochs_without_improvement >= max(self.patience, 1):
             self.stopped_epoch = logs["current"]["epoch"]
+            verdict = "had no finite value" if self.best is None else f"did not improve on {self.best}"
             self._log.info(
-                f"{self.name}: {self.metric_to_monitor} did not improve on {self.best} ({self.mode}, min_delta "
+                f"{self.name}: {self.metric_to_monitor} {verdict} ({self.mode}, min_delta "
                 f"{self.min_delta}) for {self.epochs_without_improvement} epoch(s) (up to the result of epoch "
                 f"{epoch}), patience {self.patience}: training stops after epoch {logs['current']['epoch']}"
             )

@@ -415,7 +415,8 @@ def launch(
 
     Raises:
         ValueError: ``num_processes`` is not an int >= 1.
-        RuntimeError: A worker failed (how, in the message), or the time-out passed.
+        RuntimeError: A worker failed: the message names the one seen failing first (one killed by a signal
+            before others seen in the same 0.1 s poll) and how, then how the others ended; or the time-out passed.
     """
     if os.environ.get("TF_CONFIG"):
         return function(*args, **kwargs)
@@ -434,9 +435,11 @@ def launch(
         worker.start()
     deadline = None if timeout_s is None else time.monotonic() + timeout_s
     failed_at = None
+    seen_failing: list[int] = []  # workers that ended with an error on their own, in the order seen
     try:
         while any(worker.is_alive() for worker in workers):
-            if failed_at is None and any(worker.exitcode not in (None, 0) for worker in workers):
+            _note_failures(workers, seen_failing)
+            if failed_at is None and seen_failing:
                 failed_at = time.monotonic()
             if failed_at is not None and time.monotonic() > failed_at + _GRACE_S:
                 break
@@ -448,11 +451,28 @@ def launch(
             if worker.is_alive():
                 worker.terminate()
             worker.join(10)
-    failed = [(index, worker.exitcode) for index, worker in enumerate(workers) if worker.exitcode != 0]
-    if failed:
-        index, code = failed[0]
-        raise RuntimeError(f"worker {index} of {num_processes} {_exit_description(code)}")
+    _note_failures(workers, seen_failing)  # those that ended in the last interval, before any was terminated
+    terminated = [index for index, worker in enumerate(workers) if worker.exitcode != 0 and index not in seen_failing]
+    if seen_failing or terminated:
+        index = (seen_failing or terminated)[0]
+        message = f"worker {index} of {num_processes} {_exit_description(workers[index].exitcode)}"
+        others = [i for i in seen_failing if i != index]
+        if others:
+            message += "; after it: " + "; ".join(
+                f"worker {i} {_exit_description(workers[i].exitcode)}" for i in others
+            )
+        if terminated and seen_failing:
+            message += f"; terminated by the launcher after {_GRACE_S:g} s: workers {terminated}"
+        raise RuntimeError(message)
     return None
+
+
+def _note_failures(workers: list, seen_failing: list[int]) -> None:
+    """Append to ``seen_failing`` the workers that ended with a non-zero exit code since the last call; among those
+    seen in the same call, one killed by a signal (a negative exit code) first: the others' collectives fail
+    because it is gone."""
+    new = [i for i, worker in enumerate(workers) if worker.exitcode not in (None, 0) and i not in seen_failing]
+    seen_failing.extend(sorted(new, key=lambda i: (workers[i].exitcode >= 0, i)))
 
 
 @tf.autograph.experimental.do_not_convert

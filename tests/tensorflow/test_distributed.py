@@ -288,6 +288,35 @@ def test_launch_runs_in_this_process_for_one_worker_and_refuses_a_bad_count(monk
             mlp.distributed.launch(_return_value, 7, num_processes=bad)
 
 
+def _worker_1_fails_first(marker_dir, how):
+    """Worker 1 fails at once (killed by SIGKILL, or raising); worker 0 fails after it, as a worker whose
+    collective lost its peer would."""
+    index = json.loads(os.environ["TF_CONFIG"])["task"]["index"]
+    marker = Path(marker_dir) / "worker-1-failed"
+    if index == 1:
+        marker.touch()
+        if how == "KILL":
+            os.kill(os.getpid(), signal.SIGKILL)
+        raise RuntimeError("worker 1 fails on purpose")
+    while not marker.exists():
+        time.sleep(0.05)
+    time.sleep(0.5)
+    raise RuntimeError("worker 0's collective lost its peer")
+
+
+@pytest.mark.timeout(180)
+@pytest.mark.parametrize("how", ["KILL", "RAISE"])
+def test_launch_names_the_worker_that_failed_first(tmp_path, monkeypatch, how):
+    """Worker 1 fails first, worker 0 after it: the error names worker 1 (the lowest failed index named worker 0),
+    and how worker 0 ended after it."""
+    monkeypatch.delenv("TF_CONFIG", raising=False)
+    with pytest.raises(RuntimeError) as raised:
+        mlp.distributed.launch(_worker_1_fails_first, str(tmp_path), how, num_processes=2, timeout_s=150)
+    first = "was killed by signal 9" if how == "KILL" else "exited with code 1"
+    assert str(raised.value).startswith(f"worker 1 of 2 {first}"), str(raised.value)
+    assert "after it: worker 0 exited with code 1" in str(raised.value)
+
+
 def test_evaluation_shards_hold_every_sample_exactly_once():
     """The shards the trainer evaluates on two workers: array batches split by sample (5,001 + 5,000 of 10,001,
     unpadded), tf.data pipelines by batch; together every sample once."""

@@ -192,9 +192,10 @@ def keras_equivalents(name: str) -> list[str]:
     ``TestMetricsLogger`` ``validation.window_average.<metric>`` / ``validation.batch.<metric>``); any other name
     without a dot is a training metric (``training.window_average.<metric>``, the sliding average closest to Keras'
     running epoch average, then ``training.dataset.<metric>`` and ``training.batch.<metric>``); see also
-    :data:`KERAS_LOG_NAMES`. A dotted path gets none.
+    :data:`KERAS_LOG_NAMES`. A dotted path gets none, and so does a bare prefix such as ``val_`` (a name ending
+    in ``_``: its metric name is left out).
     """
-    if "." in name or not name:
+    if "." in name or not name or name.endswith("_"):
         return []
     if name in KERAS_LOG_NAMES:
         return [KERAS_LOG_NAMES[name]]

@@ -24,8 +24,9 @@ Weight policies (``TrainingManager(non_finite_weights=..., check_weights_every=.
 while the weights are not (one NaN input whose row a ReLU or a ``where`` hides from the loss still makes the
 gradient NaN), so the trainable weights are checked too (:meth:`mlpug.trainers.trainer.Trainer.non_finite_weights`,
 one device wait per check, never one per step), where they are read anyway: before every checkpoint write (the
-CheckpointManager, on every rank), at every epoch end, at the end of training, and after ``check_weights_every``
-training steps without a check (default 1000, the bound of the loss checks; None: only at those points).
+CheckpointManager, on every rank, even at a step checked already: a hook may have swapped other weights in), at
+every epoch end, at the end of training, and after ``check_weights_every`` training steps without a check (default
+1000, the bound of the loss checks; None: only at those points).
 
 * ``"raise"`` (default): training ends with a :class:`NonFiniteWeightsError` naming the first check that found
   them (the global iteration, epoch and batch step of the last step before it, and the previous check that found
@@ -242,7 +243,8 @@ class NonFiniteLossTracker:
 
 class NonFiniteWeightsCheck:
     """Checks the trainable weights with the trainer's one-wait check, at the points the manager chooses (see the
-    module docstring); two checks at the same global iteration are one.
+    module docstring); two checks at the same global iteration are one, unless :meth:`forget` was called between
+    them (the ``CheckpointManager`` does before every write: a hook may have set other weights at that step).
 
     Args:
         policy: ``"raise"`` or ``"warn"``.

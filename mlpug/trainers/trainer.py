@@ -14,10 +14,11 @@ each with a null object that gives the plain step. ``docs/architecture.md`` list
 
 from __future__ import annotations
 
+import logging
 import math
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from typing import Any, NamedTuple, Optional
+from typing import Any, ClassVar, NamedTuple, Optional
 
 from mlpug.chunking import BatchChunk, BatchChunking, infer_num_samples
 from mlpug.data import ContinuedDataSource, DataSource
@@ -160,7 +161,8 @@ class Trainer(ABC):
         for check in checks:
             check(batch, outputs)
 
-    @abstractmethod
+    _warned_unchecked_weights: ClassVar[set] = set()  # the classes whose non_finite_weights is the default
+
     def non_finite_weights(self) -> list[str]:
         """Names of the trainable weights that hold a NaN or an infinite value (empty when all are finite).
 
@@ -169,9 +171,21 @@ class Trainer(ABC):
         built) are not listed. With replicated weights (data-parallel) this rank's copy is checked, which every rank
         holds alike.
 
+        Default, for trainers that do not implement it (the ``DefaultTrainer`` of every backend does): no weight is
+        listed, and a warning, once per class, says that the weights of this trainer are not checked.
+
         Returns:
             ``"<model component name>.<weight name>"`` per non-finite weight, in the order of the components.
         """
+        trainer_type = type(self)
+        if trainer_type not in Trainer._warned_unchecked_weights:
+            Trainer._warned_unchecked_weights.add(trainer_type)
+            logging.getLogger("mlpug.Trainer").warning(
+                f"{trainer_type.__qualname__} does not implement non_finite_weights(): its trainable weights cannot "
+                "be checked for NaN or infinite values during training (TrainingManager(non_finite_weights=...) "
+                "finds none); implement it to have them checked"
+            )
+        return []
 
     def training_data_source(self, dataset: Any) -> DataSource:
         """How the manager iterates the training ``dataset`` every epoch (:class:`mlpug.data.DataSource`): an

@@ -16,6 +16,7 @@ import pytest
 import safetensors
 import safetensors.numpy
 
+from mlpug import logging as mlpug_logging
 from mlpug.checkpointing import (
     CheckpointError,
     CheckpointFileNames,
@@ -26,6 +27,7 @@ from mlpug.checkpointing import (
     remove_stale_temporary_files,
 )
 from mlpug.data import ResumableArrayBatches
+from mlpug.distributed import SerialContext
 from mlpug.evaluation import MetricEvaluator
 from mlpug.logs import MetricValues
 from mlpug.trainers.callbacks import Callback, CheckpointManager, TestMetricsLogger, TrainingMetricsLogger
@@ -906,11 +908,22 @@ def test_the_batch_boundary_check_of_a_failed_write_reads_one_attribute(tmp_path
     assert "failed" in vars(checkpoint_manager._writer)  # an instance attribute, not a property
 
 
+class OtherRankContext(SerialContext):
+    """Rank 1 of a world of 2 (only what constructing a TrainingManager reads)."""
+
+    rank, world_size = 1, 2
+
+
 @pytest.mark.parametrize("missing", [False, True], ids=["existing", "to_be_created"])
-def test_a_checkpoints_path_that_cannot_be_written_fails_at_construction(tmp_path, monkeypatch, missing):
+def test_a_checkpoints_path_that_cannot_be_written_fails_at_training_manager_construction_on_the_primary(
+    tmp_path, monkeypatch, missing
+):
     """Issue 25 item 8: an unwritable directory (no permission, a read-only file system; simulated with os.access, as
-    the tests run as root) fails at construction naming checkpoints_path and the directory. Broken on purpose (no
-    access check), construction passes and training fails in on_training_start: this test fails."""
+    the tests run as root) fails when the TrainingManager is constructed (before training), on the primary rank,
+    naming checkpoints_path and the directory. Another rank never writes, so it does not refuse: a multi-node job
+    whose disk is writable only where rank 0 runs trains. Broken on purpose: without the access check, construction
+    passes and training fails in on_training_start; with the check at the CheckpointManager's construction (on every
+    rank), rank 1 refuses too: this test fails."""
     unwritable = tmp_path / "read-only"
     unwritable.mkdir()
     real_access = os.access
@@ -923,9 +936,19 @@ def test_a_checkpoints_path_that_cannot_be_written_fails_at_construction(tmp_pat
     monkeypatch.setattr(os, "access", access)
     path = str(unwritable / "run-1") if missing else str(unwritable)
     where = f"would be created in {unwritable}, a directory" if missing else "is a directory"
+    trainer, _ = make_trainer()
+
+    def manager(checkpoints_path, distributed=None):
+        checkpoint_manager = CheckpointManager(NumpyCheckpointSaver(), checkpoints_path, metric_to_monitor=None)
+        return TrainingManager(trainer, make_data(), callbacks=[checkpoint_manager], distributed=distributed)
+
     with pytest.raises(ValueError, match=f"checkpoints_path '{path}' {where} that this process cannot write to"):
-        CheckpointManager(NumpyCheckpointSaver(), path, metric_to_monitor=None)
-    CheckpointManager(NumpyCheckpointSaver(), str(tmp_path / "writable"), metric_to_monitor=None)
+        manager(path)
+    manager(str(tmp_path / "writable"))
+    try:
+        manager(path, distributed=OtherRankContext())  # rank 1 writes no file: it does not check
+    finally:
+        mlpug_logging.set_rank(0, 1)
 
 
 def test_a_failed_emergency_checkpoint_is_one_line_and_the_original_error_is_raised(tmp_path):

@@ -1,6 +1,6 @@
 import pytest
 
-from mlpug.logs import Deferred, MetricValues, did_you_mean, get_value_at, resolve, set_value_at
+from mlpug.logs import Deferred, MetricValues, did_you_mean, get_value_at, keras_equivalents, resolve, set_value_at
 
 
 def test_deferred_values_are_computed_once_on_first_read():
@@ -69,6 +69,18 @@ def test_a_missing_path_suggests_the_keras_equivalent_or_a_close_spelling(path, 
     assert suggestion in message and message.index(suggestion) < message.index("Available paths")
     assert did_you_mean("epoch_count_of_nothing", ["training.batch.loss"]) == ""
     assert "The Keras name 'val_loss' is 'validation.dataset.loss'" in did_you_mean("val_loss", ["training.batch.loss"])
+
+
+@pytest.mark.parametrize("prefix", ["val_", "train_", "val__"])
+def test_a_bare_prefix_is_no_keras_name(prefix):
+    """A prefix such as ``val_`` (a metric name left out) means no path: no Keras equivalent is claimed for it.
+    Broken on purpose (every undotted name a training metric), "val_" is said to mean 'training.window_average.val_':
+    this test fails."""
+    known = ["training.window_average.loss", "training.batch.loss", "validation.dataset.loss"]
+    assert keras_equivalents(prefix) == []
+    message = did_you_mean(prefix, known)
+    assert f".{prefix}'" not in message and "The Keras name" not in message
+    assert did_you_mean(prefix, ["training.batch.loss"]) == ""
 
 
 def test_resolve_makes_plain_copy():

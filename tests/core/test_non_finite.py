@@ -10,8 +10,9 @@ import pytest
 
 from mlpug.checkpointing import NumpyCheckpointSaver
 from mlpug.evaluation import MetricEvaluator
-from mlpug.trainers.callbacks import CheckpointManager, TestMetricsLogger
+from mlpug.trainers.callbacks import Callback, CheckpointManager, TestMetricsLogger
 from mlpug.trainers.non_finite import NonFiniteLossError, NonFiniteMetricError, NonFiniteWeightsError
+from mlpug.trainers.trainer import Trainer
 from mlpug.trainers.training import TrainingManager
 from tests.core.fake_backend import FakeScalar, FakeTrainer, TrainModel, make_batches, make_trainer
 from tests.recording import RecordingCallback
@@ -212,3 +213,84 @@ def test_the_failure_note_names_the_check_of_the_loop():
     assert caught.value.__notes__ == [
         "mlpug: training failed at the check of the losses and weights after global iteration 9 (epoch 0, batch step 9)"
     ]
+
+
+class DelegatingTrainer(Trainer):
+    """A third-party ``Trainer`` written against the contract before ``non_finite_weights`` existed: it implements
+    every other abstract method (delegating to the fake backend's trainer)."""
+
+    def __init__(self):
+        self.fake, _ = make_trainer()
+
+    def set_training_model(self, training_model):
+        self.fake.set_training_model(training_model)
+
+    def train_on(self, batch, training_settings=None):
+        return self.fake.train_on(batch, training_settings)
+
+    def evaluate_loss(self, batch, evaluate_settings=None, inference_mode=True):
+        return self.fake.evaluate_loss(batch, evaluate_settings, inference_mode)
+
+    def get_state(self):
+        return self.fake.get_state()
+
+    def set_state(self, state):
+        self.fake.set_state(state)
+
+    def set_learning_rate(self, learning_rate, optimizer_name=None):
+        self.fake.set_learning_rate(learning_rate, optimizer_name)
+
+    def get_learning_rate(self, optimizer_name=None):
+        return self.fake.get_learning_rate(optimizer_name)
+
+    def ensure_ready(self):
+        self.fake.ensure_ready()
+
+
+class OtherDelegatingTrainer(DelegatingTrainer):
+    pass
+
+
+def test_a_trainer_without_non_finite_weights_trains_and_warns_once_per_class_that_weights_are_unchecked(
+    caplog, monkeypatch
+):
+    """A ``Trainer`` subclass that does not implement ``non_finite_weights`` (added to the contract by issue 25) still
+    constructs and trains; the default reports no non-finite weights and warns, once per class, that this trainer
+    cannot check them. Broken on purpose (``non_finite_weights`` abstract), constructing it raises TypeError: this
+    test fails."""
+    monkeypatch.setattr(Trainer, "_warned_unchecked_weights", set())  # none warned before, whatever ran earlier
+    with caplog.at_level(logging.WARNING, logger="mlpug"):  # pytest attaches its handler to "mlpug" too
+        for trainer_type in (DelegatingTrainer, DelegatingTrainer, OtherDelegatingTrainer):
+            trainer = trainer_type()
+            manager = TrainingManager(trainer, make_batches(NUM_BATCHES), num_epochs=2, check_weights_every=3)
+            manager.start_training()  # checks at every 3 steps, at epoch ends and at the end: each time []
+            assert trainer.non_finite_weights() == []
+    warnings = [record.getMessage() for record in caplog.records if record.levelno == logging.WARNING]
+    assert len(warnings) == 2, warnings
+    for warning, name in zip(warnings, ("DelegatingTrainer", "OtherDelegatingTrainer")):
+        assert warning.startswith(f"{name} does not implement non_finite_weights()"), warning
+        assert "cannot be checked for NaN or infinite values" in warning
+
+
+def test_weights_swapped_in_by_an_epoch_end_hook_are_checked_again_before_the_checkpoint_write(tmp_path, caplog):
+    """A callback swaps other weights in at the epoch end (EMA / SWA style, here NaN ones), after the loop checked the
+    weights at that step: the CheckpointManager's check before its write checks them again, so the policy (``"raise"``)
+    ends training before the write (it always checks: at most one more device wait per write, which waits anyway).
+    Broken on purpose (two checks at one step are one), the write is refused only by the saver ("Not writing", an
+    ERROR) and training goes on with NaN weights: this test fails."""
+    trainer, model = make_trainer()
+
+    class SwapInWeights(Callback):
+        def on_epoch_completed(self, logs):
+            model.w = math.nan
+            return True
+
+    checkpoint_manager = CheckpointManager(
+        NumpyCheckpointSaver(), str(tmp_path), metric_to_monitor=None, write_in_background=False
+    )
+    callbacks = [SwapInWeights(), checkpoint_manager]
+    manager = TrainingManager(trainer, make_batches(NUM_BATCHES), num_epochs=2, callbacks=callbacks)
+    with caplog.at_level(logging.INFO, logger="mlpug"), pytest.raises(NonFiniteWeightsError) as caught:
+        manager.start_training()
+    assert caught.value.global_iter == NUM_BATCHES - 1 and caught.value.names == ["model.w"]
+    assert "Not writing" not in caplog.text and not os.path.exists(checkpoint_manager.file_names.training)

@@ -69,5 +69,10 @@ class BestOfResults:
         best_path = self.file_names.best_model  # type: ignore[attr-defined]
         # A failure is reported like every background write: logged at once, and noted with the file and the period
         # of the evaluated weights (not the one at which their result landed).
-        on_error = self._report_failed_write(self._period_name({"current": view}), [best_path])  # type: ignore[attr-defined]
-        self._write(lambda: self._save_if_finite(checkpoint, best_path), on_error=on_error)  # type: ignore[attr-defined]
+        period = self._period_name({"current": view})  # type: ignore[attr-defined]
+        on_error = self._report_failed_write(period, [best_path])  # type: ignore[attr-defined]
+
+        def job() -> None:
+            self._save_if_finite(checkpoint, best_path)  # type: ignore[attr-defined]
+
+        self._write(job, on_error=on_error)  # type: ignore[attr-defined]

@@ -44,19 +44,30 @@ def _check_period(value: Any, name: str, allow_none: bool = False) -> None:
         raise ValueError(f"{name} must be an int >= 1{' or None' if allow_none else ''}, got {value!r}")
 
 
-def _check_directory_path(path: str) -> None:
-    """Raise when ``path`` cannot be the checkpoint directory: it, or the nearest of its parents that exists, is not
-    a directory, or this process cannot write into it (no permission, a read-only file system)."""
+def _nearest_existing(path: str) -> tuple[str, bool]:
+    """``path`` or the nearest of its parents that exists, and whether that is ``path`` itself."""
     existing = os.path.abspath(path)
     while not os.path.exists(existing) and os.path.dirname(existing) != existing:
         existing = os.path.dirname(existing)
-    is_path = existing == os.path.abspath(path)
+    return existing, existing == os.path.abspath(path)
+
+
+def _check_directory_path(path: str) -> None:
+    """Raise when ``path`` cannot be the checkpoint directory: it, or the nearest of its parents that exists, is not
+    a directory."""
+    existing, is_path = _nearest_existing(path)
     if not os.path.isdir(existing):
         where = "is an existing file" if is_path else f"is inside the file {existing}"
         raise ValueError(
             f"checkpoints_path {path!r} {where}, not a directory; give the directory for the checkpoint files "
             "(it is created when missing)"
         )
+
+
+def _check_writable_directory(path: str) -> None:
+    """Raise when this process cannot write into the directory ``path``, or into the nearest of its parents that
+    exists, where it would be created (no permission, a read-only file system)."""
+    existing, is_path = _nearest_existing(path)
     if not os.access(existing, os.W_OK | os.X_OK, effective_ids=os.access in os.supports_effective_ids):
         where = "is a directory" if is_path else f"would be created in {existing}, a directory"
         raise ValueError(
@@ -131,7 +142,8 @@ class CheckpointManager(BestOfResults, Callback, TrainingStateLoader):
         TypeError: ``saver`` is not a CheckpointSaver, a path is not a str, or the hyper-parameters are not
             plain containers.
         ValueError: A bad mode, period, threshold or ``keep_last``, or a ``checkpoints_path`` that is (or is
-            inside) an existing file, or that this process cannot write to (the directory, or the nearest existing
+            inside) an existing file. When the ``TrainingManager`` is constructed, on the primary rank (the one that
+            writes): a ``checkpoints_path`` that this process cannot write to (the directory, or the nearest existing
             parent it would be created in: no write permission, a read-only file system).
     """
 
@@ -256,11 +268,15 @@ class CheckpointManager(BestOfResults, Callback, TrainingStateLoader):
 
     # ----- hooks -----
     def set_training_manager(self, manager: Any) -> bool:
-        """Keep ``manager``; check that a callback writes ``metric_to_monitor`` (at the manager's construction).
+        """Keep ``manager``; check that a callback writes ``metric_to_monitor`` and, on the primary rank, that the
+        checkpoint directory can be written (at the manager's construction, before training).
 
         Raises:
-            ValueError: No callback writes ``metric_to_monitor`` (the paths that are written are listed).
+            ValueError: No callback writes ``metric_to_monitor`` (the paths that are written are listed), or the
+                primary rank cannot write to ``checkpoints_path`` (other ranks write no file and do not check).
         """
+        if manager.distributed.is_primary:
+            _check_writable_directory(self.file_names.directory)
         if self.metric_to_monitor is not None:
             check_log_path(self.metric_to_monitor, manager.callbacks, f"{self.name}: metric_to_monitor")
         self._find_async_source(manager.callbacks)
@@ -412,7 +428,9 @@ class CheckpointManager(BestOfResults, Callback, TrainingStateLoader):
         if not (improved or save_latest):
             return
         # The values and weights are read now anyway: never save from a non-finite state. On every rank, so that
-        # every rank stops at the same period.
+        # every rank stops at the same period. The weights are checked even when the loop checked them at this step:
+        # a hook since (EMA / SWA style) may have set others (one more device wait at most, where the write waits).
+        self.training_manager.weights_check.forget()
         self.training_manager.check_finite(weights=True)
         if not self._is_primary():
             return

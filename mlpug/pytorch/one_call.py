@@ -18,8 +18,8 @@ from torch.optim.optimizer import _get_fused_kernels_supported_devices
 import mlpug.pytorch as backend
 from mlpug.trainers.one_call import (
     DEFAULT_BATCH_SIZE,
+    ArgumentChange,
     OneCallTrainer,
-    Reshaped,
     check_targets_fit,
     raise_loss_func_error,
     split_batch,
@@ -108,12 +108,14 @@ class LossModel(torch.nn.Module):
         targets = torch.as_tensor(targets, device=predictions.device)
         made_up = (made_up_values(predictions), made_up_values(targets, descending=True))
 
-        def loss(use_made_up: bool, reshaped: Reshaped) -> float:
+        def loss(use_made_up: bool, change: ArgumentChange) -> float:
             outputs, values = made_up if use_made_up else (predictions, targets)
-            if reshaped == "targets":
+            if change == "targets":
                 values = values.reshape(outputs.shape)
-            elif reshaped == "outputs":
+            elif change == "outputs":
                 outputs = outputs.reshape(values.shape)
+            elif change is not None:
+                values = torch.roll(values, 1, dims=change)
             with torch.no_grad():
                 return float(self.loss_func(outputs, values))
 

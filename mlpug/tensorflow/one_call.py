@@ -14,11 +14,10 @@ import tensorflow as tf
 
 import mlpug.tensorflow as backend
 from mlpug.tensorflow.data import pipeline_stages
-from mlpug.tensorflow.trainers.replica_loss import keras_replica_scale
 from mlpug.trainers.one_call import (
     DEFAULT_BATCH_SIZE,
+    ArgumentChange,
     OneCallTrainer,
-    Reshaped,
     check_targets_fit,
     raise_loss_func_error,
     split_batch,
@@ -32,18 +31,14 @@ __all__ = ["Trainer"]
 SHUFFLE_BUFFER_SIZE = 10_000
 
 
-#: The reductions of a ``keras.losses.Loss`` whose mean Keras 3 scales by ``1 / num_replicas_in_sync`` under a
-#: strategy (``keras.src.losses.loss.reduce_values``).
-KERAS_SCALED_REDUCTIONS = ("sum_over_batch_size", "mean", "mean_with_sample_weight")
-
-
 class LossModel(tf.keras.Model):
     """Turns an ``(inputs, targets)`` batch into ``{"loss": loss_func(targets, model(inputs)), "auxiliary_results":
     model(inputs)}``: the training model of :class:`Trainer`. ``model`` is called with ``training=not inference_mode``.
 
-    The loss is the mean over the batch's samples also under a ``tf.distribute`` strategy: for a ``keras.losses.Loss``
-    object with a mean reduction (decided here, at construction) Keras' scaling by ``1 / num_replicas_in_sync`` in
-    a replica context is divided out again (see :mod:`mlpug.tensorflow.trainers.replica_loss`).
+    The loss is what ``loss_func`` returns. Under a ``tf.distribute`` strategy Keras 3 scales the mean of a
+    ``keras.losses.Loss`` object by ``1 / num_replicas_in_sync`` in a replica context, unless its per-sample values
+    are 0-d (e.g. ``MeanSquaredError`` of outputs and targets ``[B]``); the trainer finds out which at its first
+    training step and undoes it (see :mod:`mlpug.tensorflow.trainers.replica_loss`).
 
     Args:
         model: Maps ``inputs`` to outputs (e.g. logits ``[B, C]``).
@@ -54,9 +49,6 @@ class LossModel(tf.keras.Model):
         super().__init__()
         self.model = model
         self.loss_func = loss_func
-        self.scaled_by_keras = (
-            isinstance(loss_func, tf.keras.losses.Loss) and loss_func.reduction in KERAS_SCALED_REDUCTIONS
-        )
 
     def call(self, batch_data: Any, evaluate_settings: Any = None, inference_mode: Optional[bool] = None) -> dict:
         inputs, targets = split_batch(batch_data)
@@ -65,10 +57,6 @@ class LossModel(tf.keras.Model):
             loss = self.loss_func(targets, outputs)
         except Exception as error:
             raise_loss_func_error(error, outputs, targets, "loss_func(targets, outputs)")
-        if self.scaled_by_keras:  # a Python decision at trace time: no op without a strategy
-            scale = keras_replica_scale(tf.distribute.get_strategy().num_replicas_in_sync, loss.dtype)
-            if scale != 1.0:
-                loss = loss / tf.cast(scale, loss.dtype)
         return {"loss": loss, "auxiliary_results": outputs}
 
     def check_targets(self, batch: Any, outputs: ModelOutputs) -> None:
@@ -91,12 +79,14 @@ class LossModel(tf.keras.Model):
         outputs_shape = predictions.shape.as_list()
         targets_shape = [None if d is None else int(d) for d in targets.shape]
 
-        def loss(use_made_up: bool, reshaped: Reshaped) -> float:  # called only where both shapes are known
+        def loss(use_made_up: bool, change: ArgumentChange) -> float:  # called only where both shapes are known
             outputs, values = made_up if use_made_up else (predictions, targets)
-            if reshaped == "targets":
+            if change == "targets":
                 values = reshape(values, outputs_shape)
-            elif reshaped == "outputs":
+            elif change == "outputs":
                 outputs = tf.reshape(outputs, targets_shape)
+            elif change is not None:
+                values = tf.roll(values, 1, change) if tf.is_tensor(values) else np.roll(values, 1, change)
             return float(self.loss_func(values, outputs))
 
         check_targets_fit(outputs_shape, targets_shape, loss)

@@ -22,7 +22,7 @@ from __future__ import annotations
 import math
 import warnings
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any, ClassVar, Literal, NoReturn, Optional
+from typing import Any, ClassVar, Literal, NoReturn, Optional, Union
 
 from mlpug.trainers.arguments import check_positive_int
 from mlpug.trainers.hook_dispatch import add_note
@@ -332,39 +332,42 @@ def broadcast_shape(first: Sequence[int], second: Sequence[int]) -> Optional[lis
     return result[::-1]
 
 
-#: What :func:`check_targets_fit` asks its ``loss`` callable to reshape: nothing (None, the arguments as given),
-#: ``"targets"`` (to the outputs' shape) or ``"outputs"`` (to the targets' shape).
-Reshaped = Optional[Literal["targets", "outputs"]]
+#: What :func:`check_targets_fit` asks its ``loss`` callable to change: nothing (None, the arguments as given), the
+#: ``"targets"`` reshaped to the outputs' shape, the ``"outputs"`` reshaped to the targets' shape, or an axis (an
+#: int, negative: counted from the end) along which the targets are rolled by one position.
+ArgumentChange = Union[None, Literal["targets", "outputs"], int]
 
 
 def check_targets_fit(
-    outputs_shape: Sequence[Any], targets_shape: Sequence[Any], loss: Callable[[bool, Reshaped], float]
+    outputs_shape: Sequence[Any], targets_shape: Sequence[Any], loss: Callable[[bool, ArgumentChange], float]
 ) -> None:
     """The first-batch check of ``allow_broadcast=False``: raise when the model's outputs and the targets broadcast
     against each other in ``loss_func`` and that changes the loss.
 
     Suspect are shapes that differ, hold as many elements and broadcast to a shape larger than both (outputs
-    ``[B, 1]`` and targets ``[B]`` give ``[B, B]``). Then ``loss_func`` is called again twice, aligned both ways:
-    with the targets reshaped to the outputs' shape and with the outputs reshaped to the targets' shape; on the first
-    batch, and (where that gives the same losses: constant outputs, e.g. of a model initialised with zeros, or
-    constant targets) on made-up distinct values of the same shapes and dtypes. When the loss as given differs
-    (relative 1e-5) from the loss of both alignments, ``loss_func`` compared every output with every target. A loss
-    that aligns the shapes itself gives the value of one of them and passes, whichever side it reshapes (Keras losses
-    reshape the targets, ``mse_loss(outputs.squeeze(-1), targets)`` the outputs); so do class indices ``[B]``
-    against logits ``[B, C]`` (other numbers of elements). Warnings raised during these calls (torch's broadcast
-    ``UserWarning``) are silenced: the calls are the check's, not the user's.
+    ``[B, 1]`` and targets ``[B]`` give ``[B, B]``). Then ``loss_func`` is called again, aligned both ways (the
+    targets reshaped to the outputs' shape, the outputs reshaped to the targets' shape) and with the targets rolled
+    by one position along an axis on which they meet outputs of size 1; on the first batch, and (where that raises
+    nothing: constant outputs, e.g. of a model initialised with zeros, or constant targets) on made-up distinct values
+    of the same shapes and dtypes. ``loss_func`` compared every output with every target when the loss as given
+    differs (relative 1e-5) from both aligned ones and equals the rolled one (every target still meets every output).
+    A loss that aligns the shapes itself passes, whichever side it changes: it gives the value of an alignment (Keras
+    losses reshape the targets, ``mse_loss(outputs.squeeze(-1), targets)`` the outputs), or one that changes with the
+    rolled targets (``mse_loss(outputs, targets[:, None])``, which the reshaped arguments make broadcast), or it
+    raises on one of the changed arguments (``tf.squeeze(outputs, -1)``); so do class indices ``[B]`` against logits
+    ``[B, C]`` (other numbers of elements). Warnings raised during these calls (torch's broadcast ``UserWarning``) are
+    silenced: the calls are the check's, not the user's.
 
     Args:
         outputs_shape: Shape of the model's outputs for the first batch (known dimensions).
         targets_shape: Shape of its targets.
-        loss: ``loss(made_up, reshaped)``: the loss (a float) of the first batch (``made_up`` False) or of made-up
-            distinct values of the same shapes (True), with the arguments as given (``reshaped`` None), the targets
-            reshaped to the outputs' shape (``"targets"``) or the outputs reshaped to the targets' shape
-            (``"outputs"``); it may raise (then that comparison is left out).
+        loss: ``loss(made_up, change)``: the loss (a float) of the first batch (``made_up`` False) or of made-up
+            distinct values of the same shapes (True), with the arguments changed as ``change`` (a
+            :data:`ArgumentChange`) says; it may raise (then those values are not compared).
 
     Raises:
-        ValueError: Names both shapes, the broadcast shape, the losses, the fix (each alignment ``loss_func``
-            accepted) and ``allow_broadcast=True``.
+        ValueError: Names both shapes, the broadcast shape, the three losses, the fix (reshape the targets or the
+            outputs to the other's shape) and ``allow_broadcast=True``.
     """
     outputs_shape, targets_shape = list(outputs_shape), list(targets_shape)
     if None in outputs_shape or None in targets_shape or outputs_shape == targets_shape:
@@ -374,51 +377,65 @@ def check_targets_fit(
         return
     if math.prod(outputs_shape) != math.prod(targets_shape):
         return
-    for made_up in (False, True):
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            given = _finite_loss(loss, made_up, None)
-            tried = {reshaped: _finite_loss(loss, made_up, reshaped) for reshaped in ("targets", "outputs")}
-        aligned = {reshaped: value for reshaped, value in tried.items() if value is not None}
-        if given is not None and aligned and not any(math.isclose(given, v, rel_tol=1e-5) for v in aligned.values()):
+    roll_axis = next(
+        axis
+        for axis in range(-1, -len(targets_shape) - 1, -1)
+        if targets_shape[axis] > 1 and (-axis > len(outputs_shape) or outputs_shape[axis] == 1)
+    )  # exists: the broadcast shape is larger than the targets'
+    losses = None
+    for made_up in (False, True):  # the first batch, then made-up distinct values
+        losses = _misfit(loss, made_up, roll_axis)
+        if losses is not None:
             break
-    else:
+    if losses is None:
         return
-    shapes = {"targets": outputs_shape, "outputs": targets_shape}
-    losses = ", ".join(
-        f"with the {reshaped} reshaped to {shapes[reshaped]} {value:.6g}" for reshaped, value in aligned.items()
-    )
-    ways = " or ".join(
-        f"the {reshaped} to {shapes[reshaped]}{_reshape_example(reshaped, outputs_shape, targets_shape)}"
-        for reshaped in aligned
-    )
+    given, by_targets, by_outputs = losses
     values = "made-up values of these shapes" if made_up else "the first batch"
+    to_outputs = _reshape_example("targets", targets_shape, outputs_shape)
+    to_targets = _reshape_example("outputs", outputs_shape, targets_shape)
     raise ValueError(
         f"mlp.Trainer: the model's outputs have shape {outputs_shape} and the targets {targets_shape}; in loss_func "
         f"they broadcast to {combined}, comparing every output with every target, which trains a wrong model (the "
-        f"loss of {values} is {given:.6g}; {losses}). Fix: reshape one to the other's shape, in loss_func or in "
-        f"the data: {ways}; or, when the broadcast is meant, mlp.Trainer(..., allow_broadcast=True). Checked before "
-        "the first optimizer step."
+        f"loss of {values} is {given:.6g}, with the targets reshaped to {outputs_shape} {by_targets:.6g}, with the "
+        f"outputs reshaped to {targets_shape} {by_outputs:.6g}). Fix: reshape one to the other's shape, either the "
+        f"targets to {outputs_shape}{to_outputs} or, in loss_func, the outputs to {targets_shape}{to_targets}; or, "
+        "when the broadcast is meant, mlp.Trainer(..., allow_broadcast=True). Checked before the first optimizer step."
     )
 
 
-def _finite_loss(loss: Callable[[bool, Reshaped], float], made_up: bool, reshaped: Reshaped) -> Optional[float]:
-    """``loss(made_up, reshaped)`` as a float, or None where it raises or is not finite (nothing to compare)."""
-    try:
-        value = float(loss(made_up, reshaped))
-    except Exception:
+def _misfit(
+    loss: Callable[[bool, ArgumentChange], float], made_up: bool, roll_axis: int
+) -> Optional[tuple[float, float, float]]:
+    """The losses ``(as given, targets reshaped, outputs reshaped)`` of :func:`check_targets_fit` where the first
+    differs from both others and equals the loss with the targets rolled along ``roll_axis``; else None, also where
+    one raises or is not finite (nothing to compare). Warnings are silenced (torch's broadcast ``UserWarning``): the
+    calls are the check's, not the user's."""
+    losses = []
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for change in (None, "targets", "outputs", roll_axis):
+            try:
+                value = float(loss(made_up, change))
+            except Exception:
+                return None
+            if not math.isfinite(value):
+                return None
+            losses.append(value)
+    given, by_targets, by_outputs, rolled = losses
+    if math.isclose(given, by_targets, rel_tol=1e-5) or math.isclose(given, by_outputs, rel_tol=1e-5):
         return None
-    return value if math.isfinite(value) else None
+    if not math.isclose(given, rolled, rel_tol=1e-5):
+        return None
+    return given, by_targets, by_outputs
 
 
-def _reshape_example(reshaped: str, outputs_shape: list, targets_shape: list) -> str:
-    """An expression that reshapes ``reshaped`` ("targets" or "outputs") to the other's shape, as `` (e.g. ...)``
-    where one dimension of size 1 is added or removed at the end, else ``""``."""
-    to_shape, from_shape = (outputs_shape, targets_shape) if reshaped == "targets" else (targets_shape, outputs_shape)
+def _reshape_example(name: str, from_shape: list, to_shape: list) -> str:
+    """`` (e.g. name[..., None])`` or `` (e.g. name[..., 0])`` where ``to_shape`` adds or drops a last dimension of
+    size 1 (an expression that works on NumPy, torch and TensorFlow alike), else ``""``."""
     if to_shape == [*from_shape, 1]:
-        return f" (e.g. {reshaped}[..., None])"
+        return f" (e.g. {name}[..., None])"
     if from_shape == [*to_shape, 1]:
-        return f" (e.g. {reshaped}[..., 0])"
+        return f" (e.g. {name}[..., 0])"
     return ""
 
 

@@ -1,6 +1,7 @@
 """The neutral one-call facade (``mlpug.trainers.one_call``) on the fake pure-Python backend: datasets batched or
 used as they are, the standard callbacks in their order, and a result equal to the parts written by hand."""
 
+import warnings
 from types import SimpleNamespace
 
 import numpy as np
@@ -37,12 +38,18 @@ class FakeLossModel:
     def check_targets(self, batch, outputs):
         predictions, targets = outputs.auxiliary_results["outputs"], np.asarray(split_batch(batch)[1])
 
-        def loss(made_up, shape):
+        def loss(made_up, change):
             outputs, values = (predictions, targets)
             if made_up:
                 outputs = np.linspace(0.1, 0.9, outputs.size).reshape(outputs.shape)
                 values = np.linspace(0.9, 0.1, values.size).reshape(values.shape)
-            return self.loss_func(outputs, values if shape is None else values.reshape(shape))
+            if change == "targets":
+                values = values.reshape(outputs.shape)
+            elif change == "outputs":
+                outputs = outputs.reshape(values.shape)
+            elif change is not None:
+                values = np.roll(values, 1, change)
+            return self.loss_func(outputs, values)
 
         check_targets_fit(predictions.shape, targets.shape, loss)
 
@@ -188,3 +195,49 @@ def test_a_metric_that_cannot_run_on_the_outputs_fails_before_the_first_step_wit
     notes = "\n".join(raised.value.__notes__)
     assert "metric function 'needs_logits'" in notes and "before any optimizer step" in notes
     assert (model.w, model.b) == (0.0, 0.0)
+
+
+@pytest.mark.parametrize(
+    "loss_func",
+    [
+        lambda outputs, targets: squared_error(outputs[:, None], targets),  # the outputs take the targets' shape
+        lambda outputs, targets: squared_error(outputs, targets[..., 0]),  # indexing, which reshaped targets break
+    ],
+    ids=["outputs_expanded", "targets_indexed"],
+)
+def test_a_loss_that_aligns_the_shapes_itself_either_way_passes(loss_func):
+    inputs, targets = samples()
+    model = LinearModel()
+    FakeOneCall(model, loss_func, SGD(0.1)).train((inputs, targets[:, None]), batch_size=4, progress=None)
+    assert model.w != 0.0  # no false alarm
+
+
+def test_the_fix_for_targets_that_broadcast_names_both_ways_to_align_them():
+    outputs, targets = np.linspace(0.1, 0.9, 4)[:, None], np.linspace(0.9, 0.1, 4)
+
+    def loss(made_up, change):
+        changed_outputs, changed_targets = outputs, targets
+        if change == "targets":
+            changed_targets = targets.reshape(outputs.shape)
+        elif change == "outputs":
+            changed_outputs = outputs.reshape(targets.shape)
+        elif change is not None:
+            changed_targets = np.roll(targets, 1, change)
+        return squared_error(changed_outputs, changed_targets)
+
+    expected = (
+        r"outputs have shape \[4, 1\] and the targets \[4\]; in loss_func they broadcast to \[4, 4\].*Fix: reshape "
+        r"one to the other's shape, either the targets to \[4, 1\] \(e.g. targets\[\.\.\., None\]\) or, in "
+        r"loss_func, the outputs to \[4\] \(e.g. outputs\[\.\.\., 0\]\); or.*allow_broadcast=True"
+    )
+    with pytest.raises(ValueError, match=expected):
+        check_targets_fit([4, 1], [4], loss)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the check's own calls warn nobody
+
+        def warning_loss(made_up, change):
+            warnings.warn("a broadcast", UserWarning, stacklevel=2)
+            return loss(made_up, change)
+
+        with pytest.raises(ValueError, match="broadcast to"):
+            check_targets_fit([4, 1], [4], warning_loss)

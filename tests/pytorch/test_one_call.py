@@ -5,6 +5,7 @@ import os
 import runpy
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -197,6 +198,37 @@ def test_targets_that_broadcast_against_the_outputs_fail_before_the_first_step()
     regression_trainer(torch.nn.Linear(3, 8), torch.nn.CrossEntropyLoss())[1].train(
         (features, classes), batch_size=8, progress=None
     )
+
+
+@pytest.mark.parametrize(
+    "loss_func",
+    [
+        lambda outputs, targets: torch.nn.functional.mse_loss(outputs.squeeze(-1), targets),
+        lambda outputs, targets: torch.nn.functional.mse_loss(outputs.view(-1), targets),
+        lambda outputs, targets: torch.nn.functional.mse_loss(outputs, targets[:, None]),
+    ],
+    ids=["outputs_squeezed", "outputs_viewed", "targets_expanded"],
+)
+def test_a_loss_that_aligns_the_shapes_itself_either_way_trains_without_a_warning(loss_func):
+    features, targets = regression()
+    model, trainer = regression_trainer(loss_func=loss_func)
+    before = parameters(model)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        trainer.train((features, targets), batch_size=8, progress=None)
+    assert not all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
+    assert not [w for w in caught if "target size" in str(w.message)]  # torch's broadcast warning, from the check
+
+
+@pytest.mark.filterwarnings("ignore:Using a target size")  # from the training step's own call, not the check's
+def test_the_fix_for_targets_that_broadcast_names_both_ways_to_align_them():
+    features, targets = regression()
+    expected = (
+        r"Fix: reshape one to the other's shape, either the targets to \[8, 1\] \(e.g. targets\[\.\.\., None\]\) "
+        r"or, in loss_func, the outputs to \[8\] \(e.g. outputs\[\.\.\., 0\]\)"
+    )
+    with pytest.raises(ValueError, match=expected):
+        regression_trainer()[1].train((features, targets), batch_size=8, progress=None)
 
 
 def test_a_model_that_returns_a_tuple_gets_an_error_naming_what_it_returned():

@@ -74,16 +74,32 @@ def test_the_quickstart_reaches_85_percent_validation_accuracy_in_3_epochs(fashi
     assert (tmp_path / "checkpoints" / "model-best-model-checkpoint.safetensors").exists()
 
 
-@pytest.mark.timeout(300)
-def test_a_distribution_strategy_passes_through_and_trains_like_one_device():
-    """MirroredStrategy over 2 logical CPUs (its own process: the devices are set before TF starts): the global batch
-    of 16 is split over the replicas, so the run follows the one-device run up to the order of the float sums."""
+@pytest.fixture(scope="module")
+def mirrored_runs():
+    """``scripts/one_call_mirrored.py``: per loss variant, a MirroredStrategy over 2 logical CPUs (its own process:
+    the devices are set before TF starts) beside one device with the global batch of 16 (SGD)."""
     script = str(Path(__file__).parent / "scripts" / "one_call_mirrored.py")
-    result = subprocess.run([sys.executable, script], capture_output=True, text=True, timeout=240)
+    result = subprocess.run([sys.executable, script], capture_output=True, text=True, timeout=400)
     assert result.returncode == 0, result.stdout + result.stderr
-    measured = json.loads(result.stdout.strip().splitlines()[-1])
-    assert measured["iters"] == [8, 8] and measured["difference"] < 1e-3
-    assert measured["losses"][0] == pytest.approx(measured["losses"][1], rel=1e-4)
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def assert_trains_like_one_device(run, iterations):
+    """The same weights, batch losses and validation loss as one device, to float32 sums in another order."""
+    assert "error" not in run, run.get("error")
+    assert run["iters"] == [iterations, iterations] and run["difference"] < 1e-5
+    np.testing.assert_allclose(*run["batch_losses"], rtol=1e-5, atol=1e-5)
+    assert run["validation_losses"][0] == pytest.approx(run["validation_losses"][1], rel=1e-5)
+
+
+@pytest.mark.timeout(450)
+def test_a_distribution_strategy_passes_through_and_trains_like_one_device(mirrored_runs):
+    """The global batch of 16 is split over the replicas, so the run follows the one-device run up to the order of
+    the float sums; the Keras loss object (scaled by 1/2 in a replica context) is found scaled once and undone (SGD:
+    a loss of 1/2 would halve the steps; Adam would hide it)."""
+    run = mirrored_runs["sparse_categorical"]
+    assert_trains_like_one_device(run, 8)
+    assert run["probes"] == 1 and run["warnings"] == []
 
 
 # ----- first-batch checks: one batch, no optimizer step -----
@@ -135,6 +151,32 @@ def test_targets_that_broadcast_against_the_outputs_fail_before_the_first_step(o
         regression_trainer(classifier, loss_func, **options)[1].train((features, classes), batch_size=8, progress=None)
 
 
+@pytest.mark.parametrize(
+    "loss_func",
+    [
+        lambda targets, outputs: tf.reduce_mean((targets - tf.squeeze(outputs, -1)) ** 2),
+        lambda targets, outputs: tf.reduce_mean((targets - tf.reshape(outputs, [-1])) ** 2),
+        lambda targets, outputs: tf.reduce_mean((targets[:, None] - outputs) ** 2),
+    ],
+    ids=["outputs_squeezed", "outputs_reshaped", "targets_expanded"],
+)
+def test_a_loss_that_aligns_the_shapes_itself_either_way_trains(loss_func):
+    features, targets = regression()
+    model, trainer = regression_trainer(loss_func=loss_func)
+    trainer.train((features, targets), batch_size=8, progress=None)
+    assert any(np.any(v.numpy() != 0) for v in model.weights[1:])  # the bias moved: it trained
+
+
+def test_the_fix_for_targets_that_broadcast_names_both_ways_to_align_them():
+    features, targets = regression()
+    expected = (
+        r"Fix: reshape one to the other's shape, either the targets to \[8, 1\] \(e.g. targets\[\.\.\., None\]\) "
+        r"or, in loss_func, the outputs to \[8\] \(e.g. outputs\[\.\.\., 0\]\)"
+    )
+    with pytest.raises(ValueError, match=expected):
+        regression_trainer()[1].train((features, targets), batch_size=8, progress=None)
+
+
 def test_a_model_that_returns_a_tuple_gets_an_error_naming_what_it_returned():
     class OutputsAndFeatures(tf.keras.Model):
         def __init__(self):
@@ -172,3 +214,29 @@ def test_metric_functions_fail_before_the_first_step():
         with pytest.raises(error, match=expected):
             trainer.train((features, targets[:, None]), batch_size=8, progress=None)
         assert_unchanged(before, model)
+
+
+# ----- Keras' replica scaling of a loss object under a strategy (scripts/one_call_mirrored.py) -----
+
+
+@pytest.mark.timeout(450)
+@pytest.mark.parametrize("variant", ["mse_column", "mse_1d", "binary_1d"])
+def test_a_keras_loss_object_trains_like_one_device_whether_keras_scales_it_or_not(mirrored_runs, variant):
+    """Outputs and targets ``[B, 1]`` (``mse_column``: Keras scales the mean by 1/2 in a replica context) and ``[B]``
+    (``mse_1d``, ``binary_1d``: 0-d per-sample values, which Keras leaves unscaled): the same weights and losses as
+    one device. The ``[B]`` runs raised ValueError ("mixes scaled and unscaled terms") while the one-call loss
+    wrapper divided every mean-reduced loss object by 1/2 itself."""
+    run = mirrored_runs[variant]
+    assert_trains_like_one_device(run, 8)
+    assert run["probes"] == 1 and run["warnings"] == []
+
+
+@pytest.mark.timeout(450)
+def test_the_replica_loss_probe_stops_after_10_batches_whose_loss_is_0(mirrored_runs):
+    """The loss is 0 on the first 12 of 16 batches (zero outputs and targets), which tells nothing about Keras'
+    scaling: 10 batches are probed (every batch was, before the cap), then one warning and factor 1 (right for this
+    ``[B]`` loss: the run equals one device)."""
+    run = mirrored_runs["zero_loss_first_batches"]
+    assert_trains_like_one_device(run, 16)
+    assert run["probes"] == 10
+    assert len(run["warnings"]) == 1 and "cannot tell whether Keras 3 scales it" in run["warnings"][0]

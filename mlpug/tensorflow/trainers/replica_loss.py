@@ -9,14 +9,18 @@ mlpug's replicated step weighs every replica's *mean* loss by its share of the g
 (:mod:`mlpug.tensorflow.trainers.replicated`), so such a loss, left alone, would make the step and the logged loss
 ``1 / replicas`` of one device's.
 
-What a training model's ``call`` computes is seen only when it runs, so the trainer probes it before its first
-training step (:meth:`ReplicaLossScaling.settle`): the loss of the first replica's share of the first batch (its
-first chunk with ``batch_chunk_size``), in inference mode, once in a replica context (``strategy.run``, eager) and
-once outside any strategy (in a fresh thread when the caller is inside a strategy's scope: the scope is per
-thread). Then:
+Whether Keras scales depends on more than the loss object: it leaves a mean alone when the per-sample values are
+0-d (``reduce_values`` returns them as they are; e.g. ``MeanSquaredError`` of outputs and targets ``[B]``, whose mean
+over the last axis is already the batch's). What a training model's ``call`` computes is seen only when it runs, so
+the trainer probes it before its first training step (:meth:`ReplicaLossScaling.settle`): the loss of the first
+replica's share of the first batch (its first chunk with ``batch_chunk_size``), in inference mode, once in a replica
+context (``strategy.run``, eager: one forward pass per local replica) and once outside any strategy (in a fresh
+thread when the caller is inside a strategy's scope: the scope is per thread). These are forward passes like any
+other: a model whose ``call`` changes state in inference mode (a stateful RNN, metric or other variables updated in
+``call``, random ops) sees them. Then:
 
-* the same value: the loss is the replica's mean as it is (factor 1; hand-written means, ``keras.ops.mean``, the
-  one-call API, which undoes Keras' scaling itself when it is constructed with a Keras loss object);
+* the same value: the loss is the replica's mean as it is (factor 1; hand-written means, ``keras.ops.mean``, a
+  Keras loss object of 0-d per-sample values; the one-call API's loss is the ``loss_func`` it was given, probed so);
 * the ratio Keras applies (``1 / replicas`` cast to the loss's dtype): the step multiplies every replica's loss by
   the inverse (:meth:`ReplicaLossScaling.unscaled`) before it is weighted, differentiated and logged;
 * another ratio (a Keras loss object plus a hand-written mean, a value that depends on the replicas): a
@@ -25,7 +29,9 @@ thread). Then:
 With several workers the verdicts are all-reduced (one collective), so every worker takes the same decision. A
 loss that is 0 or not finite on every worker's probe decides nothing: that batch is trained with factor 1 (right
 when the loss is a mean; a skipped or failed step when it is not finite), the next batch is probed, and when it
-decides another factor the compiled steps are traced anew.
+decides another factor the compiled steps are traced anew. After :data:`MAX_PROBED_BATCHES` batches that decided
+nothing the probing stops with a warning, at factor 1 (each probe costs eager forward passes, a device read and,
+with several workers, a collective).
 
 Keras scales a loss object in a strategy's scope too (the cross-replica context), so an evaluation step traced
 inside ``with strategy.scope():`` multiplies its loss by the same factor (:meth:`ReplicaLossScaling.unscaled_in_scope`);
@@ -50,6 +56,9 @@ _log = logging.getLogger("mlpug.tensorflow.DefaultTrainer")
 
 Verdict = Literal["scaled", "unscaled", "other", "unknown"]
 _COUNTED: tuple[Verdict, ...] = ("scaled", "unscaled", "other")
+
+#: Training batches probed at most while the loss is 0 or not finite on every worker's probe; then factor 1 is kept.
+MAX_PROBED_BATCHES = 10
 
 
 def keras_replica_scale(replicas: int, dtype: Any) -> float:
@@ -124,13 +133,15 @@ class ReplicaLossScaling:
         factor: What the replicated step multiplies the training model's loss by (a Python float, a constant of
             the trace): 1.0, or the inverse of Keras' scale.
         settled: Whether ``factor`` is decided: at construction without a strategy or with one replica in sync,
-            else by :meth:`settle`.
+            else by :meth:`settle` (at the latest after :data:`MAX_PROBED_BATCHES` probes).
+        probed_batches: How many times :meth:`settle` probed.
     """
 
     def __init__(self, strategy: Any):
         self.strategy = strategy
         self.factor = 1.0
         self.settled = strategy is None or strategy.num_replicas_in_sync == 1
+        self.probed_batches = 0
         self._warned_unsettled = False
 
     def unscaled(self, loss: Any) -> Any:
@@ -160,7 +171,8 @@ class ReplicaLossScaling:
         return loss
 
     def settle(self, loss_of: Callable[[], Any], distributed: DistributedContext) -> bool:
-        """Probe the loss (see the module docstring) and decide :attr:`factor` unless the probe cannot tell.
+        """Probe the loss (see the module docstring) and decide :attr:`factor` unless the probe cannot tell; the
+        :data:`MAX_PROBED_BATCHES` th probe that cannot tell settles at factor 1 with a warning.
 
         Every worker must call it at the same batch (its verdict is all-reduced over the workers: one collective).
 
@@ -178,6 +190,7 @@ class ReplicaLossScaling:
         """
         strategy = self.strategy
         replicas = strategy.num_replicas_in_sync
+        self.probed_batches += 1
         with _quiet_eager_strategy_warning():
             replica_losses = strategy.experimental_local_results(strategy.run(loss_of))
         in_replica = tf.reshape(replica_losses[0], [])
@@ -190,9 +203,21 @@ class ReplicaLossScaling:
         if counts["other"] or (counts["scaled"] and counts["unscaled"]):
             raise ValueError(self._mixed_message(values, verdict, counts, replicas))
         if not (counts["scaled"] or counts["unscaled"]):
-            _log.debug(
-                f"Replica loss probe: the loss is {values[1]} on the first batch of every worker, which does not "
-                "tell whether Keras scales it for the replicas; probing the next batch"
+            if self.probed_batches < MAX_PROBED_BATCHES:
+                _log.debug(
+                    f"Replica loss probe: the loss is {values[1]} on probed batch {self.probed_batches} of every "
+                    "worker, which does not tell whether Keras scales it for the replicas; probing the next batch"
+                )
+                return False
+            self.settled = True
+            _log.warning(
+                f"The training model's loss was 0 or not finite on the first replica's share of {self.probed_batches} "
+                f"probed training batches (on every worker; last: {values[1]}), so mlpug cannot tell "
+                f"whether Keras 3 scales it by 1/{replicas} for the replicas; it stops probing and assumes it does "
+                f"not. If the loss is a keras.losses.Loss object with a mean reduction whose per-sample values are "
+                f"not 0-d, the steps and the logged loss are 1/{replicas} of one device's: return a mean without "
+                "replica scaling (e.g. reduction=None and tf.reduce_mean of what the loss object returns). A "
+                "hand-written mean is right as it is."
             )
             return False
         previous, self.settled = self.factor, True
@@ -220,15 +245,16 @@ class ReplicaLossScaling:
         )
         return (
             f"Under the {name} ({replicas} replicas in sync) the training model's loss on the first replica's share "
-            f"of the first batch is {in_replica!r} in a replica context and {outside!r} outside any strategy (this "
-            f"worker: {this_worker}; over the workers: {int(counts['unscaled'])} the same, {int(counts['scaled'])} "
-            f"scaled by 1/{replicas}, {int(counts['other'])} in another ratio). Keras 3 scales the mean of a "
-            f"keras.losses.Loss object (and tf.nn.compute_average_loss) by 1/{replicas} in a replica context; mlpug "
-            "undoes that when the whole loss is scaled so, since it weighs every replica's mean loss by the "
-            "replica's share of the global batch itself, but a loss that mixes scaled and unscaled terms (e.g. a "
-            "Keras loss object plus a tf.reduce_mean term) cannot be undone. Return the mean over the batch's "
-            "samples without replica scaling: e.g. create the Keras loss object with reduction=None and take "
-            "tf.reduce_mean of what it returns, and write every other term with tf.reduce_mean / keras.ops.mean."
+            f"of probed training batch {self.probed_batches} is {in_replica!r} in a replica context and {outside!r} "
+            f"outside any strategy (this worker: {this_worker}; over the workers: {int(counts['unscaled'])} the "
+            f"same, {int(counts['scaled'])} scaled by 1/{replicas}, {int(counts['other'])} in another ratio). Keras "
+            f"3 scales the mean of a keras.losses.Loss object (and tf.nn.compute_average_loss) by 1/{replicas} in a "
+            "replica context (unless its per-sample values are 0-d); mlpug undoes that when the whole loss is scaled "
+            "so, since it weighs every replica's mean loss by the replica's share of the global batch itself, but a "
+            "loss that mixes scaled and unscaled terms (e.g. a Keras loss object plus a tf.reduce_mean term) cannot "
+            "be undone. Return the mean over the batch's samples without replica scaling: e.g. create the Keras loss "
+            "object with reduction=None and take tf.reduce_mean of what it returns, and write every other term with "
+            "tf.reduce_mean / keras.ops.mean."
         )
 
 

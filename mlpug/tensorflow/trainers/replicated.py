@@ -4,7 +4,7 @@ TensorFlow ``DefaultTrainer``, which holds the state they use: ``strategy``, ``c
 
 Under a strategy the step is (see :mod:`mlpug.tensorflow.distributed`)::
 
-    before the first step: _settle_replica_loss(batch)                   # Keras' 1 / replicas of a loss object?
+    until decided: _settle_replica_loss(batch)                           # Keras' 1 / replicas of a loss object?
     shares = split_for_replicas(strategy, batch)
     per replica: rows, loss, ..., gradients = _replica_gradients(share)   # loss (Keras' scaling undone: times
                  replica_loss.factor) weighted by rows / global rows
@@ -45,10 +45,11 @@ class ReplicatedStep:
     _make_train_steps: Any  # () -> None: the training steps made anew (traced again)
 
     def _settle_replica_loss(self, batch: Any, training_settings: Any) -> None:
-        """Before a training step under a strategy, until decided: whether the training model's loss comes scaled
-        by Keras for the replicas (:meth:`ReplicaLossScaling.settle`, on the first replica's share of ``batch``,
-        on every worker; one collective with several workers); the training steps are made anew when the
-        factor changes after one was traced.
+        """Before a training step under a strategy, until decided (the first batch whose loss is neither 0 nor
+        non-finite on some worker, at most ``MAX_PROBED_BATCHES`` batches): whether the training model's loss comes
+        scaled by Keras for the replicas (:meth:`ReplicaLossScaling.settle`, on the first replica's share of
+        ``batch``, on every worker; one collective with several workers); the training steps are made anew when
+        the factor changes after one was traced.
 
         Raises:
             ValueError: The loss is neither the replica's mean nor Keras' scaling of it (see

@@ -160,8 +160,12 @@ class DefaultTrainer(ReplicatedStep, KerasTrainerState, StackedCalls):
 
     First-batch checks (:meth:`add_first_batch_check`: the one-call API's, ``TrainingMetricsLogger``'s) run on the
     outputs of one more eager forward pass of the next batch in inference mode, before its (compiled) step: the
-    step's own tensors are symbolic. It changes no variable and draws from no seed generator; without pending
-    checks there is no such pass.
+    step's own tensors are symbolic. Without pending checks there is no such pass. Under a strategy of several
+    replicas the replica loss probe adds eager inference-mode forward passes of the first replica's share of the first
+    batch (and of later ones while its loss is 0 or not finite, at most ``MAX_PROBED_BATCHES``; see
+    :mod:`mlpug.tensorflow.trainers.replica_loss`). These passes call the model like any other: Keras layers draw
+    no dropout in inference mode and create no variable once built, but a model whose ``call`` changes state in
+    inference mode (a stateful RNN, metric or other variables updated in ``call``, random ops) sees them.
 
     Raises:
         TypeError: An optimizer is not a Keras 3 optimizer, a model component is not a Keras layer, a signature
@@ -512,8 +516,9 @@ class DefaultTrainer(ReplicatedStep, KerasTrainerState, StackedCalls):
 
     def _check_first_batch(self, batch: Any, training_settings: Any) -> None:
         """The first-batch checks (:meth:`add_first_batch_check`) before the first step, on the outputs of one eager
-        forward pass of ``batch`` in inference mode (a compiled step's tensors are symbolic): like the forward pass
-        that builds a model, it changes no variable and draws from no seed generator."""
+        forward pass of ``batch`` in inference mode (a compiled step's tensors are symbolic), in the strategy's
+        scope. A model whose ``call`` changes state in inference mode (a stateful RNN, variables updated in
+        ``call``) sees this pass too."""
         with self._scope():
             outputs = self._forward(batch, training_settings, inference_mode=True)
         self._run_first_batch_checks(batch, outputs)

@@ -407,24 +407,26 @@ def _misfit(
     loss: Callable[[bool, ArgumentChange], float], made_up: bool, roll_axis: int
 ) -> Optional[tuple[float, float, float]]:
     """The losses ``(as given, targets reshaped, outputs reshaped)`` of :func:`check_targets_fit` where the first
-    differs from both others and equals the loss with the targets rolled along ``roll_axis``; else None, also where
-    one raises or is not finite (nothing to compare). Warnings are silenced (torch's broadcast ``UserWarning``): the
+    equals the loss with the targets rolled along ``roll_axis`` and differs from both others; else None, also where
+    one raises or is not finite (nothing to compare). The rolled targets come first: a loss that aligns the shapes
+    itself usually differs there, and is not called on reshaped arguments it may refuse (``tf.squeeze(outputs, -1)``
+    of outputs ``[B]``: TensorFlow logs the error). Warnings are silenced (torch's broadcast ``UserWarning``): the
     calls are the check's, not the user's."""
-    losses = []
+    losses: list[float] = []
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        for change in (None, "targets", "outputs", roll_axis):
+        for change in (None, roll_axis, "targets", "outputs"):
             try:
                 value = float(loss(made_up, change))
             except Exception:
                 return None
             if not math.isfinite(value):
                 return None
+            if change == roll_axis and not math.isclose(losses[0], value, rel_tol=1e-5):
+                return None
             losses.append(value)
-    given, by_targets, by_outputs, rolled = losses
+    given, _, by_targets, by_outputs = losses
     if math.isclose(given, by_targets, rel_tol=1e-5) or math.isclose(given, by_outputs, rel_tol=1e-5):
-        return None
-    if not math.isclose(given, rolled, rel_tol=1e-5):
         return None
     return given, by_targets, by_outputs
 

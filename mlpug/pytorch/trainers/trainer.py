@@ -370,7 +370,11 @@ class DefaultTrainer(_NeutralDefaultTrainer):
             if self._first_batch_checks:  # the first chunk trained after add_first_batch_check: before its backward
                 self._check_first_batch(chunk.data, outputs)
             self.precision.scale_loss(self.chunking.weigh_loss(outputs.loss, chunk)).backward()
-        return ChunkResult(_detached(outputs))
+        return ChunkResult(  # written out: this runs at every step
+            ModelOutputs(
+                outputs.loss.detach(), outputs.num_samples, map_tensors(outputs.auxiliary_results, torch.Tensor.detach)
+            )
+        )
 
     def _check_first_batch(self, batch: Any, outputs: ModelOutputs) -> None:
         """The first-batch checks (:meth:`add_first_batch_check`) on the detached outputs of the step's own forward

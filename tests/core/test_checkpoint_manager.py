@@ -31,6 +31,7 @@ from mlpug.distributed import SerialContext
 from mlpug.evaluation import MetricEvaluator
 from mlpug.logs import MetricValues
 from mlpug.trainers.callbacks import Callback, CheckpointManager, TestMetricsLogger, TrainingMetricsLogger
+from mlpug.trainers.callbacks.improvement import ImprovementRule
 from mlpug.trainers.training import TrainingManager
 from tests.core.fake_backend import make_trainer
 from tests.recording import CountBatches
@@ -360,6 +361,28 @@ def test_improvement_mode_and_threshold(tmp_path, mode, threshold, values, best_
     assert checkpoint_manager.best_epoch == best_epochs[-1]
     best = NumpyCheckpointSaver().load(checkpoint_manager.file_names.best_model, kind="model")
     assert best["progress"]["epoch"] == best_epochs[-1]
+
+
+def test_the_best_is_decided_by_the_improvement_rule(tmp_path):
+    """The manager asks its ``improvement`` rule with (value, best so far); a rule that calls every value better
+    makes rising losses the best in mode "min" (its own rule would keep epoch 0)."""
+    trainer, _ = make_trainer()
+    values, asked = [5.0, 6.0, 7.0], []
+
+    class AlwaysBetter(ImprovementRule):
+        def is_improvement(self, value, best):
+            asked.append((value, best))
+            return True
+
+    checkpoint_manager = CheckpointManager(NumpyCheckpointSaver(), str(tmp_path), improvement_threshold=0.5)
+    assert (checkpoint_manager.metric_opt_mode, checkpoint_manager.improvement_threshold) == ("min", 0.5)
+    assert isinstance(checkpoint_manager.improvement, ImprovementRule)
+    checkpoint_manager.improvement = AlwaysBetter("min")
+    callbacks = [ScriptedMetric(values), checkpoint_manager]
+    manager = TrainingManager(trainer, make_data(), num_epochs=3, callbacks=callbacks)
+    manager.start_training()
+    assert asked == [(5.0, None), (6.0, 5.0), (7.0, 6.0)]
+    assert checkpoint_manager.best_epoch == 2
 
 
 # ----- resume -----

@@ -25,6 +25,7 @@ from mlpug.checkpointing import (
 from mlpug.logs import get_value_at, resolve
 from mlpug.trainers.callbacks.best_of_results import BestOfResults
 from mlpug.trainers.callbacks.callback import Callback, check_log_path
+from mlpug.trainers.callbacks.improvement import ImprovementRule
 from mlpug.trainers.hook_dispatch import add_note
 from mlpug.trainers.non_finite import (
     NonFiniteError,
@@ -82,11 +83,13 @@ class CheckpointManager(BestOfResults, Callback, TrainingStateLoader):
     At every *period* (a batch when ``batch_level``, else an epoch; counted 1-based from the start of the run):
 
     * every ``metric_monitor_period`` periods, the value at ``metric_to_monitor`` (dotted path in
-      ``logs["current"]``) is compared with the best so far, in the batch-end / epoch-end hook; on an
-      improvement ``logs["current"]["is_best"]`` is set and ``logs["best"]`` becomes a plain copy of
-      ``logs["current"]``. This callback is the one owner of "best" (a producer of ``"best"``): every other
-      callback that reads ``is_best`` or ``logs["best"]`` gets its hooks after this decision, wherever it stands
-      in the list (see :func:`~mlpug.trainers.callbacks.callback.dispatch_order`).
+      ``logs["current"]``) is compared with the best so far, in the batch-end / epoch-end hook, by
+      ``improvement`` (the shared :class:`~mlpug.trainers.callbacks.improvement.ImprovementRule` of
+      ``metric_opt_mode`` and ``improvement_threshold``); on an improvement ``logs["current"]["is_best"]`` is set
+      and ``logs["best"]`` becomes a plain copy of ``logs["current"]``. This callback is the one owner of "best"
+      (a producer of ``"best"``): every other callback that reads ``is_best`` or ``logs["best"]`` gets its hooks
+      after this decision, wherever it stands in the list
+      (see :func:`~mlpug.trainers.callbacks.callback.dispatch_order`).
     * in the checkpoint phase that follows (after the hooks of all callbacks): on an improvement the *best
       model checkpoint* is written; every ``create_checkpoint_every`` periods the *latest model checkpoint* and
       the *training checkpoint*; every ``archive_last_model_checkpoint_every`` periods the latest model
@@ -184,14 +187,12 @@ class CheckpointManager(BestOfResults, Callback, TrainingStateLoader):
                 f"metric_to_monitor must be a dotted path str such as 'validation.dataset.loss' or "
                 f"None, got {metric_to_monitor!r}"
             )
-        if metric_opt_mode not in ("min", "max"):
-            raise ValueError(f"metric_opt_mode must be 'min' or 'max', got {metric_opt_mode!r}")
-        if (
-            isinstance(improvement_threshold, bool)
-            or not isinstance(improvement_threshold, (int, float))
-            or not (improvement_threshold >= 0)
-        ):
-            raise ValueError(f"improvement_threshold must be a number >= 0, got {improvement_threshold!r}")
+        improvement = ImprovementRule(
+            metric_opt_mode,
+            improvement_threshold,
+            mode_argument="metric_opt_mode",
+            min_delta_argument="improvement_threshold",
+        )  # ValueError: a bad mode or threshold
         if not isinstance(batch_level, bool):
             raise TypeError(f"batch_level must be a bool, got {batch_level!r}")
         _check_period(metric_monitor_period, "metric_monitor_period")
@@ -205,8 +206,7 @@ class CheckpointManager(BestOfResults, Callback, TrainingStateLoader):
         self.saver = saver
         self.file_names = CheckpointFileNames(str(checkpoints_path), base_checkpoint_filename, saver.extension)
         self.metric_to_monitor = metric_to_monitor
-        self.metric_opt_mode = metric_opt_mode
-        self.improvement_threshold = float(improvement_threshold)
+        self.improvement = improvement
         self.batch_level = batch_level
         self.metric_monitor_period = metric_monitor_period
         self.create_checkpoint_every = create_checkpoint_every
@@ -245,6 +245,16 @@ class CheckpointManager(BestOfResults, Callback, TrainingStateLoader):
     def log_paths(self) -> frozenset:
         """None under ``logs["current"]`` (it sets ``is_best``, which the manager writes; ``"best"`` is top level)."""
         return frozenset()
+
+    @property
+    def metric_opt_mode(self) -> Literal["min", "max"]:
+        """``"min"`` or ``"max"``: whether lower or higher values are better (of ``improvement``)."""
+        return self.improvement.mode
+
+    @property
+    def improvement_threshold(self) -> float:
+        """The minimum absolute change over the best that counts as an improvement (of ``improvement``)."""
+        return self.improvement.min_delta
 
     @property
     def best_value(self) -> Optional[float]:
@@ -468,13 +478,9 @@ class CheckpointManager(BestOfResults, Callback, TrainingStateLoader):
         return self.saver.snapshot({"trainer": {"model_components": model_components}})["trainer"]
 
     def _is_improvement(self, value: Any) -> bool:
-        if value is None or not math.isfinite(value):  # a NaN / inf value is never "best"
+        if value is None:
             return False
-        if self.best_value is None:
-            return True
-        if self.metric_opt_mode == "min":
-            return value < self.best_value - self.improvement_threshold
-        return value > self.best_value + self.improvement_threshold
+        return self.improvement.is_improvement(value, self.best_value)  # a NaN / inf value is never "best"
 
     def _check_improvement(self, logs: dict) -> bool:
         """Compare the monitored value with the best; on an improvement update the best and ``logs``."""

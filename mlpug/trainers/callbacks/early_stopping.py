@@ -4,7 +4,8 @@ After every epoch the value at ``metric_to_monitor`` is compared with the best s
 better by more than ``min_delta`` (lower for ``mode="min"``, higher for ``"max"``). After ``patience`` epochs in
 a row without improvement the callback asks the manager to stop (``TrainingManager.stop_training``), so the
 epoch-end checkpoint phase, the final training checkpoint and every end hook still run, as for any early stop.
-This is the rule of ``keras.callbacks.EarlyStopping`` (``patience`` counted in epochs, ``min_delta`` absolute).
+This is the rule of ``keras.callbacks.EarlyStopping`` (``patience`` counted in epochs, ``min_delta`` absolute),
+decided by the shared :class:`~mlpug.trainers.callbacks.improvement.ImprovementRule`.
 A NaN or infinite value is never an improvement (not even ``inf`` in mode ``"max"``): it counts against the
 patience, and each one is logged as a WARNING naming the metric, the epoch and the value.
 
@@ -22,6 +23,7 @@ from typing import Any, Literal, Optional
 from mlpug.logs import get_value_at, to_number
 from mlpug.trainers.callbacks.async_evaluation import evaluated_epoch
 from mlpug.trainers.callbacks.callback import Callback, check_log_path
+from mlpug.trainers.callbacks.improvement import ImprovementRule
 
 _MISSING = object()
 
@@ -46,6 +48,7 @@ class EarlyStopping(Callback):
         TypeError: ``metric_to_monitor`` is not a str.
 
     Attributes:
+        improvement: The :class:`ImprovementRule` (``mode``, ``min_delta``) that decides an improvement.
         best: The best value so far (None before the first epoch with a value).
         epochs_without_improvement: Consecutive epochs since the last improvement.
         stopped_epoch: The epoch after which it stopped training, else None.
@@ -67,16 +70,11 @@ class EarlyStopping(Callback):
             )
         if not metric_to_monitor:
             raise ValueError("metric_to_monitor must be a dotted path such as 'validation.dataset.loss', got ''")
-        if mode not in ("min", "max"):
-            raise ValueError(f"mode must be 'min' or 'max', got {mode!r}")
+        self.improvement = ImprovementRule(mode, min_delta)  # ValueError: a bad mode or min_delta
         if isinstance(patience, bool) or not isinstance(patience, int) or patience < 0:
             raise ValueError(f"patience must be an int >= 0 (epochs), got {patience!r}")
-        if isinstance(min_delta, bool) or not isinstance(min_delta, (int, float)) or not min_delta >= 0:
-            raise ValueError(f"min_delta must be a number >= 0 (in the metric's units), got {min_delta!r}")
         self.metric_to_monitor = metric_to_monitor
-        self.mode = mode
         self.patience = patience
-        self.min_delta = float(min_delta)
         self.best: Optional[float] = None
         self.epochs_without_improvement = 0
         self.stopped_epoch: Optional[int] = None
@@ -100,15 +98,19 @@ class EarlyStopping(Callback):
             self.training_manager.stop_training()
         return True
 
+    @property
+    def mode(self) -> Literal["min", "max"]:
+        """``"min"`` or ``"max"``: whether lower or higher values are better (of ``improvement``)."""
+        return self.improvement.mode
+
+    @property
+    def min_delta(self) -> float:
+        """The smallest change that counts as an improvement (of ``improvement``)."""
+        return self.improvement.min_delta
+
     def improves(self, value: float) -> bool:
         """Whether ``value`` is better than the best so far by more than ``min_delta`` (NaN / inf never is)."""
-        if not math.isfinite(value):
-            return False
-        if self.best is None:
-            return True
-        if self.mode == "min":
-            return value < self.best - self.min_delta
-        return value > self.best + self.min_delta
+        return self.improvement.is_improvement(value, self.best)
 
     def on_epoch_completed(self, logs: dict) -> bool:
         # the epoch whose weights the value belongs to: asynchronous results land later, tagged (evaluated_at)

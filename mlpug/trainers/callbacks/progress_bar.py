@@ -12,6 +12,7 @@ from typing import Any, Optional, TextIO
 from mlpug.logs import get_value_at, to_number
 from mlpug.trainers.callbacks.async_evaluation import landed_results
 from mlpug.trainers.callbacks.callback import Callback, check_log_path
+from mlpug.trainers.callbacks.improvement import ImprovementRule
 from mlpug.trainers.callbacks.log_progress import format_duration
 
 DEFAULT_METRICS = {"Acc": ("validation.dataset.accuracy", "max"), "Loss": ("validation.dataset.loss", "min")}
@@ -23,7 +24,9 @@ class ProgressBar(Callback):
     ``(best_epoch) name | Epoch: k/N | Acc: current / (best) | Loss: current / (best)``.
 
     * Epoch numbers are 1-based. ``current`` is the newest evaluation result, ``best`` the best so far and
-      ``best_epoch`` the (1-based) epoch of the best value of the first metric. A result of an earlier epoch's
+      ``best_epoch`` the (1-based) epoch of the best value of the first metric; "better" is decided by the shared
+      :class:`~mlpug.trainers.callbacks.improvement.ImprovementRule` of each metric's mode (``improvement``,
+      label -> rule; ``min_delta`` 0), and a NaN / inf value is not shown. A result of an earlier epoch's
       weights (asynchronous evaluation: it lands later) adds ``| of epoch e``.
     * The postfix shows the sliding-window average of the training loss (``loss_path``), refreshed every
       ``refresh_period`` batches: only then is the value read (a device sync), as in ``LogProgress``.
@@ -74,6 +77,7 @@ class ProgressBar(Callback):
         self.display_name = name
         self._explicit_metrics = metrics is not None
         self.metrics = dict(metrics if metrics is not None else DEFAULT_METRICS)
+        self.improvement = {label: ImprovementRule(mode) for label, (_, mode) in self.metrics.items()}
         self.loss_path = loss_path
         self.refresh_period = refresh_period
         self.file = file
@@ -95,6 +99,7 @@ class ProgressBar(Callback):
                 if self._explicit_metrics:
                     raise
                 del self.metrics[label]
+                del self.improvement[label]
         return bool(super().set_training_manager(manager))
 
     def _is_primary(self) -> bool:
@@ -117,7 +122,7 @@ class ProgressBar(Callback):
     # ----- results -----
     def _take_results(self, current: dict) -> None:
         """Read the results that landed now; keep the newest and the best of every metric."""
-        for index, (label, (path, mode)) in enumerate(self.metrics.items()):
+        for index, (label, (path, _)) in enumerate(self.metrics.items()):
             section, level = path.split(".")[:2]
             if level == "dataset":
                 metric = path.split(".", 2)[2]
@@ -129,8 +134,7 @@ class ProgressBar(Callback):
                     continue
                 value = float(to_number(value))
                 self.current[label], self._result_epoch = value, epoch
-                best = self.best.get(label)
-                if best is None or (value < best if mode == "min" else value > best):
+                if self.improvement[label].is_improvement(value, self.best.get(label)):
                     self.best[label] = value
                     if index == 0:
                         self.best_epoch = epoch

@@ -331,9 +331,9 @@ class ReplayedDataSource(DataSource):
 
 class ContinuedDataSource(DataSource):
     """For infinite iterables (e.g. ``tf.data`` with ``repeat()``): one iterator for the whole run, of which every
-    epoch takes the next ``num_batches_per_epoch`` batches (as Keras does with ``steps_per_epoch``), instead of
-    starting again at the first batch every epoch. A resumed process skips the batches trained before (loading and
-    dropping them, with a warning): exact when the iterable yields the same sequence in every process."""
+    epoch takes the next ``num_batches_per_epoch`` batches, instead of starting again at the first batch every
+    epoch. A resumed process skips the batches trained before (loading and dropping them, with a warning): exact
+    when the iterable yields the same sequence in every process."""
 
     def __init__(self, dataset: Iterable):
         super().__init__(dataset)

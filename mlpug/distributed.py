@@ -18,8 +18,7 @@ primary rank only):
 * at every epoch end, whether any rank asks to stop (:meth:`DistributedContext.any_rank`);
 * once per dataset evaluation, the sums and counts of its metrics.
 
-A tiny blocking all-reduce costs about 2 ms on a 2-core machine running two processes (``benchmarks/ddp.py``),
-more than the step itself, hence one asynchronous collective per step.
+Why one asynchronous collective per step rather than blocking ones: ``docs/design-notes.md``.
 """
 
 from __future__ import annotations

@@ -282,9 +282,9 @@ class MetricEvaluator:
 
     def _evaluate_batches(self, dataset: Iterable, evaluate_settings: Any, model: Any) -> list[Gathered]:
         """What :meth:`gather` returns for every batch of ``dataset``; the batches go to the model's
-        ``evaluate_losses`` ``trainer.evaluation_batches_per_call`` at a time (one compiled call each on
+        ``evaluate_losses`` ``trainer.evaluation_steps_per_execution`` at a time (one compiled call each on
         TensorFlow), or one by one through :meth:`evaluate_batch` with ``batch_chunk_size``."""
-        per_call = getattr(self.trainer, "evaluation_batches_per_call", 1)
+        per_call = getattr(self.trainer, "evaluation_steps_per_execution", 1)
         if per_call == 1 or self._batch_chunk_size is not None:
             return [self.evaluate_batch(batch, evaluate_settings, model) for batch in dataset]
         if self.trainer is None:

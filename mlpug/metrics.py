@@ -22,7 +22,7 @@ from collections.abc import Callable, Mapping
 from typing import Any, Optional
 
 from mlpug.evaluation import MetricEvaluator, MetricInputs, loss_metric
-from mlpug.trainers.hook_dispatch import add_note
+from mlpug.trainers.hook_dispatcher import add_note
 from mlpug.trainers.trainer import FirstBatchCheck, ModelOutputs
 
 _LAYOUT = (

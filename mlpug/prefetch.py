@@ -1,9 +1,9 @@
 """``BackgroundPrefetcher``: prepare the next batches of any iterable on a background thread.
 
-In the spirit of PrayTools.jl's ``BackgroundDataLoader``: while the training step runs, a thread takes the next
-``num_prefetch`` batches from the wrapped iterable (loading, decoding, augmenting them), so that a slow loader
-overlaps with training instead of adding to it. It helps when the loader's work releases the GIL (NumPy,
-PIL, file reads, ``time.sleep``-like waits) or when the step runs in native code (the backends' kernels do).
+While the training step runs, a thread takes the next ``num_prefetch`` batches from the wrapped iterable (loading,
+decoding, augmenting them), so that a slow loader overlaps with training instead of adding to it. It helps when the
+loader's work releases the GIL (NumPy, PIL, file reads, ``time.sleep``-like waits) or when the step runs in native
+code (the backends' kernels do).
 
 * **Order and content** are those of the wrapped iterable; an exception raised while loading is re-raised in the
   training loop at the batch where it happened, with its traceback.

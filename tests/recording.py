@@ -5,7 +5,7 @@ from __future__ import annotations
 import copy
 
 from mlpug.logs import resolve
-from mlpug.trainers.callbacks.callback import Callback
+from mlpug.trainers.callback import Callback
 
 
 class RecordingCallback(Callback):

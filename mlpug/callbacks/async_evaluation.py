@@ -1,8 +1,7 @@
 """Asynchronous dataset evaluation: the validation of epoch k runs on a worker thread while epoch k+1 trains.
 
-The idea is sakura's (evaluate in the background so that there is no pause between epochs); like Ray Train's and
-torchtitan's asynchronous validation it evaluates a frozen copy of the weights, never the live ones, and unlike
-them it keeps the best model of the *evaluated* weights without a round trip through disk.
+It evaluates a frozen copy of the weights, never the live ones, and the best model is written from the
+*evaluated* weights without a round trip through disk (see docs/design-notes.md for the rationale).
 ``TestMetricsLogger(dataset, name, evaluator, run_async=True)`` uses :class:`AsyncEvaluation`:
 
 * **Trigger** (an epoch end, in ``on_epoch_completed``): the training thread copies the weights into an
@@ -13,9 +12,10 @@ them it keeps the best model of the *evaluated* weights without a round trip thr
 * **Landing**: results land at epoch ends (of the same epoch when it is the last one, else of a later one), in
   the order they were triggered, under the dataset's usual keys ``logs.current.<name>.dataset.<metric>``, tagged
   with the position of the weights they evaluated in ``logs.current.<name>.evaluated_at`` (``epoch``,
-  ``batch_step``, ``global_iter``). When several land at once (at the last epoch, or after a wait) ``logs`` holds the
-  newest and :func:`landed_results` lists all of them, with the evaluated weights, for the consumers that need
-  each one (the ``CheckpointManager``'s best model, ``MetricsHistory``, TensorBoard, ``LogProgress``).
+  ``batch_step``, ``global_iter``). Each is published as an
+  :class:`~mlpug.trainers.evaluation_result.EvaluationResult` with the evaluated weights: every callback receives
+  it in ``on_evaluation_result``, once, in order. When several land at once (at the last epoch, or after a wait)
+  ``logs`` holds the newest.
 * **Bounded queue**: at most ``max_pending`` evaluations are queued or running. At a trigger with a full queue,
   ``overflow="wait"`` (default) waits for the oldest to finish and lands it; ``overflow="skip"`` skips this
   trigger's evaluation (with a warning naming the epoch), so training never waits; the last epoch's evaluation
@@ -42,74 +42,18 @@ from __future__ import annotations
 import collections
 import concurrent.futures
 import logging
-from collections.abc import Callable, Iterable
-from typing import Any, Literal, NamedTuple, Optional
+from collections.abc import Iterable
+from typing import Any, Literal, Optional
 
 from mlpug.data import close_iterator
 from mlpug.logs import MetricValues
 from mlpug.random_state import isolated_random_states
+from mlpug.trainers.evaluation_result import EvaluationResult
 
 Overflow = Literal["wait", "skip"]
 OVERFLOW_POLICIES = ("wait", "skip")
 
 _log = logging.getLogger("mlpug.AsyncEvaluation")
-
-
-class EvaluationResult(NamedTuple):
-    """A dataset evaluation that landed in ``logs`` in the hook being dispatched.
-
-    Attributes:
-        dataset_name: The dataset's key in ``logs.current``.
-        values: The dataset metrics (``logs.current.<name>.dataset``).
-        epoch / batch_step / global_iter: The position (0-based, of ``logs.current`` at the trigger) of the weights
-            that were evaluated.
-        model_components: Asynchronous results: returns the evaluated snapshot's weights in the form of
-            ``trainer.get_state()["model_components"]``, valid only during the hook in which the result lands.
-            None: the live weights were evaluated (synchronous evaluation: they are the weights of now).
-    """
-
-    dataset_name: str
-    values: MetricValues
-    epoch: int
-    batch_step: int
-    global_iter: int
-    model_components: Optional[Callable[[], dict]] = None
-
-    @property
-    def evaluated_at(self) -> dict:
-        """``{"epoch", "batch_step", "global_iter"}``: what ``logs.current.<name>.evaluated_at`` holds."""
-        return {"epoch": self.epoch, "batch_step": self.batch_step, "global_iter": self.global_iter}
-
-
-def landed_results(manager: Any, dataset_name: str) -> list:
-    """The :class:`EvaluationResult` s of ``dataset_name`` that landed in the hook being dispatched, oldest first
-    (empty when none landed). Call it from a consumer's hook (it runs after the producing ``TestMetricsLogger``)."""
-    source = result_source(manager.callbacks, dataset_name)
-    return list(source.landed_results) if source is not None else []
-
-
-def evaluated_epoch(current: dict, metric_path: str) -> int:
-    """The epoch whose weights the value at ``metric_path`` (in ``logs.current``) belongs to: its section's
-    ``evaluated_at`` epoch when there is one (dataset results, which land late when asynchronous), else the
-    current epoch. Epoch-level consumers (``EarlyStopping``, LR on plateau) count each result once by it."""
-    section = current.get(metric_path.split(".", 1)[0])
-    tag = section.get("evaluated_at") if isinstance(section, dict) else None
-    return tag["epoch"] if tag else current["epoch"]
-
-
-def result_source(callbacks: Iterable, dataset_name: str) -> Any:
-    """The callback among ``callbacks`` that produces the dataset metrics of ``dataset_name`` as
-    :class:`EvaluationResult` s (a ``TestMetricsLogger`` at dataset level), or None."""
-    for callback in callbacks:
-        if dataset_name in callback.produces and hasattr(callback, "landed_results"):
-            return callback
-    return None
-
-
-def is_asynchronous(callbacks: Iterable, dataset_name: str) -> bool:
-    """Whether the dataset metrics of ``dataset_name`` are evaluated asynchronously (they land late)."""
-    source = result_source(callbacks, dataset_name)
-    return bool(source is not None and getattr(source, "run_async", False))
 
 
 def check_async_options(max_pending: Any, overflow: Any, num_threads: Any) -> None:
@@ -323,22 +267,3 @@ class AsyncEvaluation:
 
     def set_state(self, state: dict) -> None:
         self._restored = list(state.get("pending", []))
-
-
-def split_landed(manager: Any, current: dict) -> tuple[dict, list]:
-    """``current`` without the dataset results of the dataset-level ``TestMetricsLogger`` s (their ``dataset`` and
-    ``evaluated_at`` levels), and those results as :class:`EvaluationResult` s, oldest first.
-
-    For consumers that record values by the position they belong to (``MetricsHistory`` rows, TensorBoard steps):
-    they record ``current`` as before and each result at its own position, so a result that landed late is never
-    attributed to the epoch at which it landed.
-    """
-    view, results = dict(current), []
-    for callback in manager.callbacks:
-        if not hasattr(callback, "landed_results"):
-            continue
-        section = view.get(callback.dataset_name)
-        if isinstance(section, dict) and ("dataset" in section or "evaluated_at" in section):
-            view[callback.dataset_name] = {k: v for k, v in section.items() if k not in ("dataset", "evaluated_at")}
-        results.extend(callback.landed_results)
-    return view, results

@@ -12,6 +12,7 @@ import os
 from collections.abc import Callable, Mapping
 from typing import Any, Literal, Optional
 
+from mlpug.callbacks.improvement import ImprovementRule
 from mlpug.checkpointing import (
     BackgroundWriter,
     CheckpointFileNames,
@@ -23,12 +24,10 @@ from mlpug.checkpointing import (
     remove_stale_temporary_files,
 )
 from mlpug.logs import get_value_at, resolve
-from mlpug.trainers.callbacks.best_of_results import BestOfResults
-from mlpug.trainers.callbacks.callback import Callback, check_log_path
-from mlpug.trainers.callbacks.improvement import ImprovementRule
-from mlpug.trainers.hook_dispatch import add_note
+from mlpug.trainers.callback import Callback, check_log_path
+from mlpug.trainers.evaluation_result import EvaluationResult
+from mlpug.trainers.hook_dispatcher import add_note
 from mlpug.trainers.non_finite import (
-    NonFiniteError,
     NonFiniteLossError,
     NonFiniteMetricError,
     NonFiniteMetricPolicy,
@@ -36,6 +35,7 @@ from mlpug.trainers.non_finite import (
     validate_non_finite_metric_policy,
 )
 from mlpug.trainers.resume import TrainingStateLoader
+from mlpug.trainers.run_context import RunContext
 
 
 def _check_period(value: Any, name: str, allow_none: bool = False) -> None:
@@ -77,28 +77,29 @@ def _check_writable_directory(path: str) -> None:
         )
 
 
-class CheckpointManager(BestOfResults, Callback, TrainingStateLoader):
+class CheckpointManager(Callback, TrainingStateLoader):
     """Decides the best model, saves model checkpoints and training checkpoints, and loads them to resume.
 
     At every *period* (a batch when ``batch_level``, else an epoch; counted 1-based from the start of the run):
 
     * every ``metric_monitor_period`` periods, the value at ``metric_to_monitor`` (dotted path in
       ``logs["current"]``) is compared with the best so far, in the batch-end / epoch-end hook, by
-      ``improvement`` (the shared :class:`~mlpug.trainers.callbacks.improvement.ImprovementRule` of
+      ``improvement`` (the shared :class:`~mlpug.callbacks.improvement.ImprovementRule` of
       ``metric_opt_mode`` and ``improvement_threshold``); on an improvement ``logs["current"]["is_best"]`` is set
       and ``logs["best"]`` becomes a plain copy of ``logs["current"]``. This callback is the one owner of "best"
       (a producer of ``"best"``): every other callback that reads ``is_best`` or ``logs["best"]`` gets its hooks
       after this decision, wherever it stands in the list
-      (see :func:`~mlpug.trainers.callbacks.callback.dispatch_order`).
+      (see :func:`~mlpug.trainers.callback.dispatch_order`).
     * in the checkpoint phase that follows (after the hooks of all callbacks): on an improvement the *best
       model checkpoint* is written; every ``create_checkpoint_every`` periods the *latest model checkpoint* and
       the *training checkpoint*; every ``archive_last_model_checkpoint_every`` periods the latest model
       checkpoint is also archived under a name with the epoch or batch count (``keep_last`` limits how many
       archives are kept).
-    * a metric evaluated asynchronously (``TestMetricsLogger(..., run_async=True)``) is compared when its results
-      land (at epoch ends, and at the end of training), each on its own; ``logs["best"]`` then has the position of
-      the evaluated weights (and ``landed_at``), and the best model checkpoint holds the evaluated snapshot's
-      weights (see :mod:`mlpug.trainers.callbacks.best_of_results`).
+    * a metric evaluated asynchronously (``TestMetricsLogger(..., run_async=True)``) is compared in
+      ``on_evaluation_result``, once per result as it lands (at epoch ends, and at the end of training);
+      ``logs["best"]`` then has the position of the evaluated weights (and ``landed_at``), and the best model
+      checkpoint is written at once, in the background, from the evaluated snapshot's weights (not the live
+      weights, which have trained on since).
 
     When training ends (``on_training_checkpoint``), a training checkpoint is written if the last one is older
     than the last batch; when it ends by SIGINT/SIGTERM (``interrupted``) this is the training checkpoint to
@@ -119,7 +120,7 @@ class CheckpointManager(BestOfResults, Callback, TrainingStateLoader):
         base_checkpoint_filename: Common prefix of the file names.
         metric_to_monitor: Dotted path into ``logs["current"]``, e.g. ``"validation.dataset.loss"``; None writes
             no best model checkpoint. Checked when the ``TrainingManager`` is constructed: a callback must write it
-            (see :func:`~mlpug.trainers.callbacks.callback.check_log_path`).
+            (see :func:`~mlpug.trainers.callback.check_log_path`).
         metric_opt_mode: ``"min"`` or ``"max"``: whether lower or higher values are better.
         improvement_threshold: Minimum absolute change over the best value that counts as an improvement (>= 0).
         batch_level: Periods are batches (True) or epochs (False).
@@ -223,6 +224,7 @@ class CheckpointManager(BestOfResults, Callback, TrainingStateLoader):
         self.archived: list = []
         self._last_saved_position: Optional[tuple] = None
         self._improved = False  # decided in this period's batch-end / epoch-end hook, written in its checkpoint phase
+        self._async_section: Optional[str] = None  # the monitored dataset, when its results land asynchronously
 
     # ----- properties -----
     @property
@@ -277,8 +279,8 @@ class CheckpointManager(BestOfResults, Callback, TrainingStateLoader):
         return self.training_manager is None or self.training_manager.distributed.is_primary
 
     # ----- hooks -----
-    def set_training_manager(self, manager: Any) -> bool:
-        """Keep ``manager``; check that a callback writes ``metric_to_monitor`` and, on the primary rank, that the
+    def set_training_manager(self, manager: RunContext) -> bool:
+        """Keep the run context; check that a callback writes ``metric_to_monitor`` and, on the primary rank, that the
         checkpoint directory can be written (at the manager's construction, before training).
 
         Raises:
@@ -289,12 +291,13 @@ class CheckpointManager(BestOfResults, Callback, TrainingStateLoader):
             _check_writable_directory(self.file_names.directory)
         if self.metric_to_monitor is not None:
             check_log_path(self.metric_to_monitor, manager.callbacks, f"{self.name}: metric_to_monitor")
-        self._find_async_source(manager.callbacks)
+        section = self.metric_to_monitor.split(".", 1)[0] if self.metric_to_monitor else None
+        self._async_section = section if section is not None and manager.is_asynchronous(section) else None
         super().set_training_manager(manager)
         return True
 
     def on_training_start(self, num_epochs, num_batches_per_epoch, start_epoch, start_batch, start_update_iter):
-        self.training_manager.logs["best"] = self.best_logs
+        self.context.logs["best"] = self.best_logs
         if self._is_primary():
             os.makedirs(self.file_names.directory, exist_ok=True)
             remove_stale_temporary_files(self.file_names.directory, self.file_names.base_name)
@@ -329,10 +332,43 @@ class CheckpointManager(BestOfResults, Callback, TrainingStateLoader):
             self._on_period(logs, logs["current"]["global_iter"] + 1)
         return True
 
+    @property
+    def monitors_async_results(self) -> bool:
+        """Whether the monitored metric is evaluated asynchronously (best decided on each landed result)."""
+        return self._async_section is not None
+
+    def on_evaluation_result(self, result: EvaluationResult, logs: dict) -> bool:
+        """An asynchronous result of the monitored dataset: compared with the best; on an improvement the best model
+        checkpoint is written from the evaluated weights (primary rank). A non-finite value is handled by
+        ``non_finite_metric``, naming the epoch of the evaluated weights."""
+        if result.dataset_name != self._async_section or result.model_components is None:
+            return True  # synchronous results are decided at their period, from logs (the live weights)
+        metric = self.metric_to_monitor
+        assert metric is not None
+        view = _result_view(logs["current"], result)
+        value = get_value_at(view, metric, None)
+        self._check_finite_value(value, view)
+        if self._is_improvement(value):
+            logs["current"]["is_best"] = True
+            self.best_logs = logs["best"] = resolve(view)
+            if self._is_primary():
+                self._write_best_of(result, view)
+        return True
+
+    def _write_best_of(self, result: EvaluationResult, view: dict) -> None:
+        """Write the best model checkpoint of an asynchronous result from its evaluated snapshot's weights."""
+        assert result.model_components is not None
+        self._writer.wait()  # the saver's buffers are free
+        trainer_state = self.saver.snapshot({"trainer": {"model_components": result.model_components()}})["trainer"]
+        checkpoint = self._model_checkpoint(trainer_state, {"current": view})
+        best_path = self.file_names.best_model
+        # A failure is reported like every background write: logged at once, and noted with the file and the period
+        # of the evaluated weights (not the one at which their result landed).
+        on_error = self._report_failed_write(self._period_name({"current": view}), [best_path])
+        self._write(lambda: self._save_if_finite(checkpoint, best_path), on_error=on_error)
+
     def on_epoch_completed(self, logs: dict) -> bool:
-        if self.monitors_async_results:
-            self._decide_on_landed_results(logs)
-        elif not self.batch_level:
+        if not self.monitors_async_results and not self.batch_level:
             self._decide_best(logs, logs["current"]["epoch"] + 1)
         return True
 
@@ -344,14 +380,9 @@ class CheckpointManager(BestOfResults, Callback, TrainingStateLoader):
         return True
 
     def on_training_checkpoint(self, stopped_early: bool, stopped_on_error: bool, interrupted: bool) -> bool:
-        manager = self.training_manager
+        manager = self.context
         # A failed background write must not stop the checkpoint written now: note it, write, then report it.
-        metric_error: Optional[NonFiniteError] = None
-        if self.monitors_async_results and manager is not None and not stopped_on_error:
-            try:
-                self._decide_on_landed_results(manager.logs)  # the results that landed at the end of training
-            except NonFiniteError as error:  # non_finite_metric="raise": raised after the training checkpoint
-                metric_error = error
+        # (Results that land at the end reached on_evaluation_result in the producer's part of this hook.)
         write_error = self._wait_for_background_write()
         if self._is_primary() and manager is not None:
             if self._improved:  # decided in a hook of this period, whose checkpoint phase never came (an error)
@@ -383,8 +414,6 @@ class CheckpointManager(BestOfResults, Callback, TrainingStateLoader):
                 self._save_training_checkpoint(self.file_names.training, state)
         if write_error is not None and not stopped_on_error:  # after an error it was logged; that error is raised
             raise write_error
-        if metric_error is not None:
-            raise metric_error
         return True
 
     def _wait_for_background_write(self) -> Optional[BaseException]:
@@ -440,14 +469,13 @@ class CheckpointManager(BestOfResults, Callback, TrainingStateLoader):
         # The values and weights are read now anyway: never save from a non-finite state. On every rank, so that
         # every rank stops at the same period. The weights are checked even when the loop checked them at this step:
         # a hook since (EMA / SWA style) may have set others (one more device wait at most, where the write waits).
-        self.training_manager.weights_check.forget()
-        self.training_manager.check_finite(weights=True)
+        self.context.check_finite(recheck_weights=True)
         if not self._is_primary():
             return
         # One snapshot per period, taken after the previous write finished (a saver may reuse its buffers);
         # then one background job writes every file of this period.
         self._writer.wait()
-        manager = self.training_manager
+        manager = self.context
         archive_path = None
         if (
             save_latest
@@ -474,7 +502,7 @@ class CheckpointManager(BestOfResults, Callback, TrainingStateLoader):
     def _snapshot_model_components(self) -> dict:
         """A snapshot of only the model components (what a best model checkpoint holds), in the buffers that a
         full training-state snapshot uses for them (the same paths)."""
-        model_components = self.training_manager.trainer.get_state()["model_components"]
+        model_components = self.context.trainer.get_state()["model_components"]
         return self.saver.snapshot({"trainer": {"model_components": model_components}})["trainer"]
 
     def _is_improvement(self, value: Any) -> bool:
@@ -516,11 +544,11 @@ class CheckpointManager(BestOfResults, Callback, TrainingStateLoader):
         """
         if not isinstance(value, (int, float)) or math.isfinite(value):
             return
-        manager = self.training_manager
+        manager = self.context
         manager.check_finite(weights=True)
         assert self.metric_to_monitor is not None
         error = NonFiniteMetricError(self.metric_to_monitor, value, current["epoch"], current["global_iter"], self.name)
-        training_policy = self.metric_to_monitor.split(".", 1)[0] == "training" and manager.non_finite.policy
+        training_policy = self.metric_to_monitor.split(".", 1)[0] == "training" and manager.non_finite_loss_policy
         if self.non_finite_metric == "raise" and training_policy in (False, "raise"):
             raise error
         self._num_non_finite_values += 1
@@ -543,7 +571,7 @@ class CheckpointManager(BestOfResults, Callback, TrainingStateLoader):
 
     # ----- writing -----
     def _model_checkpoint(self, trainer_state: dict, logs: dict) -> dict:
-        manager = self.training_manager
+        manager = self.context
         current = logs["current"]
         return {
             "mlpug": make_header("model", self.saver.backend),
@@ -700,6 +728,16 @@ class CheckpointManager(BestOfResults, Callback, TrainingStateLoader):
             mlpug.checkpointing.CheckpointError: Truncated, corrupt, of another backend or kind.
         """
         return self.saver.load(path, kind="training")
+
+
+def _result_view(current: dict, result: EvaluationResult) -> dict:
+    """``logs.current`` as of the weights ``result`` evaluated: their position and the result's section; the
+    position at which it landed under ``landed_at``."""
+    view = dict(current)
+    view["landed_at"] = {key: current[key] for key in ("epoch", "batch_step", "global_iter")}
+    view.update(result.evaluated_at)
+    view[result.dataset_name] = {"dataset": result.values, "evaluated_at": result.evaluated_at}
+    return view
 
 
 def _position(state: dict) -> tuple:

@@ -1,11 +1,13 @@
-"""``EarlyStopping``: stop training when a monitored metric has stopped improving (Keras' rule).
+"""``EarlyStopping``: stop training when a monitored metric has stopped improving.
 
-After every epoch the value at ``metric_to_monitor`` is compared with the best so far: it improves when it is
+Every value of ``metric_to_monitor`` is compared with the best so far: the value of each published evaluation
+result of a whole dataset (``<dataset>.dataset.<metric>``, received in ``on_evaluation_result``, also two results
+that land together), else the value in ``logs`` at every epoch end. It improves when it is
 better by more than ``min_delta`` (lower for ``mode="min"``, higher for ``"max"``). After ``patience`` epochs in
 a row without improvement the callback asks the manager to stop (``TrainingManager.stop_training``), so the
 epoch-end checkpoint phase, the final training checkpoint and every end hook still run, as for any early stop.
-This is the rule of ``keras.callbacks.EarlyStopping`` (``patience`` counted in epochs, ``min_delta`` absolute),
-decided by the shared :class:`~mlpug.trainers.callbacks.improvement.ImprovementRule`.
+``patience`` is counted in evaluated epochs and ``min_delta`` is absolute, decided by the shared
+:class:`~mlpug.callbacks.improvement.ImprovementRule`.
 A NaN or infinite value is never an improvement (not even ``inf`` in mode ``"max"``): it counts against the
 patience, and each one is logged as a WARNING naming the metric, the epoch and the value.
 
@@ -20,10 +22,11 @@ from __future__ import annotations
 import math
 from typing import Any, Literal, Optional
 
+from mlpug.callbacks.improvement import ImprovementRule
 from mlpug.logs import get_value_at, to_number
-from mlpug.trainers.callbacks.async_evaluation import evaluated_epoch
-from mlpug.trainers.callbacks.callback import Callback, check_log_path
-from mlpug.trainers.callbacks.improvement import ImprovementRule
+from mlpug.trainers.callback import Callback, check_log_path
+from mlpug.trainers.evaluation_result import EvaluationResult
+from mlpug.trainers.run_context import RunContext
 
 _MISSING = object()
 
@@ -38,7 +41,7 @@ class EarlyStopping(Callback):
             infinite value is never an improvement (it counts against the patience) and logs a WARNING.
         mode: ``"min"`` (default) or ``"max"``: whether lower or higher values are better.
         patience: Epochs without improvement (int >= 0) after which training stops; 0 and 1 both stop after the
-            first epoch that does not improve (as in Keras).
+            first epoch that does not improve.
         min_delta: The smallest change (float >= 0, in the metric's units) that counts as an improvement.
         name: The callback's name (key of its state in training checkpoints).
 
@@ -79,14 +82,16 @@ class EarlyStopping(Callback):
         self.epochs_without_improvement = 0
         self.stopped_epoch: Optional[int] = None
         self._last_epoch: Optional[int] = None
+        self._from_results = False  # the metric comes from on_evaluation_result (set with the run context)
 
-    def set_training_manager(self, manager: Any) -> bool:
-        """Keep ``manager``; check that a callback writes ``metric_to_monitor``.
+    def set_training_manager(self, manager: RunContext) -> bool:
+        """Keep the run context; check that a callback writes ``metric_to_monitor``.
 
         Raises:
             ValueError: No callback writes ``metric_to_monitor`` (the paths that are written are listed).
         """
         check_log_path(self.metric_to_monitor, manager.callbacks, f"{self.name}: metric_to_monitor")
+        self._from_results = manager.is_result_metric(self.metric_to_monitor)
         return bool(super().set_training_manager(manager))
 
     def on_training_start(self, num_epochs, num_batches_per_epoch, start_epoch, start_batch, start_update_iter):
@@ -95,7 +100,7 @@ class EarlyStopping(Callback):
                 f"{self.name}: this run stopped early after epoch {self.stopped_epoch} ({self.metric_to_monitor} did "
                 f"not improve for {self.epochs_without_improvement} epochs); nothing more to train"
             )
-            self.training_manager.stop_training()
+            self.context.stop_training()
         return True
 
     @property
@@ -112,12 +117,23 @@ class EarlyStopping(Callback):
         """Whether ``value`` is better than the best so far by more than ``min_delta`` (NaN / inf never is)."""
         return self.improvement.is_improvement(value, self.best)
 
+    def on_evaluation_result(self, result: EvaluationResult, logs: dict) -> bool:
+        """A result of the monitored dataset: its value counts for the epoch of the weights it evaluated."""
+        if self._from_results and result.dataset_name == self.metric_to_monitor.split(".", 1)[0]:
+            section = {result.dataset_name: {"dataset": result.values}}
+            self._consider(get_value_at(section, self.metric_to_monitor, _MISSING), result.epoch, logs)
+        return True
+
     def on_epoch_completed(self, logs: dict) -> bool:
-        # the epoch whose weights the value belongs to: asynchronous results land later, tagged (evaluated_at)
-        epoch = evaluated_epoch(logs["current"], self.metric_to_monitor)
-        value = get_value_at(logs["current"], self.metric_to_monitor, _MISSING)
+        if not self._from_results:
+            current = logs["current"]
+            self._consider(get_value_at(current, self.metric_to_monitor, _MISSING), current["epoch"], logs)
+        return True
+
+    def _consider(self, value: Any, epoch: int, logs: dict) -> None:
+        """Count ``value`` (of the weights of ``epoch``) against the best; ask to stop when patience runs out."""
         if value is _MISSING or value is None or epoch == self._last_epoch:  # a repeated epoch end counts once
-            return True
+            return
         self._last_epoch = epoch
         value = float(to_number(value))
         if not math.isfinite(value):
@@ -128,7 +144,7 @@ class EarlyStopping(Callback):
             )
         if self.improves(value):
             self.best, self.epochs_without_improvement = value, 0
-            return True
+            return
         self.epochs_without_improvement += 1
         if self.epochs_without_improvement >= max(self.patience, 1):
             self.stopped_epoch = logs["current"]["epoch"]
@@ -138,8 +154,7 @@ class EarlyStopping(Callback):
                 f"{self.min_delta}) for {self.epochs_without_improvement} epoch(s) (up to the result of epoch "
                 f"{epoch}), patience {self.patience}: training stops after epoch {logs['current']['epoch']}"
             )
-            self.training_manager.stop_training()
-        return True
+            self.context.stop_training()
 
     def get_state(self) -> dict:
         return {

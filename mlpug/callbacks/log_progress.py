@@ -8,8 +8,8 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Optional
 
-from mlpug.trainers.callbacks.async_evaluation import split_landed
-from mlpug.trainers.callbacks.callback import Callback
+from mlpug.trainers.callback import Callback
+from mlpug.trainers.evaluation_result import EvaluationResult, without_results
 
 _SECTIONS = (("batch", "Batch"), ("window_average", "Moving average"), ("dataset", "Computed over dataset"))
 _RULE = "#" * 79
@@ -65,10 +65,11 @@ class LogProgress(Callback):
         self._epoch_start_time = 0.0
         self._start_iter = 0
         self._total_iters = 0
+        self._results: list[EvaluationResult] = []  # published since the last block printed
 
     def _is_primary(self) -> bool:
-        manager = self.training_manager
-        return manager is None or manager.distributed.is_primary
+        context = self.training_manager
+        return context is None or context.distributed.is_primary
 
     def on_training_start(self, num_epochs, num_batches_per_epoch, start_epoch, start_batch, start_update_iter):
         self._training_start_time = time.perf_counter()
@@ -119,7 +120,9 @@ class LogProgress(Callback):
             f"Epoch {current['epoch']}/{logs['final_epoch']}\tREADY - Duration {format_duration(duration)}"
             f" - ETA {format_duration(self._eta(current['global_iter'] + 1))}",
         ]
-        view, results = split_landed(self.training_manager, current) if self.training_manager else (current, [])
+        results, self._results = self._results, []
+        context = self.training_manager
+        view = without_results(current, context.result_datasets) if context is not None else current
         for section, title in _SECTIONS[1:]:
             rows = self._rows(view, section)
             if section == "dataset":
@@ -140,12 +143,17 @@ class LogProgress(Callback):
                 rows += self._rows({label: {"dataset": result.values}}, "dataset", [label])
         return rows
 
+    def on_evaluation_result(self, result: EvaluationResult, logs: dict) -> bool:
+        """Kept for the next block printed (the epoch's, or the one at the end of training)."""
+        self._results.append(result)
+        return True
+
     def on_training_checkpoint(self, stopped_early: bool, stopped_on_error: bool, interrupted: bool) -> bool:
         """Prints the results that landed at the end of training (asynchronous evaluation)."""
-        manager = self.training_manager
-        if manager is None or not self._is_primary():
+        results, self._results = self._results, []
+        if not self._is_primary():
             return True
-        rows = self._result_rows(split_landed(manager, manager.logs["current"])[1], -1)
+        rows = self._result_rows(results, -1)
         if rows:
             self.write("\n".join([_RULE, "Computed over dataset (landed at the end of training):", *rows, ""]) + "\n")
         return True

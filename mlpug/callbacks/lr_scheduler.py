@@ -6,7 +6,8 @@ epoch (``batch_level=False``), in the batch-end / epoch-end hooks, so that the l
 not take (float16 loss scaling found inf/nan gradients, or ``non_finite_loss="skip_step"``) does not step the
 schedule; telling it reads the step's skipped flag (a host wait per step) only where a step can be skipped
 (elsewhere the flag is the constant False). With ``metric_to_monitor`` the schedulers are stepped with the value at
-that path (e.g. ``validation.dataset.loss`` for PyTorch's ``ReduceLROnPlateau``), at the epoch end.
+that path (e.g. ``validation.dataset.loss`` for PyTorch's ``ReduceLROnPlateau``): once per published evaluation
+result of that dataset (``on_evaluation_result``, also when two land together), else at every epoch end.
 
 The schedulers' states are part of training checkpoints (``get_state``), so a resumed run continues its schedule
 exactly. What a scheduler is depends on the backend (``mlpug.pytorch.callbacks.LRSchedulerWrapper``:
@@ -21,8 +22,9 @@ from collections.abc import Mapping
 from typing import Any, Optional
 
 from mlpug.logs import get_value_at, to_number
-from mlpug.trainers.callbacks.async_evaluation import evaluated_epoch
-from mlpug.trainers.callbacks.callback import Callback, check_log_path
+from mlpug.trainers.callback import Callback, check_log_path
+from mlpug.trainers.evaluation_result import EvaluationResult
+from mlpug.trainers.run_context import RunContext
 
 _MISSING = object()
 
@@ -51,8 +53,9 @@ class LRSchedulerWrapper(Callback):
         schedulers: A scheduler, a list or a dict of them (what a scheduler is: see the backend's class).
         batch_level: True (default) steps after every optimizer step; False after every epoch.
         metric_to_monitor: A dotted path under ``logs["current"]`` whose value is passed to the schedulers' step
-            (e.g. ``"validation.dataset.loss"``); checked at the manager's construction. It is read at the epoch
-            end, so it needs ``batch_level=False``; an epoch without the value does not step.
+            (e.g. ``"validation.dataset.loss"``); checked at the manager's construction. A metric of published
+            results steps the schedulers once per result of its dataset; any other is read at epoch ends (an epoch
+            without the value does not step). It needs ``batch_level=False``.
         name: The callback's name (key of the schedulers' states in training checkpoints).
 
     Raises:
@@ -80,6 +83,7 @@ class LRSchedulerWrapper(Callback):
             )
         self.schedulers = named_schedulers(schedulers)
         self._last_epoch: Optional[int] = None
+        self._from_results = False  # the metric comes from on_evaluation_result (set with the run context)
         self.batch_level = batch_level
         self.metric_to_monitor = metric_to_monitor
         for scheduler_name, scheduler in self.schedulers.items():
@@ -103,18 +107,19 @@ class LRSchedulerWrapper(Callback):
         raise NotImplementedError
 
     # ----- hooks -----
-    def set_training_manager(self, manager: Any) -> bool:
-        """Keep ``manager``; check ``metric_to_monitor``.
+    def set_training_manager(self, manager: RunContext) -> bool:
+        """Keep the run context; check ``metric_to_monitor``.
 
         Raises:
             ValueError: No callback writes ``metric_to_monitor``.
         """
         if self.metric_to_monitor is not None:
             check_log_path(self.metric_to_monitor, manager.callbacks, f"{self.name}: metric_to_monitor")
+            self._from_results = manager.is_result_metric(self.metric_to_monitor)
         return bool(super().set_training_manager(manager))
 
     def _optimizer_stepped(self) -> bool:
-        result = getattr(self.training_manager, "step_result", None)
+        result = self.context.step_result
         skipped = False if result is None else result.optimizer_step_skipped
         return not (skipped if isinstance(skipped, bool) else bool(to_number(skipped)))
 
@@ -133,21 +138,33 @@ class LRSchedulerWrapper(Callback):
             self._step_all(None)
         return True
 
-    def on_epoch_completed(self, logs: dict) -> bool:
-        epoch = logs["current"]["epoch"]
-        if self.metric_to_monitor is not None:  # the epoch of the monitored result (asynchronous: landed late)
-            epoch = evaluated_epoch(logs["current"], self.metric_to_monitor)
-        if self.batch_level or epoch == self._last_epoch:  # an epoch end repeated after a failed hook: once only
-            return True
-        self._last_epoch = epoch
-        metric = None
-        if self.metric_to_monitor is not None:
-            value = get_value_at(logs["current"], self.metric_to_monitor, _MISSING)
-            if value is _MISSING or value is None:
-                return True
-            metric = float(to_number(value))
-        self._step_all(metric)
+    def on_evaluation_result(self, result: EvaluationResult, logs: dict) -> bool:
+        """A result of the monitored dataset steps the schedulers with its value, once per evaluated epoch."""
+        if self._from_results and self.metric_to_monitor is not None:
+            if result.dataset_name == self.metric_to_monitor.split(".", 1)[0]:
+                section = {result.dataset_name: {"dataset": result.values}}
+                self._step_for_epoch(result.epoch, get_value_at(section, self.metric_to_monitor, _MISSING))
         return True
+
+    def on_epoch_completed(self, logs: dict) -> bool:
+        if self.batch_level or self._from_results:
+            return True
+        current = logs["current"]
+        if self.metric_to_monitor is None:
+            self._step_for_epoch(current["epoch"], None)
+        else:
+            self._step_for_epoch(current["epoch"], get_value_at(current, self.metric_to_monitor, _MISSING))
+        return True
+
+    def _step_for_epoch(self, epoch: int, value: Any) -> None:
+        """Step every scheduler once for ``epoch`` (an epoch end repeated after a failed hook steps once only);
+        with ``metric_to_monitor``, only when ``value`` is there."""
+        if epoch == self._last_epoch:
+            return
+        if self.metric_to_monitor is not None and (value is _MISSING or value is None):
+            return
+        self._last_epoch = epoch
+        self._step_all(None if self.metric_to_monitor is None else float(to_number(value)))
 
     # ----- state -----
     def get_state(self) -> dict:

@@ -15,8 +15,9 @@ from collections.abc import Sequence
 from typing import Any, Optional
 
 from mlpug.logs import get_value_at, iter_paths, to_number
-from mlpug.trainers.callbacks.async_evaluation import split_landed
-from mlpug.trainers.callbacks.callback import Callback, check_log_path
+from mlpug.trainers.callback import Callback, check_log_path
+from mlpug.trainers.evaluation_result import EvaluationResult, without_results
+from mlpug.trainers.run_context import RunContext
 
 __all__ = ["MetricsHistory"]
 
@@ -67,8 +68,8 @@ class MetricsHistory(Callback):
         self.metric_paths = None if metric_paths is None else list(metric_paths)
         self.rows: list[dict] = []
 
-    def set_training_manager(self, manager: Any) -> bool:
-        """Keep ``manager``; check the given ``metric_paths``.
+    def set_training_manager(self, manager: RunContext) -> bool:
+        """Keep the run context; check the given ``metric_paths``.
 
         Raises:
             ValueError: No callback writes one of ``metric_paths``.
@@ -82,33 +83,34 @@ class MetricsHistory(Callback):
             return self.metric_paths
         return [path for path in iter_paths(current) if path.count(".") >= 2 and path.split(".")[1] in EPOCH_LEVELS]
 
-    def on_epoch_completed(self, logs: dict) -> bool:
-        current, results = split_landed(self.training_manager, logs["current"])
-        row: dict[str, Any] = {"epoch": current["epoch"], "global_iter": current["global_iter"]}
-        for path in self._paths(current):
-            row[path] = _float_or_none(get_value_at(current, path, _MISSING))
-        if self.rows and self.rows[-1]["epoch"] == row["epoch"]:  # an epoch end repeated after a failed hook
-            self.rows[-1] = row
-        else:
-            self.rows.append(row)
-        self._record_results(results)
+    def _row(self, epoch: int, global_iter: int) -> dict:
+        """The row of ``epoch``, added (in epoch order) when it is not there yet."""
+        for row in reversed(self.rows):
+            if row["epoch"] == epoch:
+                return row
+        row = {"epoch": epoch, "global_iter": global_iter}
+        self.rows.append(row)
+        self.rows.sort(key=lambda r: r["epoch"])
+        return row
+
+    def on_evaluation_result(self, result: EvaluationResult, logs: dict) -> bool:
+        """A dataset result goes into the row of the epoch whose weights it evaluated (asynchronous results land
+        at a later epoch end)."""
+        row = self._row(result.epoch, result.global_iter)
+        for metric, value in result.values.items():
+            path = f"{result.dataset_name}.dataset.{metric}"
+            if self.metric_paths is None or path in self.metric_paths:
+                row[path] = _float_or_none(value)
         return True
 
-    def _record_results(self, results: list) -> None:
-        """Dataset results in the rows of the epochs whose weights they evaluated (asynchronous ones land late)."""
-        rows = {row["epoch"]: row for row in self.rows}
-        for result in results:
-            row = rows.get(result.epoch)
-            if row is None:
-                continue
-            for metric, value in result.values.items():
-                path = f"{result.dataset_name}.dataset.{metric}"
-                if self.metric_paths is None or path in self.metric_paths:
-                    row[path] = _float_or_none(value)
-
-    def on_training_checkpoint(self, stopped_early: bool, stopped_on_error: bool, interrupted: bool) -> bool:
-        """Results that landed at the end of training (asynchronous evaluation) go into their epochs' rows."""
-        self._record_results(split_landed(self.training_manager, self.training_manager.logs["current"])[1])
+    def on_epoch_completed(self, logs: dict) -> bool:
+        current = without_results(logs["current"], self.context.result_datasets)  # results come as events
+        row = self._row(current["epoch"], current["global_iter"])
+        for path in self._paths(current):
+            if self.context.is_result_metric(path):
+                row.setdefault(path, None)  # written by its result (an asynchronous one may land later)
+            else:
+                row[path] = _float_or_none(get_value_at(current, path, _MISSING))
         return True
 
     # ----- state -----

@@ -14,13 +14,15 @@ import math
 from collections.abc import Iterable, Iterator, Sequence
 from typing import Any, Optional
 
+from mlpug.callbacks.async_evaluation import AsyncEvaluation, Overflow
 from mlpug.data import known_length
 from mlpug.evaluation import MetricEvaluator
 from mlpug.logs import MetricValues, to_number
 from mlpug.metrics import metric_functions_check
 from mlpug.random_state import isolated_random_states
-from mlpug.trainers.callbacks.async_evaluation import AsyncEvaluation, EvaluationResult, Overflow
-from mlpug.trainers.callbacks.callback import Callback
+from mlpug.trainers.callback import Callback
+from mlpug.trainers.evaluation_result import EvaluationResult
+from mlpug.trainers.run_context import RunContext
 
 
 def _not_finite(value: Any) -> bool:
@@ -32,10 +34,10 @@ def _check_evaluator(metric_evaluator: Any) -> None:
         raise TypeError(f"metric_evaluator must be an mlp.evaluation.MetricEvaluator, got {metric_evaluator!r:.200}")
 
 
-def _bind_distributed(metric_evaluator: MetricEvaluator, manager: Any) -> None:
-    """Give an evaluator without a distributed context of its own the manager's."""
+def _bind_distributed(metric_evaluator: MetricEvaluator, context: RunContext) -> None:
+    """Give an evaluator without a distributed context of its own the run's."""
     if not metric_evaluator.has_distributed_context:
-        metric_evaluator.distributed = manager.distributed
+        metric_evaluator.distributed = context.distributed
 
 
 def _check_window_length(window_length: Optional[int]) -> None:
@@ -161,16 +163,16 @@ class TrainingMetricsLogger(Callback):
         paths = {f"training.{level}.{metric}" for level in ("batch", "window_average") for metric in metrics}
         return frozenset(paths | {"training_params.window_average.duration"})
 
-    def set_training_manager(self, manager: Any) -> None:
+    def set_training_manager(self, manager: RunContext) -> None:
         super().set_training_manager(manager)
         _bind_distributed(self.metric_evaluator, manager)
 
     def on_training_start(self, num_epochs, num_batches_per_epoch, start_epoch, start_batch, start_update_iter):
         # skip_step: the non-finite values of the skipped batches are left out of the window means
-        self._window.skip_non_finite = self.training_manager.non_finite.policy == "skip_step"
+        self._window.skip_non_finite = self.context.non_finite_loss_policy == "skip_step"
         check = metric_functions_check(self.metric_evaluator)
         if check is not None:  # every metric function once on the first batch's outputs, before its optimizer step
-            self.training_manager.trainer.add_first_batch_check(check)
+            self.context.trainer.add_first_batch_check(check)
         if self._window.length is None:
             self._window.length = num_batches_per_epoch
             self._durations = collections.deque(self._durations, maxlen=num_batches_per_epoch)
@@ -180,8 +182,8 @@ class TrainingMetricsLogger(Callback):
         current = logs["current"]
         batch_logs = current["training"]["batch"]
         evaluator = self.metric_evaluator
-        manager = self.training_manager
-        gathered = evaluator.reduce(evaluator.gather(training_batch, manager.step_result), manager.batch_reduction)
+        context = self.context
+        gathered = evaluator.reduce(evaluator.gather(training_batch, context.step_result), context.batch_reduction)
         batch_logs.update_deferred(self.metric_evaluator.batch_values(gathered))
         current["training"]["window_average"] = self._window.append(gathered)
         durations, duration = self._durations, current["training_params"]["batch"]["duration"]
@@ -212,11 +214,12 @@ class TestMetricsLogger(Callback):
       average ``logs.current.<name>.window_average.<metric>``.
 
     Dataset-level results are tagged with the position of the weights they evaluated,
-    ``logs.current.<name>.evaluated_at`` (``epoch``, ``batch_step``, ``global_iter``), and listed for consumers as
-    :class:`~mlpug.trainers.callbacks.async_evaluation.EvaluationResult` s (:attr:`landed_results`). With
+    ``logs.current.<name>.evaluated_at`` (``epoch``, ``batch_step``, ``global_iter``), and published: every
+    callback receives each one as an :class:`~mlpug.trainers.evaluation_result.EvaluationResult` in
+    ``on_evaluation_result``, once, in order (``logs`` holds the newest). With
     ``run_async=True`` the epoch's evaluation runs on a worker thread, on a frozen copy of the weights, while
     the next epoch trains, and its result lands at a later epoch end (see
-    :mod:`mlpug.trainers.callbacks.async_evaluation` for the queue, the overflow policy, checkpoints and ranks).
+    :mod:`mlpug.callbacks.async_evaluation` for the queue, the overflow policy, checkpoints and ranks).
 
     Args:
         dataset: Iterable of batches; not empty (``len() == 0`` is refused).
@@ -292,11 +295,20 @@ class TestMetricsLogger(Callback):
         self._random_state_providers: list = []  # the trainer's, set at on_training_start
         self.run_async = run_async
         self._async = AsyncEvaluation(name, max_pending, overflow, num_threads) if run_async else None
-        self.landed_results: list = []  # EvaluationResults that landed in the hook being dispatched
 
     @property
     def produces(self) -> frozenset:
         return frozenset({self.dataset_name})
+
+    @property
+    def publishes_results(self) -> frozenset:
+        """Dataset level: ``{name}`` (each evaluation is an ``on_evaluation_result`` event); batch level: none."""
+        return frozenset() if self.batch_level else frozenset({self.dataset_name})
+
+    @property
+    def asynchronous_results(self) -> frozenset:
+        """With ``run_async``: ``{name}``."""
+        return frozenset({self.dataset_name}) if self._async is not None else frozenset()
 
     @property
     def log_paths(self) -> frozenset:
@@ -309,7 +321,7 @@ class TestMetricsLogger(Callback):
             paths |= {f"{self.dataset_name}.evaluated_at.{key}" for key in ("epoch", "batch_step", "global_iter")}
         return frozenset(paths)
 
-    def set_training_manager(self, manager: Any) -> None:
+    def set_training_manager(self, manager: RunContext) -> None:
         super().set_training_manager(manager)
         _bind_distributed(self.metric_evaluator, manager)
         # data-parallel: this rank's shard, every sample on exactly one rank (the trainer's choice)
@@ -342,7 +354,7 @@ class TestMetricsLogger(Callback):
             self._batches = self._cycle()
         with isolated_random_states(self._random_state_providers):  # iter(DataLoader) draws random numbers
             gathered = self.metric_evaluator.evaluate_batch(next(self._batches), self.evaluate_settings)
-        gathered = self.metric_evaluator.reduce(gathered, self.training_manager.batch_reduction)
+        gathered = self.metric_evaluator.reduce(gathered, self.context.batch_reduction)
         section = self._dataset_logs(logs)
         section["batch"] = self.metric_evaluator.batch_values(gathered)
         section["window_average"] = self._window.append(gathered)
@@ -365,7 +377,7 @@ class TestMetricsLogger(Callback):
 
     def get_state(self) -> dict:
         """Batch level: the sliding window and the position in the evaluation dataset; asynchronous: the
-        evaluations not landed yet, with their weights (see :mod:`~mlpug.trainers.callbacks.async_evaluation`);
+        evaluations not landed yet, with their weights (see :mod:`~mlpug.callbacks.async_evaluation`);
         else nothing."""
         if self.batch_level:
             return {"window": self._window.get_state(), "position": self._position}
@@ -383,18 +395,18 @@ class TestMetricsLogger(Callback):
         return True
 
     def _clear_landed(self) -> None:
-        self.landed_results = []
         if self._async is not None:
             self._async.release_landed()
 
-    def _land(self, logs: dict, results: list) -> None:
-        """Write landed results into ``logs.current`` (the newest) and :attr:`landed_results` (all); warn about
+    def _land(self, logs: dict, results: list[EvaluationResult]) -> None:
+        """Write landed results into ``logs.current`` (the newest) and publish each, oldest first; warn about
         non-finite ones."""
         self._warn_if_not_finite(results)
-        self.landed_results = [*self.landed_results, *results]
         if results:
             section = self._dataset_logs(logs)
             section["dataset"], section["evaluated_at"] = results[-1].values, results[-1].evaluated_at
+        for result in results:
+            self.context.publish_result(result)
 
     def _warn_if_not_finite(self, results: list) -> None:
         """One WARNING per result with NaN / inf dataset metrics, naming them and the epoch of the evaluated weights
@@ -420,7 +432,7 @@ class TestMetricsLogger(Callback):
                 values = self.metric_evaluator.evaluate_dataset(self.dataset, self.evaluate_settings)
             self._land(logs, [EvaluationResult(self.dataset_name, values, *position)])
             return True
-        distributed = self.training_manager.distributed
+        distributed = self.context.distributed
         self._async.resubmit_restored()
         self._land(logs, self._async.land_finished(distributed))
         last = current["epoch"] == logs["final_epoch"]
@@ -435,7 +447,7 @@ class TestMetricsLogger(Callback):
         error nothing is waited for (the emergency checkpoint holds the pending evaluations)."""
         self._clear_landed()  # results of the last epoch end were consumed there
         if self._async is not None and not stopped_on_error:
-            self._land(self.training_manager.logs, self._async.land_all(self.training_manager.distributed))
+            self._land(self.context.logs, self._async.land_all(self.context.distributed))
         return True
 
     def on_training_ended(self, stopped_early, stopped_on_error, interrupted, callback_calls_success) -> bool:

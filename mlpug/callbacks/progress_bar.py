@@ -9,11 +9,12 @@ import time
 from collections.abc import Mapping
 from typing import Any, Optional, TextIO
 
+from mlpug.callbacks.improvement import ImprovementRule
+from mlpug.callbacks.log_progress import format_duration
 from mlpug.logs import get_value_at, to_number
-from mlpug.trainers.callbacks.async_evaluation import landed_results
-from mlpug.trainers.callbacks.callback import Callback, check_log_path
-from mlpug.trainers.callbacks.improvement import ImprovementRule
-from mlpug.trainers.callbacks.log_progress import format_duration
+from mlpug.trainers.callback import Callback, check_log_path
+from mlpug.trainers.evaluation_result import EvaluationResult
+from mlpug.trainers.run_context import RunContext
 
 DEFAULT_METRICS = {"Acc": ("validation.dataset.accuracy", "max"), "Loss": ("validation.dataset.loss", "min")}
 _MISSING = object()
@@ -25,7 +26,7 @@ class ProgressBar(Callback):
 
     * Epoch numbers are 1-based. ``current`` is the newest evaluation result, ``best`` the best so far and
       ``best_epoch`` the (1-based) epoch of the best value of the first metric; "better" is decided by the shared
-      :class:`~mlpug.trainers.callbacks.improvement.ImprovementRule` of each metric's mode (``improvement``,
+      :class:`~mlpug.callbacks.improvement.ImprovementRule` of each metric's mode (``improvement``,
       label -> rule; ``min_delta`` 0), and a NaN / inf value is not shown. A result of an earlier epoch's
       weights (asynchronous evaluation: it lands later) adds ``| of epoch e``.
     * The postfix shows the sliding-window average of the training loss (``loss_path``), refreshed every
@@ -85,13 +86,14 @@ class ProgressBar(Callback):
         self.best: dict = {}  # label -> best value
         self.best_epoch: Optional[int] = None  # 0-based epoch of the best value of the first metric
         self._result_epoch: Optional[int] = None  # 0-based epoch of the weights of the newest result
+        self._results_since_epoch_end = False  # results landed after the last epoch end (a last line at the end)
         self._bar: Any = None
         self._epoch_start = 0.0
         self._num_epochs = self._num_batches = 0
         self._done = 0
 
-    def set_training_manager(self, manager: Any) -> bool:
-        """Keep ``manager``; check the metric paths (default ones that no callback writes are left out)."""
+    def set_training_manager(self, manager: RunContext) -> bool:
+        """Keep the run context; check the metric paths (default ones that no callback writes are left out)."""
         for label, (path, _) in list(self.metrics.items()):
             try:
                 check_log_path(path, manager.callbacks, f"{self.name}: metrics[{label!r}]")
@@ -120,24 +122,29 @@ class ProgressBar(Callback):
         return " | ".join(parts)
 
     # ----- results -----
-    def _take_results(self, current: dict) -> None:
-        """Read the results that landed now; keep the newest and the best of every metric."""
+    def _take(self, index: int, label: str, epoch: int, value: Any) -> None:
+        """Keep ``value`` (of the weights of ``epoch``) as the newest of ``label``, and as its best when better."""
+        if value is None or not math.isfinite(float(to_number(value))):
+            return
+        value = float(to_number(value))
+        self.current[label], self._result_epoch = value, epoch
+        if self.improvement[label].is_improvement(value, self.best.get(label)):
+            self.best[label] = value
+            if index == 0:
+                self.best_epoch = epoch
+
+    def _is_result_metric(self, path: str) -> bool:
+        context = self.training_manager
+        return context is not None and context.is_result_metric(path)
+
+    def on_evaluation_result(self, result: EvaluationResult, logs: dict) -> bool:
+        """Each result of a shown dataset metric: the newest value and the best."""
         for index, (label, (path, _)) in enumerate(self.metrics.items()):
-            section, level = path.split(".")[:2]
-            if level == "dataset":
-                metric = path.split(".", 2)[2]
-                found = [(r.epoch, r.values.get(metric)) for r in landed_results(self.training_manager, section)]
-            else:
-                found = [(current["epoch"], get_value_at(current, path, None))]
-            for epoch, value in found:
-                if value is None or not math.isfinite(float(to_number(value))):
-                    continue
-                value = float(to_number(value))
-                self.current[label], self._result_epoch = value, epoch
-                if self.improvement[label].is_improvement(value, self.best.get(label)):
-                    self.best[label] = value
-                    if index == 0:
-                        self.best_epoch = epoch
+            if self._is_result_metric(path) and path.split(".", 1)[0] == result.dataset_name:
+                section = {result.dataset_name: {"dataset": result.values}}
+                self._take(index, label, result.epoch, get_value_at(section, path, None))
+                self._results_since_epoch_end = True
+        return True
 
     # ----- hooks -----
     def on_training_start(self, num_epochs, num_batches_per_epoch, start_epoch, start_batch, start_update_iter):
@@ -180,7 +187,10 @@ class ProgressBar(Callback):
 
     def on_epoch_completed(self, logs: dict) -> bool:
         current = logs["current"]
-        self._take_results(current)
+        self._results_since_epoch_end = False
+        for index, (label, (path, _)) in enumerate(self.metrics.items()):
+            if not self._is_result_metric(path):
+                self._take(index, label, current["epoch"], get_value_at(current, path, None))
         if not self._is_primary():
             return True
         description = self.description(current["epoch"])
@@ -202,13 +212,9 @@ class ProgressBar(Callback):
         if self._bar is not None:
             self._bar.close()
             self._bar = None
-        manager = self.training_manager
-        if manager is None:
-            return True
-        before = dict(self.current)
-        self._take_results(manager.logs["current"])
-        if self._is_primary() and self.current != before:
-            self._write(self.description(manager.logs["current"]["epoch"]))
+        if self._results_since_epoch_end and self._is_primary():
+            self._write(self.description(self.context.logs["current"]["epoch"]))
+        self._results_since_epoch_end = False
         return True
 
     def _write(self, line: str) -> None:

@@ -25,8 +25,9 @@ from collections.abc import Iterable, Sequence
 from typing import Any, Optional
 
 from mlpug.logs import get_value_at, iter_paths, to_number
-from mlpug.trainers.callbacks.async_evaluation import split_landed
-from mlpug.trainers.callbacks.callback import Callback, check_log_path
+from mlpug.trainers.callback import Callback, check_log_path
+from mlpug.trainers.evaluation_result import EvaluationResult, without_results
+from mlpug.trainers.run_context import RunContext
 
 __all__ = ["AutoTensorboard", "Tensorboard", "run_and_tag"]
 
@@ -158,8 +159,8 @@ class Tensorboard(Callback):
         return [path for path in self.metric_paths if (path.split(".")[1] in BATCH_LEVELS) == batch_level]
 
     # ----- hooks -----
-    def set_training_manager(self, manager: Any) -> bool:
-        """Keep ``manager``; check that callbacks write every metric path.
+    def set_training_manager(self, manager: RunContext) -> bool:
+        """Keep the run context; check that callbacks write every metric path.
 
         Raises:
             ValueError: No callback writes one of ``metric_paths``.
@@ -169,8 +170,8 @@ class Tensorboard(Callback):
         return bool(super().set_training_manager(manager))
 
     def _is_primary(self) -> bool:
-        manager = self.training_manager
-        return manager is None or manager.distributed.is_primary
+        context = self.training_manager
+        return context is None or context.distributed.is_primary
 
     def _writer(self, run: str) -> Any:
         writer = self._writers.get(run)
@@ -218,17 +219,16 @@ class Tensorboard(Callback):
             self._write(current, batch_level=True)
         return True
 
-    def on_epoch_completed(self, logs: dict) -> bool:
+    def on_evaluation_result(self, result: EvaluationResult, logs: dict) -> bool:
+        """A dataset result is written at the step of the weights it evaluated (asynchronous ones land later)."""
         if self._is_primary():
-            current, results = split_landed(self.training_manager, logs["current"])
-            self._write(current, batch_level=False)
-            self._write_results(results)
+            self._write({result.dataset_name: {"dataset": result.values}, "global_iter": result.global_iter}, False)
         return True
 
-    def _write_results(self, results: list) -> None:
-        """Dataset results at the step of the weights they evaluated (asynchronous ones land later)."""
-        for result in results:
-            self._write({result.dataset_name: {"dataset": result.values}, "global_iter": result.global_iter}, False)
+    def on_epoch_completed(self, logs: dict) -> bool:
+        if self._is_primary():  # the dataset results were written as they were published
+            self._write(without_results(logs["current"], self.context.result_datasets), batch_level=False)
+        return True
 
     def _flush(self) -> None:
         for writer in self._writers.values():
@@ -240,8 +240,6 @@ class Tensorboard(Callback):
         return True
 
     def on_training_checkpoint(self, stopped_early: bool, stopped_on_error: bool, interrupted: bool) -> bool:
-        if self._is_primary() and self.training_manager is not None:  # results that landed at the end
-            self._write_results(split_landed(self.training_manager, self.training_manager.logs["current"])[1])
         self._flush()
         return True
 
@@ -289,8 +287,8 @@ class AutoTensorboard(Tensorboard):
     def sections(self) -> Iterable[str]:
         return [self.dataset_name, "training_params"] if self.dataset_name == "training" else [self.dataset_name]
 
-    def set_training_manager(self, manager: Any) -> bool:
-        """Keep ``manager``; check that a callback produces ``dataset_name``.
+    def set_training_manager(self, manager: RunContext) -> bool:
+        """Keep the run context; check that a callback produces ``dataset_name``.
 
         Raises:
             ValueError: No callback produces ``dataset_name`` (the produced sections are listed).

@@ -525,9 +525,9 @@ def _raised_error(error_file: str, whole: bool = False) -> str:
 def launch(function: Callable, *args: Any, num_processes: Optional[int] = None, **kwargs: Any) -> Any:
     """Run ``function(*args, **kwargs)`` on ``num_processes`` local processes, or in this process when that is 1.
 
-    The spirit of pytorch-quik's ``traverse``: the same training function runs on every GPU of the machine, or,
-    where there is one device (or only the CPU), here, unchanged. Under ``torchrun`` (``WORLD_SIZE`` set) it just
-    calls ``function``: torchrun already started the processes.
+    The same training function runs on every GPU of the machine, or, where there is one device (or only the CPU),
+    here, unchanged. Under ``torchrun`` (``WORLD_SIZE`` set) it just calls ``function``: torchrun already started
+    the processes.
 
     Processes are started with ``torch.multiprocessing.start_processes`` (``spawn``), on the loopback address
     with a free port; each gets the environment ``torchrun`` would set (``RANK``, ``LOCAL_RANK``, ``WORLD_SIZE``,

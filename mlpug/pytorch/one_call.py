@@ -15,11 +15,15 @@ from typing import Any, ClassVar, Optional
 import torch
 from torch.optim.optimizer import _get_fused_kernels_supported_devices
 
-import mlpug.pytorch as backend
+from mlpug.pytorch.callbacks.checkpoint_manager import CheckpointManager
+from mlpug.pytorch.data import ResumableArrayBatches, resumable_data_loader
+from mlpug.pytorch.evaluation import MetricEvaluator
+from mlpug.pytorch.trainers.trainer import DefaultTrainer
 from mlpug.trainers.one_call import (
     DEFAULT_BATCH_SIZE,
     ArgumentChange,
     OneCallTrainer,
+    backend_parts,
     check_targets_fit,
     raise_loss_func_error,
     split_batch,
@@ -41,9 +45,8 @@ def use_fused_implementation(optimizer: torch.optim.Optimizer, model: Optional[t
     ``differentiable`` is False, every parameter is a floating point tensor on a device with fused kernels
     (``cpu``, ``cuda``, ...), and ``model`` (when given) has no module with ``sparse=True`` (an
     ``nn.Embedding`` / ``nn.EmbeddingBag`` with sparse gradients, which the fused kernels refuse). The fused
-    implementation runs the same algorithm, over all parameters in one kernel per step (on a CPU, for an MLP of
-    270k parameters, an Adam step takes about a fifth of the time); its float rounding differs (about 1e-7
-    relative per step), so weights differ from the default implementation's at that level.
+    implementation runs the same algorithm, over all parameters in one kernel per step; its float rounding differs
+    (about 1e-7 relative per step), so weights differ from the default implementation's at that level.
 
     The switch does what ``fused=True`` at construction does: ``fused`` in every parameter group and in
     ``defaults``, and the optimizer marked as one that handles float16 loss scaling in its kernel
@@ -149,7 +152,12 @@ class Trainer(OneCallTrainer):
         "    ``fused_optimizer`` is not a bool.\n"
     )
 
-    backend: ClassVar[Any] = backend
+    backend: ClassVar[Any] = backend_parts(
+        default_trainer=DefaultTrainer,
+        metric_evaluator=MetricEvaluator,
+        checkpoint_manager=CheckpointManager,
+        array_batches=ResumableArrayBatches,
+    )
 
     def __init__(
         self,
@@ -201,6 +209,6 @@ class Trainer(OneCallTrainer):
         if isinstance(dataset, torch.utils.data.Dataset) and hasattr(dataset, "__len__"):
             size = batch_size or DEFAULT_BATCH_SIZE
             if training:
-                return backend.data.resumable_data_loader(dataset, size, shuffle=shuffle, seed=seed)
+                return resumable_data_loader(dataset, size, shuffle=shuffle, seed=seed)
             return torch.utils.data.DataLoader(dataset, batch_size=size, shuffle=False)  # shardable over ranks
         return super()._batches(dataset, argument, given_batch_size, batch_size, training, shuffle, seed)

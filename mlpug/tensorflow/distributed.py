@@ -20,9 +20,6 @@ script is otherwise the one of a single device. What the trainer then does:
 * Evaluation runs on one device per process (the variables' local copies, no collectives), on the worker's shard
   of the evaluation data (:func:`shard_evaluation_dataset`).
 
-A cross-worker collective outside the compiled step (``strategy.reduce``) costs about 12 ms with two workers on a
-2-core machine (gRPC on the loopback address), measured with ``benchmarks``-style repetitions while developing.
-
 Without a strategy, a ``TF_CONFIG`` that describes several tasks is refused (:func:`check_cluster`): every process
 would train alone on the same data and write the same files.
 """
@@ -35,7 +32,7 @@ import multiprocessing
 import os
 import socket
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Optional
 
 import tensorflow as tf
@@ -101,7 +98,7 @@ def _cluster_tasks() -> dict[str, int]:
         ) from None
 
 
-def check_strategy_options(strategy: Any, optimizers: dict[str, Any], loss_scaling: bool) -> None:
+def check_strategy_options(strategy: Any, optimizers: Mapping[str, Any], loss_scaling: bool) -> None:
     """Refuse what would make a strategy's step differ from one device's step on the global batch.
 
     Raises:
@@ -175,8 +172,8 @@ def num_local_replicas(strategy: Any) -> int:
 class StrategyContext(DistributedContext):
     """The workers of a ``MultiWorkerMirroredStrategy`` as the neutral core's ranks.
 
-    Rank 0 is the chief (``TF_CONFIG`` task ``chief``, else worker 0); collectives are ``strategy.reduce`` sums
-    of float64 vectors (about 12 ms each with two workers on 2 cores), issued by every worker in the same order.
+    Rank 0 is the chief (``TF_CONFIG`` task ``chief``, else worker 0); collectives are blocking ``strategy.reduce``
+    sums of float64 vectors, outside the compiled step, issued by every worker in the same order.
     Without a cluster (``MultiWorkerMirroredStrategy()`` without ``TF_CONFIG``: the resolver has no task) the
     process is the only worker: rank 0 of a world size of 1.
 

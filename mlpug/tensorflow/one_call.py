@@ -12,12 +12,15 @@ from typing import Any, ClassVar, Optional
 import numpy as np
 import tensorflow as tf
 
-import mlpug.tensorflow as backend
-from mlpug.tensorflow.data import pipeline_stages
+from mlpug.tensorflow.callbacks.checkpoint_manager import CheckpointManager
+from mlpug.tensorflow.data import ResumableArrayBatches, pipeline_stages
+from mlpug.tensorflow.evaluation import MetricEvaluator
+from mlpug.tensorflow.trainers.trainer import DefaultTrainer
 from mlpug.trainers.one_call import (
     DEFAULT_BATCH_SIZE,
     ArgumentChange,
     OneCallTrainer,
+    backend_parts,
     check_targets_fit,
     raise_loss_func_error,
     split_batch,
@@ -125,7 +128,12 @@ class Trainer(OneCallTrainer):
         "    build the model and optimizer in its scope) to train data-parallel.\n"
     )
 
-    backend: ClassVar[Any] = backend
+    backend: ClassVar[Any] = backend_parts(
+        default_trainer=DefaultTrainer,
+        metric_evaluator=MetricEvaluator,
+        checkpoint_manager=CheckpointManager,
+        array_batches=ResumableArrayBatches,
+    )
 
     def _training_model(self, model: Any, loss_func: Callable) -> Any:
         return LossModel(model, loss_func)

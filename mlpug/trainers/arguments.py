@@ -9,7 +9,7 @@ from collections.abc import Iterable
 from typing import Any, Optional
 
 from mlpug.data import known_length
-from mlpug.trainers.callbacks.callback import Callback
+from mlpug.trainers.callback import Callback
 
 
 def check_positive_int(value: Any, name: str) -> int:

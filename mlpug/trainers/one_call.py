@@ -1,6 +1,6 @@
 """The one-call API: ``mlp.Trainer(model, loss_func, optimizer, metrics=...).train(train_dataset, ...)``.
 
-A facade in the spirit of pytorch-accelerated's ``Trainer`` and Keras' ``fit``, built only from the full API's parts:
+A facade built only from the full API's parts:
 a backend ``DefaultTrainer``, one ``MetricEvaluator``, ``TrainingMetricsLogger`` and ``TestMetricsLogger``, a
 ``ProgressBar`` or ``LogProgress``, an optional ``CheckpointManager``, a ``MetricsHistory`` (returned) and the
 ``TrainingManager``. Options keep the names of the part they go to, so a user who outgrows the facade writes the same
@@ -21,16 +21,30 @@ from __future__ import annotations
 
 import math
 import warnings
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from types import SimpleNamespace
 from typing import Any, ClassVar, Literal, NoReturn, Optional, Union
 
+from mlpug.callbacks import (
+    Callback,
+    CheckpointManager,
+    LogProgress,
+    MetricsHistory,
+    ProgressBar,
+    TestMetricsLogger,
+    TrainingMetricsLogger,
+)
+from mlpug.data import ResumableArrayBatches
+from mlpug.evaluation import MetricEvaluator
 from mlpug.trainers.arguments import check_positive_int
-from mlpug.trainers.hook_dispatch import add_note
-from mlpug.trainers.trainer import describe_value
+from mlpug.trainers.hook_dispatcher import add_note
+from mlpug.trainers.trainer import DefaultTrainer, describe_value
+from mlpug.trainers.training_manager import TrainingManager
 
 Progress = Optional[Literal["bar", "log"]]
 _PROGRESS = ("bar", "log", None)
-DEFAULT_BATCH_SIZE = 32  # as Keras fit
+#: Samples per batch for data batched here when no batch size is given: Keras ``fit``'s default, matched on purpose.
+DEFAULT_BATCH_SIZE = 32
 
 
 class OneCallTrainer:
@@ -71,7 +85,9 @@ class OneCallTrainer:
         Any error of the ``DefaultTrainer`` for a bad ``optimizer``, ``model`` or option, with its message.
     """
 
-    #: The backend package (``mlpug.pytorch``, ``mlpug.tensorflow``), set by each backend subclass.
+    #: The parts this facade builds, by the names of a backend package: ``trainers.DefaultTrainer``,
+    #: ``trainers.TrainingManager``, ``evaluation.MetricEvaluator``, ``data.ResumableArrayBatches`` and the
+    #: ``callbacks`` it adds; set by each backend subclass (:func:`backend_parts`).
     backend: ClassVar[Any] = None
 
     def __init__(
@@ -104,12 +120,12 @@ class OneCallTrainer:
         self.allow_broadcast = allow_broadcast
         self.model, self.loss_func, self.optimizer, self.metrics = model, loss_func, optimizer, metrics
         self.batch_chunk_size = trainer_options.get("batch_chunk_size")
-        self.trainer = self.backend.trainers.DefaultTrainer(
+        self.trainer: DefaultTrainer = self.backend.trainers.DefaultTrainer(
             optimizers=optimizer, model_components=model, **self._trainer_options(model, trainer_options)
         )
         self.training_model = self._training_model(model, loss_func)
-        self.manager: Any = None
-        self.history: Any = None
+        self.manager: Optional[TrainingManager] = None
+        self.history: Optional[MetricsHistory] = None
 
     def train(
         self,
@@ -121,7 +137,7 @@ class OneCallTrainer:
         validation_batch_size: Optional[int] = None,
         shuffle: bool = True,
         seed: int = 0,
-        callbacks: Sequence[Any] = (),
+        callbacks: Sequence[Callback] = (),
         progress: Progress = "bar",
         log_period: int = 200,
         checkpoints_path: Optional[str] = None,
@@ -129,14 +145,15 @@ class OneCallTrainer:
         metric_to_monitor: Optional[str] = None,
         run_async_validation: bool = False,
         **manager_options: Any,
-    ) -> Any:
+    ) -> MetricsHistory:
         """Trains for ``num_epochs`` epochs and returns the ``MetricsHistory`` (one row per epoch).
 
         Datasets are batched here when they are samples, and used as they are when they already yield batches:
 
         * a tuple/list of arrays ``(inputs, targets)`` with the same first dimension (NumPy or backend tensors):
-          sliced into batches of ``batch_size`` (default 32, as Keras ``fit``) by ``mlp.data.ResumableArrayBatches``,
-          shuffled every epoch from ``(seed, epoch)`` only for training, so a resume is exact mid-epoch;
+          sliced into batches of ``batch_size`` (default :data:`DEFAULT_BATCH_SIZE`, 32) by
+          ``mlp.data.ResumableArrayBatches``, shuffled every epoch from ``(seed, epoch)`` only for training, so a
+          resume is exact mid-epoch;
         * a ``torch.utils.data.Dataset`` (PyTorch): ``mlp.data.resumable_data_loader`` (the same order);
         * a ``tf.data.Dataset`` (TensorFlow) of samples with ``batch_size``: batched here (training: shuffled first
           with ``seed``, one reshuffle per epoch); one whose pipeline has a ``batch`` stage is used as it is;
@@ -252,7 +269,7 @@ class OneCallTrainer:
     def _batches(
         self, dataset: Any, argument: str, given_batch_size: Optional[int], batch_size: Optional[int], training: bool,
         shuffle: bool, seed: int,
-    ) -> Any:  # fmt: skip
+    ) -> Iterable[Any]:  # fmt: skip
         """``dataset`` as an iterable of batches (see :meth:`train`); backends add their dataset types.
 
         Args:
@@ -291,6 +308,34 @@ class OneCallTrainer:
         """The backend training model: ``{"loss": ..., "auxiliary_results": outputs}`` of a batch, with a method
         ``check_targets(batch, outputs)``, the first-batch check of :func:`check_targets_fit`."""
         raise NotImplementedError
+
+
+def backend_parts(
+    *,
+    default_trainer: Callable[..., DefaultTrainer],
+    metric_evaluator: type[MetricEvaluator],
+    checkpoint_manager: type[CheckpointManager],
+    array_batches: type[ResumableArrayBatches],
+) -> SimpleNamespace:
+    """The :attr:`OneCallTrainer.backend` of a backend: its own classes with the neutral ``TrainingManager`` and
+    callbacks, under the names of a backend package (``trainers.DefaultTrainer``, ``callbacks.ProgressBar``, ...).
+
+    A backend builds it from its modules, not from its package (``mlpug.<backend>``, whose ``__init__`` imports the
+    backend's one-call module).
+    """
+    return SimpleNamespace(
+        trainers=SimpleNamespace(DefaultTrainer=default_trainer, TrainingManager=TrainingManager),
+        evaluation=SimpleNamespace(MetricEvaluator=metric_evaluator),
+        callbacks=SimpleNamespace(
+            TrainingMetricsLogger=TrainingMetricsLogger,
+            TestMetricsLogger=TestMetricsLogger,
+            ProgressBar=ProgressBar,
+            LogProgress=LogProgress,
+            CheckpointManager=checkpoint_manager,
+            MetricsHistory=MetricsHistory,
+        ),
+        data=SimpleNamespace(ResumableArrayBatches=array_batches),
+    )
 
 
 def _check_prerequisites(present: Mapping[str, Any], **options: tuple) -> None:

@@ -1,7 +1,7 @@
 """``EvaluationSnapshot``: a frozen copy of a trainer's model, evaluated on another thread while training goes on.
 
 Asynchronous dataset evaluation (``TestMetricsLogger(..., run_async=True)``, see
-:mod:`mlpug.trainers.callbacks.async_evaluation`) never evaluates the live weights: at each trigger the training
+:mod:`mlpug.callbacks.async_evaluation`) never evaluates the live weights: at each trigger the training
 thread copies them into a snapshot (:meth:`EvaluationSnapshot.capture`), and a worker thread evaluates the
 snapshot (:meth:`EvaluationSnapshot.evaluate_loss`) while the next batches train. A backend trainer creates its
 snapshots with ``Trainer.evaluation_snapshot()``:

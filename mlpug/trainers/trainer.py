@@ -81,8 +81,8 @@ class Trainer(ABC):
     steps_per_execution: int = 1
     """How many optimisation steps :meth:`train_on_batches` runs per call at most (1: one ``train_on`` per batch).
     The manager gives it up to this many batches of an epoch at a time, fewer where a callback needs the model
-    sooner (see :meth:`mlpug.trainers.callbacks.callback.Callback.batches_until_model_access`)."""
-    evaluation_batches_per_call: int = 1
+    sooner (see :meth:`mlpug.trainers.callback.Callback.batches_until_model_access`)."""
+    evaluation_steps_per_execution: int = 1
     """How many batches the ``MetricEvaluator`` hands :meth:`evaluate_losses` at a time in a dataset evaluation."""
     _first_batch_checks: tuple = ()  # see add_first_batch_check; backends run them with _run_first_batch_checks
 

@@ -2,7 +2,7 @@
 
 The manager owns epochs, batches, the stop flag, timing, ``logs``, hooks, signals and the failure path. Its
 contract with backends is :class:`mlpug.trainers.trainer.Trainer` (one ``train_on`` call per batch returning a
-``StepResult``); with callbacks it is the hook list of :mod:`mlpug.trainers.callbacks.callback`.
+``StepResult``); with callbacks it is the hook list of :mod:`mlpug.trainers.callback`.
 
 Life cycle (every hook goes to every callback, producers first: see ``dispatch_order``)::
 
@@ -75,8 +75,9 @@ from mlpug.distributed import BatchReduction, DistributedContext, StepReductions
 from mlpug.logs import Deferred, MetricValues
 from mlpug.random_state import capture_random_states, get_random_states, plain_states, set_random_states
 from mlpug.trainers.arguments import check_callbacks, check_num_batches_per_epoch, check_positive_int
-from mlpug.trainers.callbacks.callback import Callback, dispatch_order
-from mlpug.trainers.hook_dispatch import HookDispatch, add_note
+from mlpug.trainers.callback import Callback
+from mlpug.trainers.evaluation_result import EvaluationResult
+from mlpug.trainers.hook_dispatcher import BatchHooks, HookDispatcher, add_note
 from mlpug.trainers.non_finite import (
     DEFAULT_CHECK_WEIGHTS_EVERY,
     NonFiniteLossPolicy,
@@ -85,14 +86,15 @@ from mlpug.trainers.non_finite import (
     NonFiniteWeightsPolicy,
 )
 from mlpug.trainers.resume import ResumeFrom, check_counters, check_resume_from, load_resume_state
+from mlpug.trainers.run_context import RunContext
 from mlpug.trainers.signals import install_stop_handlers, restore_handlers
-from mlpug.trainers.steps_per_call import StepsPerCall
+from mlpug.trainers.steps_per_execution import StepsPerExecution
 from mlpug.trainers.trainer import StepResult, Trainer
 
 _log = logging.getLogger("mlpug.TrainingManager")
 
 
-class TrainingManager(StepsPerCall, HookDispatch):
+class TrainingManager:
     """Runs the training loop and dispatches the hooks of the callbacks (see the module docstring).
 
     Args:
@@ -107,7 +109,7 @@ class TrainingManager(StepsPerCall, HookDispatch):
             iterator form the epoch; an iterable that yields fewer batches raises ``RuntimeError`` when it runs out.
         callbacks: A list (or tuple) of Callback instances. Every hook goes to the producers of logs first (metric
             loggers, the best-model decision), then to the others, each group in list order (see
-            :func:`mlpug.trainers.callbacks.callback.dispatch_order`).
+            :func:`mlpug.trainers.callback.dispatch_order`).
         training_settings: Passed to the training model as ``evaluate_settings`` in each training step.
         evaluate_settings: Passed to the model when callbacks evaluate it.
         distributed: Distributed context; default the trainer's (``trainer.distributed_context()``: the
@@ -211,7 +213,6 @@ class TrainingManager(StepsPerCall, HookDispatch):
         self.batch_reduction: Optional[BatchReduction] = None  # several ranks: this step's one collective
         self._step_reductions = StepReductions(self.distributed)  # several ranks: the steps' collectives
         self._received_signal: Optional[int] = None
-        self._failed_hook: Optional[str] = None  # the hook that raised, for the failure note
         self.step_result: Optional[StepResult] = None
         self.training_error: Optional[BaseException] = None
         self.non_finite = NonFiniteLossTracker(non_finite_loss, trainer.non_finite_indices)
@@ -221,12 +222,16 @@ class TrainingManager(StepsPerCall, HookDispatch):
         self._random_state_providers = trainer.random_state_providers()
         self._pending_random_state: Optional[dict] = None  # restored where it was captured (see _train)
         self._random_before_data: Any = None  # the states this epoch's data iterator was created with (Deferred)
-        self._ordered_callbacks = dispatch_order(callbacks)
+        self._hooks = HookDispatcher(callbacks, self.logs)
+        steps = trainer.steps_per_execution
+        self._steps_per_execution = StepsPerExecution(steps, callbacks) if steps > 1 else None
+        self.result_datasets = frozenset().union(*(c.publishes_results for c in callbacks))
+        self.asynchronous_result_datasets = frozenset().union(*(c.asynchronous_results for c in callbacks))
         check_resume_from(resume_from, callbacks)
         self._resume_from = resume_from
-        self._hooks = self._build_dispatch_table()
-        for callback in self._ordered_callbacks:
-            callback.set_training_manager(self)
+        self.context = RunContext(self)
+        for callback in self._hooks.ordered_callbacks:
+            callback.set_training_manager(self.context)
 
     # ----- public API -----
     def stop_training(self) -> None:
@@ -251,6 +256,21 @@ class TrainingManager(StepsPerCall, HookDispatch):
             self.weights_check.check(self.global_iter, *self._last_step_position())
             self._next_weights_check = self.weights_check.next_check(self.global_iter)
 
+    def dispatch_result(self, result: EvaluationResult) -> None:
+        """``on_evaluation_result(result, logs)`` on every callback that implements it, in dispatch order (what
+        :meth:`RunContext.publish_result <mlpug.trainers.run_context.RunContext.publish_result>` does).
+
+        Raises:
+            ValueError: No callback declares ``result.dataset_name`` in ``publishes_results``.
+        """
+        if result.dataset_name not in self.result_datasets:
+            raise ValueError(
+                f"an EvaluationResult of {result.dataset_name!r} was published, but no callback declares it in "
+                f"publishes_results (declared: {sorted(self.result_datasets)}); the producer must declare the "
+                "datasets it publishes, so that consumers know where their metric comes from"
+            )
+        self._hooks.dispatch("on_evaluation_result", result, self.logs)
+
     def _last_step_position(self) -> tuple:
         """``(epoch, batch_step)`` of the last step trained (the counters point at the next one)."""
         if self.batch_step > 0:
@@ -263,7 +283,7 @@ class TrainingManager(StepsPerCall, HookDispatch):
         try:
             self.check_finite(weights=True)
         except BaseException:
-            self._failed_hook = "check_finite"
+            self._hooks.failed_hook = "check_finite"
             raise
 
     def get_state(self) -> dict:
@@ -358,7 +378,7 @@ class TrainingManager(StepsPerCall, HookDispatch):
             _log.info(f"Resuming training from {(resume_state.get('mlpug') or {}).get('path', 'the given state')}")
             self.set_state(resume_state)
         self.training_error = None
-        self._stop_requested, self._received_signal, self._failed_hook = False, None, None
+        self._stop_requested, self._received_signal, self._hooks.failed_hook = False, None, None
         self.batch_reduction, self._step_reductions = None, StepReductions(self.distributed)
         stopped_on_error = False
         previous_handlers = (
@@ -389,8 +409,9 @@ class TrainingManager(StepsPerCall, HookDispatch):
     # ----- the loop -----
     def _train(self) -> None:
         logs = self.logs
-        self._warn_if_steps_per_call_limited()
-        self._dispatch(
+        if self._steps_per_execution is not None:
+            self._steps_per_execution.warn_if_limited(self.global_iter)
+        self._hooks.dispatch(
             "on_training_start",
             self.num_epochs,
             self.num_batches_per_epoch,
@@ -410,7 +431,7 @@ class TrainingManager(StepsPerCall, HookDispatch):
             # An epoch that training continues mid-way (a resume, or start_training after a stop) gets its
             # on_epoch_start too, told so: a callback keeps the per-epoch state that set_state restored.
             logs["resumed_mid_epoch"] = self.batch_step > 0
-            self._dispatch("on_epoch_start", logs)
+            self._hooks.dispatch("on_epoch_start", logs)
             # The states with which this epoch's data iterator is created (a shuffled DataLoader draws its order
             # then): saved in checkpoints, so that a mid-epoch resume creates the same iterator, then skips.
             resuming_mid_epoch = self._pending_random_state is not None
@@ -438,37 +459,63 @@ class TrainingManager(StepsPerCall, HookDispatch):
             params["lr"] = logs_module.deferred_number(self.step_result.learning_rate if self.step_result else None)
             self._check_finite_in_loop()
             # a failing epoch-end hook leaves the epoch unfinished: an emergency checkpoint resumes at its end
-            self._dispatch("on_epoch_completed", logs)
+            self._hooks.dispatch("on_epoch_completed", logs)
             self.epoch, self.batch_step = epoch + 1, 0
-            self._dispatch("on_epoch_checkpoint", logs)
+            self._hooks.dispatch("on_epoch_checkpoint", logs)
             if self._should_stop(epoch_end=True):
                 return
         self.epoch = self.num_epochs
 
     def _train_epoch(self, data: Any, logs: dict) -> bool:
-        """Train the batches of one epoch; return False when stopped before its end."""
-        if self.trainer.steps_per_execution > 1:
-            return self._train_epoch_in_calls(data, logs)
-        trainer, training_settings = self.trainer, logs["training_settings"]
-        hooks = self._batch_hooks()
-        start_hooks = hooks[0]
+        """Train the batches of one epoch; return False when stopped before its end.
+
+        Each trainer call trains one batch (``train_on``), or with ``steps_per_execution`` > 1 up to that many
+        (``train_on_batches``, sized by :class:`~mlpug.trainers.steps_per_execution.StepsPerExecution`); the batch
+        hooks then run for every batch of the call, in order (``on_batch_training_start`` for all of them before the
+        call). A stop request or a signal takes effect at the end of a call. Each batch's logged duration is the
+        call's duration divided by its batches.
+        """
+        trainer, training_settings, dispatcher = self.trainer, logs["training_settings"], self._hooks
+        hooks = dispatcher.batch_hooks()
+        start_hooks = hooks.start
+        calls, num_batches = self._steps_per_execution, self.num_batches_per_epoch
         epoch, new_current = self.epoch, logs_module.new_current
-        for batch_step in range(self.batch_step, self.num_batches_per_epoch):
+        batch_step = self.batch_step
+        while batch_step < num_batches:
             if self._should_stop():
                 return False
-            self.batch_step = batch_step
-            batch = self._next_batch(data, batch_step)
-            logs["current"] = current = new_current(epoch, batch_step, self.global_iter)
-            if start_hooks:
-                self._call(start_hooks, "on_batch_training_start", batch, logs)
+            self.batch_step, global_iter = batch_step, self.global_iter
+            size = 1 if calls is None else calls.batches_in_call(batch_step, num_batches, global_iter)
+            batches, currents = [], []
+            for index in range(size):
+                batch = self._next_batch(data, batch_step + index)
+                logs["current"] = current = new_current(epoch, batch_step + index, global_iter + index)
+                batches.append(batch)
+                currents.append(current)
+                if start_hooks:
+                    dispatcher.call(start_hooks, "on_batch_training_start", batch, logs)
             start_time = time.perf_counter()
             try:
-                result = trainer.train_on(batch, training_settings)
+                results = (
+                    [trainer.train_on(batches[0], training_settings)]
+                    if calls is None
+                    else trainer.train_on_batches(batches, training_settings)
+                )
             except Exception as error:
-                self._dispatch_failure(error, logs)
+                dispatcher.dispatch_failure(error, logs)
                 raise
-            self._complete_batch(batch, result, current, time.perf_counter() - start_time, hooks)
-            if self.global_iter >= self._next_weights_check:
+            duration = (time.perf_counter() - start_time) / size
+            end_step, end_iter = batch_step + size, global_iter + size
+            try:
+                for batch, result, current in zip(batches, results, currents):
+                    logs["current"] = current
+                    self._complete_batch(batch, result, current, duration, hooks)
+            except BaseException:
+                # the model has trained every batch of the call: a checkpoint of the failure resumes after them
+                self.batch_step, self.global_iter = end_step, end_iter
+                raise
+            batch_step = end_step
+            if self.global_iter >= self._next_weights_check:  # after the call: the weights of its last step
                 self._check_finite_in_loop()
         return True
 
@@ -481,11 +528,13 @@ class TrainingManager(StepsPerCall, HookDispatch):
                 f"num_batches_per_epoch is {self.num_batches_per_epoch}"
             ) from None
 
-    def _complete_batch(self, batch: Any, result: StepResult, current: dict, duration: float, hooks: tuple) -> None:
+    def _complete_batch(
+        self, batch: Any, result: StepResult, current: dict, duration: float, hooks: BatchHooks
+    ) -> None:
         """After a batch's step: its ``training_params``, the non-finite record, the counters, then its
         batch-end and checkpoint hooks."""
         self.step_result = result
-        _, completed_hooks, reducing_hooks, other_completed_hooks, checkpoint_hooks = hooks
+        call = self._hooks.call
         epoch, batch_step, logs = self.epoch, self.batch_step, self.logs
         params = current["training_params"]["batch"]
         params["duration"] = duration
@@ -504,19 +553,19 @@ class TrainingManager(StepsPerCall, HookDispatch):
         self.global_iter += 1
         self.batch_step = batch_step + 1
         if not distributed:
-            if completed_hooks:
-                self._call(completed_hooks, "on_batch_training_completed", batch, logs)
+            if hooks.completed:
+                call(hooks.completed, "on_batch_training_completed", batch, logs)
         else:
-            self._call(reducing_hooks, "on_batch_training_completed", batch, logs)
+            call(hooks.reducing_completed, "on_batch_training_completed", batch, logs)
             reduction.issue(self._stop_requested or self._received_signal is not None)
-            self._call(other_completed_hooks, "on_batch_training_completed", batch, logs)
-        if checkpoint_hooks:
-            self._call(checkpoint_hooks, "on_batch_checkpoint", logs)
+            call(hooks.other_completed, "on_batch_training_completed", batch, logs)
+        if hooks.checkpoint:
+            call(hooks.checkpoint, "on_batch_checkpoint", logs)
 
     def _failure_position(self) -> str:
         """Where training failed: the batch (epoch, batch step, global iteration) whose data, step or hook raised,
         or the end of the epoch whose epoch-end hooks raised."""
-        hook, logs = self._failed_hook, self.logs
+        hook, logs = self._hooks.failed_hook, self.logs
         if hook == "check_finite":  # the loop's own check of the losses and weights
             if self.global_iter == 0:
                 return "at the check of the weights before the first training step"
@@ -555,9 +604,9 @@ class TrainingManager(StepsPerCall, HookDispatch):
         interrupted = interrupted_by is not None
         stopped_early = not stopped_on_error and (self._stop_requested or interrupted)
         errors: list = []
-        self._call_all("on_training_checkpoint", errors, stopped_early, stopped_on_error, interrupted)
+        self._hooks.call_all("on_training_checkpoint", errors, stopped_early, stopped_on_error, interrupted)
         success = self.logs["cb_calls_success"]
-        self._call_all("on_training_ended", errors, stopped_early, stopped_on_error, interrupted, success)
+        self._hooks.call_all("on_training_ended", errors, stopped_early, stopped_on_error, interrupted, success)
         # non_finite_weights="warn": the final weights (checked at the end) are not finite; never "All good"
         non_finite_weights = [] if stopped_on_error else self.weights_check.names
         if non_finite_weights:

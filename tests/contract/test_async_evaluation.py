@@ -11,6 +11,8 @@ import threading
 import numpy as np
 import pytest
 
+from mlpug.callbacks.lr_scheduler import LRSchedulerWrapper
+
 NUM_EPOCHS = 4
 
 
@@ -30,12 +32,18 @@ class Recorder:
         recorder = self
 
         class Record(mlp.callbacks.Callback):
+            pending: list = []  # the epochs of the validation results published since the last epoch end
+
+            def on_evaluation_result(self, result, logs):
+                if result.dataset_name == "validation":
+                    self.pending = [*self.pending, result.epoch]
+                return True
+
             def on_epoch_completed(self, logs):
                 current = logs["current"]
                 recorder.weights[current["epoch"]] = harness.weights(problem)
                 recorder.tags[current["epoch"]] = current.get("validation", {}).get("evaluated_at")
-                results = mlp.callbacks.landed_results(self.training_manager, "validation")
-                recorder.landed[current["epoch"]] = [result.epoch for result in results]
+                recorder.landed[current["epoch"]], self.pending = self.pending, []
                 if stop_at is not None and current["epoch"] == stop_at:  # an int: at this epoch's end
                     self.training_manager.stop_training()
                 if at_epoch_end is not None:
@@ -65,6 +73,8 @@ def run(
     stop_at=None,
     evaluator_metrics=None,
     at_epoch_end=None,
+    extra_callbacks=(),
+    record_best_decisions=False,
     **logger_options,
 ):
     problem = harness.make_problem(num_batches=3)
@@ -82,6 +92,8 @@ def run(
     manager_callback = mlp.callbacks.CheckpointManager(
         checkpoints_path=str(directory), metric_opt_mode=metric_opt_mode, write_in_background=False
     )
+    if record_best_decisions:
+        manager_callback.improvement = RecordingRule(manager_callback.improvement)
     validation_dataset = problem.validation_batches if validation is None else validation(problem)
     callbacks = [
         mlp.callbacks.TrainingMetricsLogger(metric_evaluator=evaluator),
@@ -95,6 +107,7 @@ def run(
         manager_callback,
         history,
         recorder.callback,
+        *extra_callbacks,
     ]
     manager = mlp.trainers.TrainingManager(
         problem.trainer, problem.training_batches, num_epochs=num_epochs, callbacks=callbacks, resume_from=resume_from
@@ -292,3 +305,57 @@ def test_bad_asynchronous_options_are_refused_at_construction(harness):
         mlp.callbacks.TestMetricsLogger(data, "validation", evaluator, run_async=True, num_threads=0)
     with pytest.raises(TypeError, match="run_async"):
         mlp.callbacks.TestMetricsLogger(data, "validation", evaluator, run_async="yes")
+
+
+class RecordingRule:
+    """An improvement rule that records every value it is asked about, and answers as the rule it wraps."""
+
+    def __init__(self, rule):
+        self.rule, self.asked = rule, []
+        self.mode, self.min_delta = rule.mode, rule.min_delta
+
+    def is_improvement(self, value, best):
+        self.asked.append(value)
+        return self.rule.is_improvement(value, best)
+
+
+def test_two_results_landing_in_one_hook_reach_every_consumer_in_order_once(harness, tmp_path):
+    """At the last epoch end the results of epochs 2 and 3 land together: EarlyStopping, LR on plateau,
+    MetricsHistory, TensorBoard and the CheckpointManager each get both, oldest first, once (the value of every
+    evaluated epoch, as the synchronous run has them)."""
+    from tests.contract.test_tensorboard import scalars
+
+    _, _, sync_history, _, _ = run(harness, tmp_path / "sync", run_async=False)
+    losses = [row["validation.dataset.loss"] for row in sync_history.rows]
+    mlp = harness.make_problem(num_batches=3).mlp
+    stopping = mlp.callbacks.EarlyStopping("validation.dataset.loss", patience=100)
+    stopping.improvement = RecordingRule(stopping.improvement)
+    stepped = []
+
+    class PlateauWrapper(LRSchedulerWrapper):  # the neutral wrapper, with a scheduler that records its steps
+        def check_scheduler(self, name, scheduler):
+            pass
+
+        def step_scheduler(self, name, scheduler, metric):
+            stepped.append(metric)
+
+        def scheduler_state(self, name, scheduler):
+            return {}
+
+        def load_scheduler_state(self, name, scheduler, state):
+            pass
+
+    plateau = PlateauWrapper(object(), batch_level=False, metric_to_monitor="validation.dataset.loss")
+    board = mlp.callbacks.Tensorboard(["validation.dataset.loss"], log_dir=str(tmp_path / "tb"))
+
+    _, _, history, recorder, checkpoints = run(
+        harness, tmp_path / "async", extra_callbacks=[stopping, plateau, board], record_best_decisions=True
+    )
+    assert recorder.landed[NUM_EPOCHS - 1] == [NUM_EPOCHS - 2, NUM_EPOCHS - 1]  # two results in one hook
+    assert stopping.improvement.asked == losses
+    assert stepped == losses
+    assert [row["validation.dataset.loss"] for row in history.rows] == losses
+    assert checkpoints.improvement.asked == losses
+    written = scalars(tmp_path / "tb" / "validation-dataset", "loss")
+    assert [step for step, _ in written] == [2, 5, 8, 11]  # at the step of the evaluated weights
+    assert [value for _, value in written] == pytest.approx(losses)

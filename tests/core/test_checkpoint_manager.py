@@ -30,9 +30,9 @@ from mlpug.data import ResumableArrayBatches
 from mlpug.distributed import SerialContext
 from mlpug.evaluation import MetricEvaluator
 from mlpug.logs import MetricValues
-from mlpug.trainers.callbacks import Callback, CheckpointManager, TestMetricsLogger, TrainingMetricsLogger
-from mlpug.trainers.callbacks.improvement import ImprovementRule
-from mlpug.trainers.training import TrainingManager
+from mlpug.callbacks import Callback, CheckpointManager, TestMetricsLogger, TrainingMetricsLogger
+from mlpug.callbacks.improvement import ImprovementRule
+from mlpug.trainers.training_manager import TrainingManager
 from tests.core.fake_backend import make_trainer
 from tests.recording import CountBatches
 

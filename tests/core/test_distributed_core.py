@@ -11,8 +11,8 @@ import pytest
 from mlpug import logging as mlpug_logging
 from mlpug.distributed import DistributedContext
 from mlpug.evaluation import MetricEvaluator
-from mlpug.trainers.callbacks import Callback, LogProgress, TestMetricsLogger, TrainingMetricsLogger
-from mlpug.trainers.training import TrainingManager
+from mlpug.callbacks import Callback, LogProgress, TestMetricsLogger, TrainingMetricsLogger
+from mlpug.trainers.training_manager import TrainingManager
 from tests.core.fake_backend import make_batches, make_trainer
 
 
@@ -116,7 +116,7 @@ def test_dataset_metrics_are_sums_and_counts_over_the_ranks_never_means_of_means
 
 def test_tensorboard_writes_on_the_primary_rank_only(tmp_path):
     """Two fake ranks with the same log_dir: only rank 0's events exist; rank 1 issues the same collectives."""
-    from mlpug.trainers.callbacks import Tensorboard
+    from mlpug.callbacks import Tensorboard
 
     contexts = []
     for rank in (0, 1):

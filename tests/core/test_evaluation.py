@@ -4,9 +4,9 @@ import numpy as np
 import pytest
 
 from mlpug.evaluation import MetricEvaluator
-from mlpug.trainers.callbacks import TestMetricsLogger, TrainingMetricsLogger
+from mlpug.callbacks import TestMetricsLogger, TrainingMetricsLogger
 from mlpug.trainers.trainer import ModelOutputs
-from mlpug.trainers.training import TrainingManager
+from mlpug.trainers.training_manager import TrainingManager
 from tests.core.fake_backend import make_trainer
 from tests.recording import RecordingCallback
 

@@ -6,8 +6,8 @@ import math
 
 import pytest
 
-from mlpug.trainers.callbacks import EarlyStopping, ProgressBar
-from mlpug.trainers.callbacks.improvement import ImprovementRule
+from mlpug.callbacks import EarlyStopping, ProgressBar
+from mlpug.callbacks.improvement import ImprovementRule
 
 NAN, INF = float("nan"), float("inf")
 

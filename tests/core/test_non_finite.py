@@ -10,10 +10,10 @@ import pytest
 
 from mlpug.checkpointing import NumpyCheckpointSaver
 from mlpug.evaluation import MetricEvaluator
-from mlpug.trainers.callbacks import Callback, CheckpointManager, TestMetricsLogger
+from mlpug.callbacks import Callback, CheckpointManager, TestMetricsLogger
 from mlpug.trainers.non_finite import NonFiniteLossError, NonFiniteMetricError, NonFiniteWeightsError
 from mlpug.trainers.trainer import Trainer
-from mlpug.trainers.training import TrainingManager
+from mlpug.trainers.training_manager import TrainingManager
 from tests.core.fake_backend import FakeScalar, FakeTrainer, TrainModel, make_batches, make_trainer
 from tests.recording import RecordingCallback
 

@@ -9,9 +9,9 @@ import pytest
 
 import mlpug.data
 import mlpug.evaluation
-import mlpug.trainers.callbacks
+import mlpug.callbacks
 from mlpug.trainers.one_call import OneCallTrainer, check_targets_fit, split_batch
-from mlpug.trainers.training import TrainingManager
+from mlpug.trainers.training_manager import TrainingManager
 from tests.core.fake_backend import SGD, FakeScalar, FakeTrainer, LinearModel
 
 
@@ -58,7 +58,7 @@ class FakeOneCall(OneCallTrainer):
     backend = SimpleNamespace(
         trainers=SimpleNamespace(DefaultTrainer=FakeTrainer, TrainingManager=TrainingManager),
         evaluation=mlpug.evaluation,
-        callbacks=mlpug.trainers.callbacks,
+        callbacks=mlpug.callbacks,
         data=mlpug.data,
     )
 
@@ -82,9 +82,9 @@ def test_arrays_are_batched_in_the_resumable_order_and_train_like_the_parts_writ
     evaluator = mlpug.evaluation.MetricEvaluator(trainer=default_trainer)
     validation = mlpug.data.ResumableArrayBatches(samples(8, seed=1), 4, shuffle=False)
     callbacks = [
-        mlpug.trainers.callbacks.TrainingMetricsLogger(metric_evaluator=evaluator),
-        mlpug.trainers.callbacks.TestMetricsLogger(validation, "validation", metric_evaluator=evaluator),
-        mlpug.trainers.callbacks.MetricsHistory(),
+        mlpug.callbacks.TrainingMetricsLogger(metric_evaluator=evaluator),
+        mlpug.callbacks.TestMetricsLogger(validation, "validation", metric_evaluator=evaluator),
+        mlpug.callbacks.MetricsHistory(),
     ]
     training = mlpug.data.ResumableArrayBatches(samples(), 4, shuffle=True, seed=5)
     TrainingManager(default_trainer, training, num_epochs=3, callbacks=callbacks).start_training()
@@ -105,7 +105,7 @@ def test_arrays_are_batched_in_the_resumable_order_and_train_like_the_parts_writ
 )
 def test_the_standard_callbacks_come_first_and_yours_last(progress, expected):
     trainer = FakeOneCall(LinearModel(), squared_error, SGD(0.1))
-    mine = mlpug.trainers.callbacks.Callback("mine")
+    mine = mlpug.callbacks.Callback("mine")
     trainer.train(samples(), samples(8), batch_size=4, progress=progress, callbacks=[mine])
     assert [callback.name for callback in trainer.manager.callbacks] == expected
 

@@ -10,8 +10,8 @@ import pytest
 
 from mlpug.data import ResumableBatchSampler
 from mlpug.prefetch import BackgroundPrefetcher
-from mlpug.trainers.callbacks import Callback
-from mlpug.trainers.training import TrainingManager
+from mlpug.callbacks import Callback
+from mlpug.trainers.training_manager import TrainingManager
 from tests.core.fake_backend import make_batches, make_trainer
 
 

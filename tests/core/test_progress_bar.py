@@ -13,7 +13,7 @@ import termios
 
 import pytest
 
-from mlpug.trainers.callbacks import ProgressBar
+from mlpug.callbacks import ProgressBar
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 SCRIPT = os.path.join(ROOT, "tests", "core", "scripts", "progress_bar_run.py")

@@ -9,14 +9,14 @@ import pytest
 
 from mlpug.checkpointing import NumpyCheckpointSaver
 from mlpug.evaluation import MetricEvaluator
-from mlpug.trainers.callbacks import (
+from mlpug.callbacks import (
     Callback,
     CheckpointManager,
     TestMetricsLogger,
     TrainingMetricsLogger,
 )
-from mlpug.trainers.callbacks.lr_scheduler import LRSchedulerWrapper
-from mlpug.trainers.training import TrainingManager
+from mlpug.callbacks.lr_scheduler import LRSchedulerWrapper
+from mlpug.trainers.training_manager import TrainingManager
 from tests.core.fake_backend import SGD, FakeTrainer, LinearModel, TrainModel, make_batches
 
 NUM_BATCHES = 10
@@ -26,12 +26,12 @@ class CallingTrainer(FakeTrainer):
     """The fake trainer with several steps per call: records the size of every call (and of every evaluation
     call), and trains them with the default ``train_on_batches`` (one ``train_on`` per batch)."""
 
-    def __init__(self, steps_per_execution, evaluation_batches_per_call=1):
+    def __init__(self, steps_per_execution, evaluation_steps_per_execution=1):
         self.model = LinearModel()
         super().__init__(optimizers=SGD(0.1), model_components=self.model)
         self.set_training_model(TrainModel(self.model))
         self.steps_per_execution = steps_per_execution
-        self.evaluation_batches_per_call = evaluation_batches_per_call
+        self.evaluation_steps_per_execution = evaluation_steps_per_execution
         self.calls, self.evaluation_calls = [], []
 
     def train_on_batches(self, batches, training_settings=None):
@@ -169,7 +169,7 @@ def test_a_failing_hook_inside_a_call_leaves_the_counters_after_the_call(tmp_pat
 def test_dataset_evaluation_goes_to_evaluate_losses_in_blocks_with_the_same_values():
     values = {}
     for per_call in (1, 3):
-        trainer = CallingTrainer(1, evaluation_batches_per_call=per_call)
+        trainer = CallingTrainer(1, evaluation_steps_per_execution=per_call)
         trainer.model.w, trainer.model.b = 0.5, 0.25
         evaluator = MetricEvaluator(trainer=trainer)
         values[per_call] = float(evaluator.evaluate_dataset(make_batches(7))["loss"])

@@ -7,10 +7,11 @@ import signal
 
 import pytest
 
+from mlpug.trainers.hook_dispatcher import HookDispatcher
 from mlpug.evaluation import MetricEvaluator
-from mlpug.trainers.callbacks import HOOKS, Callback, LogProgress, TestMetricsLogger, TrainingMetricsLogger
-from mlpug.trainers.callbacks.callback import dispatch_order
-from mlpug.trainers.training import TrainingManager
+from mlpug.callbacks import HOOKS, Callback, LogProgress, TestMetricsLogger, TrainingMetricsLogger
+from mlpug.trainers.callback import dispatch_order
+from mlpug.trainers.training_manager import TrainingManager
 from tests.core.fake_backend import FakeScalar, make_batches, make_trainer
 from tests.recording import RecordingCallback
 
@@ -64,9 +65,9 @@ def test_hook_list_matches_callback_base():
 
 
 def test_unknown_hook_dispatch_raises():
-    manager, _ = make_manager([RecordingCallback()])
+    dispatcher = HookDispatcher([RecordingCallback()], {})
     with pytest.raises(ValueError, match="unknown hook 'on_batch_complete'.*on_batch_training_completed"):
-        manager._dispatch("on_batch_complete", {})
+        dispatcher.dispatch("on_batch_complete", {})
 
 
 def test_stop_training_finishes_batch_then_runs_end_hooks():
@@ -469,7 +470,7 @@ def test_a_generator_continues_across_epochs_and_a_resume_skips_what_was_trained
 def test_early_stopping_stops_the_fake_backend_after_patience_epochs():
     """The neutral EarlyStopping on the fake backend: a monitored value that improves twice, then never again;
     patience 2 stops after epoch 4 of 10, with the normal end of training."""
-    from mlpug.trainers.callbacks import EarlyStopping
+    from mlpug.callbacks import EarlyStopping
 
     values = [3.0, 2.0, 1.0, 1.5, 1.2, 0.1, 0.1, 0.1, 0.1, 0.1]
 
@@ -505,7 +506,7 @@ def test_early_stopping_warns_at_every_non_finite_value_and_never_counts_it_as_a
     """Issue 25 (no silent wrong result): a NaN / inf monitored value logs a WARNING naming the metric, the epoch and
     the value, and is never an improvement (it counts against the patience, 2 here). Broken on purpose (NaN silently
     never improves, inf is the best in mode max), there is no warning, inf becomes the best: this test fails."""
-    from mlpug.trainers.callbacks import EarlyStopping
+    from mlpug.callbacks import EarlyStopping
 
     class Scripted(Callback):
         @property
@@ -538,7 +539,7 @@ def test_tensorboard_on_the_fake_backend_purges_what_a_resumed_run_writes_again(
 
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    from mlpug.trainers.callbacks import Tensorboard
+    from mlpug.callbacks import Tensorboard
 
     class Capture(Callback):
         state = None
@@ -573,8 +574,8 @@ def test_tensorboard_imports_no_backend(tmp_path):
     script = f"""
 import sys
 from mlpug.evaluation import MetricEvaluator
-from mlpug.trainers.callbacks import Tensorboard, TrainingMetricsLogger
-from mlpug.trainers.training import TrainingManager
+from mlpug.callbacks import Tensorboard, TrainingMetricsLogger
+from mlpug.trainers.training_manager import TrainingManager
 from tests.core.fake_backend import make_batches, make_trainer
 trainer, _ = make_trainer()
 board = Tensorboard("training.batch.loss", log_dir={str(tmp_path)!r}, log_period=1)

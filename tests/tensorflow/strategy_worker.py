@@ -246,8 +246,15 @@ def run_async_validation(kind: str, strategy) -> dict:
         history, landed = mlp.callbacks.MetricsHistory(), []
 
         class Landed(mlp.callbacks.Callback):
+            pending: list = []  # the epochs of the validation results published since the last epoch end
+
+            def on_evaluation_result(self, result, logs):
+                self.pending = [*self.pending, result.epoch]
+                return True
+
             def on_epoch_completed(self, logs, landed=landed):
-                landed.append([r.epoch for r in mlp.callbacks.landed_results(self.training_manager, "validation")])
+                landed.append(self.pending)
+                self.pending = []
                 return True
 
         logger = mlp.callbacks.TestMetricsLogger(

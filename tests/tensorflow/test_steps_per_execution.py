@@ -8,11 +8,14 @@ evaluation in stacked calls with the same values. Strategies: ``tests/tensorflow
 ``steps_per_execution``).
 """
 
+import warnings
+
 import numpy as np
 import pytest
 import tensorflow as tf
 
 import mlpug.tensorflow as mlp
+import mlpug.tensorflow.trainers.trainer as trainer_module
 from mlpug.tensorflow.trainers.compilation import run_stacked
 from mlpug.trainers.non_finite import NonFiniteLossError
 
@@ -170,7 +173,7 @@ def test_a_resume_from_a_checkpoint_inside_a_call_is_exact(tmp_path):
 
 def test_dataset_evaluation_in_stacked_calls_gives_the_values_of_single_batches():
     trainer, _ = make_trainer(1)
-    several, _ = make_trainer(1, evaluation_batches_per_call=4)
+    several, _ = make_trainer(1, evaluation_steps_per_execution=4)
     several.set_state(trainer.get_state())  # both unbuilt: applied when built
     accuracy = {"accuracy": mlp.metrics.accuracy} if hasattr(mlp, "metrics") else {}
     values = []
@@ -202,8 +205,24 @@ def test_bad_steps_per_execution_is_refused_at_construction():
     for bad in (0, -1, 2.0, True, "4"):
         with pytest.raises(ValueError, match=f"steps_per_execution must be an int >= 1, got {bad!r}"):
             make_trainer(bad)
+    with pytest.raises(ValueError, match="evaluation_steps_per_execution must be an int >= 1, got 0"):
+        make_trainer(2, evaluation_steps_per_execution=0)
+
+
+def test_evaluation_batches_per_call_is_a_deprecated_name_of_evaluation_steps_per_execution(monkeypatch):
+    monkeypatch.setattr(trainer_module, "_warned_deprecated_arguments", set())
+    assert make_trainer(3)[0].evaluation_steps_per_execution == 3  # default: steps_per_execution
+    assert make_trainer(3, evaluation_steps_per_execution=5)[0].evaluation_steps_per_execution == 5
+    with pytest.warns(DeprecationWarning, match="use evaluation_steps_per_execution"):
+        trainer, _ = make_trainer(3, evaluation_batches_per_call=4)
+    assert trainer.evaluation_steps_per_execution == 4
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # warned once per process
+        assert make_trainer(3, evaluation_batches_per_call=2)[0].evaluation_steps_per_execution == 2
     with pytest.raises(ValueError, match="evaluation_batches_per_call must be an int >= 1, got 0"):
         make_trainer(2, evaluation_batches_per_call=0)
+    with pytest.raises(TypeError, match="give evaluation_steps_per_execution only"):
+        make_trainer(2, evaluation_steps_per_execution=2, evaluation_batches_per_call=2)
 
 
 def test_a_batch_that_does_not_match_the_signature_inside_a_call_is_named():

@@ -1,10 +1,7 @@
 """Callbacks for the PyTorch backend: the neutral ones work unchanged; ``LRSchedulerWrapper`` steps torch
 schedulers; ``LogCudaMemory`` and ``EmptyCudaCache`` are the CUDA memory tools."""
 
-from mlpug.pytorch.callbacks.checkpoint_manager import CheckpointManager
-from mlpug.pytorch.callbacks.cuda_memory import EmptyCudaCache, LogCudaMemory
-from mlpug.pytorch.callbacks.lr_scheduler import LRSchedulerWrapper
-from mlpug.trainers.callbacks import (
+from mlpug.callbacks import (
     HOOKS,
     AutoTensorboard,
     Callback,
@@ -13,11 +10,14 @@ from mlpug.trainers.callbacks import (
     LogProgress,
     MetricsHistory,
     ProgressBar,
+    RunContext,
     Tensorboard,
     TestMetricsLogger,
     TrainingMetricsLogger,
-    landed_results,
 )
+from mlpug.pytorch.callbacks.checkpoint_manager import CheckpointManager
+from mlpug.pytorch.callbacks.cuda_memory import EmptyCudaCache, LogCudaMemory
+from mlpug.pytorch.callbacks.lr_scheduler import LRSchedulerWrapper
 
 __all__ = [
     "HOOKS",
@@ -32,8 +32,8 @@ __all__ = [
     "LogCudaMemory",
     "MetricsHistory",
     "ProgressBar",
+    "RunContext",
     "Tensorboard",
     "TestMetricsLogger",
     "TrainingMetricsLogger",
-    "landed_results",
 ]

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from typing import Any, Optional
 
+from mlpug.callbacks.checkpoint_manager import CheckpointManager as _NeutralCheckpointManager
 from mlpug.checkpointing import CheckpointSaver as _Saver
 from mlpug.pytorch.checkpointing import CheckpointSaver
-from mlpug.trainers.callbacks.checkpoint_manager import CheckpointManager as _NeutralCheckpointManager
 
 
 class CheckpointManager(_NeutralCheckpointManager):

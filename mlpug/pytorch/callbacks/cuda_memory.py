@@ -11,7 +11,7 @@ from typing import Any, Optional
 
 import torch
 
-from mlpug.trainers.callbacks.callback import Callback
+from mlpug.trainers.callback import Callback
 
 __all__ = ["EmptyCudaCache", "LogCudaMemory"]
 

@@ -1,6 +1,6 @@
 """PyTorch ``LRSchedulerWrapper``: ``torch.optim.lr_scheduler`` schedulers stepped by the training loop.
 
-See :mod:`mlpug.trainers.callbacks.lr_scheduler` for when they step. Warm-up is composed from torch's own
+See :mod:`mlpug.callbacks.lr_scheduler` for when they step. Warm-up is composed from torch's own
 schedulers, e.g. ``SequentialLR(optimizer, [LinearLR(optimizer, 0.1, total_iters=100), CosineAnnealingLR(...)],
 milestones=[100])``.
 """
@@ -11,7 +11,7 @@ from typing import Any, Optional
 
 import torch
 
-from mlpug.trainers.callbacks.lr_scheduler import LRSchedulerWrapper as _NeutralLRSchedulerWrapper
+from mlpug.callbacks.lr_scheduler import LRSchedulerWrapper as _NeutralLRSchedulerWrapper
 
 _SCHEDULER_TYPES = (torch.optim.lr_scheduler.LRScheduler, torch.optim.lr_scheduler.ReduceLROnPlateau)
 
@@ -23,7 +23,7 @@ class LRSchedulerWrapper(_NeutralLRSchedulerWrapper):
 
     Args:
         schedulers: A scheduler, a list or a dict of them (each holds its optimizer).
-        batch_level: See :class:`mlpug.trainers.callbacks.lr_scheduler.LRSchedulerWrapper`.
+        batch_level: See :class:`mlpug.callbacks.lr_scheduler.LRSchedulerWrapper`.
         metric_to_monitor: Needed by (and only by) ``ReduceLROnPlateau``, e.g. ``"validation.dataset.loss"``.
         name: The callback's name.
 

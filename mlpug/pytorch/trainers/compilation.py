@@ -13,8 +13,7 @@ loss) runs as it does without compilation::
 
 The gradient update stays eager when, at the first step, every parameter group of every optimizer is fused
 (``fused=True``): the fused kernel does the whole update at once, and compiling around it only adds Dynamo's
-per-call work (guards and three compiled frames: about 0.9 ms per step for Adam on the 784-256-256-10 MLP on one CPU
-thread, measured with ``benchmarks/fast_path_pytorch.py``'s model).
+per-call work (guards and three compiled frames per step; ``docs/design-notes.md`` has a measurement).
 
 Recompilation: the first dimension (the samples) of every tensor of a batch is marked dynamic
 (``torch._dynamo.maybe_mark_dynamic``) before each compiled forward, so that the first graph already holds for any

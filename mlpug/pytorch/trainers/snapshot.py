@@ -5,12 +5,17 @@ from __future__ import annotations
 
 import copy
 import itertools
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
 
 from mlpug.trainers.snapshot import EvaluationSnapshot
 from mlpug.trainers.trainer import ModelOutputs
+
+EvaluationForward = Callable[[torch.nn.Module, Any, Any, bool], ModelOutputs]
+"""``forward(model, batch, evaluate_settings, inference_mode)``: the trainer's eager forward pass of ``model`` (on its
+device, under its autocast), its outputs normalised."""
 
 
 def _tensors(module: torch.nn.Module) -> list:
@@ -24,20 +29,29 @@ class TorchEvaluationSnapshot(EvaluationSnapshot):
     components inside the training model are the copy's own); it is in eval mode and has no gradients. Its
     tensors are on the same devices as the live ones.
 
+    The trainer creates it (``DefaultTrainer.evaluation_snapshot()``).
+
     Args:
-        trainer: A ``mlpug.pytorch`` ``DefaultTrainer`` with its training model set.
+        training_model: The trainer's training model (data-parallel: the module inside DDP).
+        model_components: The trainer's model components by name.
+        forward: The trainer's forward pass (see :data:`EvaluationForward`).
 
     Raises:
         TypeError: The training model cannot be deep-copied (the message says what to change).
     """
 
-    def __init__(self, trainer: Any):
-        self._trainer = trainer
-        live_model = trainer._evaluation_model
+    def __init__(
+        self,
+        training_model: torch.nn.Module,
+        model_components: Mapping[str, torch.nn.Module],
+        forward: EvaluationForward,
+    ):
+        self._forward = forward
+        live_model = training_model
         memo: dict = {}
         try:
             self._model = copy.deepcopy(live_model, memo)
-            self._components = copy.deepcopy(dict(trainer.model_components), memo)
+            self._components = copy.deepcopy(dict(model_components), memo)
         except Exception as error:
             raise TypeError(
                 f"run_async=True evaluates a copy of the training model, but copy.deepcopy of "
@@ -49,7 +63,7 @@ class TorchEvaluationSnapshot(EvaluationSnapshot):
         for component in self._components.values():
             component.requires_grad_(False)
         pairs, seen = [], set()
-        live = [live_model, *trainer.model_components.values()]
+        live = [live_model, *model_components.values()]
         copies = [self._model, *self._components.values()]
         for live_module, copied_module in zip(live, copies):
             for source, target in zip(_tensors(live_module), _tensors(copied_module)):
@@ -67,7 +81,7 @@ class TorchEvaluationSnapshot(EvaluationSnapshot):
     def evaluate_loss(self, batch: Any, evaluate_settings: Any = None, inference_mode: bool = True) -> ModelOutputs:
         """``Trainer.evaluate_loss`` on the copy: ``torch.no_grad()``, the trainer's device and autocast."""
         with torch.no_grad():
-            return self._trainer._forward(batch, evaluate_settings, inference_mode=inference_mode, model=self._model)
+            return self._forward(self._model, batch, evaluate_settings, inference_mode)
 
     def model_components_state(self) -> dict:
         return {name: module.state_dict() for name, module in self._components.items()}

@@ -108,7 +108,7 @@ class DefaultTrainer(_NeutralDefaultTrainer):
             training forward (its backward is compiled with it), clipping and the optimizer step (left eager when
             every optimizer is fused: one kernel already), and the evaluation forward. The first dimension of
             every batch tensor is marked dynamic, so the smaller last batch (or chunk) does not recompile. The first
-            steps take the compile time (seconds to a minute on a CPU); results equal the eager ones up to float
+            steps take the compile time; results equal the eager ones up to float
             rounding (compiled kernels sum in another order). It composes with chunking, mixed precision, clipping,
             the non-finite skip, DDP and resume (the model components and optimizers are not wrapped: their state
             is the same). Default ``False``: nothing is compiled and the step is exactly as described above.
@@ -254,7 +254,7 @@ class DefaultTrainer(_NeutralDefaultTrainer):
         """A frozen copy of the training model for asynchronous evaluation (see
         :class:`~mlpug.pytorch.trainers.snapshot.TorchEvaluationSnapshot`)."""
         self.ensure_ready()
-        return TorchEvaluationSnapshot(self)
+        return TorchEvaluationSnapshot(self._evaluation_model, self.model_components, self._eager_forward)
 
     def _is_scalar_loss(self, loss: Any) -> bool:
         return isinstance(loss, torch.Tensor) and loss.numel() == 1
@@ -287,10 +287,15 @@ class DefaultTrainer(_NeutralDefaultTrainer):
         run: Optional[Callable[..., Any]] = None,
     ) -> ModelOutputs:
         """The normalised outputs of ``run(model, batch, settings, inference_mode)`` (default :meth:`_run_model`,
-        eager: the snapshot of asynchronous evaluation calls this; the trainer passes its compiled forwards)."""
+        eager; the step and evaluation pass their compiled forwards)."""
         model = model if model is not None else self.training_model
         results = (run if run is not None else self._run_model)(model, batch, settings, inference_mode)
         return self._normalise_outputs(results, batch, chunk)
+
+    def _eager_forward(self, model: torch.nn.Module, batch: Any, settings: Any, inference_mode: bool) -> ModelOutputs:
+        """The normalised outputs of ``model`` for ``batch`` by :meth:`_run_model` (never compiled): the forward
+        pass of the evaluation snapshot (:class:`~mlpug.pytorch.trainers.snapshot.EvaluationForward`)."""
+        return self._forward(batch, settings, inference_mode, model=model)
 
     def train_on(self, batch: Any, training_settings: Any = None) -> StepResult:
         """One optimisation step: zero gradients, forward and backward per chunk, step every optimizer once.
@@ -325,8 +330,8 @@ class DefaultTrainer(_NeutralDefaultTrainer):
 
     def _choose_compiled_update(self) -> Any:
         """``compile_step``, at the first update: compile it, unless every optimizer steps with its fused
-        implementation (one kernel already: compiling it would only add Dynamo's per-call work, about 1 ms per step
-        on a CPU); then update, and from now on call the choice directly."""
+        implementation (one kernel already: compiling it would only add Dynamo's per-call work); then update, and
+        from now on call the choice directly."""
         fused = all(group.get("fused") for optimizer in self._optimizer_list for group in optimizer.param_groups)
         options = self.compile_options or {}
         self._update = self._clip_and_step if fused else compile_update(self._clip_and_step, options)

@@ -1,8 +1,6 @@
 """Callbacks for the TensorFlow backend: the neutral ones work unchanged."""
 
-from mlpug.tensorflow.callbacks.checkpoint_manager import CheckpointManager
-from mlpug.tensorflow.callbacks.lr_scheduler import LRSchedulerWrapper
-from mlpug.trainers.callbacks import (
+from mlpug.callbacks import (
     HOOKS,
     AutoTensorboard,
     Callback,
@@ -11,11 +9,13 @@ from mlpug.trainers.callbacks import (
     LogProgress,
     MetricsHistory,
     ProgressBar,
+    RunContext,
     Tensorboard,
     TestMetricsLogger,
     TrainingMetricsLogger,
-    landed_results,
 )
+from mlpug.tensorflow.callbacks.checkpoint_manager import CheckpointManager
+from mlpug.tensorflow.callbacks.lr_scheduler import LRSchedulerWrapper
 
 __all__ = [
     "HOOKS",
@@ -28,8 +28,8 @@ __all__ = [
     "LRSchedulerWrapper",
     "MetricsHistory",
     "ProgressBar",
+    "RunContext",
     "Tensorboard",
     "TestMetricsLogger",
     "TrainingMetricsLogger",
-    "landed_results",
 ]

@@ -8,9 +8,9 @@ from __future__ import annotations
 
 from typing import Any, Optional
 
+from mlpug.callbacks.checkpoint_manager import CheckpointManager as _NeutralCheckpointManager
 from mlpug.checkpointing import CheckpointSaver as _Saver
 from mlpug.tensorflow.checkpointing import CheckpointSaver
-from mlpug.trainers.callbacks.checkpoint_manager import CheckpointManager as _NeutralCheckpointManager
 
 
 class CheckpointManager(_NeutralCheckpointManager):

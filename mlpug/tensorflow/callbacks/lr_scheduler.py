@@ -1,7 +1,7 @@
 """TensorFlow ``LRSchedulerWrapper``: Keras ``LearningRateSchedule`` s, or callables of the step, applied by the
 training loop.
 
-See :mod:`mlpug.trainers.callbacks.lr_scheduler` for when they step. A schedule gives the learning rate of step
+See :mod:`mlpug.callbacks.lr_scheduler` for when they step. A schedule gives the learning rate of step
 ``s`` (the number of optimizer steps taken so far, or epochs with ``batch_level=False``); the wrapper sets it on its
 optimizer with ``trainer.set_learning_rate`` (an assignment to the optimizer's learning-rate variable: no retrace
 of the compiled step) before the step that uses it. Warm-up: Keras 3 schedules such as
@@ -14,7 +14,8 @@ from typing import Any, Optional
 
 import tensorflow as tf
 
-from mlpug.trainers.callbacks.lr_scheduler import LRSchedulerWrapper as _NeutralLRSchedulerWrapper
+from mlpug.trainers.run_context import RunContext
+from mlpug.callbacks.lr_scheduler import LRSchedulerWrapper as _NeutralLRSchedulerWrapper
 
 
 class LRSchedulerWrapper(_NeutralLRSchedulerWrapper):
@@ -65,7 +66,7 @@ class LRSchedulerWrapper(_NeutralLRSchedulerWrapper):
     def _optimizer_name(self, name: str) -> Optional[str]:
         return None if name == "scheduler" else name
 
-    def set_training_manager(self, manager: Any) -> bool:
+    def set_training_manager(self, manager: RunContext) -> bool:
         """Also check the optimizer names and that their learning rates can be set.
 
         Raises:
@@ -87,7 +88,7 @@ class LRSchedulerWrapper(_NeutralLRSchedulerWrapper):
         return bool(super().set_training_manager(manager))
 
     def _apply(self) -> None:
-        trainer = self.training_manager.trainer
+        trainer = self.context.trainer
         for name, schedule in self.schedulers.items():
             with tf.device("/CPU:0"):  # a schedule's ops on the host: no wait for the training device
                 learning_rate = float(tf.convert_to_tensor(schedule(self.steps)).numpy())

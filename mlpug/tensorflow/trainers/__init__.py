@@ -2,6 +2,6 @@
 
 from mlpug.tensorflow.trainers.trainer import DefaultTrainer
 from mlpug.trainers.trainer import ModelOutputs, StepResult, Trainer
-from mlpug.trainers.training import TrainingManager
+from mlpug.trainers.training_manager import TrainingManager
 
 __all__ = ["DefaultTrainer", "ModelOutputs", "StepResult", "Trainer", "TrainingManager"]

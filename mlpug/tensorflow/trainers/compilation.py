@@ -13,7 +13,7 @@ A step function has the form ``step(batch, settings)``. :class:`CompiledStep` co
   for these functions: it names ``CompiledStep._traced`` and counts the traces of every step of the process together.
 
 Dispatch: calling a ``tf.function`` builds the trace type of every argument and looks it up among the traces
-(hundreds of microseconds per call on a slow CPU); calling the traced ``ConcreteFunction`` directly only binds
+(``docs/design-notes.md`` has what that costs); calling the traced ``ConcreteFunction`` directly only binds
 the arguments to its input types, which raises ``TypeError`` when they do not fit. So :class:`CompiledStep`
 keeps the concrete function that ``tf.function`` chose for the last batch and calls it directly while batches
 fit it, falling back to the ``tf.function`` (which retraces where needed) when they do not. It keeps a concrete
@@ -24,7 +24,7 @@ choose). Two details keep it so: the traced function takes its arguments packed 
 function whose arguments do not bind retries them as a flat list of tensors and would then run a single tensor
 of another shape through the graph unchecked; and without a signature, NumPy arrays and scalars in the batch and
 the settings are converted to tensors first (``tf.function`` traces them by their own dtype, while binding would
-cast them to the trace's). Measured: ``benchmarks/step_overhead_tensorflow.py``.
+cast them to the trace's).
 
 :class:`EagerStep` is the null object: it calls the step function as it is.
 """
@@ -233,15 +233,15 @@ def _batch_types(batch: Any) -> str:
 _MAX_CONCRETE_MISSES = 8
 
 
-def _frozen(value: Any) -> Any:
+def frozen_contents(value: Any) -> Any:
     """A hashable snapshot of ``value``'s current contents (dicts, lists, tuples, sets recursively); objects
     that are neither hashable nor containers are identified by ``id``."""
     if isinstance(value, Mapping):
-        return ("dict", tuple(sorted(((repr(k), _frozen(v)) for k, v in value.items()), key=lambda kv: kv[0])))
+        return ("dict", tuple(sorted(((repr(k), frozen_contents(v)) for k, v in value.items()), key=lambda kv: kv[0])))
     if isinstance(value, (list, tuple)):
-        return (type(value).__name__, tuple(_frozen(item) for item in value))
+        return (type(value).__name__, tuple(frozen_contents(item) for item in value))
     if isinstance(value, (set, frozenset)):
-        return ("set", frozenset(_frozen(item) for item in value))
+        return ("set", frozenset(frozen_contents(item) for item in value))
     try:
         hash(value)
         return ("value", value)
@@ -257,7 +257,7 @@ def _is_numpy(leaf: Any) -> bool:
 def _numpy_as_tensors(value: Any) -> tuple[Any, bool]:
     """``value`` with its NumPy arrays and scalars converted to tensors of their own dtype, and whether that was
     possible (``tf.nest`` refuses some structures, e.g. a dict whose keys cannot be sorted). A structure without
-    NumPy leaves is returned as it is (one walk over its leaves, a few microseconds)."""
+    NumPy leaves is returned as it is (one walk over its leaves)."""
     try:
         leaves = tf.nest.flatten(value)
         if not any(_is_numpy(leaf) for leaf in leaves):
@@ -372,7 +372,7 @@ class CompiledStep:
         """The step (a ConcreteFunction) traced for the current *value* of ``settings`` (a trace constant): a
         changed value, also one changed in place, gets its own trace, as in the retracing mode without a batch
         signature."""
-        key = _frozen(settings)
+        key = frozen_contents(settings)
         entry = self._per_settings.get(key)
         if entry is None:
             function = tf.function(

@@ -1,10 +1,9 @@
-"""The parts of the TensorFlow step that a ``tf.distribute`` strategy and gradient clipping add (a mixin of the
-TensorFlow ``DefaultTrainer``, which holds the state they use: ``strategy``, ``chunking``, ``precision``,
-``optimizers``, the clipping options, ``skip_non_finite_steps`` and ``replica_loss``).
+"""The TensorFlow training step under a ``tf.distribute`` strategy, and the probe of Keras' replica scaling of the
+loss that comes before it (:class:`ReplicatedStep`, held by the TensorFlow ``DefaultTrainer``).
 
 Under a strategy the step is (see :mod:`mlpug.tensorflow.distributed`)::
 
-    until decided: _settle_replica_loss(batch)                           # Keras' 1 / replicas of a loss object?
+    until decided: settle_replica_loss(batch)                            # Keras' 1 / replicas of a loss object?
     shares = split_for_replicas(strategy, batch)
     per replica: rows, loss, ..., gradients = _replica_gradients(share)   # loss (Keras' scaling undone: times
                  replica_loss.factor) weighted by rows / global rows
@@ -15,96 +14,108 @@ Under a strategy the step is (see :mod:`mlpug.tensorflow.distributed`)::
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import tensorflow as tf
 
+from mlpug.chunking import BatchChunk, BatchChunking, ChunkResult
+from mlpug.distributed import DistributedContext
 from mlpug.tensorflow.distributed import merge_local_results, num_local_replicas, split_for_replicas
 from mlpug.tensorflow.trainers.replica_loss import ReplicaLossScaling, probe_batch
+from mlpug.trainers.gradient_sync import GradientSync
+from mlpug.trainers.precision import PrecisionPolicy
+
+ReplicaChunkStep = Callable[[BatchChunk, Any, Any], ChunkResult]
+"""``chunk_step(chunk, training_settings, share)``: the forward and backward pass of one chunk in a replica, its loss
+weighted by the replica's ``share`` of the global batch's rows (a float32 scalar tensor)."""
+
+GradientPairs = Callable[[Sequence[Any]], dict[str, list]]
+"""``gradient_pairs(gradients)``: the flat gradient list as ``(gradient, variable)`` pairs per optimizer name."""
+
+ClipGradients = Callable[[dict[str, list]], dict[str, list]]
+"""``clip_gradients(pairs)``: the ``(gradient, variable)`` pairs per optimizer name, the gradients clipped."""
+
+ProbeLoss = Callable[[Any, Any], Any]
+"""``probe_loss(batch, training_settings)``: the training model's scalar loss of ``batch`` in inference mode."""
 
 
 class ReplicatedStep:
-    """Gradient clipping and the step under a strategy, for the TensorFlow ``DefaultTrainer``."""
+    """The training step of the TensorFlow ``DefaultTrainer`` under a strategy, and the replica loss probe.
 
-    # provided by the DefaultTrainer
-    strategy: Any
-    chunking: Any
-    precision: Any
-    gradient_sync: Any
-    optimizers: dict
-    clip_gradients_norm: Any
-    clip_gradients_value: Any
-    skip_non_finite_steps: bool
-    replica_loss: ReplicaLossScaling
-    _replica_loss_pending: bool
-    _distributed: Any  # the DistributedContext of the workers
-    _chunk_step: Any  # (chunk, training_settings, share) -> ChunkResult
-    _pairs_per_optimizer: Any  # (gradients) -> {optimizer name: [(gradient, variable), ...]}
-    _forward: Any  # (batch, settings, inference_mode) -> ModelOutputs
-    _make_train_steps: Any  # () -> None: the training steps made anew (traced again)
+    The step parts it composes are the trainer's (the same objects); what is particular to the trainer's own step
+    comes as functions.
 
-    def _settle_replica_loss(self, batch: Any, training_settings: Any) -> None:
-        """Before a training step under a strategy, until decided (the first batch whose loss is neither 0 nor
+    Args:
+        strategy: A ``tf.distribute.MirroredStrategy`` or ``MultiWorkerMirroredStrategy``.
+        chunking: The trainer's chunking policy (gradient accumulation).
+        precision: The trainer's precision policy (``step`` applies the gradients).
+        gradient_sync: The trainer's gradient synchronisation of the chunks.
+        optimizers: The optimizers by name (as the precision policy prepared them).
+        replica_loss: Whether and by what the training model's loss is scaled for the replicas (settled by
+            :meth:`settle_replica_loss`; its factor is a constant of the traced step).
+        distributed: The workers of the strategy as ranks (the probe's verdicts are all-reduced over them).
+        chunk_step: See :data:`ReplicaChunkStep`.
+        gradient_pairs: See :data:`GradientPairs`.
+        clip_gradients: See :data:`ClipGradients`; called only when ``clips`` is True.
+        clips: Whether a clipping option is given (``clip_gradients_norm`` or ``clip_gradients_value``).
+        probe_loss: See :data:`ProbeLoss`.
+    """
+
+    def __init__(
+        self,
+        strategy: tf.distribute.Strategy,
+        chunking: BatchChunking,
+        precision: PrecisionPolicy,
+        gradient_sync: GradientSync,
+        optimizers: Mapping[str, tf.keras.optimizers.Optimizer],
+        replica_loss: ReplicaLossScaling,
+        distributed: DistributedContext,
+        chunk_step: ReplicaChunkStep,
+        gradient_pairs: GradientPairs,
+        clip_gradients: ClipGradients,
+        clips: bool,
+        probe_loss: ProbeLoss,
+    ):
+        self.strategy = strategy
+        self.chunking = chunking
+        self.precision = precision
+        self.gradient_sync = gradient_sync
+        self.optimizers = optimizers
+        self.replica_loss = replica_loss
+        self.distributed = distributed
+        self._chunk_step = chunk_step
+        self._gradient_pairs = gradient_pairs
+        self._clip_gradients = clip_gradients
+        self._clips = clips
+        self._probe_loss = probe_loss
+
+    def settle_replica_loss(self, batch: Any, training_settings: Any) -> bool:
+        """Before a training step, until ``replica_loss.settled`` (the first batch whose loss is neither 0 nor
         non-finite on some worker, at most ``MAX_PROBED_BATCHES`` batches): whether the training model's loss comes
         scaled by Keras for the replicas (:meth:`ReplicaLossScaling.settle`, on the first replica's share of
-        ``batch``, on every worker; one collective with several workers); the training steps are made anew when
-        the factor changes after one was traced.
+        ``batch``, on every worker; one collective with several workers).
+
+        Returns:
+            Whether ``replica_loss.factor`` changed: the training steps traced before must be made anew.
 
         Raises:
             ValueError: The loss is neither the replica's mean nor Keras' scaling of it (see
                 :mod:`mlpug.tensorflow.trainers.replica_loss`).
         """
         probe = probe_batch(batch, num_local_replicas(self.strategy), self.chunking.batch_chunk_size)
+        return self.replica_loss.settle(lambda: self._probe_loss(probe, training_settings), self.distributed)
 
-        def loss_of() -> Any:
-            return self._forward(probe, training_settings, inference_mode=True).loss
+    def train_step(self, batch: Any, training_settings: Any, skip_non_finite_steps: bool) -> tuple:
+        """The step under the strategy (traced with the trainer's step): every replica's weighted gradients
+        (``strategy.run``), then, unless the global loss is not finite and ``skip_non_finite_steps`` (a decision
+        every replica takes alike), the optimizer step in every replica, whose ``apply_gradients`` all-reduces the
+        gradient sums (Keras).
 
-        if self.replica_loss.settle(loss_of, self._distributed):
-            self._make_train_steps()
-        self._replica_loss_pending = not self.replica_loss.settled
-
-    def clip_gradients(self, pairs: dict[str, list]) -> dict[str, list]:
-        """Clip each optimizer's ``(gradient, variable)`` pairs (``clip_gradients_norm``: ``tf.clip_by_global_norm``
-        over that optimizer's gradients; ``clip_gradients_value``: ``tf.clip_by_value``) before they are applied;
-        part of the traced step, and a hook that subclasses may override. Gradients of a ``LossScaleOptimizer``
-        are divided by its scale before clipping and multiplied by it afterwards (it unscales them itself), so the
-        limits are in the units of the true gradients; inf/nan gradients stay non-finite, and the step is skipped.
-        Without a clipping option the pairs as they are."""
-        if self.clip_gradients_norm is None and self.clip_gradients_value is None:
-            return pairs
-        clipped = {}
-        for name, optimizer_pairs in pairs.items():
-            optimizer = self.optimizers[name]
-            scale = (
-                tf.cast(optimizer.dynamic_scale, tf.float32)
-                if isinstance(optimizer, tf.keras.optimizers.LossScaleOptimizer)
-                else None
-            )
-            indices = [i for i, (gradient, _) in enumerate(optimizer_pairs) if gradient is not None]
-            gradients = [tf.convert_to_tensor(optimizer_pairs[i][0]) for i in indices]
-            if scale is not None:
-                gradients = [gradient / scale for gradient in gradients]
-            if self.clip_gradients_norm is not None:
-                gradients, _ = tf.clip_by_global_norm(gradients, self.clip_gradients_norm)
-            else:  # clip_by_value would turn inf into +-v: non-finite gradients stay as they are (a skipped step)
-                value = float(self.clip_gradients_value or 0.0)
-                finite = tf.reduce_all([tf.reduce_all(tf.math.is_finite(gradient)) for gradient in gradients])
-                gradients = [
-                    tf.where(finite, tf.clip_by_value(gradient, -value, value), gradient) for gradient in gradients
-                ]
-            if scale is not None:
-                gradients = [gradient * scale for gradient in gradients]
-            new_pairs = list(optimizer_pairs)
-            for i, gradient in zip(indices, gradients):
-                new_pairs[i] = (gradient, optimizer_pairs[i][1])
-            clipped[name] = new_pairs
-        return clipped
-
-    def _replicated_train_step(self, batch: Any, training_settings: Any) -> tuple:
-        """The step under a strategy: every replica's weighted gradients (``strategy.run``), then, unless the
-        global loss is not finite and such steps are skipped (a decision every replica takes alike), the optimizer
-        step in every replica, whose ``apply_gradients`` all-reduces the gradient sums (Keras)."""
+        Returns:
+            ``(loss, num_samples, auxiliary_results, skipped)`` of the global batch (the replicas' outputs merged);
+            ``skipped`` is a boolean tensor under float16 loss scaling or ``skip_non_finite_steps``, else None.
+        """
         strategy = self.strategy
         shares = split_for_replicas(strategy, batch)
         rows, loss, num_samples, auxiliary_results, gradients, weighted_loss = strategy.run(
@@ -115,13 +126,13 @@ class ReplicatedStep:
             skipped = strategy.experimental_local_results(strategy.run(self._replica_apply, args=(gradients,)))
             return tf.reduce_any(tf.stack(list(skipped)))
 
-        if self.skip_non_finite_steps:  # the global batch's loss, the same decision on every replica
+        if skip_non_finite_steps:  # the global batch's loss, the same decision on every replica
             global_loss = strategy.reduce(tf.distribute.ReduceOp.SUM, weighted_loss, axis=None)
             skipped = tf.cond(tf.math.is_finite(global_loss), step, lambda: tf.constant(True))
         else:
             skipped = step()
         loss, num_samples, auxiliary_results = merge_local_results(strategy, rows, loss, num_samples, auxiliary_results)
-        reported = self.precision.uses_loss_scaling or self.skip_non_finite_steps
+        reported = self.precision.uses_loss_scaling or skip_non_finite_steps
         return tf.reshape(loss, []), num_samples, auxiliary_results, skipped if reported else None
 
     def _replica_gradients(self, batch: Any, training_settings: Any) -> tuple:
@@ -136,7 +147,7 @@ class ReplicatedStep:
         result = self.chunking.run(lambda chunk: self._chunk_step(chunk, training_settings, share), batch)
         gradients = self.gradient_sync.reduce(result.gradients)
         assert gradients is not None
-        if self.clip_gradients_norm is not None or self.clip_gradients_value is not None:
+        if self._clips:
             gradients = self._clip_replica_gradients(gradients)
         outputs = result.outputs
         loss = tf.reshape(outputs.loss, [])
@@ -146,7 +157,7 @@ class ReplicatedStep:
     def _clip_replica_gradients(self, gradients: Sequence[Any]) -> list:
         """Clipping under a strategy: a replica holds only its part of the step's gradient (the Keras optimizer
         sums the parts in ``apply_gradients``), so the parts are all-reduced here first (one more all-reduce of
-        the gradients per step), clipped as on one device (:meth:`clip_gradients`), and each replica passes
+        the gradients per step), clipped as on one device (``clip_gradients``), and each replica passes
         ``1 / num_replicas`` of the clipped gradient on, whose sum is the clipped gradient (exact for a power of
         two replicas, else to float32 rounding)."""
         context = tf.distribute.get_replica_context()
@@ -155,7 +166,7 @@ class ReplicatedStep:
         full = list(gradients)
         for index, gradient in zip(present, summed):
             full[index] = gradient
-        pairs = self.clip_gradients(self._pairs_per_optimizer(full))
+        pairs = self._clip_gradients(self._gradient_pairs(full))
         replicas = tf.cast(self.strategy.num_replicas_in_sync, tf.float32)
         return [
             None if gradient is None else gradient / replicas
@@ -165,5 +176,5 @@ class ReplicatedStep:
 
     def _replica_apply(self, gradients: Sequence[Any]) -> Any:
         """One replica's optimizer steps; whether they were skipped (float16 loss scaling) as a boolean tensor."""
-        skipped = self.precision.step(self.optimizers, self._pairs_per_optimizer(gradients))
+        skipped = self.precision.step(self.optimizers, self._gradient_pairs(gradients))
         return tf.constant(False) if skipped is False else skipped

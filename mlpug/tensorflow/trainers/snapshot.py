@@ -10,40 +10,57 @@ scope is thread-local, so the worker thread sees the snapshot and the training t
 
 from __future__ import annotations
 
-from typing import Any
+from collections.abc import Callable, Mapping
+from typing import Any, Optional
 
 import numpy as np
 import tensorflow as tf
 
-from mlpug.tensorflow.trainers.compilation import _frozen
+from mlpug.tensorflow.trainers.compilation import frozen_contents
 from mlpug.trainers.snapshot import EvaluationSnapshot
 from mlpug.trainers.trainer import ModelOutputs
+
+EvaluateFunction = Callable[[Any, Any, bool], tuple]
+"""``evaluate(batch, evaluate_settings, inference_mode)``: the trainer's evaluation step function, ``(loss,
+num_samples, auxiliary_results)`` of the training model's forward pass (traceable with ``tf.function``)."""
 
 
 class KerasEvaluationSnapshot(EvaluationSnapshot):
     """A frozen copy of the weights of a TensorFlow ``DefaultTrainer``'s model (built Keras layers).
 
     The snapshot holds the values of every variable of the model components and of the training model (each
-    once). ``evaluate_loss`` runs the trainer's own forward pass inside ``tf.keras.StatelessScope`` mapping those
-    variables to the values, compiled with ``tf.function`` (``reduce_retracing``; one function per value of the
-    evaluate settings) unless the trainer is in eager mode.
+    once). ``evaluate_loss`` runs the trainer's own evaluation step function inside ``tf.keras.StatelessScope``
+    mapping those variables to the values, compiled with ``tf.function`` (``reduce_retracing``; one function per
+    value of the evaluate settings) unless in eager mode. The trainer creates it
+    (``DefaultTrainer.evaluation_snapshot()``) once its models are built.
 
     Args:
-        trainer: A ``mlpug.tensorflow`` ``DefaultTrainer`` that is built (it has trained or evaluated a batch).
+        model_components: The trainer's model components by name (built Keras layers).
+        training_model: The trainer's training model (built), or None.
+        evaluate: The trainer's evaluation step function (see :data:`EvaluateFunction`).
+        eager_mode: Run ``evaluate`` eagerly (the trainer's ``eager_mode``) instead of compiled.
     """
 
-    def __init__(self, trainer: Any):
-        self._trainer = trainer
+    def __init__(
+        self,
+        model_components: Mapping[str, tf.keras.layers.Layer],
+        training_model: Optional[tf.keras.layers.Layer],
+        evaluate: EvaluateFunction,
+        eager_mode: bool,
+    ):
+        self._evaluate_function = evaluate
+        self._eager_mode = eager_mode
         variables: list = []
         index: dict = {}
-        for layer in [*trainer.model_components.values(), trainer.training_model]:
+        layers = [*model_components.values(), *([] if training_model is None else [training_model])]
+        for layer in layers:
             for variable in layer.variables:
                 if id(variable) not in index:
                     index[id(variable)] = len(variables)
                     variables.append(variable)
         self._variables = variables
         self._component_indices = {
-            name: [index[id(v)] for v in component.weights] for name, component in trainer.model_components.items()
+            name: [index[id(v)] for v in component.weights] for name, component in model_components.items()
         }
         self._values: list = []
         self._functions: dict = {}
@@ -53,13 +70,13 @@ class KerasEvaluationSnapshot(EvaluationSnapshot):
 
     def _evaluate(self, values: list, batch: Any, settings: Any, inference_mode: bool) -> tuple:
         with tf.keras.StatelessScope(state_mapping=list(zip(self._variables, values))):
-            return self._trainer._evaluate_step_function(batch, settings, inference_mode)
+            return self._evaluate_function(batch, settings, inference_mode)
 
     def evaluate_loss(self, batch: Any, evaluate_settings: Any = None, inference_mode: bool = True) -> ModelOutputs:
         """``Trainer.evaluate_loss`` of the snapshot's values: the trainer's forward pass, the same settings."""
-        if self._trainer.eager_mode:
+        if self._eager_mode:
             return ModelOutputs(*self._evaluate(self._values, batch, evaluate_settings, bool(inference_mode)))
-        key = (_frozen(evaluate_settings), bool(inference_mode))
+        key = (frozen_contents(evaluate_settings), bool(inference_mode))
         entry = self._functions.get(key)
         if entry is None:
 

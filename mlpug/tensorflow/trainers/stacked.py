@@ -1,67 +1,96 @@
-"""Several batches per compiled call on TensorFlow (``steps_per_execution``, ``evaluation_batches_per_call``):
-the part of the ``DefaultTrainer`` that stacks batches and unstacks the results (the stacked step itself, a
-``tf.while_loop`` over the batches, is :func:`mlpug.tensorflow.trainers.compilation.run_stacked`).
+"""Several batches per compiled call on TensorFlow (``steps_per_execution``, ``evaluation_steps_per_execution``):
+:class:`StackedSteps` makes the compiled steps of stacked batches, stacks the batches of a call and unstacks the
+results (the loop inside a call, a ``tf.while_loop`` over the batches, is
+:func:`mlpug.tensorflow.trainers.compilation.run_stacked`).
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from typing import Any, Optional
+from collections.abc import Callable, Sequence
+from typing import Any
 
 from mlpug.tensorflow.trainers.compilation import (
     CompiledStep,
+    StepFunction,
     check_batch_signature,
+    run_stacked,
     same_shape_runs,
     stack_batches,
+    stacked_signature,
     unstack_outputs,
 )
-from mlpug.trainers.trainer import DefaultTrainer as NeutralDefaultTrainer
 from mlpug.trainers.trainer import ModelOutputs, StepResult
 
 
-class StackedCalls(NeutralDefaultTrainer):
-    """``train_on_batches`` and ``evaluate_losses`` of the TensorFlow ``DefaultTrainer``, which holds the compiled
-    steps and the options they use."""
+class StackedSteps:
+    """The compiled steps of stacked batches of the TensorFlow ``DefaultTrainer``, and calling them.
 
-    # provided by the TensorFlow DefaultTrainer
-    batch_data_signature: Any
-    eager_mode: bool
-    _prepared: bool
-    _train_steps: Optional[CompiledStep]  # the stacked training step (None: eager, or steps_per_execution == 1)
-    _build: Any  # (batch, settings) -> bool: builds the models and optimizers from a first batch
-    _replica_loss_pending: bool  # whether Keras' replica scaling of the loss is still to be probed
-    _settle_replica_loss: Any  # (batch, settings) -> None: the probe, before a training step
-    _check_first_batch: Any  # (batch, settings) -> None: the first-batch checks, before the first step
-    _evaluate_step: Any  # (inference_mode, stacked) -> the evaluation step
-    _learning_rate_for_logs: Any  # () -> the learning rate for logs
+    A call trains (or evaluates) consecutive batches of the same shapes, stacked; a batch of its own shape (the
+    short last batch) is stacked alone, through the same trace: without a ``batch_data_signature`` the first call
+    is traced with the number of batches and the samples per batch left open.
 
-    def train_on_batches(self, batches: Sequence[Any], training_settings: Any = None) -> list[StepResult]:
-        """One optimisation step per batch, several in one compiled call (``steps_per_execution``, see the
-        ``DefaultTrainer`` docstring): consecutive batches of the same shapes are stacked and trained in a
-        ``tf.while_loop``; a batch of its own shape (the short last batch) is stacked alone, through the same trace
-        (its sample dimension is open). Eager mode, or one batch: :meth:`train_on` per batch.
+    Args:
+        batch_data_signature: The trainer's nested ``tf.TensorSpec`` s of one batch, or None.
+        training_settings_signature: The trainer's nested ``tf.TensorSpec`` s of the training settings, or None.
+        steps_per_execution: Training batches per compiled call at most (int >= 1).
+        evaluation_steps_per_execution: Evaluation batches per compiled call at most (int >= 1).
+    """
+
+    def __init__(
+        self,
+        batch_data_signature: Any,
+        training_settings_signature: Any,
+        steps_per_execution: int,
+        evaluation_steps_per_execution: int,
+    ):
+        self.batch_data_signature = batch_data_signature
+        self.training_settings_signature = training_settings_signature
+        self.steps_per_execution = steps_per_execution
+        self.evaluation_steps_per_execution = evaluation_steps_per_execution
+
+    def training_step(self, train_step_function: StepFunction) -> CompiledStep:
+        """The compiled step that runs ``train_step_function(batch, settings)`` for every batch of a stacked call."""
+        return CompiledStep(
+            lambda batches, settings: run_stacked(train_step_function, batches, settings),
+            f"train step x{self.steps_per_execution} (steps_per_execution)",
+            stacked_signature(self.batch_data_signature),
+            self.training_settings_signature,
+            relax_leading_dimension=True,
+        )
+
+    def evaluation_step(self, evaluate_function: StepFunction, name: str) -> CompiledStep:
+        """The compiled step that runs ``evaluate_function(batch, settings)`` for every batch of a stacked call."""
+        return CompiledStep(
+            lambda batches, settings: run_stacked(evaluate_function, batches, settings),
+            name,
+            stacked_signature(self.batch_data_signature),
+            relax_leading_dimension=True,
+        )
+
+    def train(
+        self,
+        step: StepFunction,
+        batches: Sequence[Any],
+        training_settings: Any,
+        learning_rate_for_logs: Callable[[], Any],
+    ) -> list[StepResult]:
+        """One optimisation step per batch with ``step`` (:meth:`training_step`), a call per run of batches of the
+        same shapes (the models are built, and the checks before a first step done).
+
+        Args:
+            learning_rate_for_logs: ``() -> the learning rate for logs`` after a call (every batch of the call gets
+                that value).
 
         Returns:
-            One :class:`StepResult` per batch, in order, as :meth:`train_on` returns them.
+            One :class:`StepResult` per batch, in order.
 
         Raises:
-            ValueError: A batch does not match ``batch_data_signature`` (the message names it), or the loss mixes
-                terms that Keras scales for the replicas with others (see ``train_on``).
+            ValueError: A batch does not match ``batch_data_signature`` (the message names it).
         """
-        if self._train_steps is None or len(batches) == 1:
-            return super().train_on_batches(batches, training_settings)
-        self.ensure_ready()
-        if not self._prepared:
-            check_batch_signature(batches[0], self.batch_data_signature)
-            self._build(batches[0], training_settings)
-        if self._replica_loss_pending:
-            self._settle_replica_loss(batches[0], training_settings)
-        if self._first_batch_checks:
-            self._check_first_batch(batches[0], training_settings)
         results: list[StepResult] = []
         for run in same_shape_runs(batches):
-            outputs = self._call_stacked(self._train_steps, run, training_settings)
-            learning_rate = self._learning_rate_for_logs()
+            outputs = self._call(step, run, training_settings)
+            learning_rate = learning_rate_for_logs()
             for loss, num_samples, auxiliary_results, skipped in unstack_outputs(outputs, len(run)):
                 results.append(
                     StepResult(
@@ -70,7 +99,23 @@ class StackedCalls(NeutralDefaultTrainer):
                 )
         return results
 
-    def _call_stacked(self, step: Any, batches: list, settings: Any) -> Any:
+    def evaluate(self, step: StepFunction, batches: Sequence[Any], evaluate_settings: Any) -> list[ModelOutputs]:
+        """The outputs of every batch with ``step`` (:meth:`evaluation_step`), at most
+        ``evaluation_steps_per_execution`` batches of the same shapes per call; in order.
+
+        Raises:
+            ValueError: A batch does not match ``batch_data_signature`` (the message names it).
+        """
+        outputs: list[ModelOutputs] = []
+        per_call = self.evaluation_steps_per_execution
+        for run in same_shape_runs(batches):
+            for start in range(0, len(run), per_call):
+                part = run[start : start + per_call]
+                stacked = self._call(step, part, evaluate_settings)
+                outputs.extend(ModelOutputs(*output) for output in unstack_outputs(stacked, len(part)))
+        return outputs
+
+    def _call(self, step: StepFunction, batches: list, settings: Any) -> Any:
         """``step`` on the stacked ``batches``; a batch that does not match ``batch_data_signature`` is named."""
         try:
             return step(stack_batches(batches), settings)
@@ -78,23 +123,3 @@ class StackedCalls(NeutralDefaultTrainer):
             for batch in batches:
                 check_batch_signature(batch, self.batch_data_signature)
             raise
-
-    def evaluate_losses(
-        self, batches: Sequence[Any], evaluate_settings: Any = None, inference_mode: bool = True
-    ) -> list[ModelOutputs]:
-        """:meth:`evaluate_loss` of each batch, ``evaluation_batches_per_call`` of them per compiled call when more
-        than one (stacked and evaluated in a ``tf.while_loop``, as :meth:`train_on_batches`); the same values."""
-        if self.eager_mode or self.evaluation_batches_per_call == 1 or len(batches) < 2:
-            return super().evaluate_losses(batches, evaluate_settings, inference_mode)
-        self.ensure_ready()
-        if not self._prepared:
-            self._build(batches[0], evaluate_settings)
-        step = self._evaluate_step(bool(inference_mode), stacked=True)
-        outputs: list[ModelOutputs] = []
-        per_call = self.evaluation_batches_per_call
-        for run in same_shape_runs(batches):
-            for start in range(0, len(run), per_call):
-                part = run[start : start + per_call]
-                stacked = self._call_stacked(step, part, evaluate_settings)
-                outputs.extend(ModelOutputs(*output) for output in unstack_outputs(stacked, len(part)))
-        return outputs

@@ -1,12 +1,13 @@
-"""The state of the TensorFlow ``DefaultTrainer`` (a mixin): weights, optimizer variables and the Keras seed
-generators, as numpy arrays, and a state kept until the models can be built."""
+"""The state of the TensorFlow ``DefaultTrainer`` (:class:`KerasTrainerState`): weights, optimizer variables and
+the Keras seed generators, as numpy arrays, and a state kept until the models can be built."""
 
 from __future__ import annotations
 
-import logging
-from typing import Any
+from collections.abc import Mapping
+from typing import Optional
 
 import numpy as np
+import tensorflow as tf
 
 from mlpug.tensorflow.trainers.checks import check_arrays
 from mlpug.tensorflow.trainers.seed_generators import (
@@ -15,69 +16,67 @@ from mlpug.tensorflow.trainers.seed_generators import (
     set_seed_generator_states,
 )
 
-_log = logging.getLogger("mlpug.tensorflow.DefaultTrainer")
-
 
 class KerasTrainerState:
-    """``get_state`` / ``set_state`` of the TensorFlow ``DefaultTrainer``."""
+    """Reads and loads the state of model components, optimizers and seed generators; keeps a state to load later.
 
-    # provided by the DefaultTrainer
-    model_components: dict
-    optimizers: dict
-    training_model: Any
-    _pending_state: Any  # a state given to set_state before the models could be built
-    _build: Any  # () -> bool: whether the models and optimizers are built (building them if it can)
-    _check_state_names: Any  # (state) -> None, raises ValueError
+    The trainer says whether its models are built (only built models and optimizers have all their variables):
+    a state given before that is kept (:attr:`pending`) and loaded by :meth:`load_pending` once they are.
 
-    def get_state(self) -> dict:
-        """Weights, optimizer variables and seed generator states as numpy arrays (copies, made once).
+    Args:
+        model_components: The model components by name (Keras layers).
+        optimizers: The optimizers by name (as the trainer steps them: wrapped for loss scaling where it is used).
 
-        Returns:
-            ``{"model_components": {name: [np.ndarray, ...]}, "optimizers": {name: [np.ndarray, ...]},
-            "seed_generators": [np.ndarray, ...]}``: per component its ``get_weights()`` (trainable and
-            non-trainable, in Keras' order); per optimizer the values of ``optimizer.variables`` (iteration
-            count, learning rate, slots, in creation order); the states (int64, shape ``(2,)``) of the Keras seed
-            generators of the model components and then of the training model (``Dropout`` etc.; each once, in
-            the order of ``.variables``), which ``get_weights()`` leaves out. When the trainer cannot be built
-            yet (see :meth:`_build`), a state given to :meth:`set_state` and not applied yet is returned, else
-            what exists so far.
-        """
-        self._build()
-        if self._pending_state is not None:
-            return self._pending_state
+    Attributes:
+        pending: A state given to :meth:`set_state` before the models were built, not loaded yet; or None.
+    """
+
+    def __init__(
+        self,
+        model_components: Mapping[str, tf.keras.layers.Layer],
+        optimizers: Mapping[str, tf.keras.optimizers.Optimizer],
+    ):
+        self.model_components = model_components
+        self.optimizers = optimizers
+        self.pending: Optional[dict] = None
+
+    def get_state(self, training_model: Optional[tf.keras.layers.Layer]) -> dict:
+        """The state (see ``DefaultTrainer.get_state``): :attr:`pending` when there is one, else the arrays of the
+        model components, optimizers and the seed generators of the components and ``training_model``."""
+        if self.pending is not None:
+            return self.pending
         return {
             "model_components": {name: component.get_weights() for name, component in self.model_components.items()},
             "optimizers": {
                 name: [np.asarray(variable.numpy()) for variable in optimizer.variables]
                 for name, optimizer in self.optimizers.items()
             },
-            "seed_generators": get_seed_generator_states(self._seed_generator_variables()),
+            "seed_generators": get_seed_generator_states(self._seed_generator_variables(training_model)),
         }
 
-    def _seed_generator_variables(self) -> list:
-        """The seed generator state variables of the model components, then of the training model."""
-        return find_seed_generator_variables([*self.model_components.values(), self.training_model])
-
-    def set_state(self, state: dict) -> None:
-        """Restore what :meth:`get_state` returned.
-
-        Unbuilt model components are built first (from ``batch_data_signature`` when given); when they cannot be
-        built without data, the state is kept and applied right after building, before the first update. A
-        state without ``"seed_generators"`` (taken before they were part of it) leaves the seed generators as
-        they are.
+    def set_state(self, state: dict, training_model: Optional[tf.keras.layers.Layer], built: bool) -> None:
+        """Load ``state`` when the models are ``built``, else keep it as :attr:`pending`.
 
         Raises:
-            ValueError: Names, numbers of arrays or shapes in ``state`` do not match the trainer's (raised when
-                the state is applied: at once, or on building when it is pending).
+            ValueError: Numbers of arrays or shapes in ``state`` do not match (see :meth:`load`).
         """
-        self._check_state_names(state)
-        if self._build():
-            self._load_state(state)
+        if built:
+            self.load(state, training_model)
         else:
-            _log.debug("Model not built yet: the state is applied when it is built (before the first update)")
-            self._pending_state = state
+            self.pending = state
 
-    def _load_state(self, state: dict) -> None:
+    def load_pending(self, training_model: Optional[tf.keras.layers.Layer]) -> None:
+        """Load :attr:`pending`, if any (the models were just built), and drop it."""
+        if self.pending is not None:
+            state, self.pending = self.pending, None
+            self.load(state, training_model)
+
+    def load(self, state: dict, training_model: Optional[tf.keras.layers.Layer]) -> None:
+        """Assign the arrays of ``state`` to the variables; a state without ``"seed_generators"`` leaves them.
+
+        Raises:
+            ValueError: A component's or optimizer's number of arrays or their shapes differ from its variables'.
+        """
         for name, component in self.model_components.items():
             weights = state["model_components"][name]
             check_arrays(f"model component {name!r}", component.weights, weights)
@@ -88,4 +87,8 @@ class KerasTrainerState:
             for variable, value in zip(optimizer.variables, values):
                 variable.assign(value)
         if state.get("seed_generators") is not None:
-            set_seed_generator_states(self._seed_generator_variables(), state["seed_generators"])
+            set_seed_generator_states(self._seed_generator_variables(training_model), state["seed_generators"])
+
+    def _seed_generator_variables(self, training_model: Optional[tf.keras.layers.Layer]) -> list:
+        """The seed generator state variables of the model components, then of the training model."""
+        return find_seed_generator_variables([*self.model_components.values(), training_model])

@@ -15,11 +15,24 @@ null objects give the plain step (the same code eager and compiled)::
 Model and optimizer state travel as numpy arrays in plain containers, through public Keras APIs only; the
 states of the Keras seed generators (dropout masks) travel with them (see
 :mod:`mlpug.tensorflow.trainers.seed_generators`).
+
+The trainer holds these parts, each built from what it needs (the step parts above, the signatures, functions of
+the trainer's own step), not from the trainer:
+
+* :class:`~mlpug.tensorflow.trainers.replicated.ReplicatedStep`: the step under a ``tf.distribute`` strategy and
+  the probe of Keras' replica scaling of the loss before it;
+* :class:`~mlpug.tensorflow.trainers.state.KerasTrainerState`: ``get_state`` / ``set_state`` of the models,
+  optimizers and seed generators, and a state kept until the models are built;
+* :class:`~mlpug.tensorflow.trainers.stacked.StackedSteps`: several batches per compiled call
+  (``steps_per_execution``, ``evaluation_steps_per_execution``);
+* :class:`~mlpug.tensorflow.trainers.snapshot.KerasEvaluationSnapshot`: a frozen copy of the weights for
+  asynchronous evaluation (:meth:`DefaultTrainer.evaluation_snapshot`).
 """
 
 from __future__ import annotations
 
 import logging
+import warnings
 from collections.abc import Sequence
 from contextlib import AbstractContextManager, nullcontext
 from typing import Any, Optional
@@ -45,19 +58,13 @@ from mlpug.tensorflow.distributed import (
 )
 from mlpug.tensorflow.random_state import TensorFlowRandomState
 from mlpug.tensorflow.trainers.checks import call_argument_names, check_optimizers, is_built, type_name
-from mlpug.tensorflow.trainers.compilation import (
-    CompiledStep,
-    EagerStep,
-    check_batch_signature,
-    run_stacked,
-    stacked_signature,
-    validate_signature,
-)
+from mlpug.tensorflow.trainers.clipping import clip_gradient_pairs
+from mlpug.tensorflow.trainers.compilation import CompiledStep, EagerStep, check_batch_signature, validate_signature
 from mlpug.tensorflow.trainers.precision import precision_policy
 from mlpug.tensorflow.trainers.replica_loss import ReplicaLossScaling
 from mlpug.tensorflow.trainers.replicated import ReplicatedStep
 from mlpug.tensorflow.trainers.snapshot import KerasEvaluationSnapshot
-from mlpug.tensorflow.trainers.stacked import StackedCalls
+from mlpug.tensorflow.trainers.stacked import StackedSteps
 from mlpug.tensorflow.trainers.state import KerasTrainerState
 from mlpug.tensorflow.trainers.variables import (
     TrainableVariables,
@@ -68,12 +75,45 @@ from mlpug.trainers.arguments import check_positive_int
 from mlpug.trainers.clipping import validate_clipping
 from mlpug.trainers.gradient_sync import GradientSync
 from mlpug.trainers.precision import PrecisionPolicy
+from mlpug.trainers.trainer import DefaultTrainer as NeutralDefaultTrainer
 from mlpug.trainers.trainer import ModelOutputs, StepResult
 
 _log = logging.getLogger("mlpug.tensorflow.DefaultTrainer")
 
+_warned_deprecated_arguments: set[str] = set()  # the deprecated argument names warned about (once per process)
 
-class DefaultTrainer(ReplicatedStep, KerasTrainerState, StackedCalls):
+
+def _evaluation_steps_argument(
+    evaluation_steps_per_execution: Optional[int], evaluation_batches_per_call: Optional[int], steps_per_execution: int
+) -> int:
+    """The checked ``evaluation_steps_per_execution`` of the TensorFlow ``DefaultTrainer``: the value given under
+    its name or under its deprecated alias ``evaluation_batches_per_call`` (a ``DeprecationWarning``, once per
+    process), else ``steps_per_execution``.
+
+    Raises:
+        TypeError: Both names are given.
+        ValueError: The value is not an int >= 1 (the message uses the name it was given under).
+    """
+    name, value = "evaluation_steps_per_execution", evaluation_steps_per_execution
+    if evaluation_batches_per_call is not None:
+        if evaluation_steps_per_execution is not None:
+            raise TypeError(
+                "give evaluation_steps_per_execution only; evaluation_batches_per_call is its deprecated name (got "
+                f"{evaluation_steps_per_execution!r} and {evaluation_batches_per_call!r})"
+            )
+        name, value = "evaluation_batches_per_call", evaluation_batches_per_call
+        if name not in _warned_deprecated_arguments:
+            _warned_deprecated_arguments.add(name)
+            warnings.warn(
+                "DefaultTrainer(evaluation_batches_per_call=...) is deprecated; use evaluation_steps_per_execution "
+                "(the same meaning: batches per compiled evaluation call)",
+                DeprecationWarning,
+                stacklevel=3,
+            )
+    return steps_per_execution if value is None else check_positive_int(value, name)
+
+
+class DefaultTrainer(NeutralDefaultTrainer):
     """Trains a Keras training model with ``tf.GradientTape``, eagerly or compiled with ``tf.function``.
 
     Args:
@@ -129,12 +169,11 @@ class DefaultTrainer(ReplicatedStep, KerasTrainerState, StackedCalls):
         steps_per_execution: Run up to this many optimisation steps (int >= 1, default 1) in one call of the
             compiled step: the manager hands :meth:`train_on_batches` that many batches of an epoch (fewer at the
             epoch's end, and where a callback needs the model sooner, e.g. a batch-level checkpoint; see
-            :meth:`mlpug.trainers.callbacks.callback.Callback.batches_until_model_access`); they are stacked
-            and trained one after the other in a ``tf.while_loop`` inside one ``tf.function`` (as Keras'
-            ``fit(steps_per_execution=...)``), then the batch hooks run for every batch with that batch's loss and
-            outputs. The weights and per-batch losses are those of one step per call (bit-identical on CPU,
-            tested). It saves TensorFlow's per-call dispatch (about 0.1-0.3 ms per step on CPU, see
-            ``benchmarks/RESULTS.md``) and costs one stacking copy of the batches. Consecutive batches of other
+            :meth:`mlpug.trainers.callback.Callback.batches_until_model_access`); they are stacked
+            and trained one after the other in a ``tf.while_loop`` inside one ``tf.function``, then the batch hooks
+            run for every batch with that batch's loss and outputs. The weights and per-batch losses are those of
+            one step per call (bit-identical on CPU, tested). A call of K batches is one dispatch of the compiled
+            step instead of K, and costs one stacking copy of the batches. Consecutive batches of other
             shapes (the short last batch) are stacked apart, through the same trace: without a
             ``batch_data_signature`` the first call is traced with the number of batches and the samples per
             batch left open (``None``), so the model must accept a ``None`` batch dimension, as with a signature
@@ -144,9 +183,11 @@ class DefaultTrainer(ReplicatedStep, KerasTrainerState, StackedCalls):
             call; TensorFlow's legacy stateful random ops in the model's own code (``tf.random.uniform``,
             ``tf.nn.dropout``) draw anew for every batch, but not the values of one step per call (another graph
             gives them other op seeds). Eager mode runs one step per call.
-        evaluation_batches_per_call: Batches that :meth:`evaluate_losses` (dataset evaluation through the
+        evaluation_steps_per_execution: Batches that :meth:`evaluate_losses` (dataset evaluation through the
             ``MetricEvaluator``) stacks into one compiled call, the same way (int >= 1); default
             ``steps_per_execution``.
+        evaluation_batches_per_call: Deprecated name of ``evaluation_steps_per_execution`` (a
+            ``DeprecationWarning``, once per process).
 
     The training model, set with :meth:`set_training_model`, is a ``tf.keras.Model`` (or layer) whose
     ``call(batch_data, evaluate_settings, inference_mode=None)`` returns the loss (see
@@ -172,8 +213,9 @@ class DefaultTrainer(ReplicatedStep, KerasTrainerState, StackedCalls):
             is not made of ``tf.TensorSpec`` s, ``eager_mode`` is not a bool or ``trainable_variables`` has the
             wrong form.
         ValueError: Several optimizers without a way to tell their variables apart, a ``batch_chunk_size``,
-            ``steps_per_execution`` or ``evaluation_batches_per_call`` that is not an int >= 1, or a bad
+            ``steps_per_execution`` or ``evaluation_steps_per_execution`` that is not an int >= 1, or a bad
             ``autocast_dtype``.
+        TypeError: Both ``evaluation_steps_per_execution`` and its deprecated name ``evaluation_batches_per_call``.
         NotImplementedError: A ``distribution_strategy`` other than the two mirrored ones; under a strategy, float16
             loss scaling or an optimizer that clips gradients (see
             :func:`mlpug.tensorflow.distributed.check_strategy_options`).
@@ -201,13 +243,12 @@ class DefaultTrainer(ReplicatedStep, KerasTrainerState, StackedCalls):
         clip_gradients_norm: Optional[float] = None,
         clip_gradients_value: Optional[float] = None,
         steps_per_execution: int = 1,
+        evaluation_steps_per_execution: Optional[int] = None,
         evaluation_batches_per_call: Optional[int] = None,
     ):
         self.steps_per_execution = check_positive_int(steps_per_execution, "steps_per_execution")
-        self.evaluation_batches_per_call = (
-            self.steps_per_execution
-            if evaluation_batches_per_call is None
-            else check_positive_int(evaluation_batches_per_call, "evaluation_batches_per_call")
+        self.evaluation_steps_per_execution = _evaluation_steps_argument(
+            evaluation_steps_per_execution, evaluation_batches_per_call, self.steps_per_execution
         )
         self.clip_gradients_norm, self.clip_gradients_value = validate_clipping(
             clip_gradients_norm, clip_gradients_value
@@ -243,13 +284,35 @@ class DefaultTrainer(ReplicatedStep, KerasTrainerState, StackedCalls):
         self._inference_arg: Optional[str] = "inference_mode"
         self._variables: dict = {}  # optimizer name -> list of variables (resolved when built)
         self._flat_variables: list = []
-        self._pending_state: Optional[dict] = None
         self._prepared = False
         self._logged_learning_rate: Optional[float] = None
-        self.replica_loss = ReplicaLossScaling(distribution_strategy)  # Keras' 1 / replicas of a loss, undone
-        self._replica_loss_pending = not self.replica_loss.settled  # probed before the first training step
+        self._state = KerasTrainerState(self.model_components, self.optimizers)
+        # Keras' 1 / replicas of a loss, undone; probed before the first training step until settled
+        self.replica_loss = ReplicaLossScaling(distribution_strategy)
+        self._replicated: Optional[ReplicatedStep] = None  # the step under a strategy
+        if distribution_strategy is not None:
+            self._replicated = ReplicatedStep(
+                distribution_strategy,
+                self.chunking,
+                self.precision,
+                self.gradient_sync,
+                self.optimizers,
+                self.replica_loss,
+                self._distributed,
+                chunk_step=self._chunk_step,
+                gradient_pairs=self._pairs_per_optimizer,
+                clip_gradients=self.clip_gradients,
+                clips=self.clip_gradients_norm is not None or self.clip_gradients_value is not None,
+                probe_loss=lambda batch, settings: self._forward(batch, settings, inference_mode=True).loss,
+            )
+        self._stacked = StackedSteps(
+            batch_data_signature,
+            training_settings_signature,
+            self.steps_per_execution,
+            self.evaluation_steps_per_execution,
+        )
         self._train_step: EagerStep | CompiledStep
-        self._train_steps: Optional[CompiledStep] = None
+        self._train_steps: Optional[CompiledStep] = None  # the stacked training step (steps_per_execution > 1)
         self._make_train_steps()
         self._evaluate_steps: dict = {}  # (inference_mode, stacked) -> EagerStep | CompiledStep
 
@@ -263,13 +326,7 @@ class DefaultTrainer(ReplicatedStep, KerasTrainerState, StackedCalls):
                 self._train_step_function, "train step", self.batch_data_signature, self.training_settings_signature
             )
         if not self.eager_mode and self.steps_per_execution > 1:
-            self._train_steps = CompiledStep(
-                lambda batches, settings: run_stacked(self._train_step_function, batches, settings),
-                f"train step x{self.steps_per_execution} (steps_per_execution)",
-                stacked_signature(self.batch_data_signature),
-                self.training_settings_signature,
-                relax_leading_dimension=True,
-            )
+            self._train_steps = self._stacked.training_step(self._train_step_function)
 
     # ----- set-up -----
     def _scope(self) -> AbstractContextManager:
@@ -347,9 +404,7 @@ class DefaultTrainer(ReplicatedStep, KerasTrainerState, StackedCalls):
                     optimizer.build(self._variables[name])
         self._check_variables_in_scope()
         self._prepared = True
-        if self._pending_state is not None:
-            state, self._pending_state = self._pending_state, None
-            self._load_state(state)
+        self._state.load_pending(self.training_model)
         return True
 
     def training_data_source(self, dataset: Any) -> DataSource:
@@ -382,7 +437,9 @@ class DefaultTrainer(ReplicatedStep, KerasTrainerState, StackedCalls):
         if not self._build():
             raise RuntimeError("asynchronous evaluation needs a built model: train a batch first, or pass "
                                "DefaultTrainer(batch_data_signature=...)")  # fmt: skip
-        return KerasEvaluationSnapshot(self)
+        return KerasEvaluationSnapshot(
+            self.model_components, self.training_model, self._evaluate_step_function, self.eager_mode
+        )
 
     def _is_scalar_loss(self, loss: Any) -> bool:
         return tf.is_tensor(loss) and loss.shape.num_elements() == 1
@@ -394,8 +451,8 @@ class DefaultTrainer(ReplicatedStep, KerasTrainerState, StackedCalls):
 
     def _train_step_function(self, batch: Any, training_settings: Any) -> tuple:
         """Forward, backward and optimizer step (see the module docstring); traced unless in eager mode."""
-        if self.strategy is not None:
-            return self._replicated_train_step(batch, training_settings)
+        if self._replicated is not None:
+            return self._replicated.train_step(batch, training_settings, self.skip_non_finite_steps)
         result = self.chunking.run(lambda chunk: self._chunk_step(chunk, training_settings), batch)
         gradients = self.gradient_sync.reduce(result.gradients)
         assert gradients is not None
@@ -471,6 +528,14 @@ class DefaultTrainer(ReplicatedStep, KerasTrainerState, StackedCalls):
         finite = tf.stack([tf.reduce_all(tf.math.is_finite(variable)) for _, variable in named]).numpy()
         return [name for (name, _), is_finite in zip(named, finite) if not is_finite]
 
+    def clip_gradients(self, pairs: dict[str, list]) -> dict[str, list]:
+        """Clip each optimizer's ``(gradient, variable)`` pairs before they are applied (``clip_gradients_norm``:
+        ``tf.clip_by_global_norm`` over that optimizer's gradients; ``clip_gradients_value``: ``tf.clip_by_value``;
+        see :func:`mlpug.tensorflow.trainers.clipping.clip_gradient_pairs`); part of the traced step, and a hook that
+        subclasses may override. Under a strategy it is called with the all-reduced gradients, and only with a
+        clipping option. Without a clipping option the pairs as they are."""
+        return clip_gradient_pairs(pairs, self.optimizers, self.clip_gradients_norm, self.clip_gradients_value)
+
     def _pairs_per_optimizer(self, gradients: Sequence[Any]) -> dict[str, list]:
         """The flat gradient list as ``(gradient, variable)`` pairs per optimizer name, for ``precision.step``."""
         pairs, start = {}, 0
@@ -501,18 +566,43 @@ class DefaultTrainer(ReplicatedStep, KerasTrainerState, StackedCalls):
                 worker: the loss mixes terms that Keras scales by ``1 / replicas`` with terms it does not (see
                 :mod:`mlpug.tensorflow.trainers.replica_loss`).
         """
-        self.ensure_ready()
-        if not self._prepared:
-            check_batch_signature(batch, self.batch_data_signature)
-            self._build(batch, training_settings)
-        if self._replica_loss_pending:
-            self._settle_replica_loss(batch, training_settings)
-        if self._first_batch_checks:
-            self._check_first_batch(batch, training_settings)
+        self._prepare_step(batch, training_settings)
         loss, num_samples, auxiliary_results, skipped = self._train_step(batch, training_settings)
         return StepResult(
             loss, num_samples, auxiliary_results, False if skipped is None else skipped, self._learning_rate_for_logs()
         )
+
+    def train_on_batches(self, batches: Sequence[Any], training_settings: Any = None) -> list[StepResult]:
+        """One optimisation step per batch, several in one compiled call (``steps_per_execution``, see the class
+        docstring): consecutive batches of the same shapes are stacked and trained in a ``tf.while_loop``; a batch
+        of its own shape (the short last batch) is stacked alone, through the same trace (its sample dimension is
+        open). Eager mode, or one batch: :meth:`train_on` per batch.
+
+        Returns:
+            One :class:`StepResult` per batch, in order, as :meth:`train_on` returns them.
+
+        Raises:
+            ValueError: A batch does not match ``batch_data_signature`` (the message names it), or the loss mixes
+                terms that Keras scales for the replicas with others (see :meth:`train_on`).
+        """
+        if self._train_steps is None or len(batches) == 1:
+            return super().train_on_batches(batches, training_settings)
+        self._prepare_step(batches[0], training_settings)
+        return self._stacked.train(self._train_steps, batches, training_settings, self._learning_rate_for_logs)
+
+    def _prepare_step(self, batch: Any, training_settings: Any) -> None:
+        """Before a training step of ``batch`` (the first of a call): build the models from it when not built yet
+        (its signature checked first), probe the replica scaling of the loss until settled (the training steps are
+        made anew when its factor changes), run the pending first-batch checks on it."""
+        self.ensure_ready()
+        if not self._prepared:
+            check_batch_signature(batch, self.batch_data_signature)
+            self._build(batch, training_settings)
+        if self._replicated is not None and not self.replica_loss.settled:
+            if self._replicated.settle_replica_loss(batch, training_settings):
+                self._make_train_steps()
+        if self._first_batch_checks:
+            self._check_first_batch(batch, training_settings)
 
     def _check_first_batch(self, batch: Any, training_settings: Any) -> None:
         """The first-batch checks (:meth:`add_first_batch_check`) before the first step, on the outputs of one eager
@@ -535,6 +625,19 @@ class DefaultTrainer(ReplicatedStep, KerasTrainerState, StackedCalls):
         loss, num_samples, auxiliary_results = step(batch, evaluate_settings)
         return ModelOutputs(loss, num_samples, auxiliary_results)
 
+    def evaluate_losses(
+        self, batches: Sequence[Any], evaluate_settings: Any = None, inference_mode: bool = True
+    ) -> list[ModelOutputs]:
+        """:meth:`evaluate_loss` of each batch, ``evaluation_steps_per_execution`` of them per compiled call when
+        more than one (stacked and evaluated in a ``tf.while_loop``, as :meth:`train_on_batches`); the same values."""
+        if self.eager_mode or self.evaluation_steps_per_execution == 1 or len(batches) < 2:
+            return super().evaluate_losses(batches, evaluate_settings, inference_mode)
+        self.ensure_ready()
+        if not self._prepared:
+            self._build(batches[0], evaluate_settings)
+        step = self._evaluate_step(bool(inference_mode), stacked=True)
+        return self._stacked.evaluate(step, batches, evaluate_settings)
+
     def _evaluate_step(self, inference_mode: bool, stacked: bool) -> EagerStep | CompiledStep:
         """The evaluation step for ``inference_mode``, of one batch or of stacked batches; made once."""
         key = (inference_mode, stacked)
@@ -544,19 +647,50 @@ class DefaultTrainer(ReplicatedStep, KerasTrainerState, StackedCalls):
             def evaluate(batch: Any, settings: Any, _mode: bool = inference_mode) -> tuple:
                 return self._evaluate_step_function(batch, settings, _mode)
 
-            def evaluate_stacked(batches: Any, settings: Any) -> tuple:
-                return run_stacked(evaluate, batches, settings)
-
             name = f"evaluation step (inference_mode={inference_mode}{', stacked batches' if stacked else ''})"
             if self.eager_mode:
                 step = EagerStep(evaluate, name)
             elif stacked:
-                signature = stacked_signature(self.batch_data_signature)
-                step = CompiledStep(evaluate_stacked, name, signature, relax_leading_dimension=True)
+                step = self._stacked.evaluation_step(evaluate, name)
             else:
                 step = CompiledStep(evaluate, name, self.batch_data_signature)
             self._evaluate_steps[key] = step
         return step
+
+    # ----- state -----
+    def get_state(self) -> dict:
+        """Weights, optimizer variables and seed generator states as numpy arrays (copies, made once).
+
+        Returns:
+            ``{"model_components": {name: [np.ndarray, ...]}, "optimizers": {name: [np.ndarray, ...]},
+            "seed_generators": [np.ndarray, ...]}``: per component its ``get_weights()`` (trainable and
+            non-trainable, in Keras' order); per optimizer the values of ``optimizer.variables`` (iteration
+            count, learning rate, slots, in creation order); the states (int64, shape ``(2,)``) of the Keras seed
+            generators of the model components and then of the training model (``Dropout`` etc.; each once, in
+            the order of ``.variables``), which ``get_weights()`` leaves out. When the trainer cannot be built
+            yet (see :meth:`_build`), a state given to :meth:`set_state` and not applied yet is returned, else
+            what exists so far.
+        """
+        self._build()
+        return self._state.get_state(self.training_model)
+
+    def set_state(self, state: dict) -> None:
+        """Restore what :meth:`get_state` returned.
+
+        Unbuilt model components are built first (from ``batch_data_signature`` when given); when they cannot be
+        built without data, the state is kept and applied right after building, before the first update. A
+        state without ``"seed_generators"`` (taken before they were part of it) leaves the seed generators as
+        they are.
+
+        Raises:
+            ValueError: Names, numbers of arrays or shapes in ``state`` do not match the trainer's (raised when
+                the state is applied: at once, or on building when it is pending).
+        """
+        self._check_state_names(state)
+        built = self._build()
+        if not built:
+            _log.debug("Model not built yet: the state is applied when it is built (before the first update)")
+        self._state.set_state(state, self.training_model, built)
 
     # ----- learning rate -----
     def set_learning_rate(self, learning_rate: float, optimizer_name: Optional[str] = None) -> None:
@@ -578,8 +712,7 @@ class DefaultTrainer(ReplicatedStep, KerasTrainerState, StackedCalls):
 
         A constant learning rate (a Keras variable) is read once and cached as a Python float, refreshed by
         :meth:`set_learning_rate` (an assignment to the optimizer's variable made elsewhere is not seen). A
-        learning rate schedule is read when the logged value is read (a snapshot op per step costs ~10 % of a
-        small compiled step on CPU, measured).
+        learning rate schedule is read when the logged value is read (no op per step that copies its value).
         """
         if self._logged_learning_rate is None:
             optimizer = self._optimizer_list[0]

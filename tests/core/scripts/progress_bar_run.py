@@ -5,8 +5,8 @@ import json
 import sys
 
 from mlpug.evaluation import MetricEvaluator
-from mlpug.trainers.callbacks import MetricsHistory, ProgressBar, TestMetricsLogger, TrainingMetricsLogger
-from mlpug.trainers.training import TrainingManager
+from mlpug.callbacks import MetricsHistory, ProgressBar, TestMetricsLogger, TrainingMetricsLogger
+from mlpug.trainers.training_manager import TrainingManager
 from tests.core.fake_backend import make_batches, make_trainer
 
 run_async = sys.argv[2] == "async"

@@ -1,16 +1,20 @@
 """The ``Callback`` base class, the one list of hooks, and the order in which callbacks receive them.
 
 The position of every hook in the training life cycle is written down in
-:mod:`mlpug.trainers.training` (``TrainingManager``).
+:mod:`mlpug.trainers.training_manager` (``TrainingManager``).
 """
 
 from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
-from typing import Any, Optional
+from typing import TYPE_CHECKING, Any, Optional
 
 from mlpug.logs import MANAGER_LOG_PATHS, did_you_mean
+from mlpug.trainers.evaluation_result import EvaluationResult
+
+if TYPE_CHECKING:
+    from mlpug.trainers.run_context import RunContext
 
 HOOKS = (
     "set_training_manager",
@@ -20,12 +24,14 @@ HOOKS = (
     "on_batch_training_failed",
     "on_batch_training_completed",
     "on_batch_checkpoint",
+    "on_evaluation_result",
     "on_epoch_completed",
     "on_epoch_checkpoint",
     "on_training_checkpoint",
     "on_training_ended",
 )
-"""Every hook, in life-cycle order. Dispatching a name not in this list is an error."""
+"""Every hook, in life-cycle order (``on_evaluation_result`` runs wherever a producer publishes a result: see
+:meth:`Callback.on_evaluation_result`). Dispatching a name not in this list is an error."""
 
 
 class Callback:
@@ -58,7 +64,7 @@ class Callback:
         if name == "":
             raise ValueError("name must be a non-empty str (it keys the callback's checkpoint state), got ''")
         self.name = name or type(self).__name__
-        self.training_manager: Any = None  # the TrainingManager, set by set_training_manager
+        self.training_manager: Optional[RunContext] = None  # set by set_training_manager (the 2021 name)
         self._log = logging.getLogger(f"mlpug.{type(self).__name__}")
 
     # Producers / consumers of logs sections (dataset names such as "training" or "validation", or "best").
@@ -108,8 +114,39 @@ class Callback:
         ``produces`` may exist (see :func:`check_log_path`)."""
         return None
 
+    @property
+    def publishes_results(self) -> frozenset:
+        """The dataset names whose whole-dataset evaluations this callback publishes as
+        :class:`~mlpug.trainers.evaluation_result.EvaluationResult` events
+        (``self.context.publish_result(result)``); default none. A ``TestMetricsLogger`` at dataset level
+        publishes its dataset's."""
+        return frozenset()
+
+    @property
+    def asynchronous_results(self) -> frozenset:
+        """The dataset names (a subset of :attr:`publishes_results`) whose results this callback publishes late,
+        evaluated on a snapshot of older weights; default none."""
+        return frozenset()
+
+    @property
+    def context(self) -> RunContext:
+        """The :class:`~mlpug.trainers.run_context.RunContext` given to :meth:`set_training_manager`.
+
+        Raises:
+            RuntimeError: The callback is not part of a ``TrainingManager`` yet.
+        """
+        if self.training_manager is None:
+            raise RuntimeError(
+                f"callback {self.name!r} is not part of a TrainingManager yet: pass it in "
+                "TrainingManager(callbacks=[...]) first"
+            )
+        return self.training_manager
+
     # ----- hooks -----
-    def set_training_manager(self, manager: Any) -> Optional[bool]:
+    def set_training_manager(self, manager: RunContext) -> Optional[bool]:
+        """Keep the run context (``manager``: the name of the 2021 API) as ``self.training_manager``; called once,
+        when the ``TrainingManager`` is constructed. Overrides check their configuration against the run here
+        (e.g. that a monitored path is written) and call ``super().set_training_manager(manager)``."""
         self.training_manager = manager
         return True
 
@@ -132,6 +169,17 @@ class Callback:
 
     def on_batch_checkpoint(self, logs: dict) -> Optional[bool]:
         """Checkpoint phase of a batch: after every callback's ``on_batch_training_completed``."""
+        return True
+
+    def on_evaluation_result(self, result: EvaluationResult, logs: dict) -> Optional[bool]:
+        """One whole-dataset evaluation result, dispatched once per result, in the order published.
+
+        Runs inside the hook in which the producer published it (synchronous ``TestMetricsLogger``: its
+        ``on_epoch_completed``; asynchronous: the epoch end or the ``on_training_checkpoint`` at which it lands),
+        after the producers that run before it and before this callback's own part of that hook. When several
+        results land at once, each gets its own call, oldest first. ``result.epoch`` / ``global_iter`` give the
+        position of the evaluated weights; ``logs["current"]`` is that of the hook (and holds the newest result).
+        """
         return True
 
     def on_epoch_completed(self, logs: dict) -> Optional[bool]:

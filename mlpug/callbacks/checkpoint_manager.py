@@ -7,11 +7,11 @@ Only the primary rank writes files.
 
 from __future__ import annotations
 
-import math
 import os
 from collections.abc import Callable, Mapping
 from typing import Any, Literal, Optional
 
+from mlpug.callbacks.best_model import BestModel
 from mlpug.callbacks.improvement import ImprovementRule
 from mlpug.checkpointing import (
     BackgroundWriter,
@@ -29,7 +29,6 @@ from mlpug.trainers.evaluation_result import EvaluationResult
 from mlpug.trainers.hook_dispatcher import add_note
 from mlpug.trainers.non_finite import (
     NonFiniteLossError,
-    NonFiniteMetricError,
     NonFiniteMetricPolicy,
     NonFiniteWeightsError,
     validate_non_finite_metric_policy,
@@ -207,7 +206,6 @@ class CheckpointManager(Callback, TrainingStateLoader):
         self.saver = saver
         self.file_names = CheckpointFileNames(str(checkpoints_path), base_checkpoint_filename, saver.extension)
         self.metric_to_monitor = metric_to_monitor
-        self.improvement = improvement
         self.batch_level = batch_level
         self.metric_monitor_period = metric_monitor_period
         self.create_checkpoint_every = create_checkpoint_every
@@ -216,11 +214,13 @@ class CheckpointManager(Callback, TrainingStateLoader):
         self.model_hyper_parameters = hyper_parameters
         self.write_in_background = write_in_background
         self.non_finite_metric = validate_non_finite_metric_policy(non_finite_metric)
-        self._num_non_finite_values = 0  # non-finite monitored values so far (non_finite_metric="warn")
+        # the decision of "best" (its state, best_logs, is saved in training checkpoints)
+        self.best_model = BestModel(
+            metric_to_monitor or "", improvement, self.non_finite_metric, self.name, warn_every_value=not batch_level
+        )
         self._writer = BackgroundWriter()
 
         # state (saved in training checkpoints)
-        self.best_logs: dict = {}  # plain copy of logs["current"] at the best iteration; also logs["best"]
         self.archived: list = []
         self._last_saved_position: Optional[tuple] = None
         self._improved = False  # decided in this period's batch-end / epoch-end hook, written in its checkpoint phase
@@ -249,6 +249,25 @@ class CheckpointManager(Callback, TrainingStateLoader):
         return frozenset()
 
     @property
+    def improvement(self) -> ImprovementRule:
+        """The rule (``metric_opt_mode``, ``improvement_threshold``) that decides an improvement."""
+        return self.best_model.improvement
+
+    @improvement.setter
+    def improvement(self, rule: ImprovementRule) -> None:
+        self.best_model.improvement = rule
+
+    @property
+    def best_logs(self) -> dict:
+        """A plain copy of ``logs["current"]`` at the best iteration so far (also ``logs["best"]``); ``{}``
+        before the first improvement."""
+        return self.best_model.best_logs
+
+    @best_logs.setter
+    def best_logs(self, best_logs: dict) -> None:
+        self.best_model.best_logs = best_logs
+
+    @property
     def metric_opt_mode(self) -> Literal["min", "max"]:
         """``"min"`` or ``"max"``: whether lower or higher values are better (of ``improvement``)."""
         return self.improvement.mode
@@ -261,9 +280,7 @@ class CheckpointManager(Callback, TrainingStateLoader):
     @property
     def best_value(self) -> Optional[float]:
         """The monitored value at the best iteration so far (None before the first improvement)."""
-        if not self.best_logs or self.metric_to_monitor is None:
-            return None
-        return get_value_at(self.best_logs, self.metric_to_monitor)
+        return None if self.metric_to_monitor is None else self.best_model.best_value
 
     @property
     def best_epoch(self) -> Optional[int]:
@@ -346,13 +363,8 @@ class CheckpointManager(Callback, TrainingStateLoader):
         metric = self.metric_to_monitor
         assert metric is not None
         view = _result_view(logs["current"], result)
-        value = get_value_at(view, metric, None)
-        self._check_finite_value(value, view)
-        if self._is_improvement(value):
-            logs["current"]["is_best"] = True
-            self.best_logs = logs["best"] = resolve(view)
-            if self._is_primary():
-                self._write_best_of(result, view)
+        if self.best_model.consider(get_value_at(view, metric, None), view, logs, self.context) and self._is_primary():
+            self._write_best_of(result, view)
         return True
 
     def _write_best_of(self, result: EvaluationResult, view: dict) -> None:
@@ -458,7 +470,7 @@ class CheckpointManager(Callback, TrainingStateLoader):
         self._improved = (
             self.metric_to_monitor is not None
             and period_count % self.metric_monitor_period == 0
-            and self._check_improvement(logs)
+            and self.best_model.consider(self.best_model.value_in(logs["current"]), logs["current"], logs, self.context)
         )
 
     def _on_period(self, logs: dict, period_count: int) -> None:
@@ -504,57 +516,6 @@ class CheckpointManager(Callback, TrainingStateLoader):
         full training-state snapshot uses for them (the same paths)."""
         model_components = self.context.trainer.get_state()["model_components"]
         return self.saver.snapshot({"trainer": {"model_components": model_components}})["trainer"]
-
-    def _is_improvement(self, value: Any) -> bool:
-        if value is None:
-            return False
-        return self.improvement.is_improvement(value, self.best_value)  # a NaN / inf value is never "best"
-
-    def _check_improvement(self, logs: dict) -> bool:
-        """Compare the monitored value with the best; on an improvement update the best and ``logs``."""
-        current, metric = logs["current"], self.metric_to_monitor
-        assert metric is not None
-        try:
-            value = get_value_at(current, metric)
-        except KeyError as error:  # the message lists the paths that exist
-            raise KeyError(
-                f"{self.name}: metric_to_monitor {self.metric_to_monitor!r} is not in logs['current']. "
-                f"{error.args[0]} A callback of your own that writes it must declare it, e.g. "
-                f"produces = frozenset({{{metric.split('.', 1)[0]!r}}}), so that it runs first."
-            ) from None
-        if value is not None and not isinstance(value, (int, float)):
-            raise TypeError(
-                f"{self.name}: the monitored metric {self.metric_to_monitor!r} must be a number, got "
-                f"{type(value).__qualname__}: {value!r:.100}"
-            )
-        self._check_finite_value(value, current)
-        if not self._is_improvement(value):
-            return False
-        current["is_best"] = True
-        self.best_logs = logs["best"] = resolve(current)
-        return True
-
-    def _check_finite_value(self, value: Any, current: Mapping) -> None:
-        """Apply ``non_finite_metric`` to a NaN / inf monitored ``value`` of the weights at ``current``'s position
-        (every rank alike: the values are reduced). A non-finite loss or non-finite weights are named first.
-
-        Raises:
-            NonFiniteLossError / NonFiniteWeightsError: Found by the manager's check (their policy ``"raise"``).
-            NonFiniteMetricError: ``non_finite_metric="raise"``.
-        """
-        if not isinstance(value, (int, float)) or math.isfinite(value):
-            return
-        manager = self.context
-        manager.check_finite(weights=True)
-        assert self.metric_to_monitor is not None
-        error = NonFiniteMetricError(self.metric_to_monitor, value, current["epoch"], current["global_iter"], self.name)
-        training_policy = self.metric_to_monitor.split(".", 1)[0] == "training" and manager.non_finite_loss_policy
-        if self.non_finite_metric == "raise" and training_policy in (False, "raise"):
-            raise error
-        self._num_non_finite_values += 1
-        if self._num_non_finite_values == 1 or not self.batch_level:
-            policy = f"non_finite_loss={training_policy!r}" if training_policy else "non_finite_metric='warn'"
-            self._log.warning(f"{error.finding}; it is not a candidate for the best model ({policy}).")
 
     def _last_good_training_checkpoint(self) -> str:
         """Which training checkpoint a restart would continue from, for messages."""
@@ -689,12 +650,7 @@ class CheckpointManager(Callback, TrainingStateLoader):
         once more when the monitored metric was not finite (``non_finite_metric="warn"``)."""
         if self._is_primary():
             remove_stale_temporary_files(self.file_names.directory, self.file_names.base_name, including_own=True)
-        if self._num_non_finite_values:
-            best = f"the best is {self.best_value} (epoch {self.best_epoch})" if self.best_logs else "no best model"
-            self._log.warning(
-                f"{self.name}: the monitored metric {self.metric_to_monitor!r} was not finite at "
-                f"{self._num_non_finite_values} check(s) of this run; {best}"
-            )
+        self.best_model.warn_at_end()
         return True
 
     # ----- resuming (TrainingStateLoader) -----

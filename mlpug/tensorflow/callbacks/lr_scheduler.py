@@ -14,8 +14,9 @@ from typing import Any, Optional
 
 import tensorflow as tf
 
-from mlpug.trainers.run_context import RunContext
 from mlpug.callbacks.lr_scheduler import LRSchedulerWrapper as _NeutralLRSchedulerWrapper
+from mlpug.trainers.run_context import RunContext
+from mlpug.trainers.trainer import DefaultTrainer
 
 
 class LRSchedulerWrapper(_NeutralLRSchedulerWrapper):
@@ -70,9 +71,10 @@ class LRSchedulerWrapper(_NeutralLRSchedulerWrapper):
         """Also check the optimizer names and that their learning rates can be set.
 
         Raises:
+            TypeError: The trainer is not an mlpug ``DefaultTrainer`` (it has no named optimizers to schedule).
             ValueError: An unknown optimizer name, or an optimizer whose learning rate is a schedule itself.
         """
-        optimizers = manager.trainer.optimizers
+        optimizers = self._trainer(manager).optimizers
         for name in self.schedulers:
             target = self._optimizer_name(name)
             selected = [next(iter(optimizers.values()))] if target is None else [optimizers.get(target)]
@@ -87,8 +89,17 @@ class LRSchedulerWrapper(_NeutralLRSchedulerWrapper):
                 )
         return bool(super().set_training_manager(manager))
 
+    def _trainer(self, context: RunContext) -> DefaultTrainer:
+        trainer = context.trainer
+        if not isinstance(trainer, DefaultTrainer):
+            raise TypeError(
+                f"{self.name}: the LRSchedulerWrapper sets the learning rates of a DefaultTrainer's optimizers; the "
+                f"trainer is a {type(trainer).__qualname__}"
+            )
+        return trainer
+
     def _apply(self) -> None:
-        trainer = self.context.trainer
+        trainer = self._trainer(self.context)
         for name, schedule in self.schedulers.items():
             with tf.device("/CPU:0"):  # a schedule's ops on the host: no wait for the training device
                 learning_rate = float(tf.convert_to_tensor(schedule(self.steps)).numpy())

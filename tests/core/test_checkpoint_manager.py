@@ -17,6 +17,8 @@ import safetensors
 import safetensors.numpy
 
 from mlpug import logging as mlpug_logging
+from mlpug.callbacks import Callback, CheckpointManager, TestMetricsLogger, TrainingMetricsLogger
+from mlpug.callbacks.improvement import ImprovementRule
 from mlpug.checkpointing import (
     CheckpointError,
     CheckpointFileNames,
@@ -30,8 +32,6 @@ from mlpug.data import ResumableArrayBatches
 from mlpug.distributed import SerialContext
 from mlpug.evaluation import MetricEvaluator
 from mlpug.logs import MetricValues
-from mlpug.callbacks import Callback, CheckpointManager, TestMetricsLogger, TrainingMetricsLogger
-from mlpug.callbacks.improvement import ImprovementRule
 from mlpug.trainers.training_manager import TrainingManager
 from tests.core.fake_backend import make_trainer
 from tests.recording import CountBatches

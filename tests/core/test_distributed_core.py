@@ -9,9 +9,9 @@ be issued on the primary alone and hang the others.
 import pytest
 
 from mlpug import logging as mlpug_logging
+from mlpug.callbacks import Callback, LogProgress, TestMetricsLogger, TrainingMetricsLogger
 from mlpug.distributed import DistributedContext
 from mlpug.evaluation import MetricEvaluator
-from mlpug.callbacks import Callback, LogProgress, TestMetricsLogger, TrainingMetricsLogger
 from mlpug.trainers.training_manager import TrainingManager
 from tests.core.fake_backend import make_batches, make_trainer
 

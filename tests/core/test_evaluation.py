@@ -3,8 +3,8 @@
 import numpy as np
 import pytest
 
-from mlpug.evaluation import MetricEvaluator
 from mlpug.callbacks import TestMetricsLogger, TrainingMetricsLogger
+from mlpug.evaluation import MetricEvaluator
 from mlpug.trainers.trainer import ModelOutputs
 from mlpug.trainers.training_manager import TrainingManager
 from tests.core.fake_backend import make_trainer

@@ -8,9 +8,9 @@ import os
 
 import pytest
 
+from mlpug.callbacks import Callback, CheckpointManager, TestMetricsLogger
 from mlpug.checkpointing import NumpyCheckpointSaver
 from mlpug.evaluation import MetricEvaluator
-from mlpug.callbacks import Callback, CheckpointManager, TestMetricsLogger
 from mlpug.trainers.non_finite import NonFiniteLossError, NonFiniteMetricError, NonFiniteWeightsError
 from mlpug.trainers.trainer import Trainer
 from mlpug.trainers.training_manager import TrainingManager

@@ -7,9 +7,9 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 
+import mlpug.callbacks
 import mlpug.data
 import mlpug.evaluation
-import mlpug.callbacks
 from mlpug.trainers.one_call import OneCallTrainer, check_targets_fit, split_batch
 from mlpug.trainers.training_manager import TrainingManager
 from tests.core.fake_backend import SGD, FakeScalar, FakeTrainer, LinearModel

@@ -8,9 +8,9 @@ import time
 
 import pytest
 
+from mlpug.callbacks import Callback
 from mlpug.data import ResumableBatchSampler
 from mlpug.prefetch import BackgroundPrefetcher
-from mlpug.callbacks import Callback
 from mlpug.trainers.training_manager import TrainingManager
 from tests.core.fake_backend import make_batches, make_trainer
 

@@ -7,8 +7,6 @@ import logging
 import numpy as np
 import pytest
 
-from mlpug.checkpointing import NumpyCheckpointSaver
-from mlpug.evaluation import MetricEvaluator
 from mlpug.callbacks import (
     Callback,
     CheckpointManager,
@@ -16,6 +14,8 @@ from mlpug.callbacks import (
     TrainingMetricsLogger,
 )
 from mlpug.callbacks.lr_scheduler import LRSchedulerWrapper
+from mlpug.checkpointing import NumpyCheckpointSaver
+from mlpug.evaluation import MetricEvaluator
 from mlpug.trainers.training_manager import TrainingManager
 from tests.core.fake_backend import SGD, FakeTrainer, LinearModel, TrainModel, make_batches
 

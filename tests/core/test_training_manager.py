@@ -7,10 +7,10 @@ import signal
 
 import pytest
 
-from mlpug.trainers.hook_dispatcher import HookDispatcher
-from mlpug.evaluation import MetricEvaluator
 from mlpug.callbacks import HOOKS, Callback, LogProgress, TestMetricsLogger, TrainingMetricsLogger
+from mlpug.evaluation import MetricEvaluator
 from mlpug.trainers.callback import dispatch_order
+from mlpug.trainers.hook_dispatcher import HookDispatcher
 from mlpug.trainers.training_manager import TrainingManager
 from tests.core.fake_backend import FakeScalar, make_batches, make_trainer
 from tests.recording import RecordingCallback

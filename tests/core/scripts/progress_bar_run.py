@@ -4,8 +4,8 @@ argv[1]. Run by tests/core/test_progress_bar.py under a pseudo-terminal and with
 import json
 import sys
 
-from mlpug.evaluation import MetricEvaluator
 from mlpug.callbacks import MetricsHistory, ProgressBar, TestMetricsLogger, TrainingMetricsLogger
+from mlpug.evaluation import MetricEvaluator
 from mlpug.trainers.training_manager import TrainingManager
 from tests.core.fake_backend import make_batches, make_trainer
 

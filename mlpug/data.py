@@ -292,7 +292,7 @@ def known_length(dataset: Any) -> tuple[Optional[int], str]:
 
 class DataSource:
     """How the manager gets the batches of every epoch from the training dataset (chosen by the trainer:
-    ``Trainer.training_data_source``, so that backends can add their datasets' needs).
+    ``BackendTrainer.training_data_source``, so that backends can add their datasets' needs).
 
     The default is :func:`epoch_iterator`: resumable datasets start by index; other iterables are iterated anew
     every epoch and a mid-epoch resume skips batches. The manager creates the iterator with the random states it

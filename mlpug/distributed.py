@@ -2,7 +2,7 @@
 
 The single-process case is the :class:`SerialContext` null object, so loop code calls these methods
 unconditionally. A data-parallel backend trainer returns its own implementation from
-``Trainer.distributed_context()`` (PyTorch: ``mlpug.pytorch.distributed.TorchDistributedContext``), and the
+``BackendTrainer.distributed_context()`` (PyTorch: ``mlpug.pytorch.distributed.TorchDistributedContext``), and the
 ``TrainingManager`` and the ``MetricEvaluator`` use it.
 
 Every rank must issue the collectives of a run in the same order. The core issues them at fixed points that every

@@ -245,8 +245,8 @@ class MetricEvaluator:
     def evaluate_dataset(self, dataset: Iterable, evaluate_settings: Any = None) -> MetricValues:
         """Evaluate the model over every batch of ``dataset``; return deferred sample-weighted means.
 
-        In data-parallel training ``dataset`` is this rank's shard (see ``Trainer.evaluation_dataset``; shards may
-        differ in length, even be empty): its batches are combined on this rank, then over all ranks with one
+        In data-parallel training ``dataset`` is this rank's shard (see ``BackendTrainer.evaluation_dataset``;
+        shards may differ in length, even be empty): its batches are combined on this rank, then over all ranks with one
         collective, called here on every rank, so that every rank gets the values of the whole dataset. This is
         :meth:`evaluate_on_rank` followed by :meth:`combine_ranks`, the two halves that asynchronous evaluation
         runs on its worker thread and on the training thread.

@@ -129,10 +129,10 @@ def check_metric_signature(metric_name: str, func: Callable) -> None:
 
 
 def metric_functions_check(evaluator: MetricEvaluator) -> Optional[FirstBatchCheck]:
-    """The first-batch check (:meth:`mlpug.trainers.trainer.Trainer.add_first_batch_check`) of ``evaluator``'s metric
-    functions, or None when it has only the loss: every function is called once on the first training batch's
-    outputs, before its optimizer step, so that a metric that cannot run fails before anything trains (otherwise
-    it would fail after the first step). ``TrainingMetricsLogger`` adds it at every training start.
+    """The first-batch check (:meth:`~mlpug.trainers.trainer.BackendTrainer.add_first_batch_check`) of ``evaluator``'s
+    metric functions, or None when it has only the loss: every function is called once on the first training batch's
+    outputs, before its optimizer step, so that a metric that cannot run fails before anything trains (otherwise it
+    would fail after the first step). ``TrainingMetricsLogger`` adds it at every training start.
 
     The check raises :func:`check_metric_signature`'s ``TypeError`` for a function of another signature, or what a
     metric function raised, with notes naming the metric and the check.

@@ -1,6 +1,6 @@
 """Random-state providers: the random number generators whose states a training checkpoint saves and restores.
 
-A trainer lists the providers of its run (:meth:`mlpug.trainers.trainer.Trainer.random_state_providers`): the
+A trainer lists the providers of its run (:meth:`mlpug.trainers.trainer.BackendTrainer.random_state_providers`): the
 neutral ones below (Python's ``random`` module, NumPy's global generator) and those of its backend
 (``mlpug.pytorch.random_state``, ``mlpug.tensorflow.random_state``). Nothing is registered globally at import.
 

@@ -1,4 +1,4 @@
-"""``ProgressBar``: a tqdm bar per epoch with sakura's description of the evaluation results (primary rank only)."""
+"""``ProgressBar``: a tqdm bar per epoch whose description shows the evaluation results (primary rank only)."""
 
 from __future__ import annotations
 
@@ -21,7 +21,7 @@ _MISSING = object()
 
 
 class ProgressBar(Callback):
-    """One tqdm progress bar per epoch, described like sakura's:
+    """One tqdm progress bar per epoch, described as:
     ``(best_epoch) name | Epoch: k/N | Acc: current / (best) | Loss: current / (best)``.
 
     * Epoch numbers are 1-based. ``current`` is the newest evaluation result, ``best`` the best so far and

@@ -105,7 +105,7 @@ class Tensorboard(Callback):
         log_dir: Directory of the run directories (``<log_dir>/<section>-<level>``); default ``"tensorboard"``.
             Point ``tensorboard --logdir`` at it.
         log_period: Write batch-level values (levels ``batch``, ``window_average``) every this many batches
-            (int >= 1; default 50, as Lightning's ``log_every_n_steps``). 1 writes every batch, at the cost of a
+            (int >= 1; default 50). 1 writes every batch, at the cost of a
             device wait per batch.
         flush_period_s: The writers flush to disk at least this often (seconds, > 0; default 10), and at the end.
         name: The callback's name.

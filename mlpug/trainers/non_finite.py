@@ -22,8 +22,9 @@ non-finite value.
 
 Weight policies (``TrainingManager(non_finite_weights=..., check_weights_every=...)``): the loss can stay finite
 while the weights are not (one NaN input whose row a ReLU or a ``where`` hides from the loss still makes the
-gradient NaN), so the trainable weights are checked too (:meth:`mlpug.trainers.trainer.Trainer.non_finite_weights`,
-one device wait per check, never one per step), where they are read anyway: before every checkpoint write (the
+gradient NaN), so the trainable weights are checked too
+(:meth:`mlpug.trainers.trainer.BackendTrainer.non_finite_weights`, one device wait per check, never one per step), where
+they are read anyway: before every checkpoint write (the
 CheckpointManager, on every rank, even at a step checked already: a hook may have swapped other weights in), at
 every epoch end, at the end of training, and after ``check_weights_every`` training steps without a check (default
 1000, the bound of the loss checks; None: only at those points).
@@ -89,7 +90,7 @@ class NonFiniteWeightsError(NonFiniteError):
     """Trainable weights held NaN or infinite values at a check (see the module docstring).
 
     Attributes:
-        names: The non-finite trainable weights, as :meth:`~mlpug.trainers.trainer.Trainer.non_finite_weights`
+        names: The non-finite trainable weights, as :meth:`~mlpug.trainers.trainer.BackendTrainer.non_finite_weights`
             names them.
         global_iter: 0-based global iteration of the last step before the check that found them (-1: before the
             first step of the run).
@@ -191,7 +192,7 @@ class NonFiniteLossTracker:
 
     Args:
         policy: ``"raise"``, ``"skip_step"`` or ``"warn"``.
-        non_finite_indices: The trainer's vectorised check (``Trainer.non_finite_indices``).
+        non_finite_indices: The trainer's vectorised check (``BackendTrainer.non_finite_indices``).
         max_pending: Check by itself after this many unchecked steps (bounds the memory of pending tensors).
 
     Raises:
@@ -248,7 +249,8 @@ class NonFiniteWeightsCheck:
 
     Args:
         policy: ``"raise"`` or ``"warn"``.
-        non_finite_weights: The trainer's check (``Trainer.non_finite_weights``): names of the non-finite weights.
+        non_finite_weights: The trainer's check (``BackendTrainer.non_finite_weights``): names of the non-finite
+            weights.
         every: Check as well when this many training steps passed since the last check (int >= 1), or None.
 
     Attributes:

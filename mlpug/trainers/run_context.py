@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Optional
 
 from mlpug.distributed import BatchReduction, DistributedContext
 from mlpug.trainers.evaluation_result import EvaluationResult, is_result_metric
-from mlpug.trainers.trainer import StepResult, Trainer
+from mlpug.trainers.trainer import BackendTrainer, StepResult
 
 if TYPE_CHECKING:
     from mlpug.trainers.callback import Callback
@@ -38,7 +38,7 @@ class RunContext:
 
     # ----- what a callback reads -----
     @property
-    def trainer(self) -> Trainer:
+    def trainer(self) -> BackendTrainer:
         """The backend trainer that runs the steps."""
         return self._manager.trainer
 

@@ -4,7 +4,8 @@ Asynchronous dataset evaluation (``TestMetricsLogger(..., run_async=True)``, see
 :mod:`mlpug.callbacks.async_evaluation`) never evaluates the live weights: at each trigger the training
 thread copies them into a snapshot (:meth:`EvaluationSnapshot.capture`), and a worker thread evaluates the
 snapshot (:meth:`EvaluationSnapshot.evaluate_loss`) while the next batches train. A backend trainer creates its
-snapshots with ``Trainer.evaluation_snapshot()``:
+snapshots with ``evaluation_snapshot()`` and hands each what it needs at construction (its models and its forward
+pass or evaluation step function), so a snapshot never reads the trainer's own members:
 
 * PyTorch: a deep copy of the training model (made once per snapshot), whose parameters and buffers ``capture``
   overwrites in place (``Tensor.copy_``: one copy of the weights, no allocation).

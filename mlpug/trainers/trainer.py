@@ -1,6 +1,6 @@
 """The contract between the neutral ``TrainingManager`` and a backend: ``Trainer``, ``StepResult``, ``DefaultTrainer``.
 
-The manager calls :meth:`Trainer.train_on` once per batch and gets everything it needs from that step in one
+The manager calls :meth:`BackendTrainer.train_on` once per batch and gets everything it needs from that step in one
 :class:`StepResult`, lazily: values stay backend scalars until a consumer reads them, so the loop does not wait
 for the device. A backend ``DefaultTrainer`` composes its step from the neutral step parts, in one place:
 
@@ -43,7 +43,7 @@ class ModelOutputs(NamedTuple):
 
 FirstBatchCheck = Callable[[Any, ModelOutputs], None]
 """A check of the first training batch: ``check(batch, outputs)`` raises when the outputs show a mistake (see
-:meth:`Trainer.add_first_batch_check`)."""
+:meth:`BackendTrainer.add_first_batch_check`)."""
 
 
 class StepResult(NamedTuple):
@@ -66,7 +66,7 @@ class StepResult(NamedTuple):
     learning_rate: Any = None
 
 
-class Trainer(ABC):
+class BackendTrainer(ABC):
     """Contract between the neutral ``TrainingManager`` and a backend: one optimisation step and state.
 
     Implementations must not know about epochs, callbacks or files.
@@ -178,9 +178,9 @@ class Trainer(ABC):
             ``"<model component name>.<weight name>"`` per non-finite weight, in the order of the components.
         """
         trainer_type = type(self)
-        if trainer_type not in Trainer._warned_unchecked_weights:
-            Trainer._warned_unchecked_weights.add(trainer_type)
-            logging.getLogger("mlpug.Trainer").warning(
+        if trainer_type not in BackendTrainer._warned_unchecked_weights:
+            BackendTrainer._warned_unchecked_weights.add(trainer_type)
+            logging.getLogger("mlpug.BackendTrainer").warning(
                 f"{trainer_type.__qualname__} does not implement non_finite_weights(): its trainable weights cannot "
                 "be checked for NaN or infinite values during training (TrainingManager(non_finite_weights=...) "
                 "finds none); implement it to have them checked"
@@ -299,7 +299,7 @@ def name_objects(objects: Any, kind: str, expected_type: type | tuple, single_na
     return named
 
 
-class DefaultTrainer(Trainer, ABC):
+class DefaultTrainer(BackendTrainer, ABC):
     """Backend-neutral part of the default trainer: naming, model set-up checks and output normalisation.
 
     Backends subclass it and implement the step. Training models may return:

@@ -1,12 +1,15 @@
-"""The one training loop: ``TrainingManager``. It never touches tensors; a backend ``Trainer`` owns the step.
+"""The one training loop: ``TrainingManager``. It never touches tensors; a ``BackendTrainer`` owns the step.
 
-The manager owns epochs, batches, the stop flag, timing, ``logs``, hooks, signals and the failure path. Its
-contract with backends is :class:`mlpug.trainers.trainer.Trainer` (one ``train_on`` call per batch returning a
-``StepResult``); with callbacks it is the hook list of :mod:`mlpug.trainers.callback`.
+The manager owns epochs, batches, the stop flag, timing, ``logs``, signals and the failure path; it holds a
+:class:`~mlpug.trainers.hook_dispatcher.HookDispatcher` that calls the hooks and, with several steps per call, a
+:class:`~mlpug.trainers.steps_per_execution.StepsPerExecution` that sizes each call. Its contract with backends is
+:class:`mlpug.trainers.trainer.BackendTrainer` (one ``train_on`` call per batch returning a ``StepResult``); with
+callbacks it is the hook list of :mod:`mlpug.trainers.callback` and the :class:`~mlpug.trainers.run_context.RunContext`
+that every callback receives (what a callback may read and do).
 
 Life cycle (every hook goes to every callback, producers first: see ``dispatch_order``)::
 
-    set_training_manager(manager)                                # at manager construction
+    set_training_manager(context)                                # at manager construction: the RunContext
     [resume_from: the training state is loaded (through the callback that is a TrainingStateLoader) and applied]
     on_training_start(num_epochs, num_batches_per_epoch, start_epoch, start_batch, start_update_iter)
     for epoch in range(start_epoch, num_epochs):
@@ -20,18 +23,21 @@ Life cycle (every hook goes to every callback, producers first: see ``dispatch_o
             [stop requested or signal received -> leave both loops]
             batch = next(data_iterator)                          # data errors -> failure path
             on_batch_training_start(batch, logs)
-            manager.step_result = trainer.train_on(batch, logs["training_settings"])   # -> logs.current.training_params
+            context.step_result = trainer.train_on(batch, logs["training_settings"])   # -> logs.current.training_params
             on_batch_training_failed(exception, logs)            # only when the step raised -> failure path
             [counters advance: global_iter + 1, batch_step + 1]
             on_batch_training_completed(batch, logs)             # metrics are produced and consumed here
                 [several ranks: callbacks with reduces_batch_metrics first, then the step's one collective
-                 (manager.batch_reduction: loss, batch metrics, stop flag) is issued, then the other callbacks]
+                 (context.batch_reduction: loss, batch metrics, stop flag) is issued, then the other callbacks]
             on_batch_checkpoint(logs)                            # checkpoint phase: savers write here
         [non-finite losses of the epoch checked (also when consumers read values, and at the end)]
         on_epoch_completed(logs)                                 # only for a completed epoch
+            [a TestMetricsLogger evaluates here and publishes its result: on_evaluation_result(result, logs) on
+             every callback, before the consumers' own on_epoch_completed; asynchronous results land here too]
         [counters advance: epoch + 1, batch_step 0]
         on_epoch_checkpoint(logs)                                # checkpoint phase of the epoch
     on_training_checkpoint(stopped_early, stopped_on_error, interrupted)                    # ALWAYS
+        [pending asynchronous results land first: on_evaluation_result for each, then the savers write]
     on_training_ended(stopped_early, stopped_on_error, interrupted, callback_calls_success)  # ALWAYS
 
 Several steps per call (``trainer.steps_per_execution`` > 1, TensorFlow's ``DefaultTrainer(steps_per_execution=K)``):
@@ -89,7 +95,7 @@ from mlpug.trainers.resume import ResumeFrom, check_counters, check_resume_from,
 from mlpug.trainers.run_context import RunContext
 from mlpug.trainers.signals import install_stop_handlers, restore_handlers
 from mlpug.trainers.steps_per_execution import StepsPerExecution
-from mlpug.trainers.trainer import StepResult, Trainer
+from mlpug.trainers.trainer import BackendTrainer, StepResult
 
 _log = logging.getLogger("mlpug.TrainingManager")
 
@@ -149,6 +155,9 @@ class TrainingManager:
             outputs: loss, auxiliary results; read them in ``on_batch_training_completed``); never in ``logs``.
         batch_reduction: With several ranks, the :class:`~mlpug.distributed.BatchReduction` of the batch being
             completed (the step's one collective; callbacks with ``reduces_batch_metrics`` add to it); else None.
+        context: The :class:`~mlpug.trainers.run_context.RunContext` given to every callback.
+        result_datasets: The dataset names whose results are published as ``on_evaluation_result`` events (the
+            union of the callbacks' ``publishes_results``); ``asynchronous_result_datasets`` those published late.
 
     Raises:
         TypeError / ValueError: At construction, for a bad trainer, dataset, epoch/batch count, callback or callback
@@ -159,7 +168,7 @@ class TrainingManager:
 
     def __init__(
         self,
-        trainer: Trainer,
+        trainer: BackendTrainer,
         training_dataset: Iterable,
         num_epochs: int = 1,
         num_batches_per_epoch: Optional[int] = None,
@@ -175,9 +184,9 @@ class TrainingManager:
         non_finite_weights: NonFiniteWeightsPolicy = "raise",
         check_weights_every: Optional[int] = DEFAULT_CHECK_WEIGHTS_EVERY,
     ):
-        if not isinstance(trainer, Trainer):
+        if not isinstance(trainer, BackendTrainer):
             raise TypeError(
-                f"trainer must be an mlpug Trainer (e.g. mlp.trainers.DefaultTrainer), got {trainer!r:.200}"
+                f"trainer must be an mlpug BackendTrainer (e.g. mlp.trainers.DefaultTrainer), got {trainer!r:.200}"
             )
         if not hasattr(training_dataset, "__iter__"):
             raise TypeError(f"training_dataset must be iterable, got {type(training_dataset).__qualname__}")

@@ -12,7 +12,7 @@ from mlpug.callbacks import Callback, CheckpointManager, TestMetricsLogger
 from mlpug.checkpointing import NumpyCheckpointSaver
 from mlpug.evaluation import MetricEvaluator
 from mlpug.trainers.non_finite import NonFiniteLossError, NonFiniteMetricError, NonFiniteWeightsError
-from mlpug.trainers.trainer import Trainer
+from mlpug.trainers.trainer import BackendTrainer
 from mlpug.trainers.training_manager import TrainingManager
 from tests.core.fake_backend import FakeScalar, FakeTrainer, TrainModel, make_batches, make_trainer
 from tests.recording import RecordingCallback
@@ -215,7 +215,7 @@ def test_the_failure_note_names_the_check_of_the_loop():
     ]
 
 
-class DelegatingTrainer(Trainer):
+class DelegatingTrainer(BackendTrainer):
     """A third-party ``Trainer`` written against the contract before ``non_finite_weights`` existed: it implements
     every other abstract method (delegating to the fake backend's trainer)."""
 
@@ -258,7 +258,7 @@ def test_a_trainer_without_non_finite_weights_trains_and_warns_once_per_class_th
     constructs and trains; the default reports no non-finite weights and warns, once per class, that this trainer
     cannot check them. Broken on purpose (``non_finite_weights`` abstract), constructing it raises TypeError: this
     test fails."""
-    monkeypatch.setattr(Trainer, "_warned_unchecked_weights", set())  # none warned before, whatever ran earlier
+    monkeypatch.setattr(BackendTrainer, "_warned_unchecked_weights", set())  # none warned before, whatever ran earlier
     with caplog.at_level(logging.WARNING, logger="mlpug"):  # pytest attaches its handler to "mlpug" too
         for trainer_type in (DelegatingTrainer, DelegatingTrainer, OtherDelegatingTrainer):
             trainer = trainer_type()

@@ -1,5 +1,5 @@
-"""Several optimisation steps per trainer call (``Trainer.steps_per_execution``) in the neutral TrainingManager, on
-the pure-Python fake backend: how the batches are grouped into calls, that every batch hook still runs for every
+"""Several optimisation steps per trainer call (``BackendTrainer.steps_per_execution``) in the neutral TrainingManager,
+on the pure-Python fake backend: how the batches are grouped into calls, that every batch hook still runs for every
 batch with that batch's result, and that checkpoints, stops and failures stay exact."""
 
 import logging

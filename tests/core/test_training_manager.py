@@ -320,7 +320,7 @@ def test_no_conversion_to_numbers_unless_a_consumer_reads():
 @pytest.mark.parametrize(
     "kwargs,error,match",
     [
-        (dict(trainer="trainer"), TypeError, "trainer must be an mlpug Trainer"),
+        (dict(trainer="trainer"), TypeError, "trainer must be an mlpug BackendTrainer"),
         (dict(dataset=42), TypeError, "training_dataset must be iterable, got int"),
         (dict(num_epochs=0), ValueError, "num_epochs must be an int >= 1, got 0"),
         (dict(num_epochs=2.5), ValueError, "num_epochs must be an int >= 1, got 2.5"),

@@ -1,7 +1,7 @@
 """TensorFlow trainers; the ``TrainingManager`` is the neutral one."""
 
 from mlpug.tensorflow.trainers.trainer import DefaultTrainer
-from mlpug.trainers.trainer import ModelOutputs, StepResult, Trainer
+from mlpug.trainers.trainer import BackendTrainer, ModelOutputs, StepResult
 from mlpug.trainers.training_manager import TrainingManager
 
-__all__ = ["DefaultTrainer", "ModelOutputs", "StepResult", "Trainer", "TrainingManager"]
+__all__ = ["DefaultTrainer", "ModelOutputs", "StepResult", "BackendTrainer", "TrainingManager"]

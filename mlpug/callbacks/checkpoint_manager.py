@@ -8,25 +8,21 @@ Only the primary rank writes files.
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Mapping
-from typing import Any, Literal, Optional
+from collections.abc import Mapping
+from typing import Any, Literal, Optional, Union
 
 from mlpug.callbacks.best_model import BestModel
+from mlpug.callbacks.checkpoint_files import CheckpointFiles, position_of
+from mlpug.callbacks.checkpoint_loader import TrainingCheckpointLoader
 from mlpug.callbacks.improvement import ImprovementRule
 from mlpug.checkpointing import (
-    BackgroundWriter,
     CheckpointFileNames,
     CheckpointSaver,
-    atomic_link_or_copy,
-    directory_hint,
     encode_plain,
-    make_header,
-    remove_stale_temporary_files,
 )
-from mlpug.logs import get_value_at, resolve
+from mlpug.logs import get_value_at
 from mlpug.trainers.callback import Callback, check_log_path
 from mlpug.trainers.evaluation_result import EvaluationResult
-from mlpug.trainers.hook_dispatcher import add_note
 from mlpug.trainers.non_finite import (
     NonFiniteLossError,
     NonFiniteMetricPolicy,
@@ -213,16 +209,23 @@ class CheckpointManager(Callback, TrainingStateLoader):
         self.keep_last = keep_last
         self.model_hyper_parameters = hyper_parameters
         self.write_in_background = write_in_background
+        # writing the files, and loading them to resume: objects of their own
+        self.files = CheckpointFiles(
+            saver,
+            self.file_names,
+            hyper_parameters,
+            write_in_background,
+            keep_last,
+            "batch" if batch_level else "epoch",
+        )
+        self.loader = TrainingCheckpointLoader(self.file_names, saver)
         self.non_finite_metric = validate_non_finite_metric_policy(non_finite_metric)
         # the decision of "best" (its state, best_logs, is saved in training checkpoints)
         self.best_model = BestModel(
             metric_to_monitor or "", improvement, self.non_finite_metric, self.name, warn_every_value=not batch_level
         )
-        self._writer = BackgroundWriter()
 
         # state (saved in training checkpoints)
-        self.archived: list = []
-        self._last_saved_position: Optional[tuple] = None
         self._improved = False  # decided in this period's batch-end / epoch-end hook, written in its checkpoint phase
         self._async_section: Optional[str] = None  # the monitored dataset, when its results land asynchronously
 
@@ -256,6 +259,11 @@ class CheckpointManager(Callback, TrainingStateLoader):
     @improvement.setter
     def improvement(self, rule: ImprovementRule) -> None:
         self.best_model.improvement = rule
+
+    @property
+    def archived(self) -> list[str]:
+        """File names of the archived model checkpoints that exist, oldest first (saved in training checkpoints)."""
+        return self.files.archived
 
     @property
     def best_logs(self) -> dict:
@@ -316,8 +324,7 @@ class CheckpointManager(Callback, TrainingStateLoader):
     def on_training_start(self, num_epochs, num_batches_per_epoch, start_epoch, start_batch, start_update_iter):
         self.context.logs["best"] = self.best_logs
         if self._is_primary():
-            os.makedirs(self.file_names.directory, exist_ok=True)
-            remove_stale_temporary_files(self.file_names.directory, self.file_names.base_name)
+            self.files.prepare_directory()
         return True
 
     def batches_until_model_access(self, global_iter: int) -> Optional[int]:
@@ -343,8 +350,7 @@ class CheckpointManager(Callback, TrainingStateLoader):
         Raises:
             Exception: What the failed background write raised, with a note naming the file and its period.
         """
-        if self._writer.failed:  # a plain attribute the writer thread sets: nothing to wait for per batch
-            self._writer.wait()
+        self.files.raise_failed_write()
         if self.batch_level:
             self._on_period(logs, logs["current"]["global_iter"] + 1)
         return True
@@ -370,14 +376,12 @@ class CheckpointManager(Callback, TrainingStateLoader):
     def _write_best_of(self, result: EvaluationResult, view: dict) -> None:
         """Write the best model checkpoint of an asynchronous result from its evaluated snapshot's weights."""
         assert result.model_components is not None
-        self._writer.wait()  # the saver's buffers are free
-        trainer_state = self.saver.snapshot({"trainer": {"model_components": result.model_components()}})["trainer"]
-        checkpoint = self._model_checkpoint(trainer_state, {"current": view})
-        best_path = self.file_names.best_model
+        self.files.writer.wait()  # the saver's buffers are free
+        trainer_state = self.files.snapshot_model_components(result.model_components())
+        checkpoint = self.files.model_checkpoint(trainer_state, view, self.context.num_batches_per_epoch)
         # A failure is reported like every background write: logged at once, and noted with the file and the period
         # of the evaluated weights (not the one at which their result landed).
-        on_error = self._report_failed_write(self._period_name({"current": view}), [best_path])
-        self._write(lambda: self._save_if_finite(checkpoint, best_path), on_error=on_error)
+        self.files.write_best(checkpoint, self._period_name({"current": view}))
 
     def on_epoch_completed(self, logs: dict) -> bool:
         if not self.monitors_async_results and not self.batch_level:
@@ -385,8 +389,7 @@ class CheckpointManager(Callback, TrainingStateLoader):
         return True
 
     def on_epoch_checkpoint(self, logs: dict) -> bool:
-        if self._writer.failed:
-            self._writer.wait()  # raises (see on_batch_checkpoint)
+        self.files.raise_failed_write()  # (see on_batch_checkpoint)
         if not self.batch_level:
             self._on_period(logs, logs["current"]["epoch"] + 1)
         return True
@@ -395,66 +398,41 @@ class CheckpointManager(Callback, TrainingStateLoader):
         manager = self.context
         # A failed background write must not stop the checkpoint written now: note it, write, then report it.
         # (Results that land at the end reached on_evaluation_result in the producer's part of this hook.)
-        write_error = self._wait_for_background_write()
-        if self._is_primary() and manager is not None:
+        files = self.files
+        write_error = files.wait_for_background_write()
+        if self._is_primary():
             if self._improved:  # decided in a hook of this period, whose checkpoint phase never came (an error)
                 self._improved = False
-                best_checkpoint = self._model_checkpoint(self._snapshot_model_components(), manager.logs)
-                self._write(lambda: self._save_if_finite(best_checkpoint, self.file_names.best_model), background=False)
+                best_checkpoint = files.model_checkpoint(
+                    self._snapshot_model_components(), manager.logs["current"], manager.num_batches_per_epoch
+                )
+                files.write_best(best_checkpoint, self._period_name(manager.logs), background=False)
             state = manager.get_state()
             training_error = manager.training_error
             if isinstance(training_error, (NonFiniteLossError, NonFiniteWeightsError)):
                 what = "a non-finite loss" if isinstance(training_error, NonFiniteLossError) else "non-finite weights"
                 self._log.error(
                     f"Training stopped on {what}: no emergency training checkpoint is written from this state; "
-                    f"{self._last_good_training_checkpoint()}"
+                    f"{files.last_good_training_checkpoint()}"
                 )
             elif stopped_on_error:
                 self._log.error(
                     f"Training failed; writing emergency training checkpoint {self.file_names.emergency_training}"
                 )
                 try:
-                    self._save_training_checkpoint(self.file_names.emergency_training, state)
+                    files.save_training_checkpoint(self.file_names.emergency_training, state)
                 except Exception as error:  # one line: the error that ended training is the one to read
                     self._log.error(
                         f"The emergency training checkpoint could not be written either: {type(error).__name__}: "
                         f"{error}"
                     )
-            elif self._last_saved_position != _position(state):
+            elif files.last_saved_position != position_of(state):
                 if interrupted:
                     self._log.warning(f"Interrupted; writing training checkpoint {self.file_names.training}")
-                self._save_training_checkpoint(self.file_names.training, state)
+                files.save_training_checkpoint(self.file_names.training, state)
         if write_error is not None and not stopped_on_error:  # after an error it was logged; that error is raised
             raise write_error
         return True
-
-    def _wait_for_background_write(self) -> Optional[BaseException]:
-        """Wait for the background write; return its error (logged when it happened), forgetting the position it
-        claimed."""
-        try:
-            self._writer.wait()
-        except Exception as error:
-            self._last_saved_position = None  # that checkpoint may not be on disk
-            return error
-        return None
-
-    def _report_failed_write(self, period: str, files: list) -> Callable[[BaseException], None]:
-        """The ``on_error`` of a background write of ``files`` in ``period``: logs the failure at once (ERROR, in the
-        writer thread) and notes the file and the period on the error, which the training loop raises at the next
-        batch boundary (:meth:`on_batch_checkpoint`). When ``files`` hold the training checkpoint, its position is
-        forgotten (it may not be on disk); a failed best model checkpoint alone leaves the last training checkpoint."""
-
-        def report(error: BaseException) -> None:
-            if self.file_names.training in files:
-                self._last_saved_position = None  # that checkpoint may not be on disk
-            file = getattr(error, "path", None) or ", ".join(files)
-            self._log.error(
-                f"Writing the checkpoint of {period} failed in the background ({file}): {type(error).__name__}: "
-                f"{error}. Training stops with this error at the next batch boundary (or at its end)."
-            )
-            add_note(error, f"mlpug: raised by the background write of {file}, the checkpoint of {period}")
-
-        return report
 
     def _period_name(self, logs: dict) -> str:
         """The period whose checkpoint phase runs now, for messages."""
@@ -486,131 +464,33 @@ class CheckpointManager(Callback, TrainingStateLoader):
             return
         # One snapshot per period, taken after the previous write finished (a saver may reuse its buffers);
         # then one background job writes every file of this period.
-        self._writer.wait()
-        manager = self.context
+        files, context = self.files, self.context
+        files.writer.wait()
         archive_path = None
         if (
             save_latest
             and self.archive_last_model_checkpoint_every is not None
             and period_count % self.archive_last_model_checkpoint_every == 0
-        ):  # registered before the snapshot, so the saved list names the files that exist after this period
-            archive_path = self.file_names.archived_model("batch" if self.batch_level else "epoch", period_count)
-            self.archived = [*self.archived, os.path.basename(archive_path)][-(self.keep_last or 0) :]
+        ):
+            archive_path = files.register_archive(period_count)
         if save_latest:
-            manager_state = self.saver.snapshot(manager.get_state())
-            trainer_state = manager_state["trainer"]
+            training_state: Optional[dict] = self.saver.snapshot(context.get_state())
+            assert training_state is not None
+            trainer_state = training_state["trainer"]
         else:
-            manager_state, trainer_state = None, self._snapshot_model_components()
-        jobs, files = [], []
-        if improved:
-            best_checkpoint = self._model_checkpoint(trainer_state, logs)
-            jobs.append(lambda: self._save_if_finite(best_checkpoint, self.file_names.best_model))
-            files.append(self.file_names.best_model)
-        if manager_state is not None:
-            jobs.append(self._latest_job(manager_state, logs, archive_path))
-            files += [self.file_names.latest_model, *([archive_path] if archive_path else []), self.file_names.training]
-        self._write(lambda: [job() for job in jobs], on_error=self._report_failed_write(self._period_name(logs), files))
+            training_state, trainer_state = None, self._snapshot_model_components()
+        current, num_batches = logs["current"], context.num_batches_per_epoch
+        best_checkpoint = files.model_checkpoint(trainer_state, current, num_batches) if improved else None
+        files.write_period(best_checkpoint, training_state, current, num_batches, archive_path, self._period_name(logs))
 
     def _snapshot_model_components(self) -> dict:
         """A snapshot of only the model components (what a best model checkpoint holds), in the buffers that a
         full training-state snapshot uses for them (the same paths)."""
-        model_components = self.context.trainer.get_state()["model_components"]
-        return self.saver.snapshot({"trainer": {"model_components": model_components}})["trainer"]
-
-    def _last_good_training_checkpoint(self) -> str:
-        """Which training checkpoint a restart would continue from, for messages."""
-        path = self.file_names.training
-        if self._last_saved_position is not None:
-            epoch, batch_step, global_iter = self._last_saved_position
-            return (
-                f"the last good training checkpoint is {path} (written in this run, resuming at epoch {epoch}, "
-                f"batch step {batch_step}, global iteration {global_iter})"
-            )
-        if os.path.exists(path):
-            return f"the training checkpoint on disk, {path}, is kept (written before; resume_from='latest' loads it)"
-        return f"no training checkpoint was written yet ({path} does not exist): a restart starts from the beginning"
-
-    # ----- writing -----
-    def _model_checkpoint(self, trainer_state: dict, logs: dict) -> dict:
-        manager = self.context
-        current = logs["current"]
-        return {
-            "mlpug": make_header("model", self.saver.backend),
-            "model_components": trainer_state["model_components"],
-            "hyper_parameters": self.model_hyper_parameters,
-            "progress": {
-                "epoch": current["epoch"],
-                "batch_step": current["batch_step"],
-                "global_iter": current["global_iter"],
-                "num_batches_per_epoch": manager.num_batches_per_epoch,
-            },
-            "logs": resolve({key: value for key, value in current.items()}),
-        }
-
-    def _latest_job(self, manager_state: dict, logs: dict, archive_path: Optional[str]):
-        """The job writing the training checkpoint, the latest model checkpoint and an archive of a snapshot."""
-        self._last_saved_position = _position(manager_state)
-        model_checkpoint = self._model_checkpoint(manager_state["trainer"], logs)
-        training_checkpoint = {"mlpug": make_header("training", self.saver.backend), **manager_state}
-        names, keep = self.file_names, set(self.archived)
-
-        def job() -> None:
-            # The training checkpoint, which lists the archives, is the last file of the set: a process killed
-            # between the files leaves the previous training checkpoint, whose listed files all exist.
-            if not self._save_if_finite(model_checkpoint, names.latest_model):
-                self._last_saved_position = None
-                return
-            if archive_path is not None:
-                atomic_link_or_copy(names.latest_model, archive_path)
-            self.saver.save(training_checkpoint, names.training)
-            if archive_path is not None and self.keep_last is not None:
-                self._remove_archives_except(keep)
-
-        return job
-
-    def _remove_archives_except(self, keep: set) -> None:
-        """Remove archived model checkpoints of this base name not in ``keep`` (also those left by a killed run)."""
-        prefix = os.path.basename(self.file_names.archived_model("batch" if self.batch_level else "epoch", 0))
-        prefix = prefix[: prefix.rindex("-") + 1]
-        for name in os.listdir(self.file_names.directory):
-            if name.startswith(prefix) and name.endswith(f".{self.file_names.extension}") and name not in keep:
-                try:
-                    os.remove(os.path.join(self.file_names.directory, name))
-                except FileNotFoundError:
-                    pass
-
-    def _save_training_checkpoint(self, path: str, state: dict) -> None:
-        """Write ``state`` (``manager.get_state()``) to ``path`` and wait until it is written."""
-        self._writer.wait()
-        manager_state = self.saver.snapshot(state)
-        checkpoint = {"mlpug": make_header("training", self.saver.backend), **manager_state}
-        if self._save_if_finite(checkpoint, path):
-            self._last_saved_position = _position(manager_state)
-
-    def _save_if_finite(self, checkpoint: dict, path: str) -> bool:
-        """Write ``checkpoint`` unless its model weights hold NaN / inf (then log why and keep the old file)."""
-        components = (checkpoint.get("trainer") or checkpoint).get("model_components")
-        if not self.saver.all_finite(components):
-            self._log.error(
-                f"Not writing {path}: the model weights hold NaN or infinite values; the last good file stays"
-            )
-            return False
-        self.saver.save(checkpoint, path)
-        return True
-
-    def _write(
-        self, job, background: Optional[bool] = None, on_error: Optional[Callable[[BaseException], None]] = None
-    ) -> None:
-        background = self.write_in_background if background is None else background
-        if background:
-            self._writer.submit(job, on_error)
-        else:
-            self._writer.wait()
-            job()
+        return self.files.snapshot_model_components(self.context.trainer.get_state()["model_components"])
 
     def wait_for_writes(self) -> None:
         """Block until background writes are done (raising their error, if any)."""
-        self._writer.wait()
+        self.files.writer.wait()
 
     # ----- state -----
     def get_state(self) -> dict:
@@ -637,45 +517,30 @@ class CheckpointManager(Callback, TrainingStateLoader):
         self.best_logs = dict(state.get("best_logs") or {})
         if self.training_manager is not None:
             self.training_manager.logs["best"] = self.best_logs
-        listed = list(state.get("archived", []))
-        self.archived = [name for name in listed if os.path.exists(os.path.join(self.file_names.directory, name))]
-        if len(self.archived) != len(listed):
+        missing = self.files.restore_archived(list(state.get("archived", [])))
+        if missing:
             self._log.warning(
                 f"{self.name}: the training checkpoint lists archived model checkpoints that do not exist in "
-                f"{self.file_names.directory}: {sorted(set(listed) - set(self.archived))}; they are forgotten"
+                f"{self.file_names.directory}: {missing}; they are forgotten"
             )
 
     def on_training_ended(self, stopped_early, stopped_on_error, interrupted, callback_calls_success) -> bool:
         """Removes this run's own temporary files (left by a write that failed); every write has finished. Warns
         once more when the monitored metric was not finite (``non_finite_metric="warn"``)."""
         if self._is_primary():
-            remove_stale_temporary_files(self.file_names.directory, self.file_names.base_name, including_own=True)
+            self.files.remove_own_temporary_files()
         self.best_model.warn_at_end()
         return True
 
-    # ----- resuming (TrainingStateLoader) -----
-    def resolve_training_checkpoint(self, resume_from: Any) -> Optional[str]:
+    # ----- resuming (TrainingStateLoader, delegated to the loader) -----
+    def resolve_training_checkpoint(self, resume_from: Union[str, os.PathLike[str]]) -> Optional[str]:
         """``"latest"``: this manager's training checkpoint file, or None (logged) when there is none yet; else
-        ``resume_from`` as a path.
+        ``resume_from`` as a path (see :class:`~mlpug.callbacks.checkpoint_loader.TrainingCheckpointLoader`).
 
         Raises:
             ValueError: The file does not exist, or ``resume_from`` is a directory.
         """
-        path = self.training_checkpoint_path if resume_from == "latest" else os.fspath(resume_from)
-        if resume_from == "latest" and not os.path.exists(path):
-            emergency = self.file_names.emergency_training
-            message = f"resume_from='latest': no training checkpoint {path} yet; training starts from the beginning"
-            if os.path.exists(emergency):  # a failed run left only its emergency checkpoint: say it loudly
-                self._log.warning(f"{message}, although an emergency training checkpoint exists: "
-                                  f"resume_from={emergency!r} continues from it")  # fmt: skip
-            else:
-                self._log.info(message)
-            return None
-        if os.path.isdir(path):
-            raise ValueError(f"resume_from={path!r} is a directory, not a training checkpoint; {directory_hint(path)}")
-        if not os.path.exists(path):
-            raise ValueError(f"resume_from: training checkpoint file {path} does not exist")
-        return path
+        return self.loader.resolve_training_checkpoint(resume_from)
 
     def load_training_checkpoint(self, path: str) -> dict:
         """The training state in ``path``, read with this manager's saver (header checked).
@@ -683,7 +548,7 @@ class CheckpointManager(Callback, TrainingStateLoader):
         Raises:
             mlpug.checkpointing.CheckpointError: Truncated, corrupt, of another backend or kind.
         """
-        return self.saver.load(path, kind="training")
+        return self.loader.load_training_checkpoint(path)
 
 
 def _result_view(current: dict, result: EvaluationResult) -> dict:
@@ -694,7 +559,3 @@ def _result_view(current: dict, result: EvaluationResult) -> dict:
     view.update(result.evaluated_at)
     view[result.dataset_name] = {"dataset": result.values, "evaluated_at": result.evaluated_at}
     return view
-
-
-def _position(state: dict) -> tuple:
-    return state["epoch"], state["batch_step"], state["global_iter"]

@@ -924,16 +924,16 @@ def test_a_failed_background_best_model_write_of_an_asynchronous_result_is_logge
     failed = [m for m in messages if f"Writing the checkpoint of {period} failed in the background ({best_file})" in m]
     assert len(failed) == 1 and "no space left on device" in failed[0]
     assert messages.index(failed[0]) < next(i for i, m in enumerate(messages) if "emergency" in m)  # logged at once
-    assert checkpoint_manager._last_saved_position is not None  # the training checkpoint written before stays good
+    assert checkpoint_manager.files.last_saved_position is not None  # the training checkpoint written before stays good
 
 
 def test_the_batch_boundary_check_of_a_failed_write_reads_one_attribute(tmp_path):
     """The check that runs at every batch boundary is a plain attribute read (no lock, no call, no wait)."""
     checkpoint_manager = CheckpointManager(NumpyCheckpointSaver(), str(tmp_path), metric_to_monitor=None)
-    assert checkpoint_manager._writer.failed is False
-    checkpoint_manager._writer.submit(lambda: None)
-    checkpoint_manager._writer.wait()
-    assert "failed" in vars(checkpoint_manager._writer)  # an instance attribute, not a property
+    assert checkpoint_manager.files.writer.failed is False
+    checkpoint_manager.files.writer.submit(lambda: None)
+    checkpoint_manager.files.writer.wait()
+    assert "failed" in vars(checkpoint_manager.files.writer)  # an instance attribute, not a property
 
 
 class OtherRankContext(SerialContext):

@@ -25,7 +25,8 @@ It evaluates a frozen copy of the weights, never the live ones, and the best mod
   evaluations are not waited for: the emergency checkpoint holds them and a resume redoes them.
 * **Checkpoints**: an evaluation that has not landed is saved in the training checkpoint with its snapshot's
   weights (one copy of the model components per pending evaluation) and redone on resume, so a resumed run lands
-  the same results at the same epoch ends as an uninterrupted one.
+  the same results at the same epoch ends as an uninterrupted one. An epoch end repeated on resume (after one of
+  its hooks failed) does not evaluate again the weights whose evaluation the checkpoint holds.
 * **Errors**: an exception in the worker is raised on the training thread at the next batch boundary (or the
   epoch end where its result was to land), with a note naming the evaluation.
 * **Several ranks**: each rank evaluates its shard of the snapshot on its worker thread *without any collective*;
@@ -102,6 +103,7 @@ class AsyncEvaluation:
         self._free: list = []  # snapshots to reuse
         self._landed: list = []  # snapshots of results landed in the current hook, freed at the next call
         self._restored: list = []  # pending evaluations of a checkpoint, to redo
+        self._restored_epochs: set[int] = set()  # their epochs: a repeated epoch end does not trigger them again
         self._executor: Optional[concurrent.futures.ThreadPoolExecutor] = None
         self._thread_configured = False
         self._error: Optional[BaseException] = None
@@ -141,11 +143,15 @@ class AsyncEvaluation:
                 with ``overflow="skip"``, so the final weights are always evaluated.
 
         Returns:
-            ``(started, results)``: whether it started (False: skipped by ``overflow="skip"``) and the results that
-            landed to make room (``overflow="wait"``).
+            ``(started, results)``: whether it started (False: skipped by ``overflow="skip"``, or the epoch end is
+            one repeated on resume whose evaluation the checkpoint holds) and the results that landed to make room
+            (``overflow="wait"``).
         """
         self.resubmit_restored()
         results: list = []
+        if position[0] in self._restored_epochs:  # an epoch end repeated on resume: evaluated from the checkpoint
+            self._restored_epochs.discard(position[0])
+            return False, results
         if len(self._pending) >= self.max_pending:
             if self.overflow == "skip" and not last:
                 _log.warning(
@@ -267,3 +273,4 @@ class AsyncEvaluation:
 
     def set_state(self, state: dict) -> None:
         self._restored = list(state.get("pending", []))
+        self._restored_epochs = {entry["epoch"] for entry in self._restored}

@@ -364,8 +364,14 @@ class CheckpointManager(Callback, TrainingStateLoader):
         """An asynchronous result of the monitored dataset: compared with the best; on an improvement the best model
         checkpoint is written from the evaluated weights (primary rank). A non-finite value is handled by
         ``non_finite_metric``, naming the epoch of the evaluated weights."""
-        if result.dataset_name != self._async_section or result.model_components is None:
+        if result.dataset_name != self._async_section:
             return True  # synchronous results are decided at their period, from logs (the live weights)
+        if result.model_components is None:
+            raise ValueError(
+                f"{self.name}: an asynchronous result of {result.dataset_name!r} (epoch {result.epoch}) came without "
+                "model_components, so the best model checkpoint cannot hold the evaluated weights; a producer that "
+                "declares its results in asynchronous_results must publish them with model_components"
+            )
         metric = self.metric_to_monitor
         assert metric is not None
         view = _result_view(logs["current"], result)

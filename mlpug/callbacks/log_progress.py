@@ -111,6 +111,7 @@ class LogProgress(Callback):
         return True
 
     def on_epoch_completed(self, logs: dict) -> bool:
+        results, self._results = self._results, []  # on every rank: they hold evaluation values
         if not self._is_primary():
             return True
         current = logs["current"]
@@ -120,7 +121,6 @@ class LogProgress(Callback):
             f"Epoch {current['epoch']}/{logs['final_epoch']}\tREADY - Duration {format_duration(duration)}"
             f" - ETA {format_duration(self._eta(current['global_iter'] + 1))}",
         ]
-        results, self._results = self._results, []
         context = self.training_manager
         view = without_results(current, context.result_datasets) if context is not None else current
         for section, title in _SECTIONS[1:]:

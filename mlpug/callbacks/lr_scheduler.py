@@ -168,9 +168,16 @@ class LRSchedulerWrapper(Callback):
 
     # ----- state -----
     def get_state(self) -> dict:
-        return {name: self.scheduler_state(name, scheduler) for name, scheduler in self.schedulers.items()}
+        """The schedulers' states, and the last epoch they were stepped for (so that an epoch end repeated on
+        resume, after a failed hook, does not step them again)."""
+        return {
+            "schedulers": {name: self.scheduler_state(name, scheduler) for name, scheduler in self.schedulers.items()},
+            "last_epoch": self._last_epoch,
+        }
 
     def set_state(self, state: dict) -> None:
+        schedulers = state["schedulers"] if "schedulers" in state else state  # also the flat form of older states
         for name, scheduler in self.schedulers.items():
-            if name in state:
-                self.load_scheduler_state(name, scheduler, state[name])
+            if name in schedulers:
+                self.load_scheduler_state(name, scheduler, schedulers[name])
+        self._last_epoch = state.get("last_epoch")

@@ -1,7 +1,7 @@
 """The PyTorch backend: ``import mlpug.pytorch as mlp``.
 
 ``mlp.Trainer(model, loss_func, optimizer, metrics=...).train(train_dataset, validation_dataset, ...)`` is the
-one-call API (:mod:`mlpug.trainers.one_call`), built from the parts below.
+one-call API (:mod:`mlpug.one_call`), built from the parts below.
 
 ``mlp.trainers`` (``TrainingManager``, ``DefaultTrainer``), ``mlp.evaluation`` (``MetricEvaluator``),
 ``mlp.callbacks`` and ``mlp.logging``: the same names as every other backend; ``mlp.distributed`` (``launch``,

@@ -1,6 +1,6 @@
 """The one-call API on PyTorch: ``mlp.Trainer(model, loss_func, optimizer).train(train_dataset, ...)``.
 
-See :class:`mlpug.trainers.one_call.OneCallTrainer` for the arguments; here the backend's parts: the training model
+See :class:`mlpug.one_call.OneCallTrainer` for the arguments; here the backend's parts: the training model
 (``loss_func(outputs, targets)``, torch's order), ``torch.utils.data.Dataset`` s batched by
 :func:`mlpug.pytorch.data.resumable_data_loader` (a ``TensorDataset`` of two tensors sliced as arrays) and the
 optimizer's fused implementation (:func:`use_fused_implementation`).
@@ -15,11 +15,7 @@ from typing import Any, ClassVar, Optional
 import torch
 from torch.optim.optimizer import _get_fused_kernels_supported_devices
 
-from mlpug.pytorch.callbacks.checkpoint_manager import CheckpointManager
-from mlpug.pytorch.data import ResumableArrayBatches, resumable_data_loader
-from mlpug.pytorch.evaluation import MetricEvaluator
-from mlpug.pytorch.trainers.trainer import DefaultTrainer
-from mlpug.trainers.one_call import (
+from mlpug.one_call import (
     DEFAULT_BATCH_SIZE,
     ArgumentChange,
     OneCallTrainer,
@@ -28,6 +24,10 @@ from mlpug.trainers.one_call import (
     raise_loss_func_error,
     split_batch,
 )
+from mlpug.pytorch.callbacks.checkpoint_manager import CheckpointManager
+from mlpug.pytorch.data import ResumableArrayBatches, resumable_data_loader
+from mlpug.pytorch.evaluation import MetricEvaluator
+from mlpug.pytorch.trainers.trainer import DefaultTrainer
 from mlpug.trainers.trainer import ModelOutputs
 
 __all__ = ["Trainer", "use_fused_implementation"]
@@ -99,7 +99,7 @@ class LossModel(torch.nn.Module):
         return {"loss": loss, "auxiliary_results": outputs}
 
     def check_targets(self, batch: Any, outputs: ModelOutputs) -> None:
-        """The first-batch check of ``allow_broadcast=False`` (:func:`mlpug.trainers.one_call.check_targets_fit`) on
+        """The first-batch check of ``allow_broadcast=False`` (:func:`mlpug.one_call.check_targets_fit`) on
         the detached model outputs of ``batch``, the targets moved to their device.
 
         Raises:
@@ -126,7 +126,7 @@ class LossModel(torch.nn.Module):
 
 
 def made_up_values(like: torch.Tensor, descending: bool = False) -> torch.Tensor:
-    """Distinct values of ``like``'s shape, dtype and device for :func:`~mlpug.trainers.one_call.check_targets_fit`:
+    """Distinct values of ``like``'s shape, dtype and device for :func:`~mlpug.one_call.check_targets_fit`:
     from 0.1 to 0.9 (or back), or alternating 0 and 1 for an integer or bool dtype."""
     if like.dtype.is_floating_point or like.dtype.is_complex:
         values = torch.linspace(0.9, 0.1, like.numel()) if descending else torch.linspace(0.1, 0.9, like.numel())

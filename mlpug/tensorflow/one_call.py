@@ -1,6 +1,6 @@
 """The one-call API on TensorFlow: ``mlp.Trainer(model, loss_func, optimizer).train(train_dataset, ...)``.
 
-See :class:`mlpug.trainers.one_call.OneCallTrainer` for the arguments; here the backend's parts: the training model
+See :class:`mlpug.one_call.OneCallTrainer` for the arguments; here the backend's parts: the training model
 (``loss_func(targets, outputs)``, Keras' order) and ``tf.data.Dataset`` s of samples batched here.
 """
 
@@ -12,11 +12,7 @@ from typing import Any, ClassVar, Optional
 import numpy as np
 import tensorflow as tf
 
-from mlpug.tensorflow.callbacks.checkpoint_manager import CheckpointManager
-from mlpug.tensorflow.data import ResumableArrayBatches, pipeline_stages
-from mlpug.tensorflow.evaluation import MetricEvaluator
-from mlpug.tensorflow.trainers.trainer import DefaultTrainer
-from mlpug.trainers.one_call import (
+from mlpug.one_call import (
     DEFAULT_BATCH_SIZE,
     ArgumentChange,
     OneCallTrainer,
@@ -25,6 +21,10 @@ from mlpug.trainers.one_call import (
     raise_loss_func_error,
     split_batch,
 )
+from mlpug.tensorflow.callbacks.checkpoint_manager import CheckpointManager
+from mlpug.tensorflow.data import ResumableArrayBatches, pipeline_stages
+from mlpug.tensorflow.evaluation import MetricEvaluator
+from mlpug.tensorflow.trainers.trainer import DefaultTrainer
 from mlpug.trainers.trainer import ModelOutputs
 
 __all__ = ["Trainer"]
@@ -63,7 +63,7 @@ class LossModel(tf.keras.Model):
         return {"loss": loss, "auxiliary_results": outputs}
 
     def check_targets(self, batch: Any, outputs: ModelOutputs) -> None:
-        """The first-batch check of ``allow_broadcast=False`` (:func:`mlpug.trainers.one_call.check_targets_fit`) on
+        """The first-batch check of ``allow_broadcast=False`` (:func:`mlpug.one_call.check_targets_fit`) on
         the model outputs of ``batch`` (eager tensors: see ``DefaultTrainer._check_first_batch``).
 
         Raises:
@@ -96,7 +96,7 @@ class LossModel(tf.keras.Model):
 
 
 def made_up_values(shape: Any, dtype: tf.DType, descending: bool = False) -> np.ndarray:
-    """Distinct values of ``shape`` and ``dtype`` for :func:`~mlpug.trainers.one_call.check_targets_fit`: from 0.1
+    """Distinct values of ``shape`` and ``dtype`` for :func:`~mlpug.one_call.check_targets_fit`: from 0.1
     to 0.9 (or back), or alternating 0 and 1 for an integer or bool dtype."""
     size = int(np.prod(shape))
     values: np.ndarray

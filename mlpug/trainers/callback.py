@@ -176,7 +176,8 @@ class Callback:
 
         Runs inside the hook in which the producer published it (synchronous ``TestMetricsLogger``: its
         ``on_epoch_completed``; asynchronous: the epoch end or the ``on_training_checkpoint`` at which it lands),
-        after the producers that run before it and before this callback's own part of that hook. When several
+        after the producers dispatched before the publisher; a consumer (a callback that produces nothing, or a
+        producer that consumes the result's dataset) gets it before its own part of that hook. When several
         results land at once, each gets its own call, oldest first. ``result.epoch`` / ``global_iter`` give the
         position of the evaluated weights; ``logs["current"]`` is that of the hook (and holds the newest result).
         """

@@ -52,6 +52,7 @@ class HookDispatcher:
         self.logs = logs
         self.ordered_callbacks = dispatch_order(callbacks)
         self.failed_hook: Optional[str] = None
+        self._attributed: Optional[BaseException] = None  # the error whose hook and callback were noted
         self._hooks: dict[str, BoundHooks] = {
             hook: [(cb, getattr(cb, hook)) for cb in self.ordered_callbacks if cb.overrides(hook)]
             for hook in HOOKS
@@ -86,11 +87,13 @@ class HookDispatcher:
             try:
                 result = method(*args)
             except Exception as error:
-                self.failed_hook = hook
-                if not isinstance(
-                    error, (NonFiniteLossError, NonFiniteWeightsError)
-                ):  # found by the check the callback asked for, not its fault
-                    add_note(error, f"mlpug: raised by callback {callback.name!r} in {hook}")
+                if error is not self._attributed:  # else raised in a hook dispatched inside this one, and named
+                    self._attributed = error
+                    self.failed_hook = hook
+                    if not isinstance(
+                        error, (NonFiniteLossError, NonFiniteWeightsError)
+                    ):  # found by the check the callback asked for, not its fault
+                        add_note(error, f"mlpug: raised by callback {callback.name!r} in {hook}")
                 raise
             if result is False:
                 self._report_problem(callback, hook)

@@ -38,13 +38,13 @@ class EvaluationSnapshot(ABC):
 
     @abstractmethod
     def evaluate_loss(self, batch: Any, evaluate_settings: Any = None, inference_mode: bool = True) -> ModelOutputs:
-        """Evaluate the snapshot on ``batch`` like ``Trainer.evaluate_loss`` evaluates the live model: same
+        """Evaluate the snapshot on ``batch`` like ``BackendTrainer.evaluate_loss`` evaluates the live model: same
         settings, mixed precision and device placement, so the same weights give the same numbers."""
 
     def evaluate_losses(
         self, batches: Sequence[Any], evaluate_settings: Any = None, inference_mode: bool = True
     ) -> list[ModelOutputs]:
-        """:meth:`evaluate_loss` for each of ``batches``, in order (as ``Trainer.evaluate_losses``)."""
+        """:meth:`evaluate_loss` for each of ``batches``, in order (as ``BackendTrainer.evaluate_losses``)."""
         return [self.evaluate_loss(batch, evaluate_settings, inference_mode) for batch in batches]
 
     @abstractmethod

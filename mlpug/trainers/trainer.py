@@ -1,4 +1,4 @@
-"""The contract between the neutral ``TrainingManager`` and a backend: ``Trainer``, ``StepResult``, ``DefaultTrainer``.
+"""The contract between the neutral ``TrainingManager`` and a backend: ``BackendTrainer``, ``StepResult``.
 
 The manager calls :meth:`BackendTrainer.train_on` once per batch and gets everything it needs from that step in one
 :class:`StepResult`, lazily: values stay backend scalars until a consumer reads them, so the loop does not wait

@@ -104,7 +104,7 @@ class TrainingManager:
     """Runs the training loop and dispatches the hooks of the callbacks (see the module docstring).
 
     Args:
-        trainer: A backend ``DefaultTrainer`` (or any :class:`Trainer`).
+        trainer: A backend ``DefaultTrainer`` (or any :class:`BackendTrainer`).
         training_dataset: Iterable of batches; it is iterated anew (a new ``iter()``) every epoch, unless the trainer
             chooses another :class:`~mlpug.data.DataSource` for it (TensorFlow: an infinite ``tf.data`` dataset is
             iterated once for the whole run). It must not be empty (``len() == 0`` is refused at construction).
@@ -495,11 +495,10 @@ class TrainingManager:
                 return False
             self.batch_step, global_iter = batch_step, self.global_iter
             size = 1 if calls is None else calls.batches_in_call(batch_step, num_batches, global_iter)
-            batches, currents = [], []
-            for index in range(size):
-                batch = self._next_batch(data, batch_step + index)
+            batches = [self._next_batch(data, batch_step + index) for index in range(size)]  # data errors first
+            currents = []
+            for index, batch in enumerate(batches):
                 logs["current"] = current = new_current(epoch, batch_step + index, global_iter + index)
-                batches.append(batch)
                 currents.append(current)
                 if start_hooks:
                     dispatcher.call(start_hooks, "on_batch_training_start", batch, logs)

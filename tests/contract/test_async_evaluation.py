@@ -359,3 +359,28 @@ def test_two_results_landing_in_one_hook_reach_every_consumer_in_order_once(harn
     written = scalars(tmp_path / "tb" / "validation-dataset", "loss")
     assert [step for step, _ in written] == [2, 5, 8, 11]  # at the step of the evaluated weights
     assert [value for _, value in written] == pytest.approx(losses)
+
+
+def test_a_resume_after_a_failed_epoch_end_evaluates_that_epoch_once(harness, tmp_path):
+    """An epoch-end hook fails after the evaluation of that epoch was triggered: the emergency checkpoint holds it as
+    pending; the resumed run repeats the epoch end and must not start a second evaluation of the same weights."""
+    published = []
+
+    class Published(harness.mlp.callbacks.Callback):
+        def on_evaluation_result(self, result, logs):
+            published.append(result.epoch)
+            return True
+
+    def fail_once(manager, epoch):
+        if epoch == 1 and not published_fail_once:
+            published_fail_once.append(True)
+            raise RuntimeError("epoch-end hook failed")
+
+    published_fail_once = []
+    with pytest.raises(RuntimeError, match="epoch-end hook failed"):
+        run(harness, tmp_path, at_epoch_end=fail_once, extra_callbacks=[Published("Published")])
+    assert published == [0]
+    emergency = harness.mlp.callbacks.CheckpointManager(checkpoints_path=str(tmp_path)).file_names.emergency_training
+    published.clear()
+    run(harness, tmp_path, resume_from=emergency, at_epoch_end=fail_once, extra_callbacks=[Published("Published")])
+    assert published == [1, 2, 3]  # epoch 1 redone from the checkpoint, once

@@ -1,4 +1,4 @@
-"""The neutral one-call facade (``mlpug.trainers.one_call``) on the fake pure-Python backend: datasets batched or
+"""The neutral one-call facade (``mlpug.one_call``) on the fake pure-Python backend: datasets batched or
 used as they are, the standard callbacks in their order, and a result equal to the parts written by hand."""
 
 import warnings
@@ -10,7 +10,7 @@ import pytest
 import mlpug.callbacks
 import mlpug.data
 import mlpug.evaluation
-from mlpug.trainers.one_call import OneCallTrainer, check_targets_fit, split_batch
+from mlpug.one_call import OneCallTrainer, check_targets_fit, split_batch
 from mlpug.trainers.training_manager import TrainingManager
 from tests.core.fake_backend import SGD, FakeScalar, FakeTrainer, LinearModel
 

@@ -8,7 +8,7 @@ import sys
 def test_import_mlpug_imports_no_backend():
     code = (
         "import sys, mlpug, mlpug.trainers, mlpug.evaluation, mlpug.logs, mlpug.logging, mlpug.callbacks\n"
-        "import mlpug.trainers.one_call\n"
+        "import mlpug.one_call\n"
         "print(sorted(m for m in ('torch', 'tensorflow', 'keras', 'jax') if m in sys.modules))"
     )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)

@@ -79,7 +79,7 @@ class TorchEvaluationSnapshot(EvaluationSnapshot):
             torch._foreach_copy_(self._targets, self._sources)
 
     def evaluate_loss(self, batch: Any, evaluate_settings: Any = None, inference_mode: bool = True) -> ModelOutputs:
-        """``Trainer.evaluate_loss`` on the copy: ``torch.no_grad()``, the trainer's device and autocast."""
+        """``BackendTrainer.evaluate_loss`` on the copy: ``torch.no_grad()``, the trainer's device and autocast."""
         with torch.no_grad():
             return self._forward(self._model, batch, evaluate_settings, inference_mode)
 

@@ -73,7 +73,7 @@ class KerasEvaluationSnapshot(EvaluationSnapshot):
             return self._evaluate_function(batch, settings, inference_mode)
 
     def evaluate_loss(self, batch: Any, evaluate_settings: Any = None, inference_mode: bool = True) -> ModelOutputs:
-        """``Trainer.evaluate_loss`` of the snapshot's values: the trainer's forward pass, the same settings."""
+        """``BackendTrainer.evaluate_loss`` of the snapshot's values: the trainer's forward pass, the same settings."""
         if self._eager_mode:
             return ModelOutputs(*self._evaluate(self._values, batch, evaluate_settings, bool(inference_mode)))
         key = (frozen_contents(evaluate_settings), bool(inference_mode))

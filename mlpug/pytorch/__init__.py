@@ -5,13 +5,14 @@ one-call API (:mod:`mlpug.one_call`), built from the parts below.
 
 ``mlp.trainers`` (``TrainingManager``, ``DefaultTrainer``), ``mlp.evaluation`` (``MetricEvaluator``),
 ``mlp.callbacks`` and ``mlp.logging``: the same names as every other backend; ``mlp.distributed`` (``launch``,
-``local_device``) for data-parallel training.
+``local_device``) for data-parallel training, and ``mlp.strategies`` (``DDPStrategy``, ``SingleProcess``): what
+``DefaultTrainer(strategy=...)`` takes besides a name.
 Standard metric functions are ``mlp.metrics`` (``accuracy``, ``top_k_accuracy``); ``mlp.set_random_seed(seed)``
 seeds Python, NumPy and the backend.
 """
 
 from mlpug import logging
-from mlpug.pytorch import callbacks, checkpointing, data, distributed, evaluation, metrics, trainers
+from mlpug.pytorch import callbacks, checkpointing, data, distributed, evaluation, metrics, strategies, trainers
 from mlpug.pytorch.checkpointing import load_model_checkpoint, load_training_checkpoint
 from mlpug.pytorch.one_call import Trainer
 from mlpug.pytorch.random_state import set_random_seed
@@ -28,5 +29,6 @@ __all__ = [
     "logging",
     "metrics",
     "set_random_seed",
+    "strategies",
     "trainers",
 ]

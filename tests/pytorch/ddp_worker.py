@@ -131,6 +131,7 @@ def run_equivalence(variant: str, batch_size: int) -> dict:
         "validation": {"loss": dataset["loss"], "mae": dataset["mae"]},
         "num_batches_per_epoch": manager.num_batches_per_epoch,
         "gradient_all_reduces": len(all_reduces),
+        "strategy": trainer.strategy.name,
     }
 
 

@@ -140,6 +140,7 @@ def test_two_ranks_of_batch_b_train_as_one_process_of_batch_2b(equivalence_runs,
     tolerance = TOLERANCES[variant]
     # gradients all-reduced once per batch, also with 3 chunks per batch (no_sync for the first two)
     assert rank0["gradient_all_reduces"] == rank1["gradient_all_reduces"] == 6
+    assert (rank0["strategy"], rank1["strategy"], single["strategy"]) == ("ddp", "ddp", "single_process")  # default
     assert rank0["num_batches_per_epoch"] == rank1["num_batches_per_epoch"] == single["num_batches_per_epoch"] == 6
     for name, value in single["weights"].items():
         assert torch.equal(rank0["weights"][name], rank1["weights"][name]), name

@@ -38,15 +38,8 @@ from mlpug.data import DataSource
 from mlpug.distributed import DistributedContext
 from mlpug.logs import to_number
 from mlpug.pytorch.chunking import batch_chunker
-from mlpug.pytorch.distributed import (
-    DDPGradientSync,
-    TorchDistributedContext,
-    init_distributed,
-    shard_evaluation_dataset,
-    shard_training_dataset,
-    warn_if_random_states_differ,
-)
 from mlpug.pytorch.random_state import TorchRandomState
+from mlpug.pytorch.strategies import StrategyArgument, resolve_strategy
 from mlpug.pytorch.trainers.compilation import CompileStep, compile_forward, compile_update, validate_compile_step
 from mlpug.pytorch.trainers.precision import precision_policy
 from mlpug.pytorch.trainers.snapshot import TorchEvaluationSnapshot
@@ -113,6 +106,9 @@ class DefaultTrainer(_NeutralDefaultTrainer):
             the non-finite skip, DDP and resume (the model components and optimizers are not wrapped: their state
             is the same). Default ``False``: nothing is compiled and the step is exactly as described above.
             Asynchronous evaluation (``TestMetricsLogger(run_async=True)``) evaluates its snapshot eagerly.
+        strategy: How training is distributed: None (default: ``"ddp"`` under a data-parallel launch, else
+            ``"single_process"``), one of those names, or a :class:`~mlpug.trainers.strategy.Strategy` object (e.g.
+            a subclass of :class:`~mlpug.pytorch.strategies.ddp.DDPStrategy`, or one of your own).
 
     When the scaler skips an optimizer step (inf/nan gradients), the step's ``StepResult.optimizer_step_skipped``
     is True; the ``TrainingManager`` reports it in ``logs``.
@@ -121,13 +117,14 @@ class DefaultTrainer(_NeutralDefaultTrainer):
     detached tensor), ``num_samples`` summed over the chunks and ``auxiliary_results`` merged over the chunks
     by the rule of :mod:`mlpug.chunking` (the same on every backend).
 
-    Data-parallel training (``torchrun``, or :func:`mlpug.pytorch.distributed.launch`; see
-    :mod:`mlpug.pytorch.distributed`): the trainer joins the process group at construction
-    (:func:`~mlpug.pytorch.distributed.init_distributed`), wraps the training model in ``DistributedDataParallel``
-    in :meth:`set_training_model` (parameters broadcast from rank 0 there), replaces :attr:`gradient_sync` by a
-    :class:`~mlpug.pytorch.distributed.DDPGradientSync` (gradients all-reduced once per batch, in the last chunk's
-    backward pass), shards the training and evaluation datasets by rank (:meth:`training_data_source`,
-    :meth:`evaluation_dataset`). ``StepResult`` holds this rank's loss and outputs; the manager and the metric
+    Distribution is the strategy's (``strategy``, :mod:`mlpug.trainers.strategy`): its distributed context, the
+    training model it wraps in :meth:`set_training_model`, its :attr:`gradient_sync`, and the part of the training
+    and evaluation datasets each rank gets (:meth:`training_data_source`, :meth:`evaluation_dataset`). Under a
+    data-parallel launch (``torchrun``, or :func:`mlpug.pytorch.distributed.launch`; see
+    :mod:`mlpug.pytorch.distributed`) the default is :class:`~mlpug.pytorch.strategies.ddp.DDPStrategy`: the
+    trainer joins the process group at construction, wraps the training model in ``DistributedDataParallel``
+    (parameters broadcast from rank 0), all-reduces gradients once per batch (in the last chunk's backward pass) and
+    shards the datasets by rank. ``StepResult`` holds this rank's loss and outputs; the manager and the metric
     loggers reduce them over the ranks. Under ``non_finite_loss="skip_step"`` the trainer waits for the loss over
     all ranks before the optimizer step, so that every rank skips the same steps. Batch sizes are per rank (as in
     a ``DataLoader`` per process); evaluation runs the unwrapped model (no collective).
@@ -143,7 +140,8 @@ class DefaultTrainer(_NeutralDefaultTrainer):
             are given), or ``compile_step`` holds a key that ``torch.compile`` does not take (or ``fullgraph``).
         TypeError: ``compile_step`` is neither a bool nor a dict.
         RuntimeError / ValueError: A launch environment that is incomplete or invalid (``WORLD_SIZE`` set without
-            ``RANK`` / ``MASTER_ADDR`` / ``MASTER_PORT``, or not an int).
+            ``RANK`` / ``MASTER_ADDR`` / ``MASTER_PORT``, or not an int); ``strategy="ddp"`` in a single process; an
+            unknown ``strategy`` name (the valid ones are listed).
     """
 
     optimizer_type = torch.optim.Optimizer
@@ -160,13 +158,15 @@ class DefaultTrainer(_NeutralDefaultTrainer):
         clip_gradients_norm: Optional[float] = None,
         clip_gradients_value: Optional[float] = None,
         compile_step: CompileStep = False,
+        strategy: StrategyArgument = None,
     ):
         super().__init__(optimizers, model_components)
         self.clip_gradients_norm, self.clip_gradients_value = validate_clipping(
             clip_gradients_norm, clip_gradients_value
         )
         self.compile_options = validate_compile_step(compile_step)
-        self._distributed = init_distributed()
+        self.strategy = resolve_strategy(strategy)
+        self._distributed = self.strategy.distributed_context()
         self._evaluation_model: Any = None
         self.device = torch.device(device) if device is not None else None
         self._passes_inference_mode = True
@@ -217,14 +217,9 @@ class DefaultTrainer(_NeutralDefaultTrainer):
                 )
             self._passes_inference_mode = len(positional) >= 3
         self._evaluation_model = training_model
-        if isinstance(self._distributed, TorchDistributedContext):
-            device = self.device if self.device is not None else self._first_parameter_device()
-            training_model = torch.nn.parallel.DistributedDataParallel(
-                training_model, device_ids=[device] if device is not None and device.type == "cuda" else None
-            )
-            self.gradient_sync = DDPGradientSync(training_model)
-            warn_if_random_states_differ(self._distributed)
-        self.training_model = training_model
+        device = self.device if self.device is not None else self._first_parameter_device()
+        self.training_model = self.strategy.prepare_training_model(training_model, device)
+        self.gradient_sync = self.strategy.gradient_sync()
 
     def _first_parameter_device(self) -> Optional[torch.device]:
         for module in self.model_components.values():
@@ -233,22 +228,18 @@ class DefaultTrainer(_NeutralDefaultTrainer):
         return None
 
     def distributed_context(self) -> DistributedContext:
-        """The process group's ranks under a data-parallel launch, else the single-process context."""
+        """The strategy's ranks and collectives (one process: the single-process context)."""
         return self._distributed
 
     def training_data_source(self, dataset: Any) -> DataSource:
-        """Data-parallel: this rank's shard of ``dataset`` (see
+        """This rank's part of ``dataset`` (the strategy's; DDP: see
         :func:`mlpug.pytorch.distributed.shard_training_dataset`), then as in one process."""
-        if isinstance(self._distributed, TorchDistributedContext):
-            dataset = shard_training_dataset(dataset, self._distributed)
-        return super().training_data_source(dataset)
+        return super().training_data_source(self.strategy.training_dataset(dataset))
 
     def evaluation_dataset(self, dataset: Any) -> Any:
-        """Data-parallel: this rank's unpadded shard (see
+        """This rank's part of ``dataset`` (the strategy's; DDP: its unpadded shard, see
         :func:`mlpug.pytorch.distributed.shard_evaluation_dataset`)."""
-        if isinstance(self._distributed, TorchDistributedContext):
-            return shard_evaluation_dataset(dataset, self._distributed)
-        return dataset
+        return self.strategy.evaluation_dataset(dataset)
 
     def evaluation_snapshot(self) -> TorchEvaluationSnapshot:
         """A frozen copy of the training model for asynchronous evaluation (see

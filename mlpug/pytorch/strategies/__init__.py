@@ -1,0 +1,50 @@
+"""PyTorch distribution strategies (see :mod:`mlpug.trainers.strategy`): ``"single_process"``, ``"ddp"``."""
+
+from __future__ import annotations
+
+from typing import Optional, Union
+
+from mlpug.pytorch.distributed import environment_world_size
+from mlpug.pytorch.strategies.ddp import DDPStrategy
+from mlpug.trainers.strategy import SingleProcess, Strategy
+
+STRATEGY_NAMES = ("single_process", "ddp")
+"""The names ``DefaultTrainer(strategy=...)`` takes."""
+
+StrategyArgument = Union[str, Strategy, None]
+
+
+def resolve_strategy(strategy: StrategyArgument) -> Strategy:
+    """The :class:`~mlpug.trainers.strategy.Strategy` that ``DefaultTrainer(strategy=...)`` names.
+
+    Args:
+        strategy: None (default): ``"ddp"`` under a data-parallel launch (``WORLD_SIZE`` > 1, or a process group of
+            several ranks that the script initialised), else ``"single_process"``; a name of
+            :data:`STRATEGY_NAMES`; or a ``Strategy`` object (used as it is).
+
+    Raises:
+        ValueError: An unknown name (the valid ones are listed), or ``"ddp"`` without a data-parallel launch.
+        TypeError: Neither None, a str nor a ``Strategy``.
+    """
+    if isinstance(strategy, Strategy):
+        return strategy
+    if strategy is None:
+        return DDPStrategy() if _launched_with_several_ranks() else SingleProcess()
+    if not isinstance(strategy, str):
+        raise TypeError(f"strategy must be None, one of {STRATEGY_NAMES} or a Strategy object, got {strategy!r:.100}")
+    if strategy == "single_process":
+        return SingleProcess()
+    if strategy == "ddp":
+        return DDPStrategy()
+    raise ValueError(f"strategy {strategy!r} is unknown; the PyTorch strategies are {STRATEGY_NAMES}")
+
+
+def _launched_with_several_ranks() -> Optional[bool]:
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_world_size() > 1
+    return environment_world_size() > 1
+
+
+__all__ = ["STRATEGY_NAMES", "DDPStrategy", "SingleProcess", "Strategy", "resolve_strategy"]

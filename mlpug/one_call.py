@@ -70,8 +70,8 @@ class OneCallTrainer:
             them itself, either way, passes. True: no such check, for a loss that broadcasts on purpose.
         **trainer_options: Passed to the backend ``DefaultTrainer`` unchanged (``batch_chunk_size`` for gradient
             accumulation, also used by the evaluator; ``use_mixed_precision``, ``autocast_dtype``,
-            ``clip_gradients_norm``, ``clip_gradients_value``; PyTorch ``device``; TensorFlow
-            ``distribution_strategy``, ``eager_mode``, ...): see its docstring.
+            ``clip_gradients_norm``, ``clip_gradients_value``, ``strategy``; PyTorch ``device``; TensorFlow
+            ``eager_mode``, ...): see its docstring.
 
     Attributes:
         trainer: The backend ``DefaultTrainer`` (built here, so that bad options fail at construction).

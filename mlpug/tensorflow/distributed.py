@@ -1,7 +1,7 @@
 """TensorFlow data parallelism on ``tf.distribute``: ``MirroredStrategy`` and ``MultiWorkerMirroredStrategy``.
 
 The user creates the strategy, creates the model components and optimizers in its scope (the Keras rule: their
-variables must be mirrored) and passes it as ``DefaultTrainer(..., distribution_strategy=strategy)``; the training
+variables must be mirrored) and passes it as ``DefaultTrainer(..., strategy=strategy)``; the training
 script is otherwise the one of a single device. What the trainer then does:
 
 * **The batch size is per process**, as in PyTorch's ``DistributedDataParallel``: a ``MirroredStrategy`` (one
@@ -70,11 +70,12 @@ def check_strategy(strategy: Any) -> None:
         return
     if not isinstance(strategy, tf.distribute.Strategy):
         raise TypeError(
-            "distribution_strategy must be a tf.distribute.MirroredStrategy or MultiWorkerMirroredStrategy (or "
-            f"None); got a {type(strategy).__module__}.{type(strategy).__qualname__}: {strategy!r:.100}"
+            "strategy must be a name of mlpug.tensorflow.strategies.STRATEGY_NAMES, a tf.distribute.MirroredStrategy "
+            "or MultiWorkerMirroredStrategy, an mlpug Strategy or None; got"
+            f" a {type(strategy).__module__}.{type(strategy).__qualname__}: {strategy!r:.100}"
         )
     raise NotImplementedError(
-        f"distribution_strategy is a {type(strategy).__qualname__}; mlpug supports MirroredStrategy (several "
+        f"strategy is a {type(strategy).__qualname__}; mlpug supports MirroredStrategy (several "
         "devices, one process) and MultiWorkerMirroredStrategy (several processes, TF_CONFIG)"
     )
 
@@ -113,7 +114,7 @@ def check_strategy_options(strategy: Any, optimizers: Mapping[str, Any], loss_sc
 
     if loss_scaling:
         raise NotImplementedError(
-            "use_mixed_precision with autocast_dtype='float16' under a distribution_strategy: Keras' "
+            "use_mixed_precision with autocast_dtype='float16' under a tf.distribute strategy: Keras' "
             "LossScaleOptimizer "
             "checks the gradients for inf/nan per replica before they are all-reduced, so replicas (or workers) could "
             "take different decisions. Use autocast_dtype='bfloat16' (no loss scaling), or train on one device."
@@ -124,7 +125,7 @@ def check_strategy_options(strategy: Any, optimizers: Mapping[str, Any], loss_sc
         if clips:
             raise NotImplementedError(
                 f"optimizer {name!r} clips gradients ({', '.join(f'{k}={v}' for k, v in clips.items())}) under a "
-                "distribution_strategy: Keras clips each replica's partial gradients before they are all-reduced, so "
+                "tf.distribute strategy: Keras clips each replica's partial gradients before they are all-reduced, so "
                 "the step would not be the step of one device on the global batch. Create the optimizer without "
                 "clipping."
             )
@@ -143,11 +144,11 @@ def check_cluster(strategy: Any) -> None:
     if sum(tasks.values()) > 1 and not isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy):
         jobs = ", ".join(f"{job}: {count}" for job, count in tasks.items())
         raise RuntimeError(
-            f"TF_CONFIG describes a cluster of {sum(tasks.values())} tasks ({jobs}), but distribution_strategy is "
+            f"TF_CONFIG describes a cluster of {sum(tasks.values())} tasks ({jobs}), but the strategy is "
             f"{type(strategy).__qualname__ if strategy is not None else None}: every process would train alone on "
             "the same data, print the same progress and write the same checkpoint files. Train on all of them "
             "(create the model and optimizer in the scope of tf.distribute.MultiWorkerMirroredStrategy() and pass it "
-            "as distribution_strategy), or run one process (unset TF_CONFIG)."
+            "as strategy=, or strategy='multi_worker_mirrored'), or run one process (unset TF_CONFIG)."
         )
 
 
@@ -253,7 +254,7 @@ def check_variables_in_scope(strategy: Any, owners: dict[str, Any]) -> None:
             if not strategy.extended.variable_created_in_scope(value):
                 raise ValueError(
                     f"{owner} has the variable {getattr(variable, 'path', variable.name)!r} created outside the scope "
-                    f"of distribution_strategy ({type(strategy).__qualname__}), so it is not mirrored over the "
+                    f"of the strategy ({type(strategy).__qualname__}), so it is not mirrored over the "
                     "replicas. Create the model components, the training model and the optimizers under `with "
                     "strategy.scope():` (a Keras model without an Input that creates its weights on its first call may "
                     "also be created outside: the trainer builds it in the scope)."

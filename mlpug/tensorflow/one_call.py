@@ -124,7 +124,7 @@ class Trainer(OneCallTrainer):
     __doc__ = (OneCallTrainer.__doc__ or "") + (
         "\n    TensorFlow: ``loss_func(targets, outputs)``; a ``tf.data.Dataset`` of samples (no ``batch`` stage at\n"
         "    its output) is batched here (training: ``shuffle(SHUFFLE_BUFFER_SIZE, seed=seed)`` first, reshuffled\n"
-        "    every epoch); a batched one is used as it is. Give ``distribution_strategy=`` (and\n"
+        "    every epoch); a batched one is used as it is. Give ``strategy=`` (and\n"
         "    build the model and optimizer in its scope) to train data-parallel.\n"
     )
 

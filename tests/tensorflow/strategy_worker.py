@@ -145,7 +145,7 @@ def run_equivalence(kind: str, strategy, variant: str) -> dict:
     with scope:
         model = make_model()
         optimizer = tf.keras.optimizers.SGD(learning_rate=0.05, momentum=0.9)
-    trainer = mlp.trainers.DefaultTrainer(optimizer, model, distribution_strategy=strategy, **options)
+    trainer = mlp.trainers.DefaultTrainer(optimizer, model, strategy=strategy, **options)
     evaluator = mlp.evaluation.MetricEvaluator(trainer=trainer, batch_metric_funcs={"mae": mean_absolute_error})
     recorder = Recorder()
     callbacks = [
@@ -196,7 +196,7 @@ def run_training(out_dir: str, strategy, num_epochs: int, resume: bool, stop: tu
     with strategy.scope():
         model = make_model()
         optimizer = tf.keras.optimizers.Adam(learning_rate=0.01)
-    trainer = mlp.trainers.DefaultTrainer(optimizer, model, distribution_strategy=strategy)
+    trainer = mlp.trainers.DefaultTrainer(optimizer, model, strategy=strategy)
     evaluator = mlp.evaluation.MetricEvaluator(trainer=trainer)
     callbacks = [
         mlp.callbacks.TrainingMetricsLogger(evaluator),
@@ -239,7 +239,7 @@ def run_async_validation(kind: str, strategy) -> dict:
         with scope:
             model = make_model()
             optimizer = tf.keras.optimizers.SGD(learning_rate=0.05, momentum=0.9)
-        trainer = mlp.trainers.DefaultTrainer(optimizer, model, distribution_strategy=strategy)
+        trainer = mlp.trainers.DefaultTrainer(optimizer, model, strategy=strategy)
         evaluator = mlp.evaluation.MetricEvaluator(
             trainer=trainer, batch_metric_funcs={"mae": slow_mean_absolute_error}
         )
@@ -292,7 +292,7 @@ def run_mixed_loss(kind: str, strategy) -> dict:
     with strategy.scope():
         model = make_model()
         optimizer = tf.keras.optimizers.SGD(learning_rate=0.05)
-    trainer = mlp.trainers.DefaultTrainer(optimizer, model, distribution_strategy=strategy)
+    trainer = mlp.trainers.DefaultTrainer(optimizer, model, strategy=strategy)
     manager = mlp.trainers.TrainingManager(trainer, training_dataset, num_epochs=1)
     trainer.set_training_model(MixedLoss(model))
     try:

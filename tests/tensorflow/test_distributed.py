@@ -237,13 +237,36 @@ def test_when_one_worker_raises_every_worker_exits_within_the_bound(tmp_path):
     assert max(seconds for _, _, seconds in results) < 120
 
 
-def test_a_strategy_of_another_kind_or_type_is_refused_at_construction():
+def test_a_strategy_of_another_kind_name_or_type_is_refused_at_construction():
     model = tf.keras.Sequential([tf.keras.Input((2,)), tf.keras.layers.Dense(1)])
     optimizer = tf.keras.optimizers.SGD()
-    with pytest.raises(TypeError, match="distribution_strategy must be a tf.distribute.MirroredStrategy"):
-        mlp.trainers.DefaultTrainer(optimizer, model, distribution_strategy="mirrored")
+    with pytest.raises(TypeError, match="strategy must be a name of mlpug.tensorflow.strategies.STRATEGY_NAMES"):
+        mlp.trainers.DefaultTrainer(optimizer, model, strategy=3)
+    with pytest.raises(ValueError, match=r"strategy 'mirrorred' is unknown; the TensorFlow strategies are \('single"):
+        mlp.trainers.DefaultTrainer(optimizer, model, strategy="mirrorred")
     with pytest.raises(NotImplementedError, match="OneDeviceStrategy; mlpug supports MirroredStrategy"):
-        mlp.trainers.DefaultTrainer(optimizer, model, distribution_strategy=tf.distribute.OneDeviceStrategy("/cpu:0"))
+        mlp.trainers.DefaultTrainer(optimizer, model, strategy=tf.distribute.OneDeviceStrategy("/cpu:0"))
+
+
+def test_strategy_names_and_the_deprecated_argument_name(monkeypatch):
+    """``strategy="mirrored"`` is a ``MirroredStrategy`` behind the neutral protocol; ``distribution_strategy=`` is
+    the deprecated name of ``strategy`` (one DeprecationWarning per process; both at once is an error)."""
+    from mlpug.tensorflow.strategies import TFDistributeStrategy
+    from mlpug.tensorflow.trainers import trainer as trainer_module
+
+    mirrored = TFDistributeStrategy(tf.distribute.MirroredStrategy(["/cpu:0"]))
+    with mirrored.scope():
+        model = tf.keras.Sequential([tf.keras.Input((2,)), tf.keras.layers.Dense(1)])
+        optimizer = tf.keras.optimizers.SGD()
+    trainer = mlp.trainers.DefaultTrainer(optimizer, model, strategy=mirrored)
+    assert trainer.strategy is mirrored and trainer.strategy.name == "mirrored"
+    assert trainer.distributed_context().world_size == 1  # one worker, its replicas inside the step
+    monkeypatch.setattr(trainer_module, "_warned_deprecated_arguments", set())
+    with pytest.warns(DeprecationWarning, match=r"distribution_strategy=\.\.\.\) is deprecated; use strategy="):
+        old = mlp.trainers.DefaultTrainer(optimizer, model, distribution_strategy=mirrored.tf_strategy)
+    assert old.strategy.tf_strategy is mirrored.tf_strategy
+    with pytest.raises(TypeError, match="give strategy only; distribution_strategy is its deprecated name"):
+        mlp.trainers.DefaultTrainer(optimizer, model, strategy="mirrored", distribution_strategy=mirrored.tf_strategy)
 
 
 def test_float16_loss_scaling_and_gradient_clipping_under_a_strategy_are_refused_at_construction():
@@ -254,11 +277,9 @@ def test_float16_loss_scaling_and_gradient_clipping_under_a_strategy_are_refused
         clipping = tf.keras.optimizers.SGD(clipnorm=1.0)
         plain = tf.keras.optimizers.SGD()
     with pytest.raises(NotImplementedError, match="optimizer 'optimizer' clips gradients \\(clipnorm=1.0\\)"):
-        mlp.trainers.DefaultTrainer(clipping, model, distribution_strategy=strategy)
-    with pytest.raises(NotImplementedError, match="autocast_dtype='float16' under a distribution_strategy"):
-        mlp.trainers.DefaultTrainer(
-            plain, model, distribution_strategy=strategy, use_mixed_precision=True, autocast_dtype="float16"
-        )
+        mlp.trainers.DefaultTrainer(clipping, model, strategy=strategy)
+    with pytest.raises(NotImplementedError, match="autocast_dtype='float16' under a tf.distribute strategy"):
+        mlp.trainers.DefaultTrainer(plain, model, strategy=strategy, use_mixed_precision=True, autocast_dtype="float16")
 
 
 def test_variables_created_outside_the_strategy_scope_are_an_early_error():
@@ -269,11 +290,11 @@ def test_variables_created_outside_the_strategy_scope_are_an_early_error():
     with strategy.scope():
         optimizer = tf.keras.optimizers.SGD()
     with pytest.raises(ValueError, match=r"model component 'model' has the variable .*kernel.* created outside"):
-        mlp.trainers.DefaultTrainer(optimizer, model, distribution_strategy=strategy)
+        mlp.trainers.DefaultTrainer(optimizer, model, strategy=strategy)
     with strategy.scope():
         model = tf.keras.Sequential([tf.keras.Input((2,)), tf.keras.layers.Dense(1)])
     with pytest.raises(ValueError, match=r"optimizer 'optimizer' has the variable .* created outside"):
-        mlp.trainers.DefaultTrainer(tf.keras.optimizers.SGD(), model, distribution_strategy=strategy)
+        mlp.trainers.DefaultTrainer(tf.keras.optimizers.SGD(), model, strategy=strategy)
 
 
 def _return_value(value):

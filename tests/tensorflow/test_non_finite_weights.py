@@ -29,7 +29,7 @@ class MaskedModel(tf.keras.Model):  # hides non-finite hidden rows from the loss
 
 with strategy.scope():
     training_model = MaskedModel()
-trainer = mlp.trainers.DefaultTrainer(optimizer, model, distribution_strategy=strategy)
+trainer = mlp.trainers.DefaultTrainer(optimizer, model, strategy=strategy)
 trainer.set_training_model(training_model)
 inputs = np.random.default_rng(0).normal(size=(64, 4)).astype("float32")
 inputs[37, 0] = np.nan  # batch 2 of 16 rows

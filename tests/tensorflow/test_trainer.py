@@ -244,10 +244,8 @@ def test_bad_constructor_arguments_are_clear_errors():
     with pytest.raises(TypeError, match="model_components"):
         mlp.trainers.DefaultTrainer(tf.keras.optimizers.SGD(0.1), torch.nn.Linear(1, 1))
     # TensorFlow's default strategy is one device, the same as None (other strategies: test_distributed.py)
-    trainer = mlp.trainers.DefaultTrainer(
-        tf.keras.optimizers.SGD(0.1), linear, distribution_strategy=tf.distribute.get_strategy()
-    )
-    assert trainer.strategy is None
+    trainer = mlp.trainers.DefaultTrainer(tf.keras.optimizers.SGD(0.1), linear, strategy=tf.distribute.get_strategy())
+    assert trainer.strategy.name == "single_process" and trainer.strategy.tf_strategy is None
     with pytest.raises(TypeError, match="batch_data_signature must be a tf.TensorSpec"):
         mlp.trainers.DefaultTrainer(tf.keras.optimizers.SGD(0.1), linear, batch_data_signature=((None, 3), "float"))
     with pytest.raises(TypeError, match="eager_mode must be a bool"):
@@ -548,7 +546,7 @@ def test_tf_config_with_several_workers_is_refused_at_trainer_construction(monke
     cluster = {"chief": ["host0:2222"], "worker": ["host1:2222", "host2:2222"]}
     monkeypatch.setenv("TF_CONFIG", json.dumps({"cluster": cluster, "task": {"type": "worker", "index": 0}}))
     with pytest.raises(RuntimeError, match=r"TF_CONFIG describes a cluster of 3 tasks \(chief: 1, worker: 2\), but "
-                       "distribution_strategy is None: every process would train alone"):  # fmt: skip
+                       "the strategy is None: every process would train alone"):  # fmt: skip
         mlp.trainers.DefaultTrainer(tf.keras.optimizers.SGD(0.1), linear)
     monkeypatch.setenv("TF_CONFIG", "not json")
     with pytest.raises(ValueError, match="TF_CONFIG is 'not json', not a JSON object with a cluster"):
@@ -618,9 +616,7 @@ def test_a_multi_worker_strategy_without_tf_config_is_one_worker_and_trains_as_o
             linear = tf.keras.layers.Dense(1)
             linear.build((None, 3))
             optimizer = tf.keras.optimizers.SGD(learning_rate=0.1)
-        trainer = mlp.trainers.DefaultTrainer(
-            optimizer, linear, distribution_strategy=strategy if name == "multi_worker" else None
-        )
+        trainer = mlp.trainers.DefaultTrainer(optimizer, linear, strategy=strategy if name == "multi_worker" else None)
         context = trainer.distributed_context()
         assert (context.rank, context.world_size, context.is_primary) == (0, 1, True)
         trainer.set_training_model(Model("loss", linear))

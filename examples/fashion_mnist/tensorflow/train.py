@@ -204,7 +204,7 @@ def train(args):
     trainer = mlp.trainers.DefaultTrainer(
         optimizers=optimizer,
         model_components=classifier,
-        distribution_strategy=strategy,
+        strategy=strategy,
         eager_mode=args.eager,
         batch_chunk_size=args.batch_chunk_size,
         use_mixed_precision=args.mixed_precision is not None,

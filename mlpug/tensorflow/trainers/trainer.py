@@ -47,16 +47,9 @@ from mlpug.logs import Deferred, to_number
 from mlpug.random_state import RandomStateProvider
 from mlpug.tensorflow.chunking import batch_chunker
 from mlpug.tensorflow.data import training_data_source
-from mlpug.tensorflow.distributed import (
-    check_cluster,
-    check_strategy_options,
-    check_variables_in_scope,
-    resolve_strategy,
-    shard_evaluation_dataset,
-    shard_training_dataset,
-    strategy_context,
-)
+from mlpug.tensorflow.distributed import check_strategy_options, check_variables_in_scope
 from mlpug.tensorflow.random_state import TensorFlowRandomState
+from mlpug.tensorflow.strategies import TFDistributeStrategy, resolve_strategy
 from mlpug.tensorflow.trainers.checks import call_argument_names, check_optimizers, is_built, type_name
 from mlpug.tensorflow.trainers.clipping import clip_gradient_pairs
 from mlpug.tensorflow.trainers.compilation import CompiledStep, EagerStep, check_batch_signature, validate_signature
@@ -75,6 +68,7 @@ from mlpug.trainers.arguments import check_positive_int
 from mlpug.trainers.clipping import validate_clipping
 from mlpug.trainers.gradient_sync import GradientSync
 from mlpug.trainers.precision import PrecisionPolicy
+from mlpug.trainers.strategy import Strategy
 from mlpug.trainers.trainer import DefaultTrainer as NeutralDefaultTrainer
 from mlpug.trainers.trainer import ModelOutputs, StepResult
 
@@ -113,6 +107,32 @@ def _evaluation_steps_argument(
     return steps_per_execution if value is None else check_positive_int(value, name)
 
 
+def _strategy_argument(strategy: Any, distribution_strategy: Any) -> Strategy:
+    """The :class:`~mlpug.trainers.strategy.Strategy` of the TensorFlow ``DefaultTrainer``: ``strategy``, or the
+    ``tf.distribute`` strategy given under the deprecated name ``distribution_strategy`` (a ``DeprecationWarning``,
+    once per process).
+
+    Raises:
+        TypeError: Both names are given.
+    """
+    if distribution_strategy is not None:
+        if strategy is not None:
+            raise TypeError(
+                "give strategy only; distribution_strategy is its deprecated name (got "
+                f"{strategy!r:.100} and {distribution_strategy!r:.100})"
+            )
+        if "distribution_strategy" not in _warned_deprecated_arguments:
+            _warned_deprecated_arguments.add("distribution_strategy")
+            warnings.warn(
+                "DefaultTrainer(distribution_strategy=...) is deprecated; use strategy= (it takes the same "
+                "tf.distribute strategy, or a name such as 'mirrored')",
+                DeprecationWarning,
+                stacklevel=3,
+            )
+        strategy = distribution_strategy
+    return resolve_strategy(strategy)
+
+
 class DefaultTrainer(NeutralDefaultTrainer):
     """Trains a Keras training model with ``tf.GradientTape``, eagerly or compiled with ``tf.function``.
 
@@ -130,14 +150,18 @@ class DefaultTrainer(NeutralDefaultTrainer):
             reported in a debug log line).
         training_settings_signature: Nested ``tf.TensorSpec`` s of the training settings; without it the
             training settings are a Python constant of the trace.
-        distribution_strategy: A ``tf.distribute.MirroredStrategy`` (several devices of one process) or
-            ``MultiWorkerMirroredStrategy`` (several processes, ``TF_CONFIG``) whose scope the model components and
-            optimizers were created in; default None (one device). The batch size stays per process: a mirrored
-            step splits each batch over the local replicas, and several workers train on their shards of the data.
-            Each replica's gradients are weighted by its share of the global batch's samples (rows), so the step
-            is the step of one device on the global batch. See :mod:`mlpug.tensorflow.distributed`. The training
-            model's loss must be the mean over the replica's samples; Keras 3's scaling of a Keras loss object by
-            ``1 / num_replicas_in_sync`` is found before the first training step and undone (see
+        distribution_strategy: The deprecated name of ``strategy`` (a ``DeprecationWarning``, once per process).
+        strategy: How training is distributed (:mod:`mlpug.trainers.strategy`; resolved by
+            :func:`mlpug.tensorflow.strategies.resolve_strategy`): None (default, one device), a name
+            (``"single_process"``, ``"mirrored"``, ``"multi_worker_mirrored"``), a ``tf.distribute.MirroredStrategy``
+            (several devices of one process) or ``MultiWorkerMirroredStrategy`` (several processes, ``TF_CONFIG``)
+            whose scope the model components and optimizers were created in, or an mlpug ``Strategy`` object (a
+            :class:`~mlpug.tensorflow.strategies.TFDistributeStrategy`, or one of your own). The batch size stays per
+            process: a mirrored step splits each batch over the local replicas, and several workers train on their
+            shards of the data. Each replica's gradients are weighted by its share of the global batch's samples (rows),
+            so the step is the step of one device on the global batch. See :mod:`mlpug.tensorflow.distributed`. The
+            training model's loss must be the mean over the replica's samples; Keras 3's scaling of a Keras loss object
+            by ``1 / num_replicas_in_sync`` is found before the first training step and undone (see
             :mod:`mlpug.tensorflow.trainers.replica_loss`). TensorFlow's default strategy
             (``tf.distribute.get_strategy()`` outside a scope) is the same as None; a ``MultiWorkerMirroredStrategy()``
             without ``TF_CONFIG`` is one worker.
@@ -245,6 +269,7 @@ class DefaultTrainer(NeutralDefaultTrainer):
         steps_per_execution: int = 1,
         evaluation_steps_per_execution: Optional[int] = None,
         evaluation_batches_per_call: Optional[int] = None,
+        strategy: Any = None,
     ):
         self.steps_per_execution = check_positive_int(steps_per_execution, "steps_per_execution")
         self.evaluation_steps_per_execution = _evaluation_steps_argument(
@@ -253,11 +278,11 @@ class DefaultTrainer(NeutralDefaultTrainer):
         self.clip_gradients_norm, self.clip_gradients_value = validate_clipping(
             clip_gradients_norm, clip_gradients_value
         )
-        distribution_strategy = resolve_strategy(distribution_strategy)
-        check_cluster(distribution_strategy)
+        self.strategy = _strategy_argument(strategy, distribution_strategy)
+        distribution_strategy = self.strategy.tf_strategy if isinstance(self.strategy, TFDistributeStrategy) else None
+        self._tf_strategy = distribution_strategy
         check_optimizers(optimizers)
         super().__init__(optimizers, model_components)
-        self.strategy = distribution_strategy
         self.chunking = batch_chunker(batch_chunk_size)
         self.precision: PrecisionPolicy = precision_policy(use_mixed_precision, autocast_dtype)
         self.gradient_sync = GradientSync()
@@ -267,7 +292,7 @@ class DefaultTrainer(NeutralDefaultTrainer):
         self.precision.prepare_model(self.model_components.values())
         if not isinstance(eager_mode, bool):
             raise TypeError(f"eager_mode must be a bool, got {eager_mode!r:.100}")
-        self._distributed = strategy_context(distribution_strategy)
+        self._distributed = self.strategy.distributed_context()
         self._check_variables_in_scope()
         validate_signature(batch_data_signature, "batch_data_signature")
         validate_signature(training_settings_signature, "training_settings_signature")
@@ -331,16 +356,16 @@ class DefaultTrainer(NeutralDefaultTrainer):
     # ----- set-up -----
     def _scope(self) -> AbstractContextManager:
         """The strategy's scope (variables created in it are mirrored), or a do-nothing context."""
-        return self.strategy.scope() if self.strategy is not None else nullcontext()
+        return self._tf_strategy.scope() if self._tf_strategy is not None else nullcontext()
 
     def _check_variables_in_scope(self) -> None:
-        if self.strategy is None:
+        if self._tf_strategy is None:
             return
         owners = {f"model component {name!r}": component for name, component in self.model_components.items()}
         owners.update({f"optimizer {name!r}": optimizer for name, optimizer in self.optimizers.items()})
         if self.training_model is not None:
             owners["the training model"] = self.training_model
-        check_variables_in_scope(self.strategy, owners)
+        check_variables_in_scope(self._tf_strategy, owners)
 
     def distributed_context(self) -> DistributedContext:
         """The workers of a ``MultiWorkerMirroredStrategy`` as ranks (see
@@ -350,9 +375,7 @@ class DefaultTrainer(NeutralDefaultTrainer):
     def evaluation_dataset(self, dataset: Any) -> Any:
         """Several workers: this worker's unpadded shard (see
         :func:`mlpug.tensorflow.distributed.shard_evaluation_dataset`)."""
-        if self._distributed.world_size > 1:
-            return shard_evaluation_dataset(dataset, self._distributed)
-        return dataset
+        return self.strategy.evaluation_dataset(dataset)
 
     def set_training_model(self, training_model: tf.keras.layers.Layer) -> None:
         """Set the model that returns the loss for a batch.
@@ -410,9 +433,7 @@ class DefaultTrainer(NeutralDefaultTrainer):
     def training_data_source(self, dataset: Any) -> DataSource:
         """See :func:`mlpug.tensorflow.data.training_data_source` (infinite and reshuffled ``tf.data``); several
         workers: of this worker's shard (:func:`mlpug.tensorflow.distributed.shard_training_dataset`)."""
-        if self._distributed.world_size > 1:
-            dataset = shard_training_dataset(dataset, self._distributed)
-        return training_data_source(dataset)
+        return training_data_source(self.strategy.training_dataset(dataset))
 
     def random_state_providers(self) -> list[RandomStateProvider]:
         """Python, NumPy and TensorFlow's global generator (the Keras seed generators are in the trainer state)."""
@@ -547,7 +568,7 @@ class DefaultTrainer(NeutralDefaultTrainer):
     def _evaluate_step_function(self, batch: Any, evaluate_settings: Any, inference_mode: bool) -> tuple:
         outputs = self._forward(batch, evaluate_settings, inference_mode=inference_mode)
         loss = tf.reshape(outputs.loss, [])
-        if self.strategy is not None and tf.distribute.has_strategy():  # called in a strategy's scope (trace time)
+        if self._tf_strategy is not None and tf.distribute.has_strategy():  # called in a strategy's scope (trace time)
             loss = self.replica_loss.unscaled_in_scope(loss)
         return loss, outputs.num_samples, outputs.auxiliary_results
 

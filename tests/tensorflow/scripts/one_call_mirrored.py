@@ -1,4 +1,4 @@
-"""``mlp.Trainer`` with ``distribution_strategy=`` a MirroredStrategy over 2 logical CPU devices, beside the same
+"""``mlp.Trainer`` with ``strategy=`` a MirroredStrategy over 2 logical CPU devices, beside the same
 training on one device with the global batch, for several Keras loss objects (SGD: a loss off by a factor changes
 the step); prints one JSON line: per variant the largest weight difference, both runs' batch and validation losses
 and iterations (or the error the strategy run raised), the number of replica loss probes and mlpug's warnings."""
@@ -81,7 +81,7 @@ def train(variant, strategy):
         ]
         model = tf.keras.Sequential(layers + ([tf.keras.layers.Reshape(())] if units is None else []))
         optimizer = tf.keras.optimizers.SGD(learning_rate=0.05)
-    trainer = mlp.Trainer(model, make_loss(), optimizer, distribution_strategy=strategy)
+    trainer = mlp.Trainer(model, make_loss(), optimizer, strategy=strategy)
     recorder = Recorder()
     history = trainer.train(
         (inputs[:split], targets[:split]), (inputs[split:], targets[split:]), num_epochs=1 if zeros else 2,

@@ -70,8 +70,8 @@ def check_strategy(strategy: Any) -> None:
         return
     if not isinstance(strategy, tf.distribute.Strategy):
         raise TypeError(
-            "strategy must be a name of mlpug.tensorflow.strategies.STRATEGY_NAMES, a tf.distribute.MirroredStrategy "
-            "or MultiWorkerMirroredStrategy, an mlpug Strategy or None; got"
+            "strategy must be None, 'single_process', a tf.distribute.MirroredStrategy or MultiWorkerMirroredStrategy, "
+            "or an mlp.strategies.TFDistributeStrategy; got"
             f" a {type(strategy).__module__}.{type(strategy).__qualname__}: {strategy!r:.100}"
         )
     raise NotImplementedError(
@@ -145,10 +145,10 @@ def check_cluster(strategy: Any) -> None:
         jobs = ", ".join(f"{job}: {count}" for job, count in tasks.items())
         raise RuntimeError(
             f"TF_CONFIG describes a cluster of {sum(tasks.values())} tasks ({jobs}), but the strategy is "
-            f"{type(strategy).__qualname__ if strategy is not None else None}: every process would train alone on "
-            "the same data, print the same progress and write the same checkpoint files. Train on all of them "
-            "(create the model and optimizer in the scope of tf.distribute.MultiWorkerMirroredStrategy() and pass it "
-            "as strategy=, or strategy='multi_worker_mirrored'), or run one process (unset TF_CONFIG)."
+            f"{type(strategy).__qualname__ if strategy is not None else 'one device (None)'}: every process would "
+            "train alone on the same data, print the same progress and write the same checkpoint files. Train on all "
+            "of them (create the model and optimizer in the scope of tf.distribute.MultiWorkerMirroredStrategy() and "
+            "pass it as strategy=), or run one process (unset TF_CONFIG)."
         )
 
 

@@ -21,7 +21,7 @@ class Strategy(ABC):
     """How a trainer distributes training (see the module docstring).
 
     Attributes:
-        name: The strategy's name, e.g. ``"single_process"`` or ``"ddp"`` (in messages and checkpoints).
+        name: The strategy's name, e.g. ``"single_process"`` or ``"ddp"`` (in messages).
     """
 
     name: str = "strategy"

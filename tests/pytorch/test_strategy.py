@@ -42,9 +42,22 @@ def test_bad_strategies_are_refused_at_construction_naming_the_valid_ones(monkey
         make_trainer(strategy="fsdpp")
     with pytest.raises(TypeError, match="strategy must be None, one of"):
         make_trainer(strategy=3)
-    with pytest.raises(ValueError, match=r"strategy=.ddp. needs a data-parallel launch .* alone \(WORLD_SIZE=1\)"):
+    with pytest.raises(
+        ValueError, match=r"DDPStrategy \(strategy=.ddp.\) needs a data-parallel launch .* alone \(WORLD_SIZE=1\)"
+    ):
         make_trainer(strategy="ddp")
+    with pytest.raises(TypeError, match=r"strategy is the class DDPStrategy; pass an object, e.g. DDPStrategy\(\)"):
+        make_trainer(strategy=DDPStrategy)
     assert STRATEGY_NAMES == ("single_process", "ddp") and issubclass(DDPStrategy, Strategy)
+
+
+def test_one_process_of_a_launch_is_not_allowed_to_train_alone(monkeypatch):
+    """Under a launch of several processes ``"single_process"`` would make every process train alone on the same
+    data and write the same files: refused before any process group is joined."""
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    for strategy in ("single_process", SingleProcess()):
+        with pytest.raises(ValueError, match="trains in one process, but this is one of a data-parallel launch"):
+            make_trainer(strategy=strategy)
 
 
 class EveryOtherBatch(SingleProcess):

@@ -22,6 +22,7 @@ import pytest
 import tensorflow as tf
 
 import mlpug.tensorflow as mlp
+from mlpug.trainers.strategy import SingleProcess
 from tests.tensorflow import strategy_worker
 
 WORKER = str(Path(__file__).with_name("strategy_worker.py"))
@@ -237,20 +238,32 @@ def test_when_one_worker_raises_every_worker_exits_within_the_bound(tmp_path):
     assert max(seconds for _, _, seconds in results) < 120
 
 
+class EveryOtherBatch(SingleProcess):
+    """A strategy written against the neutral protocol only: TensorFlow needs a tf.distribute strategy under it."""
+
+    def training_dataset(self, dataset):
+        return dataset[::2]
+
+
 def test_a_strategy_of_another_kind_name_or_type_is_refused_at_construction():
     model = tf.keras.Sequential([tf.keras.Input((2,)), tf.keras.layers.Dense(1)])
     optimizer = tf.keras.optimizers.SGD()
-    with pytest.raises(TypeError, match="strategy must be a name of mlpug.tensorflow.strategies.STRATEGY_NAMES"):
+    with pytest.raises(TypeError, match="strategy must be None, 'single_process', a tf.distribute.MirroredStrategy"):
         mlp.trainers.DefaultTrainer(optimizer, model, strategy=3)
-    with pytest.raises(ValueError, match=r"strategy 'mirrorred' is unknown; the TensorFlow strategies are \('single"):
-        mlp.trainers.DefaultTrainer(optimizer, model, strategy="mirrorred")
+    with pytest.raises(ValueError, match=r"strategy 'mirrored' is not a TensorFlow strategy name .* create the "):
+        mlp.trainers.DefaultTrainer(optimizer, model, strategy="mirrored")  # the model must be made in its scope
+    with pytest.raises(TypeError, match="strategy is the class MirroredStrategy; pass an object"):
+        mlp.trainers.DefaultTrainer(optimizer, model, strategy=tf.distribute.MirroredStrategy)
+    with pytest.raises(TypeError, match="an mlpug Strategy that is not a TFDistributeStrategy: on TensorFlow"):
+        mlp.trainers.DefaultTrainer(optimizer, model, strategy=EveryOtherBatch())
     with pytest.raises(NotImplementedError, match="OneDeviceStrategy; mlpug supports MirroredStrategy"):
         mlp.trainers.DefaultTrainer(optimizer, model, strategy=tf.distribute.OneDeviceStrategy("/cpu:0"))
 
 
 def test_strategy_names_and_the_deprecated_argument_name(monkeypatch):
-    """``strategy="mirrored"`` is a ``MirroredStrategy`` behind the neutral protocol; ``distribution_strategy=`` is
-    the deprecated name of ``strategy`` (one DeprecationWarning per process; both at once is an error)."""
+    """A ``TFDistributeStrategy`` over a ``MirroredStrategy`` is the trainer's strategy (its scope, its data);
+    ``distribution_strategy=`` is the deprecated name of ``strategy`` (one DeprecationWarning per process; both at
+    once is an error)."""
     from mlpug.tensorflow.strategies import TFDistributeStrategy
     from mlpug.tensorflow.trainers import trainer as trainer_module
 

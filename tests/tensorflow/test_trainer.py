@@ -546,8 +546,13 @@ def test_tf_config_with_several_workers_is_refused_at_trainer_construction(monke
     cluster = {"chief": ["host0:2222"], "worker": ["host1:2222", "host2:2222"]}
     monkeypatch.setenv("TF_CONFIG", json.dumps({"cluster": cluster, "task": {"type": "worker", "index": 0}}))
     with pytest.raises(RuntimeError, match=r"TF_CONFIG describes a cluster of 3 tasks \(chief: 1, worker: 2\), but "
-                       "the strategy is None: every process would train alone"):  # fmt: skip
+                       r"the strategy is one device \(None\): every process would train alone"):  # fmt: skip
         mlp.trainers.DefaultTrainer(tf.keras.optimizers.SGD(0.1), linear)
+    from mlpug.trainers.strategy import SingleProcess
+
+    for strategy in ("single_process", SingleProcess()):  # one device by name or by the neutral object: refused too
+        with pytest.raises(RuntimeError, match=r"TF_CONFIG describes a cluster of 3 tasks"):
+            mlp.trainers.DefaultTrainer(tf.keras.optimizers.SGD(0.1), linear, strategy=strategy)
     monkeypatch.setenv("TF_CONFIG", "not json")
     with pytest.raises(ValueError, match="TF_CONFIG is 'not json', not a JSON object with a cluster"):
         mlp.trainers.DefaultTrainer(tf.keras.optimizers.SGD(0.1), linear)

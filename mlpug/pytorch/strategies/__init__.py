@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Optional, Union
+from typing import Union
 
 from mlpug.pytorch.distributed import environment_world_size
 from mlpug.pytorch.strategies.ddp import DDPStrategy
@@ -23,23 +23,35 @@ def resolve_strategy(strategy: StrategyArgument) -> Strategy:
             :data:`STRATEGY_NAMES`; or a ``Strategy`` object (used as it is).
 
     Raises:
-        ValueError: An unknown name (the valid ones are listed), or ``"ddp"`` without a data-parallel launch.
-        TypeError: Neither None, a str nor a ``Strategy``.
+        ValueError: An unknown name (the valid ones are listed); ``"ddp"`` without a data-parallel launch;
+            ``"single_process"`` (or a ``SingleProcess``) under a launch of several processes, where every process
+            would train alone on the same data and write the same files.
+        TypeError: Neither None, a str nor a ``Strategy`` object (e.g. a class).
     """
+    if isinstance(strategy, type):
+        raise TypeError(
+            f"strategy is the class {strategy.__qualname__}; pass an object, e.g. {strategy.__qualname__}()"
+        )
+    if strategy == "single_process" or isinstance(strategy, SingleProcess):
+        if _launched_with_several_ranks():
+            raise ValueError(
+                f"strategy {strategy!r:.100} trains in one process, but this is one of a data-parallel launch "
+                "(WORLD_SIZE > 1): every process would train alone on the same data and write the same files; leave "
+                "strategy out (or pass 'ddp') to train together, or run one process"
+            )
+        return strategy if isinstance(strategy, SingleProcess) else SingleProcess()
     if isinstance(strategy, Strategy):
         return strategy
     if strategy is None:
         return DDPStrategy() if _launched_with_several_ranks() else SingleProcess()
     if not isinstance(strategy, str):
         raise TypeError(f"strategy must be None, one of {STRATEGY_NAMES} or a Strategy object, got {strategy!r:.100}")
-    if strategy == "single_process":
-        return SingleProcess()
     if strategy == "ddp":
         return DDPStrategy()
     raise ValueError(f"strategy {strategy!r} is unknown; the PyTorch strategies are {STRATEGY_NAMES}")
 
 
-def _launched_with_several_ranks() -> Optional[bool]:
+def _launched_with_several_ranks() -> bool:
     import torch.distributed as dist
 
     if dist.is_available() and dist.is_initialized():

@@ -31,6 +31,9 @@ class DDPStrategy(Strategy):
         backend: ``"gloo"`` or ``"nccl"``; default NCCL when CUDA is available, else gloo.
         timeout_s: Seconds a collective waits for the other ranks (default ``MLPUG_DISTRIBUTED_TIMEOUT_S`` or 300).
 
+    When the process group exists already (the script initialised it, or an earlier trainer of this process did),
+    it is used as it is: ``backend`` and ``timeout_s`` are then those of that group.
+
     Raises:
         ValueError: No data-parallel launch: ``WORLD_SIZE`` is unset or 1 (and no process group of several ranks
             exists); or ``WORLD_SIZE`` / the timeout is invalid.
@@ -43,7 +46,7 @@ class DDPStrategy(Strategy):
         context = init_distributed(backend, timeout_s)
         if not isinstance(context, TorchDistributedContext):
             raise ValueError(
-                f"strategy='ddp' needs a data-parallel launch (torchrun --nproc_per_node N script.py, or "
+                f"DDPStrategy (strategy='ddp') needs a data-parallel launch (torchrun --nproc_per_node N script.py, or "
                 f"mlp.distributed.launch), but this process is alone (WORLD_SIZE={environment_world_size()}); leave "
                 "strategy out (or pass 'single_process') to train in one process"
             )

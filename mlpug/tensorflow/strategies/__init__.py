@@ -1,43 +1,60 @@
-"""TensorFlow distribution strategies (see :mod:`mlpug.trainers.strategy`): ``"single_process"``, ``"mirrored"``,
-``"multi_worker_mirrored"``, each a :class:`TFDistributeStrategy` over the ``tf.distribute`` strategy of that name."""
+"""TensorFlow distribution strategies (see :mod:`mlpug.trainers.strategy`): :class:`TFDistributeStrategy`, a
+``tf.distribute`` strategy behind mlpug's protocol.
+
+The model components and optimizers must be created in the ``tf.distribute`` strategy's scope before the trainer is,
+so a strategy is always given as an object (``strategy=tf.distribute.MirroredStrategy()``, created first, or a
+``TFDistributeStrategy`` over it); the only name is ``"single_process"``.
+"""
 
 from __future__ import annotations
 
 from typing import Any
 
-import tensorflow as tf
-
 from mlpug.tensorflow.strategies.tf_distribute import TFDistributeStrategy
 from mlpug.trainers.strategy import SingleProcess, Strategy
 
-STRATEGY_NAMES = ("single_process", "mirrored", "multi_worker_mirrored")
+STRATEGY_NAMES = ("single_process",)
 """The names ``DefaultTrainer(strategy=...)`` takes."""
 
 
-def resolve_strategy(strategy: Any) -> Strategy:
-    """The :class:`~mlpug.trainers.strategy.Strategy` that ``DefaultTrainer(strategy=...)`` names.
+def resolve_strategy(strategy: Any) -> TFDistributeStrategy:
+    """The :class:`TFDistributeStrategy` that ``DefaultTrainer(strategy=...)`` names.
 
     Args:
-        strategy: None (default): one device (``TF_CONFIG`` with a cluster of several tasks is an error, as without
-            a strategy); a name of :data:`STRATEGY_NAMES` (``"mirrored"``: ``tf.distribute.MirroredStrategy()``
-            over this process's devices; ``"multi_worker_mirrored"``: ``MultiWorkerMirroredStrategy()`` from
-            ``TF_CONFIG``); a ``tf.distribute`` strategy object; or an mlpug ``Strategy`` object (used as it is).
+        strategy: None or ``"single_process"`` (one device; ``TF_CONFIG`` with a cluster of several tasks is an
+            error), a ``tf.distribute.MirroredStrategy`` / ``MultiWorkerMirroredStrategy`` (in whose scope the model
+            components and optimizers were created), a ``TFDistributeStrategy`` (or a subclass) used as it is, or
+            mlpug's ``SingleProcess`` (the same as None).
 
     Raises:
-        ValueError: An unknown name (the valid ones are listed).
-        TypeError / NotImplementedError / RuntimeError: See :class:`TFDistributeStrategy`.
+        ValueError: A name other than ``"single_process"`` (a ``tf.distribute`` strategy must be created, and the
+            model and optimizer in its scope, before the trainer).
+        TypeError: Another mlpug ``Strategy`` (on TensorFlow the replicated step, the scope and the gradient
+            all-reduce are a ``tf.distribute`` strategy's: subclass ``TFDistributeStrategy``), a class instead of
+            an object, or not a strategy at all.
+        NotImplementedError / RuntimeError: See :class:`TFDistributeStrategy`.
     """
-    if isinstance(strategy, Strategy):
+    if isinstance(strategy, TFDistributeStrategy):
         return strategy
-    if strategy is None or strategy == "single_process":
+    if type(strategy) is SingleProcess or strategy is None or strategy == "single_process":
         return TFDistributeStrategy(None)
+    if isinstance(strategy, Strategy):
+        raise TypeError(
+            f"strategy is a {type(strategy).__qualname__}, an mlpug Strategy that is not a TFDistributeStrategy: on "
+            "TensorFlow the replicated step, the variables' scope and the gradient all-reduce are a tf.distribute "
+            "strategy's; subclass mlp.strategies.TFDistributeStrategy to change what a strategy does"
+        )
+    if isinstance(strategy, type):
+        raise TypeError(
+            f"strategy is the class {strategy.__qualname__}; pass an object, e.g. {strategy.__qualname__}()"
+        )
     if isinstance(strategy, str):
-        if strategy == "mirrored":
-            return TFDistributeStrategy(tf.distribute.MirroredStrategy())
-        if strategy == "multi_worker_mirrored":
-            return TFDistributeStrategy(tf.distribute.MultiWorkerMirroredStrategy())
-        raise ValueError(f"strategy {strategy!r} is unknown; the TensorFlow strategies are {STRATEGY_NAMES}")
+        raise ValueError(
+            f"strategy {strategy!r} is not a TensorFlow strategy name (the names are {STRATEGY_NAMES}): create the "
+            "tf.distribute strategy first (e.g. strategy = tf.distribute.MirroredStrategy()), the model and "
+            "optimizer in its scope, and pass strategy=strategy"
+        )
     return TFDistributeStrategy(strategy)
 
 
-__all__ = ["STRATEGY_NAMES", "SingleProcess", "Strategy", "TFDistributeStrategy", "resolve_strategy"]
+__all__ = ["STRATEGY_NAMES", "Strategy", "TFDistributeStrategy", "resolve_strategy"]

@@ -34,7 +34,7 @@ from __future__ import annotations
 import logging
 import warnings
 from collections.abc import Sequence
-from contextlib import AbstractContextManager, nullcontext
+from contextlib import AbstractContextManager
 from typing import Any, Optional
 
 import numpy as np
@@ -68,7 +68,6 @@ from mlpug.trainers.arguments import check_positive_int
 from mlpug.trainers.clipping import validate_clipping
 from mlpug.trainers.gradient_sync import GradientSync
 from mlpug.trainers.precision import PrecisionPolicy
-from mlpug.trainers.strategy import Strategy
 from mlpug.trainers.trainer import DefaultTrainer as NeutralDefaultTrainer
 from mlpug.trainers.trainer import ModelOutputs, StepResult
 
@@ -107,7 +106,7 @@ def _evaluation_steps_argument(
     return steps_per_execution if value is None else check_positive_int(value, name)
 
 
-def _strategy_argument(strategy: Any, distribution_strategy: Any) -> Strategy:
+def _strategy_argument(strategy: Any, distribution_strategy: Any) -> TFDistributeStrategy:
     """The :class:`~mlpug.trainers.strategy.Strategy` of the TensorFlow ``DefaultTrainer``: ``strategy``, or the
     ``tf.distribute`` strategy given under the deprecated name ``distribution_strategy`` (a ``DeprecationWarning``,
     once per process).
@@ -127,7 +126,7 @@ def _strategy_argument(strategy: Any, distribution_strategy: Any) -> Strategy:
                 "DefaultTrainer(distribution_strategy=...) is deprecated; use strategy= (it takes the same "
                 "tf.distribute strategy, or a name such as 'mirrored')",
                 DeprecationWarning,
-                stacklevel=3,
+                stacklevel=4,
             )
         strategy = distribution_strategy
     return resolve_strategy(strategy)
@@ -152,11 +151,12 @@ class DefaultTrainer(NeutralDefaultTrainer):
             training settings are a Python constant of the trace.
         distribution_strategy: The deprecated name of ``strategy`` (a ``DeprecationWarning``, once per process).
         strategy: How training is distributed (:mod:`mlpug.trainers.strategy`; resolved by
-            :func:`mlpug.tensorflow.strategies.resolve_strategy`): None (default, one device), a name
-            (``"single_process"``, ``"mirrored"``, ``"multi_worker_mirrored"``), a ``tf.distribute.MirroredStrategy``
-            (several devices of one process) or ``MultiWorkerMirroredStrategy`` (several processes, ``TF_CONFIG``)
-            whose scope the model components and optimizers were created in, or an mlpug ``Strategy`` object (a
-            :class:`~mlpug.tensorflow.strategies.TFDistributeStrategy`, or one of your own). The batch size stays per
+            :func:`mlpug.tensorflow.strategies.resolve_strategy`): None or ``"single_process"`` (default, one
+            device), a ``tf.distribute.MirroredStrategy`` (several devices of one process) or
+            ``MultiWorkerMirroredStrategy`` (several processes, ``TF_CONFIG``) whose scope the model components and
+            optimizers were created in, or a :class:`~mlpug.tensorflow.strategies.TFDistributeStrategy` (over one of
+            them; a subclass of your own). :attr:`strategy` is then that ``TFDistributeStrategy`` (its
+            ``tf_strategy`` the ``tf.distribute`` one). The batch size stays per
             process: a mirrored step splits each batch over the local replicas, and several workers train on their
             shards of the data. Each replica's gradients are weighted by its share of the global batch's samples (rows),
             so the step is the step of one device on the global batch. See :mod:`mlpug.tensorflow.distributed`. The
@@ -239,13 +239,16 @@ class DefaultTrainer(NeutralDefaultTrainer):
         ValueError: Several optimizers without a way to tell their variables apart, a ``batch_chunk_size``,
             ``steps_per_execution`` or ``evaluation_steps_per_execution`` that is not an int >= 1, or a bad
             ``autocast_dtype``.
-        TypeError: Both ``evaluation_steps_per_execution`` and its deprecated name ``evaluation_batches_per_call``.
-        NotImplementedError: A ``distribution_strategy`` other than the two mirrored ones; under a strategy, float16
+        TypeError: Both ``evaluation_steps_per_execution`` and its deprecated name ``evaluation_batches_per_call``;
+            both ``strategy`` and its deprecated name ``distribution_strategy``; a ``strategy`` that is an mlpug
+            ``Strategy`` other than a ``TFDistributeStrategy``, or not a strategy.
+        ValueError: A ``strategy`` name other than ``"single_process"``.
+        NotImplementedError: A ``tf.distribute`` strategy other than the two mirrored ones; under a strategy, float16
             loss scaling or an optimizer that clips gradients (see
             :func:`mlpug.tensorflow.distributed.check_strategy_options`).
         ValueError: A variable of a built model component or optimizer was created outside the strategy's scope
             (checked at construction, and after building).
-        RuntimeError: ``TF_CONFIG`` describes a cluster of several tasks but ``distribution_strategy`` is not a
+        RuntimeError: ``TF_CONFIG`` describes a cluster of several tasks but ``strategy`` is not a
             ``MultiWorkerMirroredStrategy`` (see :func:`mlpug.tensorflow.distributed.check_cluster`).
     """
 
@@ -278,9 +281,8 @@ class DefaultTrainer(NeutralDefaultTrainer):
         self.clip_gradients_norm, self.clip_gradients_value = validate_clipping(
             clip_gradients_norm, clip_gradients_value
         )
-        self.strategy = _strategy_argument(strategy, distribution_strategy)
-        distribution_strategy = self.strategy.tf_strategy if isinstance(self.strategy, TFDistributeStrategy) else None
-        self._tf_strategy = distribution_strategy
+        self.strategy: TFDistributeStrategy = _strategy_argument(strategy, distribution_strategy)
+        distribution_strategy = self._tf_strategy = self.strategy.tf_strategy
         check_optimizers(optimizers)
         super().__init__(optimizers, model_components)
         self.chunking = batch_chunker(batch_chunk_size)
@@ -356,7 +358,7 @@ class DefaultTrainer(NeutralDefaultTrainer):
     # ----- set-up -----
     def _scope(self) -> AbstractContextManager:
         """The strategy's scope (variables created in it are mirrored), or a do-nothing context."""
-        return self._tf_strategy.scope() if self._tf_strategy is not None else nullcontext()
+        return self.strategy.scope()
 
     def _check_variables_in_scope(self) -> None:
         if self._tf_strategy is None:
@@ -391,7 +393,7 @@ class DefaultTrainer(NeutralDefaultTrainer):
             )
         self._settings_arg, self._inference_arg = call_argument_names(training_model)
         self.precision.prepare_model([training_model])
-        self.training_model = training_model
+        self.training_model = self.strategy.prepare_training_model(training_model)
 
     def _build(self, batch: Any = None, settings: Any = None) -> bool:
         """Build model components, resolve the variables and build the optimizers; apply a pending state.

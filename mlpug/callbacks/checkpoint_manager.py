@@ -20,7 +20,6 @@ from mlpug.checkpointing import (
     CheckpointSaver,
     encode_plain,
 )
-from mlpug.logs import get_value_at
 from mlpug.trainers.callback import Callback, check_log_path
 from mlpug.trainers.evaluation_result import EvaluationResult
 from mlpug.trainers.non_finite import (
@@ -375,7 +374,7 @@ class CheckpointManager(Callback, TrainingStateLoader):
         metric = self.metric_to_monitor
         assert metric is not None
         view = _result_view(logs["current"], result)
-        if self.best_model.consider(get_value_at(view, metric, None), view, logs, self.context) and self._is_primary():
+        if self.best_model.consider(result.value_of(metric), view, logs, self.context) and self._is_primary():
             self._write_best_of(result, view)
         return True
 

@@ -119,9 +119,8 @@ class EarlyStopping(Callback):
 
     def on_evaluation_result(self, result: EvaluationResult, logs: dict) -> bool:
         """A result of the monitored dataset: its value counts for the epoch of the weights it evaluated."""
-        if self._from_results and result.dataset_name == self.metric_to_monitor.split(".", 1)[0]:
-            section = {result.dataset_name: {"dataset": result.values}}
-            self._consider(get_value_at(section, self.metric_to_monitor, _MISSING), result.epoch, logs)
+        if self._from_results:
+            self._consider(result.value_of(self.metric_to_monitor, _MISSING), result.epoch, logs)
         return True
 
     def on_epoch_completed(self, logs: dict) -> bool:

@@ -141,9 +141,7 @@ class LRSchedulerWrapper(Callback):
     def on_evaluation_result(self, result: EvaluationResult, logs: dict) -> bool:
         """A result of the monitored dataset steps the schedulers with its value, once per evaluated epoch."""
         if self._from_results and self.metric_to_monitor is not None:
-            if result.dataset_name == self.metric_to_monitor.split(".", 1)[0]:
-                section = {result.dataset_name: {"dataset": result.values}}
-                self._step_for_epoch(result.epoch, get_value_at(section, self.metric_to_monitor, _MISSING))
+            self._step_for_epoch(result.epoch, result.value_of(self.metric_to_monitor, _MISSING))
         return True
 
     def on_epoch_completed(self, logs: dict) -> bool:

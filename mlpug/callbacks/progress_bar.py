@@ -141,8 +141,7 @@ class ProgressBar(Callback):
         """Each result of a shown dataset metric: the newest value and the best."""
         for index, (label, (path, _)) in enumerate(self.metrics.items()):
             if self._is_result_metric(path) and path.split(".", 1)[0] == result.dataset_name:
-                section = {result.dataset_name: {"dataset": result.values}}
-                self._take(index, label, result.epoch, get_value_at(section, path, None))
+                self._take(index, label, result.epoch, result.value_of(path))
                 self._results_since_epoch_end = True
         return True
 

@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Collection
-from typing import NamedTuple, Optional
+from typing import Any, NamedTuple, Optional
 
-from mlpug.logs import MetricValues
+from mlpug.logs import MetricValues, get_value_at
 
 
 class EvaluationResult(NamedTuple):
@@ -36,6 +36,11 @@ class EvaluationResult(NamedTuple):
     def evaluated_at(self) -> dict:
         """``{"epoch", "batch_step", "global_iter"}``: what ``logs.current.<name>.evaluated_at`` holds."""
         return {"epoch": self.epoch, "batch_step": self.batch_step, "global_iter": self.global_iter}
+
+    def value_of(self, path: str, default: Any = None) -> Any:
+        """The value of the dotted ``path`` in this result: ``<dataset_name>.dataset.<metric>`` gives the metric as a
+        Python number; ``default`` when the path is of another dataset or level, or the metric is not there."""
+        return get_value_at({self.dataset_name: {"dataset": self.values}}, path, default)
 
     @property
     def is_asynchronous(self) -> bool:

@@ -65,3 +65,14 @@ class SingleProcess(Strategy):
 
     def distributed_context(self) -> DistributedContext:
         return self._context
+
+
+def check_not_a_class(strategy: Any) -> None:
+    """Raise when ``DefaultTrainer(strategy=...)`` was given a class where an object belongs.
+
+    Raises:
+        TypeError: ``strategy`` is a class (e.g. ``DDPStrategy`` for ``DDPStrategy()``); the message names both.
+    """
+    if isinstance(strategy, type):
+        name = strategy.__qualname__
+        raise TypeError(f"strategy is the class {name}; pass an object, e.g. {name}()")

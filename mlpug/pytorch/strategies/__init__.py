@@ -6,7 +6,7 @@ from typing import Union
 
 from mlpug.pytorch.distributed import environment_world_size
 from mlpug.pytorch.strategies.ddp import DDPStrategy
-from mlpug.trainers.strategy import SingleProcess, Strategy
+from mlpug.trainers.strategy import SingleProcess, Strategy, check_not_a_class
 
 STRATEGY_NAMES = ("single_process", "ddp")
 """The names ``DefaultTrainer(strategy=...)`` takes."""
@@ -28,10 +28,7 @@ def resolve_strategy(strategy: StrategyArgument) -> Strategy:
             would train alone on the same data and write the same files.
         TypeError: Neither None, a str nor a ``Strategy`` object (e.g. a class).
     """
-    if isinstance(strategy, type):
-        raise TypeError(
-            f"strategy is the class {strategy.__qualname__}; pass an object, e.g. {strategy.__qualname__}()"
-        )
+    check_not_a_class(strategy)
     if strategy == "single_process" or isinstance(strategy, SingleProcess):
         if _launched_with_several_ranks():
             raise ValueError(

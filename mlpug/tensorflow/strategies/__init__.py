@@ -11,7 +11,7 @@ from __future__ import annotations
 from typing import Any
 
 from mlpug.tensorflow.strategies.tf_distribute import TFDistributeStrategy
-from mlpug.trainers.strategy import SingleProcess, Strategy
+from mlpug.trainers.strategy import SingleProcess, Strategy, check_not_a_class
 
 STRATEGY_NAMES = ("single_process",)
 """The names ``DefaultTrainer(strategy=...)`` takes."""
@@ -44,10 +44,7 @@ def resolve_strategy(strategy: Any) -> TFDistributeStrategy:
             "TensorFlow the replicated step, the variables' scope and the gradient all-reduce are a tf.distribute "
             "strategy's; subclass mlp.strategies.TFDistributeStrategy to change what a strategy does"
         )
-    if isinstance(strategy, type):
-        raise TypeError(
-            f"strategy is the class {strategy.__qualname__}; pass an object, e.g. {strategy.__qualname__}()"
-        )
+    check_not_a_class(strategy)
     if isinstance(strategy, str):
         raise ValueError(
             f"strategy {strategy!r} is not a TensorFlow strategy name (the names are {STRATEGY_NAMES}): create the "

@@ -76,60 +76,63 @@ _log = logging.getLogger("mlpug.tensorflow.DefaultTrainer")
 _warned_deprecated_arguments: set[str] = set()  # the deprecated argument names warned about (once per process)
 
 
+def _renamed_argument(new_name: str, new_value: Any, old_name: str, old_value: Any, meaning: str) -> tuple[str, Any]:
+    """``(name, value)`` of an argument that ``DefaultTrainer`` takes under ``new_name`` and under its deprecated
+    ``old_name``: the one given (``old_name`` warns with a ``DeprecationWarning``, once per process; ``meaning`` says
+    what the new name takes), or ``(new_name, None)``.
+
+    Raises:
+        TypeError: Both names are given.
+    """
+    if old_value is None:
+        return new_name, new_value
+    if new_value is not None:
+        raise TypeError(
+            f"give {new_name} only; {old_name} is its deprecated name (got {new_value!r:.100} and {old_value!r:.100})"
+        )
+    if old_name not in _warned_deprecated_arguments:
+        _warned_deprecated_arguments.add(old_name)
+        warnings.warn(
+            f"DefaultTrainer({old_name}=...) is deprecated; use {new_name}= ({meaning})",
+            DeprecationWarning,
+            stacklevel=4,
+        )
+    return old_name, old_value
+
+
 def _evaluation_steps_argument(
     evaluation_steps_per_execution: Optional[int], evaluation_batches_per_call: Optional[int], steps_per_execution: int
 ) -> int:
     """The checked ``evaluation_steps_per_execution`` of the TensorFlow ``DefaultTrainer``: the value given under
-    its name or under its deprecated alias ``evaluation_batches_per_call`` (a ``DeprecationWarning``, once per
-    process), else ``steps_per_execution``.
+    its name or under its deprecated alias ``evaluation_batches_per_call`` (see :func:`_renamed_argument`), else
+    ``steps_per_execution``.
 
     Raises:
         TypeError: Both names are given.
         ValueError: The value is not an int >= 1 (the message uses the name it was given under).
     """
-    name, value = "evaluation_steps_per_execution", evaluation_steps_per_execution
-    if evaluation_batches_per_call is not None:
-        if evaluation_steps_per_execution is not None:
-            raise TypeError(
-                "give evaluation_steps_per_execution only; evaluation_batches_per_call is its deprecated name (got "
-                f"{evaluation_steps_per_execution!r} and {evaluation_batches_per_call!r})"
-            )
-        name, value = "evaluation_batches_per_call", evaluation_batches_per_call
-        if name not in _warned_deprecated_arguments:
-            _warned_deprecated_arguments.add(name)
-            warnings.warn(
-                "DefaultTrainer(evaluation_batches_per_call=...) is deprecated; use evaluation_steps_per_execution "
-                "(the same meaning: batches per compiled evaluation call)",
-                DeprecationWarning,
-                stacklevel=3,
-            )
+    name, value = _renamed_argument(
+        "evaluation_steps_per_execution",
+        evaluation_steps_per_execution,
+        "evaluation_batches_per_call",
+        evaluation_batches_per_call,
+        "the same meaning: batches per compiled evaluation call",
+    )
     return steps_per_execution if value is None else check_positive_int(value, name)
 
 
 def _strategy_argument(strategy: Any, distribution_strategy: Any) -> TFDistributeStrategy:
-    """The :class:`~mlpug.trainers.strategy.Strategy` of the TensorFlow ``DefaultTrainer``: ``strategy``, or the
-    ``tf.distribute`` strategy given under the deprecated name ``distribution_strategy`` (a ``DeprecationWarning``,
-    once per process).
+    """The :class:`~mlpug.tensorflow.strategies.TFDistributeStrategy` of the TensorFlow ``DefaultTrainer``:
+    ``strategy``, or the ``tf.distribute`` strategy given under the deprecated name ``distribution_strategy`` (see
+    :func:`_renamed_argument`).
 
     Raises:
         TypeError: Both names are given.
     """
-    if distribution_strategy is not None:
-        if strategy is not None:
-            raise TypeError(
-                "give strategy only; distribution_strategy is its deprecated name (got "
-                f"{strategy!r:.100} and {distribution_strategy!r:.100})"
-            )
-        if "distribution_strategy" not in _warned_deprecated_arguments:
-            _warned_deprecated_arguments.add("distribution_strategy")
-            warnings.warn(
-                "DefaultTrainer(distribution_strategy=...) is deprecated; use strategy= (it takes the same "
-                "tf.distribute strategy, or a name such as 'mirrored')",
-                DeprecationWarning,
-                stacklevel=4,
-            )
-        strategy = distribution_strategy
-    return resolve_strategy(strategy)
+    _, value = _renamed_argument(
+        "strategy", strategy, "distribution_strategy", distribution_strategy, "it takes the same tf.distribute strategy"
+    )
+    return resolve_strategy(value)
 
 
 class DefaultTrainer(NeutralDefaultTrainer):

@@ -8,8 +8,9 @@ one-process order), so data loading costs nothing and only the loop and its comm
 * raw DDP: ``DistributedDataParallel`` and ``zero_grad; loss = ...; backward; step``, the loss accumulated as a
   tensor and printed every 200 batches (one ``.item()`` per print), as a hand-written loop does;
 * mlpug DDP: ``DefaultTrainer`` + ``TrainingManager`` with ``TrainingMetricsLogger`` and ``LogProgress(log_period=
-  200)`` under the same launch: mlpug adds, per step, the all-reduce of the loss (mean over ranks), of the metric
-  sums and counts, and the stop agreement (a 4-byte all-reduce);
+  200)`` under the same launch: mlpug adds, at its read points only (the log periods, the epoch's end and a stop
+  check every 10 batches), one asynchronous all-reduce of the losses and metric sums and counts of the steps since
+  the last read point and of the stop flags;
 * raw DDP + loss all-reduce: the same loop reducing its loss over the ranks every step (one asynchronous
   all-reduce of one number, waited for at the prints): the cost of "the same logged values on every rank" alone;
 * mlpug, one process: the same job in one process with 1 and with 2 threads (this machine has 2 cores: two

@@ -5,20 +5,31 @@ unconditionally. A data-parallel backend trainer returns its own implementation 
 ``BackendTrainer.distributed_context()`` (PyTorch: ``mlpug.pytorch.distributed.TorchDistributedContext``), and the
 ``TrainingManager`` and the ``MetricEvaluator`` use it.
 
-Every rank must issue the collectives of a run in the same order. The core issues them at fixed points that every
+Every rank must issue the collectives of a run in the same order. The core issues them at points that every
 rank passes alike, never lazily where a consumer reads a value (consumers such as ``LogProgress`` act on the
 primary rank only):
 
-* once per training step, one :class:`BatchReduction`: the batch loss (for the non-finite loss checks), the batch
-  metrics of the metric loggers (added in their batch-end hooks, which run before those of every other callback)
-  and whether this rank asks to stop (a stop request or a signal), in **one asynchronous collective**. Its values
-  wait for it when first read, where consumers read values anyway; the stop flag is read two batch
-  boundaries later (its collective ran meanwhile, so reading does not wait): a stop takes effect two batches after
-  it was asked for, on every rank at the same batch;
+* at the *read points* of training, one collective each (:class:`StepReductions`): the batches whose hooks read
+  values reduced over the ranks (the callbacks declare them: ``Callback.batches_until_values_read``), the last
+  batch of every epoch, and a scheduled stop check at least every ``check_stop_every`` batches
+  (``TrainingManager``). Between two read points every step's ``(value, weight)`` pairs stay on their rank as
+  they are (device scalars, no wait): the batch loss (for the non-finite loss checks) and the batch metrics of
+  the metric loggers (added in their batch-end hooks, which run before those of every other callback), each
+  step's in a :class:`BatchReduction`. At a read point **one collective** reduces the pairs of every pending step,
+  each step's own (so every per-step value is exactly the sample-weighted mean over the ranks), and whether this
+  rank asks to stop (a stop request or a signal). Its values wait for it when first read. The stop flags are read
+  at the first batch boundary after one more step (the collective ran during it, so reading does not wait): a
+  stop takes effect on every rank after the same batch, the one after the first read point that follows the
+  request;
 * at every epoch end, whether any rank asks to stop (:meth:`DistributedContext.any_rank`);
+* when training leaves the loop without an error (completed, or stopped on every rank at the same batch), the
+  steps since the last read point, if any, in one collective;
 * once per dataset evaluation, the sums and counts of its metrics.
 
-Why one asynchronous collective per step rather than blocking ones: ``docs/design-notes.md``.
+A value whose step was not reduced yet cannot be read (a ``RuntimeError`` says how to declare the read), except
+after an error ended training: no collective runs then, and such a value reads as this rank's own.
+
+Why so few collectives: ``docs/design-notes.md``.
 """
 
 from __future__ import annotations
@@ -92,12 +103,28 @@ def _means(sums: Sequence[float], count: int) -> list[tuple[float, float]]:
     return [(sums[i] / sums[count + i] if sums[count + i] else float("nan"), sums[count + i]) for i in range(count)]
 
 
+class _Collective:
+    """One issued collective of a read point: ``count`` pairs, their means computed once, when first read."""
+
+    __slots__ = ("_result", "_count", "_means")
+
+    def __init__(self, result: Callable[[], list[float]], count: int):
+        self._result, self._count = result, count
+        self._means: Optional[list[tuple[float, float]]] = None
+
+    def value(self, index: int, part: int) -> float:
+        if self._means is None:
+            self._means = _means(self._result(), self._count)
+        return self._means[index][part]
+
+
 class BatchReduction:
-    """The one collective of a training step in data-parallel training (see the module docstring).
+    """The ``(value, weight)`` pairs of one training step to be reduced over the ranks (see the module docstring).
 
     The manager creates one per step and adds the batch loss; the metric loggers add their metric pairs
-    (:meth:`add`) in their batch-end hooks; then the manager issues it (:meth:`issue`) with its stop flag, before
-    the batch-end hooks of every other callback. Every rank adds the same pairs in the same order.
+    (:meth:`add`) in their batch-end hooks; they stay on this rank until the collective of the next read point
+    (:meth:`StepReductions.issue`), which the manager issues before the batch-end hooks of every other callback.
+    Every rank adds the same pairs in the same order.
 
     Args:
         context: The distributed context whose :meth:`DistributedContext.all_reduce_pairs_async` reduces.
@@ -106,17 +133,18 @@ class BatchReduction:
     def __init__(self, context: DistributedContext):
         self.context = context
         self._pairs: list = []
-        self._result: Optional[Callable[[], list[float]]] = None
-        self._numbers: Optional[list] = None
+        self._collective: Optional[_Collective] = None  # the collective of the read point that reduces this step
+        self._offset = 0  # where this step's pairs start in it
+        self._abandoned = False  # training ended on an error before it was reduced: values read as this rank's
 
     def add(self, pairs: Sequence[tuple[Any, Any]]) -> list[tuple[ReducedValue, ReducedValue]]:
         """Add this rank's ``(mean_value, weight)`` pairs; return their values over all ranks, ``(mean, total
-        weight)`` as :class:`ReducedValue` s, readable once the reduction is issued.
+        weight)`` as :class:`ReducedValue` s, readable once the collective of a read point has reduced this step.
 
         Raises:
-            RuntimeError: The reduction was issued already (every rank must add before the manager issues it).
+            RuntimeError: The step was reduced already (every rank must add before the manager issues it).
         """
-        if self._result is not None:
+        if self._collective is not None:
             raise RuntimeError(
                 "this step's metric reduction was issued already: a callback that reduces batch metrics must do so "
                 "in on_batch_training_completed and set reduces_batch_metrics = True, so that it runs before it"
@@ -125,56 +153,107 @@ class BatchReduction:
         self._pairs.extend(pairs)
         return [(ReducedValue(self, start + i, 0), ReducedValue(self, start + i, 1)) for i in range(len(pairs))]
 
-    def issue(self, stop: bool) -> None:
-        """Issue the collective of everything added, with this rank's stop flag."""
-        self._result = self.context.all_reduce_pairs_async([*self._pairs, (1.0 if stop else 0.0, 1.0)])
-
-    def any_rank_stops(self) -> bool:
-        """Whether any rank asked to stop when the reduction was issued (waits for it)."""
-        return self.value(len(self._pairs), 0) > 0
+    @property
+    def readable(self) -> bool:
+        """Whether reading a value waits for nothing but an issued collective (or, abandoned, for nothing)."""
+        return self._collective is not None or self._abandoned
 
     def value(self, index: int, part: int) -> float:
         """Part 0 (mean) or 1 (total weight) of pair ``index`` over all ranks (waits for the collective once).
 
         Raises:
-            RuntimeError: Read before the reduction was issued.
+            RuntimeError: Read before a read point reduced this step.
         """
-        if self._numbers is None:
-            if self._result is None:
-                raise RuntimeError(
-                    "a value reduced over the ranks was read before this step's reduction was issued (in a hook of a "
-                    "callback with reduces_batch_metrics = True?): read it in a later hook or callback"
-                )
-            self._numbers = _means(self._result(), len(self._pairs) + 1)
-        return self._numbers[index][part]
+        if self._collective is not None:
+            return self._collective.value(self._offset + index, part)
+        if self._abandoned:
+            from mlpug.logs import to_number
+
+            return to_number(self._pairs[index][part])
+        raise RuntimeError(
+            "a value reduced over the ranks was read before its step was reduced: either in a hook of a callback "
+            "with reduces_batch_metrics = True (read it in a later hook or callback), or at a batch that no callback "
+            "declared as a read point (a callback that reads logs values in batch hooks returns the batches until "
+            "its next read from Callback.batches_until_values_read, the same on every rank)"
+        )
 
 
 class StepReductions:
-    """The :class:`BatchReduction` s of a run's training steps and the stop decisions taken from them.
+    """The :class:`BatchReduction` s of a run's training steps, the collectives of the read points that reduce
+    them and the stop decisions taken from those (see the module docstring).
 
-    A batch boundary reads the stop flags of the step before the last one (its collective ran during the last
-    step, so reading does not wait: a stop takes effect two batches after it was asked for, on every rank at the
-    same batch); an epoch end agrees at once (:meth:`DistributedContext.any_rank`).
+    A batch boundary reads the stop flags of the collectives issued before the last step (they ran during it, so
+    reading does not wait); an epoch end reads all of them and agrees at once (:meth:`DistributedContext.any_rank`).
     """
 
     def __init__(self, context: DistributedContext):
         self.context = context
-        self._older: Optional[BatchReduction] = None
-        self._latest: Optional[BatchReduction] = None
+        self._pending: list[BatchReduction] = []  # steps not reduced yet, in order
+        self._unread: list[tuple[int, _Collective, int]] = []  # (steps trained when issued, collective, stop index)
 
     def new_step(self) -> BatchReduction:
-        """The reduction of the next training step."""
-        self._older, self._latest = self._latest, BatchReduction(self.context)
-        return self._latest
+        """The reduction of the next training step, pending until the next read point."""
+        reduction = BatchReduction(self.context)
+        self._pending.append(reduction)
+        return reduction
 
-    def any_rank_stops(self, stop: bool, epoch_end: bool = False) -> bool:
-        """Whether every rank leaves the loop now; ``stop``: this rank asks to."""
+    @property
+    def has_pending(self) -> bool:
+        """Whether steps wait for a read point (the same on every rank)."""
+        return bool(self._pending)
+
+    def issue(self, stop: bool, num_steps: int) -> None:
+        """The collective of a read point: every pending step's pairs and this rank's stop flag, at once.
+
+        Args:
+            stop: This rank asks to stop.
+            num_steps: Training steps trained so far (the manager's ``global_iter``).
+        """
+        pairs: list = []
+        for reduction in self._pending:
+            reduction._offset = len(pairs)
+            pairs.extend(reduction._pairs)
+        stop_index = len(pairs)
+        pairs.append((1.0 if stop else 0.0, 1.0))
+        collective = _Collective(self.context.all_reduce_pairs_async(pairs), len(pairs))
+        for reduction in self._pending:
+            reduction._collective = collective
+        self._pending = []
+        self._unread.append((num_steps, collective, stop_index))
+
+    def abandon(self) -> None:
+        """Training ended on an error: no collective may run any more, so the pending steps' values read as this
+        rank's own (e.g. in an emergency checkpoint)."""
+        for reduction in self._pending:
+            reduction._abandoned = True
+        self._pending = []
+
+    def any_rank_stops(self, stop: bool, num_steps: int, epoch_end: bool = False) -> bool:
+        """Whether every rank leaves the loop now (the same answer on every rank).
+
+        Args:
+            stop: This rank asks to.
+            num_steps: Training steps trained so far: a batch boundary reads the collectives issued before the
+                last step.
+            epoch_end: At an epoch end: read every collective and agree at once (blocking).
+        """
         if epoch_end:
-            asked = any(
-                reduction is not None and reduction.any_rank_stops() for reduction in (self._older, self._latest)
-            )
+            asked = any(collective.value(index, 0) > 0 for _, collective, index in self._unread)
+            self._unread = []
             return self.context.any_rank(stop or asked)
-        return self._older is not None and self._older.any_rank_stops()
+        due = 0
+        while due < len(self._unread) and self._unread[due][0] < num_steps:
+            due += 1
+        if not due:
+            return False
+        read, self._unread = self._unread[:due], self._unread[due:]
+        return any(collective.value(index, 0) > 0 for _, collective, index in read)
+
+
+def is_pending(value: Any) -> bool:
+    """Whether ``value`` is a :class:`ReducedValue` whose step no read point has reduced yet (reading it would
+    raise)."""
+    return isinstance(value, ReducedValue) and not value._reduction.readable
 
 
 class ReducedValue:
@@ -193,4 +272,6 @@ class ReducedValue:
         return self.item()
 
     def __repr__(self) -> str:
-        return f"ReducedValue({'pending' if self._reduction._numbers is None else self.item()!r})"
+        collective = self._reduction._collective
+        waited = self._reduction._abandoned or (collective is not None and collective._means is not None)
+        return f"ReducedValue({self.item()!r})" if waited else "ReducedValue(pending)"

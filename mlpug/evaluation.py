@@ -7,8 +7,9 @@ Metrics are computed in three steps (the design of the original mlpug):
   nothing is synchronised with the device here.
 * **combine** (over batches of a window or dataset, and over ranks): ``sum(value * weight)``
   and ``sum(weight)``; a backend does this with one vectorised operation. In data-parallel training
-  :meth:`MetricEvaluator.reduce` combines a batch's pairs over the ranks (one collective, issued by the
-  metric loggers on every rank after every step), and a dataset evaluation combines its batches on each rank
+  :meth:`MetricEvaluator.reduce` combines a batch's pairs over the ranks (added by the metric loggers on every
+  rank after every step, reduced with the step's others at the next read point, see :mod:`mlpug.distributed`),
+  and a dataset evaluation combines its batches on each rank
   first and then over the ranks, once: every rank gets the same values, and every sample counts once.
 * **compute**: ``weighted_sum / weight_sum`` as a Python float, deferred until a consumer reads it
   (see :mod:`mlpug.logs`).
@@ -127,8 +128,9 @@ class MetricEvaluator:
 
     def reduce(self, gathered: Gathered, reduction: Any = None) -> Gathered:
         """One batch's metric pairs combined over all ranks: added to the step's ``reduction`` (a
-        :class:`mlpug.distributed.BatchReduction`: one collective for the whole step, values read lazily), or
-        without one reduced now (blocking); ``gathered`` itself in a single process.
+        :class:`mlpug.distributed.BatchReduction`: reduced with the step's other pairs by the collective of the next
+        read point, values read lazily), or without one reduced now (blocking); ``gathered`` itself in a single
+        process.
 
         Every rank must call this for the same batches in the same order (the metric loggers do, in their
         batch-end hooks).
@@ -254,6 +256,8 @@ class MetricEvaluator:
         Raises:
             ValueError: The dataset (over all ranks) yielded no batches.
         """
+        if self.trainer is not None:
+            self.trainer.prepare_evaluation()
         return self.combine_ranks(self.evaluate_on_rank(dataset, evaluate_settings))
 
     def evaluate_on_rank(self, dataset: Iterable, evaluate_settings: Any = None, model: Any = None) -> Any:

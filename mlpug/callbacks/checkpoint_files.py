@@ -3,7 +3,9 @@
 It owns the file names, the backend saver, the background writer and what the written files are: the list of
 archived model checkpoints and the position of the last training checkpoint written. Every write is crash-safe
 (:func:`mlpug.checkpointing.atomic_write_path`); a model or training checkpoint whose weights are not finite is never
-written (the last good file stays). Only the primary rank calls its writing methods.
+written (the last good file stays). Only the primary rank writes files; when the trainer's state is sharded
+(:attr:`CheckpointFiles.sharded`, see :mod:`mlpug.checkpointing.sharded`) every rank calls the methods that snapshot
+and write training checkpoints, and writes its shards.
 """
 
 from __future__ import annotations
@@ -11,7 +13,7 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Callable
-from typing import Literal, Optional
+from typing import Literal, NamedTuple, Optional
 
 from mlpug.checkpointing import (
     BackgroundWriter,
@@ -21,11 +23,19 @@ from mlpug.checkpointing import (
     make_header,
     remove_stale_temporary_files,
 )
+from mlpug.checkpointing.sharded import ShardedCheckpoints, Wait, remove_shard_directories, shard_directory
 from mlpug.logs import resolve
 from mlpug.trainers.hook_dispatcher import add_note
 
 Job = Callable[[], None]
 """A write of one or more files, run in the background writer's thread or at once."""
+
+
+class SavedShards(NamedTuple):
+    """The shards of a training checkpoint being written: their directory, and the wait until they are durable."""
+
+    directory: str
+    wait: Wait
 
 
 def position_of(state: dict) -> tuple:
@@ -68,6 +78,8 @@ class CheckpointFiles:
         self.keep_last = keep_last
         self.period_unit = period_unit
         self.writer = BackgroundWriter()
+        self.sharded: Optional[ShardedCheckpoints] = None  # the trainer's, when its state is sharded
+        self.is_primary = True
         self.archived: list[str] = []
         self.last_saved_position: Optional[tuple] = None
         self._log = logging.getLogger("mlpug.CheckpointManager")
@@ -118,6 +130,34 @@ class CheckpointFiles:
         return self.saver.snapshot({"trainer": {"model_components": model_components}})["trainer"]
 
     # ----- writing -----
+    # ----- sharded state (every rank takes part; see mlpug.checkpointing.sharded) -----
+    def snapshot_training_state(self, state: dict, background: bool) -> tuple[dict, dict, Optional[SavedShards]]:
+        """A snapshot of the training state ``state`` (``TrainingManager.get_state()``) to write, the model components
+        for model checkpoints, and the shards being written (sharded state) or None.
+
+        Whole state (primary rank): the saver's snapshot, whose model components are the model checkpoint's. Sharded
+        state (every rank, collectives): the model components gathered (on the primary), the trainer state's shards
+        written by every rank into a new shard directory (in the background when ``background``), and the rest of
+        the state snapshotted (primary).
+        """
+        if self.sharded is None:
+            snapshot = self.saver.snapshot(state)
+            return snapshot, snapshot["trainer"]["model_components"], None
+        trainer_state = state["trainer"]
+        model_components = self.sharded.gather_model_components(trainer_state["model_components"])
+        suffix = self.sharded.next_directory_suffix()
+        directory = shard_directory(self.file_names.training, state["global_iter"], *suffix)
+        stored, wait = self.sharded.save(trainer_state, directory, background)
+        rest = self.saver.snapshot({key: value for key, value in state.items() if key != "trainer"})
+        return {**rest, "trainer": stored}, model_components, SavedShards(directory, wait)
+
+    def gather_model_components(self, model_components: dict) -> dict:
+        """A snapshot of ``model_components`` for a model checkpoint (sharded state: gathered, a collective; the
+        primary rank gets them)."""
+        if self.sharded is not None:
+            return self.sharded.gather_model_components(model_components)
+        return self.snapshot_model_components(model_components)["model_components"]
+
     def write_period(
         self,
         best_checkpoint: Optional[dict],
@@ -126,18 +166,23 @@ class CheckpointFiles:
         num_batches_per_epoch: int,
         archive_path: Optional[str],
         period: str,
+        model_components: Optional[dict] = None,
+        shards: Optional[SavedShards] = None,
     ) -> None:
         """One job for every file of a period: the best model checkpoint (``best_checkpoint``), and with
-        ``training_state`` (a snapshot) the latest model checkpoint, its archive and the training checkpoint.
-        ``period`` names the period in messages."""
+        ``training_state`` (a snapshot) the latest model checkpoint (of ``model_components``), its archive and the
+        training checkpoint (after ``shards`` are durable). ``period`` names the period in messages. On the other
+        ranks (sharded state) the job only waits for this rank's shards."""
         jobs: list[Job] = []
         files: list[str] = []
         names = self.file_names
-        if best_checkpoint is not None:
+        if best_checkpoint is not None and self.is_primary:
             jobs.append(lambda: self._save_best(best_checkpoint))
             files.append(names.best_model)
         if training_state is not None:
-            jobs.append(self._latest_job(training_state, current, num_batches_per_epoch, archive_path))
+            assert model_components is not None
+            jobs.append(self._latest_job(training_state, model_components, current, num_batches_per_epoch,
+                                         archive_path, shards))  # fmt: skip
             files += [names.latest_model, *([archive_path] if archive_path else []), names.training]
 
         def write_all() -> None:
@@ -158,15 +203,26 @@ class CheckpointFiles:
         self.save_if_finite(checkpoint, self.file_names.best_model)
 
     def _latest_job(
-        self, training_state: dict, current: dict, num_batches_per_epoch: int, archive_path: Optional[str]
+        self,
+        training_state: dict,
+        model_components: dict,
+        current: dict,
+        num_batches_per_epoch: int,
+        archive_path: Optional[str],
+        shards: Optional[SavedShards],
     ) -> Job:
-        """The job writing the latest model checkpoint, an archive of it, and the training checkpoint."""
+        """The job writing the latest model checkpoint, an archive of it, and the training checkpoint (after the
+        shards, when sharded; then the older shard directories are removed)."""
         self.last_saved_position = position_of(training_state)
-        model_checkpoint = self.model_checkpoint(training_state["trainer"], current, num_batches_per_epoch)
+        model_checkpoint = self.model_checkpoint({"model_components": model_components}, current, num_batches_per_epoch)
         training_checkpoint = {"mlpug": make_header("training", self.saver.backend), **training_state}
         names, keep = self.file_names, set(self.archived)
 
         def job() -> None:
+            if shards is not None:
+                shards.wait()  # every rank's shards and the metadata are durable
+            if not self.is_primary:
+                return
             # The training checkpoint, which lists the archives, is the last file of the set: a process killed
             # between the files leaves the previous training checkpoint, whose listed files all exist.
             if not self.save_if_finite(model_checkpoint, names.latest_model):
@@ -174,7 +230,9 @@ class CheckpointFiles:
                 return
             if archive_path is not None:
                 atomic_link_or_copy(names.latest_model, archive_path)
-            self.saver.save(training_checkpoint, names.training)
+            self.saver.save(training_checkpoint, names.training)  # the commit
+            if shards is not None:
+                remove_shard_directories(names.training, keep=shards.directory)
             if archive_path is not None and self.keep_last is not None:
                 self._remove_archives_except(keep)
 
@@ -192,12 +250,23 @@ class CheckpointFiles:
                     pass
 
     def save_training_checkpoint(self, path: str, state: dict) -> None:
-        """Write ``state`` (``TrainingManager.get_state()``) to ``path`` and wait until it is written."""
+        """Write ``state`` (``TrainingManager.get_state()``) to ``path`` and wait until it is written (sharded state:
+        on every rank, which write their shards first; the primary writes ``path``)."""
         self.writer.wait()
-        training_state = self.saver.snapshot(state)
-        checkpoint = {"mlpug": make_header("training", self.saver.backend), **training_state}
-        if self.save_if_finite(checkpoint, path):
-            self.last_saved_position = position_of(training_state)
+        if self.sharded is None:
+            training_state = self.saver.snapshot(state)
+            checkpoint = {"mlpug": make_header("training", self.saver.backend), **training_state}
+            if self.save_if_finite(checkpoint, path):
+                self.last_saved_position = position_of(training_state)
+            return
+        directory = shard_directory(path, state["global_iter"], *self.sharded.next_directory_suffix())
+        stored, wait = self.sharded.save(state["trainer"], directory, background=False)
+        wait()
+        if self.is_primary:
+            rest = self.saver.snapshot({key: value for key, value in state.items() if key != "trainer"})
+            self.saver.save({"mlpug": make_header("training", self.saver.backend), **rest, "trainer": stored}, path)
+            remove_shard_directories(path, keep=directory)
+        self.last_saved_position = position_of(state)
 
     def save_if_finite(self, checkpoint: dict, path: str) -> bool:
         """Write ``checkpoint`` unless its model weights hold NaN / inf (then log why and keep the old file)."""

@@ -8,6 +8,7 @@ import os
 from typing import Optional, Union
 
 from mlpug.checkpointing import CheckpointFileNames, CheckpointSaver, directory_hint
+from mlpug.checkpointing.sharded import resolve_reference
 from mlpug.trainers.resume import TrainingStateLoader
 
 
@@ -51,6 +52,9 @@ class TrainingCheckpointLoader(TrainingStateLoader):
         """The training state in ``path``, read with the saver (header checked).
 
         Raises:
-            mlpug.checkpointing.CheckpointError: Truncated, corrupt, of another backend or kind.
+            mlpug.checkpointing.CheckpointError: Truncated, corrupt, of another backend or kind; a sharded checkpoint
+                whose shard directory is missing.
         """
-        return self.saver.load(path, kind="training")
+        checkpoint = self.saver.load(path, kind="training")
+        resolve_reference(checkpoint, path)  # a sharded trainer state: its shard directory, next to the file
+        return checkpoint

@@ -317,6 +317,8 @@ class CheckpointManager(Callback, TrainingStateLoader):
             check_log_path(self.metric_to_monitor, manager.callbacks, f"{self.name}: metric_to_monitor")
         section = self.metric_to_monitor.split(".", 1)[0] if self.metric_to_monitor else None
         self._async_section = section if section is not None and manager.is_asynchronous(section) else None
+        self.files.sharded = manager.trainer.sharded_checkpoints()
+        self.files.is_primary = manager.distributed.is_primary
         super().set_training_manager(manager)
         return True
 
@@ -336,6 +338,12 @@ class CheckpointManager(Callback, TrainingStateLoader):
         if self.metric_to_monitor is not None and not self.monitors_async_results:
             periods.append(self.metric_monitor_period)
         return min(period - global_iter % period for period in periods)  # period count global_iter + n
+
+    def batches_until_values_read(self, global_iter: int) -> Optional[int]:
+        """With several ranks, where it reads values reduced over the ranks (the monitored metric, the losses it
+        checks and the states it writes): the periods at which it may write, as :meth:`batches_until_model_access`
+        (epoch level: None, the epoch ends are read points anyway)."""
+        return self.batches_until_model_access(global_iter)
 
     def on_batch_training_completed(self, training_batch: Any, logs: dict) -> bool:
         if self.batch_level and not self.monitors_async_results:
@@ -405,13 +413,22 @@ class CheckpointManager(Callback, TrainingStateLoader):
         # (Results that land at the end reached on_evaluation_result in the producer's part of this hook.)
         files = self.files
         write_error = files.wait_for_background_write()
-        if self._is_primary():
+        sharded = files.sharded is not None
+        if sharded and stopped_on_error:  # another rank may have failed: no collective may be waited for now
+            self._log.error(
+                "Training failed: with a sharded state no emergency training checkpoint is written (every rank would "
+                f"have to take part); {files.last_good_training_checkpoint()}"
+            )
+        elif self._is_primary() or sharded:
             if self._improved:  # decided in a hook of this period, whose checkpoint phase never came (an error)
                 self._improved = False
                 best_checkpoint = files.model_checkpoint(
-                    self._snapshot_model_components(), manager.logs["current"], manager.num_batches_per_epoch
+                    {"model_components": self._snapshot_model_components()},
+                    manager.logs["current"],
+                    manager.num_batches_per_epoch,
                 )
-                files.write_best(best_checkpoint, self._period_name(manager.logs), background=False)
+                if self._is_primary():
+                    files.write_best(best_checkpoint, self._period_name(manager.logs), background=False)
             state = manager.get_state()
             training_error = manager.training_error
             if isinstance(training_error, (NonFiniteLossError, NonFiniteWeightsError)):
@@ -465,11 +482,11 @@ class CheckpointManager(Callback, TrainingStateLoader):
         # every rank stops at the same period. The weights are checked even when the loop checked them at this step:
         # a hook since (EMA / SWA style) may have set others (one more device wait at most, where the write waits).
         self.context.check_finite(recheck_weights=True)
-        if not self._is_primary():
+        files, context = self.files, self.context
+        if not self._is_primary() and files.sharded is None:
             return
         # One snapshot per period, taken after the previous write finished (a saver may reuse its buffers);
-        # then one background job writes every file of this period.
-        files, context = self.files, self.context
+        # then one background job writes every file of this period. Sharded state: on every rank (collectives).
         files.writer.wait()
         archive_path = None
         if (
@@ -478,20 +495,27 @@ class CheckpointManager(Callback, TrainingStateLoader):
             and period_count % self.archive_last_model_checkpoint_every == 0
         ):
             archive_path = files.register_archive(period_count)
+        shards = None
+        training_state: Optional[dict] = None
         if save_latest:
-            training_state: Optional[dict] = self.saver.snapshot(context.get_state())
-            assert training_state is not None
-            trainer_state = training_state["trainer"]
+            training_state, model_components, shards = files.snapshot_training_state(
+                context.get_state(), files.write_in_background
+            )
         else:
-            training_state, trainer_state = None, self._snapshot_model_components()
+            model_components = self._snapshot_model_components()
         current, num_batches = logs["current"], context.num_batches_per_epoch
-        best_checkpoint = files.model_checkpoint(trainer_state, current, num_batches) if improved else None
-        files.write_period(best_checkpoint, training_state, current, num_batches, archive_path, self._period_name(logs))
+        best_checkpoint = None
+        if improved:
+            best_checkpoint = files.model_checkpoint({"model_components": model_components}, current, num_batches)
+        files.write_period(
+            best_checkpoint, training_state, current, num_batches, archive_path, self._period_name(logs),
+            model_components, shards,
+        )  # fmt: skip
 
     def _snapshot_model_components(self) -> dict:
         """A snapshot of only the model components (what a best model checkpoint holds), in the buffers that a
-        full training-state snapshot uses for them (the same paths)."""
-        return self.files.snapshot_model_components(self.context.trainer.get_state()["model_components"])
+        full training-state snapshot uses for them (the same paths); sharded state: gathered (every rank)."""
+        return self.files.gather_model_components(self.context.trainer.get_state()["model_components"])
 
     def wait_for_writes(self) -> None:
         """Block until background writes are done (raising their error, if any)."""
@@ -534,6 +558,8 @@ class CheckpointManager(Callback, TrainingStateLoader):
         once more when the monitored metric was not finite (``non_finite_metric="warn"``)."""
         if self._is_primary():
             self.files.remove_own_temporary_files()
+        if self.files.sharded is not None and not stopped_on_error:
+            self.files.sharded.close()
         self.best_model.warn_at_end()
         return True
 

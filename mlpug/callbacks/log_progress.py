@@ -87,6 +87,10 @@ class LogProgress(Callback):
         per_batch = (time.perf_counter() - self._training_start_time) / done
         return per_batch * (self._total_iters - global_iter_done)
 
+    def batches_until_values_read(self, global_iter: int) -> Optional[int]:
+        """The batches up to the next block printed (``log_period``), on every rank; None without batch blocks."""
+        return self.log_period - global_iter % self.log_period if self.batch_level else None
+
     def on_batch_training_completed(self, training_batch, logs: dict) -> bool:
         current = logs["current"]
         done = current["global_iter"] + 1

@@ -133,6 +133,10 @@ class LRSchedulerWrapper(Callback):
         (e.g. a ``tf.keras.optimizers.schedules.LearningRateSchedule``), which runs inside the compiled step."""
         return 1 if self.batch_level else None
 
+    def batches_until_values_read(self, global_iter: int) -> Optional[int]:
+        """None: its batch hook reads only the step's own skipped flag, never a value reduced over the ranks."""
+        return None
+
     def on_batch_training_completed(self, training_batch: Any, logs: dict) -> bool:
         if self.batch_level and self._optimizer_stepped():
             self._step_all(None)

@@ -178,6 +178,10 @@ class TrainingMetricsLogger(Callback):
             self._durations = collections.deque(self._durations, maxlen=num_batches_per_epoch)
             self._duration_sum = sum(self._durations)
 
+    def batches_until_values_read(self, global_iter: int) -> Optional[int]:
+        """None: it adds the batch metrics to the reduction over the ranks and reads none of them."""
+        return None
+
     def on_batch_training_completed(self, training_batch: Any, logs: dict) -> bool:
         current = logs["current"]
         batch_logs = current["training"]["batch"]
@@ -342,6 +346,10 @@ class TestMetricsLogger(Callback):
         """Batch level: 1 (a batch of the dataset is evaluated on the model after every training batch); else
         None (the dataset is evaluated at epoch ends)."""
         return 1 if self.batch_level else None
+
+    def batches_until_values_read(self, global_iter: int) -> Optional[int]:
+        """None: at batch level it adds the batch metrics to the reduction over the ranks and reads none of them."""
+        return None
 
     def on_batch_training_completed(self, training_batch: Any, logs: dict) -> bool:
         if not self.batch_level:

@@ -168,6 +168,16 @@ class ProgressBar(Callback):
         )
         return True
 
+    def batches_until_values_read(self, global_iter: int) -> Optional[int]:
+        """With a ``loss_path``: the batches up to the next refresh of the postfix (every ``refresh_period`` batches
+        of an epoch), on every rank (the primary's bar reads); else None."""
+        if self.loss_path is None:
+            return None
+        num_batches, period = self.context.num_batches_per_epoch, self.refresh_period
+        index = global_iter % num_batches  # of the next batch in its epoch; refreshed after batch (k * period - 1)
+        refresh = min(-(-(index + 1) // period) * period - 1, num_batches - 1)
+        return refresh - index + 1
+
     def on_batch_training_completed(self, training_batch: Any, logs: dict) -> bool:
         self._done += 1
         bar = self._bar

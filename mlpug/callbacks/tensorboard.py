@@ -213,6 +213,10 @@ class Tensorboard(Callback):
             summary = summary_pb2.Summary(value=values)
             self._writer(run).add_event(event_pb2.Event(wall_time=now, step=step, summary=summary))
 
+    def batches_until_values_read(self, global_iter: int) -> Optional[int]:
+        """The batches up to the next batch-level write (``log_period``), on every rank (the primary writes)."""
+        return self.log_period - global_iter % self.log_period
+
     def on_batch_training_completed(self, training_batch: Any, logs: dict) -> bool:
         current = logs["current"]
         if self._is_primary() and (current["global_iter"] + 1) % self.log_period == 0:

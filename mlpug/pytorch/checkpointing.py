@@ -19,6 +19,7 @@ import torch
 
 from mlpug.checkpointing import CheckpointSaver as _NeutralCheckpointSaver
 from mlpug.checkpointing import snapshot_tree
+from mlpug.checkpointing.sharded import resolve_reference
 
 _log = logging.getLogger("mlpug.pytorch.checkpointing")
 
@@ -113,12 +114,16 @@ def load_training_checkpoint(path: str) -> dict:
         path: The training checkpoint file (``<base>-training-checkpoint.safetensors``).
 
     Returns:
-        The training state (``TrainingManager.get_state()`` plus the ``"mlpug"`` header, whose ``"path"`` is set).
+        The training state (``TrainingManager.get_state()`` plus the ``"mlpug"`` header, whose ``"path"`` is set). Of
+        a sharded checkpoint (FSDP, see :mod:`mlpug.pytorch.sharded_checkpoint`) the trainer state is a reference to
+        its shard directory, which ``DefaultTrainer.set_state`` reads, on any number of ranks.
 
     Raises:
         mlpug.checkpointing.CheckpointError: Missing, truncated, corrupt, of another backend or a model checkpoint.
     """
-    return CheckpointSaver().load(path, kind="training")
+    checkpoint = CheckpointSaver().load(path, kind="training")
+    resolve_reference(checkpoint, path)  # a sharded training checkpoint: its shard directory, next to the file
+    return checkpoint
 
 
 def load_model_checkpoint(path: str) -> dict:

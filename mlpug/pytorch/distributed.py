@@ -9,10 +9,11 @@ where they are issued:
 
 * the gradient all-reduce is DDP's, in the backward pass of the last chunk of a batch (``no_sync`` before it:
   :class:`DDPGradientSync`);
-* the batch loss, the batch metrics (as sums and counts) and the stop flag of every step go in one asynchronous
-  all-reduce (``async_op=True``; :class:`mlpug.distributed.BatchReduction`), read where consumers read values
-  anyway; under ``non_finite_loss="skip_step"`` the trainer also waits for the loss over all ranks before the
-  optimizer step, so that every rank skips the same steps;
+* the batch losses and batch metrics (as sums and counts) of the steps since the last read point and the stop flag
+  go in one asynchronous all-reduce at a read point (``async_op=True``; :class:`mlpug.distributed.StepReductions`,
+  :mod:`mlpug.trainers.read_points`), read where consumers read values anyway; under
+  ``non_finite_loss="skip_step"`` the trainer also waits for the loss over all ranks before every optimizer step,
+  so that every rank skips the same steps;
 * stop requests at epoch ends and other host values are agreed on a CPU (gloo) group, so that agreeing never waits
   for a GPU.
 

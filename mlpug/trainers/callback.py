@@ -70,8 +70,36 @@ class Callback:
     # Producers / consumers of logs sections (dataset names such as "training" or "validation", or "best").
     reduces_batch_metrics: bool = False
     """True for a callback that adds batch metrics to the step's reduction over the ranks
-    (``manager.batch_reduction``, see :mod:`mlpug.distributed`) in ``on_batch_training_completed``: that hook runs
-    before the batch-end hooks of all other callbacks."""
+    (``context.batch_reduction``, see :mod:`mlpug.distributed`) in ``on_batch_training_completed``: that hook runs
+    before the batch-end hooks of all other callbacks (and before the collective of a read point is issued)."""
+
+    def batches_until_values_read(self, global_iter: int) -> Optional[int]:
+        """With several ranks: how many of the next batches train before this callback's batch hooks read values
+        reduced over the ranks (``logs`` values of the metric loggers, or ``context.check_finite()``).
+
+        With several ranks every step's batch loss and metrics stay on their rank until a *read point*, where one
+        collective reduces every step since the last one (see :mod:`mlpug.trainers.read_points`). A callback that
+        reads them in a batch hook returns ``n``: its hooks of the batch with global iteration
+        ``global_iter + n - 1`` read them (``n >= 1``; 1: every batch). Every rank must return the same value, also
+        where only the primary rank reads (its read is what the collective is for). The last batch of every epoch
+        is always a read point, so reads in epoch-end and end-of-training hooks (and in ``on_evaluation_result``)
+        need no declaration. In one process nothing is reduced and this is not asked.
+
+        Args:
+            global_iter: The global iteration (0-based) of the next batch to train.
+
+        Returns:
+            None when the batch hooks read no reduced value; default: 1 when the callback implements
+            ``on_batch_training_start``, ``on_batch_training_completed`` or ``on_batch_checkpoint`` (it may read
+            at every batch) and does not override this method, else None.
+        """
+        if (
+            self.overrides("on_batch_training_start")
+            or self.overrides("on_batch_training_completed")
+            or self.overrides("on_batch_checkpoint")
+        ):
+            return 1
+        return None
 
     def batches_until_model_access(self, global_iter: int) -> Optional[int]:
         """For trainers that run several optimisation steps per call (``steps_per_execution``): how many of the

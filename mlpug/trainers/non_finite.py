@@ -16,9 +16,12 @@ Detection adds no device wait per step: the manager keeps the loss tensors of th
 (:class:`NonFiniteLossTracker`) and checks them all with one conversion where values are read anyway: when a
 consumer reads logged values (``LogProgress`` at its log period, the ``CheckpointManager`` before it writes),
 at every epoch end, at the end of training, and after ``max_pending`` unchecked steps (a bound on the memory
-the pending tensors hold). Whatever the policy, no model or training checkpoint holds non-finite weights
-(the CheckpointManager refuses to write one and keeps the last good file), and "best" never points at a
-non-finite value.
+the pending tensors hold). With several ranks the loss checked is the step's loss over all ranks, so every rank
+finds a non-finite loss at the same batch; it is reduced at the read points (:mod:`mlpug.trainers.read_points`),
+which those consumers declare, and a check covers the steps reduced so far (the others wait for the next check).
+The first non-finite iteration is named exactly either way. Whatever the policy, no model or training checkpoint
+holds non-finite weights (the CheckpointManager refuses to write one and keeps the last good file, and checks the
+losses of every step before it writes), and "best" never points at a non-finite value.
 
 Weight policies (``TrainingManager(non_finite_weights=..., check_weights_every=...)``): the loss can stay finite
 while the weights are not (one NaN input whose row a ReLU or a ``where`` hides from the loss still makes the
@@ -48,6 +51,7 @@ import math
 from collections.abc import Callable, Sequence
 from typing import Any, Literal, Optional, get_args
 
+from mlpug.distributed import is_pending
 from mlpug.logs import to_number
 
 NonFiniteLossPolicy = Literal["raise", "skip_step", "warn"]
@@ -217,15 +221,19 @@ class NonFiniteLossTracker:
             self.check()
 
     def check(self) -> None:
-        """Check the pending losses with one conversion, then forget them.
+        """Check the pending losses with one conversion, then forget them. With several ranks only those of the
+        steps reduced over the ranks so far (the steps since the last read point stay pending), in order.
 
         Raises:
             NonFiniteLossError: With the ``"raise"`` policy, naming the first non-finite iteration.
         """
-        if not self._losses:
+        count = len(self._losses)
+        while count and is_pending(self._losses[count - 1]):  # steps are reduced in order: a pending suffix
+            count -= 1
+        if not count:
             return
-        losses, positions = self._losses, self._positions
-        self._losses, self._positions = [], []
+        losses, positions = self._losses[:count], self._positions[:count]
+        del self._losses[:count], self._positions[:count]
         bad = self.non_finite_indices(losses)
         if not bad:
             return

@@ -91,8 +91,8 @@ class RunContext:
 
     @property
     def batch_reduction(self) -> Optional[BatchReduction]:
-        """With several ranks, the batch's one collective (callbacks with ``reduces_batch_metrics`` add their
-        values in ``on_batch_training_completed``); None in a single process."""
+        """With several ranks, the batch's pairs to reduce over the ranks at the next read point (callbacks with
+        ``reduces_batch_metrics`` add their values in ``on_batch_training_completed``); None in a single process."""
         return self._manager.batch_reduction
 
     @property

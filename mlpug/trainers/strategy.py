@@ -11,10 +11,12 @@ and asks its strategy at these points; it never tests which strategy it has. A u
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from typing import Any
+from typing import Any, Optional
 
+from mlpug.checkpointing.sharded import ShardedCheckpoints
 from mlpug.distributed import DistributedContext, SerialContext
 from mlpug.trainers.gradient_sync import GradientSync
+from mlpug.trainers.precision import PrecisionPolicy
 
 
 class Strategy(ABC):
@@ -39,6 +41,47 @@ class Strategy(ABC):
             device: The trainer's device, or None (the model's own).
         """
         return training_model
+
+    @property
+    def shards_state(self) -> bool:
+        """Whether the model and optimizer state are sharded over the ranks (FSDP): reading the whole state is then
+        a collective of every rank, and training checkpoints are written by every rank. Default False."""
+        return False
+
+    def sharded_checkpoints(self) -> Optional[ShardedCheckpoints]:
+        """How training checkpoints are written when :attr:`shards_state` (every rank its shards, see
+        :mod:`mlpug.checkpointing.sharded`); default None: the state is whole on every rank, one file."""
+        return None
+
+    def training_precision(self, policy: PrecisionPolicy) -> PrecisionPolicy:
+        """The precision policy the trainer applies itself, given the one its arguments ask for (called once, at the
+        trainer's construction); a strategy whose engine applies mixed precision takes it over here and returns a
+        full-precision policy. Default: ``policy`` itself.
+
+        Raises:
+            ValueError: The strategy cannot train in that precision (the message says what would).
+        """
+        return policy
+
+    def prepare_optimizers(self, optimizers: dict[str, Any]) -> dict[str, Any]:
+        """The optimizers for the model :meth:`prepare_training_model` returned (called right after it, on every
+        rank); a strategy that replaced the parameters re-points the optimizers at the new ones. Default: as they are.
+
+        Raises:
+            ValueError: An optimizer cannot be re-pointed (e.g. it has state of the replaced parameters).
+        """
+        return optimizers
+
+    def evaluation_models(self, training_model: Any, model_components: dict[str, Any]) -> tuple[Any, dict[str, Any]]:
+        """The model that evaluation runs and its model components, given the training model before
+        :meth:`prepare_training_model` wrapped it. Default: both as given (under DDP the module inside the wrapper:
+        its forward pass has no collective)."""
+        return training_model, model_components
+
+    def prepare_evaluation(self) -> None:
+        """Bring :meth:`evaluation_models` up to date with the trained weights; called on every rank at the same
+        point, before an evaluation of the live weights. Default: nothing (they are the live weights)."""
+        return None
 
     def gradient_sync(self) -> GradientSync:
         """The gradient synchronisation of a step, for the model :meth:`prepare_training_model` returned last;

@@ -20,6 +20,7 @@ from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any, ClassVar, NamedTuple, Optional
 
+from mlpug.checkpointing.sharded import ShardedCheckpoints
 from mlpug.chunking import BatchChunk, BatchChunking, infer_num_samples
 from mlpug.data import ContinuedDataSource, DataSource
 from mlpug.distributed import DistributedContext, SerialContext
@@ -216,6 +217,17 @@ class BackendTrainer(ABC):
         the manager): every sample on exactly one rank, no padding, so that reduced dataset metrics count every
         sample once. Default (one process): ``dataset`` itself."""
         return dataset
+
+    def sharded_checkpoints(self) -> Optional[ShardedCheckpoints]:
+        """How training checkpoints of a sharded state are written (see :mod:`mlpug.checkpointing.sharded`), or None
+        (default) when the state is whole on every rank (one file, written by the primary rank)."""
+        return None
+
+    def prepare_evaluation(self) -> None:
+        """Make the model that evaluation runs hold the trained weights; called on every rank at the same point
+        before a dataset is evaluated with the live weights (``MetricEvaluator.evaluate_dataset``). Default:
+        nothing; a sharded trainer (FSDP) gathers its weights here (a collective)."""
+        return None
 
     def evaluation_snapshot(self) -> Any:
         """A new :class:`mlpug.trainers.snapshot.EvaluationSnapshot` of this trainer's model, for asynchronous

@@ -27,8 +27,9 @@ Life cycle (every hook goes to every callback, producers first: see ``dispatch_o
             on_batch_training_failed(exception, logs)            # only when the step raised -> failure path
             [counters advance: global_iter + 1, batch_step + 1]
             on_batch_training_completed(batch, logs)             # metrics are produced and consumed here
-                [several ranks: callbacks with reduces_batch_metrics first, then the step's one collective
-                 (context.batch_reduction: loss, batch metrics, stop flag) is issued, then the other callbacks]
+                [several ranks: callbacks with reduces_batch_metrics first (they add to context.batch_reduction,
+                 this step's pairs), then, at a read point only, the one collective of every step since the last
+                 read point and the stop flag is issued, then the other callbacks]
             on_batch_checkpoint(logs)                            # checkpoint phase: savers write here
         [non-finite losses of the epoch checked (also when consumers read values, and at the end)]
         on_epoch_completed(logs)                                 # only for a completed epoch
@@ -57,6 +58,15 @@ for every epoch, also for one continued mid-way.
 
 The checkpoint phases follow the batch-end / epoch-end hooks of *all* callbacks, so what a checkpoint holds
 never depends on where a callback stands in the list; ``get_state()`` there is the position of the next batch.
+
+Several ranks (``docs/distributed.md``): a batch is a *read point* when a callback reads values reduced over the
+ranks in its batch hooks (``Callback.batches_until_values_read``), when it ends an epoch, and at least every
+``check_stop_every`` batches (:mod:`mlpug.trainers.read_points`); only there is a collective issued, reducing
+every step since the last read point. A stop asked for on one rank (a stop request, a signal) takes effect on every
+rank after the same batch: the one after the first read point that follows the request, so at most
+``check_stop_every + 1`` batches after the batch during which it was asked for (plus the rest of a call with several
+steps per call); at an epoch end at once. When training leaves the loop without an error, the steps since the last
+read point are reduced before the end phases.
 
 Failure path: an exception in the step, the data iterator or a hook ends the loops, the end phases run with
 ``stopped_on_error=True`` and the exception is re-raised with a note saying where it happened.
@@ -91,6 +101,7 @@ from mlpug.trainers.non_finite import (
     NonFiniteWeightsCheck,
     NonFiniteWeightsPolicy,
 )
+from mlpug.trainers.read_points import ReadPoints
 from mlpug.trainers.resume import ResumeFrom, check_counters, check_resume_from, load_resume_state
 from mlpug.trainers.run_context import RunContext
 from mlpug.trainers.signals import install_stop_handlers, restore_handlers
@@ -98,6 +109,9 @@ from mlpug.trainers.steps_per_execution import StepsPerExecution
 from mlpug.trainers.trainer import BackendTrainer, StepResult
 
 _log = logging.getLogger("mlpug.TrainingManager")
+
+DEFAULT_CHECK_STOP_EVERY = 10
+"""With several ranks: batches between two agreements on stopping at most (see ``check_stop_every``)."""
 
 
 class TrainingManager:
@@ -120,9 +134,9 @@ class TrainingManager:
         evaluate_settings: Passed to the model when callbacks evaluate it.
         distributed: Distributed context; default the trainer's (``trainer.distributed_context()``: the
             single-process :class:`SerialContext`, or in data-parallel training the backend's). With several
-            ranks, whether to stop (a stop request or a signal on any rank) is agreed at every batch boundary, so
-            that all ranks leave the loop after the same batch; side effects (console, checkpoint files) are the
-            primary rank's.
+            ranks, values are reduced over the ranks at read points only (see the module docstring), where also
+            whether to stop (a stop request or a signal on any rank) is agreed, so that all ranks leave the loop
+            after the same batch; side effects (console, checkpoint files) are the primary rank's.
         handle_signals: Install SIGINT/SIGTERM handlers during training (main thread only).
         name: Name used in log messages.
         resume_from: The one way to continue a run: a training checkpoint path, ``"latest"`` (the newest training
@@ -148,13 +162,19 @@ class TrainingManager:
             and after ``check_weights_every`` steps without a check, never per step.
         check_weights_every: Also check the weights when this many training steps passed since their last check
             (an int >= 1, default 1000), or None (only at checkpoint writes, epoch ends and the end).
+        check_stop_every: With several ranks: a read point (one collective, which also agrees on stopping) at
+            least every this many batches (an int >= 1, default 10), also where no callback reads values, so that a
+            stop asked for on one rank (SIGTERM, ``stop_training()``) takes effect on every rank at most
+            ``check_stop_every + 1`` batches later. Lower it when batches are slow and a preemption's grace period
+            short; each check costs one small collective. Unused in one process.
 
     Attributes:
         training_error: The exception that ended training (None while it runs or when it ended without one).
         step_result: The :class:`~mlpug.trainers.trainer.StepResult` of the batch being completed (raw model
             outputs: loss, auxiliary results; read them in ``on_batch_training_completed``); never in ``logs``.
         batch_reduction: With several ranks, the :class:`~mlpug.distributed.BatchReduction` of the batch being
-            completed (the step's one collective; callbacks with ``reduces_batch_metrics`` add to it); else None.
+            completed (its pairs to reduce over the ranks at the next read point; callbacks with
+            ``reduces_batch_metrics`` add to it); else None.
         context: The :class:`~mlpug.trainers.run_context.RunContext` given to every callback.
         result_datasets: The dataset names whose results are published as ``on_evaluation_result`` events (the
             union of the callbacks' ``publishes_results``); ``asynchronous_result_datasets`` those published late.
@@ -183,6 +203,7 @@ class TrainingManager:
         resume_strict: bool = True,
         non_finite_weights: NonFiniteWeightsPolicy = "raise",
         check_weights_every: Optional[int] = DEFAULT_CHECK_WEIGHTS_EVERY,
+        check_stop_every: int = DEFAULT_CHECK_STOP_EVERY,
     ):
         if not isinstance(trainer, BackendTrainer):
             raise TypeError(
@@ -193,6 +214,7 @@ class TrainingManager:
         if not isinstance(resume_strict, bool):
             raise TypeError(f"resume_strict must be a bool, got {resume_strict!r:.100}")
         check_positive_int(num_epochs, "num_epochs")
+        check_positive_int(check_stop_every, "check_stop_every")
         callbacks = check_callbacks(callbacks)
         # data-parallel: the trainer's source iterates this rank's shard, whose length is the epoch's
         self._data_source = trainer.training_data_source(training_dataset)
@@ -219,8 +241,9 @@ class TrainingManager:
         )
 
         self._stop_requested = False
-        self.batch_reduction: Optional[BatchReduction] = None  # several ranks: this step's one collective
-        self._step_reductions = StepReductions(self.distributed)  # several ranks: the steps' collectives
+        self.batch_reduction: Optional[BatchReduction] = None  # several ranks: this step's pairs to reduce
+        self._step_reductions = StepReductions(self.distributed)  # several ranks: the read points' collectives
+        self._read_points = ReadPoints(callbacks, check_stop_every)
         self._received_signal: Optional[int] = None
         self.step_result: Optional[StepResult] = None
         self.training_error: Optional[BaseException] = None
@@ -389,6 +412,7 @@ class TrainingManager:
         self.training_error = None
         self._stop_requested, self._received_signal, self._hooks.failed_hook = False, None, None
         self.batch_reduction, self._step_reductions = None, StepReductions(self.distributed)
+        self._read_points.forget()  # set_state may have moved the counters
         stopped_on_error = False
         previous_handlers = (
             install_stop_handlers(lambda: self._received_signal, partial(setattr, self, "_received_signal"))
@@ -399,10 +423,13 @@ class TrainingManager:
         self._next_weights_check = self.weights_check.next_check(self.global_iter)
         try:
             self._train()
+            if self._step_reductions.has_pending:  # left the loop alike on every rank: reduce the last steps
+                self._step_reductions.issue(self._stop_requested or self._received_signal is not None, self.global_iter)
             self._check_finite_in_loop()  # no run ends normally with non-finite weights (policy "raise")
         except BaseException as error:
             stopped_on_error = True
             self.training_error = error
+            self._step_reductions.abandon()  # no collective on the failure path: unreduced values read as this rank's
             add_note(error, f"mlpug: training failed {self._failure_position()}")
             raise
         finally:
@@ -564,8 +591,12 @@ class TrainingManager:
             if hooks.completed:
                 call(hooks.completed, "on_batch_training_completed", batch, logs)
         else:
+            read_point = self._read_points.is_read_point(
+                self.global_iter - 1, self.batch_step == self.num_batches_per_epoch
+            )
             call(hooks.reducing_completed, "on_batch_training_completed", batch, logs)
-            reduction.issue(self._stop_requested or self._received_signal is not None)
+            if read_point:  # every step since the last read point, in one collective
+                self._step_reductions.issue(self._stop_requested or self._received_signal is not None, self.global_iter)
             call(hooks.other_completed, "on_batch_training_completed", batch, logs)
         if hooks.checkpoint:
             call(hooks.checkpoint, "on_batch_checkpoint", logs)
@@ -597,12 +628,12 @@ class TrainingManager:
 
     def _should_stop(self, epoch_end: bool = False) -> bool:
         """Whether to leave the loop now; with several ranks, decided alike on every rank (see
-        :class:`~mlpug.distributed.StepReductions`: at a batch boundary a stop takes effect two batches after it was
-        asked for)."""
+        :class:`~mlpug.distributed.StepReductions`: at a batch boundary from the stop flags of the read points
+        before the last step, at an epoch end at once)."""
         stop = self._stop_requested or self._received_signal is not None
         if self.distributed.world_size == 1:
             return stop
-        agreed = self._step_reductions.any_rank_stops(stop, epoch_end)
+        agreed = self._step_reductions.any_rank_stops(stop, self.global_iter, epoch_end)
         if agreed and not stop:
             self._stop_requested = True  # another rank asked: stop here too
         return agreed

@@ -325,6 +325,8 @@ def test_no_conversion_to_numbers_unless_a_consumer_reads():
         (dict(num_epochs=0), ValueError, "num_epochs must be an int >= 1, got 0"),
         (dict(num_epochs=2.5), ValueError, "num_epochs must be an int >= 1, got 2.5"),
         (dict(num_batches_per_epoch=0), ValueError, "num_batches_per_epoch must be an int >= 1, got 0"),
+        (dict(check_stop_every=0), ValueError, "check_stop_every must be an int >= 1, got 0"),
+        (dict(check_stop_every=True), ValueError, "check_stop_every must be an int >= 1, got True"),
         (
             dict(callbacks=[print]),
             TypeError,

@@ -87,7 +87,17 @@ EQUIVALENCE_VARIANTS = {
 }
 
 
-def run_equivalence(variant: str, batch_size: int) -> dict:
+FSDP_VARIANTS = ("plain", "accumulation", "bf16", "clipping")
+"""The equivalence variants also run under ``strategy="fsdp"`` (``ddp_worker.py equivalence-fsdp``)."""
+
+
+def fsdp_strategy() -> mlp.strategies.FSDPStrategy:
+    """FSDP with every ``Linear`` a unit of its own (two units and the root: the all-gathers and reduce-scatters of
+    several units per step)."""
+    return mlp.strategies.FSDPStrategy(shard_modules=[torch.nn.Linear])
+
+
+def run_equivalence(variant: str, batch_size: int, fsdp: bool = False) -> dict:
     """Train 6 batches of ``batch_size`` samples per rank (96 samples over the ranks, shuffled by seed, or in order
     for ``data_loader``); return the weights, the logged losses and the validation metrics over 10,001 samples."""
     data, options = EQUIVALENCE_VARIANTS[variant]
@@ -103,7 +113,8 @@ def run_equivalence(variant: str, batch_size: int) -> dict:
     )
     model = make_model()
     optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
-    trainer = mlp.trainers.DefaultTrainer(optimizer, model, **options)
+    strategy = fsdp_strategy() if fsdp and _world_size() > 1 else None
+    trainer = mlp.trainers.DefaultTrainer(optimizer, model, strategy=strategy, **options)
     evaluator = mlp.evaluation.MetricEvaluator(trainer=trainer, batch_metric_funcs={"mae": mean_absolute_error})
     recorder = Recorder()
     callbacks = [
@@ -114,7 +125,7 @@ def run_equivalence(variant: str, batch_size: int) -> dict:
     manager = mlp.trainers.TrainingManager(trainer, training_dataset, num_epochs=1, callbacks=callbacks)
     trainer.set_training_model(TrainModel(model))
     all_reduces = []
-    if _world_size() > 1:  # count DDP's gradient all-reduces (of its one bucket: the model is small)
+    if _world_size() > 1 and not fsdp:  # count DDP's gradient all-reduces (of its one bucket: the model is small)
         from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
 
         def counting_hook(state, bucket):
@@ -124,8 +135,9 @@ def run_equivalence(variant: str, batch_size: int) -> dict:
         trainer.training_model.register_comm_hook(None, counting_hook)
     manager.start_training()
     dataset = manager.logs["current"]["validation"]["dataset"]
+    weights = {name: _full(value) for name, value in model.state_dict().items()}
     return {
-        "weights": {name: value.detach().clone() for name, value in model.state_dict().items()},
+        "weights": weights,
         "batch_losses": recorder.batch_losses,
         "window_losses": recorder.window_losses,
         "validation": {"loss": dataset["loss"], "mae": dataset["mae"]},
@@ -133,6 +145,12 @@ def run_equivalence(variant: str, batch_size: int) -> dict:
         "gradient_all_reduces": len(all_reduces),
         "strategy": trainer.strategy.name,
     }
+
+
+def _full(tensor: torch.Tensor) -> torch.Tensor:
+    """A copy of ``tensor``, gathered when it is a sharded ``DTensor`` (a collective)."""
+    full = tensor.full_tensor() if isinstance(tensor, torch.distributed.tensor.DTensor) else tensor
+    return full.detach().clone()
 
 
 def slow_mean_absolute_error(inputs):
@@ -143,7 +161,7 @@ def slow_mean_absolute_error(inputs):
     return mean_absolute_error(inputs)
 
 
-def run_async_validation(batch_size: int) -> dict:
+def run_async_validation(batch_size: int, fsdp: bool = False) -> dict:
     """3 epochs of 6 batches, validated over 10,001 samples every epoch, synchronously and then asynchronously
     (``max_pending=2``, rank 1 slower); per mode the validation rows of ``MetricsHistory`` and, asynchronously,
     the epochs whose results landed at each epoch end."""
@@ -155,7 +173,9 @@ def run_async_validation(batch_size: int) -> dict:
             torch.utils.data.TensorDataset(*make_data(VALIDATION_SAMPLES, seed=2)), batch_size=1000
         )
         model = make_model()
-        trainer = mlp.trainers.DefaultTrainer(torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9), model)
+        strategy = fsdp_strategy() if fsdp and _world_size() > 1 else None
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+        trainer = mlp.trainers.DefaultTrainer(optimizer, model, strategy=strategy)
         evaluator = mlp.evaluation.MetricEvaluator(
             trainer=trainer, batch_metric_funcs={"mae": slow_mean_absolute_error}
         )
@@ -208,7 +228,13 @@ class StopAt(mlp.callbacks.Callback):
 
 
 def run_training(
-    out_dir: str, num_epochs: int, resume: bool, stop: tuple | None = None, seed_by_rank: bool = False
+    out_dir: str,
+    num_epochs: int,
+    resume: bool,
+    stop: tuple | None = None,
+    seed_by_rank: bool = False,
+    fsdp: bool = False,
+    background: bool = False,
 ) -> torch.nn.Module:
     """Two epochs of 12 batches of 4 samples per rank with checkpoints in ``out_dir`` (epoch level, or every batch
     for the SIGKILL restart), resumable from the latest training checkpoint."""
@@ -219,7 +245,7 @@ def run_training(
     if seed_by_rank:
         torch.manual_seed(int(os.environ.get("RANK", "0")))
     optimizer = torch.optim.Adam(model.parameters(), lr=0.01)
-    trainer = mlp.trainers.DefaultTrainer(optimizer, model)
+    trainer = mlp.trainers.DefaultTrainer(optimizer, model, strategy=fsdp_strategy() if fsdp else None)
     evaluator = mlp.evaluation.MetricEvaluator(trainer=trainer)
     callbacks = [
         mlp.callbacks.TrainingMetricsLogger(evaluator),
@@ -227,7 +253,7 @@ def run_training(
             checkpoints_path=out_dir,
             metric_to_monitor="training.window_average.loss",
             batch_level=stop is not None and stop[1] == "KILL",
-            write_in_background=False,
+            write_in_background=background,
         ),
     ]
     restarted = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") != "0"
@@ -240,7 +266,10 @@ def run_training(
     )
     trainer.set_training_model(TrainModel(model))
     manager.start_training()
-    torch.save(model.state_dict(), os.path.join(out_dir, f"final-rank{os.environ.get('RANK', '0')}.pt"))
+    if manager.global_iter < num_epochs * manager.num_batches_per_epoch:
+        return model  # stopped early: no final weights (and no collective a stopped rank would not join)
+    weights = {name: _full(value) for name, value in model.state_dict().items()}
+    torch.save(weights, os.path.join(out_dir, f"final-rank{os.environ.get('RANK', '0')}.pt"))
     return model
 
 
@@ -310,6 +339,24 @@ def fail_on_rank_1(how: str) -> None:
     context.all_reduce_sum([1.0])
 
 
+def kill_during_sharded_save(save: int) -> None:
+    """SIGKILL this process in its ``save``-th sharded checkpoint save, after it wrote its shard files and before the
+    checkpoint is complete (the metadata and the training checkpoint file come after every rank's files)."""
+    from torch.distributed.checkpoint import FileSystemWriter
+
+    write_data, count = FileSystemWriter.write_data, [0]
+
+    def write_then_die(self, plan, planner):
+        result = write_data(self, plan, planner)
+        count[0] += 1
+        if count[0] == save:
+            result.wait()
+            os.kill(os.getpid(), signal.SIGKILL)
+        return result
+
+    FileSystemWriter.write_data = write_then_die
+
+
 def _trace_process_group_at_exit() -> None:
     state = "still initialised" if torch.distributed.is_initialized() else "destroyed"
     print(f"rank {os.environ.get('RANK', '0')}: {EXIT_TRACE}{state}", flush=True)
@@ -321,7 +368,7 @@ def _world_size() -> int:
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("scenario", choices=["equivalence", "train", "uneven"])
+    parser.add_argument("scenario", choices=["equivalence", "equivalence-fsdp", "train", "uneven"])
     parser.add_argument("out_dir")
     parser.add_argument("--num-epochs", type=int, default=2)
     parser.add_argument("--resume", action="store_true")
@@ -329,19 +376,30 @@ def main(argv=None) -> None:
     parser.add_argument("--stop-how", choices=["TERM", "KILL", "RAISE"], default="TERM")
     parser.add_argument("--stop-rank", type=int, default=1)
     parser.add_argument("--seed-by-rank", action="store_true")
+    parser.add_argument("--fsdp", action="store_true", help="strategy='fsdp' (every Linear a unit)")
+    parser.add_argument("--background", action="store_true", help="CheckpointManager(write_in_background=True)")
+    parser.add_argument("--kill-in-save", type=int, default=None, help="rank 1: SIGKILL in its N-th sharded save")
     args = parser.parse_args(argv)
     atexit.register(_trace_process_group_at_exit)  # before mlpug's handler is registered: runs after it
     torch.set_num_threads(1)
     rank = os.environ.get("RANK", "0")
+    if args.kill_in_save is not None and rank == "1":
+        kill_during_sharded_save(args.kill_in_save)
     if args.scenario == "uneven":
         torch.save(run_uneven(args.out_dir), os.path.join(args.out_dir, f"uneven-rank{rank}.pt"))
     elif args.scenario == "equivalence":
         for variant in EQUIVALENCE_VARIANTS:
             torch.save(run_equivalence(variant, batch_size=8), os.path.join(args.out_dir, f"{variant}-rank{rank}.pt"))
         torch.save(run_async_validation(batch_size=8), os.path.join(args.out_dir, f"async-rank{rank}.pt"))
+    elif args.scenario == "equivalence-fsdp":
+        for variant in FSDP_VARIANTS:
+            result = run_equivalence(variant, batch_size=8, fsdp=True)
+            torch.save(result, os.path.join(args.out_dir, f"fsdp-{variant}-rank{rank}.pt"))
+        result = run_async_validation(batch_size=8, fsdp=True)
+        torch.save(result, os.path.join(args.out_dir, f"fsdp-async-rank{rank}.pt"))
     else:
         stop = None if args.stop_at is None else (args.stop_at, args.stop_how, args.stop_rank)
-        run_training(args.out_dir, args.num_epochs, args.resume, stop, args.seed_by_rank)
+        run_training(args.out_dir, args.num_epochs, args.resume, stop, args.seed_by_rank, args.fsdp, args.background)
 
 
 if __name__ == "__main__":

@@ -228,8 +228,9 @@ def uninterrupted(tmp_path_factory):
 @pytest.mark.timeout(600)
 def test_sigterm_on_one_rank_stops_every_rank_after_the_same_batch_and_resumes_exactly(tmp_path, uninterrupted):
     """SIGTERM reaches rank 1 only, after global iteration 6 of 24. The ranks agree to stop after the same batch
-    (otherwise rank 0 would wait in the next step's all-reduce until the time-out): the flag goes into the step
-    reduction of batch 7 and is read two batch boundaries later, before batch 9; rank 1 ends with 143, rank 0
+    (otherwise rank 0 would wait in the next step's all-reduce until the time-out): the worker's StopAt callback has
+    a batch hook and declares no read points, so every batch is one; the flag goes into the collective of batch 7
+    and is read two batch boundaries later, before batch 9; rank 1 ends with 143, rank 0
     stops early, the primary writes the training checkpoint that continues at batch 9; both destroy the process
     group at exit. Resumed on 2 ranks, the final weights equal an uninterrupted 2-rank run bit for bit."""
     results = run_ranks("train", str(tmp_path), "--stop-at", "6", "--stop-how", "TERM", "--stop-rank", "1")

@@ -205,8 +205,9 @@ def test_sigterm_on_one_worker_stops_every_worker_and_the_resumed_run_ends_as_an
     tmp_path, uninterrupted
 ):
     """SIGTERM reaches worker 1 only, after global iteration 5 of 24. The workers agree to stop after the same
-    batch (otherwise worker 0 would wait in the next step's collective until the time-out): the flag goes into the
-    step reduction of batch 6 and is read two batch boundaries later, before batch 8; worker 1 ends with 143,
+    batch (otherwise worker 0 would wait in the next step's collective until the time-out): the worker's StopAt
+    callback has a batch hook and declares no read points, so every batch is one; the flag goes into the collective
+    of batch 6 and is read two batch boundaries later, before batch 8; worker 1 ends with 143,
     worker 0 stops early, the primary writes the training checkpoint that continues at batch 8. Resumed on 2
     workers, the final weights equal an uninterrupted 2-worker run (float32 rounding: the same computation, the
     collectives may sum in another order)."""

@@ -82,6 +82,10 @@ class LogCudaMemory(Callback):
         torch.cuda.reset_peak_memory_stats(self.device)
         return True
 
+    def batches_until_values_read(self, global_iter: int) -> Optional[int]:
+        """None: it reads this device's counters, never a value reduced over the ranks."""
+        return None
+
     def on_batch_training_completed(self, training_batch: Any, logs: dict) -> bool:
         current = logs["current"]
         if (current["global_iter"] + 1) % self.log_period == 0:
@@ -114,6 +118,10 @@ class EmptyCudaCache(Callback):
         _require_cuda(type(self).__name__)
         _check_period(every_n_batches, "every_n_batches", allow_none=True)
         self.every_n_batches = every_n_batches
+
+    def batches_until_values_read(self, global_iter: int) -> Optional[int]:
+        """None: it reads no value."""
+        return None
 
     def on_batch_training_completed(self, training_batch: Any, logs: dict) -> bool:
         if self.every_n_batches is not None and (logs["current"]["global_iter"] + 1) % self.every_n_batches == 0:

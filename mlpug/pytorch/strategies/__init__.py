@@ -1,4 +1,5 @@
-"""PyTorch distribution strategies (see :mod:`mlpug.trainers.strategy`): ``"single_process"``, ``"ddp"``."""
+"""PyTorch distribution strategies (see :mod:`mlpug.trainers.strategy`): ``"single_process"``, ``"ddp"``,
+``"fsdp"``."""
 
 from __future__ import annotations
 
@@ -6,9 +7,10 @@ from typing import Union
 
 from mlpug.pytorch.distributed import environment_world_size
 from mlpug.pytorch.strategies.ddp import DDPStrategy
+from mlpug.pytorch.strategies.fsdp import FSDPStrategy
 from mlpug.trainers.strategy import SingleProcess, Strategy, check_not_a_class
 
-STRATEGY_NAMES = ("single_process", "ddp")
+STRATEGY_NAMES = ("single_process", "ddp", "fsdp")
 """The names ``DefaultTrainer(strategy=...)`` takes."""
 
 StrategyArgument = Union[str, Strategy, None]
@@ -23,7 +25,8 @@ def resolve_strategy(strategy: StrategyArgument) -> Strategy:
             :data:`STRATEGY_NAMES`; or a ``Strategy`` object (used as it is).
 
     Raises:
-        ValueError: An unknown name (the valid ones are listed); ``"ddp"`` without a data-parallel launch;
+        ValueError: An unknown name (the valid ones are listed); ``"ddp"`` or ``"fsdp"`` without a data-parallel
+            launch;
             ``"single_process"`` (or a ``SingleProcess``) under a launch of several processes, where every process
             would train alone on the same data and write the same files.
         TypeError: Neither None, a str nor a ``Strategy`` object (e.g. a class).
@@ -45,6 +48,8 @@ def resolve_strategy(strategy: StrategyArgument) -> Strategy:
         raise TypeError(f"strategy must be None, one of {STRATEGY_NAMES} or a Strategy object, got {strategy!r:.100}")
     if strategy == "ddp":
         return DDPStrategy()
+    if strategy == "fsdp":
+        return FSDPStrategy()
     raise ValueError(f"strategy {strategy!r} is unknown; the PyTorch strategies are {STRATEGY_NAMES}")
 
 
@@ -56,4 +61,4 @@ def _launched_with_several_ranks() -> bool:
     return environment_world_size() > 1
 
 
-__all__ = ["STRATEGY_NAMES", "DDPStrategy", "SingleProcess", "Strategy", "resolve_strategy"]
+__all__ = ["STRATEGY_NAMES", "DDPStrategy", "FSDPStrategy", "SingleProcess", "Strategy", "resolve_strategy"]

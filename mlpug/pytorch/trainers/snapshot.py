@@ -6,9 +6,10 @@ from __future__ import annotations
 import copy
 import itertools
 from collections.abc import Callable, Mapping
-from typing import Any
+from typing import Any, Optional
 
 import torch
+from torch.distributed.tensor import DTensor
 
 from mlpug.trainers.snapshot import EvaluationSnapshot
 from mlpug.trainers.trainer import ModelOutputs
@@ -35,6 +36,9 @@ class TorchEvaluationSnapshot(EvaluationSnapshot):
         training_model: The trainer's training model (data-parallel: the module inside DDP).
         model_components: The trainer's model components by name.
         forward: The trainer's forward pass (see :data:`EvaluationForward`).
+        live_model: When given, the model whose parameters and buffers :meth:`capture` copies, by name (FSDP: the
+            sharded training model, whose parameters are gathered, a collective; ``training_model`` is then its
+            unsharded copy); default ``training_model`` and ``model_components`` themselves.
 
     Raises:
         TypeError: The training model cannot be deep-copied (the message says what to change).
@@ -45,38 +49,48 @@ class TorchEvaluationSnapshot(EvaluationSnapshot):
         training_model: torch.nn.Module,
         model_components: Mapping[str, torch.nn.Module],
         forward: EvaluationForward,
+        live_model: Optional[torch.nn.Module] = None,
     ):
         self._forward = forward
-        live_model = training_model
         memo: dict = {}
         try:
-            self._model = copy.deepcopy(live_model, memo)
+            self._model = copy.deepcopy(training_model, memo)
             self._components = copy.deepcopy(dict(model_components), memo)
         except Exception as error:
             raise TypeError(
                 f"run_async=True evaluates a copy of the training model, but copy.deepcopy of "
-                f"{type(live_model).__qualname__} failed ({type(error).__name__}: {error}); keep objects that "
+                f"{type(training_model).__qualname__} failed ({type(error).__name__}: {error}); keep objects that "
                 "cannot be copied (open files, locks, data loaders) out of the training model"
             ) from error
         self._model.eval()
         self._model.requires_grad_(False)
         for component in self._components.values():
             component.requires_grad_(False)
-        pairs, seen = [], set()
-        live = [live_model, *model_components.values()]
-        copies = [self._model, *self._components.values()]
-        for live_module, copied_module in zip(live, copies):
-            for source, target in zip(_tensors(live_module), _tensors(copied_module)):
-                if id(source) not in seen:
-                    seen.add(id(source))
-                    pairs.append((target, source))
+        if live_model is not None:  # the copy's tensors by name from the live (sharded) model's
+            live = dict(itertools.chain(live_model.named_parameters(), live_model.named_buffers()))
+            named = itertools.chain(self._model.named_parameters(), self._model.named_buffers())
+            pairs = [(target, live[name]) for name, target in named]
+        else:
+            pairs, seen = [], set()
+            lives = [training_model, *model_components.values()]
+            copies = [self._model, *self._components.values()]
+            for live_module, copied_module in zip(lives, copies):
+                for source, target in zip(_tensors(live_module), _tensors(copied_module)):
+                    if id(source) not in seen:
+                        seen.add(id(source))
+                        pairs.append((target, source))
         self._targets = [target for target, _ in pairs]
         self._sources = [source for _, source in pairs]
+        self._sharded = any(isinstance(source, DTensor) for source in self._sources)
 
     def capture(self) -> None:
         """Copy every parameter and buffer of the live model into the copy (queued on the device; no wait)."""
         with torch.no_grad():
-            torch._foreach_copy_(self._targets, self._sources)
+            if self._sharded:  # a collective: every rank captures at the same point
+                sources = [source.full_tensor() if isinstance(source, DTensor) else source for source in self._sources]
+                torch._foreach_copy_(self._targets, sources)
+            else:
+                torch._foreach_copy_(self._targets, self._sources)
 
     def evaluate_loss(self, batch: Any, evaluate_settings: Any = None, inference_mode: bool = True) -> ModelOutputs:
         """``BackendTrainer.evaluate_loss`` on the copy: ``torch.no_grad()``, the trainer's device and autocast."""

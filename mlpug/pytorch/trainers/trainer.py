@@ -32,13 +32,16 @@ from functools import partial
 from typing import Any, Optional
 
 import torch
+from torch.distributed.tensor import DTensor
 
+from mlpug.checkpointing.sharded import ShardedCheckpoints, is_sharded
 from mlpug.chunking import BatchChunk, ChunkResult
 from mlpug.data import DataSource
 from mlpug.distributed import DistributedContext
 from mlpug.logs import to_number
 from mlpug.pytorch.chunking import batch_chunker
 from mlpug.pytorch.random_state import TorchRandomState
+from mlpug.pytorch.sharded_checkpoint import initialize_optimizer_states, load_sharded_trainer_state, shard_like_live
 from mlpug.pytorch.strategies import StrategyArgument, resolve_strategy
 from mlpug.pytorch.trainers.compilation import CompileStep, compile_forward, compile_update, validate_compile_step
 from mlpug.pytorch.trainers.precision import precision_policy
@@ -168,10 +171,14 @@ class DefaultTrainer(_NeutralDefaultTrainer):
         self.strategy = resolve_strategy(strategy)
         self._distributed = self.strategy.distributed_context()
         self._evaluation_model: Any = None
+        self._evaluation_components: dict[str, torch.nn.Module] = {}
+        self._evaluation_is_current = True  # False after a step until prepare_evaluation (sharded state)
         self.device = torch.device(device) if device is not None else None
         self._passes_inference_mode = True
         self.chunking = batch_chunker(batch_chunk_size)
-        self.precision: PrecisionPolicy = precision_policy(use_mixed_precision, autocast_dtype, self._device_type())
+        self.precision: PrecisionPolicy = self.strategy.training_precision(
+            precision_policy(use_mixed_precision, autocast_dtype, self._device_type())
+        )
         self.optimizers = self.precision.prepare_optimizers(self.optimizers)
         self._optimizer_list = list(self.optimizers.values())
         self.gradient_sync = GradientSync()
@@ -216,9 +223,14 @@ class DefaultTrainer(_NeutralDefaultTrainer):
                     f"inference_mode=None); it accepts ({', '.join(p.name for p in positional)})"
                 )
             self._passes_inference_mode = len(positional) >= 3
-        self._evaluation_model = training_model
         device = self.device if self.device is not None else self._first_parameter_device()
         self.training_model = self.strategy.prepare_training_model(training_model, device)
+        self.optimizers = self.strategy.prepare_optimizers(self.optimizers)
+        self._optimizer_list = list(self.optimizers.values())
+        self._evaluation_model, self._evaluation_components = self.strategy.evaluation_models(
+            training_model, self.model_components
+        )
+        self._evaluation_is_current = True
         self.gradient_sync = self.strategy.gradient_sync()
 
     def _first_parameter_device(self) -> Optional[torch.device]:
@@ -245,7 +257,17 @@ class DefaultTrainer(_NeutralDefaultTrainer):
         """A frozen copy of the training model for asynchronous evaluation (see
         :class:`~mlpug.pytorch.trainers.snapshot.TorchEvaluationSnapshot`)."""
         self.ensure_ready()
-        return TorchEvaluationSnapshot(self._evaluation_model, self.model_components, self._eager_forward)
+        return TorchEvaluationSnapshot(
+            self._evaluation_model,
+            self._evaluation_components,
+            self._eager_forward,
+            live_model=self.training_model if self.strategy.shards_state else None,
+        )
+
+    def prepare_evaluation(self) -> None:
+        """The strategy's (FSDP: gathers the sharded weights into the evaluation copy; call on every rank)."""
+        self.strategy.prepare_evaluation()
+        self._evaluation_is_current = True
 
     def _is_scalar_loss(self, loss: Any) -> bool:
         return isinstance(loss, torch.Tensor) and loss.numel() == 1
@@ -308,6 +330,7 @@ class DefaultTrainer(_NeutralDefaultTrainer):
         model = self.training_model
         if not model.training:
             model.train()
+        self._evaluation_is_current = False
         for optimizer in self._optimizer_list:
             optimizer.zero_grad(set_to_none=True)
         result = self.chunking.run(partial(self._chunk_step, training_settings), batch)
@@ -406,14 +429,20 @@ class DefaultTrainer(_NeutralDefaultTrainer):
             if parameter.requires_grad and not isinstance(parameter, torch.nn.parameter.UninitializedParameter)
         ]
         flags: dict = {}  # device -> [(index, finite flag)]
+        sharded = False
         with torch.no_grad():
             for index, (_, parameter) in enumerate(named):
+                if isinstance(parameter, DTensor):  # this rank's shard; the ranks agree below
+                    parameter, sharded = parameter.to_local(), True
                 flags.setdefault(parameter.device, []).append((index, torch.isfinite(parameter).all()))
-            bad: list[int] = []
+            finite = [True] * len(named)
             for entries in flags.values():
-                finite = torch.stack([flag for _, flag in entries]).cpu().tolist()
-                bad.extend(index for (index, _), is_finite in zip(entries, finite) if not is_finite)
-        return [named[index][0] for index in sorted(bad)]
+                for (index, _), is_finite in zip(entries, torch.stack([flag for _, flag in entries]).cpu().tolist()):
+                    finite[index] = bool(is_finite)
+        if sharded:  # one collective: a parameter is finite when its shards are finite on every rank
+            bad_counts = self._distributed.all_reduce_sum([0.0 if is_finite else 1.0 for is_finite in finite])
+            finite = [count == 0 for count in bad_counts]
+        return [named[index][0] for index, is_finite in enumerate(finite) if not is_finite]
 
     def _learning_rate(self) -> Any:
         """``lr`` of the first optimizer's first parameter group: a float, or (a tensor learning rate, which
@@ -428,6 +457,12 @@ class DefaultTrainer(_NeutralDefaultTrainer):
         chunked here; the ``MetricEvaluator`` has its own ``batch_chunk_size``.
         """
         self.ensure_ready()
+        if not self._evaluation_is_current and self.strategy.shards_state:
+            raise RuntimeError(
+                f"evaluate_loss under strategy {self.strategy.name!r} evaluates a gathered copy of the model, which "
+                "does not hold the weights of the steps since it was gathered: call trainer.prepare_evaluation() on "
+                "every rank first (MetricEvaluator.evaluate_dataset does)"
+            )
         model = self._evaluation_model  # data-parallel: the module inside DDP, whose forward has no collective
         was_training = model.training
         if was_training:
@@ -455,14 +490,30 @@ class DefaultTrainer(_NeutralDefaultTrainer):
         A ``"grad_scaler"`` state is ignored without float16 mixed precision; without one in ``state`` a
         float16 trainer keeps its current scaler.
 
+        ``state`` may be sharded (read from a sharded training checkpoint, see
+        :mod:`mlpug.pytorch.sharded_checkpoint`: its tensors are read into this trainer's, resharded to its ranks) or
+        whole (under a sharding strategy every rank takes its shards of it); a collective then, on every rank.
+
         Raises:
             ValueError: The names in ``state`` do not match this trainer's components or optimizers.
+            mlpug.checkpointing.CheckpointError: The shards cannot be read, or hold other tensors than the trainer.
         """
-        self._check_state_names(state)  # before anything is loaded
+        sharded = is_sharded(state)
+        self._check_state_names(state["plain"] if sharded else state)  # before anything is loaded
+        if sharded or self.strategy.shards_state:  # loaded into the live optimizer states: they must exist
+            initialize_optimizer_states(self._optimizer_list)
+        if sharded:
+            state = load_sharded_trainer_state(state, self.get_state(), "the training checkpoint")
+        elif self.strategy.shards_state:  # whole tensors (one process wrote them): this rank's shards of them
+            state = shard_like_live(state, self.get_state())
         for kind, objects in (("model_components", self.model_components), ("optimizers", self.optimizers)):
             for name, obj in objects.items():
                 obj.load_state_dict(state[kind][name])
         self.precision.set_state(state)
+
+    def sharded_checkpoints(self) -> Optional[ShardedCheckpoints]:
+        """The strategy's (FSDP: DCP); None when the state is not sharded."""
+        return self.strategy.sharded_checkpoints()
 
     def set_learning_rate(self, learning_rate: float, optimizer_name: Optional[str] = None) -> None:
         """Set ``lr`` of every parameter group of the named optimizer, or of all optimizers."""

@@ -13,12 +13,15 @@ one-process order), so data loading costs nothing and only the loop and its comm
   the last read point and of the stop flags;
 * raw DDP + loss all-reduce: the same loop reducing its loss over the ranks every step (one asynchronous
   all-reduce of one number, waited for at the prints): the cost of "the same logged values on every rank" alone;
+* raw FSDP: FSDP2 as a hand-written loop applies it (``fully_shard`` of every Linear, then of the model; Adam made
+  over the sharded parameters), the same loop as raw DDP;
+* mlpug FSDP: ``DefaultTrainer(strategy=FSDPStrategy(shard_modules=[torch.nn.Linear]))`` with the same callbacks;
 * mlpug, one process: the same job in one process with 1 and with 2 threads (this machine has 2 cores: two
   processes of one thread use the same cores as one process of two threads, so that is the honest baseline).
 
-The two DDP variants run side by side in the same two processes, in rotating order within every repetition, with
-the garbage collector as users run it and frozen (see ``timing.py``); rank 0 reports. Target: mlpug DDP / raw DDP
-<= 1.05.
+The data-parallel variants run side by side in the same two processes, in rotating order within every repetition,
+with the garbage collector as users run it and frozen (see ``timing.py``); rank 0 reports. Targets: mlpug DDP / raw
+DDP <= 1.03; mlpug FSDP / raw FSDP reported beside it.
 
     .venv/bin/python benchmarks/ddp.py --repetitions 7
 """
@@ -62,6 +65,24 @@ def run_mlpug_ddp(batches):
     return run_mlpug(batches)  # the same code as one process: the trainer finds the process group itself
 
 
+def _fully_shard_linears(model):
+    """FSDP2 as a hand-written loop applies it: every Linear a unit, then the root."""
+    from torch.distributed.fsdp import fully_shard
+
+    for module in model:
+        if isinstance(module, torch.nn.Linear):
+            fully_shard(module)
+    return fully_shard(model)
+
+
+def run_raw_fsdp(batches):
+    return run_raw(batches, wrap_model=_fully_shard_linears, optimizer_after_wrap=True)
+
+
+def run_mlpug_fsdp(batches):
+    return run_mlpug(batches, strategy=mlp.strategies.FSDPStrategy(shard_modules=[torch.nn.Linear]))
+
+
 def _worker(args, result_path):
     torch.set_num_threads(1)
     mlp.logging.set_level("ERROR")  # a pre-sharded list cannot be sharded: that warning is expected here
@@ -69,7 +90,13 @@ def _worker(args, result_path):
     batches = make_batches(args.batch_size)[rank::world_size]  # 469 batches per rank (the last has 32 samples)
     model, optimizer = make_model()
     mlp.trainers.DefaultTrainer(optimizer, model)  # joins the process group
-    variants = {"raw DDP": run_raw_ddp, "raw DDP + loss all-reduce": run_raw_ddp_reduced, "mlpug DDP": run_mlpug_ddp}
+    variants = {
+        "raw DDP": run_raw_ddp,
+        "raw DDP + loss all-reduce": run_raw_ddp_reduced,
+        "mlpug DDP": run_mlpug_ddp,
+        "raw FSDP": run_raw_fsdp,
+        "mlpug FSDP": run_mlpug_fsdp,
+    }
     for warm_up in variants.values():
         warm_up(batches[:30])
     times = interleaved(variants, batches, args.repetitions)
@@ -103,7 +130,7 @@ def main():
         f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}, "
         f"gloo, batch {args.batch_size} per process, {args.repetitions} repetitions"
     )
-    report(times, [("mlpug DDP", "raw DDP"), ("mlpug DDP", "raw DDP + loss all-reduce")])
+    report(times, [("mlpug DDP", "raw DDP"), ("mlpug DDP", "raw DDP + loss all-reduce"), ("mlpug FSDP", "raw FSDP")])
     print()
     print("| run | processes x threads | epoch wall median (s) | samples/s | speed-up |")
     print("|---|---|---|---|---|")
@@ -117,6 +144,8 @@ def main():
         ("mlpug, one process", "1 x 2", statistics.median(single[2])),
         ("mlpug DDP (GC as users run it)", "2 x 1", users_median("mlpug DDP")),
         ("raw DDP (GC as users run it)", "2 x 1", users_median("raw DDP")),
+        ("mlpug FSDP (GC as users run it)", "2 x 1", users_median("mlpug FSDP")),
+        ("raw FSDP (GC as users run it)", "2 x 1", users_median("raw FSDP")),
     ]
     for name, layout, seconds in rows:
         print(f"| {name} | {layout} | {seconds:.3f} | {NUM_SAMPLES / seconds:,.0f} | {base / seconds:.2f} |")

@@ -47,11 +47,13 @@ def make_model():
     return model, torch.optim.Adam(model.parameters(), lr=1e-3)
 
 
-def run_raw(batches, wrap_model=None, reduce_loss=None):
-    """The hand-written loop; ``wrap_model(model)`` (e.g. DDP) and ``reduce_loss(step, loss)`` (the loss over the
-    ranks) serve ``ddp.py``."""
+def run_raw(batches, wrap_model=None, reduce_loss=None, optimizer_after_wrap=False):
+    """The hand-written loop; ``wrap_model(model)`` (e.g. DDP), ``reduce_loss(step, loss)`` (the loss over the ranks)
+    and ``optimizer_after_wrap`` (FSDP: the optimizer made over the parameters the wrap replaced) serve ``ddp.py``."""
     model, optimizer = make_model()
     forward = wrap_model(model) if wrap_model is not None else model
+    if optimizer_after_wrap:
+        optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
     loss_func = torch.nn.CrossEntropyLoss()
     start = clock()
     running_loss, count = torch.zeros(()), 0
@@ -81,9 +83,9 @@ class TrainModel(torch.nn.Module):
         return self.loss_func(self.classifier(images), labels)
 
 
-def run_mlpug(batches):
+def run_mlpug(batches, strategy=None):
     model, optimizer = make_model()
-    trainer = mlp.trainers.DefaultTrainer(optimizers=optimizer, model_components=model)
+    trainer = mlp.trainers.DefaultTrainer(optimizers=optimizer, model_components=model, strategy=strategy)
     evaluator = mlp.evaluation.MetricEvaluator(trainer=trainer)
     callbacks = [
         mlp.callbacks.TrainingMetricsLogger(metric_evaluator=evaluator),

@@ -112,7 +112,13 @@ class _Collective:
         self._result, self._count = result, count
         self._means: Optional[list[tuple[float, float]]] = None
 
+    @property
+    def is_waited(self) -> bool:
+        """Whether the collective was waited for (its means computed)."""
+        return self._means is not None
+
     def value(self, index: int, part: int) -> float:
+        """Part 0 (mean) or 1 (total weight) of pair ``index`` (waits for the collective at the first read)."""
         if self._means is None:
             self._means = _means(self._result(), self._count)
         return self._means[index][part]
@@ -152,6 +158,24 @@ class BatchReduction:
         start = len(self._pairs)
         self._pairs.extend(pairs)
         return [(ReducedValue(self, start + i, 0), ReducedValue(self, start + i, 1)) for i in range(len(pairs))]
+
+    @property
+    def pairs(self) -> list:
+        """This rank's ``(mean_value, weight)`` pairs of the step, in the order they were added."""
+        return self._pairs
+
+    def bind(self, collective: _Collective, offset: int) -> None:
+        """This step is reduced by ``collective`` (of a read point), its pairs from position ``offset`` on."""
+        self._collective, self._offset = collective, offset
+
+    def abandon(self) -> None:
+        """No collective will reduce this step (training ended on an error): its values read as this rank's."""
+        self._abandoned = True
+
+    @property
+    def is_waited(self) -> bool:
+        """Whether reading a value waits for nothing (the collective was waited for, or the step abandoned)."""
+        return self._abandoned or (self._collective is not None and self._collective.is_waited)
 
     @property
     def readable(self) -> bool:
@@ -210,14 +234,15 @@ class StepReductions:
             num_steps: Training steps trained so far (the manager's ``global_iter``).
         """
         pairs: list = []
+        offsets = []
         for reduction in self._pending:
-            reduction._offset = len(pairs)
-            pairs.extend(reduction._pairs)
+            offsets.append(len(pairs))
+            pairs.extend(reduction.pairs)
         stop_index = len(pairs)
         pairs.append((1.0 if stop else 0.0, 1.0))
         collective = _Collective(self.context.all_reduce_pairs_async(pairs), len(pairs))
-        for reduction in self._pending:
-            reduction._collective = collective
+        for reduction, offset in zip(self._pending, offsets):
+            reduction.bind(collective, offset)
         self._pending = []
         self._unread.append((num_steps, collective, stop_index))
 
@@ -225,7 +250,7 @@ class StepReductions:
         """Training ended on an error: no collective may run any more, so the pending steps' values read as this
         rank's own (e.g. in an emergency checkpoint)."""
         for reduction in self._pending:
-            reduction._abandoned = True
+            reduction.abandon()
         self._pending = []
 
     def any_rank_stops(self, stop: bool, num_steps: int, epoch_end: bool = False) -> bool:
@@ -253,7 +278,7 @@ class StepReductions:
 def is_pending(value: Any) -> bool:
     """Whether ``value`` is a :class:`ReducedValue` whose step no read point has reduced yet (reading it would
     raise)."""
-    return isinstance(value, ReducedValue) and not value._reduction.readable
+    return isinstance(value, ReducedValue) and value.is_pending
 
 
 class ReducedValue:
@@ -272,6 +297,9 @@ class ReducedValue:
         return self.item()
 
     def __repr__(self) -> str:
-        collective = self._reduction._collective
-        waited = self._reduction._abandoned or (collective is not None and collective._means is not None)
-        return f"ReducedValue({self.item()!r})" if waited else "ReducedValue(pending)"
+        return f"ReducedValue({self.item()!r})" if self._reduction.is_waited else "ReducedValue(pending)"
+
+    @property
+    def is_pending(self) -> bool:
+        """Whether no read point has reduced this value's step yet (reading it would raise)."""
+        return not self._reduction.readable

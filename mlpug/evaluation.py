@@ -27,6 +27,7 @@ from typing import Any, NamedTuple, Optional
 from mlpug.chunking import split_batch, sum_values, validate_batch_chunk_size, weighted_sum
 from mlpug.distributed import DistributedContext, SerialContext
 from mlpug.logs import Deferred, MetricValues, to_number
+from mlpug.trainers.trainer import BackendTrainer
 
 
 class MetricInputs(NamedTuple):
@@ -256,7 +257,7 @@ class MetricEvaluator:
         Raises:
             ValueError: The dataset (over all ranks) yielded no batches.
         """
-        if self.trainer is not None:
+        if isinstance(self.trainer, BackendTrainer):  # (a trainer of one's own may have evaluate_loss only)
             self.trainer.prepare_evaluation()
         return self.combine_ranks(self.evaluate_on_rank(dataset, evaluate_settings))
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Callable
-from typing import Literal, NamedTuple, Optional
+from typing import Literal, Optional
 
 from mlpug.checkpointing import (
     BackgroundWriter,
@@ -23,19 +23,20 @@ from mlpug.checkpointing import (
     make_header,
     remove_stale_temporary_files,
 )
-from mlpug.checkpointing.sharded import ShardedCheckpoints, Wait, remove_shard_directories, shard_directory
+from mlpug.checkpointing.saved_shards import SavedShards
+from mlpug.checkpointing.sharded import (
+    SHARDED_KEY,
+    ShardedCheckpoints,
+    is_sharded,
+    remove_shard_directories,
+    remove_uncommitted_shard_directories,
+    shard_directory,
+)
 from mlpug.logs import resolve
 from mlpug.trainers.hook_dispatcher import add_note
 
 Job = Callable[[], None]
 """A write of one or more files, run in the background writer's thread or at once."""
-
-
-class SavedShards(NamedTuple):
-    """The shards of a training checkpoint being written: their directory, and the wait until they are durable."""
-
-    directory: str
-    wait: Wait
 
 
 def position_of(state: dict) -> tuple:
@@ -86,9 +87,27 @@ class CheckpointFiles:
 
     # ----- the directory -----
     def prepare_directory(self) -> None:
-        """Create the directory; remove temporary files that a killed run of this base name left."""
+        """Create the directory; remove temporary files that a killed run of this base name left, and (sharded
+        state) the shard directories that the training checkpoint file does not name (of saves that never
+        committed)."""
         os.makedirs(self.file_names.directory, exist_ok=True)
         remove_stale_temporary_files(self.file_names.directory, self.file_names.base_name)
+        if self.sharded is not None:
+            remove_uncommitted_shard_directories(self.file_names.training, self._committed_shard_directory())
+
+    def _committed_shard_directory(self) -> Optional[str]:
+        """The shard directory the training checkpoint file names; None when there is none (or it cannot be read:
+        then nothing is removed)."""
+        path = self.file_names.training
+        if not os.path.exists(path):
+            return None
+        try:
+            trainer_state = self.saver.load(path, kind="training").get("trainer")
+        except Exception:
+            return ""  # unreadable: keep every directory
+        if trainer_state is None or not is_sharded(trainer_state):
+            return None
+        return str(trainer_state[SHARDED_KEY]["directory"])
 
     def remove_own_temporary_files(self) -> None:
         """Remove this run's own temporary files (left by a write that failed); call when every write finished."""
@@ -148,7 +167,13 @@ class CheckpointFiles:
         suffix = self.sharded.next_directory_suffix()
         directory = shard_directory(self.file_names.training, state["global_iter"], *suffix)
         stored, wait = self.sharded.save(trainer_state, directory, background)
-        rest = self.saver.snapshot({key: value for key, value in state.items() if key != "trainer"})
+        rest = {key: value for key, value in state.items() if key != "trainer"}
+        # the primary writes the rest; the other ranks need only the position (last_saved_position)
+        rest = (
+            self.saver.snapshot(rest)
+            if self.is_primary
+            else {key: rest[key] for key in ("epoch", "batch_step", "global_iter")}
+        )
         return {**rest, "trainer": stored}, model_components, SavedShards(directory, wait)
 
     def gather_model_components(self, model_components: dict) -> dict:

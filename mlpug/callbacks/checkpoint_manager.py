@@ -357,10 +357,41 @@ class CheckpointManager(Callback, TrainingStateLoader):
         Raises:
             Exception: What the failed background write raised, with a note naming the file and its period.
         """
-        self.files.raise_failed_write()
+        self._raise_failed_write()
         if self.batch_level:
             self._on_period(logs, logs["current"]["global_iter"] + 1)
         return True
+
+    def _raise_failed_write(self) -> None:
+        """Raise the error of a failed background write at once; with a sharded state not here (a rank alone would
+        leave the others waiting in a collective) but at the next period, where the ranks agree on it."""
+        if self.files.sharded is None:
+            self.files.raise_failed_write()
+
+    def _agree_on_writes(self) -> bool:
+        """Sharded state, on every rank at the same point: wait for this rank's background write and raise when any
+        rank's failed; then whether the weights are finite on every rank's shards (else an error is logged and no
+        checkpoint is written from them, on any rank).
+
+        Raises:
+            Exception: This rank's failed write, or a RuntimeError when another rank's failed.
+        """
+        context = self.context
+        error = self.files.wait_for_background_write()
+        if context.distributed.any_rank(error is not None):
+            if error is not None:
+                raise error
+            raise RuntimeError(
+                "a checkpoint write of another rank failed (its log names the file); the training checkpoint on "
+                f"disk is kept: {self.files.last_good_training_checkpoint()}"
+            )
+        bad = context.trainer.non_finite_weights()  # agreed over the shards
+        if bad:
+            self._log.error(
+                f"Not writing checkpoints: the weights hold NaN or infinite values ({', '.join(bad[:5])}); "
+                f"{self.files.last_good_training_checkpoint()}"
+            )
+        return not bad
 
     @property
     def monitors_async_results(self) -> bool:
@@ -402,7 +433,7 @@ class CheckpointManager(Callback, TrainingStateLoader):
         return True
 
     def on_epoch_checkpoint(self, logs: dict) -> bool:
-        self.files.raise_failed_write()  # (see on_batch_checkpoint)
+        self._raise_failed_write()  # (see on_batch_checkpoint)
         if not self.batch_level:
             self._on_period(logs, logs["current"]["epoch"] + 1)
         return True
@@ -412,14 +443,20 @@ class CheckpointManager(Callback, TrainingStateLoader):
         # A failed background write must not stop the checkpoint written now: note it, write, then report it.
         # (Results that land at the end reached on_evaluation_result in the producer's part of this hook.)
         files = self.files
-        write_error = files.wait_for_background_write()
         sharded = files.sharded is not None
         if sharded and stopped_on_error:  # another rank may have failed: no collective may be waited for now
+            write_error = files.wait_for_background_write()
             self._log.error(
                 "Training failed: with a sharded state no emergency training checkpoint is written (every rank would "
                 f"have to take part); {files.last_good_training_checkpoint()}"
             )
-        elif self._is_primary() or sharded:
+        elif sharded:  # every rank: agree on failed writes and finite weights, then on whether to write
+            write_error = None
+            if self._agree_on_writes():
+                self._final_sharded_checkpoint(interrupted)
+        else:
+            write_error = files.wait_for_background_write()
+        if self._is_primary() and not sharded:
             if self._improved:  # decided in a hook of this period, whose checkpoint phase never came (an error)
                 self._improved = False
                 best_checkpoint = files.model_checkpoint(
@@ -427,8 +464,7 @@ class CheckpointManager(Callback, TrainingStateLoader):
                     manager.logs["current"],
                     manager.num_batches_per_epoch,
                 )
-                if self._is_primary():
-                    files.write_best(best_checkpoint, self._period_name(manager.logs), background=False)
+                files.write_best(best_checkpoint, self._period_name(manager.logs), background=False)
             state = manager.get_state()
             training_error = manager.training_error
             if isinstance(training_error, (NonFiniteLossError, NonFiniteWeightsError)):
@@ -455,6 +491,24 @@ class CheckpointManager(Callback, TrainingStateLoader):
         if write_error is not None and not stopped_on_error:  # after an error it was logged; that error is raised
             raise write_error
         return True
+
+    def _final_sharded_checkpoint(self, interrupted: bool) -> None:
+        """The best model checkpoint decided in a period whose checkpoint phase never came, and the training
+        checkpoint when the last one is older than the last batch; every rank, sharded state."""
+        manager, files = self.context, self.files
+        if self._improved:
+            self._improved = False
+            components = self._snapshot_model_components()  # a collective: every rank
+            if self._is_primary():
+                checkpoint = files.model_checkpoint(
+                    {"model_components": components}, manager.logs["current"], manager.num_batches_per_epoch
+                )
+                files.write_best(checkpoint, self._period_name(manager.logs), background=False)
+        state = manager.get_state()
+        if manager.distributed.any_rank(files.last_saved_position != position_of(state)):
+            if interrupted:
+                self._log.warning(f"Interrupted; writing training checkpoint {self.file_names.training}")
+            files.save_training_checkpoint(self.file_names.training, state)
 
     def _period_name(self, logs: dict) -> str:
         """The period whose checkpoint phase runs now, for messages."""
@@ -483,7 +537,10 @@ class CheckpointManager(Callback, TrainingStateLoader):
         # a hook since (EMA / SWA style) may have set others (one more device wait at most, where the write waits).
         self.context.check_finite(recheck_weights=True)
         files, context = self.files, self.context
-        if not self._is_primary() and files.sharded is None:
+        if files.sharded is not None:  # every rank writes (collectives): the ranks agree first
+            if not self._agree_on_writes():
+                return
+        elif not self._is_primary():
             return
         # One snapshot per period, taken after the previous write finished (a saver may reuse its buffers);
         # then one background job writes every file of this period. Sharded state: on every rank (collectives).

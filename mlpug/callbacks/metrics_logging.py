@@ -360,6 +360,7 @@ class TestMetricsLogger(Callback):
             return True
         if self._batches is None:
             self._batches = self._cycle()
+        self.context.trainer.prepare_evaluation()  # every rank, every batch (FSDP: gathers the weights)
         with isolated_random_states(self._random_state_providers):  # iter(DataLoader) draws random numbers
             gathered = self.metric_evaluator.evaluate_batch(next(self._batches), self.evaluate_settings)
         gathered = self.metric_evaluator.reduce(gathered, self.context.batch_reduction)

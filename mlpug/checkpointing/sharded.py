@@ -41,7 +41,8 @@ Wait = Callable[[], None]
 
 class ShardedCheckpoints(ABC):
     """How a strategy with sharded state writes and reads the trainer state of training checkpoints, and gathers
-    the model for model checkpoints. Every method is a collective: every rank calls it at the same point."""
+    the model for model checkpoints. Every rank calls every method at the same point (:meth:`save`,
+    :meth:`gather_model_components` and the first :meth:`next_directory_suffix` are collectives)."""
 
     @abstractmethod
     def gather_model_components(self, model_components: dict) -> dict:
@@ -187,6 +188,29 @@ def remove_shard_directories(training_checkpoint: str, keep: str) -> list[str]:
             continue
         older = order[0] < kept[0] or (order[0] == kept[0] and (order[1] != kept[1] or order[2] < kept[2]))
         if older or (order[1] == kept[1] and order[2] < kept[2]):
+            shutil.rmtree(os.path.join(directory, entry), ignore_errors=True)
+            removed.append(entry)
+    return removed
+
+
+def remove_uncommitted_shard_directories(training_checkpoint: str, committed: Optional[str]) -> list[str]:
+    """At the start of a run (primary rank, before any save): remove the shard directories of ``training_checkpoint``
+    other than ``committed`` (the one the file names; None: the file names none). ``committed == ""`` (the file
+    could not be read) removes nothing.
+
+    Returns:
+        The names of the removed directories.
+    """
+    if committed == "":
+        return []
+    directory, name = os.path.split(os.path.abspath(training_checkpoint))
+    prefix = os.path.splitext(name)[0] + SHARD_DIRECTORY_MARKER
+    keep = os.path.basename(committed) if committed else None
+    removed: list[str] = []
+    if not os.path.isdir(directory):
+        return removed
+    for entry in os.listdir(directory):
+        if entry.startswith(prefix) and _order(entry, prefix) is not None and entry != keep:
             shutil.rmtree(os.path.join(directory, entry), ignore_errors=True)
             removed.append(entry)
     return removed

@@ -148,7 +148,8 @@ class Trainer(OneCallTrainer):
         "    implementation (``fused=True``: the same algorithm in one kernel per step; float rounding differs by\n"
         "    about 1e-7 per step) where it has one and ``fused`` was left unset (None); one info line says so. See\n"
         "    ``mlpug.pytorch.one_call.use_fused_implementation`` for when it applies; ``fused_optimizer=False`` (or\n"
-        "    an optimizer made with ``fused=False``) keeps the optimizer as it is. Raises ``TypeError`` when\n"
+        "    an optimizer made with ``fused=False``) keeps the optimizer as it is, as does a sharding strategy (FSDP:\n"
+        "    the sharded parameters are DTensors, which not every fused kernel takes). Raises ``TypeError`` when\n"
         "    ``fused_optimizer`` is not a bool.\n"
     )
 
@@ -172,7 +173,9 @@ class Trainer(OneCallTrainer):
         if not isinstance(fused_optimizer, bool):
             raise TypeError(f"fused_optimizer must be True or False, got {fused_optimizer!r:.100}")
         super().__init__(model, loss_func, optimizer, metrics, **trainer_options)
-        if fused_optimizer:
+        if (
+            fused_optimizer and self.trainer.sharded_checkpoints() is None
+        ):  # sharded: not every fused kernel takes DTensors
             for name, torch_optimizer in self.trainer.optimizers.items():
                 if use_fused_implementation(torch_optimizer, model if isinstance(model, torch.nn.Module) else None):
                     _log.info(

@@ -78,13 +78,15 @@ class DCPShardedCheckpoints(ShardedCheckpoints):
         }
         writer = dcp.FileSystemWriter(directory, sync_files=True)
         stored = {SHARDED_KEY: reference, "plain": plain}
+        # Tensors every rank holds whole (buffers, optimizer step counts) are written once, by the lowest rank.
+        planner = dcp.DefaultSavePlanner(dedup_save_to_lowest_rank=True)
         if not background:
-            dcp.save(arrays, storage_writer=writer)
+            dcp.save(arrays, storage_writer=writer, planner=planner)
             fsync_directory(directory)
             return stored, _nothing
         if self._group is None:
             self._group = dist.new_group(backend="gloo")
-        future = dcp.async_save(arrays, storage_writer=writer, process_group=self._group)
+        future = dcp.async_save(arrays, storage_writer=writer, planner=planner, process_group=self._group)
         # a Future, or (a stager that stages in the background) an AsyncSaveResponse
         upload: Future = future if isinstance(future, Future) else future.upload_completion
 
@@ -108,7 +110,8 @@ def _nothing() -> None:
 def initialize_optimizer_states(optimizers: list[torch.optim.Optimizer]) -> None:
     """Give every optimizer without state its state tensors (one step on zero gradients at learning rate 0, as
     ``torch.distributed.checkpoint.state_dict`` does), so that a checkpoint can be loaded into them in place. The
-    parameters do not change; their gradients are cleared."""
+    parameters do not change for optimizers whose update scales with the learning rate (SGD, Adam, AdamW, ...);
+    their gradients are cleared. Optimizers whose ``step`` needs a closure (LBFGS) raise here."""
     for optimizer in optimizers:
         if optimizer.state:
             continue
@@ -142,21 +145,25 @@ def load_sharded_trainer_state(stored: dict, live_state: dict, where: str) -> di
         The plain part with every placeholder replaced by the live tensor, now holding the checkpoint's values.
 
     Raises:
-        mlpug.checkpointing.CheckpointError: Another format, tensors the trainer does not have or the other way round
-            (both listed), or what reading the shards raised (see :mod:`mlpug.pytorch.dcp_reading`).
+        mlpug.checkpointing.CheckpointError: Another format, tensors the trainer does not have or model tensors the
+            checkpoint lacks (both listed), or what reading the shards raised (see :mod:`mlpug.pytorch.dcp_reading`).
     """
     from mlpug.pytorch.dcp_reading import load_sharded_tensors
 
     reference = stored[SHARDED_KEY]
     if reference.get("format") != FORMAT:
         raise CheckpointError(f"{where}: shards of format {reference.get('format')!r}; this version reads {FORMAT!r}")
-    _, targets = split_arrays(live_state, _is_tensor)
+    _, live = split_arrays(live_state, _is_tensor)
     saved = set(reference["keys"])
-    if saved != set(targets):
+    # Optimizer states the checkpoint lacks (a parameter that never had a gradient, or no step taken yet) were made
+    # by initialize_optimizer_states; load_state_dict of the plain part drops them again.
+    missing = sorted(key for key in set(live) - saved if not key.startswith("optimizers."))
+    if saved - set(live) or missing:
         raise CheckpointError(
             f"{where}: the checkpoint's tensors do not match the trainer's: only in the checkpoint "
-            f"{sorted(saved - set(targets))[:10]}, only in the trainer {sorted(set(targets) - saved)[:10]}"
+            f"{sorted(saved - set(live))[:10]}, only in the trainer {missing[:10]}"
         )
+    targets = {key: live[key] for key in reference["keys"]}
     load_sharded_tensors(targets, reference["directory"])
     return join_arrays(stored["plain"], targets, where)
 

@@ -209,6 +209,25 @@ def run_async_validation(batch_size: int, fsdp: bool = False) -> dict:
     return results
 
 
+class PoisonShard(mlp.callbacks.Callback):
+    """At global iteration ``at``, sets this rank's shard of every sharded parameter to NaN (the other ranks' shards
+    stay finite)."""
+
+    def __init__(self, model: torch.nn.Module, at: int):
+        super().__init__("PoisonShard")
+        self.model, self.at = model, at
+
+    def on_batch_training_completed(self, training_batch, logs):
+        if logs["current"]["global_iter"] == self.at:
+            with torch.no_grad():
+                for parameter in self.model.parameters():
+                    parameter.to_local().fill_(float("nan"))
+        return True
+
+    def get_state(self):
+        return {}
+
+
 class StopAt(mlp.callbacks.Callback):
     """Ends this rank at global iteration ``at``: SIGTERM or SIGKILL to itself, or an exception."""
 
@@ -235,6 +254,7 @@ def run_training(
     seed_by_rank: bool = False,
     fsdp: bool = False,
     background: bool = False,
+    nan_at: int | None = None,
 ) -> torch.nn.Module:
     """Two epochs of 12 batches of 4 samples per rank with checkpoints in ``out_dir`` (epoch level, or every batch
     for the SIGKILL restart), resumable from the latest training checkpoint."""
@@ -261,12 +281,18 @@ def run_training(
         callbacks.append(StopAt(stop[0], stop[1]))
     else:
         callbacks.append(StopAt(-1, "RAISE"))  # the same callbacks in every checkpoint
+    warn = {}
+    if nan_at is not None:  # rank 1's shards become NaN; training goes on (warn), no checkpoint is written from them
+        if os.environ["RANK"] == "1":
+            callbacks.append(PoisonShard(model, nan_at))
+        warn = {"non_finite_loss": "warn", "non_finite_weights": "warn"}
     manager = mlp.trainers.TrainingManager(
-        trainer, training_dataset, num_epochs=num_epochs, callbacks=callbacks, resume_from="latest" if resume else None
-    )
+        trainer, training_dataset, num_epochs=num_epochs, callbacks=callbacks, resume_from="latest" if resume else None,
+        **warn,
+    )  # fmt: skip
     trainer.set_training_model(TrainModel(model))
     manager.start_training()
-    if manager.global_iter < num_epochs * manager.num_batches_per_epoch:
+    if manager.global_iter < num_epochs * manager.num_batches_per_epoch or nan_at is not None:
         return model  # stopped early: no final weights (and no collective a stopped rank would not join)
     weights = {name: _full(value) for name, value in model.state_dict().items()}
     torch.save(weights, os.path.join(out_dir, f"final-rank{os.environ.get('RANK', '0')}.pt"))
@@ -339,6 +365,40 @@ def fail_on_rank_1(how: str) -> None:
     context.all_reduce_sum([1.0])
 
 
+def run_one_call(out_dir: str, fsdp: bool) -> dict:
+    """The one-call API: ``mlp.Trainer(model, mse_loss, SGD, strategy=...)`` trains 2 epochs of 6 batches of 8 per
+    rank (96 samples over 2 ranks, or of 16 in one process), validated over 10,001 samples; the weights and the
+    history rows."""
+    inputs, targets = make_data(96, seed=1)
+    model = make_model()
+    options = {"strategy": fsdp_strategy()} if fsdp else {}
+    trainer = mlp.Trainer(model, torch.nn.functional.mse_loss, torch.optim.SGD(model.parameters(), lr=0.05), **options)
+    history = trainer.train(
+        (inputs, targets), make_data(VALIDATION_SAMPLES, seed=2), num_epochs=2, batch_size=16 // _world_size(),
+        validation_batch_size=1000, progress=None, checkpoints_path=out_dir, shuffle=False,
+    )  # fmt: skip
+    weights = {name: _full(value) for name, value in model.state_dict().items()}
+    return {"weights": weights, "rows": [dict(row) for row in history.rows]}
+
+
+def run_load_whole(out_dir: str) -> None:
+    """Under FSDP: read the (single-file) training checkpoint of one process in ``out_dir`` into a sharded trainer,
+    then write the gathered model and Adam state of this rank to ``loaded-rank<R>.pt``."""
+    model = make_model()
+    optimizer = torch.optim.Adam(model.parameters(), lr=0.01)
+    trainer = mlp.trainers.DefaultTrainer(optimizer, model, strategy=fsdp_strategy())
+    trainer.set_training_model(TrainModel(model))
+    checkpoint = mlp.load_training_checkpoint(os.path.join(out_dir, "model-training-checkpoint.safetensors"))
+    trainer.set_state(checkpoint["trainer"])
+    state = optimizer.state_dict()["state"]
+    loaded = {
+        "weights": {name: _full(value) for name, value in model.state_dict().items()},
+        "adam": {index: {key: _full(value) for key, value in entry.items()} for index, entry in state.items()},
+        "sharded": [isinstance(value, torch.distributed.tensor.DTensor) for value in model.state_dict().values()],
+    }
+    torch.save(loaded, os.path.join(out_dir, f"loaded-rank{os.environ['RANK']}.pt"))
+
+
 def kill_during_sharded_save(save: int) -> None:
     """SIGKILL this process in its ``save``-th sharded checkpoint save, after it wrote its shard files and before the
     checkpoint is complete (the metadata and the training checkpoint file come after every rank's files)."""
@@ -368,7 +428,9 @@ def _world_size() -> int:
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("scenario", choices=["equivalence", "equivalence-fsdp", "train", "uneven"])
+    parser.add_argument(
+        "scenario", choices=["equivalence", "equivalence-fsdp", "train", "uneven", "load-whole", "one-call-fsdp"]
+    )
     parser.add_argument("out_dir")
     parser.add_argument("--num-epochs", type=int, default=2)
     parser.add_argument("--resume", action="store_true")
@@ -379,13 +441,18 @@ def main(argv=None) -> None:
     parser.add_argument("--fsdp", action="store_true", help="strategy='fsdp' (every Linear a unit)")
     parser.add_argument("--background", action="store_true", help="CheckpointManager(write_in_background=True)")
     parser.add_argument("--kill-in-save", type=int, default=None, help="rank 1: SIGKILL in its N-th sharded save")
+    parser.add_argument("--nan-at", type=int, default=None, help="FSDP: rank 1's shards NaN at global iteration G")
     args = parser.parse_args(argv)
     atexit.register(_trace_process_group_at_exit)  # before mlpug's handler is registered: runs after it
     torch.set_num_threads(1)
     rank = os.environ.get("RANK", "0")
     if args.kill_in_save is not None and rank == "1":
         kill_during_sharded_save(args.kill_in_save)
-    if args.scenario == "uneven":
+    if args.scenario == "load-whole":
+        run_load_whole(args.out_dir)
+    elif args.scenario == "one-call-fsdp":
+        torch.save(run_one_call(args.out_dir, fsdp=True), os.path.join(args.out_dir, f"one-call-rank{rank}.pt"))
+    elif args.scenario == "uneven":
         torch.save(run_uneven(args.out_dir), os.path.join(args.out_dir, f"uneven-rank{rank}.pt"))
     elif args.scenario == "equivalence":
         for variant in EQUIVALENCE_VARIANTS:
@@ -399,7 +466,9 @@ def main(argv=None) -> None:
         torch.save(result, os.path.join(args.out_dir, f"fsdp-async-rank{rank}.pt"))
     else:
         stop = None if args.stop_at is None else (args.stop_at, args.stop_how, args.stop_rank)
-        run_training(args.out_dir, args.num_epochs, args.resume, stop, args.seed_by_rank, args.fsdp, args.background)
+        run_training(
+            args.out_dir, args.num_epochs, args.resume, stop, args.seed_by_rank, args.fsdp, args.background, args.nan_at
+        )
 
 
 if __name__ == "__main__":

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import builtins
 import os
+import pathlib
 import pickle
 import shutil
 import socket
@@ -19,9 +20,10 @@ from pathlib import Path
 import pytest
 import torch
 import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.metadata import _MEM_FORMAT_ENCODING, Metadata
 
 from mlpug.checkpointing import CheckpointError
-from mlpug.pytorch.dcp_reading import SafeFileSystemReader, TensorOnlyLoadPlanner, load_sharded_tensors
+from mlpug.pytorch.dcp_reading import ALLOWED_GLOBALS, SafeFileSystemReader, TensorOnlyLoadPlanner, load_sharded_tensors
 
 ROOT = Path(__file__).resolve().parents[2]
 FSDP2_TIMEOUT_S = 180
@@ -169,6 +171,201 @@ def test_corrupt_metadata_is_a_checkpoint_error_naming_the_file(tmp_path, conten
     with pytest.raises(CheckpointError) as raised:
         load_sharded_tensors({"scalar": torch.zeros(())}, str(tmp_path))
     assert str(metadata_path) in str(raised.value) and reason in str(raised.value), str(raised.value)
+
+
+# Raw pickle opcodes, to write what no pickler writes (pickle protocol 4; see pickletools)
+def _global(module: str, name: str) -> bytes:
+    return f"c{module}\n{name}\n".encode()
+
+
+def _text(text: str) -> bytes:
+    return b"X" + len(text.encode()).to_bytes(4, "little") + text.encode()
+
+
+DCP_METADATA = "torch.distributed.checkpoint.metadata"
+HACKED = b"}" + _text("hacked") + b"K\x01s"  # {"hacked": 1}
+BUILD_STATES = {"dict": HACKED, "slot_pair": b"N" + HACKED + b"\x86"}  # {...} and (None, {...})
+# What each BUILD target pushes (an object of the process, reachable through ALLOWED_GLOBALS), and that object
+BUILD_TARGETS = {
+    "path_class": (_global("pathlib", "PurePosixPath"), lambda: pathlib.PurePosixPath),
+    "dcp_class": (_global(DCP_METADATA, "Metadata"), lambda: Metadata),
+    "enum_class": (_global(DCP_METADATA, "_MEM_FORMAT_ENCODING"), lambda: _MEM_FORMAT_ENCODING),
+    "enum_member": (
+        _global(DCP_METADATA, "_MEM_FORMAT_ENCODING") + b"K\x00\x85R",  # _MEM_FORMAT_ENCODING(0): a shared member
+        lambda: _MEM_FORMAT_ENCODING.TORCH_CONTIGUOUS_FORMAT,
+    ),
+    "layout_function": (
+        _global("torch.serialization", "_get_layout"),
+        lambda: ALLOWED_GLOBALS[("torch.serialization", "_get_layout")],
+    ),
+}
+
+
+@pytest.mark.parametrize("state", list(BUILD_STATES))
+@pytest.mark.parametrize("target", list(BUILD_TARGETS))
+def test_build_on_a_shared_object_is_refused_and_changes_nothing(tmp_path, target, state):
+    """BUILD (pickle's "set the state of the object on the stack") on an allowed class, function or shared Enum
+    member would set attributes process-wide, even in a load that is refused afterwards."""
+    pushed, shared = BUILD_TARGETS[target]
+    metadata_path = tmp_path / ".metadata"
+    metadata_path.write_bytes(b"\x80\x04" + pushed + BUILD_STATES[state] + b"b.")
+    try:
+        error = raised_by(SafeFileSystemReader(str(tmp_path)).read_metadata)
+        assert "hacked" not in vars(shared()), f"{target} was changed"
+    finally:
+        if "hacked" in vars(shared()):
+            delattr(shared(), "hacked")
+    assert isinstance(error, CheckpointError), repr(error)
+    message = str(error)
+    assert str(metadata_path) in message and "sets the state of" in message, message
+
+
+def _newobj(name: str) -> bytes:
+    """A fresh instance of the DCP metadata class ``name``, memoized as 0 (``cls.__new__(cls)``)."""
+    return _global(DCP_METADATA, name) + b")\x81\x94"
+
+
+@pytest.mark.parametrize(
+    "content, reason",
+    [
+        (_newobj("Metadata") + b"}" + _text("evil") + b"K\x01sb.", "'evil' is not a field of Metadata"),
+        (_newobj("Metadata") + b"}K\x01K\x01sb.", "1 is not a field of Metadata"),
+        (_newobj("ChunkStorageMetadata") + b"K\x01b.", "a value of type int, not a dict of its fields"),
+        (_newobj("ChunkStorageMetadata") + b"K\x01N\x86b.", "a value of type int, not a dict of its fields"),
+        (
+            _newobj("ChunkStorageMetadata") + b"N}" + _text("evil") + b"K\x01s\x86b.",  # (None, slot state)
+            "'evil' is not a field of ChunkStorageMetadata",
+        ),
+        (_newobj("ChunkStorageMetadata") + b"}b.", "lacks the fields ['offsets', 'sizes']"),
+        (_newobj("ChunkStorageMetadata") + b".", "lacks the fields ['offsets', 'sizes']"),  # no BUILD at all
+        (
+            _newobj("BytesStorageMetadata") + b"}bh\x00}b.",  # BUILD twice on one object
+            "sets the state of a BytesStorageMetadata a second time",
+        ),
+        (
+            _global("pathlib", "PurePosixPath") + _text("x") + b"\x85R}b.",
+            "sets the state of a value of type PurePosixPath",
+        ),
+        (_newobj("TensorProperties") + b"K\x01\x85b.", "TensorProperties takes"),
+        (
+            _newobj("TensorProperties") + b"(" + _global("torch", "float32") + b"\x88\x88\x88\x88tb.",
+            "TensorProperties takes",
+        ),
+    ],
+    ids=[
+        "unknown_field",
+        "key_not_a_string",
+        "state_not_a_dict",
+        "slot_pair_not_dicts",
+        "slot_state_unknown_field",
+        "missing_fields",
+        "never_built",
+        "build_twice",
+        "path_instance",
+        "tensor_properties_short",
+        "tensor_properties_types",
+    ],
+)
+def test_build_sets_only_the_fields_of_a_fresh_dcp_object(tmp_path, content, reason):
+    metadata_path = tmp_path / ".metadata"
+    metadata_path.write_bytes(b"\x80\x04" + content)
+    error = raised_by(SafeFileSystemReader(str(tmp_path)).read_metadata)
+    assert isinstance(error, CheckpointError), repr(error)
+    assert str(metadata_path) in str(error) and reason in str(error), str(error)
+
+
+def _rewrite_metadata(directory: Path, change) -> Path:
+    """Rewrites the genuine ``.metadata`` of ``directory`` after ``change(metadata)``."""
+    metadata_path = directory / ".metadata"
+    with open(metadata_path, "rb") as file:
+        metadata = pickle.load(file)  # written by this test: trusted
+    change(metadata)
+    metadata_path.write_bytes(pickle.dumps(metadata))
+    return metadata_path
+
+
+def _float32_entry(metadata):
+    """The index and storage info of the ``"float32"`` tensor of :func:`tensors`."""
+    return next((index, info) for index, info in metadata.storage_data.items() if index.fqn == "float32")
+
+
+def _set_storage(**fields):
+    def change(metadata):
+        _, info = _float32_entry(metadata)
+        for name, value in fields.items():
+            setattr(info, name, value)
+
+    return change
+
+
+SHARD_NAME = "of the form __<rank>_<number>.distcp"
+
+
+@pytest.mark.parametrize(
+    "change, reason",
+    [
+        (_set_storage(relative_path="/dev/zero"), SHARD_NAME),
+        (_set_storage(relative_path="../__0_0.distcp"), SHARD_NAME),
+        (_set_storage(relative_path="sub/__0_0.distcp"), SHARD_NAME),
+        (_set_storage(relative_path="data.bin"), SHARD_NAME),
+        (_set_storage(relative_path="__\u0661_0.distcp"), SHARD_NAME),  # a non-ASCII digit
+        (_set_storage(relative_path=pathlib.PurePosixPath("__0_0.distcp")), "a PurePosixPath, not a str"),
+        (_set_storage(relative_path="__0_7.distcp"), "does not exist"),
+        (_set_storage(relative_path="__0_8.distcp"), "not a regular file"),  # a FIFO
+        (_set_storage(relative_path="__0_9.distcp"), "not a regular file"),  # a symbolic link to a file
+        (_set_storage(relative_path="__0_10.distcp"), "not a regular file"),  # a directory
+        (_set_storage(offset=-1), "offset -1"),
+        (_set_storage(length=-1), "length -1"),
+        (_set_storage(offset="0"), "offset '0', which is not an int"),
+        (_set_storage(length=True), "length True, which is not an int"),
+        (_set_storage(length=10**6), "beyond the end of"),
+        (_set_storage(transform_descriptors=["stream.zstd"]), "transform descriptors ['stream.zstd']"),
+        (lambda metadata: metadata.storage_data.update({_float32_entry(metadata)[0]: "x"}), "a str, not"),
+        (lambda metadata: setattr(metadata, "storage_data", []), "storage data is a list, not a dict"),
+    ],
+    ids=[
+        "absolute",
+        "parent",
+        "subdirectory",
+        "not_a_shard_name",
+        "non_ascii_digit",
+        "not_a_str",
+        "missing",
+        "fifo",
+        "symlink",
+        "directory",
+        "negative_offset",
+        "negative_length",
+        "offset_not_an_int",
+        "length_a_bool",
+        "beyond_the_file",
+        "transform",
+        "not_storage_info",
+        "not_a_dict",
+    ],
+)
+def test_storage_entries_outside_the_shard_files_are_refused(tmp_path, change, reason):
+    directory = tmp_path / "checkpoint"
+    save(tensors(), directory)
+    os.mkfifo(directory / "__0_8.distcp")
+    (tmp_path / "outside.distcp").write_bytes(bytes(10**6))
+    os.symlink(tmp_path / "outside.distcp", directory / "__0_9.distcp")
+    os.mkdir(directory / "__0_10.distcp")
+    metadata_path = _rewrite_metadata(directory, change)
+    error = raised_by(SafeFileSystemReader(str(directory)).read_metadata)
+    assert isinstance(error, CheckpointError), repr(error)
+    message = str(error)
+    assert str(metadata_path) in message and reason in message, message
+    if "storage data is" not in reason:
+        assert "'float32' (offset (0, 0))" in message, message
+
+
+def test_a_refused_storage_entry_fails_the_load_with_a_checkpoint_error(tmp_path):
+    save(tensors(), tmp_path)
+    metadata_path = _rewrite_metadata(tmp_path, _set_storage(relative_path="/dev/zero"))
+    error = raised_by(load_sharded_tensors, {"float32": torch.zeros(3, 4)}, str(tmp_path))
+    assert isinstance(error, CheckpointError), repr(error)
+    assert str(metadata_path) in str(error) and "'/dev/zero'" in str(error), str(error)
 
 
 def test_missing_directory_or_metadata_is_a_checkpoint_error(tmp_path):

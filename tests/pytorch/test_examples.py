@@ -118,14 +118,16 @@ def _free_port():
 
 
 @pytest.mark.timeout(600)
-@pytest.mark.parametrize("launcher", ["torchrun", "mlpug"])
-def test_the_example_trains_data_parallel_on_two_processes(fashion_mnist_dir, tmp_path, launcher):
-    """README: `torchrun --nproc_per_node 2 train.py --distributed` and `train.py --distributed 2` (mlpug's launcher)
-    train one epoch on 2 gloo processes to the accuracy of one process, print once (the primary), write the
-    checkpoints once."""
+@pytest.mark.parametrize(
+    "launcher, strategy", [("torchrun", "ddp"), ("mlpug", "ddp"), ("torchrun", "fsdp"), ("mlpug", "fsdp")]
+)
+def test_the_example_trains_data_parallel_on_two_processes(fashion_mnist_dir, tmp_path, launcher, strategy):
+    """README: `torchrun --nproc_per_node 2 train.py --distributed` and `train.py --distributed 2` (mlpug's launcher),
+    with DDP and with `--strategy fsdp`, train one epoch on 2 gloo processes to the accuracy of one process, print
+    once (the primary), write the checkpoints once (FSDP: the training checkpoint's shards in one directory)."""
     script = str(ROOT / "examples/fashion_mnist/pytorch/train.py")
     arguments = ["--num-epochs", "1", "--data-dir", fashion_mnist_dir, "--log-period", "100000"]
-    arguments += ["--checkpoints-path", str(tmp_path)]
+    arguments += ["--checkpoints-path", str(tmp_path), "--strategy", strategy]
     if launcher == "torchrun":
         command = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-addr",
                    "127.0.0.1", "--master-port", str(_free_port()), script, "--distributed", *arguments]  # fmt: skip
@@ -140,7 +142,12 @@ def test_the_example_trains_data_parallel_on_two_processes(fashion_mnist_dir, tm
     assert accuracy >= 0.80
     assert result.stdout.count("Training completed. All good!") == 1
     assert result.stdout.count("Computed over dataset:") == 1
-    assert sorted(path.name for path in tmp_path.iterdir()) == [
+    names = sorted(path.name for path in tmp_path.iterdir())
+    if strategy == "fsdp":
+        (shards,) = [name for name in names if name.startswith("fashion-mnist-pytorch-training-checkpoint-shards-")]
+        assert sorted(os.listdir(tmp_path / shards)) == [".metadata", "__0_0.distcp", "__1_0.distcp"]
+        names.remove(shards)
+    assert names == [
         "fashion-mnist-pytorch-best-model-checkpoint.safetensors",
         "fashion-mnist-pytorch-history.csv",
         "fashion-mnist-pytorch-history.png",

@@ -149,6 +149,23 @@ def test_a_two_rank_sharded_checkpoint_loads_into_one_process_and_trains_on(unin
 
 
 @pytest.mark.timeout(600)
+def test_a_one_process_training_checkpoint_loads_into_two_fsdp_ranks(tmp_path):
+    """A single-file training checkpoint of one process (1 epoch of the training run, Adam) read by 2 FSDP ranks: each
+    takes its shards (the parameters stay DTensors), and the gathered weights and Adam moments and step equal the
+    checkpoint's, bit for bit, on both ranks."""
+    _assert_ok(run_ranks("train", str(tmp_path), "--num-epochs", "1", world_size=1))
+    saved = mlp.load_training_checkpoint(str(tmp_path / TRAINING_CHECKPOINT))["trainer"]
+    _assert_ok(run_ranks("load-whole", str(tmp_path)))
+    for rank in range(2):
+        loaded = torch.load(tmp_path / f"loaded-rank{rank}.pt")
+        assert all(loaded["sharded"])
+        _assert_same_weights(loaded["weights"], saved["model_components"]["model"])
+        for index, entry in saved["optimizers"]["optimizer"]["state"].items():
+            for key, value in entry.items():
+                assert torch.equal(loaded["adam"][index][key], value), (index, key)
+
+
+@pytest.mark.timeout(600)
 def test_sigkill_of_a_rank_during_a_sharded_save_leaves_the_previous_checkpoint(tmp_path):
     """Rank 1 is SIGKILLed in the second sharded save (end of epoch 1), after writing its shard files and before the
     checkpoint is complete; rank 0's save fails on the lost peer. The training checkpoint file still names the
@@ -186,6 +203,39 @@ def test_torchrun_restart_after_a_sigkilled_fsdp_worker_ends_where_an_uninterrup
     assert "Resuming training from" in result.stdout, result.stdout
     for weights in _final_weights(tmp_path):
         _assert_same_weights(weights, uninterrupted_fsdp[1])
+
+
+@pytest.mark.timeout(600)
+def test_non_finite_shards_on_one_rank_stop_the_writes_of_every_rank(tmp_path):
+    """Under ``non_finite_weights="warn"`` rank 1's shards become NaN in epoch 1 (rank 0's stay finite): the ranks
+    agree that the weights are not finite, so neither the epoch-end checkpoint nor the final one is written (no rank
+    waits for another in a save); both end, and the training checkpoint is still the one of epoch 0."""
+    results = run_ranks("train", str(tmp_path), "--fsdp", "--nan-at", "14")
+    _assert_ok(results)
+    for _, output, _ in results:
+        assert "Not writing checkpoints: the weights hold NaN or infinite values" in output
+    checkpoint = mlp.load_training_checkpoint(str(tmp_path / TRAINING_CHECKPOINT))
+    assert checkpoint["global_iter"] == 12
+    model, _, _ = _load_in_one_process(str(tmp_path / TRAINING_CHECKPOINT))
+    assert all(torch.isfinite(value).all() for value in model.state_dict().values())
+
+
+@pytest.mark.timeout(600)
+def test_the_one_call_api_trains_under_fsdp_as_in_one_process(tmp_path):
+    """``mlp.Trainer(model, loss, optimizer, strategy=FSDPStrategy(...))``: 2 epochs on 2 ranks (batches of 8, in
+    order) give one process's weights (batches of 16) and validation history within 1e-5, and its checkpoints are
+    written (the training checkpoint sharded)."""
+    _assert_ok(run_ranks("one-call-fsdp", str(tmp_path)))
+    torch.set_num_threads(1)
+    single = ddp_worker.run_one_call(str(tmp_path / "single"), fsdp=False)
+    for rank in range(2):
+        result = torch.load(tmp_path / f"one-call-rank{rank}.pt")
+        for name, value in single["weights"].items():
+            torch.testing.assert_close(result["weights"][name], value, rtol=1e-5, atol=1e-5)
+        assert len(result["rows"]) == len(single["rows"]) == 2
+        for row, expected in zip(result["rows"], single["rows"]):
+            assert row["validation.dataset.loss"] == pytest.approx(expected["validation.dataset.loss"], rel=1e-5)
+    assert len(_shard_directories(tmp_path)) == 1
 
 
 class _Hostile:

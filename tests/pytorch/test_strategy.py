@@ -48,7 +48,7 @@ def test_bad_strategies_are_refused_at_construction_naming_the_valid_ones(monkey
         make_trainer(strategy="ddp")
     with pytest.raises(TypeError, match=r"strategy is the class DDPStrategy; pass an object, e.g. DDPStrategy\(\)"):
         make_trainer(strategy=DDPStrategy)
-    assert STRATEGY_NAMES == ("single_process", "ddp") and issubclass(DDPStrategy, Strategy)
+    assert STRATEGY_NAMES == ("single_process", "ddp", "fsdp") and issubclass(DDPStrategy, Strategy)
 
 
 def test_one_process_of_a_launch_is_not_allowed_to_train_alone(monkeypatch):

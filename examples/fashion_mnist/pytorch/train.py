@@ -23,6 +23,11 @@ launcher; the script is the same as for one process (batch size per process, glo
 
     torchrun --nproc_per_node 2 examples/fashion_mnist/pytorch/train.py --distributed
     python examples/fashion_mnist/pytorch/train.py --distributed 2
+
+Sharded (FSDP2: every rank holds a shard of the weights, gradients and Adam state; sharded training checkpoints):
+
+    torchrun --nproc_per_node 2 examples/fashion_mnist/pytorch/train.py --distributed --strategy fsdp
+    python examples/fashion_mnist/pytorch/train.py --distributed 2 --strategy fsdp
 """
 
 import argparse
@@ -102,6 +107,12 @@ def parse_arguments(argv=None):
         metavar="N",
         help="data-parallel training: under torchrun, on its processes; else on N local processes started by "
         "mlp.distributed.launch (default N: one per GPU, one without GPUs)",
+    )
+    parser.add_argument(
+        "--strategy",
+        choices=["ddp", "fsdp"],
+        default=None,
+        help="with --distributed: DDP (default) or FSDP2 (each Linear layer a unit of its own, sharded checkpoints)",
     )
     parser.add_argument(
         "--checkpoints-path", default="checkpoints", help="directory of the checkpoint files (default: checkpoints)"
@@ -198,6 +209,9 @@ def train(args):
     )
     # fused=True: Adam's fused implementation, the same algorithm in one kernel per step (float rounding differs)
     optimizer = torch.optim.Adam(classifier.parameters(), lr=args.learning_rate, fused=True)
+    strategy = args.strategy
+    if strategy == "fsdp":  # the size policy would make this small model one unit: shard every Linear layer
+        strategy = mlp.strategies.FSDPStrategy(shard_modules=[torch.nn.Linear])
     trainer = mlp.trainers.DefaultTrainer(
         optimizers=optimizer,
         model_components=classifier,
@@ -206,6 +220,7 @@ def train(args):
         autocast_dtype=args.mixed_precision,
         clip_gradients_norm=args.clip_grad_norm,
         compile_step=args.compile_step,
+        strategy=strategy,
     )
 
     evaluator = mlp.evaluation.MetricEvaluator(

@@ -3,16 +3,14 @@
 from __future__ import annotations
 
 import copy
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import AbstractContextManager, contextmanager
+from collections.abc import Callable, Sequence
 from typing import Any, Optional, Union
 
 import torch
-from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
+from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor
 
 from mlpug.checkpointing.sharded import ShardedCheckpoints
-from mlpug.chunking import BatchChunk
 from mlpug.distributed import DistributedContext
 from mlpug.pytorch.distributed import (
     TorchDistributedContext,
@@ -23,6 +21,7 @@ from mlpug.pytorch.distributed import (
     warn_if_random_states_differ,
 )
 from mlpug.pytorch.sharded_checkpoint import DCPShardedCheckpoints
+from mlpug.pytorch.strategies.fsdp_gradient_sync import FSDPGradientSync
 from mlpug.trainers.gradient_sync import GradientSync
 from mlpug.trainers.precision import PrecisionPolicy
 from mlpug.trainers.strategy import Strategy
@@ -33,35 +32,6 @@ ShardModules = Union[None, Sequence[type], Callable[[torch.nn.Module], bool]]
 DEFAULT_MIN_NUM_PARAMS = 10_000_000
 """The default size policy: a submodule whose parameters (outside its own units) number at least this many is a
 unit of its own."""
-
-
-class FSDPGradientSync(GradientSync):
-    """Gradient synchronisation of FSDP2: the reduce-scatter of gradients runs in the backward pass of the last
-    chunk of a batch only (``set_requires_gradient_sync(False)`` for the chunks before it, which accumulate
-    unsharded gradients locally).
-
-    Args:
-        model: The root FSDP module (the training model after ``fully_shard``).
-    """
-
-    def __init__(self, model: FSDPModule):
-        self.model = model
-
-    def chunk_context(self, chunk: BatchChunk) -> AbstractContextManager:
-        return self._no_sync() if not chunk.is_last else _nothing()
-
-    @contextmanager
-    def _no_sync(self) -> Iterator[None]:
-        self.model.set_requires_gradient_sync(False)
-        try:
-            yield
-        finally:
-            self.model.set_requires_gradient_sync(True)
-
-
-@contextmanager
-def _nothing() -> Iterator[None]:
-    yield
 
 
 class FSDPStrategy(Strategy):
@@ -82,8 +52,12 @@ class FSDPStrategy(Strategy):
     re-pointed at them (their parameter groups and hyper-parameters are kept; they must not have stepped yet).
     ``DefaultTrainer(use_mixed_precision=True)`` (bfloat16) becomes FSDP's ``MixedPrecisionPolicy(param_dtype=
     torch.bfloat16, reduce_dtype=torch.float32)``: parameters are gathered and computed in bfloat16, gradients
-    reduced and stored in float32; no autocast. Evaluation (synchronous and asynchronous) runs a gathered copy of
-    the whole model on every rank (see ``DefaultTrainer``). Training checkpoints are sharded
+    reduced and stored in float32; no autocast. Buffers (e.g. BatchNorm statistics) are not sharded: before every
+    training forward pass they are set to rank 0's (as DDP's ``broadcast_buffers`` does).
+
+    Evaluation (synchronous and asynchronous) runs an unsharded copy of the whole model, which every rank keeps from
+    ``set_training_model`` on (on the model's device) and into which :meth:`prepare_evaluation` gathers the weights;
+    it evaluates in float32 (the mixed-precision policy is the sharded model's). Training checkpoints are sharded
     (:mod:`mlpug.pytorch.sharded_checkpoint`); model checkpoints hold the gathered weights.
 
     The process group is joined at construction as for DDP (:func:`~mlpug.pytorch.distributed.init_distributed`).
@@ -187,6 +161,9 @@ class FSDPStrategy(Strategy):
         unsharded_buffers = dict(self._unsharded_model.named_buffers())
         self._copy_pairs += [(unsharded_buffers[name], buffer) for name, buffer in training_model.named_buffers()]
         self._gradient_sync = FSDPGradientSync(training_model)
+        buffers = list(training_model.buffers())
+        if buffers:  # as DDP does (broadcast_buffers): rank 0's buffers (e.g. BatchNorm statistics) before a forward
+            training_model.register_forward_pre_hook(lambda module, inputs: _broadcast_buffers(module, buffers))
         warn_if_random_states_differ(self._context)
         return training_model
 
@@ -280,6 +257,16 @@ def _units(root: torch.nn.Module, is_unit: Callable[[torch.nn.Module, int], bool
 
     visit(root)
     return units
+
+
+def _broadcast_buffers(module: torch.nn.Module, buffers: list[torch.Tensor]) -> None:
+    """Rank 0's ``buffers`` on every rank, before a training forward pass of ``module`` (a collective per buffer)."""
+    import torch.distributed as dist
+
+    if module.training:
+        with torch.no_grad():
+            for buffer in buffers:
+                dist.broadcast(buffer, src=0)
 
 
 def _broadcast_from_rank_0(model: torch.nn.Module, context: TorchDistributedContext) -> None:

@@ -500,6 +500,7 @@ class DefaultTrainer(_NeutralDefaultTrainer):
         """
         sharded = is_sharded(state)
         self._check_state_names(state["plain"] if sharded else state)  # before anything is loaded
+        self._evaluation_is_current = False  # the evaluation copy (sharded state) holds the weights before
         if sharded or self.strategy.shards_state:  # loaded into the live optimizer states: they must exist
             initialize_optimizer_states(self._optimizer_list)
         if sharded:

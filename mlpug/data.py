@@ -141,12 +141,24 @@ class ResumableBatchSampler:
     def check_state(self, state: dict, source: str = "the checkpoint") -> None:
         """Raise when ``state`` (from :meth:`get_state`) defines another order than this sampler.
 
+        The order is that of the global batches (``batch_size`` per rank x ``world_size``): a state of another
+        number of ranks with the same global batch (e.g. 2 ranks x 8 and 1 process x 16) continues with the same
+        samples in every step (only a last, short batch that does not divide by the ranks is padded differently).
+
         Raises:
             ValueError: Naming every setting that differs, with both values.
         """
-        own = self.get_state()
+
+        def global_batch(settings: dict) -> dict:
+            settings = dict(settings)
+            world_size = settings.pop("world_size", 1)
+            batch_size = settings.pop("batch_size", None)
+            settings["batch_size x world_size"] = None if batch_size is None else batch_size * world_size
+            return settings
+
+        own, saved = global_batch(self.get_state()), global_batch(state)
         differences = [
-            f"{key}: {state.get(key)!r} there, {value!r} here" for key, value in own.items() if state.get(key) != value
+            f"{key}: {saved.get(key)!r} there, {value!r} here" for key, value in own.items() if saved.get(key) != value
         ]
         if differences:
             raise ValueError(

@@ -131,7 +131,26 @@ def test_set_epoch_is_called_on_a_plain_sampler():
 def test_check_data_state_names_the_differences():
     sampler = ResumableBatchSampler(8, 2, seed=1)
     saved = {"order": ResumableBatchSampler(8, 4, seed=2).get_state()}
-    with pytest.raises(ValueError, match=r"ckpt.pt: .*batch_size: 4 there, 2 here; seed: 2 there, 1 here"):
+    with pytest.raises(ValueError, match=r"ckpt.pt: .*seed: 2 there, 1 here; batch_size x world_size: 4 there, 2 here"):
         check_data_state(sampler, saved, "ckpt.pt")
     check_data_state(sampler, {"order": sampler.get_state()}, "ckpt.pt")
     check_data_state([1, 2], saved, "ckpt.pt")  # not resumable: nothing to check
+
+
+def test_a_data_state_of_another_number_of_ranks_with_the_same_global_batch_continues_the_same_order():
+    """2 ranks x 4 samples = 1 process x 8 (the same samples in every step, so a sharded checkpoint of 2 ranks
+    continues in one process); 2 x 4 against 1 x 4 (another global batch) is refused, naming both global batches."""
+    two_ranks = ResumableBatchSampler(16, 4, seed=1)
+    two_ranks.set_shard(0, 2)
+    saved = {"order": two_ranks.get_state()}
+    check_data_state(ResumableBatchSampler(16, 8, seed=1), saved, "ckpt.pt")
+    with pytest.raises(ValueError, match=r"batch_size x world_size: 8 there, 4 here"):
+        check_data_state(ResumableBatchSampler(16, 4, seed=1), saved, "ckpt.pt")
+    shards = [ResumableBatchSampler(16, 4, seed=1) for _ in range(2)]
+    for rank, shard in enumerate(shards):
+        shard.set_shard(rank, 2)
+    whole = ResumableBatchSampler(16, 8, seed=1)
+    for sampler in (*shards, whole):
+        sampler.set_epoch(1)
+    per_rank = [list(shard) for shard in shards]
+    assert [sorted(a + b) for a, b in zip(*per_rank)] == [sorted(batch) for batch in whole]

@@ -381,6 +381,29 @@ def run_one_call(out_dir: str, fsdp: bool) -> dict:
     return {"weights": weights, "rows": [dict(row) for row in history.rows]}
 
 
+def run_continue(out_dir: str, num_epochs: int, resume: bool) -> dict:
+    """Epochs of 48 samples (3 batches of 8 per rank under FSDP on 2 ranks, of 16 in one process, the same samples
+    per step), SGD with momentum, a training checkpoint at every epoch end in ``out_dir``; resumable. The final
+    weights (gathered)."""
+    inputs, targets = make_data(48, seed=1)
+    training_dataset = mlp.data.ResumableArrayBatches((inputs, targets), 16 // _world_size(), shuffle=True, seed=3)
+    model = make_model()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    strategy = fsdp_strategy() if _world_size() > 1 else None
+    trainer = mlp.trainers.DefaultTrainer(optimizer, model, strategy=strategy)
+    evaluator = mlp.evaluation.MetricEvaluator(trainer=trainer)
+    callbacks = [
+        mlp.callbacks.TrainingMetricsLogger(evaluator),
+        mlp.callbacks.CheckpointManager(checkpoints_path=out_dir, metric_to_monitor=None, write_in_background=False),
+    ]
+    manager = mlp.trainers.TrainingManager(
+        trainer, training_dataset, num_epochs=num_epochs, callbacks=callbacks, resume_from="latest" if resume else None
+    )
+    trainer.set_training_model(TrainModel(model))
+    manager.start_training()
+    return {name: _full(value) for name, value in model.state_dict().items()}
+
+
 def run_load_whole(out_dir: str) -> None:
     """Under FSDP: read the (single-file) training checkpoint of one process in ``out_dir`` into a sharded trainer,
     then write the gathered model and Adam state of this rank to ``loaded-rank<R>.pt``."""
@@ -429,7 +452,8 @@ def _world_size() -> int:
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument(
-        "scenario", choices=["equivalence", "equivalence-fsdp", "train", "uneven", "load-whole", "one-call-fsdp"]
+        "scenario",
+        choices=["equivalence", "equivalence-fsdp", "train", "uneven", "load-whole", "one-call-fsdp", "continue"],
     )
     parser.add_argument("out_dir")
     parser.add_argument("--num-epochs", type=int, default=2)
@@ -450,6 +474,9 @@ def main(argv=None) -> None:
         kill_during_sharded_save(args.kill_in_save)
     if args.scenario == "load-whole":
         run_load_whole(args.out_dir)
+    elif args.scenario == "continue":
+        weights = run_continue(args.out_dir, args.num_epochs, args.resume)
+        torch.save(weights, os.path.join(args.out_dir, f"continued-rank{rank}.pt"))
     elif args.scenario == "one-call-fsdp":
         torch.save(run_one_call(args.out_dir, fsdp=True), os.path.join(args.out_dir, f"one-call-rank{rank}.pt"))
     elif args.scenario == "uneven":

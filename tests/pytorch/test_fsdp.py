@@ -149,6 +149,25 @@ def test_a_two_rank_sharded_checkpoint_loads_into_one_process_and_trains_on(unin
 
 
 @pytest.mark.timeout(600)
+def test_a_two_rank_sharded_checkpoint_continues_in_one_process_as_on_two_ranks(tmp_path):
+    """2 FSDP ranks train epoch 0 (3 steps of 2 x 8 samples) and write a sharded training checkpoint; one process
+    (batches of 16, the same samples per step) resumes it and trains epoch 1. Its final weights equal those of 2 ranks
+    training both epochs without a break (1e-5: the sums run over other rows)."""
+    uninterrupted, split = tmp_path / "uninterrupted", tmp_path / "split"
+    uninterrupted.mkdir()
+    split.mkdir()
+    _assert_ok(run_ranks("continue", str(uninterrupted), "--num-epochs", "2"))
+    _assert_ok(run_ranks("continue", str(split), "--num-epochs", "1"))
+    torch.set_num_threads(1)
+    continued = ddp_worker.run_continue(str(split), num_epochs=2, resume=True)
+    expected = torch.load(uninterrupted / "continued-rank0.pt")
+    before = torch.load(split / "continued-rank0.pt")
+    for name, value in expected.items():
+        torch.testing.assert_close(continued[name], value, rtol=1e-5, atol=1e-5)
+        assert not torch.allclose(before[name], value, atol=1e-4), name  # epoch 1 changed the weights
+
+
+@pytest.mark.timeout(600)
 def test_a_one_process_training_checkpoint_loads_into_two_fsdp_ranks(tmp_path):
     """A single-file training checkpoint of one process (1 epoch of the training run, Adam) read by 2 FSDP ranks: each
     takes its shards (the parameters stay DTensors), and the gathered weights and Adam moments and step equal the

@@ -1,0 +1,108 @@
+"""What the JAX ``DefaultTrainer`` compiles, and how values that are not arrays cross ``jax.jit``.
+
+The training and evaluation steps are plain functions of arrays compiled once per input signature with
+``jax.jit`` (:func:`compile_step`); the trainer calls the compiled function directly, never ``nnx.jit`` (which
+walks the module graph on every call).
+
+Batches, training settings and the model's outputs may hold values that are not arrays (a string in a batch, a
+``bool`` switch in the settings, a Python ``int`` as ``num_samples``, a tag among the auxiliary results). Such a
+value travels as a :class:`StaticValue`: a pytree node without leaves whose value is part of the tree's structure.
+As an input it is a constant of the trace (a different value traces again, like a Python constant of a
+``tf.function``); as an output it comes back as the same Python value. Arrays (``jax.Array``, NumPy arrays and
+scalars) are traced.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import jax
+import numpy as np
+
+
+@jax.tree_util.register_static
+class StaticValue:
+    """A value that is not an array, carried through ``jax.jit`` in the tree structure (see the module docstring).
+
+    Two static values are equal when their types and values are equal (so ``1`` and ``True`` trace apart).
+
+    Attributes:
+        value: The Python value (hashable).
+    """
+
+    __slots__ = ("value",)
+
+    def __init__(self, value: Any):
+        self.value = value
+
+    def __repr__(self) -> str:
+        return f"StaticValue({self.value!r})"
+
+    def __eq__(self, other: object) -> bool:
+        return (
+            isinstance(other, StaticValue) and type(self.value) is type(other.value) and bool(self.value == other.value)
+        )
+
+    def __hash__(self) -> int:
+        return hash((type(self.value), self.value))
+
+
+def is_array(value: Any) -> bool:
+    """True for what a compiled step traces: ``jax.Array`` (also a tracer), NumPy arrays and NumPy scalars."""
+    return isinstance(value, (jax.Array, np.ndarray, np.generic))
+
+
+def as_traceable(tree: Any, what: str) -> Any:
+    """``tree`` with every leaf that is not an array (see :func:`is_array`) wrapped in a :class:`StaticValue`.
+
+    Args:
+        tree: A pytree (tuples, lists, dicts, named tuples, None ...) of arrays and other values.
+        what: What ``tree`` is, for the error message (``"the batch"``, ``"the training settings"``, ...).
+
+    Raises:
+        TypeError: A leaf that is not an array cannot be hashed, so it cannot be a constant of a compiled step
+            (its type and position are named).
+    """
+    leaves_with_paths, treedef = jax.tree_util.tree_flatten_with_path(tree)
+    leaves = []
+    for path, leaf in leaves_with_paths:
+        if is_array(leaf):
+            leaves.append(leaf)
+            continue
+        try:
+            hash(leaf)
+        except TypeError:
+            raise TypeError(
+                f"{what}{jax.tree_util.keystr(path)} is a {type(leaf).__module__}.{type(leaf).__qualname__}, which is "
+                "neither an array nor hashable: a compiled JAX step takes arrays (traced) and hashable Python values "
+                "(constants of the trace); convert it to an array (np.asarray) or to a hashable value (e.g. a tuple)"
+            ) from None
+        leaves.append(StaticValue(leaf))
+    return jax.tree_util.tree_unflatten(treedef, leaves)
+
+
+def from_traceable(tree: Any) -> Any:
+    """The inverse of :func:`as_traceable`: every :class:`StaticValue` replaced by its value."""
+    return jax.tree_util.tree_map(
+        lambda leaf: leaf.value if isinstance(leaf, StaticValue) else leaf,
+        tree,
+        is_leaf=lambda leaf: isinstance(leaf, StaticValue),
+    )
+
+
+def compile_step(
+    function: Callable[..., Any],
+    donate_argnums: Sequence[int] = (),
+    static_argnames: Sequence[str] = (),
+) -> Callable[..., Any]:
+    """``jax.jit(function)``: compiled once per signature of its arguments (shapes, dtypes, tree structure and
+    static values), its donated arguments' buffers reused for its outputs.
+
+    Args:
+        function: A function of pytrees of arrays (with :class:`StaticValue` s for the rest) returning the same.
+        donate_argnums: Positions of the arguments whose buffers the outputs may take over: the caller must not
+            use those arrays after the call (the trainer writes the new state back at once).
+        static_argnames: Keyword arguments that are Python constants of the trace.
+    """
+    return jax.jit(function, donate_argnums=tuple(donate_argnums), static_argnames=tuple(static_argnames))

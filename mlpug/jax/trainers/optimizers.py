@@ -1,0 +1,158 @@
+"""The optax optimizers of the JAX ``DefaultTrainer`` and their states (:class:`OptaxOptimizers`).
+
+The trainer owns the optimizer states: per optimizer, ``transformation.init`` of the values of the parameters it
+updates (a list of arrays, in the order of :func:`mlpug.jax.trainers.live_model.component_parameters`). In a
+training checkpoint a state is a flat dict ``{key path: array}`` of its leaves (``jax.tree_util.keystr`` of each
+leaf's path, e.g. ``"[0].mu[1]"``), loaded back into the structure that ``init`` gives.
+
+The learning rate is read and set where ``optax.inject_hyperparams`` keeps it: ``state.hyperparams
+["learning_rate"]`` (searched anywhere in the state, e.g. inside an ``optax.chain``). Other optimizers have no
+learning rate that can be read or set.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any, Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+LEARNING_RATE = "learning_rate"
+
+
+def _is_injected(node: Any) -> bool:
+    return isinstance(getattr(node, "hyperparams", None), Mapping) and hasattr(node, "_replace")
+
+
+def injected_learning_rate(state: Any) -> Optional[Any]:
+    """The learning rate in an optax state made by ``optax.inject_hyperparams`` (the first one found, as a 0-d
+    array; inside a compiled step a tracer), or None."""
+    for node in jax.tree_util.tree_leaves(state, is_leaf=_is_injected):
+        if _is_injected(node) and LEARNING_RATE in node.hyperparams:
+            return node.hyperparams[LEARNING_RATE]
+    return None
+
+
+def _is_scheduled(state: Any) -> bool:
+    """Whether the injected learning rate of ``state`` is a schedule (``inject_hyperparams(...)(learning_rate=
+    schedule)``): then optax computes it anew every step."""
+    for node in jax.tree_util.tree_leaves(state, is_leaf=_is_injected):
+        if _is_injected(node) and LEARNING_RATE in node.hyperparams:
+            return LEARNING_RATE in (getattr(node, "hyperparams_states", None) or {})
+    return False
+
+
+def _with_learning_rate(state: Any, learning_rate: float) -> Any:
+    """``state`` with the first injected learning rate set to ``learning_rate`` (in its dtype)."""
+    replaced = False
+
+    def replace(node: Any) -> Any:
+        nonlocal replaced
+        if replaced or not _is_injected(node) or LEARNING_RATE not in node.hyperparams:
+            return node
+        replaced = True
+        old = node.hyperparams[LEARNING_RATE]
+        hyperparams = {**node.hyperparams, LEARNING_RATE: jnp.asarray(learning_rate, dtype=jnp.result_type(old))}
+        return node._replace(hyperparams=hyperparams)
+
+    return jax.tree_util.tree_map(replace, state, is_leaf=_is_injected)
+
+
+def _copy_leaves(state: Any) -> Any:
+    """``state`` with every array in its own buffer (a compiled step donates them; optax may reuse one array)."""
+    return jax.tree_util.tree_map(lambda leaf: jnp.array(leaf, copy=True) if isinstance(leaf, jax.Array) else leaf,
+                                  state)  # fmt: skip
+
+
+class OptaxOptimizers:
+    """The optax transformations by name and their states.
+
+    Args:
+        transformations: Per optimizer name, its ``optax.GradientTransformation``.
+        parameters: Per optimizer name, the values of the parameters it updates (a list of arrays).
+    """
+
+    def __init__(self, transformations: Mapping[str, optax.GradientTransformation], parameters: Mapping[str, list]):
+        self.transformations = dict(transformations)
+        self.states: dict[str, Any] = {
+            name: _copy_leaves(transformation.init(list(parameters[name])))
+            for name, transformation in self.transformations.items()
+        }
+
+    # ----- the states as a tuple, for a compiled step -----
+    def state_tuple(self) -> tuple:
+        return tuple(self.states.values())
+
+    def set_state_tuple(self, states: Sequence[Any]) -> None:
+        self.states = dict(zip(self.states, states))
+
+    # ----- checkpoints -----
+    def flat_states(self) -> dict[str, dict[str, Any]]:
+        """Per optimizer name, ``{key path: leaf}`` of its state (the live arrays, not copied)."""
+        return {
+            name: {jax.tree_util.keystr(path): leaf for path, leaf in jax.tree_util.tree_leaves_with_path(state)}
+            for name, state in self.states.items()
+        }
+
+    def set_state(self, state: Mapping[str, Any]) -> None:
+        """Load what :meth:`flat_states` returned (NumPy or JAX arrays; each leaf in the dtype of the current one).
+
+        Raises:
+            ValueError: An optimizer's state has other leaves (key paths) or shapes than this optimizer's (both are
+                named); nothing is loaded then.
+        """
+        loaded = {}
+        for name, current in self.states.items():
+            given = state[name]
+            leaves, treedef = jax.tree_util.tree_flatten_with_path(current)
+            keys = [jax.tree_util.keystr(path) for path, _ in leaves]
+            if not isinstance(given, Mapping) or set(given) != set(keys):
+                found = sorted(given) if isinstance(given, Mapping) else f"a {type(given).__name__}"
+                raise ValueError(
+                    f"state of optimizer {name!r}: its leaves {found} do not match the optimizer's {keys} (another "
+                    "optax transformation, or other parameters?)"
+                )
+            values = []
+            for key, (_, leaf) in zip(keys, leaves):
+                value = given[key]
+                if np.shape(value) != np.shape(leaf):
+                    raise ValueError(
+                        f"state of optimizer {name!r}: {key} has shape {np.shape(value)}, the optimizer's "
+                        f"{np.shape(leaf)}"
+                    )
+                values.append(jnp.array(value, dtype=jnp.result_type(leaf)) if isinstance(leaf, jax.Array) else value)
+            loaded[name] = jax.tree_util.tree_unflatten(treedef, values)
+        self.states = loaded
+
+    # ----- learning rate -----
+    def get_learning_rate(self, name: str) -> Optional[float]:
+        """The learning rate of optimizer ``name`` now, or None when it was not made with
+        ``optax.inject_hyperparams``."""
+        learning_rate = injected_learning_rate(self.states[name])
+        return None if learning_rate is None else float(jax.device_get(learning_rate))
+
+    def set_learning_rate(self, names: Sequence[str], learning_rate: float) -> None:
+        """Set the learning rate of the optimizers ``names`` in their states (all of them, or none).
+
+        Raises:
+            TypeError: An optimizer was not made with ``optax.inject_hyperparams``, or its learning rate is a
+                schedule (optax computes it every step); no learning rate is set then.
+        """
+        for name in names:
+            state = self.states[name]
+            if injected_learning_rate(state) is None:
+                raise TypeError(
+                    f"optimizer {name!r} has no learning rate that can be set: make it with optax.inject_hyperparams, "
+                    "e.g. optax.inject_hyperparams(optax.adam)(learning_rate=1e-3), so that its learning rate is part "
+                    "of its state"
+                )
+            if _is_scheduled(state):
+                raise TypeError(
+                    f"optimizer {name!r} has a learning rate schedule (optax computes it every step), which cannot be "
+                    "set"
+                )
+        for name in names:
+            self.states[name] = _with_learning_rate(self.states[name], learning_rate)

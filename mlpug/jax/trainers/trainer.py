@@ -1,0 +1,441 @@
+"""JAX ``DefaultTrainer``: one optimisation step compiled with ``jax.jit`` over Flax NNX modules and optax
+optimizers, evaluation, and state.
+
+The step is composed of the neutral step parts (see :mod:`mlpug.trainers.trainer`), in this one place, whose null
+objects give the plain step; all of it runs inside one compiled function of flat lists of arrays::
+
+    step(trainable, optimizer_states, rest, batch, settings)          # jax.jit, buffers of the first three donated
+        result = chunking.run(chunk_step, batch)                       # BatchChunking (null) or ChunkedBatch (unrolled)
+            chunk_step: loss, grads = jax.value_and_grad(forward, has_aux=True)(trainable)
+                forward: model = nnx.merge(graphdef, precision.cast_parameters(trainable) + rest)
+                         outputs = model(precision.cast_batch(chunk), settings, False)      # train() mode
+                         target = chunking.weigh_loss(precision.scale_loss(loss), chunk)   # bfloat16: loss in float32
+                         rest = the model's other variables after the pass (nnx.Rngs counts, batch statistics)
+        gradients = gradient_sync.reduce(result.gradients)             # once per batch, after the last chunk
+        gradients = clip_gradients(gradients per optimizer)            # clip_gradients_norm / _value
+        precision.step(optimizers, gradients)                          # optax update + apply_updates, per optimizer
+        [skip_non_finite_steps: every new value = where(isfinite(loss), new, old)]
+        return new values, loss, num_samples, auxiliary_results, skipped, learning_rate
+
+The trainer keeps no copy of the weights: the step reads the values of the live ``nnx.Variable`` s and writes the new
+ones back into them (:class:`~mlpug.jax.trainers.live_model.LiveModel`), so the user's modules always hold the
+trained weights. It owns the optimizer states (:class:`~mlpug.jax.trainers.optimizers.OptaxOptimizers`).
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Sequence
+from typing import Any, Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+
+from mlpug.chunking import BatchChunk, ChunkResult
+from mlpug.jax.checkpointing import to_numpy
+from mlpug.jax.chunking import batch_chunker
+from mlpug.jax.random_state import NnxRngStreams
+from mlpug.jax.strategies import resolve_strategy
+from mlpug.jax.trainers.clipping import clip_gradient_lists
+from mlpug.jax.trainers.compilation import as_traceable, compile_step, from_traceable
+from mlpug.jax.trainers.component_state import component_state, component_updates
+from mlpug.jax.trainers.live_model import LiveModel, component_parameters, path_name, rng_variables
+from mlpug.jax.trainers.optimizers import OptaxOptimizers, injected_learning_rate
+from mlpug.jax.trainers.precision import FullPrecision, precision_policy
+from mlpug.jax.trainers.traced_optimizer import TracedOptimizer
+from mlpug.logs import to_number
+from mlpug.random_state import RandomStateProvider
+from mlpug.trainers.clipping import validate_clipping
+from mlpug.trainers.strategy import Strategy
+from mlpug.trainers.trainer import DefaultTrainer as NeutralDefaultTrainer
+from mlpug.trainers.trainer import ModelOutputs, StepResult
+
+
+def _like(new: Any, old: Any) -> Any:
+    """``new`` in the dtype of ``old`` (a forward pass in bfloat16 may give a batch statistic another dtype; the
+    compiled step keeps every variable's dtype)."""
+    if isinstance(new, jax.Array) and isinstance(old, jax.Array) and new.dtype != old.dtype:
+        return new.astype(old.dtype)
+    return new
+
+
+class DefaultTrainer(NeutralDefaultTrainer):
+    """Trains Flax NNX modules with optax optimizers; the step is compiled with ``jax.jit`` (module docstring).
+
+    Args:
+        optimizers: An ``optax.GradientTransformation`` (e.g. ``optax.adam(1e-3)``), a list or a dict of them. Names
+            (``"optimizer"``, ``"optimizer_<i>"`` or the dict keys) are the keys of their state in checkpoints. One
+            optimizer updates the ``nnx.Param`` s of all model components; several optimizers must be named like the
+            model components, each updating the parameters of its component. To read and set the learning rate
+            (``get_learning_rate`` / ``set_learning_rate``, learning rate schedulers, ``logs``), make the optimizer
+            with ``optax.inject_hyperparams``, e.g. ``optax.inject_hyperparams(optax.adam)(learning_rate=1e-3)``.
+        model_components: A ``flax.nnx.Module``, a list or a dict of them: the parts whose weights are trained and
+            saved (``"model"``, ``"model_<i>"`` or the dict keys). The training model must hold and call them.
+        batch_chunk_size: Gradient accumulation: when given (int >= 1), every batch is split into chunks of at most
+            this many samples (the last may be smaller) inside the compiled step, each chunk's loss weighted by
+            ``chunk_samples / batch_samples``, the gradients summed, and the optimizers step once per batch (see
+            :mod:`mlpug.jax.chunking`). Batches must be arrays or tuples/lists/dicts of them; the weights assume the
+            loss is a mean over the samples of the chunk.
+        use_mixed_precision: Run the forward pass in ``bfloat16`` (parameters and floating-point batch arrays cast
+            inside the step; the parameters, their gradients and the optimizer states stay float32; see
+            :mod:`mlpug.jax.trainers.precision`).
+        autocast_dtype: ``"bfloat16"`` (the default with ``use_mixed_precision=True``); ``"float16"`` is refused (it
+            needs loss scaling).
+        clip_gradients_norm: Clip the gradients of each optimizer to this global L2 norm (float > 0;
+            ``optax.clip_by_global_norm``) after accumulation and before they are applied; see
+            :mod:`mlpug.trainers.clipping` and :meth:`clip_gradients`.
+        clip_gradients_value: Clip every gradient element to ``[-v, v]`` instead.
+        strategy: None or ``"single_process"`` (one process, one device; see :mod:`mlpug.jax.strategies`).
+
+    The training model, set with :meth:`set_training_model`, is a ``flax.nnx.Module`` whose ``__call__(batch_data,
+    evaluate_settings, inference_mode=None)`` returns the loss (see :class:`mlpug.trainers.trainer.DefaultTrainer`
+    for the accepted return forms). Inside the step it is rebuilt from its graph definition in ``train()`` mode
+    (in ``eval()`` mode for evaluation in inference mode); the live modules' own modes are not changed.
+
+    Batches and settings: arrays (NumPy or JAX) are traced; other values (Python numbers, strings, bools) are
+    constants of the trace, so another value, like another batch shape (the short last batch), compiles the step
+    once more (see :mod:`mlpug.jax.trainers.compilation`).
+
+    ``trainer.get_state()`` holds NumPy copies (one host transfer); the step itself never leaves the device, and its
+    results (loss, outputs, whether the step was skipped, the learning rate) stay ``jax.Array`` s until read.
+
+    Raises:
+        TypeError: An optimizer is not an ``optax.GradientTransformation``, a model component not an
+            ``nnx.Module``, ``use_mixed_precision`` not a bool, or ``strategy`` not a strategy.
+        ValueError: Several optimizers not named like model components, a ``batch_chunk_size`` that is not an int
+            >= 1, a bad ``autocast_dtype`` (``"float16"`` included), a bad clipping option, or a ``strategy`` other than
+            one process (data parallel training on JAX comes later).
+    """
+
+    optimizer_type = optax.GradientTransformation
+    model_component_type = nnx.Module
+
+    def __init__(
+        self,
+        optimizers: Any,
+        model_components: Any,
+        batch_chunk_size: Optional[int] = None,
+        use_mixed_precision: bool = False,
+        autocast_dtype: Optional[str] = None,
+        clip_gradients_norm: Optional[float] = None,
+        clip_gradients_value: Optional[float] = None,
+        strategy: Any = None,
+    ):
+        if isinstance(optimizers, optax.GradientTransformation):  # a named tuple: one optimizer, not a list of them
+            optimizers = {"optimizer": optimizers}
+        super().__init__(optimizers, model_components)
+        self.clip_gradients_norm, self.clip_gradients_value = validate_clipping(
+            clip_gradients_norm, clip_gradients_value
+        )
+        self.strategy: Strategy = resolve_strategy(strategy)
+        self.chunking = batch_chunker(batch_chunk_size)
+        self.precision: FullPrecision = precision_policy(use_mixed_precision, autocast_dtype)
+        self.gradient_sync = self.strategy.gradient_sync()
+        self._trainable, self._component_names = self._trainable_parameters()
+        self.optimizer_states = OptaxOptimizers(
+            self.optimizers,
+            {name: [variable.get_raw_value() for variable in variables] for name, variables in self._trainable.items()},
+        )
+        self._live: Optional[LiveModel] = None
+        self._passes_inference_mode = True
+        self._train_step: Any = None  # the compiled step of the training model (set_training_model)
+        self._evaluate_step: Any = None
+
+    def _trainable_parameters(self) -> tuple[dict[str, list[nnx.Variable]], dict[int, str]]:
+        """Per optimizer name, the ``nnx.Param`` s it updates (see the class docstring); and per variable ``id`` its
+        name ``"<component>.<path>"``.
+
+        Raises:
+            ValueError: Several optimizers that are not named like the model components.
+        """
+        names: dict[int, str] = {}
+        per_component: dict[str, list[nnx.Variable]] = {}
+        for component_name, component in self.model_components.items():
+            per_component[component_name] = []
+            for path, variable in component_parameters(component):
+                if id(variable) not in names:  # a parameter shared by two components belongs to the first
+                    names[id(variable)] = f"{component_name}.{path_name(path)}"
+                    per_component[component_name].append(variable)
+        if len(self.optimizers) == 1:
+            (name,) = self.optimizers
+            return {name: [variable for variables in per_component.values() for variable in variables]}, names
+        if set(self.optimizers) != set(self.model_components):
+            raise ValueError(
+                f"with several optimizers, each updates the model component of its name, but the optimizers are "
+                f"named {sorted(self.optimizers)} and the model components {sorted(self.model_components)}: pass both "
+                "as dicts with the same keys"
+            )
+        return {name: per_component[name] for name in self.optimizers}, names
+
+    # ----- set-up -----
+    def set_training_model(self, training_model: nnx.Module) -> None:
+        """Set the model that returns the loss for a batch, split it for the compiled steps and compile them anew
+        (the first call of each traces it).
+
+        Raises:
+            TypeError: ``training_model`` is not an ``nnx.Module``, or its ``__call__`` does not take
+                ``(batch_data, evaluate_settings[, inference_mode])``.
+            ValueError: A model component is not part of the training model (its parameters would never be trained).
+        """
+        if not isinstance(training_model, nnx.Module):
+            raise TypeError(
+                "training_model must be a flax.nnx.Module whose __call__(batch_data, evaluate_settings, "
+                f"inference_mode=None) returns the loss; got a {type(training_model).__module__}."
+                f"{type(training_model).__qualname__}"
+            )
+        parameters = inspect.signature(training_model.__call__).parameters.values()
+        if any(p.kind is p.VAR_POSITIONAL for p in parameters):
+            self._passes_inference_mode = True
+        else:
+            positional = [p for p in parameters if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+            if len(positional) < 2:
+                raise TypeError(
+                    f"{type(training_model).__qualname__}.__call__ must accept (batch_data, evaluate_settings, "
+                    f"inference_mode=None); it accepts ({', '.join(p.name for p in positional)})"
+                )
+            self._passes_inference_mode = len(positional) >= 3
+        prepared = self.strategy.prepare_training_model(training_model)
+        self._live = LiveModel(prepared, self._trainable, self._component_names)
+        self.training_model = prepared
+        self._train_step = compile_step(
+            self._train_step_function, donate_argnums=(0, 1, 2), static_argnames=("skip_non_finite",)
+        )
+        self._evaluate_step = compile_step(self._evaluate_step_function, static_argnames=("inference_mode",))
+
+    def random_state_providers(self) -> list[RandomStateProvider]:
+        """Python, NumPy and the ``nnx.Rngs`` streams of the training model (see :mod:`mlpug.jax.random_state`)."""
+        return [*super().random_state_providers(), NnxRngStreams(self._rng_variables)]
+
+    def _rng_variables(self) -> list[tuple[str, nnx.Variable]]:
+        """The ``nnx.RngState`` variables of the training model (of the model components before it is set)."""
+        if self._live is not None:
+            live = self._live
+            return [
+                (path_name(path), variable)
+                for path, variable in zip(live.paths, live.variables)
+                if isinstance(variable, nnx.RngState)
+            ]
+        found, seen = [], set()
+        for name, component in self.model_components.items():
+            for path, variable in rng_variables(component):
+                if id(variable) not in seen:
+                    seen.add(id(variable))
+                    found.append((f"{name}.{path_name(path)}", variable))
+        return found
+
+    def _call_model(self, model: nnx.Module, batch: Any, settings: Any, inference_mode: bool) -> Any:
+        if self._passes_inference_mode:
+            return model(batch, settings, inference_mode)
+        return model(batch, settings)
+
+    # ----- the step (traced) -----
+    def _train_step_function(
+        self, trainable: tuple, states: tuple, rest: list, batch: Any, settings: Any, skip_non_finite: bool
+    ) -> tuple:
+        """The compiled training step (see the module docstring); its arguments and results are flat."""
+        live, precision = self._live, self.precision
+        assert live is not None
+        batch, settings = from_traceable(batch), from_traceable(settings)
+        structure = jax.tree_util.tree_structure(trainable)
+        current_rest = list(rest)
+
+        def chunk_step(chunk: BatchChunk) -> ChunkResult:
+            nonlocal current_rest
+            rest_before = current_rest
+
+            def forward(values: tuple) -> tuple:
+                model = live.merge([precision.cast_parameters(group) for group in values], rest_before, False)
+                results = self._call_model(model, precision.cast_batch(chunk.data), settings, False)
+                outputs = self._normalise_outputs(results, chunk.data, chunk)
+                loss = jnp.reshape(outputs.loss, ())
+                new_rest = [_like(new, old) for new, old in zip(live.rest_of(model), rest_before)]
+                target = self.chunking.weigh_loss(precision.scale_loss(loss), chunk)
+                traced = as_traceable((loss, outputs.num_samples, outputs.auxiliary_results), "the model's outputs")
+                return target, (traced, new_rest)
+
+            (_, (traced, new_rest)), gradients = jax.value_and_grad(forward, has_aux=True)(tuple(trainable))
+            current_rest = new_rest
+            return ChunkResult(ModelOutputs(*from_traceable(traced)), jax.tree_util.tree_leaves(gradients))
+
+        result = self.chunking.run(chunk_step, batch)
+        gradient_leaves = self.gradient_sync.reduce(result.gradients)
+        assert gradient_leaves is not None
+        gradients = dict(zip(self.optimizers, jax.tree_util.tree_unflatten(structure, gradient_leaves)))
+        gradients = self.clip_gradients(gradients)
+        optimizers = {
+            name: TracedOptimizer(transformation, state, values)
+            for (name, transformation), state, values in zip(self.optimizers.items(), states, trainable)
+        }
+        self.precision.step(optimizers, gradients)
+        new_trainable = tuple(optimizer.parameters for optimizer in optimizers.values())
+        new_states = tuple(optimizer.state for optimizer in optimizers.values())
+        new_rest = current_rest
+        loss = jnp.reshape(result.outputs.loss, ())
+        skipped = None
+        if skip_non_finite:  # decided in the graph: the old values are kept when the loss is not finite
+            finite = jnp.isfinite(loss)
+
+            def keep(new: Any, old: Any) -> Any:
+                return jnp.where(finite, new, old)
+
+            new_trainable = jax.tree_util.tree_map(keep, new_trainable, tuple(trainable))
+            new_states = jax.tree_util.tree_map(keep, new_states, tuple(states))
+            new_rest = jax.tree_util.tree_map(keep, list(new_rest), list(rest))
+            skipped = jnp.logical_not(finite)
+        outputs = as_traceable(
+            (loss, result.outputs.num_samples, result.outputs.auxiliary_results), "the model's outputs"
+        )
+        return new_trainable, new_states, new_rest, outputs, skipped, injected_learning_rate(new_states[0])
+
+    def _evaluate_step_function(
+        self, trainable: tuple, rest: list, batch: Any, settings: Any, inference_mode: bool
+    ) -> Any:
+        """The compiled evaluation: one forward pass (``eval()`` mode for ``inference_mode``), nothing updated."""
+        live, precision = self._live, self.precision
+        assert live is not None
+        batch, settings = from_traceable(batch), from_traceable(settings)
+        model = live.merge([precision.cast_parameters(group) for group in trainable], rest, inference_mode)
+        results = self._call_model(model, precision.cast_batch(batch), settings, inference_mode)
+        outputs = self._normalise_outputs(results, batch)
+        return as_traceable(
+            (jnp.reshape(outputs.loss, ()), outputs.num_samples, outputs.auxiliary_results), "the model's outputs"
+        )
+
+    def clip_gradients(self, gradients: dict[str, list]) -> dict[str, list]:
+        """Clip each optimizer's gradients before they are applied (``clip_gradients_norm``:
+        ``optax.clip_by_global_norm`` over that optimizer's gradients; ``clip_gradients_value``: every element to
+        ``[-v, v]``; see :func:`mlpug.jax.trainers.clipping.clip_gradient_lists`); part of the compiled step, and a
+        hook that subclasses may override. Without a clipping option the gradients as they are."""
+        return clip_gradient_lists(gradients, self.clip_gradients_norm, self.clip_gradients_value)
+
+    # ----- the BackendTrainer contract -----
+    def train_on(self, batch: Any, training_settings: Any = None) -> StepResult:
+        """One optimisation step on ``batch`` (arrays, or tuples/lists/dicts of them), compiled.
+
+        Returns:
+            StepResult: the loss (0-d ``jax.Array``), ``num_samples`` (an int, or an array when the model returns
+            one), the auxiliary results (arrays; merged over chunks), whether the step was skipped (``False``, or a
+            0-d bool array under ``skip_non_finite_steps``) and the first optimizer's learning rate of this step (a
+            0-d array, or None when it was not made with ``optax.inject_hyperparams``).
+
+        Raises:
+            RuntimeError: No training model (see :meth:`set_training_model`).
+            TypeError / ValueError: What the model returned is not a loss (see ``_normalise_outputs``), or the batch
+                cannot be traced or chunked (the messages say why).
+        """
+        self.ensure_ready()
+        live = self._live
+        assert live is not None
+        if self._first_batch_checks:  # on the outputs of one evaluation in inference mode, before the step
+            self._run_first_batch_checks(batch, self.evaluate_loss(batch, training_settings, inference_mode=True))
+        trainable, states, rest, outputs, skipped, learning_rate = self._train_step(
+            live.trainable_values(),
+            self.optimizer_states.state_tuple(),
+            live.rest_values(),
+            as_traceable(batch, "the batch"),
+            as_traceable(training_settings, "the training settings"),
+            skip_non_finite=bool(self.skip_non_finite_steps),
+        )
+        live.write(trainable, rest)
+        self.optimizer_states.set_state_tuple(states)
+        loss, num_samples, auxiliary_results = from_traceable(outputs)
+        return StepResult(loss, num_samples, auxiliary_results, False if skipped is None else skipped, learning_rate)
+
+    def evaluate_loss(self, batch: Any, evaluate_settings: Any = None, inference_mode: bool = True) -> ModelOutputs:
+        """Evaluate the training model on ``batch`` without gradients and without changing any variable (compiled;
+        ``eval()`` mode when ``inference_mode``)."""
+        self.ensure_ready()
+        live = self._live
+        assert live is not None
+        outputs = self._evaluate_step(
+            live.trainable_values(),
+            live.rest_values(),
+            as_traceable(batch, "the batch"),
+            as_traceable(evaluate_settings, "the evaluation settings"),
+            inference_mode=bool(inference_mode),
+        )
+        return ModelOutputs(*from_traceable(outputs))
+
+    def non_finite_indices(self, values: Sequence[Any]) -> list[int]:
+        """Positions of the non-finite scalar ``values`` (arrays or numbers), with one host transfer for all."""
+        if not values:
+            return []
+        numbers = jax.device_get([value if isinstance(value, jax.Array) else to_number(value) for value in values])
+        stacked = np.array([np.asarray(number, dtype=np.float64).reshape(()) for number in numbers])
+        return np.flatnonzero(~np.isfinite(stacked)).tolist()
+
+    def non_finite_weights(self) -> list[str]:
+        """``"<component>.<path>"`` of the trainable parameters that hold NaN / inf, with one host transfer."""
+        named = [
+            (self._component_names[id(variable)], variable.get_raw_value())
+            for variables in self._trainable.values()
+            for variable in variables
+        ]
+        named = [(name, value) for name, value in named if jnp.issubdtype(value.dtype, jnp.inexact)]
+        if not named:
+            return []
+        finite = jax.device_get(jnp.stack([jnp.all(jnp.isfinite(value)) for _, value in named]))
+        return [name for (name, _), is_finite in zip(named, finite) if not is_finite]
+
+    def _is_scalar_loss(self, loss: Any) -> bool:
+        return isinstance(loss, (jax.Array, np.ndarray, np.generic)) and int(np.prod(np.shape(loss))) == 1
+
+    # ----- state -----
+    def get_state(self) -> dict:
+        """The weights and optimizer states as NumPy copies (one host transfer).
+
+        Returns:
+            ``{"model_components": {name: nested dict of arrays}, "optimizers": {name: {key path: array}}}``: per
+            component its variables but the ``nnx.Rngs`` streams (see
+            :mod:`mlpug.jax.trainers.component_state`); per optimizer the leaves of its optax state by key path (see
+            :mod:`mlpug.jax.trainers.optimizers`).
+        """
+        return to_numpy(
+            {
+                "model_components": {name: component_state(c) for name, c in self.model_components.items()},
+                "optimizers": self.optimizer_states.flat_states(),
+            }
+        )
+
+    def set_state(self, state: dict) -> None:
+        """Restore what :meth:`get_state` returned (also before :meth:`set_training_model`).
+
+        Raises:
+            ValueError: Names, paths, leaves or shapes in ``state`` do not match the trainer's; nothing is loaded
+                then.
+        """
+        self._check_state_names(state)
+        updates = [
+            update
+            for name, component in self.model_components.items()
+            for update in component_updates(name, component, state["model_components"][name])
+        ]
+        self.optimizer_states.set_state(state["optimizers"])  # checked before it loads anything
+        for variable, value in updates:
+            variable.set_raw_value(value)
+
+    # ----- learning rate -----
+    def set_learning_rate(self, learning_rate: float, optimizer_name: Optional[str] = None) -> None:
+        """Set the learning rate of the named optimizer, or of all optimizers (in their states).
+
+        Raises:
+            ValueError: Unknown ``optimizer_name``.
+            TypeError: An optimizer that was not made with ``optax.inject_hyperparams``, or whose learning rate is a
+                schedule; no learning rate is set then.
+        """
+        self._selected_optimizers(optimizer_name)
+        names = list(self.optimizers) if optimizer_name is None else [optimizer_name]
+        self.optimizer_states.set_learning_rate(names, learning_rate)
+
+    def get_learning_rate(self, optimizer_name: Optional[str] = None) -> Optional[float]:
+        """The learning rate of the named (default: first) optimizer now, or None when it was not made with
+        ``optax.inject_hyperparams``.
+
+        Raises:
+            ValueError: Unknown ``optimizer_name``.
+        """
+        self._selected_optimizers(optimizer_name)
+        return self.optimizer_states.get_learning_rate(optimizer_name or next(iter(self.optimizers)))

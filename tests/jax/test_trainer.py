@@ -1,0 +1,447 @@
+"""The JAX DefaultTrainer: training, parity with a hand-written optax loop, accumulation, clipping, the skipped step,
+state and checkpoints, the learning rate, bfloat16 and bad arguments."""
+
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from flax import nnx
+
+import mlpug.jax as mlp
+from mlpug.random_state import get_random_states, set_random_states
+from tests.contract.backends import make_numpy_data
+
+
+class MLP(nnx.Module):
+    """6 features -> 16 hidden (ReLU, optional dropout) -> 3 logits."""
+
+    def __init__(self, seed=0, dropout=0.0):
+        rngs = nnx.Rngs(params=seed, dropout=seed + 1)
+        self.hidden = nnx.Linear(6, 16, rngs=rngs)
+        self.dropout = nnx.Dropout(dropout, rngs=rngs)
+        self.output = nnx.Linear(16, 3, rngs=rngs)
+
+    def __call__(self, features):
+        return self.output(self.dropout(nnx.relu(self.hidden(features))))
+
+
+class ClassificationLoss(nnx.Module):
+    def __init__(self, classifier):
+        self.classifier = classifier
+
+    def __call__(self, batch_data, evaluate_settings, inference_mode=None):
+        features, labels = batch_data
+        logits = self.classifier(features)
+        loss = optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
+        return {"loss": loss, "auxiliary_results": logits}
+
+
+def cross_entropy(classifier, batch):
+    features, labels = batch
+    return optax.softmax_cross_entropy_with_integer_labels(classifier(features), labels).mean()
+
+
+def batches(num_batches=4, batch_size=8, seed=0):
+    features, labels = make_numpy_data(num_batches * batch_size, seed)
+    labels = labels.astype(np.int32)
+    return [
+        (features[i : i + batch_size], labels[i : i + batch_size])
+        for i in range(0, num_batches * batch_size, batch_size)
+    ]
+
+
+def make(optimizer=None, seed=0, dropout=0.0, **kwargs):
+    classifier = MLP(seed, dropout)
+    trainer = mlp.trainers.DefaultTrainer(optimizer or optax.adam(0.01), classifier, **kwargs)
+    trainer.set_training_model(ClassificationLoss(classifier))
+    return classifier, trainer
+
+
+def weights(classifier):
+    """The classifier's parameters as NumPy copies, by path."""
+    return {
+        ".".join(map(str, path)): np.array(variable[...])
+        for path, variable in nnx.to_flat_state(nnx.state(classifier, nnx.Param))
+    }
+
+
+def assert_weights_close(first, second, atol):
+    assert first.keys() == second.keys()
+    for name in first:
+        np.testing.assert_allclose(first[name], second[name], rtol=0, atol=atol, err_msg=name)
+
+
+def test_a_classifier_trains_and_its_loss_falls():
+    classifier, trainer = make()
+    data = batches(num_batches=4)
+    first = [float(trainer.train_on(batch).loss) for batch in data]
+    for _ in range(10):
+        last = [float(trainer.train_on(batch).loss) for batch in data]
+    assert np.mean(last) < 0.5 * np.mean(first)
+    result = trainer.train_on(data[0])
+    assert isinstance(result.loss, jax.Array) and result.loss.shape == ()
+    assert result.num_samples == 8 and isinstance(result.num_samples, int)
+    assert result.auxiliary_results.shape == (8, 3) and result.optimizer_step_skipped is False
+    assert result.learning_rate is None  # optax.adam, not made with optax.inject_hyperparams
+
+
+def test_the_classifier_predicts_with_the_trained_weights():
+    classifier, trainer = make()
+    before = weights(classifier)
+    data = batches()
+    manager = mlp.trainers.TrainingManager(trainer, data, num_epochs=2, callbacks=[], handle_signals=False)
+    manager.start_training()
+    trained = weights(classifier)
+    assert not np.allclose(trained["hidden.kernel"], before["hidden.kernel"])
+    features = data[0][0]
+    hidden = np.maximum(features @ trained["hidden.kernel"] + trained["hidden.bias"], 0.0)
+    expected = hidden @ trained["output.kernel"] + trained["output.bias"]
+    np.testing.assert_allclose(np.asarray(classifier(jnp.asarray(features))), expected, rtol=1e-5, atol=1e-5)
+    state = trainer.get_state()["model_components"]["model"]
+    assert np.array_equal(state["hidden"]["kernel"], trained["hidden.kernel"])
+    outputs = trainer.evaluate_loss(data[0])
+    np.testing.assert_allclose(np.asarray(outputs.auxiliary_results), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_each_step_equals_a_hand_written_optax_loop():
+    transformation = optax.adam(0.01)
+    classifier, trainer = make(transformation)
+    reference = MLP(0)
+    graphdef, params, rest = nnx.split(reference, nnx.Param, ...)
+    opt_state = transformation.init(params)
+
+    @jax.jit
+    def step(params, opt_state, batch):
+        def loss_function(params):
+            return cross_entropy(nnx.merge(graphdef, params, rest), batch)
+
+        loss, gradients = jax.value_and_grad(loss_function)(params)
+        updates, opt_state = transformation.update(gradients, opt_state, params)
+        return optax.apply_updates(params, updates), opt_state, loss
+
+    for batch in batches(num_batches=4) * 2:
+        params, opt_state, expected_loss = step(params, opt_state, batch)
+        loss = trainer.train_on(batch).loss
+        np.testing.assert_allclose(float(loss), float(expected_loss), rtol=0, atol=1e-6)
+        nnx.update(reference, params)
+        assert_weights_close(weights(classifier), weights(reference), atol=1e-6)
+
+
+def test_chunked_accumulation_equals_the_whole_batch():
+    whole_classifier, whole = make(optax.sgd(0.5))
+    chunked_classifier, chunked = make(optax.sgd(0.5), batch_chunk_size=4)
+    assert chunked.batch_chunk_size == 4
+    (batch,) = batches(num_batches=1, batch_size=10)  # chunks of 4, 4 and 2 samples
+    for _ in range(3):
+        expected, result = whole.train_on(batch), chunked.train_on(batch)
+        np.testing.assert_allclose(float(result.loss), float(expected.loss), rtol=0, atol=1e-5)
+        assert result.num_samples == 10 and result.auxiliary_results.shape == (10, 3)
+        np.testing.assert_allclose(result.auxiliary_results, expected.auxiliary_results, rtol=0, atol=1e-5)
+    assert_weights_close(weights(chunked_classifier), weights(whole_classifier), atol=1e-5)
+
+
+def _update(before, after):
+    return {name: after[name] - before[name] for name in before}
+
+
+def test_clipping_by_norm_and_by_value_is_applied():
+    (batch,) = batches(num_batches=1)
+    plain_classifier, plain = make(optax.sgd(1.0))
+    before = weights(plain_classifier)
+    plain.train_on(batch)
+    unclipped = _update(before, weights(plain_classifier))
+    norm = np.sqrt(sum(np.sum(update**2) for update in unclipped.values()))
+    assert norm > 0.1
+
+    clipped_classifier, clipped = make(optax.sgd(1.0), clip_gradients_norm=0.05)
+    clipped.train_on(batch)
+    update = _update(before, weights(clipped_classifier))
+    assert np.sqrt(sum(np.sum(u**2) for u in update.values())) == pytest.approx(0.05, rel=1e-4)
+    for name in update:  # the same direction, scaled
+        np.testing.assert_allclose(update[name], unclipped[name] * 0.05 / norm, rtol=0, atol=1e-6)
+
+    value_classifier, by_value = make(optax.sgd(1.0), clip_gradients_value=0.01)
+    by_value.train_on(batch)
+    update = _update(before, weights(value_classifier))
+    assert max(np.abs(u).max() for u in update.values()) == pytest.approx(0.01, rel=1e-5)
+    assert max(np.abs(u).max() for u in unclipped.values()) > 0.02
+
+
+def test_skip_step_keeps_the_weights_and_optimizer_state_on_a_nan_batch():
+    classifier, trainer = make()
+    data = batches()
+    trainer.train_on(data[0])
+    trainer.skip_non_finite_steps = True
+    before, optimizer_before = weights(classifier), trainer.get_state()["optimizers"]
+    nan_batch = (np.full_like(data[1][0], np.nan), data[1][1])
+    result = trainer.train_on(nan_batch)
+    assert not np.isfinite(float(result.loss))
+    assert isinstance(result.optimizer_step_skipped, jax.Array) and bool(result.optimizer_step_skipped)
+    assert_weights_close(weights(classifier), before, atol=0)
+    after = trainer.get_state()["optimizers"]["optimizer"]
+    assert all(np.array_equal(after[key], optimizer_before["optimizer"][key]) for key in after)
+    assert trainer.non_finite_weights() == []
+    result = trainer.train_on(data[1])
+    assert not bool(result.optimizer_step_skipped)
+    assert not np.array_equal(weights(classifier)["hidden.kernel"], before["hidden.kernel"])
+
+
+def test_without_skip_step_a_nan_batch_makes_the_weights_non_finite():
+    classifier, trainer = make()
+    data = batches()
+    trainer.train_on((np.full_like(data[0][0], np.nan), data[0][1]))
+    assert trainer.non_finite_indices([trainer.train_on(data[1]).loss, 1.0]) == [0]
+    # relu passes no gradient at NaN: the hidden bias stays finite, the kernel (NaN features times 0) does not
+    assert trainer.non_finite_weights() == [
+        "model.hidden.kernel",
+        "model.output.bias",
+        "model.output.kernel",
+    ]
+
+
+def test_get_state_and_set_state_round_trip():
+    classifier, trainer = make()
+    data = batches()
+    trainer.train_on(data[0])
+    state = trainer.get_state()
+    assert set(state) == {"model_components", "optimizers"}
+    assert set(state["model_components"]["model"]) == {"hidden", "output"}  # no nnx.Rngs keys or counts
+    assert all(isinstance(leaf, np.ndarray) for leaf in state["optimizers"]["optimizer"].values())
+    expected_weights = weights(classifier)
+    for batch in data:
+        trainer.train_on(batch)
+    trainer.set_state(state)
+    assert_weights_close(weights(classifier), expected_weights, atol=0)
+    again = trainer.get_state()
+    for key, value in state["optimizers"]["optimizer"].items():
+        assert np.array_equal(again["optimizers"]["optimizer"][key], value), key
+    # the restored state continues like the original one
+    continued = trainer.train_on(data[1]).loss
+    loaded = weights(classifier)
+    other_classifier, other = make(seed=5)
+    other.set_state(state)
+    np.testing.assert_array_equal(np.asarray(other.train_on(data[1]).loss), np.asarray(continued))
+
+    with pytest.raises(ValueError, match=r"model_components in state \['other'\] do not match"):
+        trainer.set_state({**state, "model_components": {"other": state["model_components"]["model"]}})
+    bad = {"hidden": {"kernel": np.zeros((6, 4), np.float32), "bias": np.zeros(16, np.float32)}}
+    bad["output"] = state["model_components"]["model"]["output"]
+    with pytest.raises(ValueError, match=r"hidden.kernel has shape \(6, 4\), the variable \(6, 16\)"):
+        trainer.set_state({**state, "model_components": {"model": bad}})
+    missing = {key: value for key, value in state["optimizers"]["optimizer"].items() if "nu" not in key}
+    with pytest.raises(ValueError, match="state of optimizer 'optimizer'"):
+        trainer.set_state({**state, "optimizers": {"optimizer": missing}})
+    assert_weights_close(weights(classifier), loaded, atol=0)  # nothing loaded by the failed calls
+
+
+def _train_with_checkpoints(directory, stop_at=None, resume_from=None, seed=0):
+    classifier, trainer = make(seed=seed, dropout=0.3)
+    features, labels = make_numpy_data(40, 1)
+    losses = []
+
+    class Record(mlp.callbacks.Callback):
+        def on_batch_training_completed(self, training_batch, logs):
+            losses.append(logs["current"]["training"]["batch"]["loss"])
+            if logs["current"]["global_iter"] == stop_at:
+                self.training_manager.stop_training()
+
+    callbacks = [
+        mlp.callbacks.TrainingMetricsLogger(mlp.evaluation.MetricEvaluator(trainer=trainer)),
+        Record("Record"),
+        mlp.callbacks.CheckpointManager(checkpoints_path=str(directory), metric_to_monitor=None, batch_level=True),
+    ]
+    data = mlp.data.ResumableArrayBatches((features, labels.astype(np.int32)), 8, seed=3)
+    manager = mlp.trainers.TrainingManager(
+        trainer, data, num_epochs=2, callbacks=callbacks, resume_from=resume_from, handle_signals=False
+    )
+    manager.start_training()
+    return weights(classifier), losses
+
+
+def test_a_training_checkpoint_resumes_mid_epoch_bit_exactly(tmp_path):
+    """Dropout draws from the model's nnx.Rngs: their keys and counts are in the checkpoint's random states."""
+    straight_weights, straight_losses = _train_with_checkpoints(tmp_path / "straight")
+    _train_with_checkpoints(tmp_path / "resumed", stop_at=3)  # 5 batches per epoch: stopped inside epoch 0
+    weights_after, losses = _train_with_checkpoints(tmp_path / "resumed", resume_from="latest", seed=7)
+    assert losses == straight_losses[4:]
+    assert_weights_close(weights_after, straight_weights, atol=0)
+    path = next((tmp_path / "resumed").glob("*-training-checkpoint.safetensors"))
+    checkpoint = mlp.load_training_checkpoint(str(path))
+    assert checkpoint["mlpug"]["backend"] == "jax"
+    assert set(checkpoint["random"]) == {"python", "numpy", "flax_nnx_rngs"}
+    assert set(checkpoint["random"]["flax_nnx_rngs"]) == {
+        "classifier.dropout.rngs.count",
+        "classifier.dropout.rngs.key",
+    }
+
+
+def test_the_rng_streams_are_a_random_state_provider():
+    classifier, trainer = make(dropout=0.5)
+    (batch,) = batches(num_batches=1)
+    providers = trainer.random_state_providers()
+    state = get_random_states(providers)
+    first = trainer.evaluate_loss(batch, inference_mode=False).auxiliary_results  # train() mode: dropout
+    trainer.train_on(batch)  # draws a mask: the count moves
+    assert get_random_states(providers)["flax_nnx_rngs"] != state["flax_nnx_rngs"]
+    set_random_states(providers, state)
+    assert get_random_states(providers)["flax_nnx_rngs"] == state["flax_nnx_rngs"]
+    assert first.shape == (8, 3)
+
+
+def test_evaluation_runs_in_eval_mode_and_leaves_the_modules_as_they_are():
+    classifier, trainer = make(dropout=0.5)
+    (batch,) = batches(num_batches=1)
+    providers = trainer.random_state_providers()
+    random_state = get_random_states(providers)
+    first = trainer.evaluate_loss(batch).auxiliary_results
+    second = trainer.evaluate_loss(batch).auxiliary_results
+    assert np.array_equal(first, second)  # no dropout in inference mode
+    classifier.eval()
+    np.testing.assert_allclose(first, classifier(jnp.asarray(batch[0])), rtol=1e-6, atol=1e-6)
+    classifier.train()
+    training_mode = trainer.evaluate_loss(batch, inference_mode=False).auxiliary_results
+    assert not np.allclose(training_mode, first)  # dropout in train() mode
+    assert get_random_states(providers) == random_state  # evaluation draws but changes no stream
+    trainer.train_on(batch)
+    assert classifier.dropout.deterministic is False  # the live module's mode is the user's
+
+
+def test_the_learning_rate_of_inject_hyperparams_is_read_set_and_used():
+    classifier, trainer = make(optax.inject_hyperparams(optax.sgd)(learning_rate=0.1))
+    assert trainer.get_learning_rate() == pytest.approx(0.1)
+    trainer.set_learning_rate(0.5)
+    assert trainer.get_learning_rate("optimizer") == pytest.approx(0.5)
+    (batch,) = batches(num_batches=1)
+    gradients = nnx.grad(lambda model: cross_entropy(model, batch))(classifier)
+    before = weights(classifier)
+    result = trainer.train_on(batch)
+    assert float(result.learning_rate) == pytest.approx(0.5)
+    expected = before["hidden.kernel"] - 0.5 * np.asarray(gradients["hidden"]["kernel"][...])
+    np.testing.assert_allclose(weights(classifier)["hidden.kernel"], expected, rtol=0, atol=1e-6)
+    with pytest.raises(ValueError, match="optimizer_name 'other' unknown"):
+        trainer.set_learning_rate(0.1, "other")
+
+
+def test_without_inject_hyperparams_there_is_no_learning_rate_to_set():
+    _, trainer = make(optax.adam(0.01))
+    assert trainer.get_learning_rate() is None
+    with pytest.raises(TypeError, match=r"make it with optax.inject_hyperparams"):
+        trainer.set_learning_rate(0.1)
+    _, scheduled = make(optax.inject_hyperparams(optax.sgd)(learning_rate=optax.linear_schedule(0.1, 0.0, 10)))
+    with pytest.raises(TypeError, match="learning rate schedule"):
+        scheduled.set_learning_rate(0.1)
+
+
+def test_bfloat16_runs_the_forward_pass_in_bfloat16_and_keeps_float32_weights():
+    classifier, trainer = make(use_mixed_precision=True)
+    assert trainer.precision.autocast_dtype == "bfloat16"
+    data = batches()
+    first = [float(trainer.train_on(batch).loss) for batch in data]
+    for _ in range(10):
+        result = [trainer.train_on(batch) for batch in data]
+    assert result[0].auxiliary_results.dtype == jnp.bfloat16
+    assert np.mean([float(r.loss) for r in result]) < 0.6 * np.mean(first)
+    assert all(value.dtype == np.float32 for value in weights(classifier).values())
+    state = trainer.get_state()["optimizers"]["optimizer"]
+    assert all(value.dtype in (np.float32, np.int32) for value in state.values())
+
+
+def test_several_optimizers_train_the_model_component_of_their_name():
+    first, second = MLP(0), MLP(1)
+
+    class TwoModels(nnx.Module):
+        def __init__(self):
+            self.first, self.second = first, second
+
+        def __call__(self, batch_data, evaluate_settings, inference_mode=None):
+            return cross_entropy(self.first, batch_data) + cross_entropy(self.second, batch_data)
+
+    trainer = mlp.trainers.DefaultTrainer(
+        {"first": optax.sgd(0.1), "second": optax.sgd(0.0)}, {"first": first, "second": second}
+    )
+    trainer.set_training_model(TwoModels())
+    before_first, before_second = weights(first), weights(second)
+    trainer.train_on(batches(num_batches=1)[0])
+    assert not np.array_equal(weights(first)["hidden.kernel"], before_first["hidden.kernel"])
+    assert_weights_close(weights(second), before_second, atol=0)  # learning rate 0
+    assert set(trainer.get_state()["optimizers"]) == {"first", "second"}
+
+
+class VectorLoss(nnx.Module):
+    def __init__(self, classifier):
+        self.classifier = classifier
+
+    def __call__(self, batch_data, evaluate_settings, inference_mode=None):
+        features, labels = batch_data
+        return optax.softmax_cross_entropy_with_integer_labels(self.classifier(features), labels)
+
+
+def test_bad_arguments_raise_clear_errors():
+    classifier = MLP(0)
+    with pytest.raises(TypeError, match="optax.*GradientTransformation"):
+        mlp.trainers.DefaultTrainer(object(), classifier)
+    with pytest.raises(TypeError, match="flax.nnx.*Module"):
+        mlp.trainers.DefaultTrainer(optax.adam(0.1), object())
+    with pytest.raises(ValueError, match="float16.*loss scaling"):
+        mlp.trainers.DefaultTrainer(optax.adam(0.1), classifier, use_mixed_precision=True, autocast_dtype="float16")
+    with pytest.raises(ValueError, match="no effect without use_mixed_precision"):
+        mlp.trainers.DefaultTrainer(optax.adam(0.1), classifier, autocast_dtype="bfloat16")
+    with pytest.raises(ValueError, match="data parallel training on JAX"):
+        mlp.trainers.DefaultTrainer(optax.adam(0.1), classifier, strategy="ddp")
+    with pytest.raises(ValueError, match="not both"):
+        mlp.trainers.DefaultTrainer(optax.adam(0.1), classifier, clip_gradients_norm=1.0, clip_gradients_value=1.0)
+    with pytest.raises(ValueError, match="batch_chunk_size must be None"):
+        mlp.trainers.DefaultTrainer(optax.adam(0.1), classifier, batch_chunk_size=0)
+    with pytest.raises(ValueError, match="named like|each updates the model component of its name"):
+        mlp.trainers.DefaultTrainer([optax.adam(0.1), optax.adam(0.1)], classifier)
+    trainer = mlp.trainers.DefaultTrainer(optax.adam(0.1), classifier)
+    with pytest.raises(RuntimeError, match="no training model"):
+        trainer.train_on(batches(num_batches=1)[0])
+    with pytest.raises(TypeError, match="training_model must be a flax.nnx.Module"):
+        trainer.set_training_model(lambda batch, settings: 0.0)
+    with pytest.raises(ValueError, match="not part of the training model"):
+        trainer.set_training_model(ClassificationLoss(MLP(1)))
+    trainer.set_training_model(VectorLoss(classifier))
+    with pytest.raises(TypeError, match="must be reduced to its mean over the batch"):
+        trainer.train_on(batches(num_batches=1)[0])
+    with pytest.raises(TypeError, match=r"the batch\[2\] is a builtins.set, which is neither an array nor hashable"):
+        trainer.train_on((*batches(num_batches=1)[0], {1, 2}))
+
+
+def test_values_that_are_no_arrays_travel_as_constants():
+    classifier = MLP(0)
+
+    class Tagged(nnx.Module):
+        def __init__(self):
+            self.classifier = classifier
+
+        def __call__(self, batch_data, evaluate_settings, inference_mode=None):
+            features, labels = batch_data
+            loss = cross_entropy(self.classifier, (features, labels)) * evaluate_settings["scale"]
+            return loss, 8, {"tag": evaluate_settings["tag"], "logits": self.classifier(features)}
+
+    trainer = mlp.trainers.DefaultTrainer(optax.adam(0.1), classifier)
+    trainer.set_training_model(Tagged())
+    result = trainer.train_on(batches(num_batches=1)[0], {"scale": 2.0, "tag": "x"})
+    assert result.num_samples == 8 and result.auxiliary_results["tag"] == "x"
+    outputs = trainer.evaluate_loss(batches(num_batches=1)[0], {"scale": 0.0, "tag": "y"})
+    assert float(outputs.loss) == 0.0 and outputs.auxiliary_results["tag"] == "y"
+
+
+def test_metrics_use_jax_numpy():
+    logits = jnp.asarray([[0.1, 0.9, 0.0], [0.8, 0.05, 0.15], [0.3, 0.3, 0.4]])
+    labels = np.asarray([1, 2, 2])
+    inputs = mlp.evaluation.MetricInputs((None, labels), 0.0, 3, logits)
+    assert float(mlp.metrics.accuracy(inputs)) == pytest.approx(2 / 3)
+    assert float(mlp.metrics.top_k_accuracy(2)(inputs)) == pytest.approx(1.0)
+
+
+def test_import_mlpug_jax_imports_neither_torch_nor_tensorflow():
+    code = "import sys, mlpug.jax\nprint(sorted(m for m in ('torch', 'tensorflow', 'keras') if m in sys.modules))"
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "[]"

@@ -1,5 +1,6 @@
 """The JAX DefaultTrainer: training, parity with a hand-written optax loop, accumulation, clipping, the skipped step,
-state and checkpoints, the learning rate, bfloat16 and bad arguments."""
+state and checkpoints, the learning rate, bfloat16, donated buffers, numbers in batches, variables created in the
+forward pass and bad arguments."""
 
 import subprocess
 import sys
@@ -19,11 +20,11 @@ from tests.contract.backends import make_numpy_data
 class MLP(nnx.Module):
     """6 features -> 16 hidden (ReLU, optional dropout) -> 3 logits."""
 
-    def __init__(self, seed=0, dropout=0.0):
+    def __init__(self, seed=0, dropout=0.0, param_dtype=jnp.float32):
         rngs = nnx.Rngs(params=seed, dropout=seed + 1)
-        self.hidden = nnx.Linear(6, 16, rngs=rngs)
+        self.hidden = nnx.Linear(6, 16, param_dtype=param_dtype, rngs=rngs)
         self.dropout = nnx.Dropout(dropout, rngs=rngs)
-        self.output = nnx.Linear(16, 3, rngs=rngs)
+        self.output = nnx.Linear(16, 3, param_dtype=param_dtype, rngs=rngs)
 
     def __call__(self, features):
         return self.output(self.dropout(nnx.relu(self.hidden(features))))
@@ -430,6 +431,96 @@ def test_values_that_are_no_arrays_travel_as_constants():
     assert result.num_samples == 8 and result.auxiliary_results["tag"] == "x"
     outputs = trainer.evaluate_loss(batches(num_batches=1)[0], {"scale": 0.0, "tag": "y"})
     assert float(outputs.loss) == 0.0 and outputs.auxiliary_results["tag"] == "y"
+
+
+def test_several_jax_processes_are_refused(monkeypatch):
+    classifier = MLP(0)
+    monkeypatch.setattr(jax, "process_count", lambda: 2)
+    with pytest.raises(ValueError, match=r"jax.process_count\(\) is 2: .*data parallel training on JAX .*comes later"):
+        mlp.trainers.DefaultTrainer(optax.adam(0.1), classifier)
+
+
+def test_arrays_the_user_holds_stay_valid_and_unchanged_after_donating_steps():
+    pretrained = jnp.arange(3, dtype=jnp.float32)
+
+    class WithOffset(nnx.Module):
+        def __init__(self):
+            self.classifier = MLP(0)
+            self.offset = nnx.Param(pretrained)  # an array the user still holds
+
+        def __call__(self, features):
+            return self.classifier(features) + self.offset[...]
+
+    model = WithOffset()
+    held_kernel = model.classifier.hidden.kernel[...]
+    initial = nnx.clone(model)  # shares the arrays
+    state_before = nnx.to_pure_dict(nnx.state(model, nnx.Param))  # the arrays themselves
+    before = weights(model)
+    trainer = mlp.trainers.DefaultTrainer(optax.adam(0.05), model)
+    trainer.set_training_model(ClassificationLoss(model))
+    for batch in batches():
+        trainer.train_on(batch)
+    trained = weights(model)
+    assert not np.allclose(trained["classifier.hidden.kernel"], before["classifier.hidden.kernel"])
+    assert not np.allclose(trained["offset"], before["offset"])
+    np.testing.assert_array_equal(np.asarray(held_kernel), before["classifier.hidden.kernel"])
+    np.testing.assert_array_equal(np.asarray(pretrained), np.arange(3, dtype=np.float32))
+    assert_weights_close(weights(initial), before, atol=0)
+    held_state = {
+        "classifier.hidden.kernel": state_before["classifier"]["hidden"]["kernel"],
+        "offset": state_before["offset"],
+    }
+    assert_weights_close(held_state, {name: before[name] for name in held_state}, atol=0)
+
+
+def test_python_numbers_in_a_batch_are_traced_so_the_step_compiles_once():
+    classifier = MLP(0)
+    traces = {"train": 0, "evaluate": 0}
+
+    class WithLengths(nnx.Module):
+        def __init__(self):
+            self.classifier = classifier
+
+        def __call__(self, batch_data, evaluate_settings, inference_mode=None):
+            traces["evaluate" if inference_mode else "train"] += 1  # runs only while a step is traced
+            loss = cross_entropy(self.classifier, (batch_data["features"], batch_data["labels"]))
+            total = sum(batch_data["lengths"]) * batch_data["scale"] * jnp.where(batch_data["positive"], 1.0, -1.0)
+            return {"loss": loss, "auxiliary_results": {"total": total, "name": batch_data["name"]}}
+
+    trainer = mlp.trainers.DefaultTrainer(optax.adam(0.1), classifier)
+    trainer.set_training_model(WithLengths())
+    first, second = batches(num_batches=2)  # (JAX sorts dict keys: "features" comes first and counts the samples)
+    numbers = [([3, 5, 2], 0.5, True), ([1, 1, 4], 2.0, False)]
+    for (features, labels), (lengths, factor, flag) in zip([first, second], numbers):
+        batch = {"features": features, "labels": labels, "lengths": lengths, "scale": factor, "positive": flag}
+        result = trainer.train_on({**batch, "name": "a"})
+        expected = sum(lengths) * factor * (1.0 if flag else -1.0)
+        assert float(result.auxiliary_results["total"]) == pytest.approx(expected)
+        assert result.auxiliary_results["name"] == "a"  # a string stays a constant
+        evaluated = trainer.evaluate_loss({**batch, "name": "a"})
+        assert float(evaluated.auxiliary_results["total"]) == pytest.approx(expected)
+    assert traces == {"train": 1, "evaluate": 1}
+    trainer.train_on({**batch, "name": "b"})  # another constant: traced again
+    assert traces == {"train": 2, "evaluate": 1}
+
+
+def test_a_forward_pass_that_creates_a_variable_is_refused_by_name():
+    classifier = MLP(0)
+
+    class CreatesAVariable(nnx.Module):
+        def __init__(self):
+            self.classifier = classifier
+
+        def __call__(self, batch_data, evaluate_settings, inference_mode=None):
+            self.calls = nnx.BatchStat(jnp.zeros(()))  # should be created in __init__
+            return cross_entropy(self.classifier, batch_data)
+
+    trainer = mlp.trainers.DefaultTrainer(optax.adam(0.1), classifier)
+    trainer.set_training_model(CreatesAVariable())
+    before = weights(classifier)
+    with pytest.raises(ValueError, match=r"forward pass created the variables \['calls'\].*Create every variable in "):
+        trainer.train_on(batches(num_batches=1)[0])
+    assert_weights_close(weights(classifier), before, atol=0)
 
 
 def test_metrics_use_jax_numpy():

@@ -1,12 +1,16 @@
 """JAX distribution strategies (see :mod:`mlpug.trainers.strategy`): for now one process on one device only.
 
 ``DefaultTrainer(strategy=...)`` takes None, ``"single_process"`` or mlpug's ``SingleProcess``; data parallel
-training on JAX (a batch sharded over a ``jax.sharding.Mesh``) is not implemented yet.
+training on JAX (a batch sharded over a ``jax.sharding.Mesh``) is not implemented yet, and a run of several JAX
+processes (``jax.distributed.initialize()``, ``jax.process_count() > 1``) is refused: each process would train
+alone and write the same checkpoint files.
 """
 
 from __future__ import annotations
 
 from typing import Any
+
+import jax
 
 from mlpug.trainers.strategy import SingleProcess, Strategy, check_not_a_class
 
@@ -21,9 +25,18 @@ def resolve_strategy(strategy: Any) -> SingleProcess:
         strategy: None, ``"single_process"`` or a ``SingleProcess`` (one process, one device).
 
     Raises:
-        ValueError: Any other name, or another mlpug ``Strategy``: data parallel training on JAX comes later.
+        ValueError: Any other name, or another mlpug ``Strategy``, or several JAX processes
+            (``jax.process_count() > 1``, the count is named): data parallel training on JAX comes later.
         TypeError: A class instead of an object, or not a strategy at all.
     """
+    num_processes = jax.process_count()
+    if num_processes > 1:
+        raise ValueError(
+            f"jax.process_count() is {num_processes}: the JAX backend trains in one process on one device for now, "
+            f"and each of the {num_processes} processes would train alone and write the same checkpoint files; "
+            "data parallel training on JAX (a batch sharded over a jax.sharding.Mesh) comes later. Run one process "
+            "(without jax.distributed.initialize())"
+        )
     if strategy is None or strategy == "single_process":
         return SingleProcess()
     if isinstance(strategy, SingleProcess):

@@ -10,6 +10,11 @@ value travels as a :class:`StaticValue`: a pytree node without leaves whose valu
 As an input it is a constant of the trace (a different value traces again, like a Python constant of a
 ``tf.function``); as an output it comes back as the same Python value. Arrays (``jax.Array``, NumPy arrays and
 scalars) are traced.
+
+The Python numbers (``int``, ``float``, ``bool``) of a batch are data, different in every batch (``{"x": x,
+"lengths": [3, 5, 2]}``): the trainer passes ``trace_numbers=True`` for batches, and they are traced as 0-d arrays
+(weakly typed, so they combine with other arrays as the Python numbers would), so the step is compiled once for
+all their values. The settings' numbers stay constants (a switch or a size the model may use as a Python value).
 """
 
 from __future__ import annotations
@@ -18,6 +23,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 
@@ -53,12 +59,20 @@ def is_array(value: Any) -> bool:
     return isinstance(value, (jax.Array, np.ndarray, np.generic))
 
 
-def as_traceable(tree: Any, what: str) -> Any:
+def as_traceable(tree: Any, what: str, trace_numbers: bool = False) -> Any:
     """``tree`` with every leaf that is not an array (see :func:`is_array`) wrapped in a :class:`StaticValue`.
 
     Args:
         tree: A pytree (tuples, lists, dicts, named tuples, None ...) of arrays and other values.
         what: What ``tree`` is, for the error message (``"the batch"``, ``"the training settings"``, ...).
+        trace_numbers: Python ``int``, ``float`` and ``bool`` leaves become 0-d ``jax.Array`` s (weakly typed, as
+            ``jnp.asarray`` makes them) instead of static values: traced, so another value does not compile the
+            step again (for batches; see the module docstring). An ``int`` that JAX's integers cannot hold stays
+            a static value.
+
+    Returns:
+        The same structure, arrays as they are, numbers as arrays (``trace_numbers``), every other leaf a
+        :class:`StaticValue`.
 
     Raises:
         TypeError: A leaf that is not an array cannot be hashed, so it cannot be a constant of a compiled step
@@ -70,6 +84,12 @@ def as_traceable(tree: Any, what: str) -> Any:
         if is_array(leaf):
             leaves.append(leaf)
             continue
+        if trace_numbers and isinstance(leaf, (bool, int, float)):
+            try:
+                leaves.append(jnp.asarray(leaf))
+                continue
+            except OverflowError:  # an int beyond the range of JAX's integers stays a constant
+                pass
         try:
             hash(leaf)
         except TypeError:

@@ -16,7 +16,14 @@ modules, whose modes stay as the user left them.
 The variables are grouped: the **trainable** ones, per optimizer (the ``nnx.Param`` s of the model components
 that the optimizer updates, in the order of :func:`component_parameters`), and the **rest** (everything else:
 ``nnx.BatchStat``, the ``nnx.Rngs`` keys and counts, ``nnx.Param`` s of the training model outside every model
-component, which are not trained).
+component, which are not trained). After a forward pass the rest's new values are taken by path
+(:meth:`LiveModel.rest_of`): a forward pass that creates or removes variables is refused, since its variables would
+no longer be those of the live modules.
+
+A compiled training step donates the buffers of the values it is given, so :class:`LiveModel` gives every variable a
+copy of its array once, when it is made: arrays that others hold (an ``nnx.clone`` of a model component, the arrays
+of ``nnx.to_pure_dict(nnx.state(component))`` taken before training, an array given to ``nnx.Param(array)``, one
+array in two variables) are never donated.
 """
 
 from __future__ import annotations
@@ -118,18 +125,16 @@ class LiveModel:
             name: [component_names[id(self.variables[index])] for index in indices]
             for name, indices in self.trainable_indices.items()
         }
-        self._separate_shared_buffers()
+        self._own_buffers()
 
-    def _separate_shared_buffers(self) -> None:
-        """Give every variable its own buffer: a compiled step donates them, and JAX refuses to donate one buffer
-        twice (two variables made from the same array)."""
-        seen: set[int] = set()
+    def _own_buffers(self) -> None:
+        """Give every variable a copy of its array (``jnp.array(value, copy=True)``), once: the compiled training
+        step donates the variables' buffers, which would delete arrays that the user still holds (module
+        docstring), and JAX refuses to donate one buffer twice (two variables made from the same array)."""
         for variable in self.variables:
             value = variable.get_raw_value()
             if isinstance(value, jax.Array):
-                if id(value) in seen:
-                    variable.set_raw_value(jnp.copy(value))
-                seen.add(id(value))
+                variable.set_raw_value(jnp.array(value, copy=True))
 
     # ----- values of the live variables -----
     def trainable_values(self) -> tuple[list, ...]:
@@ -166,7 +171,32 @@ class LiveModel:
         return nnx.merge(graphdef, values)
 
     def rest_of(self, model: nnx.Module) -> list:
-        """The values of the rest variables of ``model`` (a model of :meth:`merge`, after its forward pass)."""
+        """The values of the rest variables of ``model`` (a model of :meth:`merge`, after its forward pass), found
+        by their paths, in the order of :meth:`rest_values`.
+
+        Args:
+            model: A training model of :meth:`merge` after its forward pass (inside a trace).
+
+        Returns:
+            The new value of every rest variable.
+
+        Raises:
+            ValueError: The forward pass created variables (e.g. ``self.counter = nnx.BatchStat(...)`` or a
+                lazily created parameter in ``__call__``, ``self.sow(...)``) or removed some: their paths are named.
+        """
         _, flat_state = graphlib.flatten(model, graph=True)
-        values = [variable.get_raw_value() for variable in flat_state.leaves]
-        return [values[index] for index in self.rest_indices]
+        values = {path: variable.get_raw_value() for path, variable in zip(flat_state.paths, flat_state.leaves)}
+        if len(values) != len(self.paths) or any(path not in values for path in self.paths):
+            known = set(self.paths)
+            created = [path_name(path) for path in values if path not in known]
+            removed = [path_name(path) for path in self.paths if path not in values]
+            raise ValueError(
+                f"the training model's forward pass created the variables {created[:8]}"
+                f"{' ...' if len(created) > 8 else ''} and removed {removed[:8]}{' ...' if len(removed) > 8 else ''}: "
+                "mlpug writes the new values of a step back into the live modules' variables, so a forward pass must "
+                "keep the variables the model had when set_training_model was called. Create every variable in "
+                "__init__ (e.g. self.counter = nnx.BatchStat(jnp.zeros(()))); collect intermediates with nnx.capture, "
+                "or nnx.pop(self, nnx.Intermediate) before __call__ returns, instead of leaving self.sow values on the "
+                "model"
+            )
+        return [values[self.paths[index]] for index in self.rest_indices]

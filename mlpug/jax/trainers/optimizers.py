@@ -84,9 +84,20 @@ class OptaxOptimizers:
 
     # ----- the states as a tuple, for a compiled step -----
     def state_tuple(self) -> tuple:
+        """The optimizer states as the compiled step takes them.
+
+        Returns:
+            One optax state per optimizer, in the order of the optimizers (the live arrays, not copied: the step
+            donates them, so the caller replaces them with :meth:`set_state_tuple` at once).
+        """
         return tuple(self.states.values())
 
     def set_state_tuple(self, states: Sequence[Any]) -> None:
+        """Take the new optimizer states that the compiled step returned.
+
+        Args:
+            states: One optax state per optimizer, in the order of :meth:`state_tuple` (kept, not copied).
+        """
         self.states = dict(zip(self.states, states))
 
     # ----- checkpoints -----

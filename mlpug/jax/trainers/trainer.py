@@ -42,13 +42,16 @@ from mlpug.jax.strategies import resolve_strategy
 from mlpug.jax.trainers.clipping import clip_gradient_lists
 from mlpug.jax.trainers.compilation import as_traceable, compile_step, from_traceable
 from mlpug.jax.trainers.component_state import component_state, component_updates
+from mlpug.jax.trainers.full_precision import FullPrecision
 from mlpug.jax.trainers.live_model import LiveModel, component_parameters, path_name, rng_variables
+from mlpug.jax.trainers.mixed_precision import MixedPrecision
 from mlpug.jax.trainers.optimizers import OptaxOptimizers, injected_learning_rate
-from mlpug.jax.trainers.precision import FullPrecision, precision_policy
+from mlpug.jax.trainers.precision import PrecisionPolicy
 from mlpug.jax.trainers.traced_optimizer import TracedOptimizer
 from mlpug.logs import to_number
 from mlpug.random_state import RandomStateProvider
 from mlpug.trainers.clipping import validate_clipping
+from mlpug.trainers.precision import validate_mixed_precision
 from mlpug.trainers.strategy import Strategy
 from mlpug.trainers.trainer import DefaultTrainer as NeutralDefaultTrainer
 from mlpug.trainers.trainer import ModelOutputs, StepResult
@@ -81,23 +84,33 @@ class DefaultTrainer(NeutralDefaultTrainer):
             loss is a mean over the samples of the chunk.
         use_mixed_precision: Run the forward pass in ``bfloat16`` (parameters and floating-point batch arrays cast
             inside the step; the parameters, their gradients and the optimizer states stay float32; see
-            :mod:`mlpug.jax.trainers.precision`).
+            :mod:`mlpug.jax.trainers.mixed_precision`).
         autocast_dtype: ``"bfloat16"`` (the default with ``use_mixed_precision=True``); ``"float16"`` is refused (it
             needs loss scaling).
         clip_gradients_norm: Clip the gradients of each optimizer to this global L2 norm (float > 0;
             ``optax.clip_by_global_norm``) after accumulation and before they are applied; see
             :mod:`mlpug.trainers.clipping` and :meth:`clip_gradients`.
         clip_gradients_value: Clip every gradient element to ``[-v, v]`` instead.
-        strategy: None or ``"single_process"`` (one process, one device; see :mod:`mlpug.jax.strategies`).
+        strategy: None or ``"single_process"`` (one process, one device; see :mod:`mlpug.jax.strategies`). Several
+            JAX processes (``jax.distributed.initialize()``) are refused.
 
     The training model, set with :meth:`set_training_model`, is a ``flax.nnx.Module`` whose ``__call__(batch_data,
     evaluate_settings, inference_mode=None)`` returns the loss (see :class:`mlpug.trainers.trainer.DefaultTrainer`
     for the accepted return forms). Inside the step it is rebuilt from its graph definition in ``train()`` mode
     (in ``eval()`` mode for evaluation in inference mode); the live modules' own modes are not changed.
 
-    Batches and settings: arrays (NumPy or JAX) are traced; other values (Python numbers, strings, bools) are
-    constants of the trace, so another value, like another batch shape (the short last batch), compiles the step
-    once more (see :mod:`mlpug.jax.trainers.compilation`).
+    Batches and settings: arrays (NumPy or JAX) and the Python numbers (``int``, ``float``, ``bool``) of a batch are
+    traced (a number as a 0-d array, weakly typed like the Python number), so batches that differ only in their
+    values share one compiled step; the other values of a batch (strings, None) and every value of the settings that
+    is not an array are constants of the trace, so another value, like another batch shape (the short last batch),
+    compiles the step once more (see :mod:`mlpug.jax.trainers.compilation`). A value the model needs as a Python
+    number (a shape, a loop count) belongs in the settings.
+
+    Donation: the compiled step donates the buffers of the variables' arrays to their new values, so an array read
+    from a variable (``variable[...]``) is deleted by the next step; :meth:`set_training_model` copies every
+    variable's array once, so arrays held before (an ``nnx.clone`` of a model component, the arrays of
+    ``nnx.to_pure_dict(nnx.state(component))``, an array given to ``nnx.Param(array)``) stay valid and unchanged.
+    Copy a value to keep it across steps (``np.asarray(variable[...])``); :meth:`get_state` returns copies.
 
     ``trainer.get_state()`` holds NumPy copies (one host transfer); the step itself never leaves the device, and its
     results (loss, outputs, whether the step was skipped, the learning rate) stay ``jax.Array`` s until read.
@@ -106,8 +119,9 @@ class DefaultTrainer(NeutralDefaultTrainer):
         TypeError: An optimizer is not an ``optax.GradientTransformation``, a model component not an
             ``nnx.Module``, ``use_mixed_precision`` not a bool, or ``strategy`` not a strategy.
         ValueError: Several optimizers not named like model components, a ``batch_chunk_size`` that is not an int
-            >= 1, a bad ``autocast_dtype`` (``"float16"`` included), a bad clipping option, or a ``strategy`` other than
-            one process (data parallel training on JAX comes later).
+            >= 1, a bad ``autocast_dtype`` (``"float16"`` included), a bad clipping option, a ``strategy`` other than
+            one process, or several JAX processes (``jax.process_count() > 1``; data parallel training on JAX comes
+            later).
     """
 
     optimizer_type = optax.GradientTransformation
@@ -132,7 +146,8 @@ class DefaultTrainer(NeutralDefaultTrainer):
         )
         self.strategy: Strategy = resolve_strategy(strategy)
         self.chunking = batch_chunker(batch_chunk_size)
-        self.precision: FullPrecision = precision_policy(use_mixed_precision, autocast_dtype)
+        dtype = validate_mixed_precision(use_mixed_precision, autocast_dtype)
+        self.precision: PrecisionPolicy = FullPrecision() if dtype is None else MixedPrecision(dtype)
         self.gradient_sync = self.strategy.gradient_sync()
         self._trainable, self._component_names = self._trainable_parameters()
         self.optimizer_states = OptaxOptimizers(
@@ -174,6 +189,16 @@ class DefaultTrainer(NeutralDefaultTrainer):
     def set_training_model(self, training_model: nnx.Module) -> None:
         """Set the model that returns the loss for a batch, split it for the compiled steps and compile them anew
         (the first call of each traces it).
+
+        Every variable of the training model gets a copy of its array (once, here): the compiled training step
+        donates the variables' buffers, and arrays that the user still holds (an ``nnx.clone`` of a model component,
+        the arrays of ``nnx.to_pure_dict(nnx.state(component))`` taken before, an array given to
+        ``nnx.Param(array)``) must not be deleted by it.
+
+        Args:
+            training_model: The ``nnx.Module`` that holds and calls the model components and returns the loss (see
+                the class docstring). Its forward pass must not create or remove variables (create them in
+                ``__init__``); the first training step raises ``ValueError`` otherwise.
 
         Raises:
             TypeError: ``training_model`` is not an ``nnx.Module``, or its ``__call__`` does not take
@@ -227,6 +252,18 @@ class DefaultTrainer(NeutralDefaultTrainer):
         return found
 
     def _call_model(self, model: nnx.Module, batch: Any, settings: Any, inference_mode: bool) -> Any:
+        """Call the training model (a model of :meth:`LiveModel.merge`, inside a trace) as its ``__call__`` takes it.
+
+        Args:
+            model: The training model rebuilt inside the step.
+            batch: The batch (or batch chunk), cast by the precision policy.
+            settings: The training or evaluation settings.
+            inference_mode: Passed as the third argument when ``__call__`` takes one (see
+                :meth:`set_training_model`), else left out.
+
+        Returns:
+            What the training model returned (a loss, a tuple or a dict; see ``_normalise_outputs``).
+        """
         if self._passes_inference_mode:
             return model(batch, settings, inference_mode)
         return model(batch, settings)
@@ -235,7 +272,26 @@ class DefaultTrainer(NeutralDefaultTrainer):
     def _train_step_function(
         self, trainable: tuple, states: tuple, rest: list, batch: Any, settings: Any, skip_non_finite: bool
     ) -> tuple:
-        """The compiled training step (see the module docstring); its arguments and results are flat."""
+        """The compiled training step (see the module docstring); its arguments and results are flat.
+
+        Args:
+            trainable: Per optimizer, the values of the parameters it updates (lists of arrays; donated).
+            states: Per optimizer, its optax state (donated).
+            rest: The values of the training model's other variables (:meth:`LiveModel.rest_values`; donated).
+            batch: The batch as :func:`~mlpug.jax.trainers.compilation.as_traceable` gave it.
+            settings: The training settings, likewise.
+            skip_non_finite: Keep the old values when the loss is not finite (a constant of the trace).
+
+        Returns:
+            ``(trainable, states, rest, outputs, skipped, learning_rate)``: the new values in the structures of the
+            arguments; ``(loss, num_samples, auxiliary_results)`` as traceable values; a 0-d bool array whether the
+            step was skipped (None without ``skip_non_finite``); the first optimizer's injected learning rate or None.
+
+        Raises:
+            ValueError: The forward pass created or removed variables of the training model (see
+                :meth:`LiveModel.rest_of`).
+            TypeError / ValueError: What the model returned is not a loss, or the batch cannot be chunked.
+        """
         live, precision = self._live, self.precision
         assert live is not None
         batch, settings = from_traceable(batch), from_traceable(settings)
@@ -335,7 +391,7 @@ class DefaultTrainer(NeutralDefaultTrainer):
             live.trainable_values(),
             self.optimizer_states.state_tuple(),
             live.rest_values(),
-            as_traceable(batch, "the batch"),
+            as_traceable(batch, "the batch", trace_numbers=True),
             as_traceable(training_settings, "the training settings"),
             skip_non_finite=bool(self.skip_non_finite_steps),
         )
@@ -346,14 +402,31 @@ class DefaultTrainer(NeutralDefaultTrainer):
 
     def evaluate_loss(self, batch: Any, evaluate_settings: Any = None, inference_mode: bool = True) -> ModelOutputs:
         """Evaluate the training model on ``batch`` without gradients and without changing any variable (compiled;
-        ``eval()`` mode when ``inference_mode``)."""
+        ``eval()`` mode when ``inference_mode``).
+
+        Args:
+            batch: Arrays, Python numbers (traced) and other hashable values (constants), in tuples/lists/dicts; see
+                the class docstring.
+            evaluate_settings: Any hashable values and arrays; values that are not arrays are constants of the trace.
+            inference_mode: Run the model in ``eval()`` mode (dropout off, running batch statistics) and pass
+                ``inference_mode=True`` to it; False: ``train()`` mode (random draws, but no stream advances).
+
+        Returns:
+            ModelOutputs: the loss (0-d ``jax.Array``), ``num_samples`` and the auxiliary results (arrays stay on
+            the device).
+
+        Raises:
+            RuntimeError: No training model (see :meth:`set_training_model`).
+            TypeError / ValueError: What the model returned is not a loss, or the batch or settings hold a value that
+                is neither an array nor hashable (the messages say why).
+        """
         self.ensure_ready()
         live = self._live
         assert live is not None
         outputs = self._evaluate_step(
             live.trainable_values(),
             live.rest_values(),
-            as_traceable(batch, "the batch"),
+            as_traceable(batch, "the batch", trace_numbers=True),
             as_traceable(evaluate_settings, "the evaluation settings"),
             inference_mode=bool(inference_mode),
         )
@@ -381,6 +454,15 @@ class DefaultTrainer(NeutralDefaultTrainer):
         return [name for (name, _), is_finite in zip(named, finite) if not is_finite]
 
     def _is_scalar_loss(self, loss: Any) -> bool:
+        """Whether ``loss`` (what the model returned as its loss) is an array of one element.
+
+        Args:
+            loss: A JAX or NumPy array or scalar (a tracer inside the step), or anything else the model returned.
+
+        Returns:
+            True for an array of any shape with exactly one element (``()``, ``(1,)``, ``(1, 1)`` ...); False for
+            other arrays (e.g. a loss per sample) and for values that are not arrays.
+        """
         return isinstance(loss, (jax.Array, np.ndarray, np.generic)) and int(np.prod(np.shape(loss))) == 1
 
     # ----- state -----

@@ -73,6 +73,18 @@ class ShardedCheckpoints(ABC):
         return None
 
 
+def same_mapping(original: dict, items: dict) -> dict:
+    """A dict of ``original``'s type holding ``items``: an ``OrderedDict`` (a module ``state_dict``) keeps its
+    ``_metadata`` (the module versions ``load_state_dict`` reads); a plain dict is ``items`` itself."""
+    if type(original) is dict:
+        return items
+    rebuilt = type(original)(items)
+    metadata = getattr(original, "_metadata", None)
+    if metadata is not None:
+        rebuilt._metadata = metadata  # type: ignore[attr-defined]
+    return rebuilt
+
+
 def split_arrays(state: Any, is_array: Callable[[Any], bool]) -> tuple[Any, dict[str, Any]]:
     """``state`` with every array replaced by ``{ARRAY_KEY: key}``, and the arrays by key (their path in ``state``,
     dotted, e.g. ``"optimizers.optimizer.state.0.exp_avg"``)."""
@@ -83,14 +95,9 @@ def split_arrays(state: Any, is_array: Callable[[Any], bool]) -> tuple[Any, dict
             arrays[path] = value
             return {ARRAY_KEY: path}
         if isinstance(value, dict):
-            copied = {key: visit(item, f"{path}.{key}" if path else str(key)) for key, item in value.items()}
-            if type(value) is not dict:  # OrderedDict (module state_dict) with its _metadata
-                ordered = type(value)(copied)
-                metadata = getattr(value, "_metadata", None)
-                if metadata is not None:
-                    ordered._metadata = metadata  # type: ignore[attr-defined]
-                return ordered
-            return copied
+            return same_mapping(
+                value, {key: visit(item, f"{path}.{key}" if path else str(key)) for key, item in value.items()}
+            )
         if isinstance(value, (list, tuple)):
             items = enumerate(value)
             return type(value)(visit(item, f"{path}.{index}" if path else str(index)) for index, item in items)
@@ -114,14 +121,7 @@ def join_arrays(plain: Any, arrays: dict[str, Any], where: str) -> Any:
                 if key not in arrays:
                     raise CheckpointError(f"{where}: the array {key!r} is missing from the shards")
                 return arrays[key]
-            joined = {key: visit(item) for key, item in value.items()}
-            if type(value) is not dict:
-                ordered = type(value)(joined)
-                metadata = getattr(value, "_metadata", None)
-                if metadata is not None:
-                    ordered._metadata = metadata  # type: ignore[attr-defined]
-                return ordered
-            return joined
+            return same_mapping(value, {key: visit(item) for key, item in value.items()})
         if isinstance(value, (list, tuple)):
             return type(value)(visit(item) for item in value)
         return value

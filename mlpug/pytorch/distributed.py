@@ -161,6 +161,29 @@ def init_distributed(backend: Optional[str] = None, timeout_s: Optional[float] =
     return _context
 
 
+def join_launch(strategy_name: str, backend: Optional[str], timeout_s: Optional[float]) -> TorchDistributedContext:
+    """The process group of a data-parallel launch for a strategy that needs several processes (DDP, FSDP).
+
+    Args:
+        strategy_name: The strategy's name, e.g. ``"ddp"`` (in the message).
+        backend: See :func:`init_distributed`.
+        timeout_s: See :func:`init_distributed`.
+
+    Raises:
+        ValueError: This process is alone (``WORLD_SIZE`` unset or 1, no process group of several ranks); what
+            :func:`init_distributed` raises.
+    """
+    context = init_distributed(backend, timeout_s)
+    if not isinstance(context, TorchDistributedContext):
+        raise ValueError(
+            f"{strategy_name.upper()}Strategy (strategy={strategy_name!r}) needs a data-parallel launch (torchrun "
+            f"--nproc_per_node N script.py, or mlp.distributed.launch), but this process is alone "
+            f"(WORLD_SIZE={environment_world_size()}); leave strategy out (or pass 'single_process') to train in one "
+            "process"
+        )
+    return context
+
+
 _context: Optional[DistributedContext] = None
 _created_group: Optional[Any] = None
 """The default process group when :func:`init_distributed` created it (mlpug tears it down at exit), else None."""

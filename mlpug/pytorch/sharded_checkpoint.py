@@ -25,7 +25,14 @@ from torch.distributed.tensor import DTensor
 
 from mlpug.checkpointing.files import fsync_directory
 from mlpug.checkpointing.header import CheckpointError
-from mlpug.checkpointing.sharded import SHARDED_KEY, ShardedCheckpoints, Wait, join_arrays, split_arrays
+from mlpug.checkpointing.sharded import (
+    SHARDED_KEY,
+    ShardedCheckpoints,
+    Wait,
+    join_arrays,
+    same_mapping,
+    split_arrays,
+)
 from mlpug.pytorch.distributed import TorchDistributedContext
 
 FORMAT = "torch-dcp"
@@ -175,14 +182,7 @@ def shard_like_live(state: Any, live: Any) -> Any:
     if isinstance(state, torch.Tensor) and isinstance(live, DTensor) and not isinstance(state, DTensor):
         return _distribute_local(state, live)
     if isinstance(state, dict) and isinstance(live, dict):
-        result = {key: shard_like_live(value, live.get(key)) for key, value in state.items()}
-        if type(state) is not dict:
-            ordered = type(state)(result)
-            metadata = getattr(state, "_metadata", None)
-            if metadata is not None:
-                ordered._metadata = metadata  # type: ignore[attr-defined]
-            return ordered
-        return result
+        return same_mapping(state, {key: shard_like_live(value, live.get(key)) for key, value in state.items()})
     if isinstance(state, (list, tuple)) and isinstance(live, (list, tuple)) and len(state) == len(live):
         return type(state)(shard_like_live(value, other) for value, other in zip(state, live))
     return state

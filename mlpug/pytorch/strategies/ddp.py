@@ -10,8 +10,7 @@ from mlpug.distributed import DistributedContext
 from mlpug.pytorch.distributed import (
     DDPGradientSync,
     TorchDistributedContext,
-    environment_world_size,
-    init_distributed,
+    join_launch,
     shard_evaluation_dataset,
     shard_training_dataset,
     warn_if_random_states_differ,
@@ -43,14 +42,7 @@ class DDPStrategy(Strategy):
     name = "ddp"
 
     def __init__(self, backend: Optional[str] = None, timeout_s: Optional[float] = None):
-        context = init_distributed(backend, timeout_s)
-        if not isinstance(context, TorchDistributedContext):
-            raise ValueError(
-                f"DDPStrategy (strategy='ddp') needs a data-parallel launch (torchrun --nproc_per_node N script.py, or "
-                f"mlp.distributed.launch), but this process is alone (WORLD_SIZE={environment_world_size()}); leave "
-                "strategy out (or pass 'single_process') to train in one process"
-            )
-        self._context: TorchDistributedContext = context
+        self._context: TorchDistributedContext = join_launch("ddp", backend, timeout_s)
         self._gradient_sync: GradientSync = GradientSync()
 
     def distributed_context(self) -> DistributedContext:

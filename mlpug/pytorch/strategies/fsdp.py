@@ -14,8 +14,7 @@ from mlpug.checkpointing.sharded import ShardedCheckpoints
 from mlpug.distributed import DistributedContext
 from mlpug.pytorch.distributed import (
     TorchDistributedContext,
-    environment_world_size,
-    init_distributed,
+    join_launch,
     shard_evaluation_dataset,
     shard_training_dataset,
     warn_if_random_states_differ,
@@ -89,14 +88,7 @@ class FSDPStrategy(Strategy):
     ):
         self._is_unit = _unit_policy(shard_modules, min_num_params)
         self.reshard_after_forward = reshard_after_forward
-        context = init_distributed(backend, timeout_s)
-        if not isinstance(context, TorchDistributedContext):
-            raise ValueError(
-                f"FSDPStrategy (strategy='fsdp') needs a data-parallel launch (torchrun --nproc_per_node N script.py, "
-                f"or mlp.distributed.launch), but this process is alone (WORLD_SIZE={environment_world_size()}); leave "
-                "strategy out (or pass 'single_process') to train in one process"
-            )
-        self._context: TorchDistributedContext = context
+        self._context: TorchDistributedContext = join_launch("fsdp", backend, timeout_s)
         self._gradient_sync: GradientSync = GradientSync()
         self._mixed_precision = MixedPrecisionPolicy()
         self._unsharded_model: Optional[torch.nn.Module] = None

@@ -2,12 +2,14 @@
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
+# make demo BACKEND=pytorch|tensorflow|jax: the Fashion-MNIST example of that backend
 BACKEND ?= pytorch
+BACKENDS := pytorch tensorflow jax
 DATA_DIR := /usr/share/datasets/fashion-mnist
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 PYTEST_ARGS ?=
 
-.PHONY: setup data demo test lint benchmark package package-check clean benchmark-peers docs
+.PHONY: setup data check-backend demo test lint benchmark package package-check clean benchmark-peers docs
 
 setup: $(VENV)/.installed
 
@@ -23,7 +25,11 @@ data:
 		$(SUDO) apt-get update && $(SUDO) apt-get install -y dataset-fashion-mnist; \
 	fi
 
-demo: setup data
+check-backend:
+	@case " $(BACKENDS) " in *" $(BACKEND) "*) ;; \
+		*) echo "BACKEND=$(BACKEND) is not a backend; choose one of: $(BACKENDS)" >&2; exit 2;; esac
+
+demo: check-backend setup data
 	$(PY) examples/fashion_mnist/$(BACKEND)/train.py
 
 test: setup data

@@ -5,12 +5,16 @@ Job: MLP 784-256-256-10, Adam lr 1e-3, batch 64, one epoch of the real Fashion-M
 1 thread; afterwards (not timed) the training-set loss and the test accuracy (10k test images) of the trained
 model as a correctness check. Every framework runs in a "lean" configuration (as few callbacks and as little
 logging as it allows) and a "default" one (what a new user gets); what each runs is in the table and in the
-docstrings of the process scripts. This driver runs three processes one after the other (Keras fixes its
+docstrings of the process scripts. This driver runs five processes one after the other (Keras fixes its
 backend at import, and frameworks of one backend must share a process to be compared in interleaved rounds):
 
 (a) ``torch_peers.py``: raw PyTorch loop (floor), mlpug, Lightning, Ignite, accelerate, pytorch-accelerated;
 (b) ``keras_torch.py``: raw PyTorch loop (floor), Keras 3 with the torch backend;
-(c) ``tensorflow_peers.py``: raw ``tf.function`` loop (floor), mlpug's TensorFlow backend, Keras 3 (``tf.keras``).
+(c) ``tensorflow_peers.py``: raw ``tf.function`` loop (floor), mlpug's TensorFlow backend, Keras 3 (``tf.keras``);
+(d) ``jax_peers.py``: raw ``jax.jit`` loop over a Flax NNX model (floor), mlpug's JAX backend (also with
+    ``steps_per_execution=32``);
+(e) ``keras_jax.py``: the same raw ``jax.jit`` loop (floor), Keras 3 on the JAX backend (also with
+    ``steps_per_execution=32``).
 
 In every process all variants run once per round, in rotating order; round 0 is cold and left out; the figure of
 a variant is the median and the range (min - max) over the rounds of (its epoch time / the floor's epoch time in
@@ -40,7 +44,16 @@ PROCESSES = {
     "pytorch": ("torch_peers.py", {}),
     "keras-torch": ("keras_torch.py", {"KERAS_BACKEND": "torch"}),
     "tensorflow": ("tensorflow_peers.py", {}),
+    "jax": ("jax_peers.py", {}),
+    "keras-jax": ("keras_jax.py", {"KERAS_BACKEND": "jax"}),
 }
+# A Keras process has no mlpug of its own: its rows are compared with mlpug's rows of this process (the same floor,
+# but another process: less comparable than ratios within one process).
+KERAS_REFERENCE = {"Keras (torch backend)": "PyTorch", "Keras (JAX backend)": "JAX"}
+# The issue-28 targets of the JAX backend (median ratios): mlpug without callbacks within this factor of the raw
+# jax.jit loop, and mlpug with the standard callbacks and K=32 at most this factor of Keras' K=32 time.
+JAX_LEAN_TARGET = 1.05
+JAX_K32_TARGET = 0.8
 
 
 def machine():
@@ -100,45 +113,64 @@ def fmt(value, digits=3):
     return "-" if value is None else f"{value:.{digits}f}"
 
 
-def mlpug_default(process):
-    return next((r for r in process["rows"] if r["framework"].startswith("mlpug") and r["config"] == "default"), None)
+def mlpug_row(process, config="default"):
+    return next((r for r in process["rows"] if r["framework"].startswith("mlpug") and r["config"] == config), None)
 
 
 def checks(processes):
-    """The questions of issue 13, answered from the median ratios: is mlpug's default within 1.05x of the floor,
-    and ahead of (a lower median ratio than) every peer's default configuration? Keras on the torch backend has
-    no mlpug of its own process; it is compared with mlpug's PyTorch process (the same raw PyTorch floor, but
-    another process: less comparable)."""
+    """The questions of issues 13 and 28, answered from the median ratios: is mlpug's default within 1.05x of the
+    floor, and ahead of (a lower median ratio than) every peer's default configuration? On JAX (issue 28): is mlpug
+    without callbacks within 1.05x of the raw ``jax.jit`` loop, and mlpug with the standard callbacks and K=32 at
+    most 0.8x of Keras' K=32 time? A Keras process without an mlpug of its own is compared with mlpug's process of
+    the same floor (``KERAS_REFERENCE``: another process, less comparable)."""
     lines = []
     by_name = {p["process"]: p for p in processes}
     for process in processes:
-        mlpug = mlpug_default(process)
+        mlpug = mlpug_row(process)
         if mlpug is not None:
             within = "yes" if mlpug["ratio_median"] <= 1.05 else "no"
             lines.append(
                 f"- {process['process']}: {mlpug['framework']} default / floor {mlpug['ratio_median']:.3f} "
                 f"[{mlpug['ratio_min']:.3f} - {mlpug['ratio_max']:.3f}]: within 1.05x: **{within}**"
             )
+    lean = mlpug_row(by_name["JAX"], "lean") if "JAX" in by_name else None
+    if lean is not None:
+        within = "yes" if lean["ratio_median"] <= JAX_LEAN_TARGET else "no"
+        lines.append(
+            f"- JAX: {lean['framework']} lean (no callbacks) / raw jax.jit {lean['ratio_median']:.3f} "
+            f"[{lean['ratio_min']:.3f} - {lean['ratio_max']:.3f}]: within {JAX_LEAN_TARGET}x: **{within}**"
+        )
     for process in processes:
-        reference, where = mlpug_default(process), ""
-        if reference is None and "PyTorch" in by_name and process["process"].startswith("Keras (torch"):
-            reference, where = mlpug_default(by_name["PyTorch"]), " (of the PyTorch process)"
-        if reference is None:
-            continue
+        reference_process, where = process, ""
+        if mlpug_row(process) is None and KERAS_REFERENCE.get(process["process"]) in by_name:
+            reference_process = by_name[KERAS_REFERENCE[process["process"]]]
+            where = f" (of the {reference_process['process']} process)"
         for row in process["rows"]:
-            if row["config"] != "default" or row["framework"].startswith("mlpug"):
+            if row["framework"].startswith("mlpug") or row["config"] not in ("default", "default, K=32"):
                 continue
-            ahead = "yes" if reference["ratio_median"] < row["ratio_median"] else "no"
-            lines.append(
-                f"- {row['framework']} default {row['ratio_median']:.3f} vs {reference['framework']} default "
-                f"{reference['ratio_median']:.3f}{where}: mlpug ahead: **{ahead}**"
-            )
+            reference = mlpug_row(reference_process, row["config"])
+            if reference is None:
+                continue
+            if row["config"] == "default":
+                ahead = "yes" if reference["ratio_median"] < row["ratio_median"] else "no"
+                lines.append(
+                    f"- {row['framework']} default {row['ratio_median']:.3f} vs {reference['framework']} default "
+                    f"{reference['ratio_median']:.3f}{where}: mlpug ahead: **{ahead}**"
+                )
+            else:
+                share = reference["ratio_median"] / row["ratio_median"]
+                target = f", at most {JAX_K32_TARGET}x: **{'yes' if share <= JAX_K32_TARGET else 'no'}**"
+                lines.append(
+                    f"- {row['framework']} default, K=32 {row['ratio_median']:.3f} vs {reference['framework']} "
+                    f"default, K=32 {reference['ratio_median']:.3f}{where}: mlpug / Keras {share:.3f}"
+                    + (target if reference["framework"] == "mlpug (JAX)" else "")
+                )
     return lines
 
 
 def markdown(result):
     lines = [
-        "# mlpug beside the well-known trainers: one Fashion-MNIST epoch (issue 13)",
+        "# mlpug beside the well-known trainers: one Fashion-MNIST epoch (issues 13 and 28)",
         "",
         "Generated by `benchmarks/peers/run.py` (see its docstring for the job and the method).",
         "",

@@ -6,6 +6,12 @@ JAX has no global random generator: random numbers come from explicit keys. In F
 model. The JAX ``DefaultTrainer`` lists them as one random-state provider (besides Python's and NumPy's), so a
 training checkpoint holds them as plain ints and a resumed run draws the same dropout masks; they are not part of
 the model components' weights (``trainer.get_state()["model_components"]``).
+
+Capturing and restoring the streams around an evaluation (:func:`mlpug.random_state.isolated_random_states`, which a
+batch-level ``TestMetricsLogger`` runs at every batch) stays on the device: :meth:`NnxRngStreams.capture` copies the
+arrays on their device (a compiled step donates the variables' buffers, so a reference alone would be deleted by the
+next step) and :meth:`NnxRngStreams.restore` writes copies back; only :meth:`NnxRngStreams.to_state`, when a
+checkpoint asks for the values, transfers them to the host.
 """
 
 from __future__ import annotations
@@ -45,13 +51,34 @@ class NnxRngStreams(RandomStateProvider):
         """Per variable name ``{"key": bool, "shape": [...], "data": [int, ...]}``: the key data (``uint32``) of a
         key, or the values of a count; one host transfer for all."""
         named = self._variables()
-        values = [variable.get_raw_value() for _, variable in named]
-        keys = [_is_key(value) for value in values]
-        host = jax.device_get([jax.random.key_data(v) if is_key else v for v, is_key in zip(values, keys)])
+        return self._plain([(name, variable.get_raw_value()) for name, variable in named])
+
+    @staticmethod
+    def _plain(named_values: list[tuple[str, jax.Array]]) -> dict:
+        """:meth:`get_state`'s form of ``(name, value)`` pairs, with one host transfer for all."""
+        keys = [_is_key(value) for _, value in named_values]
+        host = jax.device_get([jax.random.key_data(v) if is_key else v for (_, v), is_key in zip(named_values, keys)])
         return {
             name: {"key": is_key, "shape": list(np.shape(array)), "data": np.asarray(array).reshape(-1).tolist()}
-            for (name, _), is_key, array in zip(named, keys, host)
+            for (name, _), is_key, array in zip(named_values, keys, host)
         }
+
+    def capture(self) -> list[tuple[str, nnx.Variable, jax.Array]]:
+        """``(name, variable, copy of its value)`` of every stream variable, copied on the device (no host
+        transfer, no wait for the device; see the module docstring)."""
+        return [
+            (name, variable, jnp.array(variable.get_raw_value(), copy=True)) for name, variable in self._variables()
+        ]
+
+    def restore(self, captured: list[tuple[str, nnx.Variable, jax.Array]]) -> None:
+        """Write what :meth:`capture` took back into the same variables (copies, on the device: ``captured`` stays
+        valid after the next donating step)."""
+        for _, variable, value in captured:
+            variable.set_raw_value(jnp.array(value, copy=True))
+
+    def to_state(self, captured: list[tuple[str, nnx.Variable, jax.Array]]) -> dict:
+        """What :meth:`capture` took, as :meth:`get_state` would have returned it then (one host transfer)."""
+        return self._plain([(name, value) for name, _, value in captured])
 
     def set_state(self, state: Mapping[str, Any]) -> None:
         """Restore what :meth:`get_state` returned.

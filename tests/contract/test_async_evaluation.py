@@ -17,10 +17,9 @@ NUM_EPOCHS = 4
 
 
 def flat_weights(harness, model_components):
-    """The classifier's arrays of a checkpoint's ``model_components`` (a state_dict or a list of arrays)."""
+    """The classifier's arrays of a checkpoint's ``model_components``, in the order of ``harness.weights``."""
     (component,) = model_components.values()
-    values = component.values() if isinstance(component, dict) else component
-    return [np.asarray(value.detach().numpy() if hasattr(value, "detach") else value) for value in values]
+    return harness.component_weights(component)
 
 
 class Recorder:

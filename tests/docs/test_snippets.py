@@ -4,10 +4,10 @@ The blocks of a page run in order, as one script, in one fresh subprocess (``sys
 directory, the environment as it is), so that a page reads like a script a user can paste. A failure names the
 page, the block (its line in the page) and shows the block and the stderr.
 
-A block's backend is that of its tab (titled "PyTorch" or "TensorFlow"), else the backend it imports, else the one
-it names (``torch.``, ``tf.``; comments aside), else that of the previous block outside tabs (a page continues its
-script); a page's first blocks without any are neutral. A page runs once per backend it has: the blocks of that
-backend and the neutral ones, in order. A backend that is not installed skips its runs (as
+A block's backend is that of its tab (titled "PyTorch", "TensorFlow" or "JAX"), else the backend it imports, else the
+one it names (``torch.``, ``tf.``, ``jnp.`` / ``nnx.``; comments aside), else that of the previous block outside tabs
+(a page continues its script); a page's first blocks without any are neutral. A page runs once per backend it has:
+the blocks of that backend and the neutral ones, in order. A backend that is not installed skips its runs (as
 ``pytest.importorskip``). ``--8<--`` lines (pymdownx.snippets) are replaced by the file they include, as the site
 shows it.
 
@@ -48,9 +48,10 @@ _SNIPPET = re.compile(r'^(?P<indent>[ \t]*)-{1,}8<-{1,}[ \t]+"(?P<path>[^"]+)"[ 
 _IMPORTS = {
     "pytorch": re.compile(r"^\s*(import|from)\s+(mlpug\.pytorch|torch)\b", re.M),
     "tensorflow": re.compile(r"^\s*(import|from)\s+(mlpug\.tensorflow|tensorflow|keras)\b", re.M),
+    "jax": re.compile(r"^\s*(import|from)\s+(mlpug\.jax|jax|flax|optax)\b", re.M),
 }
-_NAMES = {"pytorch": re.compile(r"\btorch\."), "tensorflow": re.compile(r"\btf\.")}
-_MODULES = {"pytorch": "torch", "tensorflow": "tensorflow"}
+_NAMES = {"pytorch": re.compile(r"\btorch\."), "tensorflow": re.compile(r"\btf\."), "jax": re.compile(r"\b(jnp|nnx)\.")}
+_MODULES = {"pytorch": "torch", "tensorflow": "tensorflow", "jax": "jax"}
 
 
 @dataclass
@@ -58,7 +59,7 @@ class Block:
     page: str  # relative to docs/
     line: int  # 1-based line of the opening fence
     code: str
-    backend: Optional[str]  # "pytorch", "tensorflow" or None (runs with every backend of the page)
+    backend: Optional[str]  # "pytorch", "tensorflow", "jax" or None (runs with every backend of the page)
     skip: Optional[str] = None  # reason
     needs_cuda: bool = False
     included: list = field(default_factory=list)  # files included with --8<--
@@ -86,13 +87,13 @@ def _backend(code: str, tab: Optional[str], previous: Optional[str], where: str)
     """A tab's backend; else the backend the block imports or names (``torch.``, ``tf.``); else that of the
     previous block outside tabs (a page continues its script); else None."""
     if tab is not None:
-        for backend in ("pytorch", "tensorflow"):
+        for backend in _MODULES:
             if backend in tab.lower():
                 return backend
     without_comments = re.sub(r"#.*", "", code)
     for patterns in (_IMPORTS, _NAMES):
         found = [backend for backend, pattern in patterns.items() if pattern.search(without_comments)]
-        assert len(found) <= 1, f"{where}: a block outside a backend tab uses both backends"
+        assert len(found) <= 1, f"{where}: a block outside a backend tab uses several backends"
         if found:
             return found[0]
     return previous

@@ -145,6 +145,75 @@ def test_chunked_accumulation_equals_the_whole_batch():
     assert_weights_close(weights(chunked_classifier), weights(whole_classifier), atol=1e-5)
 
 
+def _chunked_with_traces(unrolled):
+    """A dropout classifier trained with batch_chunk_size=4, counting the traces of its training forward pass;
+    ``unrolled``: the chunks one after the other while tracing (the neutral rule), the reference of the scan."""
+    classifier = MLP(0, dropout=0.3)
+    traces = {"train": 0}
+
+    class Counting(ClassificationLoss):
+        def __call__(self, batch_data, evaluate_settings, inference_mode=None):
+            traces["train"] += 1
+            return super().__call__(batch_data, evaluate_settings, inference_mode)
+
+    trainer = mlp.trainers.DefaultTrainer(optax.adam(0.05), classifier, batch_chunk_size=4)
+    trainer.set_training_model(Counting(classifier))
+    if unrolled:
+        chunking = trainer.chunking
+        chunking.run_carrying = lambda step, batch, carry, like: chunking._run_unrolled(step, batch, carry)
+    return classifier, trainer, traces
+
+
+@pytest.mark.parametrize("batch_size", [10, 8, 3], ids=["4+4+2", "4+4", "3"])
+def test_accumulation_scans_the_chunks_and_gives_the_numbers_of_chunk_after_chunk(batch_size):
+    """The equal chunks are one lax.scan (traced once, whatever their number), the remainder chunk another pass; the
+    dropout streams advance chunk after chunk as when the chunks are unrolled; the results agree with the unrolled
+    chunks to the last bits (XLA may fuse a multiply-add of the loss sum into one rounding in one of them)."""
+    runs = []
+    for unrolled in (False, True):
+        classifier, trainer, traces = _chunked_with_traces(unrolled)
+        results = [trainer.train_on(batch) for batch in batches(num_batches=3, batch_size=batch_size) * 2]
+        random_state = get_random_states(trainer.random_state_providers())["flax_nnx_rngs"]
+        runs.append((results, weights(classifier), random_state, traces["train"]))
+    (scanned, scanned_weights, scanned_random, scanned_traces), (unrolled, unrolled_weights, unrolled_random, _) = runs
+    assert scanned_traces == {10: 2, 8: 1, 3: 1}[batch_size]  # the scan body (and the remainder chunk)
+    assert scanned_random == unrolled_random  # one dropout draw per chunk, in order
+    for result, expected in zip(scanned, unrolled):
+        assert result.num_samples == batch_size and result.auxiliary_results.shape == (batch_size, 3)
+        np.testing.assert_allclose(np.asarray(result.loss), np.asarray(expected.loss), rtol=3e-7, atol=0)
+        np.testing.assert_allclose(result.auxiliary_results, expected.auxiliary_results, rtol=0, atol=1e-6)
+    assert_weights_close(scanned_weights, unrolled_weights, atol=1e-6)
+
+
+def test_accumulated_auxiliary_results_are_merged_by_the_neutral_rule():
+    """Arrays along the samples are concatenated over the chunks, 0-d arrays stacked (one entry per chunk), other
+    values kept once; a value that is not an array and differs between chunks is refused by name."""
+    classifier = MLP(0)
+
+    class WithAuxiliaries(nnx.Module):
+        def __init__(self):
+            self.classifier = classifier
+
+        def __call__(self, batch_data, evaluate_settings, inference_mode=None):
+            features, labels = batch_data
+            logits = self.classifier(features)
+            loss = optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
+            tag = f"rows={features.shape[0]}" if evaluate_settings == "by rows" else "same"
+            return {"loss": loss, "auxiliary_results": {"logits": logits, "first": features[0, 0], "tag": tag}}
+
+    trainer = mlp.trainers.DefaultTrainer(optax.sgd(0.0), classifier, batch_chunk_size=4)
+    trainer.set_training_model(WithAuxiliaries())
+    (batch,) = batches(num_batches=1, batch_size=10)  # chunks of 4, 4 and 2 samples
+    result = trainer.train_on(batch)
+    features = batch[0]
+    assert result.auxiliary_results["tag"] == "same" and result.num_samples == 10
+    np.testing.assert_array_equal(np.asarray(result.auxiliary_results["first"]), features[[0, 4, 8], 0])
+    expected_logits = trainer.evaluate_loss(batch, inference_mode=False).auxiliary_results["logits"]
+    np.testing.assert_allclose(np.asarray(result.auxiliary_results["logits"]), expected_logits, rtol=0, atol=1e-6)
+    with pytest.raises(ValueError, match="different auxiliary_results.*rows=4.*rows=2"):
+        trainer.train_on(batch, "by rows")
+
+
 def _update(before, after):
     return {name: after[name] - before[name] for name in before}
 
@@ -433,11 +502,11 @@ def test_values_that_are_no_arrays_travel_as_constants():
     assert float(outputs.loss) == 0.0 and outputs.auxiliary_results["tag"] == "y"
 
 
-def test_several_jax_processes_are_refused(monkeypatch):
+def test_one_process_training_is_refused_while_several_jax_processes_run(monkeypatch):
     classifier = MLP(0)
     monkeypatch.setattr(jax, "process_count", lambda: 2)
-    with pytest.raises(ValueError, match=r"jax.process_count\(\) is 2: .*data parallel training on JAX .*comes later"):
-        mlp.trainers.DefaultTrainer(optax.adam(0.1), classifier)
+    with pytest.raises(ValueError, match=r"one process, but jax.process_count\(\) is 2: .*leave strategy out"):
+        mlp.trainers.DefaultTrainer(optax.adam(0.1), classifier, strategy="single_process")
 
 
 def test_arrays_the_user_holds_stay_valid_and_unchanged_after_donating_steps():
@@ -489,7 +558,7 @@ def test_python_numbers_in_a_batch_are_traced_so_the_step_compiles_once():
 
     trainer = mlp.trainers.DefaultTrainer(optax.adam(0.1), classifier)
     trainer.set_training_model(WithLengths())
-    first, second = batches(num_batches=2)  # (JAX sorts dict keys: "features" comes first and counts the samples)
+    first, second = batches(num_batches=2)  # ("features", the first key as written, counts the samples)
     numbers = [([3, 5, 2], 0.5, True), ([1, 1, 4], 2.0, False)]
     for (features, labels), (lengths, factor, flag) in zip([first, second], numbers):
         batch = {"features": features, "labels": labels, "lengths": lengths, "scale": factor, "positive": flag}
@@ -536,3 +605,163 @@ def test_import_mlpug_jax_imports_neither_torch_nor_tensorflow():
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "[]"
+
+
+# ----- review fixes of the core: precision, lazy optimizer states, modes, dict order -----
+
+
+class Regression(nnx.Module):
+    """6 features -> 1 prediction, weights zero (the prediction is 0, the loss the mean of the squared targets)."""
+
+    def __init__(self):
+        self.linear = nnx.Linear(6, 1, kernel_init=nnx.initializers.zeros, rngs=nnx.Rngs(0))
+
+
+class SquaredError(nnx.Module):
+    """Records the dtypes the model sees (while the step is traced)."""
+
+    def __init__(self, model, seen):
+        self.model, self.seen = model, seen
+
+    def __call__(self, batch_data, evaluate_settings, inference_mode=None):
+        features, targets = batch_data["features"], batch_data["targets"]
+        self.seen.append((features.dtype, targets.dtype))
+        predictions = self.model.linear(features)[:, 0].astype(jnp.float32)
+        return jnp.mean((predictions - targets) ** 2)
+
+
+def test_bfloat16_casts_the_inputs_but_not_the_targets_and_returns_a_float32_loss():
+    targets = (1000.0 + 0.37 * np.arange(8)).astype(np.float32)  # bfloat16 rounds these to multiples of 4
+    features = make_numpy_data(8, 0)[0]
+    expected = float(np.mean(targets.astype(np.float64) ** 2))
+    for batch, autocast_inputs in [
+        ({"features": features, "targets": targets}, None),  # the first part, as written
+        ({"targets": targets, "features": features}, ["['features']"]),
+    ]:
+        seen = []
+        model = Regression()
+        trainer = mlp.trainers.DefaultTrainer(
+            optax.sgd(0.0), model, use_mixed_precision=True, autocast_inputs=autocast_inputs
+        )
+        trainer.set_training_model(SquaredError(model, seen))
+        result, evaluated = trainer.train_on(batch), trainer.evaluate_loss(batch)
+        assert seen == [(jnp.bfloat16, jnp.float32)] * 2  # the forward pass in bfloat16, the targets float32
+        for loss in (result.loss, evaluated.loss):
+            assert loss.dtype == jnp.float32
+            assert float(loss) == pytest.approx(expected, rel=1e-6)
+    with pytest.raises(ValueError, match=r"autocast_inputs names \"\['image'\]\", which is no part of the batch"):
+        trainer = mlp.trainers.DefaultTrainer(
+            optax.sgd(0.0), model, use_mixed_precision=True, autocast_inputs=["['image']"]
+        )
+        trainer.set_training_model(SquaredError(model, []))
+        trainer.train_on({"features": features, "targets": targets})
+    with pytest.raises(ValueError, match="has no effect without use_mixed_precision"):
+        mlp.trainers.DefaultTrainer(optax.sgd(0.0), model, autocast_inputs=["[0]"])
+    with pytest.raises(ValueError, match="'features', which is not a key path of the batch"):
+        mlp.trainers.DefaultTrainer(optax.sgd(0.0), model, use_mixed_precision=True, autocast_inputs=["features"])
+
+
+def test_the_bfloat16_loss_of_a_bfloat16_model_comes_back_as_float32():
+    classifier, trainer = make(use_mixed_precision=True)
+    batch = batches(num_batches=1)[0]
+    result, evaluated = trainer.train_on(batch), trainer.evaluate_loss(batch)
+    assert result.loss.dtype == jnp.float32 and evaluated.loss.dtype == jnp.float32
+    assert result.auxiliary_results.dtype == jnp.bfloat16  # what the model returned
+
+
+@pytest.mark.parametrize("loaded", ["before set_training_model", "after set_training_model"])
+def test_the_optimizer_state_is_made_from_weights_loaded_after_the_trainer(loaded):
+    """schedule_free_sgd keeps a copy of the parameters in its state: made at construction, it would hold the
+    weights the modules had then."""
+    transformation = optax.contrib.schedule_free_sgd(0.1)
+    classifier, pretrained = MLP(0), MLP(3)
+    trainer = mlp.trainers.DefaultTrainer(transformation, classifier)
+    assert trainer.get_state()["optimizers"]["optimizer"]  # get_state before the first step
+    if loaded == "after set_training_model":
+        trainer.set_training_model(ClassificationLoss(classifier))
+    nnx.update(classifier, nnx.state(pretrained))
+    if loaded == "before set_training_model":
+        trainer.set_training_model(ClassificationLoss(classifier))
+
+    graphdef, params, rest = nnx.split(pretrained, nnx.Param, ...)
+    opt_state = transformation.init(params)
+
+    @jax.jit
+    def step(params, opt_state, batch):
+        loss, gradients = jax.value_and_grad(lambda p: cross_entropy(nnx.merge(graphdef, p, rest), batch))(params)
+        updates, opt_state = transformation.update(gradients, opt_state, params)
+        return optax.apply_updates(params, updates), opt_state, loss
+
+    for batch in batches(num_batches=3):
+        params, opt_state, expected_loss = step(params, opt_state, batch)
+        np.testing.assert_allclose(float(trainer.train_on(batch).loss), float(expected_loss), rtol=0, atol=1e-6)
+    nnx.update(pretrained, params)
+    assert_weights_close(weights(classifier), weights(pretrained), atol=1e-6)
+    nnx.update(classifier, nnx.state(MLP(4)))  # after the first step the state is the trainer's: not made again
+    z = trainer.get_state()["optimizers"]["optimizer"][".z[0]"]  # hidden.bias, the first parameter
+    np.testing.assert_allclose(z, np.asarray(opt_state.z["hidden"]["bias"][...]), rtol=0, atol=1e-6)
+
+
+def test_the_modes_are_the_trainers_and_static_attributes_are_read_at_set_training_model():
+    classifier, trainer = make(dropout=0.5)
+    (batch,) = batches(num_batches=1)
+    classifier.eval()  # e.g. to predict between epochs: training still runs in train() mode
+    inference = np.asarray(trainer.evaluate_loss(batch).auxiliary_results)
+    assert not np.allclose(trainer.evaluate_loss(batch, inference_mode=False).auxiliary_results, inference)
+    classifier.train()
+    assert np.array_equal(trainer.evaluate_loss(batch).auxiliary_results, inference)  # eval() mode
+    assert classifier.dropout.deterministic is False  # the live modes are the user's
+
+    classifier.dropout.rate = 0.0  # a static attribute: seen once set_training_model is called again
+    assert not np.allclose(trainer.evaluate_loss(batch, inference_mode=False).auxiliary_results, inference)
+    state = trainer.get_state()
+    trainer.set_training_model(ClassificationLoss(classifier))
+    np.testing.assert_allclose(trainer.evaluate_loss(batch, inference_mode=False).auxiliary_results, inference)
+    again = trainer.get_state()
+    saved = state["optimizers"]["optimizer"]
+    assert all(np.array_equal(again["optimizers"]["optimizer"][key], value) for key, value in saved.items())
+
+
+def test_a_training_model_that_overrides_train_keeps_a_module_in_eval_mode():
+    class Normalised(nnx.Module):
+        def __init__(self):
+            self.norm = nnx.BatchNorm(6, rngs=nnx.Rngs(0))
+            self.classifier = MLP(0)
+
+        def __call__(self, features):
+            return self.classifier(self.norm(features))
+
+    class FrozenNormalisation(ClassificationLoss):
+        def train(self, **attributes):
+            super().train(**attributes)
+            self.classifier.norm.eval()
+
+    for training_model, changes in [(ClassificationLoss, True), (FrozenNormalisation, False)]:
+        model = Normalised()
+        trainer = mlp.trainers.DefaultTrainer(optax.sgd(0.1), model)
+        trainer.set_training_model(training_model(model))
+        before = np.array(model.norm.mean[...])
+        trainer.train_on(batches(num_batches=1)[0])
+        assert (not np.array_equal(model.norm.mean[...], before)) is changes
+
+
+def test_a_dict_batch_counts_its_samples_by_its_first_key_as_written():
+    classifier = MLP(0)
+
+    class WithClassWeights(nnx.Module):
+        def __init__(self):
+            self.classifier = classifier
+
+        def __call__(self, batch_data, evaluate_settings, inference_mode=None):
+            assert list(batch_data) == ["features", "labels", "class_weights"]  # the order as written
+            logits = self.classifier(batch_data["features"])
+            losses = optax.softmax_cross_entropy_with_integer_labels(logits, batch_data["labels"])
+            return jnp.mean(losses * batch_data["class_weights"][batch_data["labels"]])
+
+    trainer = mlp.trainers.DefaultTrainer(optax.sgd(0.1), classifier)
+    trainer.set_training_model(WithClassWeights())
+    features, labels = batches(num_batches=1)[0]
+    # "class_weights" (3 rows) comes first alphabetically, "features" (8 rows) first as written
+    batch = {"features": features, "labels": labels, "class_weights": np.ones(3, np.float32)}
+    assert trainer.train_on(batch).num_samples == 8
+    assert trainer.evaluate_loss(batch).num_samples == 8

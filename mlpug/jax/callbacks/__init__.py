@@ -1,4 +1,5 @@
-"""Callbacks for the JAX backend: the neutral ones work unchanged; ``CheckpointManager`` writes with the JAX saver."""
+"""Callbacks for the JAX backend: the neutral ones work unchanged; ``CheckpointManager`` writes with the JAX saver;
+``LRSchedulerWrapper`` applies optax schedules (or functions of the step) through ``trainer.set_learning_rate``."""
 
 from mlpug.callbacks import (
     HOOKS,
@@ -15,6 +16,7 @@ from mlpug.callbacks import (
     TrainingMetricsLogger,
 )
 from mlpug.jax.callbacks.checkpoint_manager import CheckpointManager
+from mlpug.jax.callbacks.lr_scheduler import LRSchedulerWrapper
 
 __all__ = [
     "HOOKS",
@@ -24,6 +26,7 @@ __all__ = [
     "EarlyStopping",
     "EvaluationResult",
     "LogProgress",
+    "LRSchedulerWrapper",
     "MetricsHistory",
     "ProgressBar",
     "RunContext",

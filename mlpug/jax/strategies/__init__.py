@@ -1,58 +1,80 @@
-"""JAX distribution strategies (see :mod:`mlpug.trainers.strategy`): for now one process on one device only.
-
-``DefaultTrainer(strategy=...)`` takes None, ``"single_process"`` or mlpug's ``SingleProcess``; data parallel
-training on JAX (a batch sharded over a ``jax.sharding.Mesh``) is not implemented yet, and a run of several JAX
-processes (``jax.distributed.initialize()``, ``jax.process_count() > 1``) is refused: each process would train
-alone and write the same checkpoint files.
+"""JAX distribution strategies (see :mod:`mlpug.trainers.strategy` and :class:`JaxStrategy`): ``"single_process"``
+(one device, :class:`SingleDevice`) and ``"data_parallel"`` (a batch split over a ``jax.sharding.Mesh`` of devices,
+the training state replicated: :class:`DataParallelStrategy`), in one process or in several
+(``jax.distributed.initialize``, see :mod:`mlpug.jax.distributed`).
 """
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Union
 
 import jax
 
+from mlpug.jax.strategies.data_parallel import DataParallelStrategy
+from mlpug.jax.strategies.jax_strategy import JaxStrategy
+from mlpug.jax.strategies.single_device import SingleDevice
 from mlpug.trainers.strategy import SingleProcess, Strategy, check_not_a_class
 
-STRATEGY_NAMES = ("single_process",)
+STRATEGY_NAMES = ("single_process", "data_parallel")
 """The names ``DefaultTrainer(strategy=...)`` takes."""
 
+StrategyArgument = Union[str, Strategy, None]
 
-def resolve_strategy(strategy: Any) -> SingleProcess:
-    """The strategy that ``DefaultTrainer(strategy=...)`` names.
+
+def resolve_strategy(strategy: StrategyArgument) -> JaxStrategy:
+    """The :class:`JaxStrategy` that ``DefaultTrainer(strategy=...)`` names.
 
     Args:
-        strategy: None, ``"single_process"`` or a ``SingleProcess`` (one process, one device).
+        strategy: None (default): ``"data_parallel"`` when several JAX processes run (``jax.distributed.initialize``
+            was called, ``jax.process_count() > 1``), else ``"single_process"``; a name of :data:`STRATEGY_NAMES`
+            (``"data_parallel"``: a :class:`DataParallelStrategy` over all devices); a :class:`JaxStrategy` (used as
+            it is); or mlpug's ``SingleProcess`` (the same as ``"single_process"``).
 
     Raises:
-        ValueError: Any other name, or another mlpug ``Strategy``, or several JAX processes
-            (``jax.process_count() > 1``, the count is named): data parallel training on JAX comes later.
-        TypeError: A class instead of an object, or not a strategy at all.
+        ValueError: An unknown name (the names are listed); ``"single_process"`` while several JAX processes run
+            (each would train alone on the same data and write the same files).
+        TypeError: A class instead of an object, an mlpug ``Strategy`` of another backend, or not a strategy.
     """
-    num_processes = jax.process_count()
-    if num_processes > 1:
-        raise ValueError(
-            f"jax.process_count() is {num_processes}: the JAX backend trains in one process on one device for now, "
-            f"and each of the {num_processes} processes would train alone and write the same checkpoint files; "
-            "data parallel training on JAX (a batch sharded over a jax.sharding.Mesh) comes later. Run one process "
-            "(without jax.distributed.initialize())"
-        )
-    if strategy is None or strategy == "single_process":
-        return SingleProcess()
-    if isinstance(strategy, SingleProcess):
-        return strategy
     check_not_a_class(strategy)
-    if isinstance(strategy, (str, Strategy)):
-        given = repr(strategy) if isinstance(strategy, str) else f"a {type(strategy).__qualname__}"
+    num_processes = jax.process_count()
+    if isinstance(strategy, JaxStrategy) and not isinstance(strategy, SingleProcess):
+        return strategy
+    if strategy is None:
+        return DataParallelStrategy() if num_processes > 1 else SingleDevice()
+    if strategy == "single_process" or isinstance(strategy, SingleProcess):
+        if num_processes > 1:
+            raise ValueError(
+                f"strategy {strategy!r:.100} trains in one process, but jax.process_count() is {num_processes}: "
+                f"each of the {num_processes} processes would train alone on the same data and write the same "
+                "checkpoint files; leave strategy out (or pass 'data_parallel') to train together, or run one process "
+                "(without jax.distributed.initialize())"
+            )
+        return strategy if isinstance(strategy, SingleDevice) else SingleDevice()
+    if strategy == "data_parallel":
+        return DataParallelStrategy()
+    if isinstance(strategy, str):
         raise ValueError(
-            f"strategy {given} is not available on JAX: the JAX backend trains in one process on one device for now "
-            f"(strategy names: {STRATEGY_NAMES}); data parallel training on JAX (a batch sharded over a "
-            "jax.sharding.Mesh) comes later"
+            f"strategy {strategy!r} is not a JAX strategy name; the names are {STRATEGY_NAMES} (data parallel "
+            "training on JAX is 'data_parallel': a batch split over a jax.sharding.Mesh of the devices)"
+        )
+    if isinstance(strategy, Strategy):
+        raise TypeError(
+            f"strategy is a {type(strategy).__qualname__}, an mlpug Strategy that is not a JAX strategy: on JAX a "
+            "strategy also places the step's arrays; subclass mlp.strategies.JaxStrategy (or DataParallelStrategy), "
+            f"or pass one of {STRATEGY_NAMES}"
         )
     raise TypeError(
-        f"strategy must be None, one of {STRATEGY_NAMES} or an mlpug Strategy, got a "
+        f"strategy must be None, one of {STRATEGY_NAMES} or a JaxStrategy, got a "
         f"{type(strategy).__module__}.{type(strategy).__qualname__}: {strategy!r:.100}"
     )
 
 
-__all__ = ["STRATEGY_NAMES", "SingleProcess", "Strategy", "resolve_strategy"]
+__all__ = [
+    "STRATEGY_NAMES",
+    "DataParallelStrategy",
+    "JaxStrategy",
+    "SingleDevice",
+    "SingleProcess",
+    "Strategy",
+    "resolve_strategy",
+]

@@ -15,6 +15,14 @@ The Python numbers (``int``, ``float``, ``bool``) of a batch are data, different
 "lengths": [3, 5, 2]}``): the trainer passes ``trace_numbers=True`` for batches, and they are traced as 0-d arrays
 (weakly typed, so they combine with other arrays as the Python numbers would), so the step is compiled once for
 all their values. The settings' numbers stay constants (a switch or a size the model may use as a Python value).
+
+Dicts keep the order the user wrote: ``jax.jit`` (like every pytree function) rebuilds a plain ``dict`` with its keys
+sorted, so :func:`as_traceable` carries every ``dict`` as an :class:`InsertionOrderDict` (a pytree node whose
+children and rebuilt keys follow the insertion order) and :func:`from_traceable` gives back a plain ``dict`` in that
+order. The model sees ``{"labels": ..., "features": ...}`` as it was written, and the neutral rule that counts a
+batch's samples by its first part (:func:`mlpug.chunking.infer_num_samples`) reads the first key the user wrote, as
+on the other backends. The order is part of the trace's signature: a dict with the same keys in another order
+compiles the step once more.
 """
 
 from __future__ import annotations
@@ -25,6 +33,8 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from mlpug.jax.trainers.insertion_order_dict import InsertionOrderDict, ordered_dicts
 
 
 @jax.tree_util.register_static
@@ -54,6 +64,23 @@ class StaticValue:
         return hash((type(self.value), self.value))
 
 
+def _plain_dicts(tree: Any) -> Any:
+    """``tree`` with every :class:`InsertionOrderDict` a plain ``dict`` in its order, every :class:`StaticValue`
+    its value."""
+    if isinstance(tree, StaticValue):
+        return tree.value
+    if type(tree) is InsertionOrderDict:
+        return {key: _plain_dicts(value) for key, value in tree.items()}
+    if type(tree) in (list, tuple):
+        return type(tree)(_plain_dicts(value) for value in tree)
+    if is_array(tree):
+        return tree
+    children, treedef = jax.tree_util.tree_flatten(tree, is_leaf=lambda node: node is not tree)  # one level
+    if jax.tree_util.treedef_is_leaf(treedef):
+        return tree
+    return jax.tree_util.tree_unflatten(treedef, [_plain_dicts(child) for child in children])
+
+
 def is_array(value: Any) -> bool:
     """True for what a compiled step traces: ``jax.Array`` (also a tracer), NumPy arrays and NumPy scalars."""
     return isinstance(value, (jax.Array, np.ndarray, np.generic))
@@ -71,14 +98,14 @@ def as_traceable(tree: Any, what: str, trace_numbers: bool = False) -> Any:
             a static value.
 
     Returns:
-        The same structure, arrays as they are, numbers as arrays (``trace_numbers``), every other leaf a
-        :class:`StaticValue`.
+        The same structure (every ``dict`` as an :class:`InsertionOrderDict`, module docstring), arrays as they
+        are, numbers as arrays (``trace_numbers``), every other leaf a :class:`StaticValue`.
 
     Raises:
         TypeError: A leaf that is not an array cannot be hashed, so it cannot be a constant of a compiled step
             (its type and position are named).
     """
-    leaves_with_paths, treedef = jax.tree_util.tree_flatten_with_path(tree)
+    leaves_with_paths, treedef = jax.tree_util.tree_flatten_with_path(ordered_dicts(tree))
     leaves = []
     for path, leaf in leaves_with_paths:
         if is_array(leaf):
@@ -103,12 +130,9 @@ def as_traceable(tree: Any, what: str, trace_numbers: bool = False) -> Any:
 
 
 def from_traceable(tree: Any) -> Any:
-    """The inverse of :func:`as_traceable`: every :class:`StaticValue` replaced by its value."""
-    return jax.tree_util.tree_map(
-        lambda leaf: leaf.value if isinstance(leaf, StaticValue) else leaf,
-        tree,
-        is_leaf=lambda leaf: isinstance(leaf, StaticValue),
-    )
+    """The inverse of :func:`as_traceable`: every :class:`StaticValue` replaced by its value, every
+    :class:`InsertionOrderDict` by a plain ``dict`` with its keys in the same (the user's) order."""
+    return _plain_dicts(tree)
 
 
 def compile_step(

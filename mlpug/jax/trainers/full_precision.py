@@ -20,6 +20,10 @@ class FullPrecision(PrecisionPolicy):
         """The batch for the forward pass; here: as it is."""
         return batch
 
+    def cast_loss(self, loss: Any) -> Any:
+        """The loss as the model returned it."""
+        return loss
+
     def step(self, optimizers: Mapping[str, Any], gradients: Optional[Mapping[str, list]] = None) -> Any:
         """``optimizer.apply(gradients[name])`` for every :class:`TracedOptimizer`.
 

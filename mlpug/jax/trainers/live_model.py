@@ -8,10 +8,21 @@ returns the new values in the same order (:meth:`LiveModel.values_of`); the trai
 graph), so ``classifier(images)`` predicts with the trained weights. Reading and writing is a Python loop over the
 variables: no host transfer, no graph traversal per step.
 
-Two graph definitions are made, one per mode, from clones of the module graph that share the variables
-(``nnx.clone(model, variables=False)``): ``train()`` and ``eval()`` set ``deterministic`` / ``use_running_average``
-on the clones (``nnx.Dropout``, ``nnx.BatchNorm`` and every module with those attributes), never on the live
-modules, whose modes stay as the user left them.
+Modes: two graph definitions are made, one per mode, from clones of the module graph that share the variables
+(``nnx.clone(model, variables=False)``), on which the training model's own ``train()`` and ``eval()`` are called
+(they set ``deterministic`` / ``use_running_average`` of ``nnx.Dropout``, ``nnx.BatchNorm`` and every module with
+those attributes). The modes are the trainer's, as on PyTorch, where the trainer calls ``model.train()`` before a
+training step and ``model.eval()`` for evaluation: a training step and ``evaluate_loss(inference_mode=False)`` run in
+``train()`` mode, ``evaluate_loss(inference_mode=True)`` in ``eval()`` mode, whatever mode the live modules are in
+(``classifier.eval()`` to predict between epochs does not turn dropout off in training); the live modules' modes are
+never changed. To keep a module in another mode while training (a pretrained ``BatchNorm`` frozen), override the
+training model's ``train()``: ``def train(self, **attributes): super().train(**attributes); self.backbone.eval()``.
+
+The graph definitions hold the modules' static attributes (a Dropout's ``rate``, a module's own switches, which
+submodules there are) as they are when the :class:`LiveModel` is made (``set_training_model``); reading them at every
+step would be the graph traversal that the compiled step avoids. After changing one on the live modules, call
+``trainer.set_training_model(training_model)`` again: the steps are compiled anew, and the weights, optimizer
+states and random streams are kept.
 
 The variables are grouped: the **trainable** ones, per optimizer (the ``nnx.Param`` s of the model components
 that the optimizer updates, in the order of :func:`component_parameters`), and the **rest** (everything else:
@@ -30,7 +41,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import Any, Optional
 
 import jax
 import jax.numpy as jnp
@@ -62,6 +73,26 @@ def rng_variables(module: nnx.Module) -> list[tuple[tuple, nnx.Variable]]:
     return [(path, variable) for path, variable in flat_variables(module)[1] if isinstance(variable, nnx.RngState)]
 
 
+def unsaved_variables(
+    flat: Sequence[tuple[tuple, nnx.Variable]], model_components: Mapping[str, nnx.Module]
+) -> list[str]:
+    """The dotted paths (in the training model) of the variables of ``flat`` that no model component holds and
+    checkpoints would not save although training may change them: every variable type but ``nnx.Param`` (not
+    trained outside the model components; :class:`LiveModel` warns about them) and ``nnx.RngState`` (the
+    ``nnx.Rngs`` streams, saved as random states by :class:`mlpug.jax.random_state.NnxRngStreams`).
+
+    Args:
+        flat: ``(path, variable)`` of the training model (:func:`flat_variables`).
+        model_components: The model components by name.
+    """
+    saved = {id(variable) for component in model_components.values() for _, variable in flat_variables(component)[1]}
+    return [
+        path_name(path)
+        for path, variable in flat
+        if id(variable) not in saved and not isinstance(variable, (nnx.Param, nnx.RngState))
+    ]
+
+
 class LiveModel:
     """The training model's graph definitions and variables, grouped for a compiled step (module docstring).
 
@@ -70,9 +101,16 @@ class LiveModel:
         trainable: Per optimizer name, the ``nnx.Param`` objects it updates, in the order of its state.
         component_names: Per variable ``id``, ``"<model component>.<path in it>"`` (names of trainable weights in
             messages and :meth:`trainable_names`).
+        model_components: The model components by name, whose variables checkpoints save: when given, a variable of
+            the training model outside all of them that training may change and no checkpoint would hold (anything
+            but an ``nnx.Param``, which no optimizer updates, and the ``nnx.Rngs`` streams, which are random states)
+            is refused (see :func:`unsaved_variables`).
 
     Raises:
-        ValueError: A trainable parameter is not part of ``training_model`` (its model component is not used by it).
+        ValueError: A trainable parameter is not part of ``training_model`` (its model component is not used by
+            it); or the training model holds variables outside the model components that checkpoints would not
+            save, e.g. the ``nnx.BatchStat`` s of an ``nnx.BatchNorm`` of the training model (their paths are
+            named).
     """
 
     def __init__(
@@ -80,6 +118,7 @@ class LiveModel:
         training_model: nnx.Module,
         trainable: Mapping[str, Sequence[nnx.Variable]],
         component_names: Mapping[int, str],
+        model_components: Optional[Mapping[str, nnx.Module]] = None,
     ):
         training_view = nnx.clone(training_model, variables=False)
         training_view.train()
@@ -94,6 +133,17 @@ class LiveModel:
             )
         self.paths = [path for path, _ in flat]
         self.variables: list[nnx.Variable] = [variable for _, variable in flat]
+        if model_components is not None:
+            unsaved = unsaved_variables(flat, model_components)
+            if unsaved:
+                raise ValueError(
+                    f"the training model holds the variables {unsaved[:8]}{' ...' if len(unsaved) > 8 else ''} "
+                    "outside every model component: training may change them (e.g. an nnx.BatchNorm's running "
+                    "statistics), but checkpoints save the model components only, so a resumed run would start "
+                    "them anew. Pass the module that holds them as a model component (e.g. "
+                    "model_components={'classifier': classifier, 'normalisation': training_model.normalisation}), "
+                    "or move them into a model component"
+                )
         position = {id(variable): index for index, variable in enumerate(self.variables)}
         missing = [
             component_names.get(id(variable), "?")

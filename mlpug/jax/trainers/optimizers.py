@@ -1,8 +1,17 @@
 """The optax optimizers of the JAX ``DefaultTrainer`` and their states (:class:`OptaxOptimizers`).
 
 The trainer owns the optimizer states: per optimizer, ``transformation.init`` of the values of the parameters it
-updates (a list of arrays, in the order of :func:`mlpug.jax.trainers.live_model.component_parameters`). In a
-training checkpoint a state is a flat dict ``{key path: array}`` of its leaves (``jax.tree_util.keystr`` of each
+updates (a list of arrays, in the order of :func:`mlpug.jax.trainers.live_model.component_parameters`).
+
+The states are made when they are first needed (the first step, :meth:`OptaxOptimizers.flat_states` for
+``get_state``, the learning rate), from the parameters' values *then*, and made again from the new values as long as
+they are untouched: no step has run and no state was loaded (:meth:`OptaxOptimizers.set_state`). So weights loaded
+into the modules after the trainer was made (``nnx.update(classifier, pretrained)``, before or after
+``set_training_model``) are those that ``init`` sees, which matters for optimizers whose state holds the parameters
+(``optax.contrib.schedule_free_*``, ``optax.lookahead``). A learning rate set before the first step
+(:meth:`OptaxOptimizers.set_learning_rate`) is kept when the states are made again.
+
+In a training checkpoint a state is a flat dict ``{key path: array}`` of its leaves (``jax.tree_util.keystr`` of each
 leaf's path, e.g. ``"[0].mu[1]"``), loaded back into the structure that ``init`` gives.
 
 The learning rate is read and set where ``optax.inject_hyperparams`` keeps it: ``state.hyperparams
@@ -12,7 +21,7 @@ learning rate that can be read or set.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Optional
 
 import jax
@@ -67,20 +76,68 @@ def _copy_leaves(state: Any) -> Any:
                                   state)  # fmt: skip
 
 
+ParameterValues = Callable[[], Mapping[str, Sequence[Any]]]
+"""Returns, per optimizer name, the current values of the parameters it updates (arrays, in the order of its
+state)."""
+
+
 class OptaxOptimizers:
-    """The optax transformations by name and their states.
+    """The optax transformations by name and their states, made when first needed (module docstring).
 
     Args:
         transformations: Per optimizer name, its ``optax.GradientTransformation``.
-        parameters: Per optimizer name, the values of the parameters it updates (a list of arrays).
+        parameters: Returns the current values of the parameters of every optimizer (see :data:`ParameterValues`);
+            called when the states are made, never during training.
     """
 
-    def __init__(self, transformations: Mapping[str, optax.GradientTransformation], parameters: Mapping[str, list]):
+    def __init__(self, transformations: Mapping[str, optax.GradientTransformation], parameters: ParameterValues):
         self.transformations = dict(transformations)
-        self.states: dict[str, Any] = {
-            name: _copy_leaves(transformation.init(list(parameters[name])))
-            for name, transformation in self.transformations.items()
-        }
+        self._parameters = parameters
+        self._states: Optional[dict[str, Any]] = None
+        self._initialised_from: Optional[list[Any]] = None  # the parameter arrays that made the untouched states
+        self._touched = False
+        self._learning_rates: dict[str, float] = {}  # set while untouched, applied to states made again
+        self._place: Callable[[tuple], tuple] = lambda states: states
+
+    @property
+    def states(self) -> dict[str, Any]:
+        """Per optimizer name, its optax state (made or made again from the current parameter values while
+        untouched; see the module docstring)."""
+        if self._touched:
+            assert self._states is not None
+            return self._states
+        parameters = self._parameters()
+        arrays = [value for name in self.transformations for value in parameters[name]]
+        if (
+            self._states is None
+            or self._initialised_from is None
+            or len(arrays) != len(self._initialised_from)
+            or any(new is not old for new, old in zip(arrays, self._initialised_from))
+        ):  # JAX arrays are immutable: the same array objects give the same state
+            states = {
+                name: _copy_leaves(transformation.init(list(parameters[name])))
+                for name, transformation in self.transformations.items()
+            }
+            for name, learning_rate in self._learning_rates.items():
+                states[name] = _with_learning_rate(states[name], learning_rate)
+            states = dict(zip(self.transformations, self._place(tuple(states.values()))))
+            self._states, self._initialised_from = states, arrays
+        return self._states
+
+    @states.setter
+    def states(self, states: dict[str, Any]) -> None:
+        self._states, self._touched, self._initialised_from = states, True, None
+
+    def place(self, place: Callable[[tuple], tuple]) -> None:
+        """Place the states where the compiled step reads them (a strategy's ``place_state``), now and whenever
+        they are made again; an untouched state stays untouched (it is still made again from new parameter values).
+
+        Args:
+            place: Takes and returns the states as :meth:`state_tuple` gives them, as new arrays.
+        """
+        self._place = place
+        if self._states is not None:
+            self._states = dict(zip(self.transformations, place(tuple(self._states.values()))))
 
     # ----- the states as a tuple, for a compiled step -----
     def state_tuple(self) -> tuple:
@@ -98,7 +155,7 @@ class OptaxOptimizers:
         Args:
             states: One optax state per optimizer, in the order of :meth:`state_tuple` (kept, not copied).
         """
-        self.states = dict(zip(self.states, states))
+        self.states = dict(zip(self.transformations, states))
 
     # ----- checkpoints -----
     def flat_states(self) -> dict[str, dict[str, Any]]:
@@ -165,5 +222,11 @@ class OptaxOptimizers:
                     f"optimizer {name!r} has a learning rate schedule (optax computes it every step), which cannot be "
                     "set"
                 )
+        if not self._touched:  # kept for the states made again (now, and from other parameter values)
+            self._learning_rates.update(dict.fromkeys(names, learning_rate))
+            self._states = None
+            return
+        states = dict(self.states)
         for name in names:
-            self.states[name] = _with_learning_rate(self.states[name], learning_rate)
+            states[name] = _with_learning_rate(states[name], learning_rate)
+        self.states = states

@@ -5,6 +5,7 @@ Inside the compiled step (see :mod:`mlpug.jax.trainers.trainer`) the trainer cal
 
     model = merge(precision.cast_parameters(values), ...)      # the parameter values of the forward pass
     outputs = model(precision.cast_batch(chunk), ...)         # the batch of the forward pass
+    loss = precision.cast_loss(outputs.loss)                  # differentiated, returned and logged
     target = precision.scale_loss(loss)                       # what is differentiated
     precision.step(optimizers, gradients)                     # every optimizer steps (TracedOptimizer.apply)
 
@@ -43,3 +44,8 @@ class PrecisionPolicy(_NeutralPrecisionPolicy):
     @abstractmethod
     def cast_batch(self, batch: Any) -> Any:
         """The batch (or batch chunk) for the forward pass, in the same structure (inside the step)."""
+
+    @abstractmethod
+    def cast_loss(self, loss: Any) -> Any:
+        """The loss the model returned (a 0-d array, inside the step) as it is differentiated, returned by
+        ``train_on`` / ``evaluate_loss`` and logged."""

@@ -5,17 +5,21 @@ The step is composed of the neutral step parts (see :mod:`mlpug.trainers.trainer
 objects give the plain step; all of it runs inside one compiled function of flat lists of arrays::
 
     step(trainable, optimizer_states, rest, batch, settings)          # jax.jit, buffers of the first three donated
-        result = chunking.run(chunk_step, batch)                       # BatchChunking (null) or ChunkedBatch (unrolled)
+        result, rest = run_chunks(chunking, chunk_step, batch, rest)  # null: one pass; ChunkedBatch: lax.scan
             chunk_step: loss, grads = jax.value_and_grad(forward, has_aux=True)(trainable)
                 forward: model = nnx.merge(graphdef, precision.cast_parameters(trainable) + rest)
                          outputs = model(precision.cast_batch(chunk), settings, False)      # train() mode
-                         target = chunking.weigh_loss(precision.scale_loss(loss), chunk)   # bfloat16: loss in float32
+                         loss = precision.cast_loss(outputs.loss)                          # bfloat16: float32
+                         target = chunking.weigh_loss(precision.scale_loss(loss), chunk)
                          rest = the model's other variables after the pass (nnx.Rngs counts, batch statistics)
         gradients = gradient_sync.reduce(result.gradients)             # once per batch, after the last chunk
         gradients = clip_gradients(gradients per optimizer)            # clip_gradients_norm / _value
         precision.step(optimizers, gradients)                          # optax update + apply_updates, per optimizer
         [skip_non_finite_steps: every new value = where(isfinite(loss), new, old)]
         return new values, loss, num_samples, auxiliary_results, skipped, learning_rate
+
+With ``steps_per_execution`` K > 1, up to K batches of the same shapes are stacked and this same step is the body of
+a ``lax.scan`` over them in one compiled call (:mod:`mlpug.jax.trainers.stacked`).
 
 The trainer keeps no copy of the weights: the step reads the values of the live ``nnx.Variable`` s and writes the new
 ones back into them (:class:`~mlpug.jax.trainers.live_model.LiveModel`), so the user's modules always hold the
@@ -35,10 +39,12 @@ import optax
 from flax import nnx
 
 from mlpug.chunking import BatchChunk, ChunkResult
+from mlpug.data import DataSource
+from mlpug.distributed import DistributedContext
 from mlpug.jax.checkpointing import to_numpy
-from mlpug.jax.chunking import batch_chunker
+from mlpug.jax.chunking import batch_chunker, run_chunks
 from mlpug.jax.random_state import NnxRngStreams
-from mlpug.jax.strategies import resolve_strategy
+from mlpug.jax.strategies import JaxStrategy, resolve_strategy
 from mlpug.jax.trainers.clipping import clip_gradient_lists
 from mlpug.jax.trainers.compilation import as_traceable, compile_step, from_traceable
 from mlpug.jax.trainers.component_state import component_state, component_updates
@@ -47,12 +53,14 @@ from mlpug.jax.trainers.live_model import LiveModel, component_parameters, path_
 from mlpug.jax.trainers.mixed_precision import MixedPrecision
 from mlpug.jax.trainers.optimizers import OptaxOptimizers, injected_learning_rate
 from mlpug.jax.trainers.precision import PrecisionPolicy
+from mlpug.jax.trainers.snapshot import JaxEvaluationSnapshot
+from mlpug.jax.trainers.stacked import StackedSteps, same_shape_runs
 from mlpug.jax.trainers.traced_optimizer import TracedOptimizer
 from mlpug.logs import to_number
 from mlpug.random_state import RandomStateProvider
+from mlpug.trainers.arguments import check_positive_int
 from mlpug.trainers.clipping import validate_clipping
 from mlpug.trainers.precision import validate_mixed_precision
-from mlpug.trainers.strategy import Strategy
 from mlpug.trainers.trainer import DefaultTrainer as NeutralDefaultTrainer
 from mlpug.trainers.trainer import ModelOutputs, StepResult
 
@@ -63,6 +71,13 @@ def _like(new: Any, old: Any) -> Any:
     if isinstance(new, jax.Array) and isinstance(old, jax.Array) and new.dtype != old.dtype:
         return new.astype(old.dtype)
     return new
+
+
+@jax.jit
+def _all_finite(values: list) -> jax.Array:
+    """Per array of ``values`` whether all its elements are finite: a bool array ``[len(values)]``. One compiled
+    function (once per signature of the weights), not one eager op per weight, each compiled on its first use."""
+    return jnp.stack([jnp.all(jnp.isfinite(value)) for value in values])
 
 
 class DefaultTrainer(NeutralDefaultTrainer):
@@ -79,25 +94,53 @@ class DefaultTrainer(NeutralDefaultTrainer):
             saved (``"model"``, ``"model_<i>"`` or the dict keys). The training model must hold and call them.
         batch_chunk_size: Gradient accumulation: when given (int >= 1), every batch is split into chunks of at most
             this many samples (the last may be smaller) inside the compiled step, each chunk's loss weighted by
-            ``chunk_samples / batch_samples``, the gradients summed, and the optimizers step once per batch (see
-            :mod:`mlpug.jax.chunking`). Batches must be arrays or tuples/lists/dicts of them; the weights assume the
-            loss is a mean over the samples of the chunk.
-        use_mixed_precision: Run the forward pass in ``bfloat16`` (parameters and floating-point batch arrays cast
-            inside the step; the parameters, their gradients and the optimizer states stay float32; see
+            ``chunk_samples / batch_samples``, the gradients summed, and the optimizers step once per batch: the
+            equal chunks are one ``lax.scan`` (the forward and backward pass compiled once, whatever their number),
+            the smaller last chunk a pass of its own (see :mod:`mlpug.jax.chunking`). Batches must be arrays or
+            tuples/lists/dicts of them; the weights assume the loss is a mean over the samples of the chunk.
+        use_mixed_precision: Run the forward pass in ``bfloat16`` (the parameters and the model's inputs cast inside
+            the step; the parameters, their gradients, the optimizer states and the loss stay float32; see
             :mod:`mlpug.jax.trainers.mixed_precision`).
         autocast_dtype: ``"bfloat16"`` (the default with ``use_mixed_precision=True``); ``"float16"`` is refused (it
             needs loss scaling).
+        autocast_inputs: With mixed precision, the key paths of the batch parts that are the model's inputs, cast to
+            bfloat16 (``["[0]"]``, ``["['image']"]``; ``[]``: none); default: the batch's first part (``batch[0]``,
+            the first value of a dict as written); targets and other parts keep their dtypes.
         clip_gradients_norm: Clip the gradients of each optimizer to this global L2 norm (float > 0;
             ``optax.clip_by_global_norm``) after accumulation and before they are applied; see
             :mod:`mlpug.trainers.clipping` and :meth:`clip_gradients`.
         clip_gradients_value: Clip every gradient element to ``[-v, v]`` instead.
-        strategy: None or ``"single_process"`` (one process, one device; see :mod:`mlpug.jax.strategies`). Several
-            JAX processes (``jax.distributed.initialize()``) are refused.
+        strategy: None, ``"single_process"`` (one device), ``"data_parallel"`` (every batch split over a
+            ``jax.sharding.Mesh`` of all devices, the training state replicated; see
+            :class:`~mlpug.jax.strategies.DataParallelStrategy`) or a ``JaxStrategy``; None is ``"data_parallel"``
+            when several JAX processes run (``jax.distributed.initialize()``), else ``"single_process"``. The strategy
+            places the state when it enters the trainer and every batch before its step (see
+            :mod:`mlpug.jax.strategies`).
+        steps_per_execution: Run up to this many optimisation steps (int >= 1, default 1) in one compiled call: the
+            manager hands :meth:`train_on_batches` that many batches of an epoch (fewer at the epoch's end, and where
+            a callback needs the model sooner, e.g. a batch-level checkpoint; see
+            :meth:`mlpug.trainers.callback.Callback.batches_until_model_access`); consecutive batches of the same
+            shapes and constants are stacked along a new first dimension and the one-batch step runs for each in a
+            ``lax.scan`` (the parameters, optimizer states and other variables, ``nnx.Rngs`` counts included, are
+            its carry), then the batch hooks run for every batch with that batch's loss, outputs, skipped flag and
+            learning rate. Weights, optimizer states, random streams and per-batch results are those of one step
+            per call (bit-identical on CPU, tested with dropout, accumulation, bfloat16, clipping and a skipped
+            non-finite step). A call of K batches is one dispatch instead of K and costs one stacking copy of the
+            batches (``np.stack`` for NumPy batches, then one transfer). A batch of other shapes (the short last
+            batch) goes to a call of its own, a call of one batch is :meth:`train_on`; each call length and batch
+            shape is compiled once (see :mod:`mlpug.jax.trainers.stacked`).
+        evaluation_steps_per_execution: Batches that :meth:`evaluate_losses` (dataset evaluation through the
+            ``MetricEvaluator``) stacks into one compiled call, the same way (int >= 1; a ``lax.scan`` of the
+            evaluation step, the values those of one batch per call); default ``steps_per_execution``.
 
     The training model, set with :meth:`set_training_model`, is a ``flax.nnx.Module`` whose ``__call__(batch_data,
     evaluate_settings, inference_mode=None)`` returns the loss (see :class:`mlpug.trainers.trainer.DefaultTrainer`
     for the accepted return forms). Inside the step it is rebuilt from its graph definition in ``train()`` mode
-    (in ``eval()`` mode for evaluation in inference mode); the live modules' own modes are not changed.
+    (in ``eval()`` mode for evaluation in inference mode), whatever mode the live modules are in, as PyTorch's
+    trainer calls ``train()`` / ``eval()``; the live modules' own modes are not changed. The graph definition holds
+    the modules' static attributes as they were at :meth:`set_training_model`: call it again after changing one (see
+    :mod:`mlpug.jax.trainers.live_model`). Every variable that training may change must belong to a model component,
+    so that checkpoints hold it (:meth:`set_training_model` refuses others, e.g. a BatchNorm of the training model).
 
     Batches and settings: arrays (NumPy or JAX) and the Python numbers (``int``, ``float``, ``bool``) of a batch are
     traced (a number as a 0-d array, weakly typed like the Python number), so batches that differ only in their
@@ -117,11 +160,13 @@ class DefaultTrainer(NeutralDefaultTrainer):
 
     Raises:
         TypeError: An optimizer is not an ``optax.GradientTransformation``, a model component not an
-            ``nnx.Module``, ``use_mixed_precision`` not a bool, or ``strategy`` not a strategy.
+            ``nnx.Module``, ``use_mixed_precision`` not a bool, ``autocast_inputs`` not a list of strings, or
+            ``strategy`` not a strategy.
         ValueError: Several optimizers not named like model components, a ``batch_chunk_size`` that is not an int
-            >= 1, a bad ``autocast_dtype`` (``"float16"`` included), a bad clipping option, a ``strategy`` other than
-            one process, or several JAX processes (``jax.process_count() > 1``; data parallel training on JAX comes
-            later).
+            >= 1, a bad ``autocast_dtype`` (``"float16"`` included), ``autocast_inputs`` without mixed precision or
+            holding no key path, a bad clipping option, an unknown ``strategy``
+            name, ``"single_process"`` while several JAX processes run, or a ``steps_per_execution`` or
+            ``evaluation_steps_per_execution`` that is not an int >= 1.
     """
 
     optimizer_type = optax.GradientTransformation
@@ -134,9 +179,12 @@ class DefaultTrainer(NeutralDefaultTrainer):
         batch_chunk_size: Optional[int] = None,
         use_mixed_precision: bool = False,
         autocast_dtype: Optional[str] = None,
+        autocast_inputs: Optional[Sequence[str]] = None,
         clip_gradients_norm: Optional[float] = None,
         clip_gradients_value: Optional[float] = None,
         strategy: Any = None,
+        steps_per_execution: int = 1,
+        evaluation_steps_per_execution: Optional[int] = None,
     ):
         if isinstance(optimizers, optax.GradientTransformation):  # a named tuple: one optimizer, not a list of them
             optimizers = {"optimizer": optimizers}
@@ -144,20 +192,29 @@ class DefaultTrainer(NeutralDefaultTrainer):
         self.clip_gradients_norm, self.clip_gradients_value = validate_clipping(
             clip_gradients_norm, clip_gradients_value
         )
-        self.strategy: Strategy = resolve_strategy(strategy)
+        self.strategy: JaxStrategy = resolve_strategy(strategy)
+        self.steps_per_execution = check_positive_int(steps_per_execution, "steps_per_execution")
+        self.evaluation_steps_per_execution = (
+            self.steps_per_execution
+            if evaluation_steps_per_execution is None
+            else check_positive_int(evaluation_steps_per_execution, "evaluation_steps_per_execution")
+        )
         self.chunking = batch_chunker(batch_chunk_size)
         dtype = validate_mixed_precision(use_mixed_precision, autocast_dtype)
-        self.precision: PrecisionPolicy = FullPrecision() if dtype is None else MixedPrecision(dtype)
+        if dtype is None and autocast_inputs is not None:
+            raise ValueError(f"autocast_inputs={autocast_inputs!r} has no effect without use_mixed_precision=True")
+        self.precision: PrecisionPolicy = FullPrecision() if dtype is None else MixedPrecision(dtype, autocast_inputs)
         self.gradient_sync = self.strategy.gradient_sync()
         self._trainable, self._component_names = self._trainable_parameters()
-        self.optimizer_states = OptaxOptimizers(
+        self.optimizer_states = OptaxOptimizers(  # made when first needed, from the values then
             self.optimizers,
-            {name: [variable.get_raw_value() for variable in variables] for name, variables in self._trainable.items()},
+            lambda: {name: [v.get_raw_value() for v in variables] for name, variables in self._trainable.items()},
         )
         self._live: Optional[LiveModel] = None
         self._passes_inference_mode = True
         self._train_step: Any = None  # the compiled step of the training model (set_training_model)
         self._evaluate_step: Any = None
+        self._stacked: Optional[StackedSteps] = None  # the steps of stacked batches (set_training_model)
 
     def _trainable_parameters(self) -> tuple[dict[str, list[nnx.Variable]], dict[int, str]]:
         """Per optimizer name, the ``nnx.Param`` s it updates (see the class docstring); and per variable ``id`` its
@@ -203,7 +260,10 @@ class DefaultTrainer(NeutralDefaultTrainer):
         Raises:
             TypeError: ``training_model`` is not an ``nnx.Module``, or its ``__call__`` does not take
                 ``(batch_data, evaluate_settings[, inference_mode])``.
-            ValueError: A model component is not part of the training model (its parameters would never be trained).
+            ValueError: A model component is not part of the training model (its parameters would never be trained),
+                or the training model holds variables outside the model components that training may change and
+                checkpoints would not save (e.g. the ``nnx.BatchStat`` s of a BatchNorm of the training model; their
+                paths are named: pass their module as a model component).
         """
         if not isinstance(training_model, nnx.Module):
             raise TypeError(
@@ -223,12 +283,14 @@ class DefaultTrainer(NeutralDefaultTrainer):
                 )
             self._passes_inference_mode = len(positional) >= 3
         prepared = self.strategy.prepare_training_model(training_model)
-        self._live = LiveModel(prepared, self._trainable, self._component_names)
+        self._live = LiveModel(prepared, self._trainable, self._component_names, self.model_components)
         self.training_model = prepared
+        self.optimizer_states.place(self.strategy.place_state)  # still made again from weights loaded later
         self._train_step = compile_step(
             self._train_step_function, donate_argnums=(0, 1, 2), static_argnames=("skip_non_finite",)
         )
         self._evaluate_step = compile_step(self._evaluate_step_function, static_argnames=("inference_mode",))
+        self._stacked = StackedSteps(self._train_step_function, self._evaluate_step_function, self.strategy.place_batch)
 
     def random_state_providers(self) -> list[RandomStateProvider]:
         """Python, NumPy and the ``nnx.Rngs`` streams of the training model (see :mod:`mlpug.jax.random_state`)."""
@@ -250,6 +312,19 @@ class DefaultTrainer(NeutralDefaultTrainer):
                     seen.add(id(variable))
                     found.append((f"{name}.{path_name(path)}", variable))
         return found
+
+    def distributed_context(self) -> DistributedContext:
+        """The strategy's processes and collectives (one process, any number of devices: the serial context)."""
+        return self.strategy.distributed_context()
+
+    def training_data_source(self, dataset: Any) -> DataSource:
+        """This process's part of ``dataset`` (the strategy's, see
+        :meth:`~mlpug.jax.strategies.DataParallelStrategy.training_dataset`), then as in one process."""
+        return super().training_data_source(self.strategy.training_dataset(dataset))
+
+    def evaluation_dataset(self, dataset: Any) -> Any:
+        """This process's part of an evaluation ``dataset`` (the strategy's)."""
+        return self.strategy.evaluation_dataset(dataset)
 
     def _call_model(self, model: nnx.Module, batch: Any, settings: Any, inference_mode: bool) -> Any:
         """Call the training model (a model of :meth:`LiveModel.merge`, inside a trace) as its ``__call__`` takes it.
@@ -296,27 +371,27 @@ class DefaultTrainer(NeutralDefaultTrainer):
         assert live is not None
         batch, settings = from_traceable(batch), from_traceable(settings)
         structure = jax.tree_util.tree_structure(trainable)
-        current_rest = list(rest)
 
-        def chunk_step(chunk: BatchChunk) -> ChunkResult:
-            nonlocal current_rest
-            rest_before = current_rest
+        def chunk_step(chunk: BatchChunk, rest_before: list) -> tuple[ChunkResult, list]:
+            """One chunk's forward and backward pass; ``rest_before``: the other variables the chunk starts from
+            (the carry of :func:`~mlpug.jax.chunking.run_chunks`)."""
 
             def forward(values: tuple) -> tuple:
                 model = live.merge([precision.cast_parameters(group) for group in values], rest_before, False)
                 results = self._call_model(model, precision.cast_batch(chunk.data), settings, False)
                 outputs = self._normalise_outputs(results, chunk.data, chunk)
-                loss = jnp.reshape(outputs.loss, ())
+                loss = precision.cast_loss(jnp.reshape(outputs.loss, ()))  # bfloat16: float32
                 new_rest = [_like(new, old) for new, old in zip(live.rest_of(model), rest_before)]
                 target = self.chunking.weigh_loss(precision.scale_loss(loss), chunk)
                 traced = as_traceable((loss, outputs.num_samples, outputs.auxiliary_results), "the model's outputs")
                 return target, (traced, new_rest)
 
             (_, (traced, new_rest)), gradients = jax.value_and_grad(forward, has_aux=True)(tuple(trainable))
-            current_rest = new_rest
-            return ChunkResult(ModelOutputs(*from_traceable(traced)), jax.tree_util.tree_leaves(gradients))
+            return ChunkResult(ModelOutputs(*from_traceable(traced)), jax.tree_util.tree_leaves(gradients)), new_rest
 
-        result = self.chunking.run(chunk_step, batch)
+        result, current_rest = run_chunks(
+            self.chunking, chunk_step, batch, list(rest), jax.tree_util.tree_leaves(tuple(trainable))
+        )
         gradient_leaves = self.gradient_sync.reduce(result.gradients)
         assert gradient_leaves is not None
         gradients = dict(zip(self.optimizers, jax.tree_util.tree_unflatten(structure, gradient_leaves)))
@@ -356,9 +431,8 @@ class DefaultTrainer(NeutralDefaultTrainer):
         model = live.merge([precision.cast_parameters(group) for group in trainable], rest, inference_mode)
         results = self._call_model(model, precision.cast_batch(batch), settings, inference_mode)
         outputs = self._normalise_outputs(results, batch)
-        return as_traceable(
-            (jnp.reshape(outputs.loss, ()), outputs.num_samples, outputs.auxiliary_results), "the model's outputs"
-        )
+        loss = precision.cast_loss(jnp.reshape(outputs.loss, ()))
+        return as_traceable((loss, outputs.num_samples, outputs.auxiliary_results), "the model's outputs")
 
     def clip_gradients(self, gradients: dict[str, list]) -> dict[str, list]:
         """Clip each optimizer's gradients before they are applied (``clip_gradients_norm``:
@@ -385,20 +459,64 @@ class DefaultTrainer(NeutralDefaultTrainer):
         self.ensure_ready()
         live = self._live
         assert live is not None
+        placed = self.strategy.place_batch(batch)  # where the step reads it (split over a mesh's devices ...)
         if self._first_batch_checks:  # on the outputs of one evaluation in inference mode, before the step
             self._run_first_batch_checks(batch, self.evaluate_loss(batch, training_settings, inference_mode=True))
         trainable, states, rest, outputs, skipped, learning_rate = self._train_step(
             live.trainable_values(),
             self.optimizer_states.state_tuple(),
             live.rest_values(),
-            as_traceable(batch, "the batch", trace_numbers=True),
+            as_traceable(placed, "the batch", trace_numbers=True),
             as_traceable(training_settings, "the training settings"),
             skip_non_finite=bool(self.skip_non_finite_steps),
         )
         live.write(trainable, rest)
         self.optimizer_states.set_state_tuple(states)
         loss, num_samples, auxiliary_results = from_traceable(outputs)
+        auxiliary_results = self.strategy.local_outputs(auxiliary_results)
         return StepResult(loss, num_samples, auxiliary_results, False if skipped is None else skipped, learning_rate)
+
+    def train_on_batches(self, batches: Sequence[Any], training_settings: Any = None) -> list[StepResult]:
+        """One optimisation step per batch, up to ``steps_per_execution`` of them in one compiled call (see the class
+        docstring): consecutive batches of the same shapes and constants are stacked and trained in a ``lax.scan``
+        of the one-batch step; a batch of its own shape (the short last batch) goes to a call of its own
+        (:meth:`train_on` when it is alone). With ``steps_per_execution=1`` or one batch: :meth:`train_on` per
+        batch.
+
+        Args:
+            batches: The batches, in order (each as :meth:`train_on` takes it).
+            training_settings: As for :meth:`train_on` (the same for every batch).
+
+        Returns:
+            One :class:`StepResult` per batch, in order, with the values :meth:`train_on` batch by batch gives
+            (bit for bit on CPU): that batch's loss, ``num_samples``, auxiliary results, whether its step was
+            skipped and its learning rate; arrays stay on the device.
+
+        Raises:
+            RuntimeError: No training model (see :meth:`set_training_model`).
+            TypeError / ValueError: As :meth:`train_on` (the model's outputs, a batch that cannot be traced or
+                chunked, or that the strategy cannot split).
+        """
+        if self.steps_per_execution == 1 or len(batches) < 2:
+            return super().train_on_batches(batches, training_settings)
+        self.ensure_ready()
+        live, stacked = self._live, self._stacked
+        assert live is not None and stacked is not None
+        if self._first_batch_checks:  # as in train_on: before the first step, on its batch
+            first = self.strategy.place_batch(batches[0])
+            self._run_first_batch_checks(first, self.evaluate_loss(first, training_settings, inference_mode=True))
+        traceable = [as_traceable(batch, "the batch", trace_numbers=True) for batch in batches]
+        settings = as_traceable(training_settings, "the training settings")
+        results: list[StepResult] = []
+        for run in same_shape_runs(traceable, self.steps_per_execution):
+            if len(run) == 1:
+                results.append(self.train_on(batches[run[0]], training_settings))
+            else:
+                run_batches = [traceable[index] for index in run]
+                results.extend(
+                    stacked.train(live, self.optimizer_states, run_batches, settings, bool(self.skip_non_finite_steps))
+                )
+        return results
 
     def evaluate_loss(self, batch: Any, evaluate_settings: Any = None, inference_mode: bool = True) -> ModelOutputs:
         """Evaluate the training model on ``batch`` without gradients and without changing any variable (compiled;
@@ -423,14 +541,66 @@ class DefaultTrainer(NeutralDefaultTrainer):
         self.ensure_ready()
         live = self._live
         assert live is not None
-        outputs = self._evaluate_step(
-            live.trainable_values(),
-            live.rest_values(),
-            as_traceable(batch, "the batch", trace_numbers=True),
-            as_traceable(evaluate_settings, "the evaluation settings"),
-            inference_mode=bool(inference_mode),
+        return self._evaluate_values(
+            live.trainable_values(), live.rest_values(), batch, evaluate_settings, bool(inference_mode)
         )
-        return ModelOutputs(*from_traceable(outputs))
+
+    def evaluate_losses(
+        self, batches: Sequence[Any], evaluate_settings: Any = None, inference_mode: bool = True
+    ) -> list[ModelOutputs]:
+        """:meth:`evaluate_loss` of each batch, up to ``evaluation_steps_per_execution`` of them in one compiled call
+        (stacked and evaluated in a ``lax.scan`` of the evaluation step, as :meth:`train_on_batches`); a batch of
+        its own shape alone through :meth:`evaluate_loss`. The same values as :meth:`evaluate_loss` batch by batch.
+
+        Raises:
+            RuntimeError: No training model (see :meth:`set_training_model`).
+            TypeError / ValueError: As :meth:`evaluate_loss`.
+        """
+        if self.evaluation_steps_per_execution == 1 or len(batches) < 2:
+            return super().evaluate_losses(batches, evaluate_settings, inference_mode)
+        self.ensure_ready()
+        live, stacked = self._live, self._stacked
+        assert live is not None and stacked is not None
+        traceable = [as_traceable(batch, "the batch", trace_numbers=True) for batch in batches]
+        settings = as_traceable(evaluate_settings, "the evaluation settings")
+        outputs: list[ModelOutputs] = []
+        for run in same_shape_runs(traceable, self.evaluation_steps_per_execution):
+            if len(run) == 1:
+                outputs.append(self.evaluate_loss(batches[run[0]], evaluate_settings, inference_mode))
+            else:
+                run_batches = [traceable[index] for index in run]
+                outputs.extend(
+                    stacked.evaluate(
+                        live.trainable_values(), live.rest_values(), run_batches, settings, bool(inference_mode)
+                    )
+                )
+        return outputs
+
+    def _evaluate_values(
+        self, trainable: Sequence[Sequence[Any]], rest: Sequence[Any], batch: Any, settings: Any, inference_mode: bool
+    ) -> ModelOutputs:
+        """The compiled evaluation of the training model with the given values (the live ones, or a snapshot's;
+        see :data:`mlpug.jax.trainers.snapshot.EvaluateValues`)."""
+        outputs = self._evaluate_step(
+            tuple(trainable),
+            list(rest),
+            as_traceable(self.strategy.place_batch(batch), "the batch", trace_numbers=True),
+            as_traceable(settings, "the evaluation settings"),
+            inference_mode=inference_mode,
+        )
+        loss, num_samples, auxiliary_results = from_traceable(outputs)
+        return ModelOutputs(loss, num_samples, self.strategy.local_outputs(auxiliary_results))
+
+    def evaluation_snapshot(self) -> JaxEvaluationSnapshot:
+        """A frozen copy of the training model's values for asynchronous evaluation (:class:`JaxEvaluationSnapshot`:
+        the values are copied on the device at each capture, since the training step donates their buffers).
+
+        Raises:
+            RuntimeError: No training model (see :meth:`set_training_model`).
+        """
+        self.ensure_ready()
+        assert self._live is not None
+        return JaxEvaluationSnapshot(self._live, self._evaluate_values, self.model_components)
 
     def non_finite_indices(self, values: Sequence[Any]) -> list[int]:
         """Positions of the non-finite scalar ``values`` (arrays or numbers), with one host transfer for all."""
@@ -450,7 +620,7 @@ class DefaultTrainer(NeutralDefaultTrainer):
         named = [(name, value) for name, value in named if jnp.issubdtype(value.dtype, jnp.inexact)]
         if not named:
             return []
-        finite = jax.device_get(jnp.stack([jnp.all(jnp.isfinite(value)) for _, value in named]))
+        finite = jax.device_get(_all_finite([value for _, value in named]))
         return [name for (name, _), is_finite in zip(named, finite) if not is_finite]
 
     def _is_scalar_loss(self, loss: Any) -> bool:
@@ -496,8 +666,10 @@ class DefaultTrainer(NeutralDefaultTrainer):
             for update in component_updates(name, component, state["model_components"][name])
         ]
         self.optimizer_states.set_state(state["optimizers"])  # checked before it loads anything
-        for variable, value in updates:
+        placed = self.strategy.place_state([value for _, value in updates])
+        for (variable, _), value in zip(updates, placed):
             variable.set_raw_value(value)
+        self.optimizer_states.set_state_tuple(self.strategy.place_state(self.optimizer_states.state_tuple()))
 
     # ----- learning rate -----
     def set_learning_rate(self, learning_rate: float, optimizer_name: Optional[str] = None) -> None:

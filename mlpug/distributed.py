@@ -34,6 +34,7 @@ Why so few collectives: ``docs/design-notes.md``.
 
 from __future__ import annotations
 
+import socket
 from collections.abc import Callable, Sequence
 from typing import Any, Optional
 
@@ -303,3 +304,11 @@ class ReducedValue:
     def is_pending(self) -> bool:
         """Whether no read point has reduced this value's step yet (reading it would raise)."""
         return not self._reduction.readable
+
+
+def free_port() -> int:
+    """A TCP port of the loopback address (``127.0.0.1``) that is free now, for the processes a backend's
+    ``launch`` starts to meet at (another program may take it before they do: a small race every launcher has)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])

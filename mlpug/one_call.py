@@ -25,6 +25,8 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from types import SimpleNamespace
 from typing import Any, ClassVar, Literal, NoReturn, Optional, Union
 
+import numpy as np
+
 from mlpug.callbacks import (
     Callback,
     CheckpointManager,
@@ -381,6 +383,24 @@ def broadcast_shape(first: Sequence[int], second: Sequence[int]) -> Optional[lis
 #: ``"targets"`` reshaped to the outputs' shape, the ``"outputs"`` reshaped to the targets' shape, or an axis (an
 #: int, negative: counted from the end) along which the targets are rolled by one position.
 ArgumentChange = Union[None, Literal["targets", "outputs"], int]
+
+
+def made_up_values(shape: Sequence[int], inexact: bool, descending: bool = False) -> np.ndarray:
+    """Distinct values of ``shape`` for :func:`check_targets_fit` (a NumPy array; backends convert it to their
+    dtype): from 0.1 to 0.9 (or back) for a floating-point (``inexact``) dtype, else alternating 0 and 1.
+
+    Args:
+        shape: The array's shape.
+        inexact: Whether the array's dtype is floating point or complex.
+        descending: From 0.9 down to 0.1 (alternating from 1), so that outputs and targets made up together differ.
+    """
+    size = int(np.prod(shape))
+    values: np.ndarray
+    if inexact:
+        values = np.linspace(0.9, 0.1, size) if descending else np.linspace(0.1, 0.9, size)
+    else:
+        values = (np.arange(size) + int(descending)) % 2
+    return values.reshape(tuple(shape))
 
 
 def check_targets_fit(

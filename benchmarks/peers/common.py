@@ -42,6 +42,28 @@ from timing import clock, elapsed  # noqa: E402
 BATCH_SIZE = 64
 LEARNING_RATE = 1e-3
 LOG_PERIOD = 200  # mlpug's LogProgress and the raw floor's print, as in overhead_pytorch.py
+JAX_JOBS = {
+    "mlp": {
+        "layers": (784, 256, 256, 10),
+        "batch_size": 64,
+        "pool": 1,
+        "epochs": 1,
+        "what": "MLP 784-256-256-10, batch 64, one epoch (938 batches, the last of 32 samples): compute bound",
+    },
+    "tiny": {
+        "layers": (196, 32, 10),
+        "batch_size": 32,
+        "pool": 2,
+        "epochs": 2,
+        "what": "MLP 196-32-10 on the images 2x2-average-pooled to 14x14, batch 32, two epochs (2 x 1875 batches): "
+        "dispatch bound",
+    },
+}
+"""The jobs of the JAX processes (``jax_peers.py``, ``keras_jax.py``; ``--job``, default ``mlp``, the job of every
+other process): the layer sizes of the MLP (ReLU between them), the batch size, the pooling factor of the 28x28
+images (1: the 784 pixels; 2: 2x2 averages, 196 inputs), the number of epochs, and in words. ``tiny`` is the case the
+JAX backend's ``steps_per_execution`` is for (issue 28): a step of a few microseconds of arithmetic, so that the
+per-step dispatch of a jitted call dominates."""
 PACKAGES = (
     "mlpug",
     "torch",
@@ -111,8 +133,11 @@ def progress(message):
     print(message, file=sys.stderr, flush=True)
 
 
-def parse_args(description, default_rounds=8):
+def parse_args(description, default_rounds=8, jobs=None):
+    """The options of a process script; with ``jobs`` (a dict of job names, e.g. ``JAX_JOBS``) also ``--job``."""
     parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    if jobs is not None:
+        parser.add_argument("--job", choices=sorted(jobs), default="mlp", help="which job (default: mlp)")
     parser.add_argument("--rounds", type=int, default=default_rounds, help="rounds after the cold round 0")
     parser.add_argument("--out", type=Path, help="write this process's results as JSON here")
     parser.add_argument("--max-batches", type=int, help="train on the first N batches only (smoke tests)")

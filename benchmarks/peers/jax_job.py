@@ -5,21 +5,26 @@ Import this module before anything imports JAX: it sets ``XLA_FLAGS`` so that XL
 operation in the calling thread (``--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1``, the one
 thread of the other processes) and JAX on the CPU.
 
-Data, the same for every JAX framework: the training set in a fixed permutation (``np.random.default_rng(0)``, as
-``tensorflow_peers.TFData``), images float32 ``[N, 784]`` in [0, 1], labels int32 ``[N]``, cut into NumPy batches of
-64 (938 batches, the last of 32 samples) built once (``JaxData.batches``); Keras ``fit`` slices the same arrays in
-the same order itself (``shuffle=False``).
+The job (``--job``, ``common.JAX_JOBS``): ``mlp`` (the default, the job of every other process: MLP
+784-256-256-10, batch 64, one epoch; compute bound) or ``tiny`` (MLP 196-32-10 on 2x2-pooled images, batch 32, two
+epochs; dispatch bound).
 
-Model (``make_model``): the MLP 784-256-256-10 as ``flax.nnx.Linear`` layers from ``nnx.Rngs(0)``, so the floor and
-mlpug start from the same weights; optimizer ``optax.adam(1e-3)``; loss
+Data, the same for every JAX framework: the training set in a fixed permutation (``np.random.default_rng(0)``, as
+``tensorflow_peers.TFData``), images float32 ``[N, 784]`` in [0, 1] (``tiny``: 2x2 averages, ``[N, 196]``), labels
+int32 ``[N]``, cut into NumPy batches of the job's size (``mlp``: 938 batches of 64, the last of 32 samples;
+``tiny``: 1875 of 32) built once (``JaxData.batches``) and trained in the same order every epoch; Keras ``fit``
+slices the same arrays in the same order itself (``shuffle=False``).
+
+Model (``make_model``): the job's MLP as ``flax.nnx.Linear`` layers from ``nnx.Rngs(0)``, so the floor and mlpug start
+from the same weights; optimizer ``optax.adam(1e-3)``; loss
 ``optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()``.
 
 The floor (``raw_floor``): what a JAX user writes by hand, the functional Flax NNX pattern: ``nnx.split`` of the model
 into its graph definition and its parameters once, then one ``jax.jit`` step that merges them
 (``nnx.merge``), takes ``jax.value_and_grad`` of the loss, applies optax's update and returns the new parameters
-and optimizer state, their input buffers donated (``donate_argnums``); the loop sums the losses as a device array
-and prints the mean every 200 batches (one host transfer each). Every timed ``train()`` of this process ends with
-``jax.block_until_ready`` on the trained weights (JAX dispatches asynchronously).
+and optimizer state, their input buffers donated (``donate_argnums``); the loop (over the job's epochs) sums the
+losses as a device array and prints the mean every 200 batches (one host transfer each). Every timed ``train()``
+of this process ends with ``jax.block_until_ready`` on the trained weights (JAX dispatches asynchronously).
 
 Compilation: every run builds a new model and new functions, so every variant traces, lowers and compiles its
 step(s) inside its timed epoch. JAX's persistent compilation cache is on (``use_compilation_cache``), so from round 1
@@ -43,7 +48,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 import optax  # noqa: E402
-from common import BATCH_SIZE, LEARNING_RATE, LOG_PERIOD, Run, Variant  # noqa: E402
+from common import JAX_JOBS, LEARNING_RATE, LOG_PERIOD, Run, Variant  # noqa: E402
 from flax import nnx  # noqa: E402
 
 from mlpug.datasets.fashion_mnist import load_fashion_mnist  # noqa: E402
@@ -76,15 +81,19 @@ def check_one_thread():
 
 
 class MLP(nnx.Module):
-    """784-256-256-10, ReLU: images float32 [B, 784] to logits [B, 10]."""
+    """The MLP of ``layers`` (e.g. ``(784, 256, 256, 10)``: layers ``hidden_1``, ``hidden_2``, ``output``), ReLU
+    between them: images float32 [B, layers[0]] to logits [B, layers[-1]]."""
 
-    def __init__(self, rngs: nnx.Rngs):
-        self.hidden_1 = nnx.Linear(784, 256, rngs=rngs)
-        self.hidden_2 = nnx.Linear(256, 256, rngs=rngs)
-        self.output = nnx.Linear(256, 10, rngs=rngs)
+    def __init__(self, layers, rngs: nnx.Rngs):
+        self.num_hidden = len(layers) - 2
+        for index in range(self.num_hidden):
+            setattr(self, f"hidden_{index + 1}", nnx.Linear(layers[index], layers[index + 1], rngs=rngs))
+        self.output = nnx.Linear(layers[-2], layers[-1], rngs=rngs)
 
     def __call__(self, images):
-        return self.output(nnx.relu(self.hidden_2(nnx.relu(self.hidden_1(images)))))
+        for index in range(self.num_hidden):
+            images = nnx.relu(getattr(self, f"hidden_{index + 1}")(images))
+        return self.output(images)
 
 
 def loss_of(logits, labels):
@@ -92,25 +101,41 @@ def loss_of(logits, labels):
     return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
 
 
-def make_model():
-    """(the MLP from ``nnx.Rngs(0)``, ``optax.adam(1e-3)``): the same weights in every run."""
-    return MLP(nnx.Rngs(0)), optax.adam(LEARNING_RATE)
+def make_model(job):
+    """(the MLP of ``job`` (a ``JAX_JOBS`` entry) from ``nnx.Rngs(0)``, ``optax.adam(1e-3)``): the same weights in
+    every run."""
+    return MLP(job["layers"], nnx.Rngs(0)), optax.adam(LEARNING_RATE)
+
+
+def pixels(images, pool):
+    """uint8 images [N, 28, 28] as float32 [N, (28 / pool)**2] in [0, 1]: the averages of ``pool`` x ``pool``
+    squares (``pool`` 1: the pixels)."""
+    images = images.astype(np.float32) / 255.0
+    if pool == 1:
+        return images.reshape(-1, 28 * 28)
+    side = 28 // pool
+    return images.reshape(-1, side, pool, side, pool).mean(axis=(2, 4)).reshape(-1, side * side)
 
 
 class JaxData:
-    def __init__(self, max_batches=None):
+    """The training batches and the test set of a job (module docstring)."""
+
+    def __init__(self, job_name="mlp", max_batches=None):
+        self.job_name = job_name
+        self.job = JAX_JOBS[job_name]
+        self.batch_size, self.epochs = self.job["batch_size"], self.job["epochs"]
         data = load_fashion_mnist()
-        images = (data.train_images.astype(np.float32) / 255.0).reshape(-1, 784)
+        images = pixels(data.train_images, self.job["pool"])
         labels = data.train_labels.astype(np.int32)
         order = np.random.default_rng(0).permutation(len(labels))
         if max_batches is not None:
-            order = order[: max_batches * BATCH_SIZE]
+            order = order[: max_batches * self.batch_size]
         self.train_images, self.train_labels = images[order], labels[order]
         self.batches = [
-            (self.train_images[i : i + BATCH_SIZE], self.train_labels[i : i + BATCH_SIZE])
-            for i in range(0, len(self.train_labels), BATCH_SIZE)
+            (self.train_images[i : i + self.batch_size], self.train_labels[i : i + self.batch_size])
+            for i in range(0, len(self.train_labels), self.batch_size)
         ]
-        self.test_images = (data.test_images.astype(np.float32) / 255.0).reshape(-1, 784)
+        self.test_images = pixels(data.test_images, self.job["pool"])
         self.test_labels = data.test_labels.astype(np.int32)
 
     def evaluate(self, predict):
@@ -137,7 +162,7 @@ def raw_train_step(graphdef, optimizer):
 
 def raw_floor(data):
     def setup():
-        model, optimizer = make_model()
+        model, optimizer = make_model(data.job)
         graphdef, params = nnx.split(model)
         params = jax.tree_util.tree_map(jnp.array, params)  # own buffers: donation must not delete the model's
         opt_state = optimizer.init(params)
@@ -146,14 +171,15 @@ def raw_floor(data):
 
         def train():
             nonlocal params, opt_state
-            running_loss, count = jnp.zeros(()), 0
-            for index, (images, labels) in enumerate(data.batches, start=1):
-                params, opt_state, loss = step(params, opt_state, images, labels)
-                running_loss += loss
-                count += 1
-                if index % LOG_PERIOD == 0:
-                    print(f"batch {index}: mean loss {float(running_loss) / count:.3f}")
-                    running_loss, count = jnp.zeros(()), 0
+            for _ in range(data.epochs):
+                running_loss, count = jnp.zeros(()), 0
+                for index, (images, labels) in enumerate(data.batches, start=1):
+                    params, opt_state, loss = step(params, opt_state, images, labels)
+                    running_loss += loss
+                    count += 1
+                    if index % LOG_PERIOD == 0:
+                        print(f"batch {index}: mean loss {float(running_loss) / count:.3f}")
+                        running_loss, count = jnp.zeros(()), 0
             jax.block_until_ready(params)
             state["model"] = nnx.merge(graphdef, params)
 

@@ -13,20 +13,25 @@ variant gets the same list of NumPy batches, starts from the same weights, and i
   compiled call, ``lax.scan``; every batch hook still runs for every batch). Compared (through the floor of each
   process) with Keras 3 ``fit`` on the JAX backend with ``steps_per_execution=32`` in ``keras_jax.py``.
 
+``--job mlp`` (default) or ``--job tiny`` (``common.JAX_JOBS``; see ``jax_job.py``).
+
     .venv/bin/python benchmarks/peers/jax_peers.py --rounds 6 --out /tmp/jax_peers.json
+    .venv/bin/python benchmarks/peers/jax_peers.py --job tiny --rounds 6 --out /tmp/jax_peers_tiny.json
 """
 
 import jax_job  # noqa: I001  (first: it sets XLA_FLAGS before JAX is imported)
 
 import common  # noqa: E402
 import jax  # noqa: E402
-from common import LOG_PERIOD, Run, Variant  # noqa: E402
+from common import JAX_JOBS, LOG_PERIOD, Run, Variant  # noqa: E402
 from flax import nnx  # noqa: E402
 
 import mlpug.jax as mlp  # noqa: E402
 
 
 class TrainModel(nnx.Module):
+    """mlpug's training model: the classifier's mean cross entropy on a batch ``(images, labels)``."""
+
     def __init__(self, classifier):
         self.classifier = classifier
 
@@ -38,7 +43,7 @@ class TrainModel(nnx.Module):
 def mlpug_variants(data):
     def make(standard_callbacks, steps_per_execution=1):
         def setup():
-            model, optimizer = jax_job.make_model()
+            model, optimizer = jax_job.make_model(data.job)
             options = {} if steps_per_execution == 1 else {"steps_per_execution": steps_per_execution}
             trainer = mlp.trainers.DefaultTrainer(optimizers=optimizer, model_components=model, **options)
             callbacks = []
@@ -48,7 +53,7 @@ def mlpug_variants(data):
                     mlp.callbacks.TrainingMetricsLogger(metric_evaluator=evaluator),
                     mlp.callbacks.LogProgress(log_period=LOG_PERIOD, set_names=["training"]),
                 ]
-            manager = mlp.trainers.TrainingManager(trainer, data.batches, num_epochs=1, callbacks=callbacks)
+            manager = mlp.trainers.TrainingManager(trainer, data.batches, num_epochs=data.epochs, callbacks=callbacks)
             trainer.set_training_model(TrainModel(model))
 
             def train():
@@ -82,13 +87,16 @@ def mlpug_variants(data):
 
 
 def main():
-    args = common.parse_args(__doc__)
+    args = common.parse_args(__doc__, jobs=JAX_JOBS)
     jax_job.check_one_thread()
     mlp.logging.set_level("WARNING")
-    data = jax_job.JaxData(args.max_batches)
+    data = jax_job.JaxData(args.job, args.max_batches)
     floor = jax_job.raw_floor(data)
     variants = [floor] + common.select(mlpug_variants(data), args.only)
-    common.progress(f"process (d) JAX: {len(variants)} variants, {len(data.batches)} batches, 1 + {args.rounds} rounds")
+    common.progress(
+        f"process (d) JAX, job {args.job}: {len(variants)} variants, {data.epochs} x {len(data.batches)} batches, "
+        f"1 + {args.rounds} rounds"
+    )
     common.run_rounds(variants, args.rounds)
     common.write_results(
         args,
@@ -96,6 +104,7 @@ def main():
         floor,
         variants,
         {
+            "job": args.job,
             "xla_flags": jax_job.os.environ.get("XLA_FLAGS"),
             "compilation_cache": jax_job.COMPILATION_CACHE,
             "devices": [str(d) for d in jax.devices()],

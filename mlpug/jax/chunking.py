@@ -5,6 +5,9 @@ Inside ``jax.jit`` every shape is static: a batch of ``B`` samples (``B`` known 
 is ``n = B // C`` equal chunks and, when ``r = B - n * C > 0``, a remainder chunk of ``r`` samples. The equal chunks
 are one ``lax.scan`` over the batch reshaped to ``(n, C, ...)`` (the forward and backward pass traced and compiled
 once, whatever ``n``); the remainder chunk is a second pass after the loop. The optimizers step once per batch.
+Every chunk of a dict batch has the batch's keys in the order the user wrote them (the chunks are cut from the batch
+with its dicts as :class:`~mlpug.jax.trainers.insertion_order_dict.InsertionOrderDict` s), so the rules that read a
+batch's first part (bfloat16 ``autocast_inputs``, counting samples) see the same part in a chunk as in the batch.
 
 The operations are those of the neutral rule, chunk after chunk and in its order
 (:meth:`mlpug.chunking.ChunkedBatch.combine`): chunk ``i`` with ``n_i`` samples weighs its loss by ``n_i / B``; the
@@ -47,6 +50,7 @@ from mlpug.chunking import (
 from mlpug.chunking import ChunkedBatch as _NeutralChunkedBatch
 from mlpug.chunking import batch_chunker as _neutral_batch_chunker
 from mlpug.jax.trainers.compilation import as_traceable, from_traceable
+from mlpug.jax.trainers.insertion_order_dict import ordered_dicts
 from mlpug.trainers.trainer import ModelOutputs
 
 CarryingChunkStep = Callable[[BatchChunk, Any], tuple[ChunkResult, Any]]
@@ -103,6 +107,7 @@ class ChunkedBatch(_NeutralChunkedBatch):
         if not all(is_array(part) for _, part in sample_parts(batch)):  # a sequence of samples: no scan over it
             return self._run_unrolled(chunk_step, batch, carry)
         total, size = batch_num_samples(batch), self.batch_chunk_size
+        ordered = ordered_dicts(batch)  # pytree functions rebuild plain dicts sorted: the chunks keep the user's order
         count, remainder = divmod(total, size)
         gradient_sum = [jnp.full(jnp.shape(like), -0.0, like.dtype) for like in gradients_like]  # -0.0 + g == g
         loss_sum: Any = None
@@ -114,10 +119,10 @@ class ChunkedBatch(_NeutralChunkedBatch):
                 carried, gradient_sum = state
                 index, data = inputs
                 is_last = (index == count - 1) if remainder == 0 else False
-                result, carried = chunk_step(BatchChunk(data, size, weight, is_last), carried)
+                result, carried = chunk_step(BatchChunk(from_traceable(data), size, weight, is_last), carried)
                 return (carried, _add(gradient_sum, result)), self._traced(result.outputs)
 
-            chunks = jax.tree_util.tree_map(lambda part: _equal_chunks(part, count, size), batch)
+            chunks = jax.tree_util.tree_map(lambda part: _equal_chunks(part, count, size), ordered)
             scanned: tuple[Any, Any, Any]
             (carry, gradient_sum), scanned = lax.scan(body, (carry, gradient_sum), (jnp.arange(count), chunks))
             losses, _, auxiliary = scanned
@@ -126,7 +131,7 @@ class ChunkedBatch(_NeutralChunkedBatch):
             )
             parts.append((auxiliary, True))
         if remainder:
-            data = jax.tree_util.tree_map(lambda part: part[count * size :], batch)
+            data = from_traceable(jax.tree_util.tree_map(lambda part: part[count * size :], ordered))
             result, carry = chunk_step(BatchChunk(data, remainder, remainder / total, True), carry)
             gradient_sum = _add(gradient_sum, result)
             loss, _, auxiliary = self._traced(result.outputs)

@@ -4,9 +4,11 @@ what the neutral core needs to know of them (:class:`JaxProcessContext`).
 JAX trains on several processes as one program over one device mesh: every process runs the same compiled step on
 *global* arrays that span the devices of every process, and XLA's collectives (on CPUs: gloo over TCP) join their
 parts (see :mod:`mlpug.jax.strategies.data_parallel`). Each process feeds its part of every global batch; the
-``DefaultTrainer`` gives the loss as the global batch's (the same on every process) and the per-sample outputs
-(auxiliary results) as this process's part, matching the batch the process fed, so metrics computed from them are
-this process's and the neutral core reduces them over the processes (:class:`JaxProcessContext`) as on PyTorch.
+``DefaultTrainer`` gives the loss as the global batch's (the same on every process), and the sample count and the
+per-sample outputs (auxiliary results) as this process's part, matching the batch the process fed, so metrics
+computed from them are this process's and the neutral core reduces them over the processes
+(:class:`JaxProcessContext`) as on PyTorch. A training model that returns its own ``num_samples`` is refused (the
+compiled step can only count the global batch's).
 
 Only process 0 writes checkpoints and logs (``DistributedContext.is_primary``, as on every backend).
 """
@@ -15,8 +17,9 @@ from __future__ import annotations
 
 import multiprocessing
 import os
-import socket
+import tempfile
 import time
+import traceback
 from collections.abc import Callable, Sequence
 from typing import Any, Optional
 
@@ -24,7 +27,7 @@ import jax
 import numpy as np
 from jax.experimental import multihost_utils
 
-from mlpug.distributed import DistributedContext
+from mlpug.distributed import DistributedContext, free_port
 
 DEFAULT_TIMEOUT_S = 300.0
 """Seconds :func:`initialize` waits for every process to join (``MLPUG_DISTRIBUTED_TIMEOUT_S`` overrides)."""
@@ -37,9 +40,15 @@ class JaxProcessContext(DistributedContext):
     """The processes of a ``jax.distributed`` run as the neutral core's :class:`~mlpug.distributed.DistributedContext`:
     rank ``jax.process_index()`` of ``jax.process_count()``; the collectives gather Python numbers from every process
     (``jax.experimental.multihost_utils.process_allgather``, a compiled all-gather over the processes' devices),
-    blocking. The loss of a step is the global batch's on every process already; the metrics computed from a step's
-    auxiliary results (this process's part, see the module docstring) are this process's, and the sample-weighted
-    means over the processes make them the global batch's.
+    blocking.
+
+    What the ``DefaultTrainer`` gives each process of a step (see the module docstring): the loss of the global batch
+    (the same on every process), and the ``num_samples`` and auxiliary results of this process's part of the batch
+    (:meth:`~mlpug.jax.strategies.DataParallelStrategy.local_num_samples`,
+    :meth:`~mlpug.jax.strategies.DataParallelStrategy.local_outputs`), as on PyTorch. So the metrics are computed
+    from this process's part, weighted by its samples (or by the weight a metric returns), and the sample-weighted
+    means over the processes make them the global batch's; the loss's mean over the processes is the global loss.
+    The logged ``batch_size`` is this process's.
     """
 
     def __init__(self) -> None:
@@ -97,13 +106,17 @@ def initialize(timeout_s: Optional[float] = None) -> JaxProcessContext:
     return JaxProcessContext()
 
 
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
-def _launched(process_id: int, num_processes: int, port: int, function: Callable, args: tuple, kwargs: dict) -> None:
+def _launched(
+    process_id: int,
+    num_processes: int,
+    port: int,
+    errors: str,
+    function: Callable,
+    args: tuple,
+    kwargs: dict,
+) -> None:
+    """A process :func:`launch` started: join the others, run ``function``; when it raises, write the time and the
+    traceback to ``errors/<process_id>.txt`` (read by :func:`_failure_report`) and raise on."""
     os.environ.update(
         {
             "MLPUG_JAX_COORDINATOR": f"127.0.0.1:{port}",
@@ -111,8 +124,65 @@ def _launched(process_id: int, num_processes: int, port: int, function: Callable
             "MLPUG_JAX_PROCESS_ID": str(process_id),
         }
     )
-    initialize()
-    function(*args, **kwargs)
+    try:
+        initialize()
+        function(*args, **kwargs)
+    except Exception:
+        with open(os.path.join(errors, f"{process_id}.txt"), "w") as file:
+            file.write(f"{time.time()!r}\n{traceback.format_exc()}")
+        raise
+
+
+def _raised(errors: str, process_id: int) -> Optional[tuple[float, str]]:
+    """``(when, traceback)`` of what process ``process_id``'s function raised, or None when it did not."""
+    path = os.path.join(errors, f"{process_id}.txt")
+    if not os.path.exists(path):
+        return None
+    with open(path) as file:
+        moment, _, trace = file.read().partition("\n")
+    return float(moment), trace
+
+
+def _failure_report(processes: Sequence[Any], failed: Sequence[int], errors: str, terminated: Sequence[int]) -> str:
+    """The message of a failed launch: which process failed first, with its traceback when its function raised,
+    and how the others ended.
+
+    The first failure is a process that ended without raising (killed, crashed, ``sys.exit``: the others'
+    collectives then fail because it is gone), else the one that raised first.
+
+    Args:
+        processes: The started processes (joined).
+        failed: The processes seen ending with a non-zero exit code while the others ran (at least one).
+        errors: The directory the processes' tracebacks were written to (see :func:`_launched`).
+        terminated: The processes the launcher terminated.
+    """
+    raised = {index: _raised(errors, index) for index in range(len(processes))}
+    candidates = set(failed) | {index for index, error in raised.items() if error is not None}
+
+    def order(index: int) -> tuple[bool, float, int]:  # ended without raising first, then by the moment it raised
+        error = raised[index]
+        return (error is not None, error[0] if error is not None else 0.0, index)
+
+    first = min(candidates, key=order)
+    others = []
+    for index, process in enumerate(processes):
+        if index == first or process.exitcode == 0:
+            continue
+        error = raised[index]
+        how = f"raised {error[1].strip().splitlines()[-1]}" if error else _ended(process.exitcode)
+        others.append(f"process {index} {how}" + (" (terminated by the launcher)" if index in terminated else ""))
+    after = f"\n-- after it: {'; '.join(others)}" if others else ""
+    error = raised[first]
+    if error is not None:
+        return f"JAX process {first} of {len(processes)} failed first, with the following error:\n{error[1]}{after}"
+    return f"JAX process {first} of {len(processes)} failed first: it {_ended(processes[first].exitcode)}{after}"
+
+
+def _ended(exit_code: Optional[int]) -> str:
+    """How a process ended, from its exit code: ``exited with code 1``, ``was killed by signal 9``."""
+    if exit_code is not None and exit_code < 0:
+        return f"was killed by signal {-exit_code}"
+    return f"exited with code {exit_code}"
 
 
 def launch(
@@ -123,13 +193,16 @@ def launch(
     **kwargs: Any,
 ) -> Any:
     """Run ``function(*args, **kwargs)`` in ``num_processes`` local JAX processes joined into one run, or here when
-    that is 1.
+    that is 1 or when this process is already one of a run (``MLPUG_JAX_COORDINATOR`` set, e.g. by a launch that
+    started it or by a command per process, or ``jax.distributed.is_initialized()``): then it joins that run
+    (:func:`initialize`) and calls ``function``, as PyTorch's ``launch`` does under ``torchrun``.
 
     Each process is started with ``multiprocessing`` (``spawn``), joins the others on the loopback address and a free
     port (:func:`initialize`: ``jax.distributed.initialize`` with the gloo CPU collectives) and then calls
     ``function``; a ``DefaultTrainer`` made there trains data parallel over the devices of every process (see
-    :mod:`mlpug.jax.strategies.data_parallel`). When one process fails (exits with a non-zero code), the others are
-    terminated and a ``RuntimeError`` names it.
+    :mod:`mlpug.jax.strategies.data_parallel`). When one process fails (raises, is killed, exits with a non-zero
+    code), the others are terminated and a ``RuntimeError`` names the process that failed first (not one whose
+    collective failed because a peer was gone), with its traceback, and how the others ended.
 
     Args:
         function: A picklable (module-level) function.
@@ -141,47 +214,48 @@ def launch(
 
     Raises:
         ValueError: ``num_processes`` is not an int >= 1.
-        RuntimeError: A process failed (its index and exit code are named) or the run took longer than
-            ``timeout_s``.
+        RuntimeError: A process failed (the message names the first and holds its traceback) or the run took longer
+            than ``timeout_s``.
     """
     if isinstance(num_processes, bool) or not isinstance(num_processes, int) or num_processes < 1:
         raise ValueError(f"num_processes must be an int >= 1, got {num_processes!r}")
+    if "MLPUG_JAX_COORDINATOR" in os.environ or jax.distributed.is_initialized():
+        initialize()
+        return function(*args, **kwargs)
     if num_processes == 1:
         return function(*args, **kwargs)
     context = multiprocessing.get_context("spawn")
-    port = _free_port()
-    processes = [
-        context.Process(target=_launched, args=(index, num_processes, port, function, args, kwargs))
-        for index in range(num_processes)
-    ]
-    for process in processes:
-        process.start()
-    deadline = None if timeout_s is None else time.monotonic() + timeout_s
-    failed: Optional[int] = None
-    try:
-        while any(process.is_alive() for process in processes):
-            failed = next((i for i, p in enumerate(processes) if p.exitcode not in (None, 0)), None)
-            if failed is not None:
-                break
-            if deadline is not None and time.monotonic() > deadline:
-                raise RuntimeError(f"the {num_processes} JAX processes ran longer than timeout_s={timeout_s} s")
-            time.sleep(0.05)
-    finally:
+    with tempfile.TemporaryDirectory(prefix="mlpug-jax-launch-") as errors:
+        port = free_port()
+        processes = [
+            context.Process(target=_launched, args=(index, num_processes, port, errors, function, args, kwargs))
+            for index in range(num_processes)
+        ]
         for process in processes:
-            if process.is_alive():
-                process.terminate()
-        for process in processes:
-            process.join(30)
-            if process.is_alive():
-                process.kill()
-                process.join()
-    if failed is None:
-        failed = next((i for i, p in enumerate(processes) if p.exitcode != 0), None)
-    if failed is not None:
-        codes = {index: process.exitcode for index, process in enumerate(processes)}
-        raise RuntimeError(
-            f"JAX process {failed} of {num_processes} failed first (exit code {codes[failed]}); exit codes: {codes}"
-        )
+            process.start()
+        deadline = None if timeout_s is None else time.monotonic() + timeout_s
+        failed: list[int] = []
+        terminated: list[int] = []
+        try:
+            while any(process.is_alive() for process in processes):
+                failed = [i for i, p in enumerate(processes) if p.exitcode not in (None, 0)]
+                if failed:
+                    break
+                if deadline is not None and time.monotonic() > deadline:
+                    raise RuntimeError(f"the {num_processes} JAX processes ran longer than timeout_s={timeout_s} s")
+                time.sleep(0.05)
+        finally:
+            terminated = [index for index, process in enumerate(processes) if process.is_alive()]
+            for index in terminated:
+                processes[index].terminate()
+            for process in processes:
+                process.join(30)
+                if process.is_alive():
+                    process.kill()
+                    process.join()
+        failed = failed or [i for i, p in enumerate(processes) if p.exitcode != 0]
+        if failed:
+            raise RuntimeError(_failure_report(processes, failed, errors, terminated))
     return None
 
 

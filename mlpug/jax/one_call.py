@@ -15,7 +15,6 @@ from typing import Any, ClassVar, Optional
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from flax import nnx
 
 from mlpug.jax.callbacks.checkpoint_manager import CheckpointManager
@@ -29,6 +28,9 @@ from mlpug.one_call import (
     check_targets_fit,
     raise_loss_func_error,
     split_batch,
+)
+from mlpug.one_call import (
+    made_up_values as neutral_made_up_values,
 )
 from mlpug.trainers.trainer import ModelOutputs
 
@@ -89,15 +91,9 @@ class LossModel(nnx.Module):
 
 
 def made_up_values(like: jax.Array, descending: bool = False) -> jax.Array:
-    """Distinct values of ``like``'s shape and dtype for :func:`~mlpug.one_call.check_targets_fit`: from 0.1 to 0.9
-    (or back), or alternating 0 and 1 for an integer or bool dtype."""
-    size = int(np.prod(like.shape))
-    values: np.ndarray
-    if jnp.issubdtype(like.dtype, jnp.inexact):
-        values = np.linspace(0.9, 0.1, size) if descending else np.linspace(0.1, 0.9, size)
-    else:
-        values = (np.arange(size) + int(descending)) % 2
-    return jnp.asarray(values.reshape(like.shape), dtype=like.dtype)
+    """:func:`mlpug.one_call.made_up_values` of ``like``'s shape, in its dtype."""
+    inexact = bool(jnp.issubdtype(like.dtype, jnp.inexact))
+    return jnp.asarray(neutral_made_up_values(like.shape, inexact, descending), dtype=like.dtype)
 
 
 class Trainer(OneCallTrainer):

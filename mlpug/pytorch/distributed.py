@@ -40,7 +40,6 @@ import multiprocessing.connection
 import os
 import pickle
 import signal
-import socket
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -52,7 +51,7 @@ import torch.distributed as dist
 
 from mlpug import logging as mlpug_logging
 from mlpug.chunking import BatchChunk
-from mlpug.distributed import DistributedContext, SerialContext
+from mlpug.distributed import DistributedContext, SerialContext, free_port
 from mlpug.trainers.gradient_sync import GradientSync
 
 __all__ = [
@@ -427,12 +426,6 @@ def warn_if_random_states_differ(context: TorchDistributedContext) -> bool:
     return any_differs
 
 
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
 def _launched(
     local_rank: int, function: Callable, args: tuple, kwargs: dict, world_size: int, port: int, raised_at: Any
 ) -> None:
@@ -587,7 +580,7 @@ def launch(function: Callable, *args: Any, num_processes: Optional[int] = None, 
     try:
         context = torch.multiprocessing.start_processes(
             _launched,
-            args=(function, args, kwargs, num_processes, _free_port(), raised_at),
+            args=(function, args, kwargs, num_processes, free_port(), raised_at),
             nprocs=num_processes,
             join=False,
             start_method="spawn",

@@ -24,6 +24,9 @@ from mlpug.one_call import (
     raise_loss_func_error,
     split_batch,
 )
+from mlpug.one_call import (
+    made_up_values as neutral_made_up_values,
+)
 from mlpug.pytorch.callbacks.checkpoint_manager import CheckpointManager
 from mlpug.pytorch.data import ResumableArrayBatches, resumable_data_loader
 from mlpug.pytorch.evaluation import MetricEvaluator
@@ -126,13 +129,10 @@ class LossModel(torch.nn.Module):
 
 
 def made_up_values(like: torch.Tensor, descending: bool = False) -> torch.Tensor:
-    """Distinct values of ``like``'s shape, dtype and device for :func:`~mlpug.one_call.check_targets_fit`:
-    from 0.1 to 0.9 (or back), or alternating 0 and 1 for an integer or bool dtype."""
-    if like.dtype.is_floating_point or like.dtype.is_complex:
-        values = torch.linspace(0.9, 0.1, like.numel()) if descending else torch.linspace(0.1, 0.9, like.numel())
-    else:
-        values = (torch.arange(like.numel()) + int(descending)) % 2
-    return values.reshape(like.shape).to(device=like.device, dtype=like.dtype)
+    """:func:`mlpug.one_call.made_up_values` of ``like``'s shape, in its dtype and on its device."""
+    inexact = like.dtype.is_floating_point or like.dtype.is_complex
+    values = neutral_made_up_values(tuple(like.shape), inexact, descending)
+    return torch.as_tensor(values).to(device=like.device, dtype=like.dtype)
 
 
 class Trainer(OneCallTrainer):

@@ -21,6 +21,9 @@ from mlpug.one_call import (
     raise_loss_func_error,
     split_batch,
 )
+from mlpug.one_call import (
+    made_up_values as neutral_made_up_values,
+)
 from mlpug.tensorflow.callbacks.checkpoint_manager import CheckpointManager
 from mlpug.tensorflow.data import ResumableArrayBatches, pipeline_stages
 from mlpug.tensorflow.evaluation import MetricEvaluator
@@ -96,15 +99,9 @@ class LossModel(tf.keras.Model):
 
 
 def made_up_values(shape: Any, dtype: tf.DType, descending: bool = False) -> np.ndarray:
-    """Distinct values of ``shape`` and ``dtype`` for :func:`~mlpug.one_call.check_targets_fit`: from 0.1
-    to 0.9 (or back), or alternating 0 and 1 for an integer or bool dtype."""
-    size = int(np.prod(shape))
-    values: np.ndarray
-    if dtype.is_floating or dtype.is_complex:
-        values = np.linspace(0.9, 0.1, size) if descending else np.linspace(0.1, 0.9, size)
-    else:
-        values = (np.arange(size) + int(descending)) % 2
-    return values.reshape(tuple(shape)).astype(dtype.as_numpy_dtype)
+    """:func:`mlpug.one_call.made_up_values` of ``shape``, in ``dtype``."""
+    inexact = dtype.is_floating or dtype.is_complex
+    return neutral_made_up_values(tuple(shape), inexact, descending).astype(dtype.as_numpy_dtype)
 
 
 def _has_batch_stage(dataset: tf.data.Dataset) -> bool:

@@ -1,11 +1,13 @@
 """Trains the classifier of ``tests/jax/test_distributed.py`` in one JAX process, or in several joined by
 ``mlpug.jax.distributed.launch`` (data parallel over the devices of every process), and writes process 0's results.
 
-Run as ``python -m tests.jax.distributed_worker OUT_DIR NUM_PROCESSES [TIMEOUT_S]``; ``JAX_NUM_CPU_DEVICES`` sets the
-CPU devices of each process. ``OUT_DIR/results.npz`` gets the final weights, the batch losses and accuracies
-and the validation accuracy, ``OUT_DIR/checkpoints`` the training checkpoints (written by process 0 only) and
-``OUT_DIR/context_<rank>.txt`` each process's rank, world size, whether it is the primary one and the mesh's
-device count.
+Run as ``python -m tests.jax.distributed_worker OUT_DIR NUM_PROCESSES [TIMEOUT_S [STEPS_PER_EXECUTION]]``;
+``JAX_NUM_CPU_DEVICES`` sets the CPU devices of each process; ``STEPS_PER_EXECUTION`` (default 1) is the trainer's
+``steps_per_execution`` (and so its ``evaluation_steps_per_execution``). ``OUT_DIR/results.npz`` gets the final
+weights, the batch losses and accuracies, the validation accuracy and the keys of the auxiliary results as the metric
+saw them (the model returns them not in alphabetical order), ``OUT_DIR/checkpoints`` the training checkpoints
+(written by process 0 only) and ``OUT_DIR/context_<rank>.txt`` each process's rank, world size, whether it is the
+primary one and the mesh's device count.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ import sys
 import numpy as np
 
 GLOBAL_BATCH_SIZE = 8
-NUM_SAMPLES = 40
+NUM_SAMPLES = 44  # 5 global batches of 8 and a short last one of 4 (2 per process) per epoch
 NUM_EPOCHS = 2
 
 
@@ -27,7 +29,7 @@ def data(seed):
     return features, labels
 
 
-def train(out_dir: str) -> None:
+def train(out_dir: str, steps_per_execution: int = 1) -> None:
     import jax
     import jax.numpy as jnp
     import optax
@@ -52,18 +54,33 @@ def train(out_dir: str) -> None:
             features, labels = batch_data
             logits = self.classifier(features)
             loss = optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
-            return {"loss": loss, "auxiliary_results": logits}
+            return {"loss": loss, "auxiliary_results": {"probabilities": nnx.softmax(logits), "logits": logits}}
+
+    auxiliary_keys = set()
 
     def accuracy(inputs):
-        predictions = jnp.argmax(inputs.auxiliary_results, axis=1)
+        auxiliary_keys.add(tuple(inputs.auxiliary_results))
+        predictions = jnp.argmax(inputs.auxiliary_results["logits"], axis=1)
         return jnp.mean((predictions == jnp.asarray(inputs.batch[1])).astype(jnp.float32))
+
+    def correct(inputs):
+        return jnp.argmax(inputs.auxiliary_results["logits"], axis=1) == jnp.asarray(inputs.batch[1])
+
+    def accuracy_by_count(inputs):  # the right accuracy only when num_samples counts the batch the metric sees
+        return jnp.sum(correct(inputs).astype(jnp.float32)) / inputs.num_samples
+
+    def accuracy_of_labels_above_0(inputs):  # weighted by a count that differs between the processes' parts
+        counted = jnp.asarray(inputs.batch[1]) > 0
+        count = jnp.sum(counted.astype(jnp.float32))
+        return jnp.sum((correct(inputs) & counted).astype(jnp.float32)) / jnp.maximum(count, 1.0), count
 
     rank, world_size = jax.process_index(), jax.process_count()
     # a different seed on every process but 0: the strategy broadcasts process 0's weights
     classifier = Classifier(seed=0 if rank == 0 else 100 + rank)
-    trainer = mlp.trainers.DefaultTrainer(optax.adam(0.01), classifier)  # several processes: data parallel
+    # several processes: data parallel
+    trainer = mlp.trainers.DefaultTrainer(optax.adam(0.01), classifier, steps_per_execution=steps_per_execution)
     trainer.set_training_model(TrainModel(classifier))
-    losses, accuracies = [], []
+    losses, accuracies, batch_sizes, weighted = [], [], [], []
 
     class Record(mlp.callbacks.Callback):
         def batches_until_values_read(self, batch_step):
@@ -72,12 +89,23 @@ def train(out_dir: str) -> None:
         def on_batch_training_completed(self, training_batch, logs):
             losses.append(logs["current"]["training"]["batch"]["loss"])
             accuracies.append(logs["current"]["training"]["batch"]["accuracy"])
+            weighted.append(
+                [logs["current"]["training"]["batch"][name] for name in ("accuracy_by_count", "accuracy_above_0")]
+            )
+            batch_sizes.append(int(logs["current"]["training_params"]["batch"]["batch_size"]))
 
     evaluator = mlp.evaluation.MetricEvaluator(
-        trainer=trainer, batch_metric_funcs={"loss": lambda inputs: inputs.loss, "accuracy": accuracy}
+        trainer=trainer,
+        batch_metric_funcs={
+            "loss": lambda inputs: inputs.loss,
+            "accuracy": accuracy,
+            "accuracy_by_count": accuracy_by_count,
+            "accuracy_above_0": accuracy_of_labels_above_0,
+        },
     )
     validation = mlp.data.ResumableArrayBatches(data(1), GLOBAL_BATCH_SIZE // world_size, shuffle=False)
-    checkpoints = os.path.join(out_dir, "checkpoints")
+    # process 1 gets a path of its own: it must write nothing there (only the primary process writes)
+    checkpoints = os.path.join(out_dir, "checkpoints" if rank == 0 else f"checkpoints_of_{rank}")
     callbacks = [
         mlp.callbacks.TrainingMetricsLogger(evaluator),
         mlp.callbacks.TestMetricsLogger(validation, "validation", metric_evaluator=evaluator),
@@ -90,21 +118,67 @@ def train(out_dir: str) -> None:
     )
     manager.start_training()
     validation_accuracy = manager.logs["current"]["validation"]["dataset"]["accuracy"]
+    validation_weighted = [
+        manager.logs["current"]["validation"]["dataset"][name] for name in ("accuracy_by_count", "accuracy_above_0")
+    ]
     state = trainer.get_state()["model_components"]["model"]
     context = trainer.distributed_context()
     with open(os.path.join(out_dir, f"context_{rank}.txt"), "w") as file:
         file.write(
             f"{context.rank} {context.world_size} {context.is_primary} {getattr(trainer.strategy, 'num_devices', 1)}"
         )
+    with open(os.path.join(out_dir, f"batch_sizes_{rank}.txt"), "w") as file:
+        file.write(" ".join(map(str, batch_sizes)))
+    with open(os.path.join(out_dir, f"refused_{rank}.txt"), "w") as file:
+        refused = _refusals(mlp, classifier, TrainModel, next(iter(training)))
+        file.write(refused)
     if rank == 0:
         np.savez(
             os.path.join(out_dir, "results.npz"),
             losses=np.asarray(losses, np.float64),
             accuracies=np.asarray(accuracies, np.float64),
+            weighted=np.asarray(weighted, np.float64),
+            validation_weighted=np.asarray(validation_weighted, np.float64),
+            batch_sizes=np.asarray(batch_sizes, np.int64),
+            refused=np.asarray(refused),
             validation_accuracy=np.float64(validation_accuracy),
             world_size=np.int64(world_size),
+            auxiliary_keys=np.asarray(sorted(auxiliary_keys)),
             **{f"weight.{name}": np.asarray(value) for name, value in _flat(state).items()},
         )
+
+
+def _refusals(mlp, classifier, train_model_class, batch) -> str:
+    """What several processes refuse, one line each: a model that returns its own num_samples (at its first
+    evaluation) and an asynchronous evaluation's snapshot; ``allowed`` where it ran (one process)."""
+    import jax.numpy as jnp
+    import optax
+
+    class CountingModel(train_model_class):
+        def __call__(self, batch_data, evaluate_settings, inference_mode=None):
+            outputs = super().__call__(batch_data, evaluate_settings, inference_mode)
+            return {**outputs, "num_samples": jnp.sum(batch_data[1] > 0)}
+
+    lines = []
+    trainer = mlp.trainers.DefaultTrainer(optax.adam(0.01), classifier)
+    for name, attempt in (
+        ("num_samples", lambda: (trainer.set_training_model(CountingModel(classifier)), trainer.evaluate_loss(batch))),
+        ("run_async", trainer.evaluation_snapshot),
+    ):
+        try:
+            attempt()
+            lines.append(f"{name}: allowed")
+        except (ValueError, RuntimeError) as error:
+            lines.append(f"{name}: {type(error).__name__}: {error}")
+    return "\n".join(lines)
+
+
+def fail_in_process_1(out_dir: str) -> None:
+    """For the launcher's failure report: process 1 raises, process 0 returns."""
+    import jax
+
+    if jax.process_index() == 1:
+        raise ValueError(f"process 1 fails on purpose ({out_dir})")
 
 
 def _flat(tree, prefix=""):
@@ -118,5 +192,6 @@ if __name__ == "__main__":
 
     out, processes = sys.argv[1], int(sys.argv[2])
     timeout = float(sys.argv[3]) if len(sys.argv) > 3 else None
+    steps = int(sys.argv[4]) if len(sys.argv) > 4 else 1
     os.makedirs(out, exist_ok=True)
-    launch(train, out, num_processes=processes, timeout_s=timeout)
+    launch(train, out, steps, num_processes=processes, timeout_s=timeout)

@@ -6,6 +6,7 @@ import threading
 import jax
 import numpy as np
 import optax
+import pytest
 from flax import nnx
 
 import mlpug.jax as mlp
@@ -25,10 +26,16 @@ class MLP(nnx.Module):
 
 
 class ClassificationLoss(nnx.Module):
-    def __init__(self, classifier):
+    """The loss of ``classifier``; counts in ``traces`` how often it is traced in inference mode (its body runs only
+    while a compiled step is traced)."""
+
+    def __init__(self, classifier, traces=None):
         self.classifier = classifier
+        self.traces = {"evaluate": 0} if traces is None else traces
 
     def __call__(self, batch_data, evaluate_settings, inference_mode=None):
+        if inference_mode:
+            self.traces["evaluate"] += 1
         features, labels = batch_data
         logits = self.classifier(features)
         return {
@@ -75,12 +82,13 @@ class OpenGateAfterAStep(mlp.callbacks.Callback):
         return True
 
 
-def train(run_async, gate=None):
+def train(run_async, gate=None, num_validation_batches=4, traces=None, **trainer_options):
     classifier = MLP(0)
-    trainer = mlp.trainers.DefaultTrainer(optax.adam(0.01), classifier)
-    trainer.set_training_model(ClassificationLoss(classifier))
+    trainer = mlp.trainers.DefaultTrainer(optax.adam(0.01), classifier, **trainer_options)
+    trainer.set_training_model(ClassificationLoss(classifier, traces))
     evaluator = mlp.evaluation.MetricEvaluator(trainer=trainer, batch_metric_funcs={"accuracy": mlp.metrics.accuracy})
-    validation = batches(4, 1) if gate is None else GatedBatches(batches(4, 1), gate)
+    validation_batches = batches(num_validation_batches, 1)
+    validation = validation_batches if gate is None else GatedBatches(validation_batches, gate)
     weights: dict = {}
 
     class Record(mlp.callbacks.Callback):
@@ -151,3 +159,34 @@ def test_a_snapshot_holds_its_values_while_the_live_model_trains_on():
     snapshot.set_model_components_state(state)
     assert float(snapshot.evaluate_loss(data[0]).loss) == float(before.loss)
     np.testing.assert_array_equal(np.array(classifier.hidden.kernel[...]), live)
+
+
+def test_asynchronous_validation_stacks_evaluation_steps_per_execution_batches_per_call():
+    """``evaluation_steps_per_execution=4`` and 5 validation batches: the snapshot evaluates them as the trainer
+    does, a stacked call of 4 batches then the fifth alone, so the model is traced twice (the stacked evaluation and
+    the one-batch evaluation, once each for all epochs); one batch per call would trace it once. The numbers are
+    those of the synchronous validation, exactly."""
+    traces = {"sync": {"evaluate": 0}, "async": {"evaluate": 0}}
+    sync, _, _ = train(False, num_validation_batches=5, traces=traces["sync"], evaluation_steps_per_execution=4)
+    asynchronous, _, _ = train(True, num_validation_batches=5, traces=traces["async"], evaluation_steps_per_execution=4)
+    assert traces["async"] == traces["sync"] == {"evaluate": 2}
+    assert asynchronous == sync and all(loss is not None for loss, _ in sync.values())
+
+
+def test_a_snapshot_refuses_reads_before_it_holds_values_and_a_state_without_a_component():
+    classifier = MLP(0)
+    trainer = mlp.trainers.DefaultTrainer(optax.adam(0.01), {"encoder": classifier})
+    trainer.set_training_model(ClassificationLoss(classifier))
+    snapshot = trainer.evaluation_snapshot()
+    for read in (
+        snapshot.model_components_state,
+        lambda: snapshot.evaluate_loss(batches(1, 0)[0]),
+        lambda: snapshot.evaluate_losses(batches(2, 0)),
+    ):
+        with pytest.raises(RuntimeError, match=r"of an evaluation snapshot that holds no values yet: call capture\(\)"):
+            read()
+    missing = r"model_components has no state for the model components \['encoder'\]; it has \['model'\]"
+    with pytest.raises(ValueError, match=missing):
+        snapshot.set_model_components_state({"model": trainer.get_state()["model_components"]["encoder"]})
+    snapshot.set_model_components_state(trainer.get_state()["model_components"])
+    assert float(snapshot.evaluate_loss(batches(1, 0)[0]).loss) == float(trainer.evaluate_loss(batches(1, 0)[0]).loss)

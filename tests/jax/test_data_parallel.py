@@ -86,32 +86,94 @@ def test_a_batch_is_split_over_the_devices_along_its_sample_axis():
     assert [shard.data.shape for shard in stacked.addressable_shards] == [(3, 2, 6)] * NUM_DEVICES
 
 
-def test_a_batch_that_does_not_divide_by_the_device_count_raises_at_the_first_batch():
-    classifier, trainer = make(mesh())
-    before = weights(classifier)
-    features, labels = batches(num_batches=1, batch_size=10)[0]
-    with pytest.raises(ValueError, match=r"batch\[0\] has 10 samples .*shape \(10, 6\).* over the 4 devices"):
-        trainer.train_on((features, labels))
-    with pytest.raises(ValueError, match="has 10 samples"):
-        trainer.evaluate_loss((features, labels))
-    assert max_difference(weights(classifier), before) == 0.0
-
-
-def test_a_short_last_batch_after_full_batches_runs_replicated_and_equals_one_device():
-    """Batches of 8 then one of 6 (which 4 devices cannot split): the short one runs on every device whole; a batch
-    of 10 after it is refused (larger than before: a batch size that does not fit the mesh)."""
-    features, labels = batches(num_batches=1, batch_size=30)[0]
-    data = [(features[:8], labels[:8]), (features[8:16], labels[8:16]), (features[16:22], labels[16:22])]
+def test_a_batch_that_does_not_divide_by_the_device_count_runs_replicated_with_one_warning(caplog):
+    """Batches of 8, then 6 and 10 (which 4 devices cannot split): those run on every device whole, equal to one
+    device's steps, with one warning per size; a batch of 8 after them is split again (no state decides it)."""
+    features, labels = batches(num_batches=1, batch_size=40)[0]
+    data = [(features[:8], labels[:8]), (features[8:14], labels[8:14]), (features[14:24], labels[14:24])]
+    data += [(features[24:30], labels[24:30]), (features[30:38], labels[30:38])]
     one_classifier, one_device = make()
     mesh_classifier, on_mesh = make(mesh())
-    for batch in data:
-        one_device.train_on(batch)
-        on_mesh.train_on(batch)
+    with caplog.at_level("WARNING", logger="mlpug.jax.strategies"):
+        for batch in data:
+            one_device.train_on(batch)
+            on_mesh.train_on(batch)
     assert max_difference(weights(one_classifier), weights(mesh_classifier)) <= 1e-6
-    placed = on_mesh.strategy.place_batch(data[2])
-    assert placed[0].sharding.is_fully_replicated
-    with pytest.raises(ValueError, match="has 10 samples"):
-        on_mesh.train_on((features[:10], labels[:10]))
+    warnings = [record.getMessage() for record in caplog.records if "runs replicated" in record.getMessage()]
+    assert len(warnings) == 2 and "a batch of 6 samples" in warnings[0] and "a batch of 10 samples" in warnings[1]
+    assert on_mesh.strategy.place_batch(data[1])[0].sharding.is_fully_replicated
+    assert not on_mesh.strategy.place_batch(data[4])[0].sharding.is_fully_replicated
+    outputs = on_mesh.evaluate_loss(data[1])
+    assert outputs.num_samples == 6
+    assert float(outputs.loss) == pytest.approx(float(one_device.evaluate_loss(data[1]).loss), abs=1e-6)
+
+
+def test_a_per_batch_constant_is_replicated_in_one_process_and_refused_across_processes():
+    """A batch ``{"x": [8, 6], "y": [8], "class_weights": [3]}``: in one process the [3] vector (not of the batch's
+    sample count) is replicated, not split; with several processes it would be joined into [6], so it is refused,
+    naming it; so is a batch that this process's devices cannot split."""
+    strategy = mesh()
+    features, labels = batches(num_batches=1, batch_size=8)[0]
+    batch = {"x": features, "y": labels, "class_weights": np.ones(3, np.float32), "scale": np.float32(2.0)}
+    placed = strategy.place_batch(batch)
+    assert placed["class_weights"].sharding.is_fully_replicated and placed["class_weights"].shape == (3,)
+    assert [shard.data.shape for shard in placed["x"].addressable_shards] == [(2, 6)] * NUM_DEVICES
+    several = mesh()
+    several.num_processes = 2  # what place_batch checks before it joins anything (as process 0 of 2)
+    with pytest.raises(ValueError, match=r"batch\['class_weights'\] has shape \(3,\), 3 along the sample axis 0"):
+        several.place_batch(batch)
+    with pytest.raises(ValueError, match=r"this process's batch has 6 samples .* this process's 4 devices"):
+        several.place_batch((features[:6], labels[:6]))
+
+
+class TwoProcesses(mlp.distributed.JaxProcessContext):
+    """Process ``rank`` of 2, as the strategy's dataset and sample-count hooks see it (no collective is used)."""
+
+    def __init__(self, rank=0):
+        self.rank, self.world_size = rank, 2
+
+
+def as_process_of_two(strategy, rank=0):
+    strategy.num_processes, strategy._context = 2, TwoProcesses(rank)
+    return strategy
+
+
+def test_across_processes_evaluation_takes_an_unpadded_copy_and_refuses_a_count_that_does_not_divide():
+    """Evaluation shards a copy (the user's dataset keeps its samples and order) over ``rank::2``, every sample once;
+    43 samples cannot be shared by 2 processes without counting one twice: a ValueError names the counts."""
+    features, labels = make_numpy_data(44, 1)
+    dataset = mlp.data.ResumableArrayBatches((features, labels), 4, shuffle=False)
+    parts = [as_process_of_two(mesh(), rank).evaluation_dataset(dataset) for rank in (0, 1)]
+    assert parts[0] is not dataset and len(dataset) == 11 and dataset.batch_sampler.world_size == 1
+    rows = np.concatenate([batch[0] for part in parts for batch in part])
+    assert rows.shape == (44, 6) and len({row.tobytes() for row in rows}) == 44
+    assert [len(batch[0]) for batch in parts[1]] == [4, 4, 4, 4, 4, 2]
+    odd = mlp.data.ResumableArrayBatches((features[:43], labels[:43]), 4, shuffle=False)
+    with pytest.raises(ValueError, match="has 43 samples, which 2 JAX processes cannot share evenly.*first 42"):
+        as_process_of_two(mesh()).evaluation_dataset(odd)
+    with pytest.raises(TypeError, match=r"has no shard\(rank, world_size\)"):
+        as_process_of_two(mesh()).evaluation_dataset([(features, labels)])
+
+
+def test_across_processes_the_sample_count_is_this_processes_and_a_model_count_is_refused():
+    """The compiled step counts the global batch (16 rows of 2 processes x 8); each process's outputs carry its 8.
+    A count the model returned (an array, or an int that is not the rows) cannot be split: refused, naming it."""
+    strategy = as_process_of_two(mesh())
+    batch = batches(num_batches=1, batch_size=8)[0]
+    assert strategy.local_num_samples(16, batch) == 8
+    with pytest.raises(ValueError, match=r"returned num_samples=Array\(5.*2 JAX processes.*\(value, weight\)"):
+        strategy.local_num_samples(jax.numpy.asarray(5), batch)
+    with pytest.raises(ValueError, match="returned num_samples=12 while 2 JAX processes"):
+        strategy.local_num_samples(12, batch)
+    assert int(mesh().local_num_samples(jax.numpy.asarray(5), batch)) == 5  # one process: as it is
+
+
+def test_across_processes_asynchronous_evaluation_is_refused_when_a_snapshot_is_asked_for():
+    _, trainer = make(mesh())
+    trainer.evaluation_snapshot()  # one process: allowed
+    as_process_of_two(trainer.strategy)
+    with pytest.raises(RuntimeError, match=r"asynchronous evaluation \(TestMetricsLogger\(run_async=True\)\) cannot"):
+        trainer.evaluation_snapshot()
 
 
 def test_evaluation_on_the_mesh_equals_one_device():
@@ -157,10 +219,11 @@ def test_bad_devices_raise_clear_errors():
         mlp.trainers.DefaultTrainer(optax.adam(0.1), MLP(0), strategy=mlp.strategies.DataParallelStrategy)
 
 
-def _train(directory, strategy, stop_at=None, resume_from=None, seed=0):
-    """Two epochs of 5 batches of 8 with dropout and batch-level checkpoints; the batch losses and final weights."""
+def _train(directory, strategy, stop_at=None, resume_from=None, seed=0, num_samples=40):
+    """Two epochs of batches of 8 (5 of them for 40 samples) with dropout and batch-level checkpoints; the batch
+    losses and final weights."""
     classifier, trainer = make(strategy, seed=seed, dropout=0.3)
-    features, labels = make_numpy_data(40, 1)
+    features, labels = make_numpy_data(num_samples, 1)
     losses = []
 
     class Record(mlp.callbacks.Callback):
@@ -194,6 +257,16 @@ def test_a_mesh_checkpoint_resumes_mid_epoch_exactly_and_on_one_device(tmp_path)
     single_weights, single_losses = _train(tmp_path / "single", None, resume_from="latest", seed=7)
     np.testing.assert_allclose(single_losses, straight_losses[4:], atol=1e-6)
     assert max_difference(single_weights, straight_weights) <= 1e-6
+
+
+def test_a_run_resumed_at_a_short_batch_that_the_devices_cannot_split_continues_exactly(tmp_path):
+    """38 samples in batches of 8: every epoch ends with a batch of 6, which 4 devices cannot split. Stopped after
+    batch 3, the resumed run starts at that batch (the first it places), runs it replicated and continues exactly."""
+    straight_weights, straight_losses = _train(tmp_path / "straight", mesh(), num_samples=38)
+    _train(tmp_path / "resumed", mesh(), stop_at=3, num_samples=38)
+    weights_after, losses = _train(tmp_path / "resumed", mesh(), resume_from="latest", seed=7, num_samples=38)
+    assert len(straight_losses) == 10 and losses == straight_losses[4:]
+    assert max_difference(weights_after, straight_weights) == 0.0
 
 
 def test_a_one_device_checkpoint_resumes_on_the_mesh_with_the_state_replicated(tmp_path):

@@ -765,3 +765,60 @@ def test_a_dict_batch_counts_its_samples_by_its_first_key_as_written():
     batch = {"features": features, "labels": labels, "class_weights": np.ones(3, np.float32)}
     assert trainer.train_on(batch).num_samples == 8
     assert trainer.evaluate_loss(batch).num_samples == 8
+
+
+class KeyOrderRegression(nnx.Module):
+    """A regression on ``{"x": ..., "target": ...}`` (keys not in alphabetical order) that records, while it is
+    traced, the keys and dtypes of every batch or chunk it sees, and returns auxiliary results whose keys are not in
+    alphabetical order either."""
+
+    def __init__(self, model, seen):
+        self.model, self.seen = model, seen
+
+    def __call__(self, batch_data, evaluate_settings, inference_mode=None):
+        x, target = batch_data["x"], batch_data["target"]
+        self.seen.append((tuple(batch_data), x.dtype, target.dtype))
+        predictions = self.model.linear(x)[:, 0].astype(jnp.float32)
+        return {
+            "loss": jnp.mean((predictions - target) ** 2),
+            "auxiliary_results": {"target": target, "prediction": predictions},
+        }
+
+
+FOUR_DEVICES = pytest.mark.skipif(jax.device_count() < 4, reason="needs 4 JAX devices (JAX_NUM_CPU_DEVICES)")
+
+
+@pytest.mark.parametrize(
+    "options",
+    [
+        {},
+        {"batch_chunk_size": 3},
+        pytest.param({"strategy": "data_parallel"}, marks=FOUR_DEVICES),
+        {"steps_per_execution": 3},
+        pytest.param(
+            {"steps_per_execution": 3, "batch_chunk_size": 3, "strategy": "data_parallel"}, marks=FOUR_DEVICES
+        ),
+    ],
+    ids=["one step", "accumulation", "data parallel", "steps per execution", "all three"],
+)
+def test_dict_batches_reach_the_model_in_their_written_order_and_bfloat16_casts_their_first_value(options):
+    """``{"x": ..., "target": ...}`` under bfloat16: every chunk, every batch placed on a mesh, every stacked batch
+    reaches the model with its keys as written, so the default ``autocast_inputs`` (the first value) casts ``x`` and
+    the float32 targets are not rounded (``jax.tree_util`` rebuilds plain dicts with sorted keys, which would put
+    ``target`` first and cast it). Training, evaluation of one batch and of several; the auxiliary results keep
+    the model's key order too."""
+    features = make_numpy_data(8, 0)[0]
+    data = [{"x": features, "target": (1000.0 + 0.37 * np.arange(8) + i).astype(np.float32)} for i in range(3)]
+    seen = []
+    model = Regression()
+    trainer = mlp.trainers.DefaultTrainer(optax.sgd(0.0), model, use_mixed_precision=True, **options)
+    trainer.set_training_model(KeyOrderRegression(model, seen))
+    trained = trainer.train_on_batches(data)
+    evaluated = trainer.evaluate_losses(data)
+    alone = trainer.evaluate_loss(data[0])
+    assert seen and set(seen) == {(("x", "target"), jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float32))}
+    for batch, outputs in [*zip(data, trained), *zip(data, evaluated), (data[0], alone)]:
+        expected = float(np.mean(batch["target"].astype(np.float64) ** 2))  # the prediction is 0
+        assert outputs.loss.dtype == jnp.float32 and float(outputs.loss) == pytest.approx(expected, rel=1e-6)
+        assert list(outputs.auxiliary_results) == ["target", "prediction"]
+        np.testing.assert_array_equal(np.asarray(outputs.auxiliary_results["target"]), batch["target"])

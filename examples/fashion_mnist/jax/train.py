@@ -202,6 +202,13 @@ def optional_callbacks(args):
 
 def main(argv=None):
     args = parse_arguments(argv)
+    if args.distributed and args.distributed > 1 and args.async_eval:
+        # each evaluation batch is a program over every process's devices: on a worker thread it could hang
+        print(
+            "WARNING: --async-eval is not supported over several JAX processes; validating synchronously",
+            file=sys.stderr,
+        )
+        args.async_eval = False
     if args.distributed:  # N local processes joined into one JAX run, each running train()
         return mlp.distributed.launch(train, args, num_processes=args.distributed)
     return train(args)

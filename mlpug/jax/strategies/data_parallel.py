@@ -10,17 +10,24 @@ gradient synchronisation code runs: one step over the mesh computes what one dev
 batch), clipping (of the global gradient) and the non-finite policies (of the global loss).
 
 Evaluation runs sharded the same way; its loss, auxiliary results and metrics are those of the global batch.
+With several processes, each evaluates an unpadded copy of its share of the samples
+(:meth:`DataParallelStrategy.evaluation_dataset`), and asynchronous evaluation is refused
+(:meth:`DataParallelStrategy.check_asynchronous_evaluation`).
 Checkpoints read the replicated state (one copy), so they are the files of one device.
 
 Several processes (``jax.distributed.initialize``, see :mod:`mlpug.jax.distributed`): the mesh spans the devices of
 every process, each process feeds its part of every global batch (its ``rank``-th share of the samples, see
 :meth:`DataParallelStrategy.training_dataset`), the arrays it gives are joined into one global array
 (``jax.make_array_from_process_local_data``), and the parameters are broadcast from process 0 when the training
-model is set, so that every process starts from the same weights.
+model is set, so that every process starts from the same weights. The compiled step sees the global batch; what it
+returns per sample (auxiliary results) and its sample count are given back as this process's part
+(:meth:`DataParallelStrategy.local_outputs`, :meth:`DataParallelStrategy.local_num_samples`), the loss as the global
+batch's.
 """
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 from typing import Any, Optional
 
@@ -32,6 +39,7 @@ from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from mlpug.chunking import infer_num_samples
 from mlpug.distributed import DistributedContext, SerialContext
 from mlpug.jax.strategies.jax_strategy import JaxStrategy, Tree
 
@@ -39,8 +47,36 @@ AXIS_NAME = "data"
 """The name of the mesh axis that the batches are split along."""
 
 
+_log = logging.getLogger("mlpug.jax.strategies")
+
+
 def _is_array(value: Any) -> bool:
     return isinstance(value, (jax.Array, np.ndarray, np.generic))
+
+
+def _where(path: tuple) -> str:
+    """``batch[0]``, ``batch['x']``: an array's position in the batch, for messages."""
+    return f"batch{jax.tree_util.keystr(path)}" if path else "the batch"
+
+
+def _sample_count(batch: Any, batch_axis: int) -> Optional[int]:
+    """The samples of ``batch``: the size along ``batch_axis`` of its first part, as the trainer counts them
+    (:func:`mlpug.chunking.infer_num_samples`); when that part has no such axis, of its first array that has one;
+    None when no array has."""
+
+    def size(array: Any) -> Optional[int]:
+        return int(np.shape(array)[batch_axis]) if np.ndim(array) > batch_axis else None
+
+    try:
+        counted = infer_num_samples(batch, size)
+    except TypeError:
+        counted = None
+    if isinstance(counted, int):
+        return counted
+    for value in jax.tree_util.tree_leaves(batch):
+        if _is_array(value) and np.ndim(value) > batch_axis:
+            return size(value)
+    return None
 
 
 def _check_devices(devices: Optional[Sequence[Any]]) -> list[Any]:
@@ -94,13 +130,12 @@ class DataParallelStrategy(JaxStrategy):
         replicated: ``NamedSharding(mesh, P())``, where the training state lives.
         num_devices: The mesh's devices (of all processes).
 
-    Batches: every array of a batch with a sample axis is split along it into ``num_devices`` equal parts, so the
-    batch size must be a multiple of ``num_devices`` (with several processes: the batch size of each process a
-    multiple of its devices in the mesh); the first batch that is not raises ``ValueError`` naming the size and the
-    count. In one process, a batch smaller than one before it (the short last batch of an epoch) that does not
-    split evenly runs replicated instead: every device computes all of it, exact but without a speed-up (drop it,
-    e.g. ``ResumableArrayBatches(..., drop_last=True)``, to save that time). Arrays without a sample axis (0-d) are
-    replicated.
+    Batches: every array of a batch with the batch's sample count along its sample axis is split along it into
+    ``num_devices`` equal parts, so the batch size should be a multiple of ``num_devices``. In one process, a batch
+    that is not (e.g. the short last batch of an epoch) runs replicated, every device computing all of it (exact,
+    without a speed-up; a warning names its size once); with several processes, each process's batches must be a
+    multiple of its devices in the mesh (``ValueError`` otherwise). Other arrays (0-d values; in one process also
+    per-batch constants of another size) are replicated; see :meth:`place_batch`.
 
     Raises:
         TypeError / ValueError: Bad ``devices`` (see :func:`_check_devices`: the message names what is wrong).
@@ -114,9 +149,12 @@ class DataParallelStrategy(JaxStrategy):
         self.replicated = NamedSharding(self.mesh, P())
         self.num_devices = len(self.devices)
         self._devices = set(self.devices)
-        self._largest_batch = 0  # the most samples of a batch placed so far (a smaller one may be the short last)
+        self._warned_sizes: set[int] = set()  # the batch sizes run replicated that a warning named
         self.num_processes = jax.process_count()
         self.num_local_devices = sum(1 for device in self.devices if device.process_index == jax.process_index())
+        self._first_local_device = next(
+            (device for device in self.devices if device.process_index == jax.process_index()), None
+        )
         if self.num_processes > 1:
             from mlpug.jax.distributed import JaxProcessContext
 
@@ -157,70 +195,147 @@ class DataParallelStrategy(JaxStrategy):
         return jax.make_array_from_process_local_data(self.replicated, np.asarray(value))
 
     def place_batch(self, batch: Tree, batch_axis: int = 0) -> Tree:
-        """``batch`` with every array split along ``batch_axis`` over the mesh (0-d arrays replicated); other values
-        as they are. With several processes, each array is this process's part of the global batch.
+        """``batch`` with every array of the batch's sample count split along ``batch_axis`` over the mesh (other
+        arrays replicated, see below); values that are not arrays as they are. With several processes, each array
+        is this process's part of the global batch.
 
-        A batch whose sample count the device count does not divide is refused, unless it is smaller than a batch
-        placed before in one process (the short last batch of an epoch): that one is replicated, every device
-        computing all of it (exact, without a speed-up).
+        The sample count is that of the batch's first part (:func:`mlpug.chunking.infer_num_samples`, along
+        ``batch_axis``), the count the trainer weighs the batch with. No state is kept: every batch is placed alike
+        (so a run resumed at any batch places it as the run before did).
+
+        * One process: an array with another size along ``batch_axis`` (a per-batch constant, e.g. class weights
+          ``[C]``) and 0-d arrays are replicated. A batch whose sample count the mesh's device count does not
+          divide (the short last batch of an epoch) runs replicated: every device computes all of it, exact but
+          without a speed-up; a warning names its size, once per size.
+        * Several processes: every array with a sample axis is joined along it with the other processes' parts,
+          so each must have the batch's sample count, and that count must be a multiple of this process's devices
+          in the mesh; 0-d arrays are declared replicated (every process must give the same value).
 
         Raises:
-            ValueError: An array's size along ``batch_axis`` is not a multiple of the mesh's device count (of this
-                process's devices in the mesh, with several processes), and the batch is not a short last batch: the
-                array's position, shape and the count are named.
+            ValueError: Several processes and an array whose size along ``batch_axis`` is not the batch's sample
+                count (the array's position and shape are named), or a sample count that this process's devices
+                in the mesh do not divide (the sizes are named).
         """
-        count = self.num_local_devices if self.num_processes > 1 else self.num_devices
-        sized = [
-            (path, np.shape(value))
-            for path, value in jax.tree_util.tree_leaves_with_path(batch)
-            if _is_array(value) and np.ndim(value) > batch_axis and not self._is_placed(value)
-        ]
-        uneven = [(path, shape) for path, shape in sized if shape[batch_axis] % count]
-        replicate = False
-        if uneven:
-            path, shape = uneven[0]
-            size = shape[batch_axis]
-            if self.num_processes > 1 or size >= self._largest_batch:
-                where = f"batch{jax.tree_util.keystr(path)}" if path else "the batch"
-                devices = f"this process's {count} devices" if self.num_processes > 1 else f"{count} devices"
+        samples = _sample_count(batch, batch_axis)
+        several = self.num_processes > 1
+        count = self.num_local_devices if several else self.num_devices
+        for path, value in jax.tree_util.tree_leaves_with_path(batch):
+            if not _is_array(value) or np.ndim(value) <= batch_axis or self._is_placed(value):
+                continue
+            size = np.shape(value)[batch_axis]
+            if several and size != samples:
                 raise ValueError(
-                    f"{where} has {size} samples (shape {tuple(shape)}, sample axis {batch_axis}), which cannot be "
-                    f"split evenly over the {devices} of the data-parallel mesh: use batches of a multiple of {count} "
-                    "samples (only a short last batch, smaller than the batches before it, may differ in one process)"
+                    f"{_where(path)} has shape {tuple(np.shape(value))}, {size} along the sample axis {batch_axis}, "
+                    f"but the batch has {samples} samples (its first part): with {self.num_processes} JAX processes "
+                    "every array with a sample axis is joined along it with the other processes' parts, so a "
+                    "per-batch constant (e.g. class weights) would be repeated once per process; give it in the "
+                    "training / evaluation settings (or as a 0-d value) instead"
                 )
-            replicate = True
-        self._largest_batch = max([self._largest_batch, *(shape[batch_axis] for _, shape in sized)])
+        replicate_all = samples is not None and samples % count != 0
+        if replicate_all and several:
+            raise ValueError(
+                f"this process's batch has {samples} samples (sample axis {batch_axis}), which cannot be split evenly "
+                f"over this process's {count} devices of the data-parallel mesh ({self.num_devices} devices of "
+                f"{self.num_processes} processes): give every process batches of a multiple of {count} samples, the "
+                "last batch of an epoch included (e.g. drop_last=True, or a dataset size that divides)"
+            )
+        if replicate_all and samples is not None and samples not in self._warned_sizes:
+            self._warned_sizes.add(samples)
+            _log.warning(
+                f"a batch of {samples} samples cannot be split evenly over the {count} devices of the data-parallel "
+                "mesh: it runs replicated (every device computes all of it; exact, without a speed-up). Batches of a "
+                f"multiple of {count} samples (drop_last=True for a short last batch) avoid it."
+            )
 
         def place(value: Any) -> Any:
             if not _is_array(value) or self._is_placed(value):
                 return value
-            sharding = self.replicated if replicate else self.batch_sharding(np.ndim(value), batch_axis)
-            if self.num_processes > 1:
+            split = not replicate_all and np.ndim(value) > batch_axis and np.shape(value)[batch_axis] == samples
+            sharding = self.batch_sharding(np.ndim(value), batch_axis) if split else self.replicated
+            if several:
                 return jax.make_array_from_process_local_data(sharding, value)
             return jax.device_put(value, sharding)
 
         return jax.tree_util.tree_map(place, batch)
+
+    def local_num_samples(self, num_samples: Any, batch: Any) -> Any:
+        """Several processes: the samples of this process's part ``batch`` (counted from its shapes, as the trainer
+        counts them; no device wait) in place of the global batch's count that the compiled step gives, so that
+        ``StepResult.num_samples`` / ``ModelOutputs.num_samples`` (the logged ``batch_size``, the weights of the
+        metrics, whose batch and auxiliary results are this process's part) are this process's, as on PyTorch; the
+        neutral core sums them over the processes. One process: ``num_samples``.
+
+        Args:
+            num_samples: The count the compiled step returned (the global batch's).
+            batch: This process's batch as it was given to the trainer (or placed by :meth:`place_batch`: then its
+                global rows are divided by the process count).
+
+        Raises:
+            ValueError: Several processes and a training model that returned its own ``num_samples`` (a count of
+                the global batch, e.g. of its valid tokens, that cannot be split into the processes' counts).
+        """
+        if self.num_processes == 1:
+            return num_samples
+        rows = _sample_count(batch, 0)
+        placed = any(isinstance(leaf, jax.Array) and not leaf.is_fully_addressable for leaf in jax.tree.leaves(batch))
+        local = rows // self.num_processes if placed and rows is not None else rows  # a placed batch: global rows
+        if type(num_samples) is int and local is not None and num_samples == local * self.num_processes:
+            return local
+        raise ValueError(
+            f"the training model returned num_samples={num_samples!r:.60} while {self.num_processes} JAX processes "
+            "train: the compiled step sees the global batch, so that count is the global batch's, and every process "
+            "would weigh its metrics with it. Return no num_samples (each process's rows are counted); to weigh a "
+            "metric by another count (e.g. valid tokens), return (value, weight) from the metric function, computed "
+            "from inputs.batch and inputs.auxiliary_results (this process's part)"
+        )
 
     def _is_placed(self, value: Any) -> bool:
         """Whether ``value`` is an array on the mesh's devices already (a batch placed before)."""
         return isinstance(value, jax.Array) and value.sharding.device_set == self._devices
 
     def local_outputs(self, tree: Tree) -> Tree:
-        """Several processes: every array split along axis 0 over the mesh as this process's part (its rows of the
-        global batch, in the order it fed them; ``multihost_utils.global_array_to_host_local_array``), the others
-        (replicated: the loss, means) as they are. One process: ``tree``."""
+        """Several processes: every array of the step's outputs as an array of this process's first device of the
+        mesh: an array split along axis 0 over the mesh as this process's part (its rows of the global batch, in the
+        order it fed them: its shards on this process's devices, copied to that device and joined there), a
+        replicated one (a mean) as its copy there. Other values as they are. One process: ``tree``.
+
+        So a metric function's eager operations on them run on one device of this process: never a program over
+        the devices of every process (which every process would have to run in the same order), nor one over this
+        process's devices (whose collectives the CPU backend would open among the processes' devices under the same
+        names). Device-to-device copies only: no wait for the device.
+        """
         if self.num_processes == 1:
             return tree
-        split = P(AXIS_NAME)
+        target = self._first_local_device
 
         def local(value: Any) -> Any:
-            if isinstance(value, jax.Array) and not value.is_fully_addressable and value.ndim >= 1:
-                spec = getattr(value.sharding, "spec", None)
-                if spec is not None and len(spec) >= 1 and spec[0] == AXIS_NAME:
-                    return multihost_utils.global_array_to_host_local_array(value, self.mesh, split)
-            return value
+            if not isinstance(value, jax.Array) or value.is_fully_addressable:
+                return value
+            if value.ndim == 0 or value.sharding.is_fully_replicated:
+                return jax.device_put(value.addressable_shards[0].data, target)
+            spec = getattr(value.sharding, "spec", None)
+            if spec is None or len(spec) < 1 or spec[0] != AXIS_NAME:
+                return value
+            shards = sorted(value.addressable_shards, key=lambda shard: shard.index[0].start or 0)
+            return jnp.concatenate([jax.device_put(shard.data, target) for shard in shards])
 
         return jax.tree_util.tree_map(local, tree)
+
+    def check_asynchronous_evaluation(self) -> None:
+        """Several processes: raise (one process: nothing).
+
+        Raises:
+            RuntimeError: Several JAX processes train: every evaluation batch is one program over the devices of
+                every process, and on a worker thread its collectives could interleave with the training steps'
+                (and the host gathers of the logs) in another order on each process, which hangs.
+        """
+        if self.num_processes > 1:
+            raise RuntimeError(
+                f"asynchronous evaluation (TestMetricsLogger(run_async=True)) cannot run with {self.num_processes} "
+                "JAX processes: each evaluation batch is one program over every process's devices, and on a worker "
+                "thread it could meet the training steps' collectives in another order on each process and hang; "
+                "evaluate synchronously (run_async=False)"
+            )
 
     # ----- the Strategy protocol -----
     def prepare_training_model(self, training_model: Any, device: Any = None) -> Any:
@@ -235,36 +350,64 @@ class DataParallelStrategy(JaxStrategy):
         return training_model
 
     def training_dataset(self, dataset: Any) -> Any:
-        """Several processes: this process's part of every batch (``set_shard(rank, world_size)`` of a resumable
-        dataset such as ``ResumableArrayBatches``: over all processes, an epoch of one process with the global
-        batch); one process: ``dataset``.
+        """Several processes: this process's part of every batch: the dataset's ``set_shard(rank, world_size)`` is
+        called, in place, as on PyTorch (a resumable dataset such as ``ResumableArrayBatches``: over all processes,
+        an epoch of one process with the global batch; a last global batch that the process count does not divide
+        is padded with samples from the epoch's start, as ``DistributedSampler`` pads); one process: ``dataset``.
 
         Raises:
             TypeError: Several processes and a dataset without ``set_shard`` (give each process its part of every
-                batch yourself, and pass that dataset with ``strategy``'s context in mind).
+                batch yourself).
         """
         if self.num_processes == 1:
             return dataset
-        return _shard(dataset, self._context, "training")
+        set_shard = getattr(dataset, "set_shard", None)
+        if set_shard is None:
+            raise TypeError(
+                f"the training dataset ({type(dataset).__qualname__}) has no set_shard(rank, world_size): with "
+                f"{self.num_processes} JAX processes each process must feed its part of every batch; use "
+                "mlp.data.ResumableArrayBatches, or give each process a dataset of its parts"
+            )
+        set_shard(self._context.rank, self._context.world_size)
+        return dataset
 
     def evaluation_dataset(self, dataset: Any) -> Any:
-        """Several processes: this process's part of every evaluation batch (as :meth:`training_dataset`); every
-        global batch is evaluated once, by all processes together. One process: ``dataset``."""
+        """Several processes: a copy of ``dataset`` over this process's samples ``rank, rank + world_size, ...``,
+        unpadded (``dataset.shard(rank, world_size)``, e.g. ``mlp.data.ResumableArrayBatches``), so that every
+        sample is evaluated once, by all processes together; ``dataset`` itself is not changed. One process:
+        ``dataset``.
+
+        Every evaluation batch is one program over the devices of every process, so the processes need as many
+        batches of the same sizes: the dataset's sample count must be a multiple of the process count (and every
+        batch of a process, its last one included, a multiple of its devices in the mesh; :meth:`place_batch`).
+
+        Raises:
+            TypeError: Several processes and a dataset without ``shard(rank, world_size)`` (the message says what
+                to pass).
+            ValueError: Several processes and a sample count that the process count does not divide (the counts
+                are named: padding would count samples twice).
+        """
         if self.num_processes == 1:
             return dataset
-        return _shard(dataset, self._context, "evaluation")
-
-
-def _shard(dataset: Any, context: DistributedContext, what: str) -> Any:
-    set_shard = getattr(dataset, "set_shard", None)
-    if set_shard is None:
-        raise TypeError(
-            f"the {what} dataset ({type(dataset).__qualname__}) has no set_shard(rank, world_size): with "
-            f"{context.world_size} JAX processes each process must feed its part of every batch; use "
-            "mlp.data.ResumableArrayBatches, or give each process a dataset of its parts"
-        )
-    set_shard(context.rank, context.world_size)
-    return dataset
+        rank, world_size = self._context.rank, self._context.world_size
+        shard = getattr(dataset, "shard", None)
+        if not callable(shard):
+            raise TypeError(
+                f"the evaluation dataset ({type(dataset).__qualname__}) has no shard(rank, world_size): with "
+                f"{world_size} JAX processes each process evaluates its part of the samples, every sample once; use "
+                "mlp.data.ResumableArrayBatches, or give each process a dataset of its own samples (the same number "
+                "of batches of the same sizes on every process)"
+            )
+        num_samples = getattr(getattr(dataset, "batch_sampler", None), "num_samples", None)
+        if isinstance(num_samples, int) and num_samples % world_size:
+            usable = num_samples - num_samples % world_size
+            raise ValueError(
+                f"the evaluation dataset has {num_samples} samples, which {world_size} JAX processes cannot share "
+                f"evenly: every evaluation batch is one program of all processes, and padding the last one would "
+                f"count {world_size - num_samples % world_size} samples twice; evaluate a multiple of {world_size} "
+                f"samples (e.g. the first {usable})"
+            )
+        return shard(rank, world_size)
 
 
 def broadcast_from_first_process(values: list) -> list:

@@ -9,7 +9,7 @@ step, unconditionally; the base class leaves every value where it is (one device
 
 from __future__ import annotations
 
-from typing import TypeVar
+from typing import Any, TypeVar
 
 from mlpug.trainers.strategy import Strategy
 
@@ -42,3 +42,21 @@ class JaxStrategy(Strategy):
         batch it fed (with several processes a step's arrays span every process's devices); called once per step
         and evaluation. Default: ``tree`` itself."""
         return tree
+
+    def local_num_samples(self, num_samples: Any, batch: Any) -> Any:
+        """The ``num_samples`` of a step's or evaluation's outputs as this process's count, matching the batch it
+        fed (``batch``, as given to the trainer); called with :meth:`local_outputs`, never waits for the device.
+        Default: ``num_samples`` itself.
+
+        Raises:
+            ValueError: The strategy cannot tell this process's count (a subclass's message says why).
+        """
+        return num_samples
+
+    def check_asynchronous_evaluation(self) -> None:
+        """Raise when evaluation on a worker thread (``TestMetricsLogger(run_async=True)``) cannot run under this
+        strategy; called when the trainer makes an evaluation snapshot. Default: it can.
+
+        Raises:
+            RuntimeError: It cannot (a subclass's message says why and what to do).
+        """

@@ -34,7 +34,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from mlpug.jax.trainers.insertion_order_dict import InsertionOrderDict, ordered_dicts
+from mlpug.jax.trainers.insertion_order_dict import ordered_dicts, rebuild_dicts
 
 
 @jax.tree_util.register_static
@@ -64,21 +64,9 @@ class StaticValue:
         return hash((type(self.value), self.value))
 
 
-def _plain_dicts(tree: Any) -> Any:
-    """``tree`` with every :class:`InsertionOrderDict` a plain ``dict`` in its order, every :class:`StaticValue`
-    its value."""
-    if isinstance(tree, StaticValue):
-        return tree.value
-    if type(tree) is InsertionOrderDict:
-        return {key: _plain_dicts(value) for key, value in tree.items()}
-    if type(tree) in (list, tuple):
-        return type(tree)(_plain_dicts(value) for value in tree)
-    if is_array(tree):
-        return tree
-    children, treedef = jax.tree_util.tree_flatten(tree, is_leaf=lambda node: node is not tree)  # one level
-    if jax.tree_util.treedef_is_leaf(treedef):
-        return tree
-    return jax.tree_util.tree_unflatten(treedef, [_plain_dicts(child) for child in children])
+def _static_value(leaf: Any) -> Any:
+    """The value of a :class:`StaticValue`; any other leaf as it is."""
+    return leaf.value if isinstance(leaf, StaticValue) else leaf
 
 
 def is_array(value: Any) -> bool:
@@ -132,7 +120,19 @@ def as_traceable(tree: Any, what: str, trace_numbers: bool = False) -> Any:
 def from_traceable(tree: Any) -> Any:
     """The inverse of :func:`as_traceable`: every :class:`StaticValue` replaced by its value, every
     :class:`InsertionOrderDict` by a plain ``dict`` with its keys in the same (the user's) order."""
-    return _plain_dicts(tree)
+    return rebuild_dicts(tree, dict, _static_value)
+
+
+def copy_arrays(tree: Any) -> Any:
+    """Every ``jax.Array`` of ``tree`` copied into a buffer of its own (``jnp.array(value, copy=True)``: on its
+    device, its sharding kept, dispatched without a wait); other leaves as they are. For arrays that must not share
+    a buffer that a compiled step donates: a snapshot's values (the next training step donates the live ones), new
+    optimizer states (optax may give several leaves one array)."""
+
+    def copy(value: Any) -> Any:
+        return jnp.array(value, copy=True) if isinstance(value, jax.Array) else value
+
+    return jax.tree_util.tree_map(copy, tree)
 
 
 def compile_step(

@@ -1,9 +1,11 @@
 """A ``dict`` that keeps its insertion order through ``jax.jit`` and every pytree function
-(:class:`InsertionOrderDict`), and :func:`ordered_dicts` to carry a tree's dicts so (see
+(:class:`InsertionOrderDict`), :func:`ordered_dicts` to carry a tree's dicts so, and :func:`rebuild_dicts`, the
+traversal that converts them both ways (see
 :mod:`mlpug.jax.trainers.compilation`: the batch's dicts reach the model in the order the user wrote)."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -33,15 +35,39 @@ def _unflatten(keys: tuple, children: Any) -> InsertionOrderDict:
 jax.tree_util.register_pytree_with_keys(InsertionOrderDict, _flatten_with_keys, _unflatten, _flatten)
 
 
-def ordered_dicts(tree: Any) -> Any:
-    """``tree`` with every plain ``dict`` (at any depth) as an :class:`InsertionOrderDict` in the same order."""
-    if type(tree) is dict:
-        return InsertionOrderDict((key, ordered_dicts(value)) for key, value in tree.items())
+def _same(leaf: Any) -> Any:
+    return leaf
+
+
+def rebuild_dicts(tree: Any, dict_type: type[dict], leaf: Callable[[Any], Any] = _same) -> Any:
+    """``tree`` rebuilt node by node, every node's children in their order: the one traversal behind
+    :func:`ordered_dicts` and :func:`~mlpug.jax.trainers.compilation.from_traceable`.
+
+    Args:
+        tree: A pytree (dicts, lists, tuples, named tuples, registered nodes, None ...) of arrays and other values.
+        dict_type: What every ``dict`` and :class:`InsertionOrderDict` becomes (``dict`` or
+            :class:`InsertionOrderDict`), with its keys in their order. Other mappings (``OrderedDict``, ...) keep
+            their own pytree rules.
+        leaf: Applied to every leaf: arrays (``jax.Array``, tracers included, NumPy arrays and scalars), values
+            that are not pytree nodes, and nodes without children (None, a static node). Default: the leaf itself.
+
+    Returns:
+        The same structure; lists and tuples keep their types, other nodes are rebuilt by their own unflatten.
+    """
+    if type(tree) in (dict, InsertionOrderDict):
+        return dict_type((key, rebuild_dicts(value, dict_type, leaf)) for key, value in tree.items())
     if type(tree) in (list, tuple):
-        return type(tree)(ordered_dicts(value) for value in tree)
+        return type(tree)(rebuild_dicts(value, dict_type, leaf) for value in tree)
     if isinstance(tree, (jax.Array, np.ndarray, np.generic)):
-        return tree
+        return leaf(tree)
     children, treedef = jax.tree_util.tree_flatten(tree, is_leaf=lambda node: node is not tree)  # one level
     if jax.tree_util.treedef_is_leaf(treedef):
-        return tree
-    return jax.tree_util.tree_unflatten(treedef, [ordered_dicts(child) for child in children])
+        return leaf(tree)
+    return jax.tree_util.tree_unflatten(treedef, [rebuild_dicts(child, dict_type, leaf) for child in children])
+
+
+def ordered_dicts(tree: Any) -> Any:
+    """``tree`` with every plain ``dict`` (at any depth) as an :class:`InsertionOrderDict` in the same order, so
+    that pytree functions (``jax.tree_util.tree_map``, ``jax.jit``, ``lax.scan``) keep that order (see
+    :func:`rebuild_dicts`)."""
+    return rebuild_dicts(tree, InsertionOrderDict)

@@ -52,8 +52,9 @@ def validate_autocast_inputs(autocast_inputs: Any) -> Optional[tuple[str, ...]]:
     """``autocast_inputs`` as a tuple of key paths, or None (the default rule; see the module docstring).
 
     Raises:
-        TypeError: ``autocast_inputs`` is a string, or not a sequence of strings.
-        ValueError: A path that is not a key path (``"[0]"``, ``"['image']"``, ``".field"``).
+        TypeError: ``autocast_inputs`` is a string, not a sequence, or holds a value that is not a string (e.g.
+            ``[0]``: write ``["[0]"]``).
+        ValueError: A string that is not a key path (``"[0]"``, ``"['image']"``, ``".field"``).
     """
     if autocast_inputs is None:
         return None
@@ -63,7 +64,13 @@ def validate_autocast_inputs(autocast_inputs: Any) -> Optional[tuple[str, ...]]:
             f"{autocast_inputs!r}"
         )
     for path in autocast_inputs:
-        if not isinstance(path, str) or not path.startswith(("[", ".")):
+        if not isinstance(path, str):
+            example = f"'[{path}]' for batch[{path}]" if isinstance(path, int) else "'[0]' for batch[0]"
+            raise TypeError(
+                f"autocast_inputs holds {path!r}, a {type(path).__qualname__}; it takes key paths of the batch as "
+                f"strings, as jax.tree_util.keystr writes them: {example}, \"['image']\" for batch['image']"
+            )
+        if not path.startswith(("[", ".")):
             raise ValueError(
                 f"autocast_inputs holds {path!r}, which is not a key path of the batch as jax.tree_util.keystr writes "
                 "it: '[0]' for batch[0], \"['image']\" for batch['image'], \"[0]['image']\" for batch[0]['image']"
@@ -82,8 +89,8 @@ class MixedPrecision(FullPrecision):
 
     Raises:
         ValueError: ``autocast_dtype`` is ``"float16"`` (it needs loss scaling; use ``"bfloat16"``) or unknown; a
-            path of ``autocast_inputs`` is not a key path.
-        TypeError: ``autocast_inputs`` is neither None nor a list of strings.
+            string of ``autocast_inputs`` is not a key path.
+        TypeError: ``autocast_inputs`` is neither None nor a list of strings (``[0]`` included).
     """
 
     def __init__(self, autocast_dtype: AutocastDtype, autocast_inputs: Optional[Sequence[str]] = None):

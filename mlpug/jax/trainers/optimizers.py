@@ -29,6 +29,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from mlpug.jax.trainers.compilation import copy_arrays
+
 LEARNING_RATE = "learning_rate"
 
 
@@ -70,12 +72,6 @@ def _with_learning_rate(state: Any, learning_rate: float) -> Any:
     return jax.tree_util.tree_map(replace, state, is_leaf=_is_injected)
 
 
-def _copy_leaves(state: Any) -> Any:
-    """``state`` with every array in its own buffer (a compiled step donates them; optax may reuse one array)."""
-    return jax.tree_util.tree_map(lambda leaf: jnp.array(leaf, copy=True) if isinstance(leaf, jax.Array) else leaf,
-                                  state)  # fmt: skip
-
-
 ParameterValues = Callable[[], Mapping[str, Sequence[Any]]]
 """Returns, per optimizer name, the current values of the parameters it updates (arrays, in the order of its
 state)."""
@@ -115,7 +111,7 @@ class OptaxOptimizers:
             or any(new is not old for new, old in zip(arrays, self._initialised_from))
         ):  # JAX arrays are immutable: the same array objects give the same state
             states = {
-                name: _copy_leaves(transformation.init(list(parameters[name])))
+                name: copy_arrays(transformation.init(list(parameters[name])))  # optax may share one array
                 for name, transformation in self.transformations.items()
             }
             for name, learning_rate in self._learning_rates.items():

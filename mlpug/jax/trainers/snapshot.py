@@ -7,7 +7,9 @@ deleted``). So :meth:`JaxEvaluationSnapshot.capture` copies them: one ``jnp.arra
 dispatched on the training thread, on the device where the value lives (its sharding kept), with no host transfer
 and no wait for the device (JAX orders the copy before the next step reuses the donated buffer). The worker thread
 then runs the trainer's evaluation step function over the copies (compiled with ``jax.jit``, the same executable as
-a synchronous evaluation of a batch of that signature), so the same weights give the same numbers.
+a synchronous evaluation of a batch of that signature), so the same weights give the same numbers. A dataset
+evaluation (:meth:`JaxEvaluationSnapshot.evaluate_losses`, what the ``MetricEvaluator`` calls) stacks up to
+``evaluation_steps_per_execution`` batches into one compiled call, as the trainer's own ``evaluate_losses`` does.
 """
 
 from __future__ import annotations
@@ -15,11 +17,10 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
-import jax
-import jax.numpy as jnp
 from flax import nnx
 
 from mlpug.jax.checkpointing import to_numpy
+from mlpug.jax.trainers.compilation import copy_arrays
 from mlpug.jax.trainers.component_state import component_updates, weight_variables
 from mlpug.jax.trainers.live_model import LiveModel
 from mlpug.trainers.snapshot import EvaluationSnapshot
@@ -30,11 +31,11 @@ EvaluateValues = Callable[[Sequence[Sequence[Any]], Sequence[Any], Any, Any, boo
 training model with the given values (``trainable``: per optimizer a list of arrays; ``rest``: the other variables'
 values, in the order of :class:`~mlpug.jax.trainers.live_model.LiveModel`), its outputs normalised."""
 
-
-def _copy(tree: Any) -> Any:
-    """Every ``jax.Array`` of ``tree`` copied into a buffer of its own (on its device, its sharding kept)."""
-    return jax.tree_util.tree_map(lambda value: jnp.array(value, copy=True) if isinstance(value, jax.Array) else value,
-                                  tree)  # fmt: skip
+EvaluateValuesOfBatches = Callable[
+    [Sequence[Sequence[Any]], Sequence[Any], Sequence[Any], Any, bool], list[ModelOutputs]
+]
+"""``evaluate(trainable, rest, batches, evaluate_settings, inference_mode)``: :data:`EvaluateValues` of each batch,
+in order, the trainer's ``evaluation_steps_per_execution`` batches of the same shapes in one compiled call."""
 
 
 class JaxEvaluationSnapshot(EvaluationSnapshot):
@@ -48,14 +49,23 @@ class JaxEvaluationSnapshot(EvaluationSnapshot):
         evaluate: The trainer's evaluation over given values (see :data:`EvaluateValues`).
         model_components: The trainer's model components by name (``nnx.Module`` s inside the training model);
             :meth:`model_components_state` gives their weights in the form of ``trainer.get_state()``.
+        evaluate_batches: The trainer's evaluation of several batches over given values (see
+            :data:`EvaluateValuesOfBatches`), for :meth:`evaluate_losses`.
 
     Raises:
         ValueError: A model component has a variable that is not part of the training model.
     """
 
-    def __init__(self, live: LiveModel, evaluate: EvaluateValues, model_components: Mapping[str, nnx.Module]):
+    def __init__(
+        self,
+        live: LiveModel,
+        evaluate: EvaluateValues,
+        model_components: Mapping[str, nnx.Module],
+        evaluate_batches: EvaluateValuesOfBatches,
+    ):
         self._live = live
         self._evaluate = evaluate
+        self._evaluate_batches = evaluate_batches
         self._model_components = dict(model_components)
         position = {id(variable): index for index, variable in enumerate(live.variables)}
         missing = [
@@ -82,7 +92,7 @@ class JaxEvaluationSnapshot(EvaluationSnapshot):
 
     def capture(self) -> None:
         """Copy the values of every variable of the training model (dispatched, no host transfer, no wait)."""
-        trainable, rest = _copy((self._live.trainable_values(), self._live.rest_values()))
+        trainable, rest = copy_arrays((self._live.trainable_values(), self._live.rest_values()))
         self._trainable, self._rest = [list(group) for group in trainable], list(rest)
 
     def _value(self, variable: nnx.Variable) -> Any:
@@ -96,13 +106,38 @@ class JaxEvaluationSnapshot(EvaluationSnapshot):
         Raises:
             RuntimeError: Nothing was captured or loaded yet.
         """
-        if not self._trainable and not self._rest:
-            raise RuntimeError("the evaluation snapshot holds no values yet: call capture() first")
+        self._check_captured("evaluate_loss()")
         return self._evaluate(self._trainable, self._rest, batch, evaluate_settings, bool(inference_mode))
+
+    def evaluate_losses(
+        self, batches: Sequence[Any], evaluate_settings: Any = None, inference_mode: bool = True
+    ) -> list[ModelOutputs]:
+        """``DefaultTrainer.evaluate_losses`` of the snapshot's values: :meth:`evaluate_loss` of each batch, in
+        order, up to ``evaluation_steps_per_execution`` batches of the same shapes in one compiled call (worker
+        thread); the same values as batch by batch.
+
+        Raises:
+            RuntimeError: Nothing was captured or loaded yet.
+        """
+        self._check_captured("evaluate_losses()")
+        return self._evaluate_batches(self._trainable, self._rest, batches, evaluate_settings, bool(inference_mode))
+
+    def _check_captured(self, what: str) -> None:
+        """Raise ``RuntimeError`` naming ``what`` was called when the snapshot holds no values yet."""
+        if not self._trainable and not self._rest:
+            raise RuntimeError(
+                f"{what} of an evaluation snapshot that holds no values yet: call capture() or "
+                "set_model_components_state() first"
+            )
 
     def model_components_state(self) -> dict:
         """Per model component the nested dict of its variables' values in the snapshot (NumPy copies, one host
-        transfer; the form of ``trainer.get_state()["model_components"]``)."""
+        transfer; the form of ``trainer.get_state()["model_components"]``).
+
+        Raises:
+            RuntimeError: Nothing was captured or loaded yet.
+        """
+        self._check_captured("model_components_state()")
         state: dict = {}
         for name, component in self._model_components.items():
             nested: dict = {}
@@ -118,9 +153,21 @@ class JaxEvaluationSnapshot(EvaluationSnapshot):
         """Load model component weights (as :meth:`model_components_state` returns them); the training model's other
         variables (outside every component) are copied from the live model.
 
+        Args:
+            model_components: Per model component name, the nested dict of its variables' values (NumPy or JAX
+                arrays); every model component of the trainer must be there.
+
         Raises:
-            ValueError: A component's state has other paths or shapes than the component (nothing is loaded then).
+            ValueError: A model component is missing from ``model_components`` (its name and the names given are
+                listed), or a component's state has other paths or shapes than the component (nothing is loaded
+                then).
         """
+        missing = [name for name in self._model_components if name not in model_components]
+        if missing:
+            raise ValueError(
+                f"model_components has no state for the model components {missing}; it has {list(model_components)}, "
+                f"the trainer's model components are {list(self._model_components)}"
+            )
         updates = [
             update
             for name, component in self._model_components.items()

@@ -46,6 +46,32 @@ PlaceBatch = Callable[..., Any]
 """``place_batch(batch, batch_axis)``: the strategy's placement of a batch (see
 :meth:`mlpug.jax.strategies.JaxStrategy.place_batch`)."""
 
+LocalOutputs = Callable[[Any], Any]
+"""``local_outputs(auxiliary_results)``: the strategy's per-sample outputs of a step as this process's part (see
+:meth:`mlpug.jax.strategies.JaxStrategy.local_outputs`)."""
+
+LocalNumSamples = Callable[[Any, Any], Any]
+"""``local_num_samples(num_samples, batch)``: the strategy's sample count of a step as this process's (see
+:meth:`mlpug.jax.strategies.JaxStrategy.local_num_samples`)."""
+
+
+def _same_count(num_samples: Any, batch: Any) -> Any:
+    """The default :data:`LocalNumSamples`: ``num_samples`` as it is (one process)."""
+    return num_samples
+
+
+def step_outputs(outputs: Any, local_outputs: LocalOutputs) -> tuple[Any, Any, Any]:
+    """``(loss, num_samples, auxiliary_results)`` of a compiled step's traceable outputs, the auxiliary results
+    localised by the strategy (this process's rows, matching the batch it fed) before their dicts become plain dicts
+    again (so they keep the model's key order), values that are not arrays back as Python values.
+
+    Args:
+        outputs: The step's ``as_traceable((loss, num_samples, auxiliary_results))``.
+        local_outputs: The strategy's :meth:`~mlpug.jax.strategies.JaxStrategy.local_outputs`.
+    """
+    loss, num_samples, auxiliary_results = outputs
+    return from_traceable((loss, num_samples, local_outputs(auxiliary_results)))
+
 
 def batch_signature(batch: Any) -> tuple:
     """What must be equal for two (traceable) batches to be stacked: the tree structure (with the constants) and
@@ -103,6 +129,10 @@ class StackedSteps:
         train_step_function: The trainer's traced one-batch training step (:data:`TrainStepFunction`).
         evaluate_step_function: The trainer's traced evaluation step (:data:`EvaluateStepFunction`).
         place_batch: The strategy's placement of a batch; called with ``batch_axis=1`` on stacked batches.
+        local_outputs: The strategy's localisation of a step's auxiliary results (:data:`LocalOutputs`), applied to
+            each batch's, as the one-batch calls of the trainer do.
+        local_num_samples: The strategy's localisation of each batch's ``num_samples`` (:data:`LocalNumSamples`),
+            likewise; default the count as it is.
     """
 
     def __init__(
@@ -110,10 +140,14 @@ class StackedSteps:
         train_step_function: TrainStepFunction,
         evaluate_step_function: EvaluateStepFunction,
         place_batch: PlaceBatch,
+        local_outputs: LocalOutputs,
+        local_num_samples: LocalNumSamples = _same_count,
     ):
         self.train_step_function = train_step_function
         self.evaluate_step_function = evaluate_step_function
         self.place_batch = place_batch
+        self.local_outputs = local_outputs
+        self.local_num_samples = local_num_samples
         self.train_steps = compile_step(
             self._train_steps_function, donate_argnums=(0, 1, 2), static_argnames=("skip_non_finite", "count")
         )
@@ -183,7 +217,13 @@ class StackedSteps:
         Returns:
             One :class:`StepResult` per batch, in order: its loss, ``num_samples``, auxiliary results, whether its
             step was skipped (``False`` or a 0-d bool array) and its learning rate (a 0-d array or None); arrays stay
-            on the device.
+            on the device; the auxiliary results this process's part (``local_outputs``).
+
+        Raises:
+            ValueError: The strategy cannot split the stacked batches (see ``place_batch``), or the forward pass
+                created or removed variables (on the first call of a batch signature, while tracing).
+            TypeError / ValueError: What the model returned is not a loss, or a batch cannot be chunked (while
+                tracing; the messages say why). Nothing is changed then.
         """
         trainable, states, rest, per_batch = self.train_steps(
             live.trainable_values(),
@@ -197,8 +237,9 @@ class StackedSteps:
         live.write(trainable, rest)
         optimizer_states.set_state_tuple(states)
         results = []
-        for outputs, skipped, learning_rate in per_batch:
-            loss, num_samples, auxiliary_results = from_traceable(outputs)
+        for batch, (outputs, skipped, learning_rate) in zip(batches, per_batch):
+            loss, num_samples, auxiliary_results = step_outputs(outputs, self.local_outputs)
+            num_samples = self.local_num_samples(num_samples, batch)
             results.append(
                 StepResult(loss, num_samples, auxiliary_results, False if skipped is None else skipped, learning_rate)
             )
@@ -214,7 +255,13 @@ class StackedSteps:
     ) -> list[ModelOutputs]:
         """The outputs of every batch of ``batches`` (two or more traceable batches with the same
         :func:`batch_signature`), evaluated in one compiled call with the values ``trainable`` (per optimizer, its
-        parameters' values) and ``rest`` (the other variables' values); nothing changes."""
+        parameters' values) and ``rest`` (the other variables' values; the live model's, or a snapshot's); nothing
+        changes. Each batch's :class:`ModelOutputs`, in order, the auxiliary results this process's part.
+
+        Raises:
+            ValueError: The strategy cannot split the stacked batches (see ``place_batch``).
+            TypeError / ValueError: What the model returned is not a loss (while tracing; the message says why).
+        """
         per_batch = self.evaluate_steps(
             tuple(trainable),
             list(rest),
@@ -223,7 +270,11 @@ class StackedSteps:
             inference_mode=inference_mode,
             count=len(batches),
         )
-        return [ModelOutputs(*from_traceable(outputs)) for outputs in per_batch]
+        results = []
+        for batch, outputs in zip(batches, per_batch):
+            loss, num_samples, auxiliary_results = step_outputs(outputs, self.local_outputs)
+            results.append(ModelOutputs(loss, self.local_num_samples(num_samples, batch), auxiliary_results))
+        return results
 
 
-__all__ = ["StackedSteps", "batch_signature", "same_shape_runs", "stack_batches", "unstack"]
+__all__ = ["StackedSteps", "batch_signature", "same_shape_runs", "stack_batches", "step_outputs", "unstack"]

@@ -54,7 +54,7 @@ from mlpug.jax.trainers.mixed_precision import MixedPrecision
 from mlpug.jax.trainers.optimizers import OptaxOptimizers, injected_learning_rate
 from mlpug.jax.trainers.precision import PrecisionPolicy
 from mlpug.jax.trainers.snapshot import JaxEvaluationSnapshot
-from mlpug.jax.trainers.stacked import StackedSteps, same_shape_runs
+from mlpug.jax.trainers.stacked import StackedSteps, same_shape_runs, step_outputs
 from mlpug.jax.trainers.traced_optimizer import TracedOptimizer
 from mlpug.logs import to_number
 from mlpug.random_state import RandomStateProvider
@@ -160,11 +160,11 @@ class DefaultTrainer(NeutralDefaultTrainer):
 
     Raises:
         TypeError: An optimizer is not an ``optax.GradientTransformation``, a model component not an
-            ``nnx.Module``, ``use_mixed_precision`` not a bool, ``autocast_inputs`` not a list of strings, or
-            ``strategy`` not a strategy.
+            ``nnx.Module``, ``use_mixed_precision`` not a bool, ``autocast_inputs`` not a list of strings (``[0]``
+            included: write ``["[0]"]``), or ``strategy`` not a strategy.
         ValueError: Several optimizers not named like model components, a ``batch_chunk_size`` that is not an int
             >= 1, a bad ``autocast_dtype`` (``"float16"`` included), ``autocast_inputs`` without mixed precision or
-            holding no key path, a bad clipping option, an unknown ``strategy``
+            holding a string that is not a key path, a bad clipping option, an unknown ``strategy``
             name, ``"single_process"`` while several JAX processes run, or a ``steps_per_execution`` or
             ``evaluation_steps_per_execution`` that is not an int >= 1.
     """
@@ -290,7 +290,13 @@ class DefaultTrainer(NeutralDefaultTrainer):
             self._train_step_function, donate_argnums=(0, 1, 2), static_argnames=("skip_non_finite",)
         )
         self._evaluate_step = compile_step(self._evaluate_step_function, static_argnames=("inference_mode",))
-        self._stacked = StackedSteps(self._train_step_function, self._evaluate_step_function, self.strategy.place_batch)
+        self._stacked = StackedSteps(
+            self._train_step_function,
+            self._evaluate_step_function,
+            self.strategy.place_batch,
+            self.strategy.local_outputs,
+            local_num_samples=self.strategy.local_num_samples,
+        )
 
     def random_state_providers(self) -> list[RandomStateProvider]:
         """Python, NumPy and the ``nnx.Rngs`` streams of the training model (see :mod:`mlpug.jax.random_state`)."""
@@ -459,21 +465,22 @@ class DefaultTrainer(NeutralDefaultTrainer):
         self.ensure_ready()
         live = self._live
         assert live is not None
-        placed = self.strategy.place_batch(batch)  # where the step reads it (split over a mesh's devices ...)
+        # where the step reads it (split over a mesh's devices ...); placed traceable, so its dicts keep their order
+        placed = self.strategy.place_batch(as_traceable(batch, "the batch", trace_numbers=True))
         if self._first_batch_checks:  # on the outputs of one evaluation in inference mode, before the step
             self._run_first_batch_checks(batch, self.evaluate_loss(batch, training_settings, inference_mode=True))
         trainable, states, rest, outputs, skipped, learning_rate = self._train_step(
             live.trainable_values(),
             self.optimizer_states.state_tuple(),
             live.rest_values(),
-            as_traceable(placed, "the batch", trace_numbers=True),
+            placed,
             as_traceable(training_settings, "the training settings"),
             skip_non_finite=bool(self.skip_non_finite_steps),
         )
         live.write(trainable, rest)
         self.optimizer_states.set_state_tuple(states)
-        loss, num_samples, auxiliary_results = from_traceable(outputs)
-        auxiliary_results = self.strategy.local_outputs(auxiliary_results)
+        loss, num_samples, auxiliary_results = step_outputs(outputs, self.strategy.local_outputs)
+        num_samples = self.strategy.local_num_samples(num_samples, batch)  # this process's count (several processes)
         return StepResult(loss, num_samples, auxiliary_results, False if skipped is None else skipped, learning_rate)
 
     def train_on_batches(self, batches: Sequence[Any], training_settings: Any = None) -> list[StepResult]:
@@ -502,8 +509,8 @@ class DefaultTrainer(NeutralDefaultTrainer):
         self.ensure_ready()
         live, stacked = self._live, self._stacked
         assert live is not None and stacked is not None
-        if self._first_batch_checks:  # as in train_on: before the first step, on its batch
-            first = self.strategy.place_batch(batches[0])
+        if self._first_batch_checks:  # as in train_on: before the first step, on its batch (this process's part)
+            first = batches[0]
             self._run_first_batch_checks(first, self.evaluate_loss(first, training_settings, inference_mode=True))
         traceable = [as_traceable(batch, "the batch", trace_numbers=True) for batch in batches]
         settings = as_traceable(training_settings, "the training settings")
@@ -556,25 +563,12 @@ class DefaultTrainer(NeutralDefaultTrainer):
             RuntimeError: No training model (see :meth:`set_training_model`).
             TypeError / ValueError: As :meth:`evaluate_loss`.
         """
-        if self.evaluation_steps_per_execution == 1 or len(batches) < 2:
-            return super().evaluate_losses(batches, evaluate_settings, inference_mode)
         self.ensure_ready()
-        live, stacked = self._live, self._stacked
-        assert live is not None and stacked is not None
-        traceable = [as_traceable(batch, "the batch", trace_numbers=True) for batch in batches]
-        settings = as_traceable(evaluate_settings, "the evaluation settings")
-        outputs: list[ModelOutputs] = []
-        for run in same_shape_runs(traceable, self.evaluation_steps_per_execution):
-            if len(run) == 1:
-                outputs.append(self.evaluate_loss(batches[run[0]], evaluate_settings, inference_mode))
-            else:
-                run_batches = [traceable[index] for index in run]
-                outputs.extend(
-                    stacked.evaluate(
-                        live.trainable_values(), live.rest_values(), run_batches, settings, bool(inference_mode)
-                    )
-                )
-        return outputs
+        live = self._live
+        assert live is not None
+        return self._evaluate_values_of_batches(
+            live.trainable_values(), live.rest_values(), batches, evaluate_settings, bool(inference_mode)
+        )
 
     def _evaluate_values(
         self, trainable: Sequence[Sequence[Any]], rest: Sequence[Any], batch: Any, settings: Any, inference_mode: bool
@@ -584,23 +578,54 @@ class DefaultTrainer(NeutralDefaultTrainer):
         outputs = self._evaluate_step(
             tuple(trainable),
             list(rest),
-            as_traceable(self.strategy.place_batch(batch), "the batch", trace_numbers=True),
+            self.strategy.place_batch(as_traceable(batch, "the batch", trace_numbers=True)),  # dicts in their order
             as_traceable(settings, "the evaluation settings"),
             inference_mode=inference_mode,
         )
-        loss, num_samples, auxiliary_results = from_traceable(outputs)
-        return ModelOutputs(loss, num_samples, self.strategy.local_outputs(auxiliary_results))
+        loss, num_samples, auxiliary_results = step_outputs(outputs, self.strategy.local_outputs)
+        return ModelOutputs(loss, self.strategy.local_num_samples(num_samples, batch), auxiliary_results)
+
+    def _evaluate_values_of_batches(
+        self,
+        trainable: Sequence[Sequence[Any]],
+        rest: Sequence[Any],
+        batches: Sequence[Any],
+        settings: Any,
+        inference_mode: bool,
+    ) -> list[ModelOutputs]:
+        """:meth:`_evaluate_values` of each batch with the given values, up to ``evaluation_steps_per_execution``
+        batches of the same shapes stacked into one compiled call (see :meth:`evaluate_losses`; the values the live
+        ones or a snapshot's, :data:`mlpug.jax.trainers.snapshot.EvaluateValuesOfBatches`)."""
+        if self.evaluation_steps_per_execution == 1 or len(batches) < 2:
+            return [self._evaluate_values(trainable, rest, batch, settings, inference_mode) for batch in batches]
+        stacked = self._stacked
+        assert stacked is not None
+        traceable = [as_traceable(batch, "the batch", trace_numbers=True) for batch in batches]
+        traceable_settings = as_traceable(settings, "the evaluation settings")
+        outputs: list[ModelOutputs] = []
+        for run in same_shape_runs(traceable, self.evaluation_steps_per_execution):
+            if len(run) == 1:
+                outputs.append(self._evaluate_values(trainable, rest, batches[run[0]], settings, inference_mode))
+            else:
+                run_batches = [traceable[index] for index in run]
+                outputs.extend(stacked.evaluate(trainable, rest, run_batches, traceable_settings, inference_mode))
+        return outputs
 
     def evaluation_snapshot(self) -> JaxEvaluationSnapshot:
         """A frozen copy of the training model's values for asynchronous evaluation (:class:`JaxEvaluationSnapshot`:
         the values are copied on the device at each capture, since the training step donates their buffers).
 
         Raises:
-            RuntimeError: No training model (see :meth:`set_training_model`).
+            RuntimeError: No training model (see :meth:`set_training_model`), or the strategy cannot evaluate on a
+                worker thread (several JAX processes; see
+                :meth:`~mlpug.jax.strategies.JaxStrategy.check_asynchronous_evaluation`).
         """
         self.ensure_ready()
         assert self._live is not None
-        return JaxEvaluationSnapshot(self._live, self._evaluate_values, self.model_components)
+        self.strategy.check_asynchronous_evaluation()  # several JAX processes: refused (it could hang)
+        return JaxEvaluationSnapshot(
+            self._live, self._evaluate_values, self.model_components, self._evaluate_values_of_batches
+        )
 
     def non_finite_indices(self, values: Sequence[Any]) -> list[int]:
         """Positions of the non-finite scalar ``values`` (arrays or numbers), with one host transfer for all."""

@@ -34,6 +34,7 @@ Why so few collectives: ``docs/design-notes.md``.
 
 from __future__ import annotations
 
+import signal
 import socket
 from collections.abc import Callable, Sequence
 from typing import Any, Optional
@@ -309,6 +310,70 @@ class ReducedValue:
 def free_port() -> int:
     """A TCP port of the loopback address (``127.0.0.1``) that is free now, for the processes a backend's
     ``launch`` starts to meet at (another program may take it before they do: a small race every launcher has)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
+    return free_ports(1)[0]
+
+
+def free_ports(count: int) -> list[int]:
+    """``count`` different TCP ports of the loopback address that are free now (bound together, so no port is given
+    twice), e.g. one per worker of a TensorFlow cluster; the race of :func:`free_port` applies."""
+    probes = [socket.socket(socket.AF_INET, socket.SOCK_STREAM) for _ in range(count)]
+    try:
+        for probe in probes:
+            probe.bind(("127.0.0.1", 0))
+        return [int(probe.getsockname()[1]) for probe in probes]
+    finally:
+        for probe in probes:
+            probe.close()
+
+
+# ----- a launcher's report of a failed run (used by the PyTorch and JAX launch) -----
+def first_failure(raised_at: Sequence[float], seen: Sequence[int]) -> int:
+    """The process that failed first: the one whose failure the others' failures followed.
+
+    A process that ended without raising (killed by a signal, crashed, ``sys.exit``) comes first: the others'
+    collectives fail because it is gone. Among processes that raised, the earliest to raise.
+
+    Args:
+        raised_at: Per process, the moment (seconds, any one clock) its function raised, 0 when it did not.
+        seen: The processes that ended with a non-zero exit code when the launcher first looked (at least one).
+
+    Returns:
+        The index of a process in ``seen``, or one that raised before any in ``seen`` ended.
+    """
+    candidates = set(seen) | {index for index, moment in enumerate(raised_at) if moment > 0}
+    return min(candidates, key=lambda index: (raised_at[index] > 0, raised_at[index], index))
+
+
+def exit_description(code: Optional[int]) -> str:
+    """How a process ended, from its exit code: ``was still running`` (None), ``was killed by signal SIGKILL`` (a
+    negative code; the number when it names no signal), ``exited with code 1``."""
+    if code is None:
+        return "was still running"
+    if code < 0:
+        try:
+            return f"was killed by signal {signal.Signals(-code).name}"
+        except ValueError:
+            return f"was killed by signal {-code}"
+    return f"exited with code {code}"
+
+
+def after_first_failure(
+    first: int, exit_codes: Sequence[Optional[int]], raised: Sequence[str], terminated: Sequence[int]
+) -> str:
+    """How the processes other than ``first`` ended, for a launcher's error message:
+    ``"\n-- after it: process 0 raised RuntimeError: ...; process 2 was killed by signal SIGTERM (terminated by the
+    launcher)"``, or ``""`` when every other process exited with code 0.
+
+    Args:
+        first: The process that failed first (:func:`first_failure`).
+        exit_codes: Per process, its exit code (None while running).
+        raised: Per process, the last line of what its function raised, ``""`` when it did not raise.
+        terminated: The processes the launcher terminated.
+    """
+    others = []
+    for index, code in enumerate(exit_codes):
+        if index == first or code == 0:
+            continue
+        how = f"raised {raised[index]}" if raised[index] else exit_description(code)
+        others.append(f"process {index} {how}" + (" (terminated by the launcher)" if index in terminated else ""))
+    return f"\n-- after it: {'; '.join(others)}" if others else ""

@@ -1,4 +1,4 @@
-"""The exact-resume matrix: one runner, cells per backend in ``tests/pytorch`` and ``tests/tensorflow``.
+"""The exact-resume matrix: one runner, cells per backend in ``tests/pytorch``, ``tests/tensorflow`` and ``tests/jax``.
 
 A cell is a data source x a resume point (mid-epoch, epoch end); every run has dropout in the model and
 batch-level validation (a second data source evaluated after every batch). A cell is either *exact* (the losses
@@ -31,8 +31,19 @@ class Setup:
     weights: Callable[[], list]  # the model weights as NumPy arrays
 
 
-def run(build: Callable[[int], Setup], directory: str, stop_at=None, resume=False) -> tuple:
-    """Train ``NUM_EPOCHS`` epochs (or until ``stop_at``); return ``(batch losses, weights)``."""
+def run(
+    build: Callable[[int], Setup],
+    directory: str,
+    stop_at=None,
+    resume=False,
+    batch_level_validation: bool = True,
+    checkpoint_every: int = 1,
+) -> tuple:
+    """Train ``NUM_EPOCHS`` epochs (or until ``stop_at``); return ``(batch losses, weights)``.
+
+    ``batch_level_validation=False`` (validation at epoch ends) and ``checkpoint_every`` (batch-level training
+    checkpoints every this many batches) are for runs with several steps per compiled call: a batch-level
+    validation or checkpoint needs the model after every batch, so each call would train one step."""
     setup = build(123 if resume else 0)  # another initialisation: everything that matters comes from the checkpoint
     mlp = setup.mlp
     losses = []
@@ -46,10 +57,16 @@ def run(build: Callable[[int], Setup], directory: str, stop_at=None, resume=Fals
     evaluator = mlp.evaluation.MetricEvaluator(trainer=setup.trainer)
     callbacks = [
         mlp.callbacks.TrainingMetricsLogger(evaluator),
-        mlp.callbacks.TestMetricsLogger(setup.validation_data, "validation", evaluator, batch_level=True),
+        mlp.callbacks.TestMetricsLogger(
+            setup.validation_data, "validation", evaluator, batch_level=batch_level_validation
+        ),
         Record("Record"),
         mlp.callbacks.CheckpointManager(
-            checkpoints_path=directory, metric_to_monitor=None, batch_level=True, write_in_background=False
+            checkpoints_path=directory,
+            metric_to_monitor=None,
+            batch_level=True,
+            write_in_background=False,
+            create_checkpoint_every=checkpoint_every,
         ),
     ]
     manager = mlp.trainers.TrainingManager(
@@ -60,18 +77,21 @@ def run(build: Callable[[int], Setup], directory: str, stop_at=None, resume=Fals
     return losses, setup.weights()
 
 
-def check_cell(build: Callable[[int], Setup], tmp_path, resume_point: str, expected: str, caplog) -> None:
+def check_cell(
+    build: Callable[[int], Setup], tmp_path, resume_point: str, expected: str, caplog, **options: Any
+) -> None:
     """Run the cell and assert its expectation: ``"exact"``, or the text of the warning logged at the start of
-    the run (before the first batch) that says resume is not exact for this source."""
-    straight_losses, straight_weights = run(build, str(tmp_path / "straight"))
+    the run (before the first batch) that says resume is not exact for this source. ``options`` go to every
+    :func:`run` of the cell."""
+    straight_losses, straight_weights = run(build, str(tmp_path / "straight"), **options)
     directory = str(tmp_path / "stopped")
     logging.getLogger("mlpug").propagate = True
     try:
         with caplog.at_level(logging.WARNING, logger="mlpug"):
-            first_losses, _ = run(build, directory, stop_at=STOP_AT[resume_point])
+            first_losses, _ = run(build, directory, stop_at=STOP_AT[resume_point], **options)
         warnings_of_first_run = caplog.text
         random.random(), np.random.rand()  # move the global generators: the resume must restore them
-        second_losses, weights = run(build, directory, resume=True)
+        second_losses, weights = run(build, directory, resume=True, **options)
     finally:
         logging.getLogger("mlpug").propagate = False
     exact = first_losses + second_losses == straight_losses and all(

@@ -246,6 +246,8 @@ class TestMetricsLogger(Callback):
             ``window_length``, ``run_async`` with ``batch_level``, or a bad ``max_pending`` / ``overflow`` /
             ``num_threads``.
         NotImplementedError: ``run_async`` with a trainer that cannot copy its model (at ``on_training_start``).
+        RuntimeError: ``run_async`` with a trainer that cannot evaluate on a worker thread (its
+            ``check_asynchronous_evaluation()``, when the training manager is made; e.g. several JAX processes).
     """
 
     __test__ = False  # not a pytest test class
@@ -328,6 +330,10 @@ class TestMetricsLogger(Callback):
     def set_training_manager(self, manager: RunContext) -> None:
         super().set_training_manager(manager)
         _bind_distributed(self.metric_evaluator, manager)
+        if self._async is not None:  # refused before training when the trainer cannot (e.g. several JAX processes)
+            check = getattr(self.metric_evaluator.trainer, "check_asynchronous_evaluation", None)
+            if callable(check):
+                check()
         # data-parallel: this rank's shard, every sample on exactly one rank (the trainer's choice)
         shard = getattr(self.metric_evaluator.trainer, "evaluation_dataset", None)
         self.dataset = shard(self.dataset) if callable(shard) else self.dataset

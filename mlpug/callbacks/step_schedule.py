@@ -11,7 +11,6 @@ schedule is evaluated on the host (:meth:`learning_rate_at`) and checks that an 
 
 from __future__ import annotations
 
-from abc import abstractmethod
 from typing import Any, ClassVar, Optional
 
 from mlpug.callbacks.lr_scheduler import LRSchedulerWrapper
@@ -65,14 +64,14 @@ class StepScheduleWrapper(LRSchedulerWrapper):
         super().__init__(schedulers, batch_level, None, name)
         self.steps = 0  # optimizer steps taken (batch level) or epochs completed
 
-    @abstractmethod
     def learning_rate_at(self, schedule: Any, step: int) -> float:
         """The learning rate of ``schedule`` at ``step``, evaluated on the host (no wait for an accelerator)."""
+        raise NotImplementedError("use the LRSchedulerWrapper of a backend: mlp.callbacks.LRSchedulerWrapper")
 
-    @abstractmethod
     def check_settable(self, trainer: DefaultTrainer, optimizer_name: str) -> None:
         """Raise when the learning rate of the trainer's optimizer ``optimizer_name`` cannot be set (the error says
         why and what to do)."""
+        raise NotImplementedError("use the LRSchedulerWrapper of a backend: mlp.callbacks.LRSchedulerWrapper")
 
     def check_scheduler(self, name: str, scheduler: Any) -> None:
         if not callable(scheduler):

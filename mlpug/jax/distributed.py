@@ -27,7 +27,7 @@ import jax
 import numpy as np
 from jax.experimental import multihost_utils
 
-from mlpug.distributed import DistributedContext, free_port
+from mlpug.distributed import DistributedContext, after_first_failure, exit_description, first_failure, free_port
 
 DEFAULT_TIMEOUT_S = 300.0
 """Seconds :func:`initialize` waits for every process to join (``MLPUG_DISTRIBUTED_TIMEOUT_S`` overrides)."""
@@ -156,33 +156,16 @@ def _failure_report(processes: Sequence[Any], failed: Sequence[int], errors: str
         errors: The directory the processes' tracebacks were written to (see :func:`_launched`).
         terminated: The processes the launcher terminated.
     """
-    raised = {index: _raised(errors, index) for index in range(len(processes))}
-    candidates = set(failed) | {index for index, error in raised.items() if error is not None}
-
-    def order(index: int) -> tuple[bool, float, int]:  # ended without raising first, then by the moment it raised
-        error = raised[index]
-        return (error is not None, error[0] if error is not None else 0.0, index)
-
-    first = min(candidates, key=order)
-    others = []
-    for index, process in enumerate(processes):
-        if index == first or process.exitcode == 0:
-            continue
-        error = raised[index]
-        how = f"raised {error[1].strip().splitlines()[-1]}" if error else _ended(process.exitcode)
-        others.append(f"process {index} {how}" + (" (terminated by the launcher)" if index in terminated else ""))
-    after = f"\n-- after it: {'; '.join(others)}" if others else ""
+    raised = [_raised(errors, index) for index in range(len(processes))]
+    first = first_failure([error[0] if error is not None else 0.0 for error in raised], failed)
+    last_lines = [error[1].strip().splitlines()[-1] if error is not None else "" for error in raised]
+    after = after_first_failure(first, [process.exitcode for process in processes], last_lines, terminated)
     error = raised[first]
     if error is not None:
         return f"JAX process {first} of {len(processes)} failed first, with the following error:\n{error[1]}{after}"
-    return f"JAX process {first} of {len(processes)} failed first: it {_ended(processes[first].exitcode)}{after}"
-
-
-def _ended(exit_code: Optional[int]) -> str:
-    """How a process ended, from its exit code: ``exited with code 1``, ``was killed by signal 9``."""
-    if exit_code is not None and exit_code < 0:
-        return f"was killed by signal {-exit_code}"
-    return f"exited with code {exit_code}"
+    return (
+        f"JAX process {first} of {len(processes)} failed first: it {exit_description(processes[first].exitcode)}{after}"
+    )
 
 
 def launch(

@@ -17,17 +17,20 @@ import jax
 import numpy as np
 
 DEFAULT_CAPACITY = 8192
-"""Arrays remembered at most (the least recently read are forgotten first): a few windows of per-batch values."""
+"""Arrays remembered at least (the least recently read beyond it are forgotten first); a read of more arrays than this
+keeps all of them, so that a window longer than the capacity, read again, transfers only its new values."""
 
 
 class HostNumbers:
     """Host values (float64) of scalar arrays and numbers, each device array transferred once while remembered.
 
     Args:
-        capacity: How many arrays to remember at most (int >= 1); the least recently read are forgotten first.
+        capacity: How many arrays to remember at least (int >= 1); at most the larger of this and twice the arrays of
+            the latest read. The least recently read are forgotten first.
 
     Thread safety: reads from several threads (a training-window read and an asynchronous dataset evaluation sharing
-    one ``MetricEvaluator``) are serialised by a lock.
+    one ``MetricEvaluator``) may run at once; the transfer runs outside the lock, and an array two reads transfer at
+    once is transferred twice (the same value).
     """
 
     def __init__(self, capacity: int = DEFAULT_CAPACITY):
@@ -42,12 +45,14 @@ class HostNumbers:
         such an array is still being computed.
         """
         with self._lock:
+            new = [value for value in values if isinstance(value, jax.Array) and id(value) not in self._values]
+        fetched = {
+            id(array): (array, float(np.asarray(host, dtype=np.float64).reshape(())))
+            for array, host in zip(new, jax.device_get(new) if new else [])
+        }
+        with self._lock:
             known = self._values
-            new = [value for value in values if isinstance(value, jax.Array) and id(value) not in known]
-            if new:
-                fetched = jax.device_get(new)
-                for array, host in zip(new, fetched):
-                    known[id(array)] = (array, float(np.asarray(host, dtype=np.float64).reshape(())))
+            known.update(fetched)
             numbers = np.empty(len(values), dtype=np.float64)
             for index, value in enumerate(values):
                 if isinstance(value, jax.Array):
@@ -55,6 +60,7 @@ class HostNumbers:
                     known.move_to_end(id(value))
                 else:
                     numbers[index] = float(np.asarray(value, dtype=np.float64).reshape(()))
-            while len(known) > self.capacity:
+            capacity = max(self.capacity, 2 * len(values))
+            while len(known) > capacity:
                 known.popitem(last=False)
             return numbers

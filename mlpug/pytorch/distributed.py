@@ -51,7 +51,14 @@ import torch.distributed as dist
 
 from mlpug import logging as mlpug_logging
 from mlpug.chunking import BatchChunk
-from mlpug.distributed import DistributedContext, SerialContext, free_port
+from mlpug.distributed import (
+    DistributedContext,
+    SerialContext,
+    after_first_failure,
+    exit_description,
+    first_failure,
+    free_port,
+)
 from mlpug.trainers.gradient_sync import GradientSync
 
 __all__ = [
@@ -448,37 +455,9 @@ def _launched(
         raise
 
 
-def _first_failure(raised_at: Sequence[float], seen: Sequence[int]) -> int:
-    """The process that failed first: the one whose failure the others' failures followed.
-
-    A process that ended without raising (killed by a signal, crashed, ``sys.exit``) comes first: the others'
-    collectives fail because it is gone. Among processes that raised, the earliest to raise.
-
-    Args:
-        raised_at: Per process, ``time.monotonic()`` when its function raised, 0 when it did not.
-        seen: The processes that ended with a non-zero exit code when the launcher first looked (at least one).
-
-    Returns:
-        The index of a process in ``seen``, or one that raised before any in ``seen`` ended.
-    """
-    candidates = set(seen) | {index for index, moment in enumerate(raised_at) if moment > 0}
-    return min(candidates, key=lambda index: (raised_at[index] > 0, raised_at[index], index))
-
-
-def _exit_description(code: Optional[int]) -> str:
-    if code is None:
-        return "was still running"
-    if code < 0:
-        try:
-            return f"was killed by signal {signal.Signals(-code).name}"
-        except ValueError:
-            return f"was killed by signal {-code}"
-    return f"exited with code {code}"
-
-
 def _join(context: Any, raised_at: Any) -> None:
     """Wait for the processes of ``context``; when one fails, terminate the others and raise for the process that
-    failed first (:func:`_first_failure`), naming how the others ended."""
+    failed first (:func:`mlpug.distributed.first_failure`), naming how the others ended."""
     processes = context.processes
     sentinels = {process.sentinel: index for index, process in enumerate(processes)}
     seen: list[int] = []
@@ -490,7 +469,7 @@ def _join(context: Any, raised_at: Any) -> None:
                 seen.append(index)
     if not seen:
         return
-    first = _first_failure(list(raised_at), seen)
+    first = first_failure(list(raised_at), seen)
     terminated = [index for index, process in enumerate(processes) if process.is_alive()]
     for index in terminated:
         processes[index].terminate()
@@ -500,14 +479,8 @@ def _join(context: Any, raised_at: Any) -> None:
         if processes[index].is_alive():
             processes[index].kill()
             processes[index].join()
-    others = []
-    for index, process in enumerate(processes):
-        if index == first or process.exitcode == 0:
-            continue
-        error = _raised_error(context.error_files[index])
-        how = f"raised {error}" if error else _exit_description(process.exitcode)
-        others.append(f"process {index} {how}" + (" (terminated by the launcher)" if index in terminated else ""))
-    after = f"\n-- after it: {'; '.join(others)}" if others else ""
+    raised = [_raised_error(context.error_files[index]) for index in range(len(processes))]
+    after = after_first_failure(first, [process.exitcode for process in processes], raised, terminated)
     code = processes[first].exitcode
     trace = _raised_error(context.error_files[first], whole=True)
     if trace:
@@ -520,7 +493,7 @@ def _join(context: Any, raised_at: Any) -> None:
         except ValueError:
             signal_name = str(-code)
     raise torch.multiprocessing.ProcessExitedException(
-        f"process {first:d} of {len(processes)} failed first: it {_exit_description(code)}{after}",
+        f"process {first:d} of {len(processes)} failed first: it {exit_description(code)}{after}",
         error_index=first,
         error_pid=processes[first].pid,
         exit_code=code,

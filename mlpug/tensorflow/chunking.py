@@ -89,7 +89,8 @@ class ChunkedBatch(_NeutralChunkedBatch):
         batch = tf.nest.map_structure(tf.convert_to_tensor, batch)
         leaves = tf.nest.flatten(batch)
         batch_size = tf.shape(leaves[0])[0]
-        _check_same_num_samples(leaves, batch_size)
+        with tf.control_dependencies(_check_same_num_samples(leaves, batch_size)):
+            batch_size = tf.identity(batch_size)  # every chunk's slices wait for the checks (no model op fails first)
         chunk_size = tf.constant(self.batch_chunk_size, batch_size.dtype)
         num_chunks = (batch_size + chunk_size - 1) // chunk_size
         total = tf.cast(batch_size, tf.float32)
@@ -172,22 +173,27 @@ class ChunkedBatch(_NeutralChunkedBatch):
         return ChunkResult(ModelOutputs(loss_sum, samples_sum, auxiliary_results), summed)
 
 
-def _check_same_num_samples(leaves: list, batch_size: Any) -> None:
+def _check_same_num_samples(leaves: list, batch_size: Any) -> list:
     """Raise when the parts of a batch have different first dimensions (the neutral rule of
-    :func:`mlpug.chunking.batch_num_samples`): a ``ValueError`` when the shapes are static, else an assertion op
-    (``tf.errors.InvalidArgumentError`` when the step runs)."""
+    :func:`mlpug.chunking.batch_num_samples`): a ``ValueError`` when the shapes are static, else assertion ops
+    (``tf.errors.InvalidArgumentError`` when the step runs), returned so that the slicing of the chunks can wait for
+    them (otherwise a model op on misaligned parts may fail first, with its own message)."""
     sizes = [leaf.shape[0] for leaf in leaves]
     if all(size is not None for size in sizes):
         if len(set(sizes)) > 1:
             raise ValueError(
                 f"cannot split the batch into chunks: its parts have different first dimensions (samples): {sizes}"
             )
-        return
-    for index, leaf in enumerate(leaves[1:], start=1):
+        return []
+    return [
         tf.debugging.assert_equal(
-            tf.shape(leaf)[0], batch_size, message=f"cannot split the batch into chunks: part {index} has another "
+            tf.shape(leaf)[0],
+            batch_size,
+            message=f"cannot split the batch into chunks: part {index} has another "
             "first dimension (samples) than part 0",
         )  # fmt: skip
+        for index, leaf in enumerate(leaves[1:], start=1)
+    ]
 
 
 def _check_same_non_tensors(first: list, leaves: list, tensor_leaves: list) -> None:

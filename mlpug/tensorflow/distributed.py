@@ -30,14 +30,13 @@ import json
 import logging
 import multiprocessing
 import os
-import socket
 import time
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Optional
 
 import tensorflow as tf
 
-from mlpug.distributed import DistributedContext, SerialContext
+from mlpug.distributed import DistributedContext, SerialContext, free_ports
 
 __all__ = [
     "StrategyContext",
@@ -360,17 +359,6 @@ def mirrored_cpu_strategy(num_devices: int = 2) -> tf.distribute.MirroredStrateg
     return tf.distribute.MirroredStrategy([device.name for device in tf.config.list_logical_devices("CPU")])
 
 
-def _free_ports(count: int) -> list[int]:
-    probes = [socket.socket(socket.AF_INET, socket.SOCK_STREAM) for _ in range(count)]
-    try:
-        for probe in probes:
-            probe.bind(("127.0.0.1", 0))
-        return [probe.getsockname()[1] for probe in probes]
-    finally:
-        for probe in probes:
-            probe.close()
-
-
 def _launched(index: int, addresses: list[str], function: Callable, args: tuple, kwargs: dict) -> None:
     os.environ["TF_CONFIG"] = json.dumps({"cluster": {"worker": addresses}, "task": {"type": "worker", "index": index}})
     function(*args, **kwargs)
@@ -423,7 +411,7 @@ def launch(
         raise ValueError(f"num_processes must be an int >= 1, got {num_processes!r}")
     if num_processes == 1:
         return function(*args, **kwargs)
-    addresses = [f"localhost:{port}" for port in _free_ports(num_processes)]
+    addresses = [f"localhost:{port}" for port in free_ports(num_processes)]
     spawn = multiprocessing.get_context("spawn")
     workers = [
         spawn.Process(target=_launched, args=(index, addresses, function, args, kwargs))

@@ -229,6 +229,15 @@ class BackendTrainer(ABC):
         nothing; a sharded trainer (FSDP) gathers its weights here (a collective)."""
         return None
 
+    def check_asynchronous_evaluation(self) -> None:
+        """Raise when this trainer cannot evaluate on a worker thread (``TestMetricsLogger(run_async=True)`` asks
+        when it is given the training manager, before training starts). Default: it can (nothing happens).
+
+        Raises:
+            RuntimeError: It cannot (a subclass's message says why and what to do).
+        """
+        return None
+
     def evaluation_snapshot(self) -> Any:
         """A new :class:`mlpug.trainers.snapshot.EvaluationSnapshot` of this trainer's model, for asynchronous
         evaluation (one per evaluation that can be pending at a time; call when the model is built).

@@ -3,11 +3,11 @@
 
 Run as ``python -m tests.jax.distributed_worker OUT_DIR NUM_PROCESSES [TIMEOUT_S [STEPS_PER_EXECUTION]]``;
 ``JAX_NUM_CPU_DEVICES`` sets the CPU devices of each process; ``STEPS_PER_EXECUTION`` (default 1) is the trainer's
-``steps_per_execution`` (and so its ``evaluation_steps_per_execution``). ``OUT_DIR/results.npz`` gets the final
-weights, the batch losses and accuracies, the validation accuracy and the keys of the auxiliary results as the metric
-saw them (the model returns them not in alphabetical order), ``OUT_DIR/checkpoints`` the training checkpoints
-(written by process 0 only) and ``OUT_DIR/context_<rank>.txt`` each process's rank, world size, whether it is the
-primary one and the mesh's device count.
+``steps_per_execution`` (and so its ``evaluation_steps_per_execution``). ``OUT_DIR/results.npz`` gets the final weights,
+the batch losses and accuracies, the validation accuracy and the keys of the auxiliary results as the metric saw them
+(the model returns them not in alphabetical order) and the device counts of the loss it saw, ``OUT_DIR/checkpoints`` the
+training checkpoints (written by process 0 only) and ``OUT_DIR/context_<rank>.txt`` each process's rank, world size,
+whether it is the primary one and the mesh's device count.
 """
 
 from __future__ import annotations
@@ -57,9 +57,11 @@ def train(out_dir: str, steps_per_execution: int = 1) -> None:
             return {"loss": loss, "auxiliary_results": {"probabilities": nnx.softmax(logits), "logits": logits}}
 
     auxiliary_keys = set()
+    loss_devices = set()  # the devices of the loss a metric sees: 1 (this process's copy), never the mesh's
 
     def accuracy(inputs):
         auxiliary_keys.add(tuple(inputs.auxiliary_results))
+        loss_devices.add(len(inputs.loss.devices()))
         predictions = jnp.argmax(inputs.auxiliary_results["logits"], axis=1)
         return jnp.mean((predictions == jnp.asarray(inputs.batch[1])).astype(jnp.float32))
 
@@ -144,13 +146,25 @@ def train(out_dir: str, steps_per_execution: int = 1) -> None:
             validation_accuracy=np.float64(validation_accuracy),
             world_size=np.int64(world_size),
             auxiliary_keys=np.asarray(sorted(auxiliary_keys)),
+            loss_devices=np.asarray(sorted(loss_devices)),
             **{f"weight.{name}": np.asarray(value) for name, value in _flat(state).items()},
         )
 
 
 def _refusals(mlp, classifier, train_model_class, batch) -> str:
-    """What several processes refuse, one line each: a model that returns its own num_samples (at its first
-    evaluation) and an asynchronous evaluation's snapshot; ``allowed`` where it ran (one process)."""
+    """What several processes refuse, one line each (``name: ErrorType: message``), every process at the same point;
+    ``allowed`` where it ran (one process):
+
+    * ``num_samples``: a model that returns its own num_samples (at its first evaluation);
+    * ``run_async``: an asynchronous evaluation's snapshot; ``run_async_logger``: a manager with
+      ``TestMetricsLogger(run_async=True)`` (when it is made, before training);
+    * ``auxiliary_sum``: a model whose auxiliary results hold a sum over the batch (0-d: the global batch's);
+    * ``batch_number``: a batch with a Python number (a 0-d value no process can check);
+    * ``training_sizes``: a training dataset whose padded last batch (1 sample per process) its 2 devices cannot
+      split; ``evaluation_sizes``: an evaluation dataset whose last batch per process (3 samples) they cannot split;
+    * ``uneven_shards``: an evaluation dataset whose shards have 2 and 3 batches; ``shard_without_len``: one whose
+      shard has no len().
+    """
     import jax.numpy as jnp
     import optax
 
@@ -159,16 +173,61 @@ def _refusals(mlp, classifier, train_model_class, batch) -> str:
             outputs = super().__call__(batch_data, evaluate_settings, inference_mode)
             return {**outputs, "num_samples": jnp.sum(batch_data[1] > 0)}
 
+    class SumModel(train_model_class):  # sum(pred == y) / inputs.num_samples: the global count / the local samples
+        def __call__(self, batch_data, evaluate_settings, inference_mode=None):
+            outputs = super().__call__(batch_data, evaluate_settings, inference_mode)
+            correct = jnp.sum(jnp.argmax(outputs["auxiliary_results"]["logits"], axis=1) == batch_data[1])
+            return {
+                "loss": outputs["loss"],
+                "auxiliary_results": {"logits": outputs["auxiliary_results"]["logits"], "correct": correct},
+            }
+
+    class NumberModel(train_model_class):  # batches (features, labels, scale)
+        def __call__(self, batch_data, evaluate_settings, inference_mode=None):
+            outputs = super().__call__(batch_data[:2], evaluate_settings, inference_mode)
+            return {**outputs, "loss": outputs["loss"] * batch_data[2]}
+
+    class Shards:  # shard(rank, world_size) of rank + 2 batches: 2 on process 0, 3 on process 1
+        def __init__(self, with_len=True):
+            self.with_len = with_len
+
+        def shard(self, rank, world_size):
+            batches = [batch] * (rank + 2)
+            return batches if self.with_len else iter(batches)
+
+    def manager_with_async_logger():
+        validation = mlp.data.ResumableArrayBatches(data(1), 4, shuffle=False)
+        logger = mlp.callbacks.TestMetricsLogger(
+            validation, "validation", metric_evaluator=mlp.evaluation.MetricEvaluator(trainer=trainer), run_async=True
+        )
+        training = mlp.data.ResumableArrayBatches(data(0), 4)
+        mlp.trainers.TrainingManager(trainer, training, num_epochs=1, callbacks=[logger], handle_signals=False)
+
+    def arrays(num_samples):
+        return np.zeros((num_samples, 6), np.float32), np.zeros(num_samples, np.int32)
+
     lines = []
     trainer = mlp.trainers.DefaultTrainer(optax.adam(0.01), classifier)
     for name, attempt in (
         ("num_samples", lambda: (trainer.set_training_model(CountingModel(classifier)), trainer.evaluate_loss(batch))),
         ("run_async", trainer.evaluation_snapshot),
+        ("run_async_logger", manager_with_async_logger),
+        ("auxiliary_sum", lambda: (trainer.set_training_model(SumModel(classifier)), trainer.evaluate_loss(batch))),
+        (
+            "batch_number",
+            lambda: (trainer.set_training_model(NumberModel(classifier)), trainer.evaluate_loss((*batch, 1.0))),
+        ),
+        # 42 samples, 4 per process: 5 global batches of 8, the last of 2 padded to 1 per process
+        ("training_sizes", lambda: trainer.strategy.training_dataset(mlp.data.ResumableArrayBatches(arrays(42), 4))),
+        # 46 samples: 23 per process, batches of 4 and a last one of 3
+        ("evaluation_sizes", lambda: trainer.evaluation_dataset(mlp.data.ResumableArrayBatches(arrays(46), 4))),
+        ("uneven_shards", lambda: trainer.evaluation_dataset(Shards())),
+        ("shard_without_len", lambda: trainer.evaluation_dataset(Shards(with_len=False))),
     ):
         try:
             attempt()
             lines.append(f"{name}: allowed")
-        except (ValueError, RuntimeError) as error:
+        except (ValueError, RuntimeError, TypeError) as error:
             lines.append(f"{name}: {type(error).__name__}: {error}")
     return "\n".join(lines)
 

@@ -124,6 +124,9 @@ def test_a_per_batch_constant_is_replicated_in_one_process_and_refused_across_pr
         several.place_batch(batch)
     with pytest.raises(ValueError, match=r"this process's batch has 6 samples .* this process's 4 devices"):
         several.place_batch((features[:6], labels[:6]))
+    for number in (np.float32(2.0), 2.0):  # a 0-d value, or a Python number (traced as a 0-d array): unchecked
+        with pytest.raises(ValueError, match=r"batch\[2\] is a value without a sample axis \(shape \(\)"):
+            several.place_batch((features, labels, np.asarray(number)))
 
 
 class TwoProcesses(mlp.distributed.JaxProcessContext):
@@ -134,8 +137,63 @@ class TwoProcesses(mlp.distributed.JaxProcessContext):
 
 
 def as_process_of_two(strategy, rank=0):
-    strategy.num_processes, strategy._context = 2, TwoProcesses(rank)
+    """``strategy`` (a mesh of 4 devices) as process ``rank`` of 2 with 2 devices each."""
+    strategy.num_processes, strategy.num_local_devices, strategy._context = 2, 2, TwoProcesses(rank)
     return strategy
+
+
+@pytest.mark.parametrize("drop_last", [False, True])
+@pytest.mark.parametrize("num_samples", [3, 8, 42, 44, 45, 48])
+@pytest.mark.parametrize("world_size", [1, 2, 3])
+def test_the_batch_sizes_of_a_process_are_those_its_sampler_yields(num_samples, world_size, drop_last):
+    """The sizes the strategy checks before training (:func:`_batch_sizes`) are those a sharded sampler yields, the
+    padded last global batch included (``ceil(rest / world_size)`` rows per process)."""
+    from mlpug.jax.strategies.data_parallel import _batch_sizes
+
+    if drop_last and num_samples < 4 * world_size:
+        return  # drop_last leaves no batch
+    sampler = mlp.data.ResumableArrayBatches((np.zeros(num_samples),), 4, drop_last=drop_last).batch_sampler
+    sampler.set_shard(world_size - 1, world_size)
+    yielded = [len(indices) for indices in sampler]
+    assert _batch_sizes(sampler, world_size) == list(dict.fromkeys(yielded))
+
+
+def test_across_processes_batch_sizes_the_devices_cannot_split_are_refused_before_training():
+    """2 processes x 2 devices, 4 samples per process per batch. Training on 42 samples: the padded last global
+    batch of 2 gives each process 1 row, which 2 devices cannot split: refused when the dataset is given (not at the
+    end of the first epoch); 44 samples or drop_last=True are fine. Evaluating 46 samples: 23 per process, a last
+    batch of 3: refused when the manager shards it."""
+
+    def data(num_samples, **options):
+        return mlp.data.ResumableArrayBatches(make_numpy_data(num_samples, 1), 4, **options)
+
+    with pytest.raises(
+        ValueError,
+        match=r"training batches would have \[4, 1\] samples \(from 42 samples, batch_size "
+        r"4 per process, drop_last=False\), but \[1\] cannot be split evenly over this process's 2 dev",
+    ):
+        as_process_of_two(mesh()).training_dataset(data(42))
+    assert as_process_of_two(mesh()).training_dataset(data(44)).batch_sampler.world_size == 2
+    as_process_of_two(mesh()).training_dataset(data(42, drop_last=True))
+    with pytest.raises(ValueError, match=r"evaluation batches would have \[4, 3\] samples \(from 23 samples of this "):
+        as_process_of_two(mesh()).evaluation_dataset(data(46))
+    mesh().training_dataset(data(42))  # one process: the short batch runs replicated
+
+
+def test_across_processes_an_evaluation_shard_without_len_is_refused():
+    """The processes' shard lengths are compared (a process with an extra batch would hang the run): a shard without
+    len() cannot be, so it is refused, naming its type."""
+
+    class Shards:
+        def shard(self, rank, world_size):
+            return iter([])
+
+    with pytest.raises(
+        TypeError,
+        match=r"the shard of the evaluation dataset \(list_iterator, from .*Shards.shard\) "
+        r"has no len\(\)",
+    ):
+        as_process_of_two(mesh()).evaluation_dataset(Shards())
 
 
 def test_across_processes_evaluation_takes_an_unpadded_copy_and_refuses_a_count_that_does_not_divide():

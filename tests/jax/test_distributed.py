@@ -50,6 +50,7 @@ def assert_same_training(two, one):
     reach the metric as the model wrote them (process 0's, as ``results.npz`` keeps them)."""
     assert int(two["world_size"]) == 2 and int(one["world_size"]) == 1
     assert two["auxiliary_keys"].tolist() == one["auxiliary_keys"].tolist() == [["probabilities", "logits"]]
+    assert two["loss_devices"].tolist() == one["loss_devices"].tolist() == [1]  # the loss: on this process's device
     assert len(two["losses"]) == len(one["losses"]) == 12
     np.testing.assert_allclose(two["losses"], one["losses"], rtol=0, atol=1e-6)
     np.testing.assert_allclose(two["accuracies"], one["accuracies"], rtol=0, atol=1e-6)
@@ -69,6 +70,38 @@ def assert_same_training(two, one):
     return differences
 
 
+REFUSED = {
+    "num_samples": "ValueError: the training model returned num_samples=",
+    "run_async": "RuntimeError: asynchronous evaluation (TestMetricsLogger(run_async=True)) cannot run with 2 JAX",
+    "run_async_logger": "RuntimeError: asynchronous evaluation (TestMetricsLogger(run_async=True)) cannot run",
+    "auxiliary_sum": "ValueError: auxiliary_results['correct'] is a 0-d array (shape ()) while 2 JAX processes train",
+    "batch_number": "ValueError: batch[2] is a value without a sample axis (shape ()",
+    "training_sizes": "ValueError: with 2 JAX processes, this process's training batches would have [4, 1] samples",
+    "evaluation_sizes": "ValueError: with 2 JAX processes, this process's evaluation batches would have [4, 3] samples",
+    "uneven_shards": "ValueError: the shards of the evaluation dataset have different numbers of batches on the 2 JAX "
+    "processes: [2, 3] (by process)",
+    "shard_without_len": "TypeError: the shard of the evaluation dataset (list_iterator, from _refusals.<locals>.",
+}
+"""What each process of a 2-process run refuses (``distributed_worker._refusals``): how each message starts."""
+
+
+def assert_refusals(directory, one):
+    """One process allows everything ``distributed_worker._refusals`` tries; each of 2 processes refuses it, before
+    any step or evaluation that would give a wrong number or hang (the messages name the value and the fix)."""
+    assert str(one["refused"]).splitlines() == [f"{name}: allowed" for name in REFUSED]
+    for rank in (0, 1):
+        refused = dict(line.split(": ", 1) for line in (directory / f"refused_{rank}.txt").read_text().splitlines())
+        assert list(refused) == list(REFUSED)
+        for name, start in REFUSED.items():
+            assert refused[name].startswith(start), (name, refused[name])
+    assert "while 2 JAX processes train" in refused["num_samples"]
+    assert "return per-sample values instead" in refused["auxiliary_sum"].lower()
+    assert "training / evaluation settings" in refused["batch_number"]
+    assert "[1] cannot be split evenly over this process's 2 devices" in refused["training_sizes"]
+    assert "[3] cannot be split evenly over this process's 2 devices" in refused["evaluation_sizes"]
+    assert ".shard) has no len()" in refused["shard_without_len"]
+
+
 def test_two_processes_train_as_one_process_on_the_global_batch(tmp_path, one_process):
     """2 processes x 2 CPU devices, 4 samples per process per batch (a global batch of 8) vs one process on one
     device with batches of 8: 10 steps with metrics, validation and checkpoints. Process 1 starts from other
@@ -79,12 +112,7 @@ def test_two_processes_train_as_one_process_on_the_global_batch(tmp_path, one_pr
     assert [path.read_text() for path in contexts] == ["0 2 True 4", "1 2 False 4"]
     assert (tmp_path / "two" / "batch_sizes_1.txt").read_text().split() == ["4", "4", "4", "4", "4", "2"] * 2
     assert not (tmp_path / "two" / "checkpoints_of_1").exists()  # process 1's own path: it wrote nothing
-    assert str(one["refused"]) == "num_samples: allowed\nrun_async: allowed"
-    for rank in (0, 1):
-        refused = (tmp_path / "two" / f"refused_{rank}.txt").read_text().splitlines()
-        assert refused[0].startswith("num_samples: ValueError: the training model returned num_samples=")
-        assert "while 2 JAX processes train" in refused[0]
-        assert refused[1].startswith("run_async: RuntimeError: asynchronous evaluation (TestMetricsLogger(run_async")
+    assert_refusals(tmp_path / "two", one)
     assert sorted(path.name for path in (tmp_path / "two" / "checkpoints").iterdir()) == [
         "model-latest-model-checkpoint.safetensors",
         "model-training-checkpoint.safetensors",

@@ -49,10 +49,20 @@ def test_non_finite_values_are_left_out_when_asked_and_numbers_mix_with_arrays()
 
 def test_host_numbers_forgets_the_least_recently_read_arrays_beyond_its_capacity(monkeypatch):
     host_numbers = HostNumbers(capacity=4)
-    arrays = [jnp.asarray(float(index)) for index in range(6)]
-    assert host_numbers.read(arrays).tolist() == [0.0, 1.0, 2.0, 3.0, 4.0, 5.0]
+    arrays = [jnp.asarray(float(index)) for index in range(8)]
+    assert host_numbers.read(arrays[:6]).tolist() == [0.0, 1.0, 2.0, 3.0, 4.0, 5.0]  # 6 kept: twice a read's arrays
+    assert host_numbers.read(arrays[6:]).tolist() == [6.0, 7.0]  # 4 kept: 4, 5, 6 and 7
     transfers = _CountingTransfers(monkeypatch)
-    assert host_numbers.read(arrays[2:]).tolist() == [2.0, 3.0, 4.0, 5.0]
+    assert host_numbers.read(arrays[4:]).tolist() == [4.0, 5.0, 6.0, 7.0]
     assert transfers.arrays == 0
     assert host_numbers.read(arrays[:2]).tolist() == [0.0, 1.0]
+    assert transfers.arrays == 2
+
+
+def test_a_window_longer_than_the_capacity_read_again_transfers_only_its_new_values(monkeypatch):
+    host_numbers = HostNumbers(capacity=4)
+    arrays = [jnp.asarray(float(index)) for index in range(12)]
+    host_numbers.read(arrays[:10])
+    transfers = _CountingTransfers(monkeypatch)
+    assert host_numbers.read(arrays[2:12]).tolist() == [float(index) for index in range(2, 12)]
     assert transfers.arrays == 2

@@ -344,12 +344,12 @@ def test_launch_names_the_process_that_failed_first(monkeypatch, how):
 def test_the_first_failure_is_a_process_gone_without_raising_else_the_earliest_to_raise():
     """What ``launch`` names: a process that ended without raising (a signal, a crash) among those seen ending,
     else the one that raised first, also when its own end was not seen yet."""
-    from mlpug.pytorch.distributed import _first_failure
+    from mlpug.distributed import first_failure
 
-    assert _first_failure([5.0, 0.0], seen=[0, 1]) == 1  # 1 was killed; 0's collective failed after
-    assert _first_failure([5.0, 3.0], seen=[0]) == 1  # 1 raised first, its exit is slow
-    assert _first_failure([0.0, 0.0, 0.0], seen=[2]) == 2
-    assert _first_failure([2.0, 3.0], seen=[0, 1]) == 0
+    assert first_failure([5.0, 0.0], seen=[0, 1]) == 1  # 1 was killed; 0's collective failed after
+    assert first_failure([5.0, 3.0], seen=[0]) == 1  # 1 raised first, its exit is slow
+    assert first_failure([0.0, 0.0, 0.0], seen=[2]) == 2
+    assert first_failure([2.0, 3.0], seen=[0, 1]) == 0
 
 
 def test_an_incomplete_launch_environment_is_an_early_error(monkeypatch):

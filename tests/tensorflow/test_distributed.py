@@ -11,7 +11,6 @@ import json
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -22,6 +21,7 @@ import pytest
 import tensorflow as tf
 
 import mlpug.tensorflow as mlp
+from mlpug.distributed import free_ports
 from mlpug.trainers.strategy import SingleProcess
 from tests.tensorflow import strategy_worker
 
@@ -30,21 +30,11 @@ ROOT = Path(__file__).resolve().parents[2]
 TIMEOUT_S = 300
 
 
-def _free_ports(count: int) -> list[int]:
-    probes = [socket.socket() for _ in range(count)]
-    for probe in probes:
-        probe.bind(("127.0.0.1", 0))
-    ports = [probe.getsockname()[1] for probe in probes]
-    for probe in probes:
-        probe.close()
-    return ports
-
-
 def run_processes(*args: str, num_workers: int = 1, timeout_s: float = TIMEOUT_S) -> list[tuple[int, str, float]]:
     """Start the worker script ``num_workers`` times (with a ``TF_CONFIG`` of that many workers when more than
     one); per process (exit status, output, seconds to exit). A process still running after ``timeout_s`` is
     killed and the test fails."""
-    addresses = [f"localhost:{port}" for port in _free_ports(num_workers)]
+    addresses = [f"localhost:{port}" for port in free_ports(num_workers)]
     start = time.monotonic()
     processes = []
     for index in range(num_workers):

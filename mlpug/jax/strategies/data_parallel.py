@@ -21,8 +21,11 @@ every process, each process feeds its part of every global batch (its ``rank``-t
 (``jax.make_array_from_process_local_data``), and the parameters are broadcast from process 0 when the training
 model is set, so that every process starts from the same weights. The compiled step sees the global batch; what it
 returns per sample (auxiliary results) and its sample count are given back as this process's part
-(:meth:`DataParallelStrategy.local_outputs`, :meth:`DataParallelStrategy.local_num_samples`), the loss as the global
-batch's.
+(:meth:`DataParallelStrategy.local_outputs`, :meth:`DataParallelStrategy.local_num_samples`), the loss as this
+process's copy of the global batch's; auxiliary results reduced over the batch (0-d or replicated: a sum, a count)
+are refused, since they would be the global batch's while the metric's batch and sample count are this process's.
+Values without a sample axis in a batch are refused too, and the datasets' batch sizes (and the evaluation shards'
+lengths, over the processes) are checked before training starts, so that no process fails or hangs mid-epoch.
 """
 
 from __future__ import annotations
@@ -134,8 +137,10 @@ class DataParallelStrategy(JaxStrategy):
     ``num_devices`` equal parts, so the batch size should be a multiple of ``num_devices``. In one process, a batch
     that is not (e.g. the short last batch of an epoch) runs replicated, every device computing all of it (exact,
     without a speed-up; a warning names its size once); with several processes, each process's batches must be a
-    multiple of its devices in the mesh (``ValueError`` otherwise). Other arrays (0-d values; in one process also
-    per-batch constants of another size) are replicated; see :meth:`place_batch`.
+    multiple of its devices in the mesh (``ValueError`` otherwise; the sizes of the datasets' batches, the last one
+    included, are checked before training and evaluation start: :meth:`training_dataset`,
+    :meth:`evaluation_dataset`). In one process, other arrays (0-d values, per-batch constants of another size) are
+    replicated; with several processes they are refused; see :meth:`place_batch`.
 
     Raises:
         TypeError / ValueError: Bad ``devices`` (see :func:`_check_devices`: the message names what is wrong).
@@ -207,20 +212,32 @@ class DataParallelStrategy(JaxStrategy):
           ``[C]``) and 0-d arrays are replicated. A batch whose sample count the mesh's device count does not
           divide (the short last batch of an epoch) runs replicated: every device computes all of it, exact but
           without a speed-up; a warning names its size, once per size.
-        * Several processes: every array with a sample axis is joined along it with the other processes' parts,
-          so each must have the batch's sample count, and that count must be a multiple of this process's devices
-          in the mesh; 0-d arrays are declared replicated (every process must give the same value).
+        * Several processes: every array is joined along ``batch_axis`` with the other processes' parts, so each
+          must have the batch's sample count, and that count must be a multiple of this process's devices in the
+          mesh; arrays without a sample axis (0-d values, Python numbers traced as 0-d arrays) are refused: nothing
+          could check that every process gives the same value (per-run constants belong in the settings).
 
         Raises:
             ValueError: Several processes and an array whose size along ``batch_axis`` is not the batch's sample
-                count (the array's position and shape are named), or a sample count that this process's devices
-                in the mesh do not divide (the sizes are named).
+                count or that has no sample axis (the array's position and shape are named), or a sample count that
+                this process's devices in the mesh do not divide (the sizes are named).
         """
         samples = _sample_count(batch, batch_axis)
         several = self.num_processes > 1
         count = self.num_local_devices if several else self.num_devices
         for path, value in jax.tree_util.tree_leaves_with_path(batch):
-            if not _is_array(value) or np.ndim(value) <= batch_axis or self._is_placed(value):
+            if not _is_array(value) or self._is_placed(value):
+                continue
+            if several and np.ndim(value) <= batch_axis:
+                raise ValueError(
+                    f"{_where(path)} is a value without a sample axis (shape {tuple(np.shape(value))}; a Python number "
+                    f"in a batch is one too): with {self.num_processes} JAX processes it would be taken as the same "
+                    "value on every process without a check, and a value that differs between them gives wrong "
+                    "gradients silently; give per-run constants in the training / evaluation settings "
+                    "(train_on(..., training_settings) / evaluate_settings) instead, or per-sample values with a "
+                    "sample axis"
+                )
+            if np.ndim(value) <= batch_axis:
                 continue
             size = np.shape(value)[batch_axis]
             if several and size != samples:
@@ -293,25 +310,50 @@ class DataParallelStrategy(JaxStrategy):
         """Whether ``value`` is an array on the mesh's devices already (a batch placed before)."""
         return isinstance(value, jax.Array) and value.sharding.device_set == self._devices
 
-    def local_outputs(self, tree: Tree) -> Tree:
+    def local_outputs(self, tree: Tree, global_values: bool = False) -> Tree:
         """Several processes: every array of the step's outputs as an array of this process's first device of the
-        mesh: an array split along axis 0 over the mesh as this process's part (its rows of the global batch, in the
-        order it fed them: its shards on this process's devices, copied to that device and joined there), a
-        replicated one (a mean) as its copy there. Other values as they are. One process: ``tree``.
+        mesh; other values as they are. One process: ``tree``.
+
+        * ``global_values=False`` (the auxiliary results): an array split along axis 0 over the mesh (a per-sample
+          output) as this process's part: its rows of the global batch, in the order it fed them (its shards on
+          this process's devices, copied to that device and joined there). A 0-d or replicated array (a sum or
+          count over the batch, a per-class ``[C]`` count) is refused: the compiled step sees the global batch, so
+          it would be the global batch's value while the batch and ``num_samples`` that a metric sees are this
+          process's part (a metric ``sum / inputs.num_samples`` would count every process's samples).
+        * ``global_values=True`` (the loss: a mean over the global batch): this process's copy there.
 
         So a metric function's eager operations on them run on one device of this process: never a program over
         the devices of every process (which every process would have to run in the same order), nor one over this
         process's devices (whose collectives the CPU backend would open among the processes' devices under the same
         names). Device-to-device copies only: no wait for the device.
+
+        Args:
+            tree: The model's auxiliary results (a pytree), or with ``global_values`` the step's loss.
+            global_values: Whether ``tree`` holds values of the global batch (the same on every process).
+
+        Raises:
+            ValueError: Several processes and a 0-d or replicated array among the auxiliary results (its key path
+                is named; return per-sample values, shape ``[batch, ...]``, and reduce them in the metric).
         """
         if self.num_processes == 1:
             return tree
         target = self._first_local_device
 
-        def local(value: Any) -> Any:
+        def local(path: tuple, value: Any) -> Any:
             if not isinstance(value, jax.Array) or value.is_fully_addressable:
                 return value
             if value.ndim == 0 or value.sharding.is_fully_replicated:
+                if not global_values:
+                    raise ValueError(
+                        f"auxiliary_results{jax.tree_util.keystr(path)} is a "
+                        f"{'0-d' if value.ndim == 0 else 'replicated'} array (shape {tuple(value.shape)}) while "
+                        f"{self.num_processes} JAX processes train: the "
+                        "compiled step sees the global batch, so a value reduced over the batch (a sum, a count, a "
+                        "per-class count) is the global batch's, while the batch and num_samples a metric sees are "
+                        "this process's part (sum / inputs.num_samples would count every process's samples). Return "
+                        "per-sample values instead (shape [batch, ...], e.g. pred == labels) and sum or average them "
+                        "in the metric function"
+                    )
                 return jax.device_put(value.addressable_shards[0].data, target)
             spec = getattr(value.sharding, "spec", None)
             if spec is None or len(spec) < 1 or spec[0] != AXIS_NAME:
@@ -319,7 +361,7 @@ class DataParallelStrategy(JaxStrategy):
             shards = sorted(value.addressable_shards, key=lambda shard: shard.index[0].start or 0)
             return jnp.concatenate([jax.device_put(shard.data, target) for shard in shards])
 
-        return jax.tree_util.tree_map(local, tree)
+        return jax.tree_util.tree_map_with_path(local, tree)
 
     def check_asynchronous_evaluation(self) -> None:
         """Several processes: raise (one process: nothing).
@@ -355,20 +397,33 @@ class DataParallelStrategy(JaxStrategy):
         an epoch of one process with the global batch; a last global batch that the process count does not divide
         is padded with samples from the epoch's start, as ``DistributedSampler`` pads); one process: ``dataset``.
 
+        Before training starts, every size of this process's batches (the last batch of an epoch included) is
+        computed from the dataset's ``batch_sampler`` (``num_samples``, ``batch_size``, ``drop_last``, as
+        ``mlp.data.ResumableArrayBatches`` has) and checked against this process's devices in the mesh, so that a
+        bad size fails here and not at the end of an epoch (where a checkpoint would resume at that same batch).
+        A dataset without such a sampler is checked per batch (:meth:`place_batch`).
+
         Raises:
-            TypeError: Several processes and a dataset without ``set_shard`` (give each process its part of every
-                batch yourself).
+            TypeError: Several processes and a dataset without ``set_shard(rank, world_size)`` (the message says what
+                to implement).
+            ValueError: Several processes and a batch size of this process that its devices in the mesh do not
+                divide (the sizes and the fix are named).
         """
         if self.num_processes == 1:
             return dataset
         set_shard = getattr(dataset, "set_shard", None)
-        if set_shard is None:
+        if not callable(set_shard):
             raise TypeError(
                 f"the training dataset ({type(dataset).__qualname__}) has no set_shard(rank, world_size): with "
-                f"{self.num_processes} JAX processes each process must feed its part of every batch; use "
-                "mlp.data.ResumableArrayBatches, or give each process a dataset of its parts"
+                f"{self.num_processes} JAX processes each process must feed its part of every global batch; use "
+                "mlp.data.ResumableArrayBatches, or implement set_shard(rank, world_size) on the dataset so that, "
+                "after it, it yields rank's part of every batch (the same number of batches of the same sizes on "
+                "every process)"
             )
         set_shard(self._context.rank, self._context.world_size)
+        sampler = getattr(dataset, "batch_sampler", None)
+        sizes = _batch_sizes(sampler, self._context.world_size)
+        self._check_batch_sizes(sizes, sampler, "training")
         return dataset
 
     def evaluation_dataset(self, dataset: Any) -> Any:
@@ -378,14 +433,19 @@ class DataParallelStrategy(JaxStrategy):
         ``dataset``.
 
         Every evaluation batch is one program over the devices of every process, so the processes need as many
-        batches of the same sizes: the dataset's sample count must be a multiple of the process count (and every
-        batch of a process, its last one included, a multiple of its devices in the mesh; :meth:`place_batch`).
+        batches of the same sizes: the dataset's sample count must be a multiple of the process count, every
+        process's shard must have as many batches (``len(shard)``, compared over the processes: a collective, so
+        every process calls this at the same point, as ``TestMetricsLogger`` does when the manager is made), and
+        every batch of a process, its last one included, a multiple of its devices in the mesh (checked here from
+        the shard's ``batch_sampler`` where it has one, else per batch by :meth:`place_batch`).
 
         Raises:
-            TypeError: Several processes and a dataset without ``shard(rank, world_size)`` (the message says what
-                to pass).
+            TypeError: Several processes and a dataset without ``shard(rank, world_size)``, or a shard without
+                ``len()`` (the message says what to implement).
             ValueError: Several processes and a sample count that the process count does not divide (the counts
-                are named: padding would count samples twice).
+                are named: padding would count samples twice), shards with different numbers of batches on the
+                processes (the counts are named: the processes' programs would not match and the run would hang),
+                or a batch size that this process's devices in the mesh do not divide (the sizes are named).
         """
         if self.num_processes == 1:
             return dataset
@@ -395,8 +455,9 @@ class DataParallelStrategy(JaxStrategy):
             raise TypeError(
                 f"the evaluation dataset ({type(dataset).__qualname__}) has no shard(rank, world_size): with "
                 f"{world_size} JAX processes each process evaluates its part of the samples, every sample once; use "
-                "mlp.data.ResumableArrayBatches, or give each process a dataset of its own samples (the same number "
-                "of batches of the same sizes on every process)"
+                "mlp.data.ResumableArrayBatches, or implement shard(rank, world_size) on the dataset, returning a "
+                "dataset (with len()) of rank's samples only, with the same number of batches of the same sizes on "
+                "every process"
             )
         num_samples = getattr(getattr(dataset, "batch_sampler", None), "num_samples", None)
         if isinstance(num_samples, int) and num_samples % world_size:
@@ -407,7 +468,61 @@ class DataParallelStrategy(JaxStrategy):
                 f"count {world_size - num_samples % world_size} samples twice; evaluate a multiple of {world_size} "
                 f"samples (e.g. the first {usable})"
             )
-        return shard(rank, world_size)
+        part = shard(rank, world_size)
+        try:
+            length = len(part)
+        except TypeError:
+            raise TypeError(
+                f"the shard of the evaluation dataset ({type(part).__qualname__}, from {type(dataset).__qualname__}"
+                f".shard) has no len(): with {world_size} JAX processes the processes' numbers of evaluation batches "
+                "must be compared before evaluating (one process evaluating a batch more would hang the run); give "
+                "the shard a __len__ returning its number of batches"
+            ) from None
+        lengths = [int(count) for count in np.asarray(multihost_utils.process_allgather(np.int64(length))).ravel()]
+        if len(set(lengths)) != 1:
+            raise ValueError(
+                f"the shards of the evaluation dataset have different numbers of batches on the {world_size} JAX "
+                f"processes: {lengths} (by process): every evaluation batch is one program of all processes, so a "
+                "process with a batch more would wait for the others forever; shard the dataset so that every "
+                "process gets as many batches of the same sizes (e.g. a sample count that divides evenly)"
+            )
+        sampler = getattr(part, "batch_sampler", None)
+        self._check_batch_sizes(_batch_sizes(sampler, 1), sampler, "evaluation")
+        return part
+
+    def _check_batch_sizes(self, sizes: list[int], sampler: Any, which: str) -> None:
+        """Raise when this process's devices in the mesh do not divide one of ``sizes`` (the sizes of this process's
+        batches in an epoch of the ``which`` dataset, from ``sampler``)."""
+        bad = [size for size in sizes if size % self.num_local_devices]
+        if not bad:
+            return
+        count = self.num_local_devices
+        raise ValueError(
+            f"with {self.num_processes} JAX processes, this process's {which} batches would have {sizes} samples "
+            f"(from {sampler.num_samples} samples{'' if which == 'training' else ' of this process'}, batch_size "
+            f"{sampler.batch_size} per process, drop_last={sampler.drop_last}), but {bad} cannot be split evenly over "
+            f"this process's {count} devices of the data-parallel mesh: use "
+            f"a batch_size that is a multiple of {count} and a sample count whose last batch is one too, or "
+            "drop_last=True"
+        )
+
+
+def _batch_sizes(sampler: Any, world_size: int) -> list[int]:
+    """The sizes of one process's batches in an epoch, the last one included, of a batch sampler with the attributes
+    of :class:`mlpug.data.ResumableBatchSampler` (``num_samples``, ``batch_size`` per process, ``drop_last``) that
+    ``world_size`` processes share (a last global batch the process count does not divide is padded, so each process
+    gets ``ceil(rest / world_size)`` samples of it); ``[]`` when ``sampler`` has not those attributes."""
+    num_samples = getattr(sampler, "num_samples", None)
+    batch_size = getattr(sampler, "batch_size", None)
+    drop_last = getattr(sampler, "drop_last", None)
+    if not (type(num_samples) is int and type(batch_size) is int and isinstance(drop_last, bool) and batch_size > 0):
+        return []
+    global_size = batch_size * world_size
+    sizes = [batch_size] if num_samples >= global_size else []
+    rest = num_samples % global_size
+    if rest and not drop_last:
+        sizes.append(-(-rest // world_size))
+    return sizes
 
 
 def broadcast_from_first_process(values: list) -> list:

@@ -37,10 +37,16 @@ class JaxStrategy(Strategy):
         """
         return batch
 
-    def local_outputs(self, tree: Tree) -> Tree:
+    def local_outputs(self, tree: Tree, global_values: bool = False) -> Tree:
         """The per-sample outputs of a step (the model's auxiliary results) as this process's part, matching the
-        batch it fed (with several processes a step's arrays span every process's devices); called once per step
-        and evaluation. Default: ``tree`` itself."""
+        batch it fed (with several processes a step's arrays span every process's devices); with ``global_values``
+        the step's loss (a value of the global batch) as this process's copy. Called once per step and evaluation,
+        never waits for the device. Default: ``tree`` itself.
+
+        Raises:
+            ValueError: An auxiliary result that cannot be given as this process's part (a subclass's message names
+                it and says why).
+        """
         return tree
 
     def local_num_samples(self, num_samples: Any, batch: Any) -> Any:

@@ -46,8 +46,9 @@ PlaceBatch = Callable[..., Any]
 """``place_batch(batch, batch_axis)``: the strategy's placement of a batch (see
 :meth:`mlpug.jax.strategies.JaxStrategy.place_batch`)."""
 
-LocalOutputs = Callable[[Any], Any]
-"""``local_outputs(auxiliary_results)``: the strategy's per-sample outputs of a step as this process's part (see
+LocalOutputs = Callable[..., Any]
+"""``local_outputs(auxiliary_results)``: the strategy's per-sample outputs of a step as this process's part;
+``local_outputs(loss, global_values=True)``: the step's loss as this process's copy (see
 :meth:`mlpug.jax.strategies.JaxStrategy.local_outputs`)."""
 
 LocalNumSamples = Callable[[Any, Any], Any]
@@ -63,14 +64,15 @@ def _same_count(num_samples: Any, batch: Any) -> Any:
 def step_outputs(outputs: Any, local_outputs: LocalOutputs) -> tuple[Any, Any, Any]:
     """``(loss, num_samples, auxiliary_results)`` of a compiled step's traceable outputs, the auxiliary results
     localised by the strategy (this process's rows, matching the batch it fed) before their dicts become plain dicts
-    again (so they keep the model's key order), values that are not arrays back as Python values.
+    again (so they keep the model's key order), the loss localised too (this process's copy, so that eager operations
+    on it run on this process's device only), values that are not arrays back as Python values.
 
     Args:
         outputs: The step's ``as_traceable((loss, num_samples, auxiliary_results))``.
         local_outputs: The strategy's :meth:`~mlpug.jax.strategies.JaxStrategy.local_outputs`.
     """
     loss, num_samples, auxiliary_results = outputs
-    return from_traceable((loss, num_samples, local_outputs(auxiliary_results)))
+    return from_traceable((local_outputs(loss, global_values=True), num_samples, local_outputs(auxiliary_results)))
 
 
 def batch_signature(batch: Any) -> tuple:

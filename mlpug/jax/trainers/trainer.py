@@ -461,6 +461,12 @@ class DefaultTrainer(NeutralDefaultTrainer):
             RuntimeError: No training model (see :meth:`set_training_model`).
             TypeError / ValueError: What the model returned is not a loss (see ``_normalise_outputs``), or the batch
                 cannot be traced or chunked (the messages say why).
+            ValueError: The strategy refuses the batch or the step's outputs (several JAX processes: a batch it
+                cannot split over the mesh, a value without a sample axis, an auxiliary result reduced over the
+                batch, a model's own ``num_samples``; see
+                :meth:`~mlpug.jax.strategies.DataParallelStrategy.place_batch`,
+                :meth:`~mlpug.jax.strategies.DataParallelStrategy.local_outputs`,
+                :meth:`~mlpug.jax.strategies.DataParallelStrategy.local_num_samples`).
         """
         self.ensure_ready()
         live = self._live
@@ -544,6 +550,7 @@ class DefaultTrainer(NeutralDefaultTrainer):
             RuntimeError: No training model (see :meth:`set_training_model`).
             TypeError / ValueError: What the model returned is not a loss, or the batch or settings hold a value that
                 is neither an array nor hashable (the messages say why).
+            ValueError: The strategy refuses the batch or the outputs (several JAX processes; as :meth:`train_on`).
         """
         self.ensure_ready()
         live = self._live
@@ -610,6 +617,15 @@ class DefaultTrainer(NeutralDefaultTrainer):
                 run_batches = [traceable[index] for index in run]
                 outputs.extend(stacked.evaluate(trainable, rest, run_batches, traceable_settings, inference_mode))
         return outputs
+
+    def check_asynchronous_evaluation(self) -> None:
+        """The strategy's :meth:`~mlpug.jax.strategies.JaxStrategy.check_asynchronous_evaluation` (asked by
+        ``TestMetricsLogger(run_async=True)`` before training starts).
+
+        Raises:
+            RuntimeError: The strategy cannot evaluate on a worker thread (several JAX processes).
+        """
+        self.strategy.check_asynchronous_evaluation()
 
     def evaluation_snapshot(self) -> JaxEvaluationSnapshot:
         """A frozen copy of the training model's values for asynchronous evaluation (:class:`JaxEvaluationSnapshot`:

@@ -1,6 +1,9 @@
 """The JAX ``MetricEvaluator`` reads each batch's value from the device once: a sliding-window average read every
 few batches transfers only the new batches' values, and its numbers are those of a plain float64 sum."""
 
+import gc
+import threading
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -47,22 +50,32 @@ def test_non_finite_values_are_left_out_when_asked_and_numbers_mix_with_arrays()
     assert np.isnan(weighted) and total == 6.0
 
 
-def test_host_numbers_forgets_the_least_recently_read_arrays_beyond_its_capacity(monkeypatch):
-    host_numbers = HostNumbers(capacity=4)
-    arrays = [jnp.asarray(float(index)) for index in range(8)]
-    assert host_numbers.read(arrays[:6]).tolist() == [0.0, 1.0, 2.0, 3.0, 4.0, 5.0]  # 6 kept: twice a read's arrays
-    assert host_numbers.read(arrays[6:]).tolist() == [6.0, 7.0]  # 4 kept: 4, 5, 6 and 7
-    transfers = _CountingTransfers(monkeypatch)
-    assert host_numbers.read(arrays[4:]).tolist() == [4.0, 5.0, 6.0, 7.0]
-    assert transfers.arrays == 0
-    assert host_numbers.read(arrays[:2]).tolist() == [0.0, 1.0]
-    assert transfers.arrays == 2
-
-
-def test_a_window_longer_than_the_capacity_read_again_transfers_only_its_new_values(monkeypatch):
-    host_numbers = HostNumbers(capacity=4)
+def test_host_numbers_keeps_a_value_while_its_array_lives_and_forgets_it_after(monkeypatch):
+    host_numbers = HostNumbers()
     arrays = [jnp.asarray(float(index)) for index in range(12)]
-    host_numbers.read(arrays[:10])
+    assert host_numbers.read(arrays[:10]).tolist() == [float(index) for index in range(10)]
     transfers = _CountingTransfers(monkeypatch)
-    assert host_numbers.read(arrays[2:12]).tolist() == [float(index) for index in range(2, 12)]
+    for _ in range(3):  # three metrics' windows of 10 read in turn: only the new arrays, once
+        assert host_numbers.read(arrays[2:12]).tolist() == [float(index) for index in range(2, 12)]
     assert transfers.arrays == 2
+    assert len(host_numbers) == 12
+    del arrays[:6]
+    gc.collect()
+    assert len(host_numbers) == 6  # the values of arrays that no longer exist are forgotten
+
+
+def test_a_read_while_another_thread_reads_gets_every_value():
+    host_numbers = HostNumbers()
+    windows = [[jnp.asarray(float(index + 1000 * thread)) for index in range(300)] for thread in range(2)]
+    results: list = [None, None]
+
+    def read(thread):
+        for end in range(50, 301, 50):
+            results[thread] = host_numbers.read(windows[thread][:end]).tolist()
+
+    threads = [threading.Thread(target=read, args=(thread,)) for thread in range(2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert results == [[float(index + 1000 * thread) for index in range(300)] for thread in range(2)]
